@@ -1,0 +1,140 @@
+"""Blocking REST calls to a cellmux server, with nothing but urllib."""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from ._results import CellmuxError, HTTPError, KernelModel
+
+__all__ = ["DEFAULT_URL", "RestAPI", "auth_headers", "error_from_body", "websocket_url"]
+
+log = logging.getLogger(__name__)
+
+#: Where a cellmux server listens unless told otherwise.
+DEFAULT_URL = "http://127.0.0.1:8800"
+
+_WS_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """The headers that authenticate a request with C{token} (none without one)."""
+    return {"Authorization": "token " + token} if token else {}
+
+
+def websocket_url(base_url: str) -> str:
+    """The websocket endpoint of the server at C{base_url} (http→ws, https→wss).
+
+    @raise ValueError: for a URL that is not http(s) or ws(s).
+    """
+    parts = urllib.parse.urlsplit(base_url)
+    scheme = _WS_SCHEMES.get(parts.scheme.lower())
+    if scheme is None or not parts.netloc:
+        raise ValueError("not an http(s) URL: %r" % (base_url,))
+    return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", "", ""))
+
+
+def error_from_body(status: int, phrase: str, body: bytes) -> HTTPError:
+    """An L{HTTPError} from an error response, using its JSON fields if it has them."""
+    reason, message = phrase, ""
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        reason = str(data.get("reason") or phrase or "")
+        message = str(data.get("message") or "")
+    elif body:
+        message = body[:500].decode("utf-8", "replace").strip()
+    return HTTPError(status, reason, message)
+
+
+class RestAPI:
+    """The server's REST API as blocking methods.
+
+    @param url: the server's base URL, e.g. C{"http://127.0.0.1:8800"}.
+    @param token: the authentication token, or None.
+    @param timeout: seconds to wait for each response.
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Send one request and return its decoded JSON body (None if empty).
+
+        @raise HTTPError: for an error status.
+        @raise CellmuxError: if the server cannot be reached or answers garbage.
+        """
+        url = self.url + path
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Accept": "application/json", **auth_headers(self.token)}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        log.debug("%s %s", method, url)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as e:
+            with e:
+                raise error_from_body(e.code, str(e.reason or ""), e.read()) from None
+        except urllib.error.URLError as e:
+            raise CellmuxError("cannot reach cellmux server at %s: %s" % (url, e.reason)) from e
+        except TimeoutError as e:
+            raise CellmuxError(
+                "%s %s timed out after %s seconds" % (method, url, self.timeout)
+            ) from e
+        except OSError as e:
+            raise CellmuxError("%s %s failed: %s" % (method, url, e)) from e
+        if not payload:
+            return None
+        try:
+            return json.loads(payload)
+        except ValueError:
+            raise CellmuxError("%s %s: response is not JSON" % (method, url)) from None
+
+    @staticmethod
+    def _kernel_path(kernel_id: str, action: str = "") -> str:
+        return "/api/kernels/" + urllib.parse.quote(kernel_id, safe="") + action
+
+    def version(self) -> str:
+        """The server's version string."""
+        data = self.call("GET", "/api")
+        if not isinstance(data, dict) or not isinstance(data.get("version"), str):
+            raise CellmuxError("GET /api: unexpected response %r" % (data,))
+        return data["version"]
+
+    def list_kernels(self) -> list[KernelModel]:
+        """Every running kernel."""
+        data = self.call("GET", "/api/kernels")
+        if not isinstance(data, list):
+            raise CellmuxError("GET /api/kernels: expected a list, got %r" % (data,))
+        return [KernelModel.from_json(item) for item in data]
+
+    def create_kernel(self, name: str | None = None) -> KernelModel:
+        """Start a kernel (of kernel spec C{name}, or the server's default)."""
+        body = {} if name is None else {"name": name}
+        return KernelModel.from_json(self.call("POST", "/api/kernels", body))
+
+    def get_kernel(self, kernel_id: str) -> KernelModel:
+        """One kernel's model; L{HTTPError} 404 if there is no such kernel."""
+        return KernelModel.from_json(self.call("GET", self._kernel_path(kernel_id)))
+
+    def delete_kernel(self, kernel_id: str) -> None:
+        """Shut a kernel down and forget it."""
+        self.call("DELETE", self._kernel_path(kernel_id))
+
+    def interrupt_kernel(self, kernel_id: str) -> None:
+        """Send the kernel an interrupt (SIGINT or interrupt_request)."""
+        self.call("POST", self._kernel_path(kernel_id, "/interrupt"), {})
+
+    def restart_kernel(self, kernel_id: str) -> KernelModel:
+        """Restart a kernel; returns its model once the server answers."""
+        return KernelModel.from_json(self.call("POST", self._kernel_path(kernel_id, "/restart"), {}))

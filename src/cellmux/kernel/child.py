@@ -1,0 +1,123 @@
+"""What runs in a freshly forked kernel: stock ipykernel plus the pump.
+
+The app below is ipykernel's own ``IPKernelApp`` with three things taken
+out: the connection file (nobody connects from outside), the heartbeat
+socket (ZeroMQ's own heartbeat on the link replaces it) and TCP ports (its
+sockets bind on ``inproc`` endpoints that only the pump can reach).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+
+import attrs
+from ipykernel.kernelapp import IPKernelApp
+
+from .pump import INPROC_PORTS, Pump, inproc_endpoint
+
+__all__ = ["KernelOrder", "CellmuxKernelApp", "run_kernel"]
+
+#: Exit code of a kernel that failed to start (see docs/operations.md).
+EXIT_START_FAILED = 70
+
+
+@attrs.frozen
+class KernelOrder:
+    """What the nursery hands a child at fork time."""
+
+    link_id: bytes
+    secret: bytes
+    endpoint: str
+    workdir: str
+    env: dict[str, str]
+
+
+class CellmuxKernelApp(IPKernelApp):
+    """ipykernel on inproc sockets, with no connection file or heartbeat."""
+
+    def init_connection_file(self) -> None:
+        pass
+
+    def write_connection_file(self, **kwargs: object) -> None:
+        pass
+
+    def log_connection_info(self) -> None:
+        pass
+
+    def init_poller(self) -> None:
+        # The nursery watches the parent; PR_SET_PDEATHSIG ends us with it.
+        self.poller = None
+
+    def init_heartbeat(self) -> None:
+        self.heartbeat = None
+
+    def _try_bind_socket(self, s, port):  # noqa: ANN001 - ipykernel's signature
+        s.bind(inproc_endpoint(port))
+        return port
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL us when the nursery dies (PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 == PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_process(order: KernelOrder, keep_fd: int) -> None:
+    """Detach from the nursery: session, signals, fds, environment, cwd."""
+    os.setsid()
+    _die_with_parent()
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    # Inherit nothing but stdio: the nursery's command pipes stay with it.
+    os.closerange(3, keep_fd)
+    os.closerange(keep_fd + 1, 65536)
+    os.environ.clear()
+    os.environ.update(order.env)
+    os.chdir(order.workdir)
+    sys.argv = ["cellmux-kernel"]
+
+
+def run_kernel(order: KernelOrder) -> None:
+    """Become a kernel. Never returns: the process exits at the end."""
+    err_fd = os.dup(2)  # where start-up failures are reported (nursery log)
+    code = 0
+    try:
+        _reset_process(order, err_fd)
+        app = CellmuxKernelApp.instance(
+            shell_port=INPROC_PORTS["shell"],
+            stdin_port=INPROC_PORTS["stdin"],
+            control_port=INPROC_PORTS["control"],
+            iopub_port=INPROC_PORTS["iopub"],
+            ip="cellmux",
+        )
+        # Each kernel keeps its history in memory: no shared SQLite file
+        # between kernels (the server keeps each session's inputs).
+        app.config.HistoryManager.hist_file = ":memory:"
+        # Unsigned session: the inproc sockets are reachable only from this
+        # process, and the link itself is authenticated by the handshake.
+        app.config.Session.key = b""
+        app.initialize(argv=[])
+        Pump(app.context, order.endpoint, order.link_id, order.secret, os.getpid()).start()
+        os.close(err_fd)
+        err_fd = -1
+        app.start()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
+    except BaseException:
+        code = EXIT_START_FAILED
+        if err_fd >= 0:
+            os.write(err_fd, traceback.format_exc().encode(errors="replace"))
+    os._exit(code)

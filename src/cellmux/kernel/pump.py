@@ -1,0 +1,211 @@
+"""The pump: one thread in each kernel that joins ipykernel to the server.
+
+ipykernel binds its shell, control, stdin and iopub sockets on ``inproc``
+endpoints inside the kernel process. The pump connects to each of them and
+to ONE DEALER socket on the server's link endpoint, and moves messages
+between the two sides:
+
+* kernel -> server: strip the routing delimiter and signature (the inproc
+  session is unsigned: nothing outside this process can reach it), tag the
+  message with its channel number and the socket it came from, send.
+* server -> kernel: the tag says which ipykernel socket the message goes to;
+  add the delimiter and an empty signature, send.
+
+Before relaying, the pump proves its identity (see
+:mod:`cellmux.protocol.link`) and waits until the kernel answers a
+kernel_info_request and its iopub subscription is live, so the server's
+first client never races the kernel's start.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import zmq
+
+from cellmux.protocol import (
+    Channel,
+    JupyterSocket,
+    KernelSideLink,
+    ProtocolError,
+    channel_for,
+    decode_tag,
+    encode_tag,
+)
+from cellmux.protocol.jupyter import jupyter_parts
+
+__all__ = ["Pump", "INPROC_PORTS"]
+
+DELIMITER = b"<IDS|MSG>"
+
+#: The "ports" the kernel app binds its inproc sockets on.
+INPROC_PORTS = {"shell": 1, "stdin": 2, "control": 3, "iopub": 4}
+
+#: ZeroMQ heartbeat on the link (runs in libzmq's I/O thread, no GIL).
+HEARTBEAT_IVL_MS = 1000
+HEARTBEAT_TIMEOUT_MS = 5000
+#: How often to repeat kernel_info_request while the kernel starts.
+NUDGE_INTERVAL = 0.2
+
+_TAGS = {
+    (channel, socket): encode_tag(channel, socket) for channel in Channel for socket in JupyterSocket
+}
+
+
+def inproc_endpoint(port: int) -> str:
+    return f"inproc://cellmux-kernel-{port}"
+
+
+def _stream_name(content: memoryview) -> str | None:
+    # ipykernel serialises stream content as {"name": ..., "text": ...} in
+    # that order; peek at the start instead of decoding a large text.
+    head = bytes(content[:40])
+    if b'"stderr"' in head:
+        return "stderr"
+    if b'"stdout"' in head:
+        return "stdout"
+    try:
+        return json.loads(bytes(content)).get("name")
+    except (ValueError, AttributeError):
+        return None
+
+
+def classify(header: bytes, content: memoryview) -> int:
+    """The channel of a kernel message, from its header (and stream name)."""
+    try:
+        msg_type = json.loads(header).get("msg_type", "")
+    except (ValueError, AttributeError):
+        return Channel.KERNEL
+    stream = _stream_name(content) if msg_type == "stream" else None
+    return channel_for(msg_type, stream)
+
+
+class Pump(threading.Thread):
+    """The kernel's single I/O thread towards the server.
+
+    @param context: the kernel app's ZeroMQ context (inproc needs it).
+    @param endpoint: the server's link endpoint, e.g. ``ipc:///run/x.sock``.
+    """
+
+    def __init__(
+        self, context: zmq.Context, endpoint: str, link_id: bytes, secret: bytes, pid: int
+    ) -> None:
+        super().__init__(name="cellmux-pump", daemon=True)
+        self._context = context
+        self._endpoint = endpoint
+        self._link = KernelSideLink(link_id, secret, pid)
+        self._link_id = link_id
+        self._session = "cellmux-pump-" + uuid.uuid4().hex[:8]
+
+    def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
+        s = self._context.socket(kind)
+        s.linger = 1000
+        s.connect(endpoint)
+        return s
+
+    def run(self) -> None:
+        ctx = self._context
+        link = ctx.socket(zmq.DEALER)
+        link.routing_id = self._link_id
+        link.linger = 2000
+        link.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        link.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        link.connect(self._endpoint)
+        shell = self._socket(zmq.DEALER, inproc_endpoint(INPROC_PORTS["shell"]))
+        control = self._socket(zmq.DEALER, inproc_endpoint(INPROC_PORTS["control"]))
+        stdin = self._socket(zmq.DEALER, inproc_endpoint(INPROC_PORTS["stdin"]))
+        iopub = ctx.socket(zmq.SUB)
+        iopub.linger = 0
+        iopub.subscribe(b"")
+        iopub.connect(inproc_endpoint(INPROC_PORTS["iopub"]))
+
+        self._authenticate(link)
+        self._wait_for_kernel(shell, iopub)
+        link.send_multipart(self._link.ready())
+        self._relay(link, shell, control, stdin, iopub)
+
+    def _authenticate(self, link: zmq.Socket) -> None:
+        link.send_multipart(self._link.hello())
+        while not self._link.accepted:
+            answer = self._link.receive(link.recv_multipart())
+            if answer is not None:
+                link.send_multipart(answer)
+
+    def _wait_for_kernel(self, shell: zmq.Socket, iopub: zmq.Socket) -> None:
+        """Nudge with kernel_info until both the reply and iopub arrive.
+
+        A SUB socket may miss what is published before its subscription
+        reaches the publisher; seeing an iopub message after our request
+        proves the subscription is live.
+        """
+        poller = zmq.Poller()
+        poller.register(shell, zmq.POLLIN)
+        poller.register(iopub, zmq.POLLIN)
+        replied = published = False
+        next_nudge = 0.0
+        while not (replied and published):
+            if not replied and time.monotonic() >= next_nudge:
+                parts = jupyter_parts(
+                    "kernel_info_request", {}, now=datetime.now(UTC), session=self._session
+                )
+                shell.send_multipart([DELIMITER, b"", *parts])
+                next_nudge = time.monotonic() + NUDGE_INTERVAL
+            for sock, _ in poller.poll(int(NUDGE_INTERVAL * 1000)):
+                while sock.poll(0):
+                    sock.recv_multipart()
+                    if sock is shell:
+                        replied = True
+                    elif replied:
+                        published = True
+
+    def _relay(self, link, shell, control, stdin, iopub) -> None:
+        to_kernel = {
+            JupyterSocket.SHELL: shell,
+            JupyterSocket.CONTROL: control,
+            JupyterSocket.STDIN: stdin,
+        }
+        from_kernel = {
+            shell: JupyterSocket.SHELL,
+            control: JupyterSocket.CONTROL,
+            stdin: JupyterSocket.STDIN,
+            iopub: JupyterSocket.IOPUB,
+        }
+        poller = zmq.Poller()
+        for sock in (link, shell, control, stdin, iopub):
+            poller.register(sock, zmq.POLLIN)
+        while True:
+            for sock, _ in poller.poll():
+                # Drain what is there: edge-triggered readiness must not
+                # leave messages behind.
+                while sock.poll(0):
+                    msg = sock.recv_multipart(copy=False)
+                    if sock is link:
+                        self._to_kernel(msg, to_kernel)
+                    else:
+                        self._to_server(msg, from_kernel[sock], link)
+
+    def _to_kernel(self, msg: list, to_kernel: dict) -> None:
+        parts = [bytes(m.buffer) if i < 5 else m for i, m in enumerate(msg)]
+        try:
+            _channel, socket = decode_tag(parts[0])
+        except ProtocolError:
+            return  # the server never sends a bad tag; ignore rather than die
+        target = to_kernel.get(socket)
+        if target is not None and len(parts) >= 5:
+            target.send_multipart([DELIMITER, b"", *parts[1:]], copy=False)
+
+    def _to_server(self, msg: list, socket: int, link: zmq.Socket) -> None:
+        for i, frame in enumerate(msg):
+            if frame.bytes == DELIMITER:
+                break
+        else:
+            return  # not a Jupyter message
+        body = msg[i + 2 :]  # skip delimiter and signature
+        if len(body) < 4:
+            return
+        channel = classify(body[0].bytes, body[3].buffer)
+        link.send_multipart([_TAGS[(channel, socket)], *body], copy=False)

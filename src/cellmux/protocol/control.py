@@ -1,0 +1,227 @@
+# -*- test-case-name: tests.test_protocol_control -*-
+"""Control messages and the client handshake, with no I/O.
+
+A control frame (channel 0) carries one part: a UTF-8 JSON object whose
+``op`` names the message. The client opens with ``hello``; the server
+answers ``welcome`` (or ``error`` and closes). After that the client may
+send Jupyter messages on the data channels and requests on control.
+
+State table of the server's side of one client connection::
+
+    AWAITING_HELLO --hello--> ATTACHED --(anything valid)--> ATTACHED
+    any state --fatal ProtocolError--> CLOSED
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+import attrs
+
+from .channels import CLIENT_SENDABLE, Channel, JupyterSocket, is_known_channel
+from .errors import ProtocolError
+from .framing import Frame
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "REQUEST_OPS",
+    "Hello",
+    "Request",
+    "DataMessage",
+    "ClientState",
+    "ServerSideHandshake",
+    "control_frame",
+    "parse_control",
+    "error_payload",
+]
+
+#: Version spoken in ``hello``/``welcome``; bumped on incompatible change.
+PROTOCOL_VERSION = 1
+
+#: Requests a client may send on the control channel once attached.
+REQUEST_OPS = frozenset({"interrupt", "restart", "shutdown", "subscribe", "ping"})
+
+#: Longest session id a client may declare; ids are opaque strings.
+MAX_SESSION_ID = 200
+
+
+def control_frame(op: str, **fields: Any) -> Frame:
+    """A control frame carrying ``{"op": op, **fields}``."""
+    body = json.dumps({"op": op, **fields}, separators=(",", ":")).encode()
+    return Frame(channel=Channel.CONTROL, parts=(body,))
+
+
+def error_payload(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """The fields of an ``error`` control message."""
+    return {"code": code, "message": message, **extra}
+
+
+def parse_control(frame: Frame) -> dict[str, Any]:
+    """The JSON object of a control frame.
+
+    @raise ProtocolError: unless the frame has one part holding a JSON
+        object with a string ``op``.
+    """
+    if len(frame.parts) != 1:
+        raise ProtocolError("bad_control", "a control frame has exactly one part")
+    try:
+        body = json.loads(frame.parts[0])
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError("bad_control", f"control part is not JSON: {e}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("op"), str):
+        raise ProtocolError("bad_control", "control part must be an object with a string op")
+    return body
+
+
+def _channel_list(value: object) -> frozenset[int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(c, int) and not isinstance(c, bool) for c in value
+    ):
+        raise ProtocolError("bad_channels", "channels must be a list of integers")
+    unknown = [c for c in value if not is_known_channel(c)]
+    if unknown:
+        raise ProtocolError("bad_channels", f"unknown channels {unknown}")
+    return frozenset(value)
+
+
+@attrs.frozen
+class Hello:
+    """The client's opening message.
+
+    @ivar kernel: id of the kernel to attach to.
+    @ivar session: the client's session id; the kernel's input_request
+        messages carry it in their parent header, which routes stdin.
+    @ivar channels: channels to receive, or None for all.
+    @ivar cursor: the last seq the client has seen, to resume after it
+        (None for a fresh attach).
+    """
+
+    version: int
+    kernel: str
+    session: str
+    channels: frozenset[int] | None = None
+    cursor: int | None = None
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> Hello:
+        version = body.get("version")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                "unsupported_version",
+                f"server speaks version {PROTOCOL_VERSION}, client asked for {version!r}",
+                fatal=True,
+            )
+        kernel, session = body.get("kernel"), body.get("session")
+        if not isinstance(kernel, str) or not kernel:
+            raise ProtocolError("bad_hello", "hello needs a kernel id", fatal=True)
+        if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_ID:
+            raise ProtocolError(
+                "bad_hello", f"hello needs a session id of 1-{MAX_SESSION_ID} chars", fatal=True
+            )
+        cursor = body.get("cursor")
+        if cursor is not None and (
+            not isinstance(cursor, int) or isinstance(cursor, bool) or cursor < 0
+        ):
+            raise ProtocolError("bad_hello", "cursor must be a non-negative integer", fatal=True)
+        try:
+            channels = _channel_list(body.get("channels"))
+        except ProtocolError as e:
+            raise ProtocolError(e.code, e.message, fatal=True) from None
+        return cls(version, kernel, session, channels, cursor)
+
+
+@attrs.frozen
+class Request:
+    """A control request from an attached client (interrupt, restart, …).
+
+    @ivar id: the client's correlation id, echoed in the reply (or None).
+    """
+
+    op: str
+    id: Any = None
+    channels: frozenset[int] | None = None
+
+
+@attrs.frozen
+class DataMessage:
+    """A Jupyter message from a client, to be relayed to its kernel."""
+
+    frame: Frame
+
+
+class ClientState(enum.Enum):
+    #: Connected; nothing but ``hello`` is acceptable.
+    AWAITING_HELLO = "awaiting_hello"
+    #: Attached to a kernel; data and requests flow.
+    ATTACHED = "attached"
+    #: A fatal error happened; no more input is accepted.
+    CLOSED = "closed"
+
+
+class ServerSideHandshake:
+    """The server's view of one client connection, fed decoded frames.
+
+    L{receive} returns one event (L{Hello}, L{Request} or L{DataMessage})
+    or raises L{ProtocolError}. A fatal error moves to CLOSED, after which
+    every input is refused.
+    """
+
+    def __init__(self) -> None:
+        self._state = ClientState.AWAITING_HELLO
+
+    @property
+    def attached(self) -> bool:
+        return self._state is ClientState.ATTACHED
+
+    def receive(self, frame: Frame) -> Hello | Request | DataMessage:
+        try:
+            return self._receive(frame)
+        except ProtocolError as e:
+            if e.fatal:
+                self._state = ClientState.CLOSED
+            raise
+
+    def _receive(self, frame: Frame) -> Hello | Request | DataMessage:
+        state = self._state
+        if state is ClientState.CLOSED:
+            raise ProtocolError("closed", "connection is closed", fatal=True)
+        if state is ClientState.AWAITING_HELLO:
+            if not frame.is_control:
+                raise ProtocolError(
+                    "expected_hello", f"got channel {frame.channel} before hello", fatal=True
+                )
+            try:
+                body = parse_control(frame)
+            except ProtocolError as e:
+                raise ProtocolError(e.code, e.message, fatal=True) from None
+            if body["op"] != "hello":
+                raise ProtocolError(
+                    "expected_hello", f"got op {body['op']!r} before hello", fatal=True
+                )
+            hello = Hello.from_body(body)
+            self._state = ClientState.ATTACHED
+            return hello
+        # ATTACHED
+        if frame.is_control:
+            body = parse_control(frame)
+            op = body["op"]
+            if op not in REQUEST_OPS:
+                raise ProtocolError("unknown_op", f"unknown control op {op!r}")
+            channels = _channel_list(body.get("channels")) if op == "subscribe" else None
+            return Request(op=op, id=body.get("id"), channels=channels)
+        if frame.channel not in CLIENT_SENDABLE:
+            raise ProtocolError(
+                "channel_not_sendable", f"clients cannot send on channel {frame.channel}"
+            )
+        if len(frame.parts) < 4:
+            raise ProtocolError("bad_message", "a Jupyter message has at least 4 parts")
+        expected = JupyterSocket.STDIN if frame.channel == Channel.STDIN else None
+        if expected is not None and frame.socket != expected:
+            raise ProtocolError("bad_socket", "stdin channel messages go to the stdin socket")
+        if expected is None and frame.socket not in (JupyterSocket.SHELL, JupyterSocket.CONTROL):
+            raise ProtocolError("bad_socket", "requests go to the shell or control socket")
+        return DataMessage(frame)
