@@ -148,7 +148,9 @@ def test_hello_ignores_unknown_fields() -> None:
 
 def test_hello_session_length_limit() -> None:
     assert ServerSideHandshake().receive(hello(session="s" * MAX_SESSION_ID))
-    refuse(ServerSideHandshake(), hello(session="s" * (MAX_SESSION_ID + 1)), "bad_hello", fatal=True)
+    refuse(
+        ServerSideHandshake(), hello(session="s" * (MAX_SESSION_ID + 1)), "bad_hello", fatal=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -194,7 +196,12 @@ def test_wrong_version(version: object) -> None:
 
 def test_missing_version() -> None:
     handshake = ServerSideHandshake()
-    refuse(handshake, control_frame("hello", kernel="k1", session="s1"), "unsupported_version", fatal=True)
+    refuse(
+        handshake,
+        control_frame("hello", kernel="k1", session="s1"),
+        "unsupported_version",
+        fatal=True,
+    )
     assert_closed(handshake)
 
 
@@ -300,18 +307,13 @@ def test_data_message(channel: Channel, socket: JupyterSocket) -> None:
 
 
 def test_data_message_with_buffers() -> None:
-    frame = data(Channel.COMM, parts=JUPYTER_PARTS + (b"\x00\x01", b""))
+    frame = data(Channel.COMM, parts=(*JUPYTER_PARTS, b"\x00\x01", b""))
     assert attached().receive(frame) == DataMessage(frame)
 
 
 def test_client_sendable_table() -> None:
-    assert CLIENT_SENDABLE == {
-        Channel.STDIN,
-        Channel.INTROSPECTION,
-        Channel.EXECUTE,
-        Channel.COMM,
-        Channel.KERNEL,
-    }
+    sendable = {Channel.STDIN, Channel.INTROSPECTION, Channel.EXECUTE, Channel.COMM, Channel.KERNEL}
+    assert sendable == CLIENT_SENDABLE
 
 
 @pytest.mark.parametrize(
@@ -328,7 +330,9 @@ def test_channel_not_sendable(channel: int) -> None:
 @pytest.mark.parametrize("nparts", [0, 1, 3])
 def test_fewer_than_four_parts(nparts: int) -> None:
     handshake = attached()
-    refuse(handshake, data(Channel.EXECUTE, parts=JUPYTER_PARTS[:nparts]), "bad_message", fatal=False)
+    refuse(
+        handshake, data(Channel.EXECUTE, parts=JUPYTER_PARTS[:nparts]), "bad_message", fatal=False
+    )
     assert handshake.attached
 
 
@@ -362,7 +366,7 @@ json_values = st.recursive(
 control_bodies = st.fixed_dictionaries(
     {},
     optional={
-        "op": st.sampled_from(sorted(REQUEST_OPS) + ["hello", "welcome", "bogus"]),
+        "op": st.sampled_from([*sorted(REQUEST_OPS), "hello", "welcome", "bogus"]),
         "version": st.sampled_from([PROTOCOL_VERSION, 2]) | json_values,
         "kernel": short_text | json_values,
         "session": short_text | json_values,

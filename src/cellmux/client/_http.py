@@ -34,7 +34,7 @@ def websocket_url(base_url: str) -> str:
     parts = urllib.parse.urlsplit(base_url)
     scheme = _WS_SCHEMES.get(parts.scheme.lower())
     if scheme is None or not parts.netloc:
-        raise ValueError("not an http(s) URL: %r" % (base_url,))
+        raise ValueError(f"not an http(s) URL: {base_url!r}")
     return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", "", ""))
 
 
@@ -86,19 +86,17 @@ class RestAPI:
             with e:
                 raise error_from_body(e.code, str(e.reason or ""), e.read()) from None
         except urllib.error.URLError as e:
-            raise CellmuxError("cannot reach cellmux server at %s: %s" % (url, e.reason)) from e
+            raise CellmuxError(f"cannot reach cellmux server at {url}: {e.reason}") from e
         except TimeoutError as e:
-            raise CellmuxError(
-                "%s %s timed out after %s seconds" % (method, url, self.timeout)
-            ) from e
+            raise CellmuxError(f"{method} {url} timed out after {self.timeout} seconds") from e
         except OSError as e:
-            raise CellmuxError("%s %s failed: %s" % (method, url, e)) from e
+            raise CellmuxError(f"{method} {url} failed: {e}") from e
         if not payload:
             return None
         try:
             return json.loads(payload)
         except ValueError:
-            raise CellmuxError("%s %s: response is not JSON" % (method, url)) from None
+            raise CellmuxError(f"{method} {url}: response is not JSON") from None
 
     @staticmethod
     def _kernel_path(kernel_id: str, action: str = "") -> str:
@@ -108,14 +106,14 @@ class RestAPI:
         """The server's version string."""
         data = self.call("GET", "/api")
         if not isinstance(data, dict) or not isinstance(data.get("version"), str):
-            raise CellmuxError("GET /api: unexpected response %r" % (data,))
+            raise CellmuxError(f"GET /api: unexpected response {data!r}")
         return data["version"]
 
     def list_kernels(self) -> list[KernelModel]:
         """Every running kernel."""
         data = self.call("GET", "/api/kernels")
         if not isinstance(data, list):
-            raise CellmuxError("GET /api/kernels: expected a list, got %r" % (data,))
+            raise CellmuxError(f"GET /api/kernels: expected a list, got {data!r}")
         return [KernelModel.from_json(item) for item in data]
 
     def create_kernel(self, name: str | None = None) -> KernelModel:
@@ -137,4 +135,6 @@ class RestAPI:
 
     def restart_kernel(self, kernel_id: str) -> KernelModel:
         """Restart a kernel; returns its model once the server answers."""
-        return KernelModel.from_json(self.call("POST", self._kernel_path(kernel_id, "/restart"), {}))
+        return KernelModel.from_json(
+            self.call("POST", self._kernel_path(kernel_id, "/restart"), {})
+        )

@@ -11,15 +11,15 @@ from cellmux.protocol import Frame
 
 __all__ = [
     "CellmuxError",
-    "HTTPError",
-    "ServerError",
-    "KernelDied",
     "ConnectionClosed",
+    "ExecutionError",
+    "ExecutionResult",
+    "HTTPError",
+    "KernelDied",
     "KernelModel",
     "Message",
     "Output",
-    "ExecutionError",
-    "ExecutionResult",
+    "ServerError",
 ]
 
 
@@ -39,7 +39,7 @@ class HTTPError(CellmuxError):
         self.status = status
         self.reason = reason
         self.message = message
-        text = "HTTP %d" % status
+        text = f"HTTP {status}"
         if reason:
             text += " " + reason
         if message and message != reason:
@@ -59,7 +59,16 @@ class ServerError(CellmuxError):
         self.code = code
         self.message = message
         self.fatal = fatal
-        super().__init__("%s: %s" % (code, message) if message else code)
+        super().__init__(f"{code}: {message}" if message else code)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any], fatal: bool = False) -> ServerError:
+        """From an ``error`` control message; C{fatal} is the default if it says nothing."""
+        return cls(
+            str(body.get("code", "error")),
+            str(body.get("message", "")),
+            bool(body.get("fatal", fatal)),
+        )
 
 
 class KernelDied(CellmuxError):
@@ -70,7 +79,7 @@ class KernelDied(CellmuxError):
 
     def __init__(self, cause: str) -> None:
         self.cause = cause
-        super().__init__("kernel died: %s" % cause)
+        super().__init__(f"kernel died: {cause}")
 
 
 class ConnectionClosed(CellmuxError):
@@ -85,7 +94,7 @@ class ConnectionClosed(CellmuxError):
         self.reason = reason
         text = "connection to cellmux server closed"
         if code is not None:
-            text += " (code %d)" % code
+            text += f" (code {code})"
         if reason:
             text += ": " + reason
         super().__init__(text)
@@ -117,7 +126,7 @@ class KernelModel:
         @raise CellmuxError: if C{data} is not a kernel model.
         """
         if not isinstance(data, dict) or not isinstance(data.get("id"), str):
-            raise CellmuxError("server sent a malformed kernel model: %r" % (data,))
+            raise CellmuxError(f"server sent a malformed kernel model: {data!r}")
         return cls(
             id=data["id"],
             name=data.get("name"),
@@ -155,9 +164,7 @@ class Message:
         if len(frame.parts) < 4:
             raise ValueError("a Jupyter message has at least 4 parts")
         header, parent, metadata, content = (_json_object(p) for p in frame.parts[:4])
-        return cls(
-            header, parent, metadata, content, frame.parts[4:], frame.channel, frame.seq
-        )
+        return cls(header, parent, metadata, content, frame.parts[4:], frame.channel, frame.seq)
 
     @property
     def msg_type(self) -> str:
@@ -192,7 +199,7 @@ class ExecutionError:
         )
 
     def __str__(self) -> str:
-        return "%s: %s" % (self.ename, self.evalue)
+        return f"{self.ename}: {self.evalue}"
 
 
 @attrs.frozen

@@ -48,6 +48,8 @@ INPROC_PORTS = {"shell": 1, "stdin": 2, "control": 3, "iopub": 4}
 #: ZeroMQ heartbeat on the link (runs in libzmq's I/O thread, no GIL).
 HEARTBEAT_IVL_MS = 1000
 HEARTBEAT_TIMEOUT_MS = 5000
+#: Routing id of the pump's shell, control and stdin sockets.
+PUMP_ROUTING_ID = b"cellmux-pump"
 #: How often to repeat kernel_info_request while the kernel starts.
 NUDGE_INTERVAL = 0.2
 
@@ -104,6 +106,9 @@ class Pump(threading.Thread):
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self._context.socket(kind)
         s.linger = 1000
+        # ipykernel sends input_request to the stdin peer whose routing id
+        # equals the shell request's sender: use one id on all sockets.
+        s.routing_id = PUMP_ROUTING_ID
         s.connect(endpoint)
         return s
 

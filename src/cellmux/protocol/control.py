@@ -109,7 +109,7 @@ class Hello:
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Hello:
         version = body.get("version")
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise ProtocolError(
                 "unsupported_version",
                 f"server speaks version {PROTOCOL_VERSION}, client asked for {version!r}",

@@ -163,7 +163,7 @@ class ServerLink:
         body = _parse_link_control(parts)
         op = body["op"]
         if state is LinkState.EXPECTING and op == "hello":
-            if body.get("version") != LINK_VERSION:
+            if type(body.get("version")) is not int or body["version"] != LINK_VERSION:
                 raise ProtocolError("unsupported_version", f"link version {body.get('version')!r}")
             pid = body.get("pid")
             if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:

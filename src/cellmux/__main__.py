@@ -1,0 +1,5 @@
+import sys
+
+from cellmux.cli import main
+
+sys.exit(main())

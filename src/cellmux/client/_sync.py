@@ -1,0 +1,363 @@
+"""The blocking client: the asyncio client driven from a private loop thread.
+
+REST calls run directly in the caller's thread. Websocket work runs on an
+event loop in a daemon thread; callbacks (on_output, on_status, listeners)
+are invoked in that thread, and synchronous on_stdin functions run in a
+worker thread so they may block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, TypeVar
+
+from cellmux.protocol import Frame, JupyterSocket
+
+from ._async import AsyncClient, AsyncKernel, OutputHandler, StatusHandler, StdinHandler
+from ._http import DEFAULT_URL
+from ._results import ExecutionResult, KernelModel, Message
+
+__all__ = ["Client", "Kernel"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    """An asyncio event loop running forever in a daemon thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._main, name="cellmux-client", daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run C{coro} on the loop and block until it is done."""
+        if threading.current_thread() is self.thread:
+            coro.close()
+            raise RuntimeError(
+                "blocking cellmux calls cannot be made from client callbacks; "
+                "use the AsyncKernel (kernel.async_kernel) there"
+            )
+        if not self.loop.is_running() or self.loop.is_closed():
+            coro.close()
+            raise RuntimeError("the client is closed")
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # e.g. KeyboardInterrupt: stop waiting on the loop too
+            raise
+
+    def stop(self) -> None:
+        """Cancel what still runs on the loop, stop it and close it."""
+        if self.loop.is_closed():
+            return
+        if self.loop.is_running() and threading.current_thread() is not self.thread:
+            try:
+                asyncio.run_coroutine_threadsafe(_cancel_tasks(), self.loop).result(10)
+            except Exception:
+                log.warning("could not cancel the client's tasks cleanly")
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+async def _cancel_tasks() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _threaded_stdin(handler: StdinHandler | None) -> StdinHandler | None:
+    """Wrap a synchronous stdin handler so it runs in a worker thread."""
+    if handler is None or inspect.iscoroutinefunction(handler):
+        return handler
+    sync_handler = handler
+
+    async def in_thread(prompt: str, password: bool) -> str:
+        value = await asyncio.to_thread(sync_handler, prompt, password)
+        if inspect.isawaitable(value):
+            value = await value
+        return value
+
+    return in_thread
+
+
+class Client:
+    """A blocking client of one cellmux server.
+
+    @param url: the server's base URL.
+    @param token: the authentication token, sent as C{Authorization: token …}.
+    @param http_timeout: seconds to wait for each REST response.
+    """
+
+    def __init__(
+        self, url: str = DEFAULT_URL, token: str | None = None, *, http_timeout: float = 60.0
+    ) -> None:
+        self.async_client = AsyncClient(url, token, http_timeout=http_timeout)
+        self._rest = self.async_client.rest
+        self._loop: _LoopThread | None = None
+        self._lock = threading.Lock()
+        self._kernels: set[Kernel] = set()
+
+    @property
+    def url(self) -> str:
+        return self.async_client.url
+
+    def version(self) -> str:
+        """The server's version string."""
+        return self._rest.version()
+
+    def list_kernels(self) -> list[KernelModel]:
+        """Every kernel the server runs."""
+        return self._rest.list_kernels()
+
+    def create_kernel(self, name: str | None = None) -> KernelModel:
+        """Start a kernel of spec C{name} (the server's default if None)."""
+        return self._rest.create_kernel(name)
+
+    def get_kernel(self, kernel_id: str) -> KernelModel:
+        """One kernel's model (L{HTTPError} with status 404 if unknown)."""
+        return self._rest.get_kernel(kernel_id)
+
+    def delete_kernel(self, kernel_id: str) -> None:
+        """Shut a kernel down and remove it."""
+        self._rest.delete_kernel(kernel_id)
+
+    def interrupt_kernel(self, kernel_id: str) -> None:
+        """Interrupt whatever the kernel is running."""
+        self._rest.interrupt_kernel(kernel_id)
+
+    def restart_kernel(self, kernel_id: str) -> KernelModel:
+        """Restart a kernel and return its new model."""
+        return self._rest.restart_kernel(kernel_id)
+
+    def connect(
+        self,
+        kernel_id: str,
+        channels: Iterable[int] | None = None,
+        *,
+        session: str | None = None,
+        timeout: float | None = 30.0,
+    ) -> Kernel:
+        """Attach to a kernel over the websocket; see L{AsyncClient.connect}."""
+        with self._lock:
+            if self._loop is None:
+                self._loop = _LoopThread()
+            loop = self._loop
+
+        async def open_kernel() -> AsyncKernel:
+            return await self.async_client.connect(
+                kernel_id, channels, session=session, timeout=timeout
+            )
+
+        kernel = Kernel(loop.run(open_kernel()), loop, self._kernels.discard)
+        self._kernels.add(kernel)
+        return kernel
+
+    def close(self) -> None:
+        """Close every kernel connection this client opened and stop its loop thread."""
+        for kernel in list(self._kernels):
+            try:
+                kernel.close()
+            except Exception as e:
+                log.warning("closing kernel %s: %s", kernel.kernel_id, e)
+        with self._lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.stop()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Kernel:
+    """A blocking handle on one attached kernel (wraps an L{AsyncKernel}).
+
+    Get one from L{Client.connect}; use it as a context manager to close it.
+    """
+
+    def __init__(
+        self, kernel: AsyncKernel, loop: _LoopThread, forget: Callable[[Kernel], None]
+    ) -> None:
+        self.async_kernel = kernel
+        self._loop = loop
+        self._forget = forget
+
+    # -- state (read from the loop thread's latest view) ------------------------
+
+    @property
+    def kernel_id(self) -> str:
+        return self.async_kernel.kernel_id
+
+    @property
+    def session(self) -> str:
+        return self.async_kernel.session
+
+    @property
+    def model(self) -> KernelModel | None:
+        return self.async_kernel.model
+
+    @property
+    def last_seq(self) -> int:
+        return self.async_kernel.last_seq
+
+    @property
+    def status(self) -> str | None:
+        return self.async_kernel.status
+
+    @property
+    def dead_cause(self) -> str | None:
+        return self.async_kernel.dead_cause
+
+    @property
+    def channels(self) -> frozenset[int] | None:
+        return self.async_kernel.channels
+
+    @property
+    def closed(self) -> bool:
+        return self.async_kernel.closed
+
+    @property
+    def on_status(self) -> StatusHandler | None:
+        """Called (in the loop thread) with each new execution_state."""
+        return self.async_kernel.on_status
+
+    @on_status.setter
+    def on_status(self, handler: StatusHandler | None) -> None:
+        self.async_kernel.on_status = handler
+
+    def add_listener(self, listener: Callable[[Frame], object]) -> Callable[[], None]:
+        """Call C{listener(frame)} (in the loop thread) for every frame; returns a remover."""
+        return self.async_kernel.add_listener(listener)
+
+    def remove_listener(self, listener: Callable[[Frame], object]) -> None:
+        self.async_kernel.remove_listener(listener)
+
+    # -- requests ------------------------------------------------------------------
+
+    def execute(
+        self,
+        code: str,
+        *,
+        on_output: OutputHandler | None = None,
+        on_stdin: StdinHandler | None = None,
+        silent: bool = False,
+        timeout: float | None = None,
+        store_history: bool = True,
+        user_expressions: dict[str, str] | None = None,
+    ) -> ExecutionResult:
+        """Run C{code}; see L{AsyncKernel.execute}. A sync C{on_stdin} may block."""
+        return self._loop.run(
+            self.async_kernel.execute(
+                code,
+                on_output=on_output,
+                on_stdin=_threaded_stdin(on_stdin),
+                silent=silent,
+                timeout=timeout,
+                store_history=store_history,
+                user_expressions=user_expressions,
+            )
+        )
+
+    def complete(
+        self, code: str, cursor_pos: int | None = None, *, timeout: float | None = None
+    ) -> dict[str, Any]:
+        """The complete_reply content."""
+        return self._loop.run(self.async_kernel.complete(code, cursor_pos, timeout=timeout))
+
+    def inspect(
+        self,
+        code: str,
+        cursor_pos: int | None = None,
+        detail_level: int = 0,
+        *,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """The inspect_reply content."""
+        return self._loop.run(
+            self.async_kernel.inspect(code, cursor_pos, detail_level, timeout=timeout)
+        )
+
+    def is_complete(self, code: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """The is_complete_reply content."""
+        return self._loop.run(self.async_kernel.is_complete(code, timeout=timeout))
+
+    def kernel_info(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The kernel_info_reply content."""
+        return self._loop.run(self.async_kernel.kernel_info(timeout=timeout))
+
+    def request(
+        self, msg_type: str, content: dict[str, Any], *, timeout: float | None = None
+    ) -> Message:
+        """Send a C{*_request} and return the matching reply message."""
+        return self._loop.run(self.async_kernel.request(msg_type, content, timeout=timeout))
+
+    def send(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        *,
+        parent: dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        buffers: Iterable[bytes] = (),
+        socket: JupyterSocket | None = None,
+    ) -> str:
+        """Send one Jupyter message without waiting for an answer; returns its msg_id."""
+        return self._loop.run(
+            self.async_kernel.send(
+                msg_type,
+                content,
+                parent=parent,
+                metadata=metadata,
+                buffers=tuple(buffers),
+                socket=socket,
+            )
+        )
+
+    def interrupt(self, *, timeout: float | None = None) -> None:
+        """Interrupt the kernel; returns once the server acknowledged."""
+        self._loop.run(self.async_kernel.interrupt(timeout=timeout))
+
+    def restart(self, *, timeout: float | None = None) -> None:
+        """Restart the kernel; returns once the new kernel is ready."""
+        self._loop.run(self.async_kernel.restart(timeout=timeout))
+
+    def shutdown(self, *, timeout: float | None = None) -> None:
+        """Shut the kernel down; returns once the server acknowledged."""
+        self._loop.run(self.async_kernel.shutdown(timeout=timeout))
+
+    def subscribe(self, channels: Iterable[int] | None, *, timeout: float | None = None) -> None:
+        """Receive only C{channels} from now on (None: all)."""
+        self._loop.run(self.async_kernel.subscribe(channels, timeout=timeout))
+
+    def ping(self, *, timeout: float | None = None) -> float:
+        """Round trip to the server in seconds."""
+        return self._loop.run(self.async_kernel.ping(timeout=timeout))
+
+    def close(self) -> None:
+        """Close the websocket (idempotent)."""
+        self._forget(self)
+        if not self._loop.loop.is_closed():
+            self._loop.run(self.async_kernel.close())
+
+    def __enter__(self) -> Kernel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

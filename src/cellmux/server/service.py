@@ -1,0 +1,185 @@
+"""The cellmux server as one Twisted service.
+
+Starting it creates the private runtime directory, binds the kernel-link
+ROUTER, starts the nursery, fills the warm pool, and listens for HTTP and
+websocket clients on one twisted.web Site. Stopping it ends every kernel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.application import service
+from twisted.internet import defer, endpoints
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+import cellmux
+from cellmux.config import ServerConfig
+
+from .api import ApiResource
+from .auth import TokenAuth
+from .kernels import KernelManager
+from .links import LinkRouter
+from .nursery import NurseryProcess
+from .websocket import ClientFactory
+
+__all__ = ["CellmuxService", "build_site"]
+
+
+class _JSONResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, status: int, body: dict) -> None:
+        super().__init__()
+        self._status = status
+        self._body = json.dumps(body).encode()
+
+    def render(self, request: server.Request) -> bytes:
+        request.setResponseCode(self._status)
+        request.setHeader(b"content-type", b"application/json")
+        return self._body
+
+
+class _Root(resource.Resource):
+    """``/`` describes the server; unknown paths get a JSON 404."""
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        if path == b"":
+            return _JSONResource(200, {"name": "cellmux", "version": cellmux.__version__})
+        return _JSONResource(404, {"message": "not found", "reason": "Not Found"})
+
+
+_TOKEN_IN_QUERY = re.compile(rb"(token=)[^&\s]*", re.IGNORECASE)
+
+
+def redacted_log_formatter(timestamp: str, request: server.Request) -> str:
+    """An access-log line in combined format, with any token blanked out."""
+    uri = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", request.uri)
+    referer = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", request.getHeader(b"referer") or b"-")
+    fields = [
+        request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else "-",
+        timestamp,
+        f"{request.method.decode(errors='replace')} {uri.decode(errors='replace')} "
+        f"{request.clientproto.decode(errors='replace')}",
+        request.code,
+        request.sentLength or "-",
+        referer.decode(errors="replace"),
+        (request.getHeader(b"user-agent") or b"-").decode(errors="replace"),
+    ]
+    return '"{}" - - {} "{}" {} {} "{}" "{}"'.format(*fields)
+
+
+def build_site(manager: KernelManager, auth: TokenAuth) -> server.Site:
+    root = _Root()
+    root.putChild(b"api", ApiResource(manager, auth))
+    root.putChild(b"ws", WebSocketResource(ClientFactory(manager, auth)))
+    site = server.Site(root, logFormatter=redacted_log_formatter)
+    site.displayTracebacks = False
+    return site
+
+
+class CellmuxService(service.Service):
+    """The whole server. Its public URL is printed once it listens."""
+
+    log = Logger()
+
+    def __init__(self, config: ServerConfig, token: str, reactor=None) -> None:  # noqa: ANN001
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.config = config
+        self.auth = TokenAuth(token)
+        self._token = token
+        self.manager = KernelManager(reactor, config)
+        self._runtime_dir: str | None = None
+        self._owns_runtime_dir = False
+        self._listening = None
+        self._router = None
+        self._zmq = None
+        self.nursery: NurseryProcess | None = None
+        self.url: str | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        d.addErrback(self._start_failed)
+
+    def _start_failed(self, failure) -> None:  # noqa: ANN001
+        self.log.failure("cellmux could not start", failure)
+        self.reactor.stop()
+
+    async def _start(self) -> None:
+        from txzmq import ZmqFactory
+
+        config = self.config
+        if config.runtime_dir:
+            os.makedirs(config.runtime_dir, mode=0o700, exist_ok=True)
+            self._runtime_dir = config.runtime_dir
+        else:
+            self._runtime_dir = tempfile.mkdtemp(prefix="cellmux-")
+            self._owns_runtime_dir = True
+        endpoint = f"ipc://{self._runtime_dir}/link.sock"
+        self._zmq = ZmqFactory()
+        self._router = LinkRouter(self._zmq, endpoint, self.manager, config.max_frame_size)
+        nursery_env = config.kernel_environment()
+        if "PYTHONPATH" in os.environ:  # so the nursery finds cellmux in a dev tree
+            nursery_env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        self.nursery = NurseryProcess.start(
+            self.reactor,
+            self.manager,
+            {
+                "endpoint": endpoint,
+                "workdir_root": os.path.join(self._runtime_dir, "kernels"),
+                "preload": list(config.preload),
+                "kernel_env": config.kernel_environment(),
+                "kill_grace": config.kill_grace,
+            },
+            nursery_env,
+        )
+        self.manager.bind(self.nursery, self._router)
+        await self.nursery.ready
+        self.manager.refill()
+        listen = endpoints.serverFromString(
+            self.reactor, f"tcp:{config.port}:interface={config.host.replace(':', chr(92) + ':')}"
+        )
+        self._listening = await listen.listen(build_site(self.manager, self.auth))
+        port = self._listening.getHost().port
+        host = f"[{config.host}]" if ":" in config.host else config.host
+        base = f"http://{host}:{port}/"
+        self.url = base
+        self.log.info("cellmux {version} is serving at {url}", version=cellmux.__version__, url=base)
+        # The token goes to the terminal, never into the log (under twistd,
+        # sys.stdout is the log, so use the process's real stdout).
+        print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)
+
+    async def _stop(self) -> None:
+        if self._listening is not None:
+            await self._listening.stopListening()
+        self.manager.stop()
+        if self.nursery is not None:
+            ended = self.nursery.shutdown()
+            timeout = self.reactor.callLater(self.config.kill_grace + 5, ended.cancel)
+            try:
+                await ended
+            except defer.CancelledError:
+                self.log.error("the nursery did not stop in time")
+            finally:
+                if timeout.active():
+                    timeout.cancel()
+        if self._router is not None:
+            self._router.shutdown()
+        if self._owns_runtime_dir and self._runtime_dir:
+            shutil.rmtree(self._runtime_dir, ignore_errors=True)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())

@@ -1,0 +1,60 @@
+"""``twistd cellmux`` and ``cellmux serve``: options and the service."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.python import usage
+
+from .config import ConfigError, ServerConfig, load_config_file
+from .server.auth import generate_token
+from .server.service import CellmuxService
+
+__all__ = ["Options", "makeService", "config_from_options"]
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve ipykernel kernels to websocket clients. Settings come from the "
+        "defaults, then the --config TOML file, then these options."
+    )
+    optParameters = [
+        ["host", None, None, "Interface to listen on [default: 127.0.0.1]."],
+        ["port", "p", None, "Port to listen on, 0 for any free port [default: 8800].", int],
+        ["token", None, None, "API token [default: $CELLMUX_TOKEN, else a generated one]."],
+        ["config", "c", None, "A TOML config file (see docs/operations.md)."],
+        ["pool-size", None, None, "Ready kernels kept warm [default: 2].", int],
+        ["max-kernels", None, None, "Most kernels alive at once [default: 200].", int],
+        ["preload", None, None, "Comma-separated modules the nursery imports once."],
+        ["runtime-dir", None, None, "Directory for the link socket and kernel dirs."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["server_config"] = config_from_options(self)
+        except (ConfigError, TypeError) as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def config_from_options(options: Options) -> ServerConfig:
+    settings = load_config_file(options["config"]) if options["config"] else {}
+    for option, setting in [
+        ("host", "host"),
+        ("port", "port"),
+        ("token", "token"),
+        ("pool-size", "pool_size"),
+        ("max-kernels", "max_kernels"),
+        ("runtime-dir", "runtime_dir"),
+    ]:
+        if options[option] is not None:
+            settings[setting] = options[option]
+    if options["preload"]:
+        settings["preload"] = [m.strip() for m in options["preload"].split(",") if m.strip()]
+    return ServerConfig(**settings)
+
+
+def makeService(options: Options) -> CellmuxService:
+    config: ServerConfig = options["server_config"]
+    token = config.token or os.environ.get("CELLMUX_TOKEN") or generate_token()
+    return CellmuxService(config, token)
