@@ -13,7 +13,7 @@ import attrs
 
 from .protocol import DEFAULT_MAX_FRAME_SIZE
 
-__all__ = ["ServerConfig", "ConfigError", "load_config_file", "KERNEL_ENV_PASSTHROUGH"]
+__all__ = ["KERNEL_ENV_PASSTHROUGH", "ConfigError", "ServerConfig", "load_config_file"]
 
 DEFAULT_PORT = 8800
 

@@ -10,7 +10,7 @@ from .config import ConfigError, ServerConfig, load_config_file
 from .server.auth import generate_token
 from .server.service import CellmuxService
 
-__all__ = ["Options", "makeService", "config_from_options"]
+__all__ = ["Options", "config_from_options", "makeService"]
 
 
 class Options(usage.Options):

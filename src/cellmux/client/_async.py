@@ -107,6 +107,10 @@ class AsyncClient:
         """The server's version string."""
         return await asyncio.to_thread(self.rest.version)
 
+    async def get_status(self) -> dict[str, Any]:
+        """The server's status: kernels, connections, warm pool."""
+        return await asyncio.to_thread(self.rest.get_status)
+
     async def list_kernels(self) -> list[KernelModel]:
         """Every kernel the server runs."""
         return await asyncio.to_thread(self.rest.list_kernels)

@@ -109,6 +109,13 @@ class RestAPI:
             raise CellmuxError(f"GET /api: unexpected response {data!r}")
         return data["version"]
 
+    def get_status(self) -> dict[str, Any]:
+        """The server's status: kernels, connections, warm pool."""
+        data = self.call("GET", "/api/status")
+        if not isinstance(data, dict):
+            raise CellmuxError(f"GET /api/status: unexpected response {data!r}")
+        return data
+
     def list_kernels(self) -> list[KernelModel]:
         """Every running kernel."""
         data = self.call("GET", "/api/kernels")

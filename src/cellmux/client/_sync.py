@@ -120,6 +120,10 @@ class Client:
         """The server's version string."""
         return self._rest.version()
 
+    def get_status(self) -> dict[str, Any]:
+        """The server's status: kernels, connections, warm pool."""
+        return self._rest.get_status()
+
     def list_kernels(self) -> list[KernelModel]:
         """Every kernel the server runs."""
         return self._rest.list_kernels()

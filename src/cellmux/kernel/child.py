@@ -18,7 +18,7 @@ from ipykernel.kernelapp import IPKernelApp
 
 from .pump import INPROC_PORTS, Pump, inproc_endpoint
 
-__all__ = ["KernelOrder", "CellmuxKernelApp", "run_kernel"]
+__all__ = ["CellmuxKernelApp", "KernelOrder", "run_kernel"]
 
 #: Exit code of a kernel that failed to start (see docs/operations.md).
 EXIT_START_FAILED = 70
@@ -54,7 +54,7 @@ class CellmuxKernelApp(IPKernelApp):
     def init_heartbeat(self) -> None:
         self.heartbeat = None
 
-    def _try_bind_socket(self, s, port):  # noqa: ANN001 - ipykernel's signature
+    def _try_bind_socket(self, s, port):
         s.bind(inproc_endpoint(port))
         return port
 
@@ -110,6 +110,10 @@ def run_kernel(order: KernelOrder) -> None:
         # process, and the link itself is authenticated by the handshake.
         app.config.Session.key = b""
         app.initialize(argv=[])
+        # debugpy (imported by ipykernel) replaces breakpoint() with a hook
+        # that does nothing unless a debug adapter is attached; clients of
+        # cellmux expect breakpoint() to open pdb over stdin instead.
+        sys.breakpointhook = sys.__breakpointhook__
         Pump(app.context, order.endpoint, order.link_id, order.secret, os.getpid()).start()
         os.close(err_fd)
         err_fd = -1

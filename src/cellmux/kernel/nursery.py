@@ -26,6 +26,7 @@ gone) it kills every kernel and exits.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -39,7 +40,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["NurseryConfig", "Nursery", "describe_status", "main"]
+__all__ = ["Nursery", "NurseryConfig", "describe_status", "main"]
 
 #: Seconds between SIGTERM and SIGKILL when a kernel is shut down.
 DEFAULT_KILL_GRACE = 1.0
@@ -86,7 +87,7 @@ class _Child:
 class Nursery:
     """The nursery's loop: commands in, forks and reaps, events out."""
 
-    def __init__(self, config: NurseryConfig, commands, events) -> None:  # noqa: ANN001
+    def __init__(self, config: NurseryConfig, commands, events) -> None:
         self.config = config
         self._commands = commands  # binary file: the server's pipe
         self._events = events  # binary file
@@ -144,10 +145,8 @@ class Nursery:
             child.kill_at = time.monotonic() + self.config.kill_grace
 
     def _signal_group(self, child: _Child, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def handle(self, line: bytes) -> None:
         try:
@@ -181,10 +180,8 @@ class Nursery:
                 continue
             del self._children[child.link]
             # The group may still hold the kernel's own children.
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             shutil.rmtree(child.workdir, ignore_errors=True)
             self.emit("exited", link=child.link, pid=pid, **describe_status(status))
 
@@ -227,10 +224,8 @@ class Nursery:
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             for key, _ in sel.select(timeout):
                 if key.data == "wake":
-                    try:
+                    with contextlib.suppress(BlockingIOError):
                         os.read(wake_r, 4096)
-                    except BlockingIOError:
-                        pass
                     continue
                 chunk = os.read(commands_fd, 65536)
                 if not chunk:  # the server is gone: take every kernel with us
@@ -246,7 +241,7 @@ class Nursery:
 
 
 def _preload(modules: tuple[str, ...]) -> None:
-    import ipykernel.ipkernel  # noqa: F401 - the point is to import it once
+    import ipykernel.ipkernel
     import ipykernel.kernelapp  # noqa: F401
     import IPython.core.interactiveshell  # noqa: F401
     import zmq  # noqa: F401

@@ -38,7 +38,7 @@ from cellmux.protocol import (
 )
 from cellmux.protocol.jupyter import jupyter_parts
 
-__all__ = ["Pump", "INPROC_PORTS"]
+__all__ = ["INPROC_PORTS", "Pump"]
 
 DELIMITER = b"<IDS|MSG>"
 
@@ -54,7 +54,9 @@ PUMP_ROUTING_ID = b"cellmux-pump"
 NUDGE_INTERVAL = 0.2
 
 _TAGS = {
-    (channel, socket): encode_tag(channel, socket) for channel in Channel for socket in JupyterSocket
+    (channel, socket): encode_tag(channel, socket)
+    for channel in Channel
+    for socket in JupyterSocket
 }
 
 
@@ -141,11 +143,12 @@ class Pump(threading.Thread):
                 link.send_multipart(answer)
 
     def _wait_for_kernel(self, shell: zmq.Socket, iopub: zmq.Socket) -> None:
-        """Nudge with kernel_info until both the reply and iopub arrive.
+        """Nudge with kernel_info until both a reply and iopub arrive.
 
-        A SUB socket may miss what is published before its subscription
-        reaches the publisher; seeing an iopub message after our request
-        proves the subscription is live.
+        A SUB socket misses what is published before its subscription
+        reaches the publisher, so a reply alone proves nothing about iopub:
+        keep asking until some iopub message (the status of a nudge) shows
+        the subscription is live.
         """
         poller = zmq.Poller()
         poller.register(shell, zmq.POLLIN)
@@ -153,7 +156,7 @@ class Pump(threading.Thread):
         replied = published = False
         next_nudge = 0.0
         while not (replied and published):
-            if not replied and time.monotonic() >= next_nudge:
+            if time.monotonic() >= next_nudge:
                 parts = jupyter_parts(
                     "kernel_info_request", {}, now=datetime.now(UTC), session=self._session
                 )
@@ -164,7 +167,7 @@ class Pump(threading.Thread):
                     sock.recv_multipart()
                     if sock is shell:
                         replied = True
-                    elif replied:
+                    else:
                         published = True
 
     def _relay(self, link, shell, control, stdin, iopub) -> None:
@@ -204,12 +207,10 @@ class Pump(threading.Thread):
             target.send_multipart([DELIMITER, b"", *parts[1:]], copy=False)
 
     def _to_server(self, msg: list, socket: int, link: zmq.Socket) -> None:
-        for i, frame in enumerate(msg):
-            if frame.bytes == DELIMITER:
-                break
-        else:
+        delimiter = next((i for i, f in enumerate(msg) if f.bytes == DELIMITER), None)
+        if delimiter is None:
             return  # not a Jupyter message
-        body = msg[i + 2 :]  # skip delimiter and signature
+        body = msg[delimiter + 2 :]  # skip delimiter and signature
         if len(body) < 4:
             return
         channel = classify(body[0].bytes, body[3].buffer)

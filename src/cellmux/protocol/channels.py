@@ -10,11 +10,11 @@ from __future__ import annotations
 import enum
 
 __all__ = [
-    "Channel",
-    "JupyterSocket",
-    "PLUGIN_CHANNELS",
     "CLIENT_SENDABLE",
     "KERNEL_FORBIDDEN",
+    "PLUGIN_CHANNELS",
+    "Channel",
+    "JupyterSocket",
     "channel_for",
     "is_known_channel",
 ]

@@ -27,14 +27,14 @@ from .framing import Frame
 __all__ = [
     "PROTOCOL_VERSION",
     "REQUEST_OPS",
+    "ClientState",
+    "DataMessage",
     "Hello",
     "Request",
-    "DataMessage",
-    "ClientState",
     "ServerSideHandshake",
     "control_frame",
-    "parse_control",
     "error_payload",
+    "parse_control",
 ]
 
 #: Version spoken in ``hello``/``welcome``; bumped on incompatible change.

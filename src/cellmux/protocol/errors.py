@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-__all__ = ["ProtocolError", "CLOSE_PROTOCOL_ERROR", "CLOSE_UNSUPPORTED_DATA"]
+__all__ = ["CLOSE_PROTOCOL_ERROR", "CLOSE_UNSUPPORTED_DATA", "ProtocolError"]
 
 #: Websocket close code for a peer that broke the protocol (RFC 6455).
 CLOSE_PROTOCOL_ERROR = 1002

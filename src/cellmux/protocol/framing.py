@@ -30,16 +30,16 @@ from .channels import Channel, JupyterSocket
 from .errors import ProtocolError
 
 __all__ = [
-    "Frame",
-    "encode_frame",
-    "decode_frame",
-    "frame_bytes",
-    "encode_tag",
-    "decode_tag",
-    "HEADER_SIZE",
-    "TAG_SIZE",
     "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER_SIZE",
     "MAX_PARTS",
+    "TAG_SIZE",
+    "Frame",
+    "decode_frame",
+    "decode_tag",
+    "encode_frame",
+    "encode_tag",
+    "frame_bytes",
 ]
 
 _HEADER = struct.Struct(">HBBQI")

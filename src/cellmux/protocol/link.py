@@ -38,14 +38,14 @@ from .framing import decode_tag, encode_tag
 
 __all__ = [
     "LINK_VERSION",
-    "LinkState",
-    "ServerLink",
-    "KernelSideLink",
-    "Reply",
-    "LinkReady",
     "KernelFrame",
-    "link_mac",
+    "KernelSideLink",
+    "LinkReady",
+    "LinkState",
+    "Reply",
+    "ServerLink",
     "link_control",
+    "link_mac",
 ]
 
 LINK_VERSION = 1

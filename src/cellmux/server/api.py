@@ -25,6 +25,7 @@ from .kernels import (
     KernelNotRunning,
     KernelStartFailed,
     TooManyKernels,
+    iso_timestamp,
 )
 
 __all__ = ["ApiResource", "HTTPError"]
@@ -56,13 +57,14 @@ class ApiResource(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, manager: KernelManager, auth) -> None:  # noqa: ANN001
+    def __init__(self, manager: KernelManager, auth) -> None:
         super().__init__()
         self.manager = manager
         self.auth = auth
         kid = r"(?P<kernel_id>[^/]+)"
         self._routes: list[tuple[bytes, re.Pattern[str], Handler]] = [
             (b"GET", re.compile(r"/api/?"), self.version),
+            (b"GET", re.compile(r"/api/status/?"), self.status),
             (b"GET", re.compile(r"/api/kernels/?"), self.list_kernels),
             (b"POST", re.compile(r"/api/kernels/?"), self.create_kernel),
             (b"GET", re.compile(rf"/api/kernels/{kid}/?"), self.get_kernel),
@@ -120,7 +122,7 @@ class ApiResource(resource.Resource):
         request.write(json.dumps(body).encode())
         request.finish()
 
-    def _crashed(self, failure, request: server.Request) -> None:  # noqa: ANN001
+    def _crashed(self, failure, request: server.Request) -> None:
         self.log.failure("API request {path} failed", failure, path=request.path)
         status = HTTPStatus.INTERNAL_SERVER_ERROR
         self._respond(request, status, self._error_body(status, "internal error; see server log"))
@@ -144,6 +146,19 @@ class ApiResource(resource.Resource):
 
     async def version(self, request: server.Request) -> tuple[int, Any]:
         return HTTPStatus.OK, {"version": cellmux.__version__}
+
+    async def status(self, request: server.Request) -> tuple[int, Any]:
+        """Jupyter's status model, plus the warm pool's fill level."""
+        manager = self.manager
+        kernels = list(manager.kernels.values())
+        last = max((k.last_activity for k in kernels), default=manager.started_at)
+        return HTTPStatus.OK, {
+            "started": iso_timestamp(manager.started_at),
+            "last_activity": iso_timestamp(last),
+            "connections": sum(len(k.clients) for k in kernels),
+            "kernels": len(kernels),
+            "pool": {"ready": manager.pooled, "size": manager.config.pool_size},
+        }
 
     async def list_kernels(self, request: server.Request) -> tuple[int, Any]:
         return HTTPStatus.OK, [k.model() for k in self.manager.kernels.values()]

@@ -49,7 +49,7 @@ class TokenAuth:
                 return True
         return any(self._matches(t) for t in query_tokens)
 
-    def check_web_request(self, request) -> bool:  # noqa: ANN001 - twisted.web IRequest
+    def check_web_request(self, request) -> bool:
         return self.check(request.getHeader(b"authorization"), request.args.get(b"token", ()))
 
     def check_upgrade(self, headers: Mapping[str, str], params: Mapping[str, list[str]]) -> bool:

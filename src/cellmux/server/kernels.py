@@ -18,6 +18,7 @@ Kernel states (L{KernelState})::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import secrets
@@ -38,13 +39,13 @@ from cellmux.protocol.jupyter import status_parts
 from .links import KernelUnreachable
 
 __all__ = [
-    "Kernel",
-    "KernelState",
-    "KernelManager",
     "ClientSink",
+    "Kernel",
     "KernelError",
+    "KernelManager",
     "KernelNotFound",
     "KernelStartFailed",
+    "KernelState",
     "TooManyKernels",
 ]
 
@@ -115,7 +116,7 @@ class Incarnation:
         return self.link_id.hex()
 
 
-def _iso(ts: float) -> str:
+def iso_timestamp(ts: float) -> str:
     # Jupyter clients parse this with %Y-%m-%dT%H:%M:%S.%fZ.
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -144,7 +145,7 @@ class Kernel:
         model = {
             "id": self.id,
             "name": self.name,
-            "last_activity": _iso(self.last_activity),
+            "last_activity": iso_timestamp(self.last_activity),
             "execution_state": self.state.value,
             "connections": len(self.clients),
             "pid": self.incarnation.pid if self.incarnation else None,
@@ -264,10 +265,11 @@ class KernelManager:
 
     log = Logger()
 
-    def __init__(self, clock, config) -> None:  # noqa: ANN001
+    def __init__(self, clock, config) -> None:
         self.clock = clock
         self.config = config
         self.kernels: dict[str, Kernel] = {}
+        self.started_at = clock.seconds()
         self.nursery = None
         self.router = None
         self._incarnations: dict[bytes, Incarnation] = {}
@@ -276,7 +278,7 @@ class KernelManager:
         self._stopping = False
         self._tags: dict[tuple[int, int], bytes] = {}
 
-    def bind(self, nursery, router) -> None:  # noqa: ANN001
+    def bind(self, nursery, router) -> None:
         self.nursery = nursery
         self.router = router
 
@@ -311,7 +313,7 @@ class KernelManager:
         if inc.link_id in self._incarnations:
             self._pool.append(inc)
 
-    def _pool_failed(self, failure) -> None:  # noqa: ANN001
+    def _pool_failed(self, failure) -> None:
         self._warming -= 1
         if not self._stopping:
             self.log.failure("warming a pool kernel failed", failure)
@@ -346,10 +348,8 @@ class KernelManager:
         if inc.timeout is not None and inc.timeout.active():
             inc.timeout.cancel()
         inc.timeout = None
-        try:
+        with contextlib.suppress(ValueError):
             self._pool.remove(inc)
-        except ValueError:
-            pass
 
     async def _take(self) -> Incarnation:
         if self._pool:

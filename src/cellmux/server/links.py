@@ -21,7 +21,7 @@ from txzmq.router_dealer import ZmqRouterConnection
 
 from cellmux.protocol import KernelFrame, LinkReady, ProtocolError, Reply, ServerLink
 
-__all__ = ["LinkSink", "LinkRouter", "KernelUnreachable"]
+__all__ = ["KernelUnreachable", "LinkRouter", "LinkSink"]
 
 #: ZeroMQ heartbeat towards kernels: liveness checked without the GIL.
 HEARTBEAT_IVL_MS = 1000

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
-__all__ = ["NurseryOwner", "NurseryProcess", "NurseryGone"]
+__all__ = ["NurseryGone", "NurseryOwner", "NurseryProcess"]
 
 #: A line from the nursery longer than this is a bug; refuse it.
 MAX_EVENT_LINE = 64 * 1024
@@ -52,7 +52,7 @@ class NurseryProcess(protocol.ProcessProtocol):
         self._stopping = False
 
     @classmethod
-    def start(cls, reactor, owner: NurseryOwner, config: dict[str, Any], env: dict[str, str]):  # noqa: ANN001
+    def start(cls, reactor, owner: NurseryOwner, config: dict[str, Any], env: dict[str, str]):
         proto = cls(owner, json.dumps(config).encode() + b"\n")
         argv = [sys.executable, "-m", "cellmux.kernel.nursery"]
         reactor.spawnProcess(proto, sys.executable, argv, env=env, childFDs={0: "w", 1: "r", 2: 2})
@@ -74,7 +74,7 @@ class NurseryProcess(protocol.ProcessProtocol):
             if line.strip():
                 self._event(line)
 
-    def processEnded(self, reason) -> None:  # noqa: ANN001
+    def processEnded(self, reason) -> None:
         self._running = False
         gone = NurseryGone(f"nursery ended: {reason.value}")
         for d in self._spawning.values():

@@ -90,7 +90,7 @@ class CellmuxService(service.Service):
 
     log = Logger()
 
-    def __init__(self, config: ServerConfig, token: str, reactor=None) -> None:  # noqa: ANN001
+    def __init__(self, config: ServerConfig, token: str, reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -113,7 +113,7 @@ class CellmuxService(service.Service):
         d = defer.ensureDeferred(self._start())
         d.addErrback(self._start_failed)
 
-    def _start_failed(self, failure) -> None:  # noqa: ANN001
+    def _start_failed(self, failure) -> None:
         self.log.failure("cellmux could not start", failure)
         self.reactor.stop()
 
@@ -156,7 +156,9 @@ class CellmuxService(service.Service):
         host = f"[{config.host}]" if ":" in config.host else config.host
         base = f"http://{host}:{port}/"
         self.url = base
-        self.log.info("cellmux {version} is serving at {url}", version=cellmux.__version__, url=base)
+        self.log.info(
+            "cellmux {version} is serving at {url}", version=cellmux.__version__, url=base
+        )
         # The token goes to the terminal, never into the log (under twistd,
         # sys.stdout is the log, so use the process's real stdout).
         print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)

@@ -17,7 +17,6 @@ from autobahn.twisted.websocket import (
     WebSocketServerProtocol,
 )
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from cellmux.protocol import (
     CLOSE_PROTOCOL_ERROR,
@@ -35,7 +34,7 @@ from cellmux.protocol import (
 
 from .kernels import Kernel, KernelError, KernelManager
 
-__all__ = ["ClientConnection", "ClientFactory", "CLOSE_KERNEL_GONE", "CLOSE_UNKNOWN_KERNEL"]
+__all__ = ["CLOSE_KERNEL_GONE", "CLOSE_UNKNOWN_KERNEL", "ClientConnection", "ClientFactory"]
 
 #: Close code when the kernel was shut down (the client may create another).
 CLOSE_KERNEL_GONE = 4000
@@ -46,7 +45,9 @@ MAX_PROTOCOL_ERRORS = 100
 
 
 class ClientConnection(WebSocketServerProtocol):
-    log = Logger()
+    # No `log = Logger()` here: Autobahn's own (txaio) logger filters its
+    # debug lines, which include the upgrade request's headers and so the
+    # token; a twisted.logger Logger would pass them to twistd's log.
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,7 +63,7 @@ class ClientConnection(WebSocketServerProtocol):
 
     # -- called from Autobahn ---------------------------------------------
 
-    def onConnect(self, request) -> None:  # noqa: ANN001
+    def onConnect(self, request) -> None:
         if not self.factory.auth.check_upgrade(request.headers, request.params):
             raise ConnectionDeny(403, "a valid token is required")
         return None
@@ -106,9 +107,17 @@ class ClientConnection(WebSocketServerProtocol):
 
     def kernel_gone(self, reason: str) -> None:
         self.kernel = None
-        self.sendClose(CLOSE_KERNEL_GONE, f"kernel {reason}"[:120])
+        self._close(CLOSE_KERNEL_GONE, f"kernel {reason}")
 
     # -- helpers ------------------------------------------------------------
+
+    def _close(self, code: int, reason: str) -> None:
+        # Autobahn's sendClose accepts only 1000 and 3000-4999; protocol
+        # codes (1002, 1003) go through the lower-level close frame.
+        if code == 1000 or 3000 <= code <= 4999:
+            self.sendClose(code, reason[:120])
+        else:
+            self.sendCloseFrame(code, reason.encode()[:120], isReply=False)
 
     def _control(self, op: str, **fields: Any) -> None:
         self.sendMessage(encode_frame(control_frame(op, **fields)), isBinary=True)
@@ -118,21 +127,19 @@ class ClientConnection(WebSocketServerProtocol):
         fatal = error.fatal or self._errors > MAX_PROTOCOL_ERRORS
         self._control("error", code=error.code, message=error.message, fatal=fatal)
         if fatal:
-            self.sendClose(close_code, error.message[:120])
+            self._close(close_code, error.message)
 
     def _hello(self, hello: Hello) -> None:
         try:
             kernel = self.manager.get(hello.kernel)
         except KernelError as e:
             self._control("error", code=e.code, message=str(e), fatal=True)
-            self.sendClose(CLOSE_UNKNOWN_KERNEL, "unknown kernel")
+            self._close(CLOSE_UNKNOWN_KERNEL, "unknown kernel")
             return
         self.session = hello.session
         self._channels = hello.channels
         self.kernel = kernel
-        self._control(
-            "welcome", version=PROTOCOL_VERSION, kernel=kernel.model(), seq=kernel.seq
-        )
+        self._control("welcome", version=PROTOCOL_VERSION, kernel=kernel.model(), seq=kernel.seq)
         kernel.attach(self)
 
     def _relay(self, event: DataMessage) -> None:
@@ -171,7 +178,7 @@ class ClientConnection(WebSocketServerProtocol):
 class ClientFactory(WebSocketServerFactory):
     protocol = ClientConnection
 
-    def __init__(self, manager: KernelManager, auth, **kwargs: Any) -> None:  # noqa: ANN001
+    def __init__(self, manager: KernelManager, auth, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.manager = manager
         self.auth = auth
@@ -180,8 +187,10 @@ class ClientFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_size,
             maxFramePayloadSize=max_size,
             autoPingInterval=30,
+            # Send a close frame (e.g. 1009 for an oversized message) before
+            # dropping the connection, so the client learns why.
+            failByDrop=False,
             autoPingTimeout=90,
             # Frames are already compact binary; compression costs latency.
             perMessageCompressionAccept=lambda offers: None,
         )
-
