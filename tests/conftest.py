@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, settings
 
 from cellmux.client import Client
 
@@ -130,3 +131,9 @@ def kernel(client: Client):
         yield k
     with contextlib.suppress(Exception):
         client.delete_kernel(model.id)
+
+
+# Kernel processes share these two cores with hypothesis: a slow draw is
+# load, not a slow strategy, so neither the deadline nor that check apply.
+settings.register_profile("cellmux", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("cellmux")
