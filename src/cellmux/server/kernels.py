@@ -21,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import json
+import os
 import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -110,6 +111,8 @@ class Incarnation:
     pid: int | None = None
     kernel: Kernel | None = None
     timeout: Any = None
+    #: The process's private working directory (made by the nursery).
+    workdir: str = ""
 
     @property
     def link(self) -> str:
@@ -191,6 +194,11 @@ class Kernel:
             if client.wants(channel):
                 client.send_frame(data)
 
+    @property
+    def workdir(self) -> str | None:
+        """The current process's working directory (None while none runs)."""
+        return self.incarnation.workdir if self.incarnation else None
+
     def _note_status(self, content: bytes) -> None:
         # A byte search, not a JSON decode: status content is tiny and
         # ipykernel writes exactly one execution_state.
@@ -199,7 +207,10 @@ class Kernel:
         if b'"busy"' in content:
             self.state = KernelState.BUSY
         elif b'"idle"' in content:
+            was_busy = self.state is KernelState.BUSY
             self.state = KernelState.IDLE
+            if was_busy:
+                self._manager.went_idle(self)
 
     def _route_input(self, parts: list, data: bytes) -> None:
         """An input_request goes only to the client whose request asked.
@@ -277,6 +288,11 @@ class KernelManager:
         self._warming = 0
         self._stopping = False
         self._tags: dict[tuple[int, int], bytes] = {}
+        #: Called with a Kernel each time it goes from busy to idle (an
+        #: execution or request finished); e.g. the new-files notices.
+        self.idle_listeners: list[Callable[[Kernel], None]] = []
+        #: Where the nursery makes each kernel's working directory.
+        self.workdir_root: str = ""
 
     def bind(self, nursery, router) -> None:
         self.nursery = nursery
@@ -292,6 +308,13 @@ class KernelManager:
         return tag
 
     # -- the pool -------------------------------------------------------------
+
+    def went_idle(self, kernel: Kernel) -> None:
+        for listener in self.idle_listeners:
+            try:
+                listener(kernel)
+            except Exception:
+                self.log.failure("idle listener {listener!r} failed", listener=listener)
 
     @property
     def pooled(self) -> int:
@@ -323,6 +346,7 @@ class KernelManager:
         if len(self._incarnations) >= self.config.max_kernels:
             raise TooManyKernels(f"at most {self.config.max_kernels} kernels")
         inc = Incarnation(secrets.token_bytes(16), secrets.token_bytes(32))
+        inc.workdir = os.path.join(self.workdir_root, inc.link)
         self._incarnations[inc.link_id] = inc
         self.router.expect(inc.link_id, inc.secret)
         inc.timeout = self.clock.callLater(

@@ -146,6 +146,7 @@ class CellmuxService(service.Service):
             nursery_env,
         )
         self.manager.bind(self.nursery, self._router)
+        self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
         await self.nursery.ready
         self.manager.refill()
         listen = endpoints.serverFromString(
