@@ -35,7 +35,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from cellmux.protocol import Channel, JupyterSocket, frame_bytes
-from cellmux.protocol.jupyter import status_parts
+from cellmux.protocol.jupyter import jupyter_parts
 
 from .links import KernelUnreachable
 
@@ -231,13 +231,16 @@ class Kernel:
 
     def publish_status(self, state: str, **extra: Any) -> None:
         """A server-made status message, numbered like kernel frames."""
+        self.publish(Channel.STATUS, "status", {"execution_state": state, **extra})
+
+    def publish(self, channel: int, msg_type: str, content: dict[str, Any]) -> None:
+        """A server-made Jupyter message on C{channel}, numbered like kernel frames."""
         now = datetime.fromtimestamp(self._clock.seconds(), UTC)
         self.seq += 1
-        data = frame_bytes(
-            Channel.STATUS, JupyterSocket.NONE, self.seq, status_parts(state, now=now, **extra)
-        )
+        parts = jupyter_parts(msg_type, content, now=now)
+        data = frame_bytes(channel, JupyterSocket.NONE, self.seq, parts)
         for client in self.clients:
-            if client.wants(Channel.STATUS):
+            if client.wants(channel):
                 client.send_frame(data)
 
     # -- frames from clients --------------------------------------------------
