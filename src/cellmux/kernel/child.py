@@ -16,6 +16,7 @@ import traceback
 import attrs
 from ipykernel.kernelapp import IPKernelApp
 
+from . import sandbox
 from .pump import INPROC_PORTS, Pump, inproc_endpoint
 
 __all__ = ["CellmuxKernelApp", "KernelOrder", "run_kernel"]
@@ -33,6 +34,8 @@ class KernelOrder:
     endpoint: str
     workdir: str
     env: dict[str, str]
+    #: The identity, namespaces and limits to enter (None: none at all).
+    sandbox: sandbox.KernelSandbox | None = None
 
 
 class CellmuxKernelApp(IPKernelApp):
@@ -84,6 +87,8 @@ def _reset_process(order: KernelOrder, keep_fd: int) -> None:
     # Inherit nothing but stdio: the nursery's command pipes stay with it.
     os.closerange(3, keep_fd)
     os.closerange(keep_fd + 1, 65536)
+    if order.sandbox is not None:  # last thing done as the nursery's user
+        sandbox.enter(order.sandbox)
     os.environ.clear()
     os.environ.update(order.env)
     os.chdir(order.workdir)
@@ -109,7 +114,19 @@ def run_kernel(order: KernelOrder) -> None:
         # Unsigned session: the inproc sockets are reachable only from this
         # process, and the link itself is authenticated by the handshake.
         app.config.Session.key = b""
+        # Latency changes (docs/benchmarks.md); before initialize, which
+        # creates the output streams they patch.
+        from .tuning import install as install_tuning
+
+        install_tuning(app)
         app.initialize(argv=[])
+        from .flowcontrol import install as install_flowcontrol
+
+        install_flowcontrol(app)
+        # Code sent as lines of a file keeps that file's name and line numbers.
+        from .sourcemap import install as install_sourcemap
+
+        install_sourcemap(app.kernel)
         # debugpy (imported by ipykernel) replaces breakpoint() with a hook
         # that does nothing unless a debug adapter is attached; clients of
         # cellmux expect breakpoint() to open pdb over stdin instead.

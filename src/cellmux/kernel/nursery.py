@@ -16,12 +16,19 @@ Events (nursery -> server)::
     {"event": "ready", "pid": n}          preloading done
     {"event": "spawned", "link": hex, "pid": n}
     {"event": "exited", "link": hex, "pid": n, "cause": "exit code 3" | "SIGSEGV", …}
+        with "limit": "cpu" | "memory" | "disk" | "file_size" when a limit
+        ended it (the cause then names it: "cpu time limit (SIGXCPU)")
     {"event": "error", "message": str}    a command it could not carry out
 
 The first line on stdin is the configuration (see L{NurseryConfig}).
 The nursery has no threads, so forking it is safe; it reaps children on
 SIGCHLD through a wake-up pipe, and when its stdin closes (the server is
 gone) it kills every kernel and exits.
+
+Isolation (uids, namespaces, limits) is L{cellmux.kernel.sandbox}'s job;
+the nursery claims a uid per kernel, prepares its directories, checks their
+disk use every L{DISK_CHECK_INTERVAL} seconds, and kills every process of
+the uid when the kernel ends.
 """
 
 from __future__ import annotations
@@ -36,14 +43,39 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import attrs
+
+from . import sandbox
 
 __all__ = ["Nursery", "NurseryConfig", "describe_status", "main"]
 
 #: Seconds between SIGTERM and SIGKILL when a kernel is shut down.
 DEFAULT_KILL_GRACE = 1.0
+
+#: Seconds between two measurements of each kernel's disk use.
+DISK_CHECK_INTERVAL = 1.0
+
+#: Modules a kernel imports during IPKernelApp.initialize beyond what
+#: _preload imports anyway (found by diffing sys.modules; debugpy alone is
+#: ~130 modules). None of them starts a thread on import.
+KERNEL_INIT_MODULES = (
+    "ipykernel.debugger",
+    "IPython.core.completerlib",
+    "IPython.core.debugger",
+    "IPython.core.logger",
+    "IPython.core.oinspect",
+    "IPython.extensions.storemagic",
+    "tornado.gen",
+    "tornado.locks",
+    "tornado.queues",
+    "tornado.platform.asyncio",
+    "sqlite3",
+    "faulthandler",
+    "runpy",
+)
 
 
 @attrs.frozen
@@ -55,12 +87,20 @@ class NurseryConfig:
     preload: tuple[str, ...] = ()
     kernel_env: dict[str, str] = attrs.Factory(dict)
     kill_grace: float = DEFAULT_KILL_GRACE
+    sandbox: sandbox.SandboxConfig = attrs.Factory(sandbox.SandboxConfig)
 
     @classmethod
     def from_json(cls, line: bytes) -> NurseryConfig:
         data = json.loads(line)
         data["preload"] = tuple(data.get("preload", ()))
+        data["sandbox"] = sandbox.SandboxConfig.from_dict(data.get("sandbox", {}))
         return cls(**data)
+
+    @property
+    def socket_dir(self) -> str:
+        """The directory of the ipc link socket, which kernels must reach."""
+        path = self.endpoint.removeprefix("ipc://")
+        return os.path.dirname(path) if path != self.endpoint else self.workdir_root
 
 
 def describe_status(status: int) -> dict[str, Any]:
@@ -81,7 +121,12 @@ class _Child:
     link: str
     pid: int
     workdir: str
+    scratch: str
+    identity: sandbox.Identity | None = None
+    cgroup: str | None = None
     kill_at: float | None = None
+    #: A limit the nursery itself enforced on this kernel ("disk").
+    limit: str | None = None
 
 
 class Nursery:
@@ -93,7 +138,17 @@ class Nursery:
         self._events = events  # binary file
         self._children: dict[str, _Child] = {}
         self._by_pid: dict[int, _Child] = {}
+        # helper pid -> the cleanup to run once it has killed a uid's processes
+        self._releasing: dict[int, Callable[[bool], None]] = {}
         self._stopping = False
+        limits = config.sandbox.limits
+        self._uids: sandbox.UidPool | None = None
+        self._cgroups: sandbox.MemoryCgroups | None = None
+        if sandbox.privileged():
+            self._uids = sandbox.UidPool(*config.sandbox.uid_range)
+            if limits.memory_mb:
+                self._cgroups = sandbox.MemoryCgroups.detect()
+        self._next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL
 
     def emit(self, event: str, **fields: Any) -> None:
         self._events.write(json.dumps({"event": event, **fields}).encode() + b"\n")
@@ -107,19 +162,44 @@ class Nursery:
         if link in self._children:
             self.emit("error", message=f"link {link} already exists", link=link)
             return
+        settings = self.config.sandbox
         workdir = os.path.join(self.config.workdir_root, link)
-        os.makedirs(workdir, mode=0o700)
+        scratch = workdir + ".tmp"  # the kernel's /tmp
+        identity = cgroup = None
+        try:
+            identity = self._uids.claim() if self._uids is not None else None
+            for path in (workdir, scratch):
+                os.makedirs(path, mode=0o700)
+                if identity is not None:
+                    os.chown(path, identity.uid, identity.gid)
+            if self._cgroups is not None:
+                cgroup = self._cgroups.create(link, settings.limits.memory_mb)
+        except OSError as e:
+            self._release(workdir, scratch, identity, cgroup)
+            self.emit("error", message=f"cannot prepare a kernel: {e}", link=link)
+            return
         order = KernelOrder(
             link_id=bytes.fromhex(link),
             secret=bytes.fromhex(secret),
             endpoint=self.config.endpoint,
             workdir=workdir,
             env=dict(self.config.kernel_env),
+            sandbox=sandbox.KernelSandbox(
+                identity=identity,
+                network=settings.network,
+                limits=settings.limits,
+                scratch=scratch,
+                keep=(self.config.socket_dir, self.config.workdir_root),
+                cgroup=cgroup,
+            ),
         )
         pid = os.fork()
         if pid == 0:  # the child never returns from run_kernel
+            # main() pointed sys.stdout at stderr; a kernel's stdout is fd 1,
+            # or ipykernel captures fd 2 twice and fd 1 output is lost.
+            sys.stdout = sys.__stdout__
             run_kernel(order)
-        child = _Child(link, pid, workdir)
+        child = _Child(link, pid, workdir, scratch, identity, cgroup)
         self._children[link] = child
         self._by_pid[pid] = child
         self.emit("spawned", link=link, pid=pid)
@@ -170,20 +250,79 @@ class Nursery:
     def reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            cleanup = self._releasing.pop(pid, None)
+            if cleanup is not None:
+                cleanup(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
+                continue
             child = self._by_pid.pop(pid, None)
             if child is None:
-                continue
+                continue  # an orphan of some kernel (we are their subreaper)
             del self._children[child.link]
             # The group may still hold the kernel's own children.
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            shutil.rmtree(child.workdir, ignore_errors=True)
-            self.emit("exited", link=child.link, pid=pid, **describe_status(status))
+            info = sandbox.classify_exit(
+                describe_status(status),
+                self.config.sandbox.limits,
+                cpu_used=usage.ru_utime + usage.ru_stime,
+                flagged=child.limit,
+                oom_kills=sandbox.MemoryCgroups.oom_kills(child.cgroup) if child.cgroup else 0,
+            )
+            self.emit("exited", link=child.link, pid=pid, **info)
+            self._release(child.workdir, child.scratch, child.identity, child.cgroup)
+
+    def _release(
+        self,
+        workdir: str,
+        scratch: str,
+        identity: sandbox.Identity | None,
+        cgroup: str | None,
+    ) -> None:
+        """Free what a kernel held: its processes, files, cgroup and uid.
+
+        With a uid, the processes are killed by a helper (see
+        L{sandbox.kill_all_of}); the rest waits until it is reaped, so that
+        no uid is handed out again while a process of it runs.
+        """
+
+        def cleanup(all_killed: bool) -> None:
+            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(scratch, ignore_errors=True)
+            if cgroup is not None:
+                sandbox.MemoryCgroups.remove(cgroup)
+            if identity is None or self._uids is None:
+                return
+            if all_killed:
+                self._uids.release(identity.uid)
+            else:  # never hand out a uid that may still run something
+                sandbox.warn(f"processes of uid {identity.uid} survived; uid kept out of use")
+
+        if identity is None:
+            cleanup(True)
+        else:
+            self._releasing[sandbox.kill_all_of(identity.uid, wait=False)] = cleanup
+
+    def _check_disk(self) -> float | None:
+        """Kill kernels over their disk limit; when to check next, if ever."""
+        limit = self.config.sandbox.limits.disk_mb
+        if not limit:
+            return None
+        now = time.monotonic()
+        if now >= self._next_disk_check:
+            self._next_disk_check = now + DISK_CHECK_INTERVAL
+            for child in list(self._children.values()):
+                if child.limit is not None:
+                    continue
+                allowed = limit * 1024 * 1024
+                if sandbox.disk_usage([child.workdir, child.scratch], allowed) > allowed:
+                    child.limit = "disk"
+                    self.kill(child.link)
+        return self._next_disk_check
 
     def _escalate(self) -> float | None:
         """SIGKILL groups whose grace ran out; the next deadline, if any."""
@@ -219,8 +358,11 @@ class Nursery:
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         buffer = b""
         self.emit("ready", pid=os.getpid())
-        while not (self._stopping and not self._children):
+        while not (self._stopping and not self._children and not self._releasing):
             deadline = self._escalate()
+            disk_check = self._check_disk() if self._children else None
+            if disk_check is not None:
+                deadline = disk_check if deadline is None else min(deadline, disk_check)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
             for key, _ in sel.select(timeout):
                 if key.data == "wake":
@@ -246,14 +388,27 @@ def _preload(modules: tuple[str, ...]) -> None:
     import IPython.core.interactiveshell  # noqa: F401
     import zmq  # noqa: F401
 
-    from . import child  # noqa: F401
+    from . import child, tuning  # noqa: F401
 
+    # What every kernel imports while it initialises: imported here, their
+    # code and constants stay in pages shared by all kernels.
+    for name in KERNEL_INIT_MODULES:
+        with contextlib.suppress(ImportError):  # debugpy is optional
+            importlib.import_module(name)
     for name in modules:
         importlib.import_module(name)
     # Move everything imported so far out of the GC's reach, so forked
     # kernels do not touch (and copy) those pages when they collect.
     gc.collect()
     gc.freeze()
+
+
+def _python_paths() -> list[str]:
+    """What kernels read when they import: the interpreter and its paths."""
+    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    paths.add(os.path.dirname(os.path.realpath(sys.executable)))
+    paths.update(p for p in sys.path if p and os.path.isabs(p))
+    return sorted(paths)
 
 
 def _read_line(fd: int) -> bytes:
@@ -277,6 +432,23 @@ def main() -> None:
     _die_with_parent()
     config = NurseryConfig.from_json(_read_line(commands.fileno()))
     os.makedirs(config.workdir_root, mode=0o700, exist_ok=True)
+    if sandbox.privileged():
+        # Kernels (other uids) must reach the link socket and their own
+        # directories, but list nothing and enter no other kernel's directory.
+        os.chmod(config.workdir_root, 0o711)
+        sandbox.become_subreaper()
+        needed = [config.socket_dir, config.workdir_root, *_python_paths()]
+        try:
+            warnings = sandbox.expose_to_kernels(needed)
+        except OSError as e:
+            # Fail closed: a root server that cannot isolate kernels must not
+            # run them as root's half-sandboxed children.
+            raise SystemExit(
+                f"cellmux nursery: cannot isolate kernels ({e}); running as root needs "
+                "CAP_SYS_ADMIN for namespaces (docs/security.md), or run as another user"
+            ) from None
+        for warning in warnings:
+            sandbox.warn(warning)
     _preload(config.preload)
     Nursery(config, commands, events).run()
 

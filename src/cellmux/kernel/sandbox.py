@@ -1,0 +1,590 @@
+# -*- test-case-name: tests.security -*-
+"""Kernel isolation: identities, namespaces, limits, and why a kernel ended.
+
+Everything here runs in the nursery or, after the fork, in the kernel child
+before it becomes a kernel. Nothing here touches Twisted.
+
+When the nursery runs as root, each kernel gets:
+
+- its own uid and gid from a configured range (no /etc/passwd entry), held
+  through an abstract unix socket named after the uid, so that two servers
+  on one machine never hand out the same uid, and every process of that uid
+  is killed before it is handed out again;
+- a private network namespace with only loopback (unless network is allowed);
+- private mount and IPC namespaces: its own ``/tmp`` (a directory next to its
+  working directory, counted in its disk use), no SysV IPC shared with anyone;
+- rlimits (CPU seconds, memory, processes, open files, file size, no core
+  files) and, where the machine delegates cgroup v2 memory, ``memory.max``;
+- ``PR_SET_NO_NEW_PRIVS``, so no set-uid program gives privileges back.
+
+The nursery itself lives in a private mount namespace where ``/proc`` hides
+other users' processes (``hidepid=invisible``) and where directories that
+block an unprivileged uid on the way to the Python installation or the
+runtime directory are replaced by a read-only view holding only what kernels
+need (see L{expose_to_kernels}).
+
+Without root, kernels run as the server's user with rlimits only (no
+RLIMIT_NPROC: it would count every process of that user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import random
+import resource
+import signal
+import socket
+import stat
+import struct
+import sys
+import time
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "Identity",
+    "KernelSandbox",
+    "Limits",
+    "MemoryCgroups",
+    "SandboxConfig",
+    "UidPool",
+    "classify_exit",
+    "disk_usage",
+    "enter",
+    "expose_to_kernels",
+    "kill_all_of",
+    "privileged",
+]
+
+#: The default range kernel uids and gids are taken from: far above the
+#: ids a distribution hands out, and within what user namespaces map.
+DEFAULT_UID_RANGE = (200000, 299999)
+
+#: Which limit a kernel ended on, as told to clients ("cause") and to code
+#: ("limit" field of the nursery's exited event).
+LIMIT_CAUSES = {
+    "cpu": "cpu time limit",
+    "memory": "memory limit",
+    "disk": "disk limit",
+    "file_size": "file size limit",
+}
+
+#: Seconds of CPU between SIGXCPU (the soft limit) and SIGKILL (the hard one).
+CPU_HARD_GRACE = 2
+
+#: What one file or directory costs at least, in disk use (an inode, a block).
+MIN_ENTRY_BYTES = 4096
+
+#: Rounds of killing (10 ms apart) before the helper gives up.
+KILL_ALL_ROUNDS = 3000
+
+#: Directories every user may write to: each kernel gets its own instead.
+SHARED_WRITABLE_DIRS = ("/tmp", "/var/tmp", "/run/lock", "/dev/shm")
+
+_CLONE_NEWNS = 0x00020000
+_CLONE_NEWIPC = 0x08000000
+_CLONE_NEWNET = 0x40000000
+_MS_RDONLY = 1
+_MS_NOSUID = 2
+_MS_NODEV = 4
+_MS_NOEXEC = 8
+_MS_REMOUNT = 32
+_MS_BIND = 4096
+_MS_REC = 16384
+_MS_PRIVATE = 1 << 18
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_NO_NEW_PRIVS = 38
+_SIOCGIFFLAGS = 0x8913
+_SIOCSIFFLAGS = 0x8914
+_IFF_UP = 0x1
+_MB = 1024 * 1024
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    _check(
+        _libc.mount(
+            None if source is None else source.encode(),
+            target.encode(),
+            None if fstype is None else fstype.encode(),
+            ctypes.c_ulong(flags),
+            data.encode() if data else None,
+        ),
+        f"mount {target}",
+    )
+
+
+def _prctl(option: int, value: int) -> None:
+    _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl {option}")
+
+
+def privileged() -> bool:
+    """Whether this process may give kernels their own uids and namespaces."""
+    return os.geteuid() == 0
+
+
+# -- configuration --------------------------------------------------------
+
+
+def _not_negative(_instance: object, attribute: attrs.Attribute, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must not be negative, not {value!r}")
+
+
+@attrs.frozen
+class Limits:
+    """Per-kernel limits; 0 means no limit. See docs/security.md."""
+
+    cpu_seconds: int = attrs.field(default=0, validator=_not_negative)
+    memory_mb: int = attrs.field(default=0, validator=_not_negative)
+    processes: int = attrs.field(default=0, validator=_not_negative)
+    open_files: int = attrs.field(default=0, validator=_not_negative)
+    file_size_mb: int = attrs.field(default=0, validator=_not_negative)
+    disk_mb: int = attrs.field(default=0, validator=_not_negative)
+
+
+@attrs.frozen
+class SandboxConfig:
+    """The sandbox settings the server passes in the nursery's config line."""
+
+    uid_range: tuple[int, int] = attrs.field(default=DEFAULT_UID_RANGE, converter=tuple)
+    network: bool = False
+    limits: Limits = attrs.Factory(Limits)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SandboxConfig:
+        data = dict(data)
+        if "limits" in data:
+            data["limits"] = Limits(**data["limits"])
+        return cls(**data)
+
+
+@attrs.frozen
+class Identity:
+    """The uid and gid one kernel runs as."""
+
+    uid: int
+    gid: int
+
+
+@attrs.frozen
+class KernelSandbox:
+    """Everything the child needs to lock itself in, decided by the nursery."""
+
+    identity: Identity | None
+    network: bool
+    limits: Limits
+    #: The kernel's own directory mounted on /tmp and the like.
+    scratch: str
+    #: Paths under those directories the kernel still needs (the runtime
+    #: directory, when it lives in /tmp): bound back in at the same place.
+    keep: tuple[str, ...] = ()
+    #: The cgroup v2 directory to join, when memory is limited by cgroup.
+    cgroup: str | None = None
+
+
+# -- identities -------------------------------------------------------------
+
+
+class UidPool:
+    """Kernel uids from a range, each held machine-wide while in use.
+
+    A uid is held by binding the abstract unix socket ``cellmux-uid-N``: the
+    kernel frees it when the holder closes it or dies, so uids cannot leak and
+    two nurseries (even of different servers) never share one.
+    """
+
+    def __init__(self, first: int, last: int) -> None:
+        if not 0 < first <= last:
+            raise ValueError(f"bad kernel uid range {first}-{last}")
+        self._first = first
+        self._size = last - first + 1
+        # Start anywhere, so that nurseries started together do not all
+        # contend for the first uids.
+        self._next = random.randrange(self._size)
+        self._held: dict[int, socket.socket] = {}
+
+    def claim(self) -> Identity:
+        """A free uid (gid alike), held until L{release}.
+
+        @raise OSError: if every uid of the range is in use.
+        """
+        for _ in range(min(self._size, 4096)):
+            uid = self._first + self._next
+            self._next = (self._next + 1) % self._size
+            if uid in self._held:
+                continue
+            lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                lock.bind(f"\0cellmux-uid-{uid}")
+            except OSError:
+                lock.close()
+                continue
+            self._held[uid] = lock
+            # Leftovers of a nursery that crashed are killed by the child
+            # (see enter), off the nursery's path.
+            return Identity(uid, uid)
+        raise OSError(errno.EAGAIN, "no free kernel uid in the configured range")
+
+    def release(self, uid: int) -> None:
+        lock = self._held.pop(uid, None)
+        if lock is not None:
+            lock.close()
+
+
+def _processes_of(uid: int) -> list[int]:
+    """Live (not zombie) processes whose real uid is uid.
+
+    Read from /proc/PID/status: the owner of /proc/PID cannot be trusted,
+    since a process that makes itself non-dumpable shows as root's there.
+    """
+    found = []
+    wanted = b"\nUid:\t%d\t" % uid
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        if wanted in status and b"\nState:\tZ" not in status:
+            found.append(int(name))
+    return found
+
+
+def _kill_rounds(uid: int) -> bool:
+    """Kill uid's processes, round after round, until none is left."""
+    for _ in range(KILL_ALL_ROUNDS):
+        pids = _processes_of(uid)
+        if not pids:
+            return True
+        for target in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(target, signal.SIGKILL)
+        time.sleep(0.01)
+    return False
+
+
+def kill_all_of(uid: int, wait: bool = True) -> int:
+    """SIGKILL every process running as uid, wherever it went (setsid too).
+
+    A helper process looks for them in /proc and kills them, round after
+    round, until none is left: RLIMIT_NPROC bounds how many a fork bomb can
+    add between two rounds, and a killed process forks no more. Returns the
+    helper's pid; with C{wait=False} the caller must reap it (the nursery
+    does not block on it: it must go on reaping the killed processes, which
+    come to it as their subreaper).
+    """
+    pid = os.fork()
+    if pid == 0:
+        code = 2
+        with contextlib.suppress(BaseException):
+            code = 0 if _kill_rounds(uid) else 1
+        os._exit(code)
+    if wait:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    return pid
+
+
+# -- the nursery's own namespace -------------------------------------------
+
+
+def _blocks_others(path: str) -> bool:
+    try:
+        return not os.stat(path).st_mode & stat.S_IXOTH
+    except OSError:
+        return False
+
+
+def _first_blocked(path: str) -> tuple[str, str] | None:
+    """The first directory on the way to path that others cannot enter,
+    and the entry below it leading to path."""
+    parts = os.path.realpath(path).strip("/").split("/")
+    current = "/"
+    for part in parts:
+        if _blocks_others(current):
+            return current, part
+        current = os.path.join(current, part)
+    return None
+
+
+def expose_to_kernels(paths: list[str]) -> list[str]:
+    """Give the nursery (and so its kernels) a private mount namespace in
+    which unprivileged uids can reach paths, and see no one else's processes.
+
+    For each directory that blocks others on the way to one of paths (such
+    as a mode 0700 ``/root`` holding the Python installation), a tmpfs is
+    mounted over it that holds only the entries leading to paths, each bound
+    to the original. Nothing else of that directory becomes visible, and no
+    file mode is changed. Returns warnings about paths that stay unreadable.
+    """
+    _check(_libc.unshare(_CLONE_NEWNS), "unshare mount namespace")
+    _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "hidepid=invisible")
+    paths = sorted({os.path.realpath(p) for p in paths if os.path.exists(p)})
+    for _ in range(32):  # each round unblocks one directory; nesting is shallow
+        blocked: dict[str, set[str]] = {}
+        for path in paths:
+            found = _first_blocked(path)
+            if found is not None:
+                blocked.setdefault(found[0], set()).add(found[1])
+        if not blocked:
+            break
+        top = min(blocked, key=len)
+        _overlay(top, sorted(blocked[top]))
+    return [
+        f"{p} is out of reach of kernels"
+        for p in paths
+        if not os.stat(p).st_mode & stat.S_IXOTH or _first_blocked(p) is not None
+    ]
+
+
+def _overlay(directory: str, entries: list[str]) -> None:
+    handles = {e: os.open(os.path.join(directory, e), os.O_PATH) for e in entries}
+    try:
+        _mount("tmpfs", directory, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=64k")
+        for entry, fd in handles.items():
+            target = os.path.join(directory, entry)
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                os.mkdir(target)
+            else:
+                os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+            _mount(f"/proc/self/fd/{fd}", target, None, _MS_BIND | _MS_REC)
+        _mount(None, directory, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+
+
+def become_subreaper() -> None:
+    """Orphans of kernels (a fork bomb's) come back to the nursery to be reaped."""
+    with contextlib.suppress(OSError):
+        _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+
+
+# -- cgroup v2 memory ----------------------------------------------------
+
+
+class MemoryCgroups:
+    """Per-kernel cgroup v2 directories with ``memory.max``, where delegated.
+
+    Usable only when the nursery's cgroup hands the memory controller to its
+    children (``memory`` in its ``cgroup.subtree_control``); otherwise
+    L{detect} returns None and memory is limited by RLIMIT_AS.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    @classmethod
+    def detect(cls) -> MemoryCgroups | None:
+        try:
+            with open("/proc/self/cgroup") as f:
+                line = next((ln for ln in f if ln.startswith("0::")), None)
+            mount = None
+            with open("/proc/self/mountinfo") as f:
+                for ln in f:
+                    fields = ln.split(" - ")
+                    if len(fields) == 2 and fields[1].split()[0] == "cgroup2":
+                        mount = fields[0].split()[4]
+                        break
+            if line is None or mount is None:
+                return None
+            base = os.path.join(mount, line[3:].strip().lstrip("/"))
+            with open(os.path.join(base, "cgroup.subtree_control")) as f:
+                if "memory" not in f.read().split():
+                    return None
+            return cls(base) if os.access(base, os.W_OK) else None
+        except OSError:
+            return None
+
+    def create(self, name: str, memory_mb: int) -> str:
+        path = os.path.join(self.base, f"cellmux-{name}")
+        os.mkdir(path)
+        with open(os.path.join(path, "memory.max"), "w") as f:
+            f.write(str(memory_mb * _MB))
+        with contextlib.suppress(OSError), open(os.path.join(path, "memory.swap.max"), "w") as f:
+            f.write("0")
+        return path
+
+    @staticmethod
+    def oom_kills(path: str) -> int:
+        try:
+            with open(os.path.join(path, "memory.events")) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    @staticmethod
+    def remove(path: str) -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+# -- in the child ---------------------------------------------------------
+
+
+def _loopback_up() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH22x", b"lo", 0)
+        flags = struct.unpack_from("16sH", fcntl.ioctl(s, _SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
+
+
+def _private_tmp(scratch: str, keep: tuple[str, ...]) -> None:
+    handles = {p: os.open(p, os.O_PATH) for p in keep if os.path.exists(p)}
+    try:
+        for target in SHARED_WRITABLE_DIRS:
+            if not os.path.isdir(target) or os.path.islink(target):
+                continue
+            _mount(scratch, target, None, _MS_BIND)
+            for path, fd in handles.items():
+                if os.path.commonpath([path, target]) == target:
+                    os.makedirs(path, mode=0o711, exist_ok=True)
+                    _mount(f"/proc/self/fd/{fd}", path, None, _MS_BIND | _MS_REC)
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+
+
+def _set_limit(which: int, soft: int, hard: int | None = None) -> None:
+    hard = soft if hard is None else hard
+    _, current_hard = resource.getrlimit(which)
+    if current_hard != resource.RLIM_INFINITY:
+        soft, hard = min(soft, current_hard), min(hard, current_hard)
+    resource.setrlimit(which, (soft, hard))
+
+
+def _set_limits(limits: Limits, own_uid: bool) -> None:
+    _set_limit(resource.RLIMIT_CORE, 0)
+    if limits.cpu_seconds:
+        _set_limit(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + CPU_HARD_GRACE)
+    if limits.memory_mb:
+        _set_limit(resource.RLIMIT_AS, limits.memory_mb * _MB)
+    if limits.processes and own_uid:  # per uid: only meaningful with one uid per kernel
+        _set_limit(resource.RLIMIT_NPROC, limits.processes)
+    if limits.open_files:
+        _set_limit(resource.RLIMIT_NOFILE, limits.open_files)
+    if limits.file_size_mb:
+        _set_limit(resource.RLIMIT_FSIZE, limits.file_size_mb * _MB)
+
+
+def enter(plan: KernelSandbox) -> None:
+    """Lock the calling (freshly forked, single-threaded) child in.
+
+    @raise OSError: if a layer cannot be set up; the child must not go on.
+    """
+    parent = os.getppid()
+    if plan.identity is not None:
+        # A nursery that crashed may have left processes of this uid behind:
+        # kill them before they can touch what is prepared for this kernel.
+        _kill_rounds(plan.identity.uid)
+    if privileged():
+        flags = _CLONE_NEWNS | _CLONE_NEWIPC | (0 if plan.network else _CLONE_NEWNET)
+        _check(_libc.unshare(flags), "unshare")
+        _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+        if not plan.network:
+            _loopback_up()
+        _private_tmp(plan.scratch, plan.keep)
+        if plan.cgroup is not None:
+            with open(os.path.join(plan.cgroup, "cgroup.procs"), "w") as f:
+                f.write("0")
+    # Memory by rlimit only when no cgroup does it.
+    limits = plan.limits if plan.cgroup is None else attrs.evolve(plan.limits, memory_mb=0)
+    _set_limits(limits, own_uid=plan.identity is not None)
+    if plan.identity is not None:
+        os.setgroups([])
+        os.setresgid(plan.identity.gid, plan.identity.gid, plan.identity.gid)
+        os.setresuid(plan.identity.uid, plan.identity.uid, plan.identity.uid)
+        # Changing uid cleared the parent-death signal; set it again, and
+        # make sure the nursery did not die in between.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+# -- after the end --------------------------------------------------------
+
+
+def disk_usage(paths: list[str], stop_above: int | None = None) -> int:
+    """Bytes used by the files under paths (symlinks not followed).
+
+    Each entry counts at least L{MIN_ENTRY_BYTES}, so that a kernel making
+    millions of empty files reaches its disk limit (and the time this walk
+    takes stays bounded by the limit). The walk stops once the total
+    exceeds stop_above.
+    """
+    total = 0
+    stack = list(paths)
+    while stack:
+        path = stack.pop()
+        try:
+            with os.scandir(path) as entries:
+                for entry in entries:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += max(st.st_blocks * 512, MIN_ENTRY_BYTES)
+                    if stop_above is not None and total > stop_above:
+                        return total
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return total
+
+
+def classify_exit(
+    described: dict[str, Any],
+    limits: Limits,
+    cpu_used: float,
+    flagged: str | None = None,
+    oom_kills: int = 0,
+) -> dict[str, Any]:
+    """Name the limit that ended a kernel, if one did.
+
+    @param described: how it ended (C{cause}, C{signal} or C{exit_code}).
+    @param cpu_used: user plus system CPU seconds of the process.
+    @param flagged: a limit the nursery enforced itself (C{"disk"}).
+    @param oom_kills: the kernel's cgroup's ``oom_kill`` count.
+    @return: described, with C{limit} added and C{cause} naming it.
+    """
+    sig = described.get("signal")
+    limit = flagged
+    if limit is None and oom_kills:
+        limit = "memory"
+    over_cpu = sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu_used >= limits.cpu_seconds)
+    if limit is None and limits.cpu_seconds and over_cpu:
+        limit = "cpu"
+    if limit is None and sig == signal.SIGXFSZ:
+        limit = "file_size"
+    if limit is None:
+        return described
+    return {**described, "limit": limit, "cause": f"{LIMIT_CAUSES[limit]} ({described['cause']})"}
+
+
+def warn(message: str) -> None:
+    """A line on the nursery's stderr (the server's log)."""
+    sys.stderr.write(f"cellmux nursery: {message}\n")
+    sys.stderr.flush()
