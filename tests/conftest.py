@@ -71,6 +71,7 @@ def start_server(*args: str, command: list[str] | None = None) -> RunningServer:
         token,
         "--runtime-dir",
         os.path.join(runtime_dir, "rt"),
+        *([] if "--state-dir" in args else ["--state-dir", os.path.join(runtime_dir, "state")]),
         *args,
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - the process owns it until it ends

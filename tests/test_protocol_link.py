@@ -23,7 +23,7 @@ from cellmux.protocol import (
     link_control,
     link_mac,
 )
-from cellmux.protocol.link import MAX_LINK_CONTROL
+from cellmux.protocol.link import DEFAULT_LINK_CREDIT, MAX_LINK_CONTROL, LinkPong
 
 LINK_ID = b"link-0f3a"
 SECRET = b"nursery-secret"
@@ -115,11 +115,12 @@ def test_handshake_step_by_step() -> None:
     assert not kernel.accepted
 
     accepted = server.receive(proof)
-    assert accepted == Reply(link_control("accepted"))
+    assert accepted == Reply(link_control("accepted", credit=DEFAULT_LINK_CREDIT))
     assert not server.ready
 
     assert kernel.receive(accepted.parts) is None
     assert kernel.accepted
+    assert kernel.credit == DEFAULT_LINK_CREDIT
 
     assert server.receive(kernel.ready()) == LinkReady(PID)
     assert server.ready
@@ -418,8 +419,16 @@ def test_ready_link_raises_only_protocol_error(inputs: list[list[bytes]]) -> Non
         try:
             event = pair.server.receive(parts)
         except ProtocolError as e:
-            assert e.code in {"bad_message", "bad_tag", "forbidden_channel"}
+            assert e.code in {
+                "bad_message",
+                "bad_tag",
+                "bad_socket",
+                "forbidden_channel",
+                "frame_too_large",
+            }
         else:
+            if isinstance(event, LinkPong):
+                continue
             assert isinstance(event, KernelFrame)
             assert (event.channel, event.socket) == (
                 int.from_bytes(parts[0][:2], "big"),
@@ -448,3 +457,28 @@ def test_kernel_side_raises_only_protocol_error(parts: list[bytes]) -> None:
     except ProtocolError:
         return
     assert answer is None or body(answer)["op"] == "proof"
+
+
+def test_ping_pong_and_credit_after_ready() -> None:
+    """The only control a ready kernel may send is the pong to a ping."""
+    pair = Pair()
+    pair.handshake()
+    pong = pair.kernel.receive(link_control("ping", n=7))
+    assert body(pong) == {"op": "pong", "n": 7}
+    assert pair.server.receive(pong) == LinkPong(7)
+    assert pair.kernel.receive(link_control("credit", bytes=1000)) is None
+    assert pair.kernel.credit == DEFAULT_LINK_CREDIT + 1000
+    refuse(pair.server, link_control("pong", n="7"), "forbidden_channel")
+    assert pair.server.ready
+
+
+def test_kernel_frames_are_checked() -> None:
+    """Socket 0 (server-made), unassigned channels and oversize frames are refused."""
+    pair = Pair()
+    pair.server = ServerLink(LINK_ID, SECRET, NONCE, max_size=200)
+    pair.handshake()
+    refuse(pair.server, kernel_message(Channel.STATUS, JupyterSocket.NONE), "bad_socket")
+    refuse(pair.server, kernel_message(11), "forbidden_channel")
+    big = kernel_message(Channel.STDOUT, parts=[*JUPYTER_PARTS[:3], b"x" * 300])
+    refuse(pair.server, big, "frame_too_large")
+    assert pair.server.receive(kernel_message(16)) == KernelFrame(16, JupyterSocket.IOPUB)

@@ -131,6 +131,16 @@ class AsyncClient:
         """Interrupt whatever the kernel is running."""
         await asyncio.to_thread(self.rest.interrupt_kernel, kernel_id)
 
+    async def share_kernel(self, kernel_id: str, role: str) -> dict[str, Any]:
+        """A new share token for one kernel (role "collaborator" or "observer")."""
+        return await asyncio.to_thread(self.rest.share_kernel, kernel_id, role)
+
+    async def list_shares(self, kernel_id: str) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.rest.list_shares, kernel_id)
+
+    async def revoke_share(self, kernel_id: str, share_id: str) -> None:
+        await asyncio.to_thread(self.rest.revoke_share, kernel_id, share_id)
+
     async def restart_kernel(self, kernel_id: str) -> KernelModel:
         """Restart a kernel and return its new model."""
         return await asyncio.to_thread(self.rest.restart_kernel, kernel_id)
@@ -142,6 +152,8 @@ class AsyncClient:
         *,
         session: str | None = None,
         timeout: float | None = 30.0,
+        cursor: int | None = None,
+        listener: Callable[[Frame], object] | None = None,
     ) -> _Connecting:
         """Attach to a kernel over the websocket.
 
@@ -151,6 +163,11 @@ class AsyncClient:
         @param channels: channel numbers to receive, or None for all.
         @param session: the session id to declare (a fresh uuid4 hex if None).
         @param timeout: seconds allowed for connecting and the handshake.
+        @param cursor: resume after this seq (a previous connection's
+            C{last_seq}): the server first sends every frame after it, or a
+            gap notice (see L{AsyncKernel.gaps}) for those it no longer has.
+        @param listener: called with every frame, from the very first one
+            (registered before any frame is read, so none is missed).
         @raise ServerError: if the server refuses (e.g. code C{"unknown_kernel"}).
         @raise HTTPError: if the server refuses the websocket upgrade.
         """
@@ -163,6 +180,8 @@ class AsyncClient:
                 channels=chans,
                 session=session or uuid.uuid4().hex,
                 timeout=timeout,
+                cursor=cursor,
+                listener=listener,
             )
         )
 
@@ -314,6 +333,8 @@ class AsyncKernel:
             log.warning("welcome carried no valid kernel model")
         seq = welcome.get("seq")
         self.last_seq: int = seq if isinstance(seq, int) else 0
+        #: (first, last) seq ranges the server no longer had when we resumed
+        self.gaps: list[tuple[int, int]] = []
         self.status: str | None = self.model.execution_state if self.model else None
         self.dead_cause: str | None = None
         self._on_status: StatusHandler | None = None
@@ -339,6 +360,8 @@ class AsyncKernel:
         channels: list[int] | None = None,
         session: str | None = None,
         timeout: float | None = 30.0,
+        cursor: int | None = None,
+        listener: Callable[[Frame], object] | None = None,
     ) -> AsyncKernel:
         """Connect to C{ws_url}, say hello and wait for welcome."""
         session = session or uuid.uuid4().hex
@@ -364,6 +387,7 @@ class AsyncKernel:
                 kernel=kernel_id,
                 session=session,
                 channels=channels,
+                **({} if cursor is None else {"cursor": cursor}),
             )
             await ws.send(encode_frame(hello))
             welcome = await _wait(_read_welcome(ws), timeout, "the handshake")
@@ -371,7 +395,12 @@ class AsyncKernel:
             await ws.close()
             raise
         log.debug("attached to kernel %s as session %s", kernel_id, session)
-        return cls(ws, kernel_id, session, welcome, channels)
+        kernel = cls(ws, kernel_id, session, welcome, channels)
+        if cursor is not None:  # the frames after it are on their way
+            kernel.last_seq = cursor
+        if listener is not None:  # before the reader task first runs
+            kernel.add_listener(listener)
+        return kernel
 
     async def close(self) -> None:
         """Close the websocket; requests still waiting raise L{ConnectionClosed}."""
@@ -423,6 +452,7 @@ class AsyncKernel:
         timeout: float | None = None,
         store_history: bool = True,
         user_expressions: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> ExecutionResult:
         """Run C{code} and collect what it produced.
 
@@ -432,6 +462,8 @@ class AsyncKernel:
         @param on_output: called with each L{Output} as it arrives.
         @param on_stdin: C{(prompt, password) -> str} (or an awaitable of str),
             answering the code's input() calls; without it input() fails in the kernel.
+        @param metadata: the request's metadata, e.g. C{{"cellmux": {"filename": F,
+            "first_line": A}}} to run the code as lines of F (docs/protocol.md).
         @raise KernelDied: if the kernel dies or is restarted meanwhile.
         @raise TimeoutError: after C{timeout} seconds; the kernel is left running.
         @raise ConnectionClosed: if the websocket closes meanwhile.
@@ -450,7 +482,7 @@ class AsyncKernel:
         pending = _Execution(self, msg_id, on_output, on_stdin, need_idle)
         self._pending[msg_id] = pending
         try:
-            await self.send("execute_request", content, msg_id=msg_id)
+            await self.send("execute_request", content, msg_id=msg_id, metadata=metadata)
             return await _wait(pending.future, timeout, "execution")
         finally:
             self._pending.pop(msg_id, None)
@@ -558,6 +590,11 @@ class AsyncKernel:
         chans = None if channels is None else sorted({int(c) for c in channels})
         await self._control("subscribe", timeout, channels=chans)
         self.channels = None if chans is None else frozenset(chans)
+
+    async def history(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The code every client executed on this kernel, oldest first."""
+        reply = await self._control("history", timeout)
+        return list(reply.get("inputs", []))
 
     async def ping(self, *, timeout: float | None = None) -> float:
         """Round trip to the server; returns the seconds it took."""
@@ -676,7 +713,10 @@ class AsyncKernel:
             error = ServerError.from_body(body)
             if error.fatal:
                 self._fatal = error
-        if op in ("ok", "pong", "error") and req_id is not None:
+        if op == "gap":
+            self.gaps.append((body.get("first"), body.get("last")))
+            log.warning("the server no longer had %s frame(s) for us", body.get("missed"))
+        if op in ("ok", "pong", "error", "history") and req_id is not None:
             future = self._control_waiters.pop(req_id, None)
             if future is None or future.done():
                 log.debug("reply to unknown control request %r", req_id)

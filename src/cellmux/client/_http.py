@@ -140,6 +140,18 @@ class RestAPI:
         """Send the kernel an interrupt (SIGINT or interrupt_request)."""
         self.call("POST", self._kernel_path(kernel_id, "/interrupt"), {})
 
+    def share_kernel(self, kernel_id: str, role: str) -> dict[str, Any]:
+        """A new share token for one kernel: C{{"id", "role", "token", …}}."""
+        return self.call("POST", self._kernel_path(kernel_id, "/shares"), {"role": role})
+
+    def list_shares(self, kernel_id: str) -> list[dict[str, Any]]:
+        """The kernel's shares (without their tokens)."""
+        return self.call("GET", self._kernel_path(kernel_id, "/shares"))
+
+    def revoke_share(self, kernel_id: str, share_id: str) -> None:
+        """Revoke a share; connections that used it are closed."""
+        self.call("DELETE", self._kernel_path(kernel_id, f"/shares/{share_id}"))
+
     def restart_kernel(self, kernel_id: str) -> KernelModel:
         """Restart a kernel; returns its model once the server answers."""
         return KernelModel.from_json(

@@ -144,6 +144,16 @@ class Client:
         """Interrupt whatever the kernel is running."""
         self._rest.interrupt_kernel(kernel_id)
 
+    def share_kernel(self, kernel_id: str, role: str) -> dict[str, Any]:
+        """A new share token for one kernel (role "collaborator" or "observer")."""
+        return self._rest.share_kernel(kernel_id, role)
+
+    def list_shares(self, kernel_id: str) -> list[dict[str, Any]]:
+        return self._rest.list_shares(kernel_id)
+
+    def revoke_share(self, kernel_id: str, share_id: str) -> None:
+        self._rest.revoke_share(kernel_id, share_id)
+
     def restart_kernel(self, kernel_id: str) -> KernelModel:
         """Restart a kernel and return its new model."""
         return self._rest.restart_kernel(kernel_id)
@@ -155,6 +165,8 @@ class Client:
         *,
         session: str | None = None,
         timeout: float | None = 30.0,
+        cursor: int | None = None,
+        listener: Callable[[Frame], object] | None = None,
     ) -> Kernel:
         """Attach to a kernel over the websocket; see L{AsyncClient.connect}."""
         with self._lock:
@@ -164,7 +176,12 @@ class Client:
 
         async def open_kernel() -> AsyncKernel:
             return await self.async_client.connect(
-                kernel_id, channels, session=session, timeout=timeout
+                kernel_id,
+                channels,
+                session=session,
+                timeout=timeout,
+                cursor=cursor,
+                listener=listener,
             )
 
         kernel = Kernel(loop.run(open_kernel()), loop, self._kernels.discard)
@@ -265,6 +282,7 @@ class Kernel:
         timeout: float | None = None,
         store_history: bool = True,
         user_expressions: dict[str, str] | None = None,
+        metadata: dict[str, Any] | None = None,
     ) -> ExecutionResult:
         """Run C{code}; see L{AsyncKernel.execute}. A sync C{on_stdin} may block."""
         return self._loop.run(
@@ -276,6 +294,7 @@ class Kernel:
                 timeout=timeout,
                 store_history=store_history,
                 user_expressions=user_expressions,
+                metadata=metadata,
             )
         )
 
@@ -349,6 +368,15 @@ class Kernel:
     def subscribe(self, channels: Iterable[int] | None, *, timeout: float | None = None) -> None:
         """Receive only C{channels} from now on (None: all)."""
         self._loop.run(self.async_kernel.subscribe(channels, timeout=timeout))
+
+    @property
+    def gaps(self) -> list[tuple[int, int]]:
+        """Seq ranges the server no longer had when this connection resumed."""
+        return self.async_kernel.gaps
+
+    def history(self, *, timeout: float | None = None) -> list[dict[str, Any]]:
+        """The code every client executed on this kernel, oldest first."""
+        return self._loop.run(self.async_kernel.history(timeout=timeout))
 
     def ping(self, *, timeout: float | None = None) -> float:
         """Round trip to the server in seconds."""

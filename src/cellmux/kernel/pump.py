@@ -38,6 +38,8 @@ from cellmux.protocol import (
 )
 from cellmux.protocol.jupyter import jupyter_parts
 
+from .flowcontrol import IOPUB_QUEUE
+
 __all__ = ["INPROC_PORTS", "Pump"]
 
 DELIMITER = b"<IDS|MSG>"
@@ -127,6 +129,9 @@ class Pump(threading.Thread):
         stdin = self._socket(zmq.DEALER, inproc_endpoint(INPROC_PORTS["stdin"]))
         iopub = ctx.socket(zmq.SUB)
         iopub.linger = 0
+        # Bounded in messages (see flowcontrol): a pump out of credit must
+        # make the kernel wait, not let gigabytes queue up in between.
+        iopub.setsockopt(zmq.RCVHWM, IOPUB_QUEUE)
         iopub.subscribe(b"")
         iopub.connect(inproc_endpoint(INPROC_PORTS["iopub"]))
 
@@ -182,26 +187,39 @@ class Pump(threading.Thread):
             stdin: JupyterSocket.STDIN,
             iopub: JupyterSocket.IOPUB,
         }
-        poller = zmq.Poller()
-        for sock in (link, shell, control, stdin, iopub):
-            poller.register(sock, zmq.POLLIN)
+        everything = zmq.Poller()
+        # iopub first: output a kernel flushed before an input_request or a
+        # reply is forwarded before it (poll reports in registration order).
+        for sock in (link, iopub, shell, control, stdin):
+            everything.register(sock, zmq.POLLIN)
+        link_only = zmq.Poller()
+        link_only.register(link, zmq.POLLIN)
         while True:
+            # Out of credit: stop reading the kernel's sockets. Its iopub
+            # queue fills, its IOPub thread blocks (XPUB_NODROP), and its
+            # print() calls wait: the kernel slows to its clients' pace.
+            poller = everything if self._link.credit > 0 else link_only
             for sock, _ in poller.poll():
-                # Drain what is there: edge-triggered readiness must not
-                # leave messages behind.
-                while sock.poll(0):
+                # Drain what is there (edge-triggered readiness must not
+                # leave messages behind), but only while credit lasts.
+                while sock.poll(0) and (sock is link or self._link.credit > 0):
                     msg = sock.recv_multipart(copy=False)
                     if sock is link:
-                        self._to_kernel(msg, to_kernel)
+                        self._from_server(msg, link, to_kernel)
                     else:
                         self._to_server(msg, from_kernel[sock], link)
 
-    def _to_kernel(self, msg: list, to_kernel: dict) -> None:
+    def _from_server(self, msg: list, link: zmq.Socket, to_kernel: dict) -> None:
         parts = [bytes(m.buffer) if i < 5 else m for i, m in enumerate(msg)]
         try:
-            _channel, socket = decode_tag(parts[0])
+            channel, socket = decode_tag(parts[0])
+            if channel == Channel.CONTROL:
+                answer = self._link.receive(parts)  # ping -> pong, credit
+                if answer is not None:
+                    link.send_multipart(answer)
+                return
         except ProtocolError:
-            return  # the server never sends a bad tag; ignore rather than die
+            return  # the server never sends these; ignore rather than die
         target = to_kernel.get(socket)
         if target is not None and len(parts) >= 5:
             target.send_multipart([DELIMITER, b"", *parts[1:]], copy=False)
@@ -214,4 +232,5 @@ class Pump(threading.Thread):
         if len(body) < 4:
             return
         channel = classify(body[0].bytes, body[3].buffer)
+        self._link.credit -= sum(map(len, body))
         link.send_multipart([_TAGS[(channel, socket)], *body], copy=False)

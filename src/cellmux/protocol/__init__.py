@@ -39,9 +39,11 @@ from .framing import (
     frame_bytes,
 )
 from .link import (
+    DEFAULT_LINK_CREDIT,
     LINK_VERSION,
     KernelFrame,
     KernelSideLink,
+    LinkPong,
     LinkReady,
     Reply,
     ServerLink,
@@ -53,6 +55,7 @@ __all__ = [
     "CLIENT_SENDABLE",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_UNSUPPORTED_DATA",
+    "DEFAULT_LINK_CREDIT",
     "DEFAULT_MAX_FRAME_SIZE",
     "HEADER_SIZE",
     "KERNEL_FORBIDDEN",
@@ -69,6 +72,7 @@ __all__ = [
     "JupyterSocket",
     "KernelFrame",
     "KernelSideLink",
+    "LinkPong",
     "LinkReady",
     "ProtocolError",
     "Reply",

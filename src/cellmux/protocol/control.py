@@ -41,7 +41,7 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 #: Requests a client may send on the control channel once attached.
-REQUEST_OPS = frozenset({"interrupt", "restart", "shutdown", "subscribe", "ping"})
+REQUEST_OPS = frozenset({"interrupt", "restart", "shutdown", "subscribe", "ping", "history"})
 
 #: Longest session id a client may declare; ids are opaque strings.
 MAX_SESSION_ID = 200
@@ -208,11 +208,16 @@ class ServerSideHandshake:
         # ATTACHED
         if frame.is_control:
             body = parse_control(frame)
-            op = body["op"]
+            op, request_id = body["op"], body.get("id")
             if op not in REQUEST_OPS:
-                raise ProtocolError("unknown_op", f"unknown control op {op!r}")
-            channels = _channel_list(body.get("channels")) if op == "subscribe" else None
-            return Request(op=op, id=body.get("id"), channels=channels)
+                raise ProtocolError(
+                    "unknown_op", f"unknown control op {op!r}", request_id=request_id
+                )
+            try:
+                channels = _channel_list(body.get("channels")) if op == "subscribe" else None
+            except ProtocolError as e:
+                raise ProtocolError(e.code, e.message, request_id=request_id) from None
+            return Request(op=op, id=request_id, channels=channels)
         if frame.channel not in CLIENT_SENDABLE:
             raise ProtocolError(
                 "channel_not_sendable", f"clients cannot send on channel {frame.channel}"

@@ -21,13 +21,18 @@ class ProtocolError(Exception):
         ``"frame_truncated"``; clients receive it in error frames.
     @ivar fatal: whether the connection cannot continue after this error
         (a broken handshake) or only the one frame is refused.
+    @ivar request_id: the ``id`` of the control request that was refused,
+        when there was one, so the client can match the error to it.
     """
 
-    def __init__(self, code: str, message: str, *, fatal: bool = False) -> None:
+    def __init__(
+        self, code: str, message: str, *, fatal: bool = False, request_id: object = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.fatal = fatal
+        self.request_id = request_id
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code!r}, {self.message!r}, fatal={self.fatal})"

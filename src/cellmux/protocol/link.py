@@ -10,11 +10,19 @@ holds the secret the nursery gave it at fork time::
                          <--  [tag(0), {"op":"challenge","nonce":hex}]
       [tag(0), {"op":"proof","mac":hex}]             -->
                          <--  [tag(0), {"op":"accepted"}]
+                         <--  [tag(0), {"op":"accepted","credit":bytes}]
       [tag(0), {"op":"ready"}]                       -->   (kernel is usable)
 
 ``mac`` is HMAC-SHA256(secret, "cellmux-link/1" | link id | nonce), hex.
-After ``ready`` every message is ``[tag, *jupyter parts]`` and a control
-tag from the kernel is a violation.
+After ``ready`` every kernel message is ``[tag, *jupyter parts]``; the only
+control message a kernel may still send is ``{"op":"pong","n":n}``, the
+answer to the server's ``{"op":"ping","n":n}`` (answered by the pump, which
+needs the GIL: a missing pong means the kernel holds it).
+
+Flow control: the kernel may send ``credit`` bytes of Jupyter parts; then
+it stops reading its kernel's sockets until the server grants more with
+``{"op":"credit","bytes":n}``. The server grants while its clients keep up,
+so a kernel can never fill the server's memory.
 
 Server side states (L{ServerLink})::
 
@@ -32,14 +40,16 @@ from typing import Any
 
 import attrs
 
-from .channels import KERNEL_FORBIDDEN, Channel, JupyterSocket
+from .channels import KERNEL_FORBIDDEN, Channel, JupyterSocket, is_known_channel
 from .errors import ProtocolError
-from .framing import decode_tag, encode_tag
+from .framing import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, decode_tag, encode_tag
 
 __all__ = [
+    "DEFAULT_LINK_CREDIT",
     "LINK_VERSION",
     "KernelFrame",
     "KernelSideLink",
+    "LinkPong",
     "LinkReady",
     "LinkState",
     "Reply",
@@ -49,6 +59,9 @@ __all__ = [
 ]
 
 LINK_VERSION = 1
+#: Bytes a kernel may send before the server grants more: enough for any
+#: burst a client can absorb at once, small enough to bound server memory.
+DEFAULT_LINK_CREDIT = 4 * 1024 * 1024
 _CONTROL_TAG = encode_tag(Channel.CONTROL, JupyterSocket.NONE)
 #: A control message on the link is tiny; anything bigger is hostile.
 MAX_LINK_CONTROL = 4096
@@ -94,6 +107,13 @@ class LinkReady:
 
 
 @attrs.frozen
+class LinkPong:
+    """The kernel's pump answered ping C{n}."""
+
+    n: int
+
+
+@attrs.frozen
 class KernelFrame:
     """A Jupyter message from a ready kernel, validated, on C{channel}."""
 
@@ -120,8 +140,18 @@ class ServerLink:
     @param nonce: random bytes for the challenge (injected for tests).
     """
 
-    def __init__(self, link_id: bytes, secret: bytes, nonce: bytes) -> None:
+    def __init__(
+        self,
+        link_id: bytes,
+        secret: bytes,
+        nonce: bytes,
+        *,
+        credit: int = DEFAULT_LINK_CREDIT,
+        max_size: int = DEFAULT_MAX_FRAME_SIZE,
+    ) -> None:
         self.link_id = link_id
+        self._credit = credit
+        self._max_size = max_size
         self._secret = secret
         self._nonce = nonce
         self._state = LinkState.EXPECTING
@@ -131,7 +161,7 @@ class ServerLink:
     def ready(self) -> bool:
         return self._state is LinkState.READY
 
-    def receive(self, parts: list[bytes]) -> Reply | LinkReady | KernelFrame:
+    def receive(self, parts: list[bytes]) -> Reply | LinkReady | KernelFrame | LinkPong:
         """Feed one multipart message (routing id already removed).
 
         @raise ProtocolError: for a violation; the link is then REFUSED
@@ -147,14 +177,28 @@ class ServerLink:
             self._state = LinkState.REFUSED
             raise
 
-    def _data(self, parts: list[bytes]) -> KernelFrame:
+    def _data(self, parts: list[bytes]) -> KernelFrame | LinkPong:
         if not parts:
             raise ProtocolError("bad_message", "empty link message")
         channel, socket = decode_tag(parts[0])
-        if channel in KERNEL_FORBIDDEN:
+        if channel == Channel.CONTROL:
+            try:
+                body = _parse_link_control(parts)
+            except ProtocolError:
+                body = {"op": None}
+            n = body.get("n")
+            if body["op"] == "pong" and type(n) is int:
+                return LinkPong(n)
+            raise ProtocolError("forbidden_channel", "a ready kernel may only send pong on control")
+        if channel in KERNEL_FORBIDDEN or not is_known_channel(channel):
             raise ProtocolError("forbidden_channel", f"kernels may not send on channel {channel}")
+        if socket == JupyterSocket.NONE:
+            raise ProtocolError("bad_socket", "socket 0 is for server-made messages")
         if len(parts) < 5:
             raise ProtocolError("bad_message", "a Jupyter message has at least 4 parts")
+        size = HEADER_SIZE + 4 * (len(parts) - 1) + sum(map(len, parts[1:]))
+        if size > self._max_size:
+            raise ProtocolError("frame_too_large", f"a {size}-byte frame exceeds {self._max_size}")
         return KernelFrame(channel, socket)
 
     def _handshake(self, state: LinkState, parts: list[bytes]) -> Reply | LinkReady:
@@ -181,7 +225,7 @@ class ServerLink:
             ):
                 raise ProtocolError("bad_proof", "the kernel could not prove its secret")
             self._state = LinkState.AUTHENTICATED
-            return Reply(link_control("accepted"))
+            return Reply(link_control("accepted", credit=self._credit))
         if state is LinkState.AUTHENTICATED and op == "ready":
             self._state = LinkState.READY
             return LinkReady(self._pid)
@@ -196,6 +240,8 @@ class KernelSideLink:
         self._secret = secret
         self._pid = pid
         self.accepted = False
+        #: Bytes the kernel may still send before waiting for more credit.
+        self.credit = 0
 
     def hello(self) -> list[bytes]:
         return link_control("hello", version=LINK_VERSION, pid=self._pid)
@@ -209,6 +255,11 @@ class KernelSideLink:
         @raise ProtocolError: if the server says something unexpected.
         """
         body = _parse_link_control(parts)
+        if body["op"] == "ping" and type(body.get("n")) is int:
+            return link_control("pong", n=body["n"])
+        if body["op"] == "credit" and type(body.get("bytes")) is int:
+            self.credit += body["bytes"]
+            return None
         if body["op"] == "challenge" and isinstance(body.get("nonce"), str):
             try:
                 nonce = bytes.fromhex(body["nonce"])
@@ -217,5 +268,7 @@ class KernelSideLink:
             return link_control("proof", mac=link_mac(self._secret, self._link_id, nonce))
         if body["op"] == "accepted":
             self.accepted = True
+            credit = body.get("credit")
+            self.credit += credit if type(credit) is int else 0
             return None
         raise ProtocolError("unexpected_op", f"unexpected link op {body['op']!r}")

@@ -1,19 +1,23 @@
 """Kernels as clients see them, the processes behind them, and the pool.
 
-A L{Kernel} is what a client attaches to: a stable id, a state, a set of
-attached clients and a frame counter. Behind it is an L{Incarnation}: one
-forked process with its own link id and secret. A restart gives the same
-Kernel a new Incarnation, so the id and the clients' websockets survive.
+A L{Kernel} is what a client attaches to: a stable id, a state, attached
+clients, a frame counter and a replay log. Behind it is an L{Incarnation}:
+one forked process with its own link id and secret. A restart gives the
+same Kernel a new Incarnation, so the id, the numbering and the clients'
+websockets survive.
 
 The L{KernelManager} keeps ``pool_size`` incarnations forked and ready, so
-creating a kernel usually only takes one from the pool.
+creating a kernel usually only takes one from the pool. Once a second it
+pings every link (a kernel that cannot answer holds the GIL), and ends
+kernels that outlived their idle timeout or lifetime.
 
 Kernel states (L{KernelState})::
 
     STARTING --ready--> IDLE <--status--> BUSY
-    IDLE/BUSY --restart--> RESTARTING --ready--> IDLE
+    IDLE/BUSY --no pong--> UNRESPONSIVE --pong--> IDLE/BUSY
+    IDLE/BUSY/UNRESPONSIVE --restart--> RESTARTING --ready--> IDLE
     any --process exit--> DEAD --restart--> RESTARTING
-    any --delete--> (gone)
+    any --delete, cull--> (gone)
 """
 
 from __future__ import annotations
@@ -31,24 +35,35 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from cellmux.protocol import Channel, JupyterSocket, frame_bytes
+from cellmux.protocol import DEFAULT_LINK_CREDIT, Channel, JupyterSocket, encode_tag, frame_bytes
 from cellmux.protocol.jupyter import jupyter_parts
 
 from .links import KernelUnreachable
+from .replay import Entry, ReplayLog
 
 __all__ = [
     "ClientSink",
     "Kernel",
     "KernelError",
+    "KernelLost",
     "KernelManager",
     "KernelNotFound",
     "KernelStartFailed",
     "KernelState",
     "TooManyKernels",
+    "iso_timestamp",
 ]
+
+#: Seconds between link pings and culling checks.
+TICK = 0.5
+#: Inputs remembered per kernel for clients that want to re-run them.
+HISTORY_LENGTH = 1000
+#: Automatic restarts allowed within RESTART_WINDOW seconds (no crash loops).
+MAX_AUTO_RESTARTS = 3
+RESTART_WINDOW = 60.0
 
 
 class KernelError(Exception):
@@ -62,6 +77,12 @@ class KernelError(Exception):
 
 class KernelNotFound(KernelError):
     code = "unknown_kernel"
+
+
+class KernelLost(KernelError):
+    """The kernel belonged to a server process that stopped or crashed."""
+
+    code = "kernel_lost"
 
 
 class KernelStartFailed(KernelError):
@@ -83,10 +104,15 @@ class KernelState(enum.Enum):
     IDLE = "idle"
     #: The kernel said it is busy.
     BUSY = "busy"
+    #: The process lives but its link does not answer pings (GIL held).
+    UNRESPONSIVE = "unresponsive"
     #: The old process is being replaced by a new one.
     RESTARTING = "restarting"
     #: The process ended; the cause is kept. A restart brings it back.
     DEAD = "dead"
+
+
+_RUNNING = (KernelState.IDLE, KernelState.BUSY, KernelState.UNRESPONSIVE)
 
 
 class ClientSink(Protocol):
@@ -103,7 +129,7 @@ class ClientSink(Protocol):
 
 @attrs.define(eq=False)
 class Incarnation:
-    """One kernel process: its link id, secret, pid and readiness."""
+    """One kernel process: its link, readiness, credit and liveness."""
 
     link_id: bytes
     secret: bytes
@@ -113,10 +139,50 @@ class Incarnation:
     timeout: Any = None
     #: The process's private working directory (made by the nursery).
     workdir: str = ""
+    #: Bytes the process may still send before it waits for credit.
+    credit: int = DEFAULT_LINK_CREDIT
+    #: The ping we wait for an answer to (number, time sent), if any.
+    ping: tuple[int, float] | None = None
+    pings_sent: int = 0
 
     @property
     def link(self) -> str:
         return self.link_id.hex()
+
+
+@attrs.define
+class _Timer:
+    """A delayed call that may not have been started."""
+
+    call: Any = None
+
+    def active(self) -> bool:
+        return self.call is not None and self.call.active()
+
+    def cancel(self) -> None:
+        if self.active():
+            self.call.cancel()
+        self.call = None
+
+
+@attrs.frozen
+class PendingInput:
+    """An input_request not answered yet; its timer runs while its
+    session has no client attached."""
+
+    frame: bytes
+    header: bytes
+    parent: bytes
+    timer: _Timer
+
+
+@attrs.frozen
+class HistoryEntry:
+    """One execute request a client sent, kept for re-running."""
+
+    code: str
+    session: str
+    time: str
 
 
 def iso_timestamp(ts: float) -> str:
@@ -124,8 +190,16 @@ def iso_timestamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _parent_session(parent_header: bytes) -> str | None:
+    try:
+        session = json.loads(parent_header).get("session")
+    except (ValueError, AttributeError):
+        return None
+    return session if isinstance(session, str) else None
+
+
 class Kernel:
-    """A kernel id with its clients; relays frames both ways."""
+    """A kernel id with its clients; numbers, logs and relays frames."""
 
     log = Logger()
 
@@ -139,9 +213,18 @@ class Kernel:
         self.incarnation: Incarnation | None = None
         self.clients: set[ClientSink] = set()
         self.seq = 0
-        self.last_activity = self._clock.seconds()
-        # input_request frames waiting for their session's client
-        self._pending_input: dict[str, bytes] = {}
+        self.replay = ReplayLog(manager.config.replay_bytes)
+        self.created = self._clock.seconds()
+        self.last_activity = self.created
+        self.history: deque[HistoryEntry] = deque(maxlen=HISTORY_LENGTH)
+        #: Clients that slow the kernel down when they cannot keep up.
+        self.writers: set[ClientSink] = set()
+        self._congested: set[ClientSink] = set()
+        # input_request frames waiting for their session's client to attach
+        self._pending_input: dict[str, PendingInput] = {}
+        # the state to return to when an unresponsive kernel answers again
+        self.state_before_unresponsive = KernelState.BUSY
+        self._restarts: deque[float] = deque()
 
     def model(self) -> dict[str, Any]:
         """The Jupyter kernel model, plus cellmux's own fields."""
@@ -157,6 +240,11 @@ class Kernel:
             model["reason"] = self.cause
         return model
 
+    @property
+    def workdir(self) -> str | None:
+        """The current process's working directory (None while none runs)."""
+        return self.incarnation.workdir if self.incarnation else None
+
     # -- the process behind it ----------------------------------------------
 
     def bind(self, incarnation: Incarnation) -> None:
@@ -169,40 +257,73 @@ class Kernel:
         old, self.incarnation = self.incarnation, None
         if old is not None:
             old.kernel = None
+        self._drop_pending_input()
         return old
 
-    def died(self, cause: str) -> None:
+    def died(self, cause: str, limit: str | None = None) -> None:
+        """The process ended; C{limit} names the sandbox limit that ended it."""
         self.log.info("kernel {id} died: {cause}", id=self.id, cause=cause)
         self.unbind()
         self.state = KernelState.DEAD
         self.cause = cause
-        self.publish_status("dead", cause=cause)
+        self.publish_status("dead", cause=cause, **({"limit": limit} if limit else {}))
 
-    # -- frames from the kernel -------------------------------------------
+    def may_auto_restart(self, now: float) -> bool:
+        """Whether another automatic restart fits in the crash-loop budget."""
+        while self._restarts and now - self._restarts[0] > RESTART_WINDOW:
+            self._restarts.popleft()
+        if len(self._restarts) >= MAX_AUTO_RESTARTS:
+            return False
+        self._restarts.append(now)
+        return True
+
+    # -- frames to the clients ----------------------------------------------
 
     def relay(self, channel: int, socket: int, parts: list) -> None:
-        """Number a kernel frame and pass it, undecoded, to the clients."""
+        """Number a kernel frame, log it, pass it undecoded to the clients."""
         self.last_activity = self._clock.seconds()
         if channel == Channel.STATUS:
             self._note_status(parts[3])
-        self.seq += 1
-        data = frame_bytes(channel, socket, self.seq, parts)
         if channel == Channel.STDIN:
-            self._route_input(parts, data)
+            self._route_input(socket, parts)
             return
-        for client in self.clients:
-            if client.wants(channel):
-                client.send_frame(data)
+        self._emit(channel, socket, parts, None)
 
-    @property
-    def workdir(self) -> str | None:
-        """The current process's working directory (None while none runs)."""
-        return self.incarnation.workdir if self.incarnation else None
+    def _emit(self, channel: int, socket: int, parts: Iterable, session: str | None) -> bytes:
+        self.seq += 1
+        data = frame_bytes(channel, socket, self.seq, list(parts))
+        self.replay.append(Entry(self.seq, channel, data, session))
+        for client in list(self.clients):
+            if (session is None or client.session == session) and client.wants(channel):
+                client.send_frame(data)
+        return data
+
+    def publish_status(self, state: str, **extra: Any) -> None:
+        """A server-made status message, numbered like kernel frames."""
+        self.publish(Channel.STATUS, "status", {"execution_state": state, **extra})
+
+    def publish(
+        self,
+        channel: int,
+        msg_type: str,
+        content: dict[str, Any],
+        *,
+        parent: dict[str, Any] | None = None,
+        session: str | None = None,
+    ) -> None:
+        """A server-made Jupyter message on C{channel}, numbered like kernel frames."""
+        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
+        self._emit(
+            channel,
+            JupyterSocket.NONE,
+            jupyter_parts(msg_type, content, now=now, parent=parent),
+            session,
+        )
 
     def _note_status(self, content: bytes) -> None:
         # A byte search, not a JSON decode: status content is tiny and
         # ipykernel writes exactly one execution_state.
-        if self.state not in (KernelState.IDLE, KernelState.BUSY):
+        if self.state not in _RUNNING:
             return
         if b'"busy"' in content:
             self.state = KernelState.BUSY
@@ -212,47 +333,130 @@ class Kernel:
             if was_busy:
                 self._manager.went_idle(self)
 
-    def _route_input(self, parts: list, data: bytes) -> None:
+    # -- stdin ------------------------------------------------------------------
+
+    def _route_input(self, socket: int, parts: list) -> None:
         """An input_request goes only to the client whose request asked.
 
         The kernel copies the request's header into the parent header, and
-        its ``session`` is the one the client declared in its hello.
+        its ``session`` is the one the client declared in its hello. If
+        that client is gone, the request waits for it to come back, for
+        ``stdin_timeout`` seconds.
         """
-        try:
-            session = json.loads(parts[1]).get("session")
-        except (ValueError, AttributeError):
-            session = None
-        targets = [c for c in self.clients if c.session == session]
-        if not targets:
-            self._pending_input[str(session)] = data
-            return
-        for client in targets:
-            client.send_frame(data)
+        session = _parent_session(parts[1]) or ""
+        data = self._emit(Channel.STDIN, socket, parts, session)
+        self._pending_input[session] = PendingInput(data, parts[0], parts[1], _Timer())
+        if not any(c.session == session for c in self.clients):
+            self._wait_for_session(session)
 
-    def publish_status(self, state: str, **extra: Any) -> None:
-        """A server-made status message, numbered like kernel frames."""
-        self.publish(Channel.STATUS, "status", {"execution_state": state, **extra})
+    def _wait_for_session(self, session: str) -> None:
+        """Nobody of C{session} is attached: start the reconnect timeout."""
+        pending = self._pending_input.get(session)
+        if pending is not None and not pending.timer.active():
+            pending.timer.call = self._clock.callLater(
+                self._manager.config.stdin_timeout, self._input_timed_out, session
+            )
 
-    def publish(self, channel: int, msg_type: str, content: dict[str, Any]) -> None:
-        """A server-made Jupyter message on C{channel}, numbered like kernel frames."""
-        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
-        self.seq += 1
-        parts = jupyter_parts(msg_type, content, now=now)
-        data = frame_bytes(channel, JupyterSocket.NONE, self.seq, parts)
-        for client in self.clients:
-            if client.wants(channel):
-                client.send_frame(data)
-
-    # -- frames from clients --------------------------------------------------
-
-    def attach(self, client: ClientSink) -> None:
-        self.clients.add(client)
-        pending = self._pending_input.pop(client.session, None)
+    def input_answered(self, session: str) -> None:
+        """A client sent an input_reply: nothing waits any more."""
+        pending = self._pending_input.pop(session, None)
         if pending is not None:
-            client.send_frame(pending)
+            pending.timer.cancel()
+
+    def _input_timed_out(self, session: str) -> None:
+        pending = self._pending_input.pop(session, None)
+        if pending is None or self.incarnation is None:
+            return
+        request_header, request_parent = pending.header, pending.parent
+        timeout = self._manager.config.stdin_timeout
+        parent = json.loads(request_parent)
+        self.publish(
+            Channel.STDERR,
+            "stream",
+            {
+                "name": "stderr",
+                "text": f"cellmux: no client answered this input request in {timeout:g} s\n",
+            },
+            parent=parent,
+        )
+        # "\x04" is ipykernel's EOF: input() raises EOFError in the kernel.
+        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
+        reply = jupyter_parts(
+            "input_reply",
+            {"status": "ok", "value": "\x04"},
+            now=now,
+            session=session,
+            parent=json.loads(request_header),
+        )
+        with contextlib.suppress(KernelError):  # the kernel just died: nothing waits
+            self.send(Channel.STDIN, JupyterSocket.STDIN, reply)
+
+    def input_interrupted(self) -> None:
+        """An interrupt ends any input() with KeyboardInterrupt: stop waiting."""
+        self._drop_pending_input()
+
+    def _drop_pending_input(self) -> None:
+        for pending in self._pending_input.values():
+            pending.timer.cancel()
+        self._pending_input.clear()
+
+    # -- clients ------------------------------------------------------------------
+
+    def attach(self, client: ClientSink, cursor: int | None = None) -> None:
+        """Attach a client; with a cursor, first send what it missed.
+
+        Replay and attach happen in one reactor turn, so the client gets
+        every frame after C{cursor} exactly once, in order.
+        """
+        if cursor is not None:
+            self.replay_to(client, cursor)
+        self.clients.add(client)
+        pending = self._pending_input.get(client.session)
+        if pending is not None:
+            pending.timer.cancel()
+            if cursor is None:  # a fresh attach has not seen the waiting prompt
+                client.send_frame(pending.frame)
+
+    def replay_to(self, client: ClientSink, cursor: int) -> None:
+        """Send C{client} the logged frames after C{cursor} (or a gap notice)."""
+        gap, entries = self.replay.after(cursor)
+        if gap is not None:
+            notice = getattr(client, "gap", None)
+            if notice is not None:
+                notice(gap.first, gap.last)
+        for entry in entries:
+            if (entry.session is None or entry.session == client.session) and client.wants(
+                entry.channel
+            ):
+                client.send_frame(entry.data)
 
     def detach(self, client: ClientSink) -> None:
         self.clients.discard(client)
+        self.writers.discard(client)
+        self.uncongested(client)
+        if not any(c.session == client.session for c in self.clients):
+            self._wait_for_session(client.session)
+
+    def revoke(self, share_id: str) -> None:
+        """Cut off the clients that came in with a revoked share."""
+        for client in list(self.clients):
+            grant = getattr(client, "grant", None)
+            if grant is not None and grant.share_id == share_id:
+                client.revoked()
+
+    def congested(self, client: ClientSink) -> None:
+        """A client's connection is full; a congested writer holds credit."""
+        self._congested.add(client)
+
+    def uncongested(self, client: ClientSink) -> None:
+        self._congested.discard(client)
+        self._manager.grant_credit(self)
+
+    @property
+    def writer_congested(self) -> bool:
+        return not self._congested.isdisjoint(self.writers)
+
+    # -- frames from clients --------------------------------------------------
 
     def send(self, channel: int, socket: int, parts: Iterable[bytes]) -> None:
         """Relay a client's Jupyter message to the kernel process.
@@ -260,7 +464,7 @@ class Kernel:
         @raise KernelNotRunning: if no process is ready to take it.
         """
         inc = self.incarnation
-        if inc is None or self.state in (KernelState.DEAD, KernelState.RESTARTING):
+        if inc is None or self.state not in _RUNNING:
             raise KernelNotRunning(f"kernel is {self.state.value}")
         self.last_activity = self._clock.seconds()
         try:
@@ -269,6 +473,18 @@ class Kernel:
             )
         except KernelUnreachable as e:
             raise KernelNotRunning(str(e)) from None
+
+    def remember_input(self, session: str, header: bytes, content: bytes) -> None:
+        """Keep the code of an execute_request, for clients that re-run it."""
+        if b'"execute_request"' not in header:
+            return
+        try:
+            code = json.loads(content).get("code")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(code, str) and code.strip():
+            now = iso_timestamp(self._clock.seconds())
+            self.history.append(HistoryEntry(code, session, now))
 
 
 class KernelManager:
@@ -291,26 +507,35 @@ class KernelManager:
         self._warming = 0
         self._stopping = False
         self._tags: dict[tuple[int, int], bytes] = {}
+        self._ticker: task.LoopingCall | None = None
+        self._refill_retry = None
         #: Called with a Kernel each time it goes from busy to idle (an
         #: execution or request finished); e.g. the new-files notices.
         self.idle_listeners: list[Callable[[Kernel], None]] = []
+        #: Called with the kernel model whenever kernels come or go.
+        self.change_listeners: list[Callable[[], None]] = []
         #: Where the nursery makes each kernel's working directory.
         self.workdir_root: str = ""
+        #: Ids of kernels an earlier server process left behind.
+        self.lost: set[str] = set()
 
     def bind(self, nursery, router) -> None:
         self.nursery = nursery
         self.router = router
 
-    def tag(self, channel: int, socket: int) -> bytes:
-        from cellmux.protocol import encode_tag
+    def start(self) -> None:
+        """Start the pool and the once-a-tick liveness and culling check."""
+        self._ticker = task.LoopingCall(self.tick)
+        self._ticker.clock = self.clock
+        self._ticker.start(TICK, now=False)
+        self.refill()
 
+    def tag(self, channel: int, socket: int) -> bytes:
         key = (channel, socket)
         tag = self._tags.get(key)
         if tag is None:
             tag = self._tags[key] = encode_tag(channel, socket)
         return tag
-
-    # -- the pool -------------------------------------------------------------
 
     def went_idle(self, kernel: Kernel) -> None:
         for listener in self.idle_listeners:
@@ -319,17 +544,26 @@ class KernelManager:
             except Exception:
                 self.log.failure("idle listener {listener!r} failed", listener=listener)
 
+    def _changed(self) -> None:
+        for listener in self.change_listeners:
+            try:
+                listener()
+            except Exception:
+                self.log.failure("change listener {listener!r} failed", listener=listener)
+
+    # -- the pool -------------------------------------------------------------
+
     @property
     def pooled(self) -> int:
         return len(self._pool)
 
     def refill(self) -> None:
         """Fork kernels in the background until the pool is full."""
-        while (
-            not self._stopping
-            and len(self._pool) + self._warming < self.config.pool_size
-            and len(self._incarnations) < self.config.max_kernels
-        ):
+        if self._stopping or not getattr(self.nursery, "running", True):
+            return
+        wanted = self.config.pool_size - len(self._pool) - self._warming
+        room = self.config.max_kernels - len(self._incarnations)
+        for _ in range(max(0, min(wanted, room))):
             self._warming += 1
             d = defer.ensureDeferred(self._spawn())
             d.addCallbacks(self._pooled, self._pool_failed)
@@ -341,8 +575,12 @@ class KernelManager:
 
     def _pool_failed(self, failure) -> None:
         self._warming -= 1
-        if not self._stopping:
-            self.log.failure("warming a pool kernel failed", failure)
+        if self._stopping:
+            return
+        self.log.failure("warming a pool kernel failed", failure)
+        # Try again later, not in a loop: a broken nursery must not spin.
+        if self._refill_retry is None or not self._refill_retry.active():
+            self._refill_retry = self.clock.callLater(5.0, self.refill)
 
     async def _spawn(self) -> Incarnation:
         """Fork a kernel and wait until its link is authenticated and ready."""
@@ -355,10 +593,20 @@ class KernelManager:
         inc.timeout = self.clock.callLater(
             self.config.kernel_start_timeout, self._start_timed_out, inc
         )
+        spawned = self.nursery.spawn(inc.link, inc.secret.hex())
+
+        def stop_waiting_for_fork(failure):
+            # The start timed out before the nursery even answered.
+            if not spawned.called:
+                spawned.cancel()
+            return failure
+
+        inc.ready.addErrback(stop_waiting_for_fork)
         try:
-            inc.pid = await self.nursery.spawn(inc.link, inc.secret.hex())
+            inc.pid = await spawned
         except Exception as e:
             self._discard(inc)
+            inc.ready.addErrback(lambda _: None)  # reported through the raise below
             raise KernelStartFailed(f"could not fork a kernel: {e}") from None
         return await inc.ready
 
@@ -367,6 +615,7 @@ class KernelManager:
         if not inc.ready.called:
             self.log.error("kernel {link} did not start in time; killing it", link=inc.link)
             self.nursery.kill(inc.link)
+            self._discard(inc)
             inc.ready.errback(KernelStartFailed("the kernel did not start in time"))
 
     def _discard(self, inc: Incarnation) -> None:
@@ -375,7 +624,7 @@ class KernelManager:
         if inc.timeout is not None and inc.timeout.active():
             inc.timeout.cancel()
         inc.timeout = None
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError):  # not in the pool
             self._pool.remove(inc)
 
     async def _take(self) -> Incarnation:
@@ -399,8 +648,44 @@ class KernelManager:
 
     def kernel_message(self, link_id: bytes, channel: int, socket: int, parts: list) -> None:
         inc = self._incarnations.get(link_id)
+        if inc is None:
+            return
+        inc.credit -= sum(map(len, parts))
+        kernel = inc.kernel
+        if kernel is not None:
+            kernel.relay(channel, socket, parts)
+        congested = kernel is not None and kernel.writer_congested
+        if inc.credit < DEFAULT_LINK_CREDIT // 2 and not congested:
+            self._grant(inc)
+
+    def link_pong(self, link_id: bytes, n: int) -> None:
+        inc = self._incarnations.get(link_id)
+        if inc is None or inc.ping is None or inc.ping[0] != n:
+            return
+        inc.ping = None
+        kernel = inc.kernel
+        if kernel is not None and kernel.state is KernelState.UNRESPONSIVE:
+            kernel.state = kernel.state_before_unresponsive
+            kernel.publish_status(kernel.state.value, responsive=True)
+
+    def link_violation(self, link_id: bytes, code: str, message: str) -> None:
+        inc = self._incarnations.get(link_id)
         if inc is not None and inc.kernel is not None:
-            inc.kernel.relay(channel, socket, parts)
+            inc.kernel.publish(
+                Channel.STDERR,
+                "stream",
+                {"name": "stderr", "text": f"cellmux: dropped a kernel message: {message}\n"},
+            )
+
+    def grant_credit(self, kernel: Kernel) -> None:
+        inc = kernel.incarnation
+        if inc is not None and not kernel.writer_congested and inc.credit < DEFAULT_LINK_CREDIT:
+            self._grant(inc)
+
+    def _grant(self, inc: Incarnation) -> None:
+        grant = DEFAULT_LINK_CREDIT - inc.credit
+        inc.credit = DEFAULT_LINK_CREDIT
+        self.router.send_control(inc.link_id, "credit", bytes=grant)
 
     def kernel_exited(self, link: str, pid: int, info: dict[str, Any]) -> None:
         inc = self._incarnations.get(bytes.fromhex(link))
@@ -410,19 +695,54 @@ class KernelManager:
         cause = info.get("cause", "unknown")
         if not inc.ready.called:
             inc.ready.errback(KernelStartFailed(f"the kernel ended while starting: {cause}"))
-        if inc.kernel is not None:
-            inc.kernel.died(cause)
+        kernel = inc.kernel
+        if kernel is not None:
+            kernel.died(cause, info.get("limit"))
+            if self.config.auto_restart and kernel.may_auto_restart(self.clock.seconds()):
+                d = defer.ensureDeferred(self.restart(kernel))
+                d.addErrback(lambda f: self.log.failure("automatic restart failed", f))
         self.refill()
 
     def nursery_lost(self, reason: str) -> None:
         for inc in list(self._incarnations.values()):
             self.kernel_exited(inc.link, inc.pid or 0, {"cause": "nursery lost"})
 
+    # -- liveness and culling ----------------------------------------------------
+
+    def tick(self) -> None:
+        now = self.clock.seconds()
+        config = self.config
+        for inc in list(self._incarnations.values()):
+            if not inc.ready.called:
+                continue
+            if inc.ping is None:
+                inc.pings_sent += 1
+                inc.ping = (inc.pings_sent, now)
+                self.router.send_control(inc.link_id, "ping", n=inc.pings_sent)
+            elif now - inc.ping[1] > config.unresponsive_after:
+                kernel = inc.kernel
+                if kernel is not None and kernel.state in (KernelState.IDLE, KernelState.BUSY):
+                    kernel.state_before_unresponsive = kernel.state
+                    kernel.state = KernelState.UNRESPONSIVE
+                    kernel.publish_status("unresponsive")
+        for kernel in list(self.kernels.values()):
+            if config.max_lifetime and now - kernel.created > config.max_lifetime:
+                self.delete(kernel, f"lifetime limit ({config.max_lifetime:g} s)")
+            elif (
+                config.idle_timeout
+                and not kernel.clients
+                and kernel.state in (KernelState.IDLE, KernelState.DEAD)
+                and now - kernel.last_activity > config.idle_timeout
+            ):
+                self.delete(kernel, f"idle timeout ({config.idle_timeout:g} s)")
+
     # -- what the API asks for ------------------------------------------------
 
     def get(self, kernel_id: str) -> Kernel:
         kernel = self.kernels.get(kernel_id)
         if kernel is None:
+            if kernel_id in self.lost:
+                raise KernelLost(f"kernel {kernel_id} was lost when its server stopped")
             raise KernelNotFound(f"no kernel {kernel_id}")
         return kernel
 
@@ -439,6 +759,7 @@ class KernelManager:
             source="from the pool" if from_pool else "forked on demand",
             ms=(time.perf_counter() - started) * 1000,
         )
+        self._changed()
         return kernel
 
     def interrupt(self, kernel: Kernel) -> None:
@@ -446,6 +767,7 @@ class KernelManager:
         if inc is None:
             raise KernelNotRunning(f"kernel is {kernel.state.value}")
         self.nursery.signal(inc.link, "SIGINT")
+        kernel.input_interrupted()
 
     async def restart(self, kernel: Kernel) -> Kernel:
         if kernel.state is KernelState.RESTARTING:
@@ -468,6 +790,7 @@ class KernelManager:
         kernel.bind(inc)
         kernel.publish_status("idle", restarted=True)
         self.log.info("kernel {id} restarted", id=kernel.id)
+        self._changed()
         return kernel
 
     def delete(self, kernel: Kernel, reason: str = "shut down") -> None:
@@ -481,9 +804,15 @@ class KernelManager:
         for client in list(kernel.clients):
             client.kernel_gone(reason)
         kernel.clients.clear()
+        self.log.info("kernel {id} ended: {reason}", id=kernel.id, reason=reason)
+        self._changed()
 
     def stop(self) -> None:
         """End every kernel (the nursery does the killing)."""
         self._stopping = True
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        if self._refill_retry is not None and self._refill_retry.active():
+            self._refill_retry.cancel()
         for kernel in list(self.kernels.values()):
             self.delete(kernel, "server shutting down")

@@ -19,7 +19,15 @@ from twisted.logger import Logger
 from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.router_dealer import ZmqRouterConnection
 
-from cellmux.protocol import KernelFrame, LinkReady, ProtocolError, Reply, ServerLink
+from cellmux.protocol import (
+    KernelFrame,
+    LinkPong,
+    LinkReady,
+    ProtocolError,
+    Reply,
+    ServerLink,
+    link_control,
+)
 
 __all__ = ["KernelUnreachable", "LinkRouter", "LinkSink"]
 
@@ -39,6 +47,10 @@ class LinkSink(Protocol):
 
     def kernel_message(self, link_id: bytes, channel: int, socket: int, parts: list) -> None: ...
 
+    def link_pong(self, link_id: bytes, n: int) -> None: ...
+
+    def link_violation(self, link_id: bytes, code: str, message: str) -> None: ...
+
 
 class LinkRouter(ZmqRouterConnection):
     """The server's single ROUTER socket, bound on the link endpoint."""
@@ -52,17 +64,23 @@ class LinkRouter(ZmqRouterConnection):
         self._sink = sink
         self._links: dict[bytes, ServerLink] = {}
         self._max_size = max_size
-        super().__init__(factory, ZmqEndpoint(ZmqEndpointType.bind, endpoint))
+        super().__init__(factory)
         sock = self.socket
+        # Options first: libzmq applies them to connections made after the
+        # bind, so setting them later would do nothing.
         # A send to a link that is not connected must fail, not vanish.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # No single ZeroMQ frame may exceed what one cellmux frame may hold.
         sock.setsockopt(zmq.MAXMSGSIZE, max_size)
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        self.addEndpoints([ZmqEndpoint(ZmqEndpointType.bind, endpoint)])
 
     def expect(self, link_id: bytes, secret: bytes) -> None:
         """Admit a link id whose kernel holds C{secret}."""
-        self._links[link_id] = ServerLink(link_id, secret, secrets.token_bytes(16))
+        self._links[link_id] = ServerLink(
+            link_id, secret, secrets.token_bytes(16), max_size=self._max_size
+        )
 
     def forget(self, link_id: bytes) -> None:
         """Refuse anything more from this link id."""
@@ -80,6 +98,15 @@ class LinkRouter(ZmqRouterConnection):
             self.socket.send_multipart([link_id, *parts], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as e:
             raise KernelUnreachable(f"kernel link: {e.strerror}") from None
+        finally:
+            self._reschedule_read()
+
+    def send_control(self, link_id: bytes, op: str, **fields: object) -> None:
+        """A link control message (ping, credit) to one kernel; lost if gone."""
+        try:
+            self.socket.send_multipart([link_id, *link_control(op, **fields)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass  # the kernel is gone or full; its exit is reported elsewhere
         finally:
             self._reschedule_read()
 
@@ -105,10 +132,17 @@ class LinkRouter(ZmqRouterConnection):
                 code=e.code,
                 message=e.message,
             )
+            if link.ready:
+                self._sink.link_violation(link_id, e.code, e.message)
             return
         if isinstance(event, KernelFrame):
             self._sink.kernel_message(link_id, event.channel, event.socket, parts[1:])
+        elif isinstance(event, LinkPong):
+            self._sink.link_pong(link_id, event.n)
         elif isinstance(event, Reply):
-            self.socket.send_multipart([link_id, *event.parts], zmq.NOBLOCK)
+            try:
+                self.socket.send_multipart([link_id, *event.parts], zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                self.log.warn("kernel link {link}: {error}", link=link_id.hex(), error=e.strerror)
         elif isinstance(event, LinkReady):
             self._sink.link_ready(link_id, event.pid)

@@ -58,6 +58,10 @@ class NurseryProcess(protocol.ProcessProtocol):
         reactor.spawnProcess(proto, sys.executable, argv, env=env, childFDs={0: "w", 1: "r", 2: 2})
         return proto
 
+    @property
+    def running(self) -> bool:
+        return self._running and not self._stopping
+
     # -- called from Twisted ------------------------------------------------
 
     def connectionMade(self) -> None:

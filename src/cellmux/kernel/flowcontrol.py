@@ -1,0 +1,83 @@
+"""Make a kernel's output calls wait when its clients cannot keep up.
+
+Stock ipykernel never blocks print(): text goes into an in-memory buffer
+that the IOPub thread flushes to a PUB socket, which drops messages once
+its queue is full. cellmux wants neither loss nor unbounded memory, so:
+
+* the iopub socket gets XPUB_NODROP: a full queue (the pump is out of
+  credit, see cellmux.protocol.link) blocks the IOPub thread instead of
+  dropping. ZeroMQ counts that queue in messages, not bytes, and ipykernel
+  sends all text buffered since its last flush as one message, so the
+  queue is kept to IOPUB_QUEUE messages on each side: otherwise a thousand
+  large messages would pile up in the kernel before anything blocks;
+* stdout/stderr flush synchronously after every OUTPUT_BUDGET characters,
+  so print() waits for that blocked thread rather than buffering forever;
+* IPython 9's per-cell copy of everything a cell prints (``_tee``, kept in
+  memory for its output history) is turned off: a cell printing for an hour
+  would otherwise hold all of it. The server's replay log keeps recent
+  output for clients instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+
+import zmq
+
+__all__ = ["OUTPUT_BUDGET", "install"]
+
+#: Characters a stream may buffer before a write waits for the flush.
+OUTPUT_BUDGET = 1024 * 1024
+#: Messages the iopub queue holds on each side of the inproc pipe (the pump
+#: sets the same on its SUB socket): a few flushes, a few MiB at most.
+IOPUB_QUEUE = 4
+
+
+def _sent(stream) -> None:
+    """Flush, and return only once the IOPub thread has *sent* the text.
+
+    OutStream.flush() returns when the IOPub thread has turned the buffer
+    into a message and queued its send; an event scheduled after that runs
+    only once the send went through, i.e. once the pump had room. Waiting in
+    one-second slices keeps the wait interruptible (Ctrl-C still works).
+    """
+    stream.flush()
+    thread = stream.pub_thread
+    if thread is None or thread.thread is None or not thread.thread.is_alive():
+        return
+    done = threading.Event()
+    thread.schedule(done.set)
+    while not done.wait(1.0):
+        pass
+
+
+def _bound(stream) -> None:
+    """Make C{stream}'s writes wait for the pump after every OUTPUT_BUDGET."""
+    write = stream.write
+    pending = 0
+
+    def bounded_write(string: str) -> int | None:
+        nonlocal pending
+        written = write(string)
+        pending += len(string)
+        if pending > OUTPUT_BUDGET:
+            pending = 0
+            _sent(stream)
+        return written
+
+    stream.write = bounded_write
+
+
+def install(app) -> None:
+    """Apply both changes to an initialised kernel app."""
+    # Before the pump connects: libzmq sizes a pipe when it is created.
+    app.iopub_thread.socket.setsockopt(zmq.XPUB_NODROP, 1)
+    app.iopub_thread.socket.setsockopt(zmq.SNDHWM, IOPUB_QUEUE)
+    shell = getattr(app, "shell", None)
+    if shell is not None and hasattr(shell, "_tee"):
+        shell._tee = lambda channel: contextlib.nullcontext()
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "pub_thread"):
+            _bound(stream)
