@@ -1,15 +1,44 @@
 # -*- test-case-name: tests.test_auth -*-
-"""Token authentication shared by the REST API and the websocket."""
+"""Who may do what: the server token, per-kernel share tokens, roles, origins.
+
+* The server token (printed at start) is the owner of every kernel.
+* A share token is a capability for ONE kernel with a role, made by an
+  owner and revocable by an owner. Share links carry it.
+* Browsers log in once with a token and get an HttpOnly, SameSite=Strict
+  cookie that stands for the same grant.
+* A websocket upgrade that carries an ``Origin`` header (every browser's
+  does) must come from the server's own host or match one of the
+  configured origin patterns, matched whole: ``https://trusted.example``
+  never admits ``https://trusted.example.evil.com``.
+
+Tokens are compared in constant time (share tokens are looked up by their
+SHA-256, which leaks nothing about the token) and never logged.
+"""
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import hmac
+import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from urllib.parse import urlsplit
 
 import attrs
 
-__all__ = ["TokenAuth", "generate_token"]
+__all__ = [
+    "COOKIE_NAME",
+    "Grant",
+    "OriginPolicy",
+    "Role",
+    "Share",
+    "TokenAuth",
+    "generate_token",
+]
+
+#: The login cookie's name.
+COOKIE_NAME = "cellmux-login"
 
 
 def generate_token() -> str:
@@ -17,41 +46,207 @@ def generate_token() -> str:
     return secrets.token_hex(24)
 
 
-@attrs.frozen(repr=False)
-class TokenAuth:
-    """Accepts ``Authorization: token T`` (or ``Bearer T``) or ``?token=T``.
+class Role(enum.Enum):
+    #: Everything: execute, stdin, interrupt, restart, shut down, share.
+    OWNER = "owner"
+    #: Execute, answer stdin, interrupt.
+    COLLABORATOR = "collaborator"
+    #: Read-only: receives output, never stdin prompts; sends nothing.
+    OBSERVER = "observer"
 
-    The comparison takes the same time whatever the guess; the token never
-    appears in a repr or a log line.
+    @property
+    def may_execute(self) -> bool:
+        return self is not Role.OBSERVER
+
+    @property
+    def may_manage(self) -> bool:
+        """Restart, shut down, share, revoke."""
+        return self is Role.OWNER
+
+
+@attrs.frozen
+class Grant:
+    """What one credential allows.
+
+    @ivar kernel_id: the one kernel it is for, or None for all (server token).
+    @ivar share_id: the share it came from (None for the server token), so
+        revoking the share can cut off connections that used it.
     """
 
-    token: str
+    role: Role
+    kernel_id: str | None = None
+    share_id: str | None = None
+
+    def covers(self, kernel_id: str) -> bool:
+        return self.kernel_id is None or self.kernel_id == kernel_id
+
+
+@attrs.frozen
+class Share:
+    """A share token's public description (the token itself is shown once)."""
+
+    id: str
+    kernel_id: str
+    role: Role
+
+    def to_json(self) -> dict[str, str]:
+        return {"id": self.id, "kernel_id": self.kernel_id, "role": self.role.value}
+
+
+def _digest(token: str | bytes) -> bytes:
+    if isinstance(token, str):
+        token = token.encode("utf-8", "replace")
+    return hashlib.sha256(token).digest()
+
+
+def _as_str(value: str | bytes) -> str:
+    return value.decode("latin-1") if isinstance(value, bytes) else value
+
+
+class TokenAuth:
+    """Turns the credentials of a request into a L{Grant}, or None."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+        self._owner = Grant(Role.OWNER)
+        self._shares: dict[bytes, tuple[Share, Grant]] = {}
+        self._logins: dict[bytes, Grant] = {}
 
     def __repr__(self) -> str:
         return "TokenAuth(<redacted>)"
 
-    def _matches(self, candidate: str | bytes | None) -> bool:
-        if candidate is None:
-            return False
-        if isinstance(candidate, str):
-            candidate = candidate.encode("utf-8", "replace")
-        return hmac.compare_digest(candidate, self.token.encode())
+    # -- credentials ----------------------------------------------------------
+
+    def grant_for_token(self, candidate: str | bytes | None) -> Grant | None:
+        if not candidate:
+            return None
+        raw = candidate.encode("utf-8", "replace") if isinstance(candidate, str) else candidate
+        if hmac.compare_digest(raw, self._token):
+            return self._owner
+        share = self._shares.get(_digest(raw))
+        return share[1] if share else None
+
+    def grant(
+        self,
+        authorization: str | bytes | None,
+        query_tokens: Sequence[str | bytes] = (),
+        cookie: str | bytes | None = None,
+    ) -> Grant | None:
+        """The grant of a request's header, query token or login cookie."""
+        if authorization:
+            scheme, _, value = _as_str(authorization).strip().partition(" ")
+            if scheme.lower() in ("token", "bearer"):
+                found = self.grant_for_token(value.strip())
+                if found is not None:
+                    return found
+        for candidate in query_tokens:
+            found = self.grant_for_token(candidate)
+            if found is not None:
+                return found
+        if cookie:
+            return self._logins.get(_digest(cookie))
+        return None
 
     def check(
         self, authorization: str | bytes | None, query_tokens: Sequence[str | bytes] = ()
     ) -> bool:
-        """Whether the header or a query parameter carries the token."""
-        if authorization:
-            if isinstance(authorization, bytes):
-                authorization = authorization.decode("latin-1")
-            scheme, _, value = authorization.strip().partition(" ")
-            if scheme.lower() in ("token", "bearer") and self._matches(value.strip()):
-                return True
-        return any(self._matches(t) for t in query_tokens)
+        """Whether the credentials are the server token (owner of everything)."""
+        return self.grant(authorization, query_tokens) == self._owner
+
+    def web_grant(self, request) -> Grant | None:
+        return self.grant(
+            request.getHeader(b"authorization"),
+            request.args.get(b"token", ()),
+            request.getCookie(COOKIE_NAME.encode()),
+        )
 
     def check_web_request(self, request) -> bool:
-        return self.check(request.getHeader(b"authorization"), request.args.get(b"token", ()))
+        """Whether a web request is the server token's (owner of everything)."""
+        return self.web_grant(request) == self._owner
+
+    def upgrade_grant(
+        self, headers: Mapping[str, str], params: Mapping[str, list[str]]
+    ) -> Grant | None:
+        """The grant of a websocket upgrade (Autobahn's ConnectionRequest)."""
+        return self.grant(headers.get("authorization"), params.get("token", ()), _cookie(headers))
 
     def check_upgrade(self, headers: Mapping[str, str], params: Mapping[str, list[str]]) -> bool:
-        """For Autobahn's ConnectionRequest (lower-cased headers)."""
-        return self.check(headers.get("authorization"), params.get("token", ()))
+        return self.upgrade_grant(headers, params) == self._owner
+
+    # -- login cookies --------------------------------------------------------
+
+    def login(self, grant: Grant) -> str:
+        """A new login cookie value standing for C{grant}."""
+        value = secrets.token_urlsafe(32)
+        self._logins[_digest(value)] = grant
+        return value
+
+    # -- shares ---------------------------------------------------------------
+
+    def share(self, kernel_id: str, role: Role) -> tuple[Share, str]:
+        """Make a share token for one kernel; returns it once, with its record."""
+        token = secrets.token_urlsafe(24)
+        share = Share(secrets.token_hex(8), kernel_id, role)
+        self._shares[_digest(token)] = (share, Grant(role, kernel_id, share.id))
+        return share, token
+
+    def shares(self, kernel_id: str) -> list[Share]:
+        return [s for s, _ in self._shares.values() if s.kernel_id == kernel_id]
+
+    def revoke(self, kernel_id: str, share_id: str) -> Share | None:
+        """Revoke one share (and the logins made with it); None if unknown."""
+        for key, (share, _grant) in list(self._shares.items()):
+            if share.id == share_id and share.kernel_id == kernel_id:
+                del self._shares[key]
+                for login, grant in list(self._logins.items()):
+                    if grant.share_id == share_id:
+                        del self._logins[login]
+                return share
+        return None
+
+    def forget_kernel(self, kernel_id: str) -> None:
+        """Drop every share of a kernel that is gone."""
+        for share in self.shares(kernel_id):
+            self.revoke(kernel_id, share.id)
+
+
+def _cookie(headers: Mapping[str, str]) -> str | None:
+    raw = headers.get("cookie")
+    if not raw:
+        return None
+    for part in raw.split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE_NAME:
+            return value
+    return None
+
+
+@attrs.frozen
+class OriginPolicy:
+    """Which browser origins may open websockets.
+
+    @ivar patterns: regular expressions matched against the WHOLE origin
+        (``scheme://host[:port]``), e.g. ``https://([a-z]+\\.)?example\\.org``.
+    """
+
+    patterns: tuple[re.Pattern[str], ...] = ()
+
+    @classmethod
+    def from_strings(cls, patterns: Iterable[str]) -> OriginPolicy:
+        return cls(tuple(re.compile(p) for p in patterns))
+
+    def allows(self, origin: str | None, host: str | None) -> bool:
+        """Whether a request with this Origin (and Host) header may proceed.
+
+        No Origin header (not a browser) passes; so does the server's own
+        origin; anything else must fully match a configured pattern.
+        """
+        if not origin:
+            return True
+        try:
+            parts = urlsplit(origin)
+        except ValueError:
+            return False
+        if host and parts.netloc and parts.netloc.lower() == host.lower():
+            return True
+        return any(p.fullmatch(origin) for p in self.patterns)
