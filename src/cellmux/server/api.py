@@ -1,7 +1,9 @@
-"""The JSON REST API: kernels, in the shapes Jupyter clients expect.
+"""The JSON REST API: kernels and kernel specs, in the shapes Jupyter clients expect.
 
 Every response is JSON; every error is ``{"message", "reason"}`` with its
-HTTP status, as jupyter_server sends them.
+HTTP status, as jupyter_server sends them. The Jupyter kernel websocket,
+``/api/kernels/{id}/channels``, lives under this prefix too and is handed to
+its own resource (see L{cellmux.server.jupyter}).
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ from twisted.web import resource, server
 
 import cellmux
 
+from .auth import Grant, Role
+from .jupyter.channels import channels_path_kernel
+from .jupyter.kernelspecs import DEFAULT_SPEC, kernelspec_model, kernelspecs_model
+from .jupyter.sessions import (
+    Session,
+    SessionError,
+    SessionTable,
+    kernel_request,
+    session_fields,
+)
 from .kernels import (
     KernelError,
     KernelManager,
@@ -57,11 +69,17 @@ class ApiResource(resource.Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, manager: KernelManager, auth) -> None:
+    def __init__(
+        self, manager: KernelManager, auth, channels: resource.IResource | None = None
+    ) -> None:
         super().__init__()
         self.manager = manager
         self.auth = auth
+        # The Jupyter kernel websocket (it checks the token in its handshake).
+        self._channels = channels
+        self.sessions = SessionTable(lambda kernel_id: kernel_id in manager.kernels)
         kid = r"(?P<kernel_id>[^/]+)"
+        sid = r"(?P<session_id>[^/]+)"
         self._routes: list[tuple[bytes, re.Pattern[str], Handler]] = [
             (b"GET", re.compile(r"/api/?"), self.version),
             (b"GET", re.compile(r"/api/status/?"), self.status),
@@ -71,27 +89,60 @@ class ApiResource(resource.Resource):
             (b"DELETE", re.compile(rf"/api/kernels/{kid}/?"), self.delete_kernel),
             (b"POST", re.compile(rf"/api/kernels/{kid}/interrupt/?"), self.interrupt_kernel),
             (b"POST", re.compile(rf"/api/kernels/{kid}/restart/?"), self.restart_kernel),
+            (b"POST", re.compile(rf"/api/kernels/{kid}/shares/?"), self.create_share),
+            (b"GET", re.compile(rf"/api/kernels/{kid}/shares/?"), self.list_shares),
+            (
+                b"DELETE",
+                re.compile(rf"/api/kernels/{kid}/shares/(?P<share_id>[^/]+)/?"),
+                self.revoke_share,
+            ),
+            (b"GET", re.compile(r"/api/kernelspecs/?"), self.list_kernelspecs),
+            (b"GET", re.compile(r"/api/kernelspecs/(?P<name>[^/]+)/?"), self.get_kernelspec),
+            (b"GET", re.compile(rf"/api/kernels/{kid}/channels/?"), self.channels_not_upgraded),
+            (b"GET", re.compile(r"/api/sessions/?"), self.list_sessions),
+            (b"POST", re.compile(r"/api/sessions/?"), self.create_session),
+            (b"GET", re.compile(rf"/api/sessions/{sid}/?"), self.get_session),
+            (b"PATCH", re.compile(rf"/api/sessions/{sid}/?"), self.update_session),
+            (b"DELETE", re.compile(rf"/api/sessions/{sid}/?"), self.delete_session),
         ]
 
     # -- plumbing -------------------------------------------------------------
 
-    def render(self, request: server.Request) -> int:
+    def render(self, request: server.Request) -> int | bytes:
+        upgrade = (request.getHeader(b"upgrade") or b"").lower()
+        if self._channels is not None and upgrade == b"websocket":
+            path = request.path.decode("utf-8", "replace")
+            if channels_path_kernel(path) is not None:
+                return self._channels.render(request)
         d = defer.ensureDeferred(self._dispatch(request))
         d.addErrback(self._crashed, request)
         return server.NOT_DONE_YET
 
     async def _dispatch(self, request: server.Request) -> None:
         try:
-            if not self.auth.check_web_request(request):
+            grant = self.auth.web_grant(request)
+            if grant is None:
                 raise HTTPError(HTTPStatus.FORBIDDEN, "a valid token is required")
             handler, params = self._route(request)
+            if grant.kernel_id is not None and not self._share_may(handler, params, grant):
+                raise HTTPError(HTTPStatus.FORBIDDEN, "a share token may only read its own kernel")
             status, body = await handler(request, **params)
         except HTTPError as e:
             status, body = e.status, self._error_body(e.status, e.message)
         except KernelError as e:
             code = _STATUS_FOR.get(type(e), HTTPStatus.BAD_REQUEST)
             status, body = code, self._error_body(code, str(e))
+        except SessionError as e:
+            status, body = e.status, self._error_body(e.status, e.message)
+            if e.status == HTTPStatus.NOT_IMPLEMENTED:  # JupyterLab shows it in its dialog
+                body["short_message"] = e.message
         self._respond(request, status, body)
+
+    def _share_may(self, handler: Handler, params: dict[str, str], grant: Grant) -> bool:
+        """What a share token (one kernel, not the owner of all) may call."""
+        if handler == self.version:
+            return True
+        return handler == self.get_kernel and params.get("kernel_id") == grant.kernel_id
 
     @staticmethod
     def _error_body(status: HTTPStatus, message: str) -> dict[str, str]:
@@ -165,9 +216,19 @@ class ApiResource(resource.Resource):
 
     async def create_kernel(self, request: server.Request) -> tuple[int, Any]:
         body = self._json_body(request)
-        name = body.get("name") or "python3"
-        if name != "python3":
+        name = body.get("name") or DEFAULT_SPEC
+        if not isinstance(name, str) or kernelspec_model(name) is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no kernel spec named {name!r}")
+        # A Jupyter Server with --gateway-url sends KERNEL_* variables
+        # (working dir, user name); warm kernels are already forked, so they
+        # are checked and not applied (see docs/jupyter.md).
+        env = body.get("env") or {}
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "env must map names to strings")
+        if body.get("kernel_id") is not None:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "cellmux chooses kernel ids; omit kernel_id")
         kernel = await self.manager.create(name)
         request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
         return HTTPStatus.CREATED, kernel.model()
@@ -176,6 +237,7 @@ class ApiResource(resource.Resource):
         return HTTPStatus.OK, self.manager.get(kernel_id).model()
 
     async def delete_kernel(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
+        self.auth.forget_kernel(kernel_id)
         self.manager.delete(self.manager.get(kernel_id))
         return HTTPStatus.NO_CONTENT, None
 
@@ -183,6 +245,100 @@ class ApiResource(resource.Resource):
         self.manager.interrupt(self.manager.get(kernel_id))
         return HTTPStatus.NO_CONTENT, None
 
+    async def create_share(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
+        kernel = self.manager.get(kernel_id)
+        role = self._json_body(request).get("role")
+        if role not in (Role.COLLABORATOR.value, Role.OBSERVER.value):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, 'role must be "collaborator" or "observer"')
+        share, token = self.auth.share(kernel.id, Role(role))
+        url = f"/login?token={token}&next=/%3Fkernel%3D{kernel.id}"
+        return HTTPStatus.CREATED, {**share.to_json(), "token": token, "url": url}
+
+    async def list_shares(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
+        kernel = self.manager.get(kernel_id)
+        return HTTPStatus.OK, [s.to_json() for s in self.auth.shares(kernel.id)]
+
+    async def revoke_share(
+        self, request: server.Request, kernel_id: str, share_id: str
+    ) -> tuple[int, Any]:
+        kernel = self.manager.get(kernel_id)
+        if self.auth.revoke(kernel.id, share_id) is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no share {share_id} of this kernel")
+        kernel.revoke(share_id)
+        return HTTPStatus.NO_CONTENT, None
+
     async def restart_kernel(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
         kernel = await self.manager.restart(self.manager.get(kernel_id))
         return HTTPStatus.OK, kernel.model()
+
+    async def channels_not_upgraded(self, request: server.Request, kernel_id: str):
+        raise HTTPError(
+            HTTPStatus.BAD_REQUEST, "the kernel channels are a websocket: send Upgrade: websocket"
+        )
+
+    async def list_kernelspecs(self, request: server.Request) -> tuple[int, Any]:
+        return HTTPStatus.OK, kernelspecs_model()
+
+    async def get_kernelspec(self, request: server.Request, name: str) -> tuple[int, Any]:
+        model = kernelspec_model(name)
+        if model is None:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no kernel spec named {name!r}")
+        return HTTPStatus.OK, model
+
+    # -- sessions (for clients that talk to cellmux directly) -----------------
+
+    def _session_model(self, session: Session) -> dict[str, Any]:
+        return session.model(self.manager.get(session.kernel_id).model())
+
+    async def _session_kernel(self, kernel_id: str | None, name: str | None):
+        """The kernel a session asks for: an existing one by id, or a new one."""
+        if kernel_id is not None:
+            return self.manager.get(kernel_id)
+        name = name or DEFAULT_SPEC
+        if kernelspec_model(name) is None:
+            raise SessionError(HTTPStatus.NOT_IMPLEMENTED, f"no kernel spec named {name!r}")
+        return await self.manager.create(name)
+
+    def _release_kernel(self, kernel_id: str) -> None:
+        """Shut a session's old kernel down unless another session uses it."""
+        if kernel_id in self.manager.kernels and not self.sessions.kernel_in_use(kernel_id):
+            self.manager.delete(self.manager.get(kernel_id))
+
+    async def list_sessions(self, request: server.Request) -> tuple[int, Any]:
+        return HTTPStatus.OK, [self._session_model(s) for s in self.sessions.all()]
+
+    async def create_session(self, request: server.Request) -> tuple[int, Any]:
+        body = self._json_body(request)
+        path, name, kind = session_fields(body)
+        if not path:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "a session needs a path")
+        # Jupyter answers a second POST for the same path with the first session.
+        session = self.sessions.by_path(path)
+        if session is None:
+            kernel = await self._session_kernel(*kernel_request(body))
+            session = self.sessions.add(path, name or "", kind or "", kernel.id)
+        request.setHeader(b"location", f"/api/sessions/{session.id}".encode())
+        return HTTPStatus.CREATED, self._session_model(session)
+
+    async def get_session(self, request: server.Request, session_id: str) -> tuple[int, Any]:
+        return HTTPStatus.OK, self._session_model(self.sessions.get(session_id))
+
+    async def update_session(self, request: server.Request, session_id: str) -> tuple[int, Any]:
+        body = self._json_body(request)
+        before = self.sessions.get(session_id)
+        path, name, kind = session_fields(body)
+        changes = {k: v for k, v in (("path", path), ("name", name), ("type", kind)) if v}
+        kernel_id, spec = kernel_request(body)
+        if (kernel_id is not None and kernel_id != before.kernel_id) or (
+            kernel_id is None and spec is not None
+        ):
+            changes["kernel_id"] = (await self._session_kernel(kernel_id, spec)).id
+        session = self.sessions.update(session_id, **changes)
+        if session.kernel_id != before.kernel_id:
+            self._release_kernel(before.kernel_id)
+        return HTTPStatus.OK, self._session_model(session)
+
+    async def delete_session(self, request: server.Request, session_id: str) -> tuple[int, Any]:
+        session = self.sessions.remove(session_id)
+        self._release_kernel(session.kernel_id)
+        return HTTPStatus.NO_CONTENT, None

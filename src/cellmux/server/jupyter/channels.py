@@ -1,0 +1,434 @@
+# -*- test-case-name: tests.test_jupyter_ws -*-
+"""``/api/kernels/{id}/channels``: Jupyter clients on cellmux kernels.
+
+Called from Autobahn: onConnect (admission, format choice), onOpen,
+onMessage, onClose.
+Called from Twisted (IPushProducer, registered on the TCP transport):
+pauseProducing, resumeProducing, stopProducing.
+Called by the kernel (L{ClientSink}): wants, send_frame, gap, kernel_gone, revoked.
+
+Credentials are those of the native endpoint: the server token, or a share
+token (or its login cookie) for this one kernel; an observer's share
+receives output but sends nothing and never sees stdin prompts.
+
+The format (legacy JSON or v1) is chosen once, in onConnect, as a codec;
+everything after that goes through it. Translating and checking messages is
+the sans-IO L{codec} module's job; this class only wires it to Autobahn and
+to the L{Kernel}.
+
+Flow is the native endpoint's: while the socket keeps up, kernel messages
+are written as they come; when Twisted pauses us (the client reads too
+slowly) only the last seq written is kept, and on resume the missed
+messages come from the kernel's replay log (after a notice if the log
+moved past them). A slow Jupyter client costs the server no growing buffer; one
+that sends requests also holds back its kernel's link credit.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections import OrderedDict
+from datetime import UTC, datetime
+from typing import Any
+
+from autobahn.twisted.websocket import (
+    ConnectionDeny,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from cellmux.protocol import (
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNSUPPORTED_DATA,
+    Channel,
+    JupyterSocket,
+    ProtocolError,
+    decode_frame,
+)
+from cellmux.protocol.jupyter import jupyter_parts
+
+from ..auth import Grant, OriginPolicy, Role
+from ..kernels import Kernel, KernelError, KernelManager
+from .codec import (
+    Codec,
+    JupyterCodecError,
+    JupyterMessage,
+    channel_name,
+    codec_for,
+    parse_json_object,
+    to_kernel,
+)
+
+__all__ = [
+    "CLOSE_KERNEL_GONE",
+    "JupyterChannels",
+    "JupyterChannelsFactory",
+    "channels_path_kernel",
+]
+
+#: Close code when the kernel was shut down (same as the native endpoint).
+CLOSE_KERNEL_GONE = 4000
+#: Close code when the share this client came in with was revoked.
+CLOSE_FORBIDDEN = 4403
+#: After this many refused messages a client is cut off.
+MAX_REFUSED = 100
+#: Longest session_id accepted (Jupyter's are uuids).
+MAX_SESSION_ID = 200
+#: Distinct header.session values one client may use (JupyterLab uses one).
+MAX_CLIENT_SESSIONS = 16
+#: Sessions whose last delivered seq is remembered, per kernel, for replay.
+MAX_REMEMBERED_SESSIONS = 256
+
+_PATH = re.compile(r"/api/kernels/(?P<kernel_id>[^/]+)/channels/?")
+
+#: What a Jupyter client receives: every Jupyter channel, but not the
+#: server's file notices or plugin channels, which Jupyter clients don't know.
+_JUPYTER_CHANNELS = frozenset(
+    {
+        Channel.STDIN,
+        Channel.STDOUT,
+        Channel.STDERR,
+        Channel.STATUS,
+        Channel.INTROSPECTION,
+        Channel.EXECUTE,
+        Channel.DISPLAY,
+        Channel.COMM,
+        Channel.KERNEL,
+    }
+)
+
+
+_REPLY_SOCKETS = frozenset({JupyterSocket.SHELL, JupyterSocket.CONTROL})
+
+
+def channels_path_kernel(path: str) -> str | None:
+    """The kernel id in a ``/api/kernels/{id}/channels`` path, else None."""
+    match = _PATH.fullmatch(path)
+    return match["kernel_id"] if match else None
+
+
+@implementer(IPushProducer)
+class JupyterChannels(WebSocketServerProtocol):
+    """One Jupyter client's websocket on one kernel."""
+
+    # Like the native endpoint: no twisted Logger on the protocol itself,
+    # Autobahn's debug lines carry the upgrade headers (and the token).
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codec: Codec | None = None
+        self.kernel: Kernel | None = None
+        self.grant = Grant(Role.OBSERVER, kernel_id="")  # set by onConnect
+        #: The query's session_id: the key of this client's replay cursor.
+        self.session_id = ""
+        #: What the kernel routes input_request by: the ``header.session``
+        #: of this client's requests (JupyterLab and jupyter_server use the
+        #: session_id there; a client that doesn't still gets its prompts).
+        self.session = ""
+        #: Every header.session this client used: shell and control replies
+        #: to other clients' requests are not its business (Jupyter routes
+        #: them to the requesting socket only).
+        self._own_sessions: set[str] = set()
+        self._refused = 0
+        #: The seq of the last kernel message written (or skipped as not ours).
+        self._cursor = 0
+        #: Twisted asked us to stop writing.
+        self._paused = False
+        #: Messages went to the replay log only; catch up on resume.
+        self._behind = False
+
+    @property
+    def manager(self) -> KernelManager:
+        return self.factory.manager
+
+    # -- called from Autobahn ---------------------------------------------
+
+    def onConnect(self, request) -> str | None:
+        grant = self.factory.auth.upgrade_grant(request.headers, request.params)
+        if grant is None:
+            raise ConnectionDeny(403, "a valid token is required")
+        headers = request.headers
+        if not self.factory.origins.allows(headers.get("origin"), headers.get("host")):
+            raise ConnectionDeny(403, "this origin may not connect")
+        kernel_id = channels_path_kernel(request.path)
+        if kernel_id is None:
+            raise ConnectionDeny(404, "use /api/kernels/{id}/channels")
+        if not grant.covers(kernel_id):
+            raise ConnectionDeny(403, "this token is for another kernel")
+        self.grant = grant
+        try:
+            self.kernel = self.manager.get(kernel_id)
+        except KernelError as e:
+            raise ConnectionDeny(404, str(e)) from None
+        session_id = (request.params.get("session_id") or [""])[0]
+        if len(session_id) > MAX_SESSION_ID:
+            raise ConnectionDeny(400, f"session_id is longer than {MAX_SESSION_ID} characters")
+        self.session_id = session_id
+        self.session = session_id or uuid.uuid4().hex
+        self._own_sessions.add(self.session)
+        self.codec = codec_for(request.protocols)
+        return self.codec.subprotocol
+
+    def onOpen(self) -> None:
+        self.transport.setTcpNoDelay(True)
+        # twisted.web's HTTP channel is still the transport's producer after
+        # Autobahn took the transport over: replace it, so a full socket
+        # buffer pauses this connection.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        self.transport.registerProducer(self, True)
+        kernel = self.kernel
+        if kernel is None:
+            return
+        if kernel.id not in self.manager.kernels:  # shut down during the handshake
+            self.kernel_gone("shut down")
+            return
+        # The same session again resumes after what it was last sent.
+        cursor = self.factory.cursor(kernel.id, self.session_id)
+        self._cursor = kernel.seq if cursor is None else min(cursor, kernel.seq)
+        kernel.attach(self, cursor=cursor)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            message = self.codec.decode(payload, isBinary)
+            bound = to_kernel(message)
+        except JupyterCodecError as e:
+            self._refuse(e, close_code=CLOSE_UNSUPPORTED_DATA if e.code == "text_frame" else None)
+            return
+        if not self.grant.role.may_execute:
+            error = JupyterCodecError(
+                "forbidden", "observers cannot send to the kernel", bound.header
+            )
+            self._refuse(error, count=False)
+            return
+        session = bound.header.get("session")
+        if isinstance(session, str) and session and len(self._own_sessions) < MAX_CLIENT_SESSIONS:
+            self._own_sessions.add(session)
+        if bound.socket is JupyterSocket.SHELL and session in self._own_sessions:
+            self.session = session
+        kernel = self.kernel
+        if kernel is None:
+            self._refuse(JupyterCodecError("kernel_gone", "the kernel was shut down", bound.header))
+            return
+        try:
+            kernel.send(bound.channel, bound.socket, bound.parts)
+        except KernelError as e:
+            self._refuse(JupyterCodecError(e.code, str(e), bound.header), count=False)
+            return
+        # A client that sends requests drives the kernel: if it cannot keep
+        # up with the output, the kernel waits for it (link credit).
+        kernel.writers.add(self)
+        if bound.channel == Channel.EXECUTE:
+            kernel.remember_input(self.session, bound.parts[0], bound.parts[3])
+        elif bound.channel == Channel.STDIN:
+            kernel.input_answered(self.session)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.kernel is not None:
+            self.factory.delivered(self.kernel.id, self.session_id, self._cursor)
+            self.kernel.detach(self)
+            self.kernel = None
+
+    # -- called from Twisted: IPushProducer ----------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.kernel is not None:
+            self.kernel.congested(self)
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._behind:
+            self._catch_up()
+        if not self._paused and self.kernel is not None:
+            self.kernel.uncongested(self)
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # -- ClientSink ---------------------------------------------------------
+
+    def wants(self, channel: int) -> bool:
+        if channel == Channel.STDIN and not self.grant.role.may_execute:
+            return False  # observers never see prompts, whatever their session
+        return channel in _JUPYTER_CHANNELS
+
+    def send_frame(self, data: bytes) -> None:
+        if self._paused or self._behind:
+            self._behind = True  # it is in the replay log; we catch up later
+            return
+        self._deliver(data)
+
+    def _deliver(self, data: bytes) -> None:
+        """Translate one cellmux frame and write it, if it is this client's."""
+        try:
+            frame = decode_frame(data, self.manager.config.max_frame_size)
+        except ProtocolError as e:
+            self.factory.log.warn("dropped an undecodable frame: {error}", error=e)
+            return
+        self._cursor = frame.seq or self._cursor
+        if frame.socket in _REPLY_SOCKETS and not self._asked(frame.parts):
+            return
+        try:
+            message = JupyterMessage(channel_name(frame.socket), frame.parts)
+            payload, binary = self.codec.encode(message)
+        except (JupyterCodecError, ValueError) as e:
+            # Only a kernel makes such a message; its other output still flows.
+            self.factory.log.warn(
+                "dropped a kernel message Jupyter clients cannot read: {error}", error=e
+            )
+            return
+        self.sendMessage(payload, isBinary=binary)
+
+    def _catch_up(self) -> None:
+        """Write what the client missed while paused, until paused again."""
+        kernel = self.kernel
+        if kernel is None:
+            self._behind = False
+            return
+        gap, entries = kernel.replay.after(self._cursor)
+        if gap is not None:
+            self.gap(gap.first, gap.last)
+        for entry in entries:
+            if self._paused:
+                return  # still behind; resumeProducing brings us back
+            if (entry.session is None or entry.session == self.session) and self.wants(
+                entry.channel
+            ):
+                self._deliver(entry.data)
+            self._cursor = entry.seq
+        self._behind = self._paused
+
+    def gap(self, first: int, last: int) -> None:
+        """Replay could not reach back far enough: say what was lost, in the notebook."""
+        missed = last - first + 1
+        now = datetime.fromtimestamp(self.manager.clock.seconds(), UTC)
+        text = (
+            f"cellmux: {missed} kernel message(s) (#{first}-#{last}) sent while this client "
+            "was away are no longer kept and cannot be replayed\n"
+        )
+        parts = jupyter_parts("stream", {"name": "stderr", "text": text}, now=now)
+        self.send_frame_unnumbered(JupyterSocket.IOPUB, parts)
+        self._cursor = max(self._cursor, last)
+
+    def _asked(self, parts: tuple[bytes, ...]) -> bool:
+        """Whether this client made the request a shell or control reply answers."""
+        try:
+            parent = parse_json_object(parts[1], "parent_header") if len(parts) > 1 else {}
+        except JupyterCodecError:
+            return False
+        return parent.get("session") in self._own_sessions
+
+    def kernel_gone(self, reason: str) -> None:
+        self.kernel = None
+        self.sendClose(CLOSE_KERNEL_GONE, f"kernel {reason}"[:120])
+
+    def revoked(self) -> None:
+        """The share this connection came in with was revoked."""
+        if self.kernel is not None:
+            self.kernel.detach(self)
+            self.kernel = None
+        self.sendClose(CLOSE_FORBIDDEN, "access revoked")
+
+    # -- helpers ------------------------------------------------------------
+
+    def _refuse(
+        self, error: JupyterCodecError, close_code: int | None = None, count: bool = True
+    ) -> None:
+        """Tell the client why its message was not relayed.
+
+        A message whose header could be read is answered in Jupyter's own
+        terms (an error reply to a request, else a stderr stream), so the
+        notebook shows it; a frame too broken for that closes the socket
+        with the reason.
+        """
+        self.factory.log.info(
+            "refused a Jupyter message on kernel {kernel}: {code}: {message}",
+            kernel=self.kernel.id if self.kernel else None,
+            code=error.code,
+            message=error.message,
+        )
+        if count:
+            self._refused += 1
+        if error.header is None or close_code is not None or self._refused > MAX_REFUSED:
+            code = close_code or CLOSE_PROTOCOL_ERROR
+            self.sendCloseFrame(code, error.message.encode()[:120], isReply=False)
+            return
+        self._answer_error(error)
+
+    def _answer_error(self, error: JupyterCodecError) -> None:
+        header = error.header
+        msg_type = str(header.get("msg_type", ""))
+        now = datetime.fromtimestamp(self.manager.clock.seconds(), UTC)
+        text = f"cellmux refused {msg_type or 'a message'}: {error.message}"
+        if msg_type.endswith("_request"):
+            socket = self._socket_of(header)
+            content = {"status": "error", "ename": "CellmuxError", "evalue": text, "traceback": []}
+            parts = jupyter_parts(
+                msg_type[: -len("request")] + "reply", content, now=now, parent=header
+            )
+        else:
+            socket = JupyterSocket.IOPUB
+            parts = jupyter_parts(
+                "stream", {"name": "stderr", "text": text + "\n"}, now=now, parent=header
+            )
+        self.send_frame_unnumbered(socket, parts)
+
+    @staticmethod
+    def _socket_of(header: dict[str, Any]) -> JupyterSocket:
+        # Control requests are answered on control, everything else on shell.
+        control = {"interrupt_request", "shutdown_request", "debug_request"}
+        return JupyterSocket.CONTROL if header.get("msg_type") in control else JupyterSocket.SHELL
+
+    def send_frame_unnumbered(self, socket: JupyterSocket, parts: tuple[bytes, ...]) -> None:
+        """A server-made message for this client only (seq 0: not in the replay log)."""
+        payload, binary = self.codec.encode(JupyterMessage(channel_name(socket), parts))
+        self.sendMessage(payload, isBinary=binary)
+
+
+class JupyterChannelsFactory(WebSocketServerFactory):
+    """Builds L{JupyterChannels}; remembers each session's replay cursor."""
+
+    protocol = JupyterChannels
+    log = Logger()
+
+    def __init__(self, manager: KernelManager, auth, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.manager = manager
+        self.auth = auth
+        self.origins = OriginPolicy.from_strings(manager.config.allow_origins)
+        # kernel id -> session_id -> last seq delivered (LRU per kernel)
+        self._cursors: dict[str, OrderedDict[str, int]] = {}
+        max_size = manager.config.max_frame_size
+        self.setProtocolOptions(
+            maxMessagePayloadSize=max_size,
+            maxFramePayloadSize=max_size,
+            # jupyter_server's keepalive: ping every 30 s, give up after 90.
+            autoPingInterval=30,
+            autoPingTimeout=90,
+            failByDrop=False,
+            # Compression of big outputs blocks the reactor; Jupyter's is off too.
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def delivered(self, kernel_id: str, session_id: str, seq: int) -> None:
+        if not session_id:
+            return  # no session_id, no way to come back to it
+        sessions = self._cursors.get(kernel_id)
+        if sessions is None:
+            self._cursors = {k: v for k, v in self._cursors.items() if k in self.manager.kernels}
+            sessions = self._cursors[kernel_id] = OrderedDict()
+        sessions[session_id] = seq
+        sessions.move_to_end(session_id)
+        if len(sessions) > MAX_REMEMBERED_SESSIONS:
+            sessions.popitem(last=False)
+
+    def cursor(self, kernel_id: str, session_id: str) -> int | None:
+        """The last seq sent to this session of this kernel, if it was here before."""
+        if not session_id:
+            return None
+        return self._cursors.get(kernel_id, {}).get(session_id)
