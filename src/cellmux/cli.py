@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from twisted.python import usage
@@ -41,7 +42,7 @@ def serve(argv: list[str]) -> int:
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 0
+    return 1 if service.start_failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +55,35 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser(
         "serve", help="run the server (cellmux serve --help for its options)", add_help=False
     )
+    for name, (help_text, _module) in CLIENT_COMMANDS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "serve":
         return serve(rest)
+    if args.command in CLIENT_COMMANDS:
+        return run_client_command(args.command, rest)
     parser.print_help()
     return 2
+
+
+#: The terminal clients: name -> (help, module in cellmux.terminal). Each
+#: module is imported only when its command runs, so that ``serve`` does
+#: not load the client.
+CLIENT_COMMANDS = {
+    "run": ("run a file, some of its lines or a cell in a kernel", "run"),
+    "console": ("a terminal console on a kernel", "console"),
+    "attach": ("attach a console to a kernel, or --watch it read-only", "watch"),
+    "kernels": ("list the server's kernels", "table"),
+}
+
+
+def run_client_command(name: str, argv: list[str]) -> int:
+    """Parse C{argv} for the terminal command C{name} and run it."""
+    help_text, module_name = CLIENT_COMMANDS[name]
+    module = importlib.import_module("cellmux.terminal." + module_name)
+    parser = argparse.ArgumentParser(prog=f"cellmux {name}", description=help_text)
+    module.add_arguments(parser)
+    return module.main(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

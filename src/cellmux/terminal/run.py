@@ -1,0 +1,174 @@
+# -*- test-case-name: tests.test_terminal_run -*-
+"""``cellmux run FILE``: run a file, some of its lines or one of its cells.
+
+The code goes to the kernel with its file name and first line number
+(``execute_request`` metadata, docs/protocol.md), so tracebacks,
+``inspect.getsource`` and pdb name the real file and line. Output is written
+as it arrives; ``input()``, ``getpass`` and pdb read from this terminal.
+
+Exit status: 0 when the code ran, 1 when it raised, 2 for bad arguments (a
+missing file, lines out of range), 3 when the server cannot be reached or
+refuses, 130 after Ctrl-C (which interrupts the kernel).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import re
+import sys
+import time
+
+import attrs
+
+from cellmux.client import CellmuxError
+
+from .render import PROMPT_GRACE, Renderer
+from .server import (
+    EXIT_SERVER,
+    EXIT_USAGE,
+    KernelNames,
+    ServerOptions,
+    add_server_arguments,
+    fail,
+    open_kernel,
+)
+
+__all__ = ["CELL_MARKER", "Selection", "SelectionError", "add_arguments", "main", "select"]
+
+#: A line starting a cell, as VS Code, Spyder and PyCharm write it.
+CELL_MARKER = re.compile(r"^\s*#\s*%%")
+#: Exit status when the code raised.
+EXIT_RAISED = 1
+#: Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+
+class SelectionError(ValueError):
+    """The lines or cell asked for are not in the file."""
+
+
+@attrs.frozen
+class Selection:
+    """The code to run and the file line it starts at (1-based)."""
+
+    code: str
+    first_line: int
+
+
+def _parse_range(spec: str, count: int) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d*)\s*)?", spec)
+    if match is None:
+        raise SelectionError(f"--lines wants A-B, A- or A (1-based line numbers), not {spec!r}")
+    first = int(match.group(1))
+    last = first if match.group(2) is None else int(match.group(2) or count)
+    if first < 1 or last < first:
+        raise SelectionError(f"--lines {spec}: lines are numbered from 1, with A <= B")
+    if last > count:
+        raise SelectionError(f"--lines {spec}: the file has {count} lines")
+    return first, last
+
+
+def _cells(lines: list[str]) -> list[tuple[int, int]]:
+    """(first, last) line numbers of each cell's body, markers excluded.
+
+    Text before the first marker is a cell only if it holds some code.
+    """
+    starts = [i + 1 for i, line in enumerate(lines) if CELL_MARKER.match(line)]
+    cells = []
+    if not starts or any(line.strip() for line in lines[: starts[0] - 1]):
+        cells.append((1, (starts[0] - 1) if starts else len(lines)))
+    for n, marker in enumerate(starts):
+        end = starts[n + 1] - 1 if n + 1 < len(starts) else len(lines)
+        cells.append((marker + 1, end))
+    return cells
+
+
+def select(
+    text: str, *, lines: str | None = None, cell: int | None = None, at: int | None = None
+) -> Selection:
+    """The part of a file's C{text} to run: C{lines} ("A-B"), the C{cell}-th cell
+    (from 1), the cell containing line C{at}, or everything.
+
+    @raise SelectionError: if the file has no such lines or cell.
+    """
+    all_lines = text.splitlines(keepends=True)
+    if lines is not None:
+        first, last = _parse_range(lines, len(all_lines))
+    elif cell is not None or at is not None:
+        cells = _cells(all_lines)
+        if cell is not None:
+            if not 1 <= cell <= len(cells):
+                raise SelectionError(f"--cell {cell}: the file has {len(cells)} cells")
+            first, last = cells[cell - 1]
+        else:
+            assert at is not None
+            if not 1 <= at <= max(len(all_lines), 1):
+                raise SelectionError(f"--at {at}: the file has {len(all_lines)} lines")
+            # A marker line belongs to the cell it opens.
+            first, last = next(((a, b) for a, b in cells if a - 1 <= at <= b), cells[-1])
+    else:
+        first, last = 1, len(all_lines)
+    return Selection("".join(all_lines[first - 1 : last]), first)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="the Python file")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--lines", metavar="A-B", help="run lines A to B (1-based, inclusive)")
+    which.add_argument("--cell", type=int, metavar="N", help="run the N-th '# %%%%' cell")
+    which.add_argument("--at", type=int, metavar="LINE", help="run the cell containing LINE")
+    parser.add_argument(
+        "--kernel",
+        metavar="NAME",
+        help="a kernel id, or a name kept between runs (default: 'default')",
+    )
+    add_server_arguments(parser)
+
+
+def _ask(prompt: str, password: bool) -> str:
+    """Answer the kernel's input() or pdb prompt from this terminal."""
+    time.sleep(PROMPT_GRACE)
+    if password:
+        return getpass.getpass(prompt)
+    return input(prompt)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            text = f.read()
+        selection = select(text, lines=args.lines, cell=args.cell, at=args.at)
+    except (OSError, UnicodeDecodeError, SelectionError) as e:
+        return fail(str(e), EXIT_USAGE)
+    if not selection.code.strip():
+        return 0
+    options = ServerOptions.from_args(args)
+    renderer = Renderer(sys.stdout, sys.stderr)
+    metadata = {
+        "cellmux": {"filename": os.path.abspath(args.file), "first_line": selection.first_line}
+    }
+    try:
+        with options.client() as client:
+            model = open_kernel(client, KernelNames(options.url), args.kernel)
+            with client.connect(model.id) as kernel:
+                try:
+                    result = kernel.execute(
+                        selection.code,
+                        on_output=renderer.output,
+                        on_stdin=_ask,
+                        metadata=metadata,
+                    )
+                except KeyboardInterrupt:
+                    client.interrupt_kernel(model.id)
+                    renderer.line("cellmux: interrupted the kernel", sys.stderr)
+                    # A thread may still be blocked reading the terminal for
+                    # input(); a normal exit would wait for it forever.
+                    sys.stdout.flush()
+                    os._exit(EXIT_INTERRUPTED)
+    except EOFError:
+        return fail("input ended while the code waited for it; interrupted the kernel", 1)
+    except (CellmuxError, TimeoutError) as e:
+        return fail(str(e), EXIT_SERVER)
+    return 0 if result.ok else EXIT_RAISED
