@@ -36,6 +36,12 @@ def _not_negative(_instance: object, attribute: attrs.Attribute, value: float) -
         raise ConfigError(f"{attribute.name} must not be negative, not {value!r}")
 
 
+def _uid_range(_instance: object, attribute: attrs.Attribute, value: tuple) -> None:
+    ints = len(value) == 2 and all(isinstance(v, int) for v in value)
+    if not ints or not 0 < value[0] <= value[1]:
+        raise ConfigError(f"{attribute.name} must be [first, last] uids above 0, not {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class ServerConfig:
     """Everything the server can be told. See docs/operations.md."""
@@ -60,11 +66,88 @@ class ServerConfig:
     kernel_start_timeout: float = attrs.field(default=60.0, validator=_positive)
     #: Seconds between SIGTERM and SIGKILL when a kernel is ended.
     kill_grace: float = attrs.field(default=1.0, validator=_not_negative)
+    #: Bytes of recent frames each kernel keeps for clients that reconnect
+    #: or fall behind (the replay log).
+    replay_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
+    #: Seconds an input request waits for its client to come back; then the
+    #: kernel's input() raises EOFError with a note on stderr.
+    stdin_timeout: float = attrs.field(default=300.0, validator=_positive)
+    #: Seconds without an answer to the link ping before a kernel is shown
+    #: as unresponsive (e.g. C code holding the GIL).
+    unresponsive_after: float = attrs.field(default=2.0, validator=_positive)
+    #: Seconds a kernel with no client attached may stay idle before it is
+    #: ended (0: never).
+    idle_timeout: float = attrs.field(default=3600.0, validator=_not_negative)
+    #: Seconds a kernel may live at all (0: no limit).
+    max_lifetime: float = attrs.field(default=0.0, validator=_not_negative)
+    #: Start a fresh kernel under the same id when a kernel's process dies.
+    auto_restart: bool = False
+    #: Browser origins (regular expressions, matched against the whole
+    #: ``scheme://host[:port]``) that may open websockets besides the
+    #: server's own; e.g. ``https://docs\.example\.org``.
+    allow_origins: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: Where the server records its kernels so that the next start can end
+    #: any it left behind (None: ~/.local/state/cellmux).
+    state_dir: str | None = None
     #: Extra environment variables for every kernel.
     kernel_env: dict[str, str] = attrs.Factory(dict)
+    #: First and last uid (and gid) given to kernels when the server runs as
+    #: root, one per kernel; no /etc/passwd entries are needed. Give each
+    #: server on a machine its own range.
+    kernel_uid_range: tuple[int, int] = attrs.field(
+        default=(200000, 299999), converter=tuple, validator=_uid_range
+    )
+    #: Let kernels reach the network (False: each kernel has its own network
+    #: namespace with only loopback, when the server runs as root).
+    kernel_network: bool = False
+    #: Per-kernel limits (0: none). CPU seconds each kernel process may use
+    #: (SIGXCPU, then SIGKILL 2 CPU seconds later); the kernel is ended.
+    limit_cpu_seconds: int = attrs.field(default=3600, validator=_not_negative)
+    #: Memory in MiB: cgroup v2 memory.max where the machine delegates it
+    #: (the kernel is ended), else RLIMIT_AS per process (allocations fail
+    #: with MemoryError). Address space, not resident memory: keep it generous.
+    limit_memory_mb: int = attrs.field(default=4096, validator=_not_negative)
+    #: Processes and threads of one kernel (RLIMIT_NPROC; only with per-kernel
+    #: uids, i.e. when the server runs as root).
+    limit_processes: int = attrs.field(default=256, validator=_not_negative)
+    #: Open file descriptors per kernel process (RLIMIT_NOFILE).
+    limit_open_files: int = attrs.field(default=1024, validator=_not_negative)
+    #: Largest file a kernel may write, in MiB (RLIMIT_FSIZE: writes fail).
+    limit_file_size_mb: int = attrs.field(default=1024, validator=_not_negative)
+    #: MiB a kernel's working directory and its /tmp may hold, checked every
+    #: second; a kernel over it is ended.
+    limit_disk_mb: int = attrs.field(default=2048, validator=_not_negative)
+    #: Where permalinks live: a SQLite file path (or ``sqlite:///path``), or a
+    #: URL a store plugin handles (``postgresql://…``). Empty: a SQLite file in
+    #: the runtime directory. See docs/storage.md.
+    database: str = ""
+    #: Seconds one database call may take before its request gets a 503.
+    database_timeout: float = attrs.field(default=5.0, validator=_positive)
+    #: Largest request body (an upload) the server takes, in bytes; bigger
+    #: bodies are dropped as they arrive and answered with 413.
+    max_upload_size: int = attrs.field(default=100 * 1024 * 1024, validator=_positive)
+    #: Most bytes of files one kernel's directory may hold after an upload.
+    kernel_quota: int = attrs.field(default=1024 * 1024 * 1024, validator=_positive)
+    #: Longest wall time, in seconds, one ``POST /service`` run may take.
+    service_timeout: float = attrs.field(default=30.0, validator=_positive)
 
     def replace(self, **changes: Any) -> ServerConfig:
         return attrs.evolve(self, **changes)
+
+    def sandbox_settings(self) -> dict[str, Any]:
+        """The nursery's ``sandbox`` settings (see cellmux.kernel.sandbox)."""
+        return {
+            "uid_range": list(self.kernel_uid_range),
+            "network": self.kernel_network,
+            "limits": {
+                "cpu_seconds": self.limit_cpu_seconds,
+                "memory_mb": self.limit_memory_mb,
+                "processes": self.limit_processes,
+                "open_files": self.limit_open_files,
+                "file_size_mb": self.limit_file_size_mb,
+                "disk_mb": self.limit_disk_mb,
+            },
+        }
 
     def kernel_environment(self) -> dict[str, str]:
         """The scrubbed environment kernels start with."""

@@ -28,6 +28,11 @@ class Options(usage.Options):
         ["max-kernels", None, None, "Most kernels alive at once [default: 200].", int],
         ["preload", None, None, "Comma-separated modules the nursery imports once."],
         ["runtime-dir", None, None, "Directory for the link socket and kernel dirs."],
+        ["database", None, None, "Permalink database: a SQLite path or a plugin's URL."],
+        ["max-upload-size", None, None, "Largest upload, in bytes [default: 100 MiB].", int],
+        ["kernel-quota", None, None, "Bytes uploads may fill a kernel's dir with.", int],
+        ["service-timeout", None, None, "Wall-time limit of POST /service [default: 30].", float],
+        ["state-dir", None, None, "Where kernels are recorded for crash recovery."],
     ]
 
     def postOptions(self) -> None:
@@ -46,6 +51,11 @@ def config_from_options(options: Options) -> ServerConfig:
         ("pool-size", "pool_size"),
         ("max-kernels", "max_kernels"),
         ("runtime-dir", "runtime_dir"),
+        ("database", "database"),
+        ("max-upload-size", "max_upload_size"),
+        ("kernel-quota", "kernel_quota"),
+        ("service-timeout", "service_timeout"),
+        ("state-dir", "state_dir"),
     ]:
         if options[option] is not None:
             settings[setting] = options[option]

@@ -25,9 +25,20 @@ from cellmux.config import ServerConfig
 
 from .api import ApiResource
 from .auth import TokenAuth
+from .files import FileNotices, FilesResource
+from .jupyter.channels import JupyterChannelsFactory
+from .jupyter.kernelspecs import KernelspecFiles
 from .kernels import KernelManager
 from .links import LinkRouter
+from .login import LoginResource
+from .longpoll import PollResource
 from .nursery import NurseryProcess
+from .oneshot import OneShotResource
+from .orphans import ServerRecord, default_state_dir, reap_orphans
+from .pages import EmbedKernels, PageResource, StaticResource, load_assets
+from .permalinks import PermalinkResource
+from .store import open_store
+from .webjson import bounded_request_factory
 from .websocket import ClientFactory
 
 __all__ = ["CellmuxService", "build_site"]
@@ -76,11 +87,30 @@ def redacted_log_formatter(timestamp: str, request: server.Request) -> str:
     return '"{}" - - {} "{}" {} {} "{}" "{}"'.format(*fields)
 
 
-def build_site(manager: KernelManager, auth: TokenAuth) -> server.Site:
+def build_site(manager: KernelManager, auth: TokenAuth, store=None) -> server.Site:
     root = _Root()
-    root.putChild(b"api", ApiResource(manager, auth))
+    jupyter_channels = WebSocketResource(JupyterChannelsFactory(manager, auth))
+    root.putChild(b"api", ApiResource(manager, auth, channels=jupyter_channels))
+    root.putChild(b"kernelspecs", KernelspecFiles(auth))
+    root.putChild(b"login", LoginResource(auth))
     root.putChild(b"ws", WebSocketResource(ClientFactory(manager, auth)))
-    site = server.Site(root, logFormatter=redacted_log_formatter)
+    # Permalinks, kernel files and one-shot runs (docs/storage.md).
+    notices = FileNotices(manager)
+    manager.idle_listeners.append(notices)
+    root.putChild(b"permalink", PermalinkResource(store, auth, manager.clock))
+    root.putChild(b"files", FilesResource(manager, auth, notices))
+    root.putChild(b"service", OneShotResource(manager, auth, manager.clock))
+    # The browser console and its bundle; long polling for blocked websockets.
+    assets = load_assets()
+    root.putChild(b"", PageResource(assets))
+    root.putChild(b"static", StaticResource(assets))
+    root.putChild(b"poll", PollResource(manager, auth))
+    root.putChild(b"embed", EmbedKernels(manager, auth))
+    site = server.Site(
+        root,
+        logFormatter=redacted_log_formatter,
+        requestFactory=bounded_request_factory(manager.config.max_upload_size),
+    )
     site.displayTracebacks = False
     return site
 
@@ -100,12 +130,16 @@ class CellmuxService(service.Service):
         self.auth = TokenAuth(token)
         self._token = token
         self.manager = KernelManager(reactor, config)
+        self.store = None
         self._runtime_dir: str | None = None
         self._owns_runtime_dir = False
         self._listening = None
         self._router = None
         self._zmq = None
         self.nursery: NurseryProcess | None = None
+        self._record: ServerRecord | None = None
+        #: Set when start-up failed (the command line then exits non-zero).
+        self.start_failed = False
         self.url: str | None = None
 
     def startService(self) -> None:
@@ -115,6 +149,7 @@ class CellmuxService(service.Service):
 
     def _start_failed(self, failure) -> None:
         self.log.failure("cellmux could not start", failure)
+        self.start_failed = True
         self.reactor.stop()
 
     async def _start(self) -> None:
@@ -127,9 +162,24 @@ class CellmuxService(service.Service):
         else:
             self._runtime_dir = tempfile.mkdtemp(prefix="cellmux-")
             self._owns_runtime_dir = True
+        # Before anything else: end what a crashed predecessor left running.
+        state_dir = config.state_dir or default_state_dir()
+        self.manager.lost = reap_orphans(state_dir)
+        self._record = ServerRecord(state_dir, self._runtime_dir)
         endpoint = f"ipc://{self._runtime_dir}/link.sock"
         self._zmq = ZmqFactory()
         self._router = LinkRouter(self._zmq, endpoint, self.manager, config.max_frame_size)
+        if os.geteuid() == 0:
+            # Kernels run under their own uids: they may pass through the
+            # runtime directory (not list it) and connect to the link socket.
+            os.chmod(self._runtime_dir, 0o711)
+            os.chmod(os.path.join(self._runtime_dir, "link.sock"), 0o666)
+        else:
+            self.log.warn(
+                "cellmux is not running as root: kernels run as its own user, "
+                "with rlimits only; they are NOT isolated from each other or "
+                "from the server, and can reach the network (docs/security.md)"
+            )
         nursery_env = config.kernel_environment()
         if "PYTHONPATH" in os.environ:  # so the nursery finds cellmux in a dev tree
             nursery_env["PYTHONPATH"] = os.environ["PYTHONPATH"]
@@ -142,17 +192,25 @@ class CellmuxService(service.Service):
                 "preload": list(config.preload),
                 "kernel_env": config.kernel_environment(),
                 "kill_grace": config.kill_grace,
+                "sandbox": config.sandbox_settings(),
             },
             nursery_env,
         )
         self.manager.bind(self.nursery, self._router)
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
+        self._record.nursery_pid = self.nursery.transport.pid
+        self.manager.change_listeners.append(self._write_record)
+        self._write_record()
         await self.nursery.ready
-        self.manager.refill()
+        self.manager.start()
         listen = endpoints.serverFromString(
             self.reactor, f"tcp:{config.port}:interface={config.host.replace(':', chr(92) + ':')}"
         )
-        self._listening = await listen.listen(build_site(self.manager, self.auth))
+        # Opening does no database I/O: a database that is down costs 503s, not the server.
+        self.store = open_store(
+            self.reactor, config.database, self._runtime_dir, config.database_timeout
+        )
+        self._listening = await listen.listen(build_site(self.manager, self.auth, self.store))
         port = self._listening.getHost().port
         host = f"[{config.host}]" if ":" in config.host else config.host
         base = f"http://{host}:{port}/"
@@ -164,10 +222,23 @@ class CellmuxService(service.Service):
         # sys.stdout is the log, so use the process's real stdout).
         print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)
 
+    def _write_record(self) -> None:
+        kernels = {
+            k.id: k.incarnation.pid
+            for k in self.manager.kernels.values()
+            if k.incarnation is not None and k.incarnation.pid
+        }
+        try:
+            self._record.write(kernels)
+        except OSError as e:
+            self.log.warn("cannot write the server record: {error}", error=e)
+
     async def _stop(self) -> None:
         if self._listening is not None:
             await self._listening.stopListening()
         self.manager.stop()
+        if self.store is not None:
+            await self.store.close()
         if self.nursery is not None:
             ended = self.nursery.shutdown()
             timeout = self.reactor.callLater(self.config.kill_grace + 5, ended.cancel)
@@ -182,6 +253,8 @@ class CellmuxService(service.Service):
             self._router.shutdown()
         if self._owns_runtime_dir and self._runtime_dir:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
+        if self._record is not None:
+            self._record.remove()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

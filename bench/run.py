@@ -1,0 +1,458 @@
+"""Run the benchmark suite: cellmux beside jupyter_server, in one run.
+
+    python bench/run.py [--quick] [--only rtt,stream] [--json bench/results.json]
+
+Writes the JSON results, docs/benchmarks.md (the table between the markers)
+and docs/benchmarks.png. See docs/benchmarks.md for the method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from drivers import CellmuxConnection, FloorConnection, JupyterConnection  # noqa: E402
+from report import write_report  # noqa: E402
+from servers import FloorKernel, Server, start_cellmux, start_jupyter  # noqa: E402
+
+#: Repetitions, chosen so that a full run stays under ~10 minutes on a
+#: shared 2-core machine. --quick divides them (for trying the harness).
+REPS = {
+    "start_warm": 20,
+    "start_empty": 12,
+    "start_jupyter": 10,
+    "rtt_rounds": 5,
+    "rtt_per_round": 40,
+    "stream": 3,
+    "messages": 2,
+    "fanout_lines": 2000,
+    "fanout_extra_kernels": 20,
+    "concurrency_kernels": 20,
+    "concurrency_sessions": 200,
+    "concurrency_cells": 5,
+    "memory_kernels": 10,
+}
+STREAM_LINES = 200_000
+MESSAGE_LINES = 20_000
+FANOUT_OBSERVERS = (1, 20, 100)
+FLOOD_CHUNKS = 64  # MiB the kernel writes at a client that does not read
+BUDGET_BYTES = 24 * 1024**3
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    if not values:
+        return float("nan")
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50": pct(values, 50),
+        "p90": pct(values, 90),
+        "p99": pct(values, 99),
+        "mean": statistics.fmean(values) if values else float("nan"),
+    }
+
+
+class Suite:
+    def __init__(self, reps: dict[str, int]) -> None:
+        self.reps = reps
+        self.servers: dict[str, Server] = {}
+        self.floor: FloorKernel | None = None
+        self.results: dict[str, Any] = {}
+
+    # -- targets -------------------------------------------------------------
+
+    def start(self) -> None:
+        self.servers["cellmux"] = start_cellmux("--pool-size", "4", "--max-kernels", "250")
+        self.servers["jupyter"] = start_jupyter(rate_limits=True)
+        self.servers["jupyter-nolimit"] = start_jupyter(rate_limits=False)
+        self.floor = FloorKernel.start()
+        self.servers["cellmux"].wait_pool(4)
+
+    def stop(self) -> None:
+        for server in self.servers.values():
+            server.stop()
+        if self.floor is not None:
+            self.floor.stop()
+
+    async def connect(
+        self, name: str, kernel_id: str, server: Server | None = None, max_queue: int | None = None
+    ):
+        server = server or self.servers[name]
+        cls = CellmuxConnection if server.kind == "cellmux" else JupyterConnection
+        return await cls.open(server.url, server.token, kernel_id, max_queue=max_queue)
+
+    @contextlib.asynccontextmanager
+    async def kernel_conn(self, name: str):
+        """A fresh kernel on target C{name}, attached, warmed by one cell."""
+        if name == "floor":
+            conn = FloorConnection(self.floor.info)
+            await conn.start()
+            try:
+                yield conn
+            finally:
+                await conn.close()
+            return
+        server = self.servers[name]
+        model = server.create_kernel()
+        conn = await self.connect(name, model["id"])
+        conn.kernel_id = model["id"]
+        try:
+            await conn.execute("0")
+            yield conn
+        finally:
+            await conn.close()
+            server.delete_kernel(model["id"])
+
+    # -- 1. start --------------------------------------------------------------
+
+    async def bench_start(self) -> None:
+        out: dict[str, Any] = {}
+
+        async def one(server: Server) -> float:
+            t0 = time.perf_counter()
+            model = server.create_kernel()
+            conn = await self.connect(server.kind, model["id"], server)
+            result = await conn.execute("1+1")
+            elapsed = time.perf_counter() - t0
+            assert result.status == "ok", result
+            await conn.close()
+            server.delete_kernel(model["id"])
+            return elapsed
+
+        cellmux = self.servers["cellmux"]
+        samples = []
+        for _ in range(self.reps["start_warm"]):
+            cellmux.wait_pool(4)
+            samples.append(await one(cellmux))
+        out["cellmux (warm pool)"] = summary(samples)
+
+        empty = start_cellmux("--pool-size", "0")
+        try:
+            await asyncio.sleep(1)
+            samples = [await one(empty) for _ in range(self.reps["start_empty"])]
+        finally:
+            empty.stop()
+        out["cellmux (empty pool)"] = summary(samples)
+
+        samples = []
+        for _ in range(self.reps["start_jupyter"]):
+            samples.append(await one(self.servers["jupyter"]))
+            await asyncio.sleep(0.3)  # let the deleted kernel go away
+        out["jupyter"] = summary(samples)
+        self.results["start"] = out
+
+    # -- 2. rtt ----------------------------------------------------------------
+
+    async def bench_rtt(self) -> None:
+        names = ["cellmux", "jupyter", "jupyter-nolimit", "floor"]
+        replies: dict[str, list[float]] = {n: [] for n in names}
+        idles: dict[str, list[float]] = {n: [] for n in names}
+        async with contextlib.AsyncExitStack() as stack:
+            conns = {n: await stack.enter_async_context(self.kernel_conn(n)) for n in names}
+            for conn in conns.values():
+                for _ in range(10):  # warm up
+                    await conn.execute("1+1")
+            # Rounds alternate the targets, so drift in the machine's load
+            # falls on all of them alike.
+            for _ in range(self.reps["rtt_rounds"]):
+                for name, conn in conns.items():
+                    for _ in range(self.reps["rtt_per_round"]):
+                        r = await conn.execute("1+1")
+                        replies[name].append(r.reply)
+                        idles[name].append(r.idle)
+        self.results["rtt"] = {
+            n: {"reply": summary(replies[n]), "idle": summary(idles[n])} for n in names
+        }
+
+    # -- 3 and 4. stream and messages ------------------------------------------
+
+    async def _output(self, key: str, code: str, lines: int, reps: int) -> None:
+        out = {}
+        expected = [str(i) for i in range(lines)]
+        for name in ["cellmux", "jupyter", "jupyter-nolimit", "floor"]:
+            runs = []
+            async with self.kernel_conn(name) as conn:
+                for _ in range(reps):
+                    r = await conn.execute(code)
+                    got = r.lines()
+                    runs.append(
+                        {
+                            "seconds": r.idle,
+                            "mb_per_s": r.stream_bytes / r.idle / 1e6,
+                            "messages": r.stream_messages,
+                            "messages_per_s": r.stream_messages / r.idle,
+                            "lines": len(got),
+                            "complete_in_order": got == expected,
+                        }
+                    )
+            best = min(runs, key=lambda x: x["seconds"])
+            out[name] = {
+                "runs": runs,
+                "seconds": statistics.median(x["seconds"] for x in runs),
+                "mb_per_s": statistics.median(x["mb_per_s"] for x in runs),
+                "messages_per_s": statistics.median(x["messages_per_s"] for x in runs),
+                "lines_min": min(x["lines"] for x in runs),
+                "all_complete": all(x["complete_in_order"] for x in runs),
+                "best": best,
+            }
+        self.results[key] = out
+
+    async def bench_stream(self) -> None:
+        code = f"for i in range({STREAM_LINES}): print(i)"
+        await self._output("stream", code, STREAM_LINES, self.reps["stream"])
+
+    async def bench_messages(self) -> None:
+        code = f"for i in range({MESSAGE_LINES}): print(i, flush=True)"
+        await self._output("messages", code, MESSAGE_LINES, self.reps["messages"])
+
+    # -- 5. fan-out ------------------------------------------------------------
+
+    async def bench_fanout(self) -> None:
+        out: dict[str, Any] = {}
+        extra = self.reps["fanout_extra_kernels"]
+        for name in ["cellmux", "jupyter", "jupyter-nolimit"]:
+            out[name] = {str(n): await self._fanout_once(name, n) for n in FANOUT_OBSERVERS}
+            if name == "jupyter-nolimit":
+                continue
+            # The same 20 observers while other kernels, each with a client,
+            # are alive: the cost per frame should not depend on them.
+            server = self.servers[name]
+            models = [server.create_kernel() for _ in range(extra)]
+            others = [await self.connect(name, m["id"]) for m in models]
+            for c in others:
+                await c.execute("0")
+            out[name][f"20, {extra} more kernels"] = await self._fanout_once(name, 20)
+            for c in others:
+                await c.close()
+            for m in models:
+                server.delete_kernel(m["id"])
+        self.results["fanout"] = out
+
+    async def _fanout_once(self, name: str, n: int) -> dict[str, Any]:
+        lines = self.reps["fanout_lines"]
+        code = f"for i in range({lines}): print(i, flush=True)"
+        expected = [str(i) for i in range(lines)]
+        proc = psutil.Process(self.servers[name].process.pid)
+        async with self.kernel_conn(name) as conn:
+            observers = [await self.connect(name, conn.kernel_id) for _ in range(n)]
+            await asyncio.sleep(0.5)
+            cpu0 = sum(proc.cpu_times()[:2])
+            msg_id = os.urandom(8).hex()
+            start = time.perf_counter()
+            watch = [asyncio.ensure_future(o.observe(msg_id, start)) for o in observers]
+            mine = await conn.execute(code, msg_id)
+            seen = await asyncio.gather(*watch)
+            last = max(s.idle for s in seen)
+            cpu = sum(proc.cpu_times()[:2]) - cpu0
+            frames = mine.messages + sum(s.messages for s in seen)
+            for o in observers:
+                await o.close()
+        return {
+            "seconds_to_last": last,
+            "frames": frames,
+            "server_cpu_s": cpu,
+            "server_us_per_frame": cpu / frames * 1e6,
+            "observers_complete": sum(s.lines() == expected for s in seen),
+            "lines_min": min(len(s.lines()) for s in seen),
+        }
+
+    # -- 6. concurrency --------------------------------------------------------
+
+    async def bench_concurrency(self) -> None:
+        nk = self.reps["concurrency_kernels"]
+        ns = self.reps["concurrency_sessions"]
+        cells = self.reps["concurrency_cells"]
+        out = {}
+        for name in ["cellmux", "jupyter"]:
+            server = self.servers[name]
+            t_setup = time.perf_counter()
+            models = [server.create_kernel() for _ in range(nk)]
+            conns = [await self.connect(name, models[i % nk]["id"]) for i in range(ns)]
+            print(
+                f"  {name}: {nk} kernels, {ns} sessions set up in "
+                f"{time.perf_counter() - t_setup:.1f} s",
+                flush=True,
+            )
+            for c in conns[:nk]:
+                await c.execute("0")
+            latencies: list[float] = []
+
+            async def session(conn, i: int, latencies: list[float] = latencies) -> None:
+                for j in range(cells):
+                    r = await conn.execute(f"{i} * {j}")
+                    latencies.append(r.idle)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(session(c, i) for i, c in enumerate(conns)))
+            wall = time.perf_counter() - t0
+            t_down = time.perf_counter()
+            await asyncio.gather(*(c.close() for c in conns))
+            t_closed = time.perf_counter()
+            for m in models:
+                server.delete_kernel(m["id"])
+            print(
+                f"  {name}: closed in {t_closed - t_down:.1f} s, deleted in "
+                f"{time.perf_counter() - t_closed:.1f} s",
+                flush=True,
+            )
+            out[name] = {
+                "kernels": nk,
+                "sessions": ns,
+                "cells": len(latencies),
+                "cells_per_s": len(latencies) / wall,
+                "latency": summary(latencies),
+            }
+            await asyncio.sleep(2)
+        self.results["concurrency"] = out
+
+    # -- 7. memory -------------------------------------------------------------
+
+    async def bench_memory(self) -> None:
+        out: dict[str, Any] = {}
+        for name in ["cellmux", "jupyter"]:
+            server = self.servers[name]
+            before = {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
+            models = [server.create_kernel() for _ in range(self.reps["memory_kernels"])]
+            for m in models:  # every kernel has run one cell
+                conn = await self.connect(name, m["id"])
+                await conn.execute("0")
+                await conn.close()
+            await asyncio.sleep(3)
+            if name == "cellmux":
+                pids = [server.request("GET", f"/api/kernels/{m['id']}")[1]["pid"] for m in models]
+            else:
+                after = psutil.Process(server.process.pid).children(recursive=True)
+                pids = [p.pid for p in after if p.pid not in before]
+            infos = [psutil.Process(pid).memory_full_info() for pid in pids]
+            uss = statistics.fmean(i.uss for i in infos)
+            pss = statistics.fmean(i.pss for i in infos)
+            rss = statistics.fmean(i.rss for i in infos)
+            for m in models:
+                server.delete_kernel(m["id"])
+            out[name] = {
+                "kernels": len(pids),
+                "uss_mb": uss / 2**20,
+                "pss_mb": pss / 2**20,
+                "rss_mb": rss / 2**20,
+                "fit_in_24gb": int(BUDGET_BYTES // uss),
+            }
+            await asyncio.sleep(2)
+        for name in ["cellmux", "jupyter", "jupyter-nolimit"]:
+            out.setdefault(name, {})["flood"] = await self._flood(name)
+        self.results["memory"] = out
+
+    async def _flood(self, name: str) -> dict[str, float]:
+        """Server RSS while a kernel writes FLOOD_CHUNKS MiB at a stalled client."""
+        server = self.servers[name]
+        proc = psutil.Process(server.process.pid)
+        model = server.create_kernel()
+        conn = await self.connect(name, model["id"], max_queue=1)
+        await conn.execute("0")
+        base = proc.memory_info().rss
+        code = (
+            "import sys\nchunk = ('x' * 1023 + '\\n') * 1024\n"
+            f"for i in range({FLOOD_CHUNKS}):\n    sys.stdout.write(chunk); sys.stdout.flush()"
+        )
+        msg_id = os.urandom(8).hex()
+        await conn.ws.send(conn._encode_execute(code, msg_id))
+        peak = base
+        t_end = time.perf_counter() + 8
+        while time.perf_counter() < t_end:  # the client reads nothing
+            peak = max(peak, proc.memory_info().rss)
+            await asyncio.sleep(0.1)
+        t0 = time.perf_counter()
+        r = await conn.observe(msg_id, t0)
+        await conn.close()
+        server.delete_kernel(model["id"])
+        return {
+            "base_rss_mb": base / 2**20,
+            "peak_growth_mb": (peak - base) / 2**20,
+            "received_mb": r.stream_bytes / 2**20,
+        }
+
+
+STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
+    "start": Suite.bench_start,
+    "rtt": Suite.bench_rtt,
+    "stream": Suite.bench_stream,
+    "messages": Suite.bench_messages,
+    "fanout": Suite.bench_fanout,
+    "concurrency": Suite.bench_concurrency,
+    "memory": Suite.bench_memory,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few repetitions (a smoke run)")
+    parser.add_argument("--only", default="", help="comma-separated stages")
+    parser.add_argument("--json", default=os.path.join(HERE, "results.json"))
+    parser.add_argument("--markdown", default=os.path.join(HERE, "..", "docs", "benchmarks.md"))
+    parser.add_argument("--chart", default=os.path.join(HERE, "..", "docs", "benchmarks.png"))
+    parser.add_argument("--label", default="", help="a note stored with the results")
+    args = parser.parse_args()
+    reps = dict(REPS)
+    if args.quick:
+        reps = {k: max(1, v // 4) for k, v in reps.items()}
+        reps["concurrency_sessions"] = 40
+        reps["concurrency_kernels"] = 4
+    stages = [s for s in args.only.split(",") if s] or list(STAGES)
+    suite = Suite(reps)
+    began = time.monotonic()
+    try:
+        suite.start()
+        for stage in stages:
+            t0 = time.monotonic()
+            asyncio.run(STAGES[stage](suite))
+            print(f"{stage}: {time.monotonic() - t0:.1f} s", flush=True)
+    finally:
+        suite.stop()
+    import ipykernel
+    import jupyter_server
+
+    doc = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "label": args.label,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_before": os.getloadavg(),
+        },
+        "versions": {
+            "ipykernel": ipykernel.__version__,
+            "jupyter_server": jupyter_server.__version__,
+        },
+        "reps": reps,
+        "seconds": time.monotonic() - began,
+        "results": suite.results,
+    }
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=1)
+    write_report(doc, args.markdown, args.chart)
+    print(json.dumps(suite.results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+# -*- test-case-name: tests.test_tuning -*-
+"""Latency changes to stock ipykernel, applied inside each forked kernel.
+
+Stock ipykernel 7 spends most of a ``1+1`` round trip waiting: six
+round trips to the IOPub thread to flush streams that hold nothing, a
+fixed 0.5 ms sleep before every execute_reply, and debug log records built
+only to be dropped by the handler. ../shared/reference/ipykernel_latency.md
+measured where the time goes; this module removes the waits that are safe
+to remove, and keeps the ordering Jupyter clients rely on:
+
+* ``busy`` comes first and ``idle`` last for every request, and nothing a
+  request printed (through ``sys.stdout``, the fd, or a subprocess) arrives
+  after its ``idle``;
+* output printed before a display (an ``execute_result``, ``display()``)
+  still arrives before it;
+* every IOPub message of an execute_request is handed to the IOPub socket
+  before its execute_reply is sent (the *barrier*).
+
+The changes, each measured in docs/benchmarks.md:
+
+1. ``_execute_sleep = 0``, replaced by the barrier, plus the old pause only
+   when stream text was flushed during the request.
+2. A flush that returns at once when nothing is buffered *and* nothing is
+   in flight on the redirected fd. The fd watcher thread is changed to
+   ``select()`` first, then raise a "moving" flag, then read, so that a
+   flush can tell "nothing there" from "read but not yet buffered": it
+   checks the pipe (FIONREAD), then the flag, then the buffers, and waits
+   (bounded) for data in flight before taking the usual slow path.
+3. One wake-up message to the IOPub thread per batch of scheduled events
+   instead of one per event (the queue stays FIFO).
+4. The kernel's logger filters at its own level instead of building every
+   debug record for the handler to drop.
+
+The patches change classes inside the forked kernel process only (never in
+the nursery, which is their parent), and must be installed before
+``IPKernelApp.initialize`` creates the output streams.
+
+The kernel environment variable ``CELLMUX_KERNEL_TUNING`` picks the changes:
+unset or ``all`` for all of them, ``none`` for stock ipykernel, or a comma
+list of ``sleep``, ``flush``, ``wakes``, ``log`` (the benchmarks measure
+each one this way; an operator can turn one off through ``kernel_env``).
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import functools
+import os
+import select
+import sys
+import termios
+import threading
+import time
+from typing import Any
+
+import zmq
+
+__all__ = ["CHANGES", "IN_FLIGHT_WAIT", "STREAM_PAUSE", "install", "selected"]
+
+#: The changes this module can make, by the names CELLMUX_KERNEL_TUNING uses.
+CHANGES = ("sleep", "flush", "wakes", "log")
+
+#: Longest a flush waits for fd output that the watcher thread is still
+#: moving (stock waits for none; a process writing faster than this is not
+#: "in flight" any more, it is still running).
+IN_FLIGHT_WAIT = 0.1
+#: Pause kept before execute_reply when stream text was published during
+#: the request (stock pauses this long for every request).
+STREAM_PAUSE = 0.0005
+#: How long the reply barrier waits for the IOPub thread (stock's flush
+#: timeout is 10 s; a wedged IOPub thread must not wedge the shell).
+BARRIER_TIMEOUT = 10.0
+
+_installed: set[str] = set()
+
+
+def selected(value: str | None) -> frozenset[str]:
+    """The changes named by a CELLMUX_KERNEL_TUNING value.
+
+    @raise ValueError: for a name that is not in L{CHANGES}.
+    """
+    value = (value or "all").strip()
+    if value == "all":
+        return frozenset(CHANGES)
+    if value == "none":
+        return frozenset()
+    names = frozenset(n.strip() for n in value.split(",") if n.strip())
+    unknown = sorted(names - set(CHANGES))
+    if unknown:
+        raise ValueError(f"CELLMUX_KERNEL_TUNING: unknown {', '.join(unknown)}")
+    return names
+
+
+def _pipe_pending(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD); 0 when it cannot tell."""
+    buf = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, buf, True)
+    except OSError:
+        return 0
+    return buf[0]
+
+
+def _patch_outstream() -> None:
+    from ipykernel import iostream
+
+    OutStream = iostream.OutStream
+    stock_flush = OutStream.flush
+    pipe_chunk = iostream.PIPE_BUFFER_SIZE
+
+    def _watch_pipe_fd(self) -> None:
+        # Same job as stock: move what is written to fd 1/2 into the stream.
+        # The order (select, flag, read, write, unflag) is what lets flush
+        # trust "pipe empty and flag down" to mean "nothing in flight".
+        if self._fid is None:
+            return
+        self._cellmux_moving = False
+        try:
+            while self._should_watch:
+                select.select([self._fid], [], [])
+                self._cellmux_moving = True
+                try:
+                    data = os.read(self._fid, pipe_chunk)
+                    if not data or not self._should_watch:
+                        return
+                    self.write(data.decode(errors="replace"))
+                    os.write(self._original_stdstream_copy, data)
+                finally:
+                    self._cellmux_moving = False
+        except Exception:
+            self._exc = sys.exc_info()
+
+    def _in_flight(self) -> bool:
+        fid = getattr(self, "_fid", None)
+        if fid is None or not self._should_watch:
+            return False
+        return _pipe_pending(fid) > 0 or getattr(self, "_cellmux_moving", False)
+
+    def _buffered(self) -> bool:
+        with self._buffer_lock:
+            return any(buffer.tell() for buffer in self._buffers.values())
+
+    def flush(self) -> None:
+        thread = self.pub_thread.thread if self.pub_thread is not None else None
+        if thread is None or not thread.is_alive() or thread.ident == threading.get_ident():
+            stock_flush(self)
+            return
+        if _in_flight(self):
+            deadline = time.monotonic() + IN_FLIGHT_WAIT
+            while _in_flight(self) and time.monotonic() < deadline:
+                time.sleep(0.0002)
+        elif not _buffered(self):
+            # Nothing to send. What was published before this call went
+            # through the IOPub thread's FIFO queue, so anything published
+            # after it is still ordered behind it.
+            return
+        stock_flush(self)
+
+    OutStream._watch_pipe_fd = _watch_pipe_fd
+    OutStream.flush = flush
+
+
+def _patch_flush_counter() -> None:
+    from ipykernel.iostream import OutStream
+
+    stock_flush_impl = OutStream._flush
+
+    def _flush(self) -> None:
+        # Count flushes that carry text, for the pause before the reply.
+        with self._buffer_lock:
+            text = any(buffer.tell() for buffer in self._buffers.values())
+        if text:
+            self.pub_thread._cellmux_stream_flushes = (
+                getattr(self.pub_thread, "_cellmux_stream_flushes", 0) + 1
+            )
+        stock_flush_impl(self)
+
+    OutStream._flush = _flush
+
+
+def _patch_iopub_wakes() -> None:
+    from ipykernel.iostream import IOPubThread
+
+    def schedule(self, f) -> None:
+        if not self.thread.is_alive():
+            f()
+            return
+        self._events.append(f)
+        # One wake per batch: _handle_event lowers the flag before it counts
+        # the queue, so an event appended after the count finds it lowered
+        # and sends its own wake.
+        if not getattr(self, "_cellmux_wake_pending", False):
+            self._cellmux_wake_pending = True
+            self._event_pipe.send(b"")
+
+    def _handle_event(self, msg) -> None:
+        self._cellmux_wake_pending = False
+        for _ in range(len(self._events)):
+            self._events.popleft()()
+
+    IOPubThread.schedule = schedule
+    IOPubThread._handle_event = _handle_event
+    _patch_stream_events()
+
+
+def _patch_stream_events() -> None:
+    """Fewer IOPub events per ``print(..., flush=True)``: stock schedules
+    three (arm a timer, flush, signal) and arms a fresh 0.2 s timer for
+    every line; here a flush is one event and one timer stays armed."""
+    from ipykernel.iostream import OutStream
+
+    stock_flush = OutStream.flush
+
+    def _schedule_flush(self) -> None:
+        if self._flush_pending:
+            return
+        self._flush_pending = True
+        # An armed timer fires within flush_interval of an earlier write,
+        # so text written since is sent no later than stock would send it.
+        if getattr(self, "_cellmux_timer_armed", False):
+            return
+        self._cellmux_timer_armed = True
+
+        def fire() -> None:
+            self._cellmux_timer_armed = False
+            self._flush()
+
+        def arm() -> None:
+            self._io_loop.call_later(self.flush_interval, fire)
+
+        self.pub_thread.schedule(arm)
+
+    def flush(self) -> None:
+        thread = self.pub_thread.thread if self.pub_thread is not None else None
+        if thread is None or not thread.is_alive() or thread.ident == threading.get_ident():
+            stock_flush(self)
+            return
+        done = threading.Event()
+
+        def flush_then_signal() -> None:
+            try:
+                self._flush()
+            finally:
+                done.set()
+
+        self.pub_thread.schedule(flush_then_signal)
+        if not done.wait(self.flush_timeout):
+            print("IOStream.flush timed out", file=sys.__stderr__)
+
+    OutStream._schedule_flush = _schedule_flush
+    OutStream.flush = flush
+
+
+def _iopub_barrier(iopub_thread: Any) -> None:
+    """Return once the IOPub thread has run everything scheduled so far."""
+    thread = getattr(iopub_thread, "thread", None)
+    if thread is None or not thread.is_alive() or thread.ident == threading.get_ident():
+        return
+    done = threading.Event()
+    iopub_thread.schedule(done.set)
+    done.wait(BARRIER_TIMEOUT)
+
+
+def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
+    """What needs the kernel object: the reply barrier and the logger."""
+    kernel = app.kernel
+    iopub_thread = app.iopub_thread
+    if changes & {"flush", "wakes"}:
+        # Both let the IOPub thread publish in bursts faster than the pump
+        # may read; a PUB socket drops silently at its high-water mark, so
+        # make it block instead (cellmux.kernel.flowcontrol does the same).
+        iopub_thread.socket.setsockopt(zmq.XPUB_NODROP, 1)
+    if "log" in changes:
+        # traitlets leaves the logger at DEBUG and filters in the handler.
+        app.log.setLevel(app.log_level)
+    if "flush" in changes:
+        # input_request goes out on the stdin socket, past the IOPub queue:
+        # what the cell published before asking must be out first (a stock
+        # flush waited for the queue even when it had no text to send).
+        stock_input_request = kernel._input_request
+
+        @functools.wraps(stock_input_request)
+        def _input_request(*args: Any, **kwargs: Any) -> Any:
+            _iopub_barrier(iopub_thread)
+            return stock_input_request(*args, **kwargs)
+
+        kernel._input_request = _input_request
+    if "sleep" not in changes:
+        return
+    stock_do_execute = kernel.do_execute
+
+    @functools.wraps(stock_do_execute)
+    async def do_execute(*args: Any, **kwargs: Any) -> Any:
+        before = getattr(iopub_thread, "_cellmux_stream_flushes", 0)
+        reply = await stock_do_execute(*args, **kwargs)
+        # Stock flushes again after this returns; those calls are then cheap.
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        _iopub_barrier(iopub_thread)
+        if getattr(iopub_thread, "_cellmux_stream_flushes", 0) != before:
+            time.sleep(STREAM_PAUSE)
+        return reply
+
+    kernel.do_execute = do_execute
+
+
+def install(app: Any, changes: frozenset[str] | None = None) -> None:
+    """Tune C{app} (an IPKernelApp); call before C{app.initialize()}.
+
+    @param changes: which of L{CHANGES}; default: from CELLMUX_KERNEL_TUNING.
+    @raise ValueError: if CELLMUX_KERNEL_TUNING names an unknown change.
+    """
+    if changes is None:
+        changes = selected(os.environ.get("CELLMUX_KERNEL_TUNING"))
+    # wakes first: the flush fast path wraps whichever slow flush is there.
+    if "wakes" in changes and "wakes" not in _installed:
+        _patch_iopub_wakes()
+        _installed.add("wakes")
+    if "flush" in changes and "flush" not in _installed:
+        _patch_outstream()
+        _installed.add("flush")
+    if "sleep" in changes:
+        if "sleep" not in _installed:
+            _patch_flush_counter()
+            _installed.add("sleep")
+        app.config.IPythonKernel._execute_sleep = 0.0
+    stock_init_kernel = app.init_kernel
+
+    def init_kernel() -> None:
+        stock_init_kernel()
+        _tune_kernel(app, changes)
+
+    app.init_kernel = init_kernel

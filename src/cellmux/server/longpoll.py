@@ -1,0 +1,545 @@
+# -*- test-case-name: tests.test_longpoll -*-
+"""``/poll``: the client protocol over plain HTTP, for when websockets are blocked.
+
+The same frames and channels as ``/ws`` (docs/protocol.md), carried by
+ordinary requests (docs/browser.md has the details):
+
+    POST   /poll                 body: a hello frame    -> 201 {"connection": ID}
+    POST   /poll/ID              body: frames           -> 204
+    GET    /poll/ID?seq=S&ctl=C  (long poll)            -> 200 frames, or 410 once closed
+    DELETE /poll/ID                                     -> 204
+
+A body of frames is each frame preceded by its length (uint32, big-endian).
+
+Called by twisted.web: the resources' render methods.
+Called by the kernel (L{PollConnection} is a ClientSink): wants,
+send_frame, gap, kernel_gone, revoked.
+
+A connection keeps no copy of the kernel's frames: they are in the
+kernel's replay log, and a poll returns the log after the client's cursor
+``seq`` (a slow poller loses the oldest frames and is told so with a
+``gap``, exactly like a websocket that fell behind). Control frames
+(welcome, replies, errors) and a waiting input_request older than the
+cursor are not in the log; they wait in a short per-connection queue,
+numbered, and a poll's ``ctl`` acknowledges those it has. A connection
+closes as a websocket would: its last frames end with a control frame
+``{"op": "close", "code", "reason"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+from collections import deque
+from http import HTTPStatus
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from cellmux.protocol import (
+    PROTOCOL_VERSION,
+    Channel,
+    DataMessage,
+    Hello,
+    ProtocolError,
+    Request,
+    ServerSideHandshake,
+    control_frame,
+    decode_frame,
+    encode_frame,
+)
+
+from .auth import Grant, OriginPolicy
+from .kernels import Kernel, KernelError, KernelManager
+from .pages import cors_headers, preflight
+
+__all__ = ["POLL_HOLD", "POLL_IDLE_EXPIRY", "PollConnection", "PollResource"]
+
+#: How long a poll waits for news before answering empty. Under the usual
+#: 60 s proxy and load balancer timeouts, with room to spare.
+POLL_HOLD = 25.0
+#: A connection nobody polled for this long is gone (the tab closed).
+POLL_IDLE_EXPIRY = 60.0
+#: Most control frames a connection keeps unacknowledged; a client that
+#: never polls is cut off rather than allowed to grow this without bound.
+MAX_QUEUED_CONTROL = 1000
+#: Most refused frames before a connection is closed (as for websockets).
+MAX_PROTOCOL_ERRORS = 100
+_LENGTH = struct.Struct(">I")
+
+#: Close codes, the same numbers as the websocket's (websocket.py).
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_KERNEL_GONE = 4000
+CLOSE_FORBIDDEN = 4403
+CLOSE_UNKNOWN_KERNEL = 4404
+CLOSE_EXPIRED = 4408
+
+_ROLE_FOR_OP = {
+    "interrupt": lambda role: role.may_execute,
+    "restart": lambda role: role.may_manage,
+    "shutdown": lambda role: role.may_manage,
+}
+
+
+class Forbidden(KernelError):
+    """The connection's role does not allow this request."""
+
+    code = "forbidden"
+
+
+def pack_frames(frames: list[bytes]) -> bytes:
+    """Frames as one body: each preceded by its length."""
+    return b"".join(_LENGTH.pack(len(f)) + f for f in frames)
+
+
+def unpack_frames(body: bytes) -> list[bytes]:
+    """The frames of a body made by L{pack_frames}.
+
+    @raise ProtocolError: (C{bad_lengths}) if the lengths do not add up.
+    """
+    frames, offset = [], 0
+    while offset < len(body):
+        if offset + 4 > len(body):
+            raise ProtocolError("bad_lengths", "body ends inside a frame length")
+        (n,) = _LENGTH.unpack_from(body, offset)
+        offset += 4
+        if offset + n > len(body):
+            raise ProtocolError("bad_lengths", "body ends inside a frame")
+        frames.append(body[offset : offset + n])
+        offset += n
+    return frames
+
+
+def _seq_of(data: bytes) -> int:
+    return int.from_bytes(data[4:12], "big")
+
+
+class PollConnection:
+    """One long-polling client: a ClientSink whose output waits for polls."""
+
+    log = Logger()
+
+    def __init__(self, cid: str, manager: KernelManager, grant: Grant, expire) -> None:
+        self.id = cid
+        self.manager = manager
+        self.grant = grant
+        self.kernel: Kernel | None = None
+        self.session = ""
+        self._handshake = ServerSideHandshake()
+        self._channels: frozenset[int] | None = None
+        self._errors = 0
+        #: frames with seq <= this are not found in the log after the client's cursor
+        self._start = 0
+        self._control_seq = 0
+        self._queued: deque[tuple[int, bytes]] = deque()
+        self._closed: tuple[int, str] | None = None
+        self._waiter: tuple[defer.Deferred, Any] | None = None
+        self._expire = expire
+        self._expiry = None
+        self.touch()
+
+    # -- lifetime -------------------------------------------------------------
+
+    def touch(self) -> None:
+        """The client showed signs of life: postpone expiry."""
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = self.manager.clock.callLater(POLL_IDLE_EXPIRY, self._expired)
+
+    def _expired(self) -> None:
+        self.close(CLOSE_EXPIRED, "not polled for too long")
+        self._expire(self)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.kernel is not None:
+            self.kernel.detach(self)
+            self.kernel = None
+        if self._closed is None:
+            self._closed = (code, reason[:120])
+        self._wake()
+
+    def forget(self) -> None:
+        """Drop everything (the connection is removed)."""
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        if self.kernel is not None:
+            self.kernel.detach(self)
+            self.kernel = None
+        if self._waiter is not None:
+            d, call = self._waiter
+            self._waiter = None
+            call.cancel()
+            d.callback(None)
+
+    # -- ClientSink -------------------------------------------------------------
+
+    def wants(self, channel: int) -> bool:
+        if channel == Channel.STDIN and not self.grant.role.may_execute:
+            return False
+        return self._channels is None or channel in self._channels
+
+    def send_frame(self, data: bytes) -> None:
+        if _seq_of(data) <= self._start:
+            # Not in the log after the client's cursor (a waiting prompt
+            # sent on attach): it goes with the control frames.
+            self._queue(data)
+        else:
+            self._wake()
+
+    def gap(self, first: int, last: int) -> None:
+        self._control("gap", first=first, last=last, missed=last - first + 1)
+
+    def kernel_gone(self, reason: str) -> None:
+        self.kernel = None
+        self.close(CLOSE_KERNEL_GONE, f"kernel {reason}")
+
+    def revoked(self) -> None:
+        self.close(CLOSE_FORBIDDEN, "access revoked")
+
+    # -- frames from the client -------------------------------------------------
+
+    def receive(self, body: bytes) -> None:
+        """Handle a POSTed body of frames (errors go out as control frames)."""
+        try:
+            frames = unpack_frames(body)
+        except ProtocolError as e:
+            self._refuse(e)
+            return
+        for data in frames:
+            if self._closed is not None:
+                return
+            try:
+                frame = decode_frame(data, self.manager.config.max_frame_size)
+                event = self._handshake.receive(frame)
+            except ProtocolError as e:
+                self._refuse(e)
+                continue
+            if isinstance(event, DataMessage):
+                self._relay(event)
+            elif isinstance(event, Request):
+                defer.ensureDeferred(self._request(event))
+            elif isinstance(event, Hello):
+                self._hello(event)
+
+    def _hello(self, hello: Hello) -> None:
+        if not self.grant.covers(hello.kernel):
+            message = "this token is for another kernel"
+            self._control("error", code="forbidden", message=message, fatal=True)
+            self.close(CLOSE_FORBIDDEN, message)
+            return
+        try:
+            kernel = self.manager.get(hello.kernel)
+        except KernelError as e:
+            self._control("error", code=e.code, message=str(e), fatal=True)
+            self.close(CLOSE_UNKNOWN_KERNEL, str(e))
+            return
+        self.session = hello.session
+        self._channels = hello.channels
+        self.kernel = kernel
+        self._start = kernel.seq if hello.cursor is None else min(hello.cursor, kernel.seq)
+        self._control(
+            "welcome",
+            version=PROTOCOL_VERSION,
+            kernel=kernel.model(),
+            seq=self._start,
+            role=self.grant.role.value,
+        )
+        # No cursor for the kernel: the log after ours is what polls read.
+        kernel.attach(self)
+
+    def _relay(self, event: DataMessage) -> None:
+        frame = event.frame
+        kernel = self.kernel
+        if kernel is None:
+            self._control(
+                "error", code="kernel_gone", message="the kernel was shut down", fatal=False
+            )
+            return
+        if not self.grant.role.may_execute:
+            self._control(
+                "error",
+                code="forbidden",
+                message="observers cannot send to the kernel",
+                channel=frame.channel,
+                fatal=False,
+            )
+            return
+        try:
+            kernel.send(frame.channel, frame.socket, frame.parts)
+        except KernelError as e:
+            self._control("error", code=e.code, message=str(e), channel=frame.channel, fatal=False)
+            return
+        if frame.channel == Channel.EXECUTE:
+            kernel.remember_input(self.session, frame.parts[0], frame.parts[3])
+        elif frame.channel == Channel.STDIN:
+            kernel.input_answered(self.session)
+
+    async def _request(self, request: Request) -> None:
+        kernel = self.kernel
+        try:
+            if kernel is None:
+                raise KernelError("the kernel was shut down")
+            if request.op == "ping":
+                self._control("pong", id=request.id)
+                return
+            if request.op == "history":
+                inputs = [
+                    {"code": h.code, "session": h.session, "time": h.time} for h in kernel.history
+                ]
+                self._control("history", id=request.id, inputs=inputs)
+                return
+            needed = _ROLE_FOR_OP.get(request.op)
+            if needed is not None and not needed(self.grant.role):
+                raise Forbidden(f"a {self.grant.role.value} may not {request.op}")
+            if request.op == "subscribe":
+                self._channels = request.channels
+            elif request.op == "interrupt":
+                self.manager.interrupt(kernel)
+            elif request.op == "restart":
+                await self.manager.restart(kernel)
+            elif request.op == "shutdown":
+                self._control("ok", id=request.id, request=request.op)
+                self.manager.delete(kernel)
+                return
+            self._control("ok", id=request.id, request=request.op)
+        except KernelError as e:
+            self._control("error", id=request.id, code=e.code, message=str(e), fatal=False)
+
+    def _refuse(self, error: ProtocolError) -> None:
+        self._errors += 1
+        fatal = error.fatal or self._errors > MAX_PROTOCOL_ERRORS
+        fields: dict[str, Any] = {"code": error.code, "message": error.message, "fatal": fatal}
+        if error.request_id is not None:
+            fields["id"] = error.request_id
+        self._control("error", **fields)
+        if fatal:
+            self.close(CLOSE_PROTOCOL_ERROR, error.message)
+
+    # -- frames to the client ---------------------------------------------------
+
+    def _control(self, op: str, **fields: Any) -> None:
+        self._queue(encode_frame(control_frame(op, **fields)))
+
+    def _queue(self, data: bytes) -> None:
+        self._control_seq += 1
+        self._queued.append((self._control_seq, data))
+        if len(self._queued) > MAX_QUEUED_CONTROL and self._closed is None:
+            self._queued.clear()
+            self._closed = (CLOSE_PROTOCOL_ERROR, "too many unacknowledged control frames")
+        self._wake()
+
+    def collect(self, seq: int | None, ctl: int) -> tuple[list[bytes], int, int] | None:
+        """What a poll at (seq, ctl) gets: frames and the next cursors.
+
+        None if there is nothing yet (the poll waits). Acknowledges the
+        control frames up to C{ctl}.
+        """
+        while self._queued and self._queued[0][0] <= ctl:
+            self._queued.popleft()
+        frames = [data for n, data in self._queued if n > ctl]
+        next_ctl = max(ctl, self._control_seq) if frames else ctl
+        cursor = self._start if seq is None else seq
+        next_seq = cursor
+        kernel = self.kernel
+        if kernel is not None:
+            gap, entries = kernel.replay.after(cursor)
+            if gap is not None:
+                body = {"op": "gap", "first": gap.first, "last": gap.last, "missed": gap.missed}
+                frames.append(encode_frame(control_frame(**body)))
+            for entry in entries:
+                next_seq = entry.seq
+                if (entry.session is None or entry.session == self.session) and self.wants(
+                    entry.channel
+                ):
+                    frames.append(entry.data)
+            next_seq = max(next_seq, min(cursor, kernel.replay.last_seq))
+        if self._closed is not None:
+            code, reason = self._closed
+            frames.append(encode_frame(control_frame("close", code=code, reason=reason)))
+        if not frames and next_seq == cursor:
+            return None
+        return frames, next_seq, next_ctl
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def wait(self, seq: int | None, ctl: int) -> defer.Deferred:
+        """A poll: fires with (frames, seq, ctl), at once or when news comes."""
+        self.touch()
+        if self._waiter is not None:  # a newer poll replaces an older one
+            d, call = self._waiter
+            self._waiter = None
+            call.cancel()
+            d.callback(None)
+        found = self.collect(seq, ctl)
+        if found is not None:
+            return defer.succeed(found)
+        d = defer.Deferred()
+        call = self.manager.clock.callLater(POLL_HOLD, self._hold_over, d, seq, ctl)
+        self._waiter = (d, call)
+        d.addCallback(self._settle, seq, ctl)
+        return d
+
+    def _settle(self, result, seq: int | None, ctl: int):
+        """A waiting poll's answer: news, or nothing with unchanged cursors."""
+        if result is not None:
+            found = self.collect(seq, ctl)
+            if found is not None:
+                return found
+        return [], self._start if seq is None else seq, ctl
+
+    def _hold_over(self, d: defer.Deferred, seq, ctl) -> None:
+        if self._waiter is not None and self._waiter[0] is d:
+            self._waiter = None
+        d.callback(None)
+
+    def _wake(self) -> None:
+        if self._waiter is None:
+            return
+        d, call = self._waiter
+        self._waiter = None
+        call.cancel()
+        # Collect in a later turn: a burst of frames goes out in one answer.
+        self.manager.clock.callLater(0, d.callback, True)
+
+    def abandon(self, d: defer.Deferred) -> None:
+        """The client went away while its poll waited."""
+        if self._waiter is not None and self._waiter[0] is d:
+            _, call = self._waiter
+            self._waiter = None
+            call.cancel()
+
+
+class PollResource(resource.Resource):
+    """``/poll`` and ``/poll/ID``."""
+
+    log = Logger()
+    isLeaf = True
+
+    def __init__(self, manager: KernelManager, auth) -> None:
+        super().__init__()
+        self.manager = manager
+        self.auth = auth
+        self.origins = OriginPolicy.from_strings(manager.config.allow_origins)
+        self.connections: dict[str, PollConnection] = {}
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _error(self, request: server.Request, status: int, message: str) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        body = {"message": message, "reason": HTTPStatus(status).phrase}
+        return json.dumps(body).encode()
+
+    def _origin_ok(self, request: server.Request) -> bool:
+        origin = request.getHeader(b"origin")
+        host = request.getHeader(b"host")
+        return self.origins.allows(
+            origin.decode("latin-1") if origin else None, host.decode("latin-1") if host else None
+        )
+
+    def _connection(self, request: server.Request, cid: str) -> PollConnection | bytes:
+        conn = self.connections.get(cid)
+        if conn is None:
+            return self._error(request, HTTPStatus.NOT_FOUND, "no such poll connection")
+        if self.auth.web_grant(request) != conn.grant:
+            return self._error(request, HTTPStatus.FORBIDDEN, "a valid token is required")
+        return conn
+
+    def _forget(self, conn: PollConnection) -> None:
+        if self.connections.get(conn.id) is conn:
+            del self.connections[conn.id]
+        conn.forget()
+
+    def render(self, request: server.Request) -> bytes | int:
+        cors_headers(request, self.origins, methods=b"GET, POST, DELETE")
+        if request.method == b"OPTIONS":
+            return preflight(request)
+        if not self._origin_ok(request):
+            return self._error(request, HTTPStatus.FORBIDDEN, "this origin may not connect")
+        path = [p for p in request.postpath if p]
+        method = request.method
+        if not path:
+            if method != b"POST":
+                return self._error(request, HTTPStatus.METHOD_NOT_ALLOWED, "use POST")
+            return self._open(request)
+        if len(path) != 1:
+            return self._error(request, HTTPStatus.NOT_FOUND, "not found")
+        cid = path[0].decode("latin-1")
+        if method == b"GET":
+            return self._poll(request, cid)
+        if method == b"POST":
+            return self._post(request, cid)
+        if method == b"DELETE":
+            conn = self._connection(request, cid)
+            if isinstance(conn, bytes):
+                return conn
+            self._forget(conn)
+            request.setResponseCode(HTTPStatus.NO_CONTENT)
+            return b""
+        return self._error(request, HTTPStatus.METHOD_NOT_ALLOWED, "use GET, POST, DELETE")
+
+    # -- the requests ----------------------------------------------------------
+
+    def _open(self, request: server.Request) -> bytes:
+        grant = self.auth.web_grant(request)
+        if grant is None:
+            return self._error(request, HTTPStatus.FORBIDDEN, "a valid token is required")
+        cid = secrets.token_urlsafe(16)
+        conn = PollConnection(cid, self.manager, grant, self._forget)
+        self.connections[cid] = conn
+        conn.receive(request.content.read())
+        request.setResponseCode(HTTPStatus.CREATED)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"connection": cid}).encode()
+
+    def _post(self, request: server.Request, cid: str) -> bytes:
+        conn = self._connection(request, cid)
+        if isinstance(conn, bytes):
+            return conn
+        if conn.closed:
+            return self._error(request, HTTPStatus.GONE, "this connection is closed")
+        conn.touch()
+        conn.receive(request.content.read())
+        request.setResponseCode(HTTPStatus.NO_CONTENT)
+        return b""
+
+    def _poll(self, request: server.Request, cid: str) -> bytes | int:
+        conn = self._connection(request, cid)
+        if isinstance(conn, bytes):
+            return conn
+        try:
+            seq_arg = request.args.get(b"seq", [None])[0]
+            seq = None if seq_arg is None else int(seq_arg)
+            ctl = int(request.args.get(b"ctl", [b"0"])[0])
+            if (seq is not None and seq < 0) or ctl < 0:
+                raise ValueError
+        except ValueError:
+            return self._error(request, HTTPStatus.BAD_REQUEST, "seq and ctl are integers >= 0")
+        d = conn.wait(seq, ctl)
+
+        def answer(result) -> None:
+            if finished.called:
+                return
+            frames, next_seq, next_ctl = result
+            request.setHeader(b"content-type", b"application/octet-stream")
+            request.setHeader(b"cache-control", b"no-store")
+            request.setHeader(b"cellmux-seq", str(next_seq).encode())
+            request.setHeader(b"cellmux-ctl", str(next_ctl).encode())
+            request.write(pack_frames(frames))
+            request.finish()
+
+        def failed(failure) -> None:
+            self.log.failure("a poll failed", failure)
+            if not finished.called:
+                request.setResponseCode(HTTPStatus.INTERNAL_SERVER_ERROR)
+                request.finish()
+
+        finished = request.notifyFinish()
+        finished.addErrback(lambda _: conn.abandon(d))
+        d.addCallback(answer).addErrback(failed)
+        return server.NOT_DONE_YET

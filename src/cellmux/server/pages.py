@@ -1,0 +1,250 @@
+# -*- test-case-name: tests.test_browser -*-
+"""The browser console at ``/`` and its static assets under ``/static``.
+
+The assets are the bundle built from ``web/`` (docs/browser.md), shipped
+in the ``cellmux.web`` package and read once, at start. They are public:
+the page holds no secret, and the API calls it makes carry the login
+cookie.
+
+``/`` answers browsers (``Accept: text/html``) with the console page and
+everyone else with the JSON description it always gave.
+
+Kernel output never runs in this origin: the page renders HTML and
+JavaScript outputs in ``sandbox="allow-scripts"`` iframes (an opaque
+origin). Their srcdoc documents inherit this page's Content-Security-
+Policy, which is why ``script-src`` admits inline scripts; the page itself
+never inserts kernel markup outside such a frame.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources as importlib_resources
+
+import attrs
+from twisted.internet import defer
+from twisted.web import resource, server
+
+import cellmux
+
+from .auth import OriginPolicy
+
+__all__ = [
+    "CONSOLE_CSP",
+    "EmbedKernels",
+    "PageResource",
+    "StaticResource",
+    "cors_headers",
+    "preflight",
+]
+
+#: The console page's policy: its own scripts and styles, images from
+#: outputs (data: and blob: URLs), connections to this server only.
+CONSOLE_CSP = (
+    b"default-src 'self'; "
+    b"script-src 'self' 'unsafe-inline' 'unsafe-eval' data: blob:; "
+    b"style-src 'self' 'unsafe-inline'; "
+    b"img-src 'self' data: blob:; "
+    b"font-src 'self' data:; "
+    b"connect-src 'self' ws: wss:; "
+    b"frame-src 'self' data: blob:; "
+    b"object-src 'none'; "
+    b"base-uri 'none'; "
+    b"form-action 'self'; "
+    b"frame-ancestors 'self'"
+)
+
+_CONTENT_TYPES = {
+    ".js": b"text/javascript; charset=utf-8",
+    ".mjs": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".html": b"text/html; charset=utf-8",
+    ".map": b"application/json",
+    ".json": b"application/json",
+    ".svg": b"image/svg+xml",
+    ".png": b"image/png",
+    ".woff2": b"font/woff2",
+    ".woff": b"font/woff",
+    ".ttf": b"font/ttf",
+    ".txt": b"text/plain; charset=utf-8",
+}
+
+
+@attrs.frozen
+class Asset:
+    body: bytes
+    content_type: bytes
+    etag: bytes
+
+
+def load_assets() -> dict[str, Asset]:
+    """Every file of the built bundle, by its path under ``static/``."""
+    assets: dict[str, Asset] = {}
+    root = importlib_resources.files("cellmux.web") / "static"
+
+    def walk(node, prefix: str) -> None:
+        for child in node.iterdir():
+            name = prefix + child.name
+            if child.is_dir():
+                walk(child, name + "/")
+                continue
+            content_type = _CONTENT_TYPES.get(os.path.splitext(name)[1])
+            if content_type is None:
+                continue  # not something we serve (e.g. a stray file)
+            body = child.read_bytes()
+            etag = b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
+            assets[name] = Asset(body, content_type, etag)
+
+    if root.is_dir():
+        walk(root, "")
+    return assets
+
+
+def cors_headers(request: server.Request, origins: OriginPolicy, methods: bytes) -> None:
+    """Allow a configured other origin to call this resource with credentials.
+
+    Only origins that fully match ``allow_origins`` are named back, never
+    ``*``, so a credentialed request from anywhere else is refused by the
+    browser. The server's own origin needs no CORS.
+    """
+    origin = request.getHeader(b"origin")
+    request.setHeader(b"vary", b"Origin")
+    if not origin or not any(p.fullmatch(origin.decode("latin-1")) for p in origins.patterns):
+        return
+    request.setHeader(b"access-control-allow-origin", origin)
+    request.setHeader(b"access-control-allow-credentials", b"true")
+    request.setHeader(b"access-control-allow-methods", methods)
+    request.setHeader(b"access-control-allow-headers", b"authorization, content-type")
+    request.setHeader(b"access-control-expose-headers", b"cellmux-seq, cellmux-ctl, location")
+    request.setHeader(b"access-control-max-age", b"600")
+
+
+def preflight(request: server.Request) -> bytes:
+    request.setResponseCode(204)
+    return b""
+
+
+def _send(request: server.Request, asset: Asset) -> bytes:
+    request.setHeader(b"content-type", asset.content_type)
+    request.setHeader(b"x-content-type-options", b"nosniff")
+    # The bundle's names do not change between versions: revalidate (cheap, 304).
+    request.setHeader(b"cache-control", b"no-cache")
+    request.setHeader(b"etag", asset.etag)
+    if request.getHeader(b"if-none-match") == asset.etag:
+        request.setResponseCode(304)
+        return b""
+    if request.method == b"HEAD":
+        return b""
+    return asset.body
+
+
+class StaticResource(resource.Resource):
+    """``/static/<path>``: the built bundle, public, readable from any origin."""
+
+    isLeaf = True
+
+    def __init__(self, assets: dict[str, Asset]) -> None:
+        super().__init__()
+        self._assets = assets
+
+    def render(self, request: server.Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            return b""
+        name = b"/".join(request.postpath).decode("utf-8", "replace")
+        asset = self._assets.get(name)
+        if asset is None:
+            request.setResponseCode(404)
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"message": "not found", "reason": "Not Found"}).encode()
+        # Public files: embedding pages load the script, its CSS and fonts.
+        request.setHeader(b"access-control-allow-origin", b"*")
+        return _send(request, asset)
+
+
+def wants_html(request: server.Request) -> bool:
+    accept = (request.getHeader(b"accept") or b"").lower()
+    return b"text/html" in accept
+
+
+class PageResource(resource.Resource):
+    """``/``: the console for browsers, the server's description for others."""
+
+    isLeaf = True
+
+    def __init__(self, assets: dict[str, Asset]) -> None:
+        super().__init__()
+        self._page = assets.get("console.html")
+
+    def render(self, request: server.Request) -> bytes:
+        if self._page is None or not wants_html(request):
+            request.setHeader(b"content-type", b"application/json")
+            return json.dumps({"name": "cellmux", "version": cellmux.__version__}).encode()
+        request.setHeader(b"content-security-policy", CONSOLE_CSP)
+        request.setHeader(b"x-frame-options", b"SAMEORIGIN")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"vary", b"Accept")
+        return _send(request, self._page)
+
+
+class EmbedKernels(resource.Resource):
+    """``POST /embed/kernels``: a kernel for embedded cells, with CORS.
+
+    The REST API answers only its own origin; pages on an origin that
+    ``allow_origins`` admits create their cells' kernels here (with the
+    server token, as ``POST /api/kernels`` needs).
+    """
+
+    isLeaf = True
+
+    def __init__(self, manager, auth) -> None:
+        super().__init__()
+        self._manager = manager
+        self._auth = auth
+        self._origins = OriginPolicy.from_strings(manager.config.allow_origins)
+
+    def _json(self, request: server.Request, status: int, body: dict) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body).encode()
+
+    def render(self, request: server.Request) -> bytes | int:
+        cors_headers(request, self._origins, methods=b"POST")
+        if request.method == b"OPTIONS":
+            return preflight(request)
+        if request.postpath not in ([b"kernels"], [b"kernels", b""]):
+            return self._json(request, 404, {"message": "not found", "reason": "Not Found"})
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            return self._json(request, 405, {"message": "use POST", "reason": "Method Not Allowed"})
+        origin = request.getHeader(b"origin")
+        host = request.getHeader(b"host")
+        if not self._origins.allows(
+            origin.decode("latin-1") if origin else None, host.decode("latin-1") if host else None
+        ):
+            return self._json(
+                request, 403, {"message": "this origin may not connect", "reason": "Forbidden"}
+            )
+        grant = self._auth.web_grant(request)
+        if grant is None or not grant.role.may_manage or grant.kernel_id is not None:
+            return self._json(
+                request, 403, {"message": "a valid token is required", "reason": "Forbidden"}
+            )
+        d = defer.ensureDeferred(self._manager.create())
+
+        def created(kernel) -> None:
+            request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
+            request.write(self._json(request, 201, kernel.model()))
+            request.finish()
+
+        def failed(failure) -> None:
+            error = failure.value
+            status = 503 if getattr(error, "code", "") == "too_many_kernels" else 500
+            request.write(self._json(request, status, {"message": str(error), "reason": "Error"}))
+            request.finish()
+
+        d.addCallbacks(created, failed)
+        return server.NOT_DONE_YET

@@ -1,0 +1,1 @@
+window.cellmux.startConsole();

@@ -1,0 +1,34 @@
+// Build the bundle into the Python package (src/cellmux/web/static).
+// `npm run build`, or `tox -e web`. The output is committed: a server
+// installed from a wheel or a clone needs no npm.
+import { build } from 'esbuild';
+import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+const out = join(here, '..', 'src', 'cellmux', 'web', 'static');
+rmSync(out, { recursive: true, force: true });
+mkdirSync(join(out, 'fonts'), { recursive: true });
+
+await build({
+  entryPoints: [join(here, 'src', 'index.js')],
+  bundle: true, format: 'iife', globalName: 'cellmux', minify: true,
+  target: ['es2020'], outfile: join(out, 'cellmux.js'), legalComments: 'linked',
+});
+await build({
+  entryPoints: [join(here, 'src', 'console-start.js')],
+  bundle: false, minify: true, outfile: join(out, 'console-start.js'),
+});
+
+// KaTeX's CSS with its fonts beside it (woff2 only: every current browser).
+const katexDir = join(here, 'node_modules', 'katex', 'dist');
+const katexCss = readFileSync(join(katexDir, 'katex.min.css'), 'utf8')
+  .replace(/,url\(fonts\/[^)]+\.woff\) format\("woff"\)/g, '')
+  .replace(/,url\(fonts\/[^)]+\.ttf\) format\("truetype"\)/g, '');
+for (const name of readFileSync(join(katexDir, 'katex.min.css'), 'utf8').match(/fonts\/[^)]+\.woff2/g)) {
+  cpSync(join(katexDir, name), join(out, name));
+}
+const own = readFileSync(join(here, 'src', 'style.css'), 'utf8');
+writeFileSync(join(out, 'cellmux.css'), katexCss + '\n' + own);
+cpSync(join(here, 'console.html'), join(out, 'console.html'));

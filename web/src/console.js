@@ -1,0 +1,281 @@
+// The console page served at "/": cells on one kernel, its state, and the
+// toolbar (interrupt, restart, share links, upload, permalink).
+
+import { Cell } from './cell.js';
+import { KernelClient } from './kernel.js';
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === 'class') e.className = v; else e.setAttribute(k, v);
+  }
+  e.append(...children);
+  return e;
+}
+
+async function api(method, path, body) {
+  const init = { method, credentials: 'same-origin', headers: {} };
+  if (body !== undefined) {
+    init.body = typeof body === 'string' || body instanceof Blob ? body : JSON.stringify(body);
+    if (!(body instanceof Blob)) init.headers['content-type'] = 'application/json';
+  }
+  const response = await fetch(path, init);
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (e) { data = { message: text }; }
+  if (!response.ok) {
+    throw Object.assign(new Error((data && data.message) || response.statusText), { status: response.status });
+  }
+  return data;
+}
+
+function replaceParams(params) {
+  const query = params.toString();
+  history.replaceState(null, '', location.pathname + (query ? '?' + query : ''));
+}
+
+function loginForm(root, message) {
+  const input = el('input', { type: 'password', id: 'login-token', placeholder: 'token', autocomplete: 'off' });
+  const form = el('form', { class: 'cellmux-login' },
+    el('p', {}, message), input, el('button', { type: 'submit' }, 'Log in'));
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    const r = await fetch('/login', { method: 'POST', headers: { authorization: 'token ' + input.value } });
+    if (r.ok) location.reload(); else form.querySelector('p').textContent = 'That token is not valid.';
+  });
+  root.replaceChildren(form);
+}
+
+export async function startConsole(root = document.getElementById('cellmux-console')) {
+  const params = new URLSearchParams(location.search);
+  const token = params.get('token');
+  if (token) {
+    // Trade the token for the login cookie, then take it out of the address bar.
+    await fetch('/login', { method: 'POST', headers: { authorization: 'token ' + token } });
+    params.delete('token');
+    replaceParams(params);
+  }
+  let kernelId = params.get('kernel');
+  if (!kernelId) {
+    try {
+      kernelId = (await api('POST', '/api/kernels', {})).id;
+    } catch (e) {
+      if (e.status === 403) { loginForm(root, 'This server needs a token.'); return null; }
+      root.textContent = `Cannot start a kernel: ${e.message}`;
+      return null;
+    }
+    params.set('kernel', kernelId);
+    replaceParams(params);
+  }
+  const ui = new ConsoleUI(root, kernelId, params.get('transport') || 'auto');
+  await ui.start(params.get('permalink'));
+  window.cellmuxConsole = ui;
+  return ui;
+}
+
+class ConsoleUI {
+  constructor(root, kernelId, transport) {
+    this.root = root;
+    this.kernelId = kernelId;
+    this.kernel = new KernelClient({ kernelId, transport });
+    this.cells = [];
+    this.foreign = new Map(); // parent msg_id -> cell showing another client's run
+    this.state = el('span', { id: 'kernel-state', class: 'state-starting' }, 'starting');
+    this.transportLabel = el('span', { id: 'transport', class: 'cellmux-muted' });
+    this.buttons = {
+      interrupt: el('button', { id: 'interrupt', title: 'Interrupt (send SIGINT)' }, 'Interrupt'),
+      restart: el('button', { id: 'restart', title: 'Restart the kernel' }, 'Restart'),
+      shareCollaborator: el('button', { id: 'share-collaborator' }, 'Share: collaborate'),
+      shareObserver: el('button', { id: 'share-observer' }, 'Share: read-only'),
+      upload: el('button', { id: 'upload' }, 'Upload'),
+      permalink: el('button', { id: 'permalink' }, 'Permalink'),
+    };
+    this.fileInput = el('input', { type: 'file', id: 'upload-input', multiple: '', hidden: '' });
+    this.linkBox = el('div', { id: 'links', class: 'cellmux-links' });
+    this.notices = el('div', { id: 'notices', class: 'cellmux-notices' });
+    this.fileList = el('ul', { id: 'files', class: 'cellmux-files' });
+    this.cellBox = el('main', { id: 'cells' });
+    const bar = el('header', { class: 'cellmux-bar' },
+      el('strong', {}, 'cellmux'), el('span', { class: 'cellmux-kernel-label' }, 'kernel '),
+      this.state, this.transportLabel, ...Object.values(this.buttons), this.fileInput);
+    const side = el('aside', { class: 'cellmux-side' }, el('h2', {}, 'Files'), this.fileList);
+    root.replaceChildren(bar, this.linkBox, this.notices, el('div', { class: 'cellmux-body' }, this.cellBox, side));
+  }
+
+  async start(permalink) {
+    const k = this.kernel;
+    k.on('status', (state, cause) => this._showState(state, cause));
+    k.on('notice', (text) => this._notice(text));
+    k.on('foreign', (msg) => this._foreign(msg));
+    k.on('files', (content) => this._files([...(content.new || []), ...(content.changed || [])]));
+    try {
+      await k.connect();
+    } catch (e) {
+      this._notice(`cannot attach to the kernel: ${e.message}`);
+      return;
+    }
+    this.transportLabel.textContent = `via ${k.transport.kind}`;
+    this.root.dataset.transport = k.transport.kind;
+    this.root.dataset.role = k.role;
+    const observer = k.role === 'observer';
+    if (observer) {
+      this._notice('read-only: you see this kernel\'s output but cannot run code');
+      for (const b of Object.values(this.buttons)) b.disabled = true;
+    } else {
+      this._wireButtons();
+      if (k.role !== 'owner') {
+        this.buttons.restart.disabled = true;
+        this.buttons.shareCollaborator.disabled = true;
+        this.buttons.shareObserver.disabled = true;
+      }
+    }
+    this._showState(k.state, k.cause);
+    api('GET', `/files/${this.kernelId}/`).then((r) => this._files(r.files || []), () => {});
+    if (!observer) {
+      let code = '';
+      if (permalink) {
+        try { code = (await api('GET', `/permalink/${permalink}`)).code; } catch (e) {
+          this._notice(`permalink not found: ${e.message}`);
+        }
+      }
+      this.addCell(code).focus();
+    }
+    this.root.dataset.ready = 'true';
+  }
+
+  addCell(code = '', { readOnly = false } = {}) {
+    const element = el('section', { class: 'cellmux-console-cell' });
+    this.cellBox.appendChild(element);
+    const cell = new Cell({
+      element, code, kernel: this.kernel, readOnly,
+      onRun: (c) => {
+        // Running the last cell opens a fresh one below, like a console.
+        if (c === this.cells[this.cells.length - 1] && !readOnly) this.addCell().focus();
+      },
+    });
+    this.cells.push(cell);
+    return cell;
+  }
+
+  // Another client's execution: show it as a read-only cell.
+  _foreign(msg) {
+    const parentId = msg.parent.msg_id;
+    let cell = this.foreign.get(parentId);
+    if (msg.header.msg_type === 'execute_input') {
+      if (!cell) {
+        const element = el('section', { class: 'cellmux-console-cell cellmux-foreign' });
+        const last = this.cells[this.cells.length - 1];
+        if (last && this.kernel.role !== 'observer') this.cellBox.insertBefore(element, last.element);
+        else this.cellBox.appendChild(element);
+        cell = new Cell({ element, code: msg.content.code, kernel: this.kernel, readOnly: true });
+        cell.prompt.textContent = `[${msg.content.execution_count}]`;
+        this.foreign.set(parentId, cell);
+      }
+      return;
+    }
+    if (cell) cell.output.message(msg);
+  }
+
+  _showState(state, cause) {
+    this.state.className = `state-${state}`;
+    this.state.textContent = cause ? `${state} (${cause})` : state;
+    this.state.title = cause || state;
+  }
+
+  _notice(text) {
+    const item = el('div', { class: 'cellmux-notice' }, text);
+    this.notices.appendChild(item);
+    while (this.notices.children.length > 5) this.notices.firstChild.remove();
+  }
+
+  _wireButtons() {
+    const b = this.buttons;
+    b.interrupt.addEventListener('click', () => this.kernel.interrupt().catch((e) => this._notice(e.message)));
+    b.restart.addEventListener('click', async () => {
+      b.restart.disabled = true;
+      try { await this.kernel.restart(); this._notice('kernel restarted'); } catch (e) { this._notice(e.message); }
+      b.restart.disabled = false;
+    });
+    b.shareCollaborator.addEventListener('click', () => this._share('collaborator'));
+    b.shareObserver.addEventListener('click', () => this._share('observer'));
+    b.upload.addEventListener('click', () => this.fileInput.click());
+    this.fileInput.addEventListener('change', () => this._upload([...this.fileInput.files]));
+    document.addEventListener('dragover', (event) => { event.preventDefault(); document.body.classList.add('cellmux-dragging'); });
+    document.addEventListener('dragleave', () => document.body.classList.remove('cellmux-dragging'));
+    document.addEventListener('drop', (event) => {
+      event.preventDefault();
+      document.body.classList.remove('cellmux-dragging');
+      this._upload([...event.dataTransfer.files]);
+    });
+    b.permalink.addEventListener('click', () => this._permalink());
+  }
+
+  _showLink(id, label, url) {
+    let row = this.linkBox.querySelector(`[data-link="${id}"]`);
+    if (!row) {
+      row = el('div', { 'data-link': id });
+      this.linkBox.appendChild(row);
+    }
+    const field = el('input', { type: 'text', readonly: '', class: 'cellmux-link', id: `${id}-link` });
+    field.value = url;
+    const copy = el('button', {}, 'Copy');
+    copy.addEventListener('click', () => { field.select(); navigator.clipboard?.writeText(url); });
+    row.replaceChildren(el('span', {}, label + ': '), field, copy);
+    field.select();
+  }
+
+  async _share(role) {
+    try {
+      const share = await api('POST', `/api/kernels/${this.kernelId}/shares`, { role });
+      const next = `/?kernel=${this.kernelId}`;
+      const url = `${location.origin}/login?token=${encodeURIComponent(share.token)}&next=${encodeURIComponent(next)}`;
+      this._showLink(`share-${role}`, role === 'observer' ? 'Read-only link' : 'Collaborator link', url);
+    } catch (e) {
+      this._notice(`cannot share: ${e.message}`);
+    }
+  }
+
+  async _upload(files) {
+    for (const file of files) {
+      const name = file.name.split('/').map(encodeURIComponent).join('/');
+      try {
+        await api('PUT', `/files/${this.kernelId}/${name}`, file);
+        this._notice(`uploaded ${file.name}`);
+        this._files([{ name: file.name, size: file.size, url: `/files/${this.kernelId}/${name}` }]);
+      } catch (e) {
+        this._notice(`upload of ${file.name} failed: ${e.message}`);
+      }
+    }
+  }
+
+  _files(entries) {
+    for (const f of entries) {
+      const url = f.url || `/files/${this.kernelId}/${f.name.split('/').map(encodeURIComponent).join('/')}`;
+      let item = [...this.fileList.children].find((li) => li.dataset.name === f.name);
+      if (!item) {
+        item = el('li');
+        item.dataset.name = f.name;
+        this.fileList.appendChild(item);
+      }
+      const link = el('a', { href: url, download: f.name.split('/').pop(), class: 'cellmux-download' }, f.name);
+      item.replaceChildren(link, el('span', { class: 'cellmux-muted' }, ` ${f.size} B`));
+    }
+  }
+
+  async _permalink() {
+    const cell = this.cells.filter((c) => c.code.trim()).pop();
+    const code = cell ? cell.code : '';
+    let id;
+    try {
+      id = (await api('POST', '/permalink', { code, language: 'python' })).id;
+    } catch (e) {
+      try {
+        id = 'z/' + (await api('POST', '/permalink/inline', { code, language: 'python' })).inline;
+      } catch (e2) {
+        this._notice(`cannot make a permalink: ${e2.message}`);
+        return;
+      }
+    }
+    this._showLink('permalink', 'Permalink', `${location.origin}/?permalink=${id}`);
+  }
+}

@@ -1,0 +1,69 @@
+// The bundle's public face: window.cellmux = {makeCell, startConsole, KernelClient}.
+
+import { Cell } from './cell.js';
+import { startConsole } from './console.js';
+import { KernelClient } from './kernel.js';
+
+// Where this script came from: the default server of embedded cells.
+const scriptOrigin = (() => {
+  const src = document.currentScript && document.currentScript.src;
+  try { return src ? new URL(src).origin : location.origin; } catch (e) { return location.origin; }
+})();
+
+const linked = new Map(); // server + linkKey -> Promise<KernelClient>
+const styled = new Set();
+
+function addStyle(server) {
+  if (styled.has(server) || server === location.origin) return;
+  styled.add(server);
+  const link = document.createElement('link');
+  link.rel = 'stylesheet';
+  link.href = `${server}/static/cellmux.css`;
+  document.head.appendChild(link);
+}
+
+async function newKernel(server, token, transport) {
+  const headers = token ? { authorization: 'token ' + token } : {};
+  const response = await fetch(`${server}/embed/kernels`, {
+    method: 'POST', headers, credentials: token ? 'omit' : 'include',
+  });
+  if (!response.ok) throw new Error(`cannot start a kernel: ${response.status} ${response.statusText}`);
+  const { id } = await response.json();
+  const kernel = new KernelClient({ server, kernelId: id, token, transport });
+  await kernel.connect();
+  return kernel;
+}
+
+function kernelFor(server, { linkKey, token, transport }) {
+  const key = linkKey ? `${server}\n${linkKey}` : null;
+  if (key && linked.has(key)) return linked.get(key);
+  const kernel = newKernel(server, token, transport);
+  if (key) linked.set(key, kernel);
+  return kernel;
+}
+
+// Turn an element into a live cell. Options: element (node or selector),
+// code (default: the element's text), autorun, hideEditor, server (default:
+// where this script came from), linkKey (cells with the same key share a
+// kernel), token, transport ('auto' | 'websocket' | 'longpoll').
+export function makeCell(options = {}) {
+  const element = typeof options.element === 'string'
+    ? document.querySelector(options.element) : options.element;
+  if (!element) throw new Error('makeCell needs an element');
+  const server = (options.server || scriptOrigin).replace(/\/$/, '');
+  addStyle(server);
+  const code = options.code ?? element.textContent.trim();
+  element.textContent = '';
+  let kernel = null;
+  const cell = new Cell({
+    element, code, hideEditor: !!options.hideEditor,
+    kernel: () => {
+      if (!kernel) kernel = kernelFor(server, options);
+      return kernel;
+    },
+  });
+  if (options.autorun) cell.run().catch((e) => cell.output.notice(String(e.message || e)));
+  return cell;
+}
+
+export { Cell, KernelClient, startConsole };
