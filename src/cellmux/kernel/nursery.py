@@ -189,7 +189,11 @@ class Nursery:
                 network=settings.network,
                 limits=settings.limits,
                 scratch=scratch,
-                keep=(self.config.socket_dir, self.config.workdir_root),
+                keep=(
+                    self.config.socket_dir,
+                    self.config.workdir_root,
+                    *sandbox.interpreter_paths(),
+                ),
                 cgroup=cgroup,
             ),
         )

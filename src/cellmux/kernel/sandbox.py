@@ -450,6 +450,24 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
 
 
+def interpreter_paths() -> tuple[str, ...]:
+    """The directories this Python needs: its prefixes and import path.
+
+    A kernel gets a private /tmp; when Python or its packages live under it
+    (a virtual environment made in /tmp, as tox does), these are bound back
+    so the kernel can still import what it has not imported yet.
+    """
+    found = {
+        os.path.abspath(p)
+        for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *sys.path)
+        if p and os.path.isdir(p)
+    }
+    # A directory inside another one on the list comes with it.
+    return tuple(
+        sorted(p for p in found if not any(p != q and p.startswith(q + os.sep) for q in found))
+    )
+
+
 def _private_tmp(scratch: str, keep: tuple[str, ...]) -> None:
     handles = {p: os.open(p, os.O_PATH) for p in keep if os.path.exists(p)}
     try:
