@@ -3,9 +3,7 @@
 
 Called from Autobahn: onConnect (admission, format choice), onOpen,
 onMessage, onClose.
-Called from Twisted (IPushProducer, registered on the TCP transport):
-pauseProducing, resumeProducing, stopProducing.
-Called by the kernel (L{ClientSink}): wants, send_frame, gap, kernel_gone, revoked.
+Called by its L{Attachment} (the L{Transport}): deliver, gap, gone, revoked.
 
 Credentials are those of the native endpoint: the server token, or a share
 token (or its login cookie) for this one kernel; an observer's share
@@ -16,11 +14,9 @@ everything after that goes through it. Translating and checking messages is
 the sans-IO L{codec} module's job; this class only wires it to Autobahn and
 to the L{Kernel}.
 
-Flow is the native endpoint's: while the socket keeps up, kernel messages
-are written as they come; when Twisted pauses us (the client reads too
-slowly) only the last seq written is kept, and on resume the missed
-messages come from the kernel's replay log (after a notice if the log
-moved past them). A slow Jupyter client costs the server no growing buffer; one
+Flow control, roles and the client's place in the kernel's numbering are
+the native endpoint's, shared through L{Attachment}: a slow Jupyter client
+costs the server no growing buffer and catches up from the replay log; one
 that sends requests also holds back its kernel's link credit.
 """
 
@@ -37,9 +33,7 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from cellmux.protocol import (
     CLOSE_PROTOCOL_ERROR,
@@ -51,8 +45,10 @@ from cellmux.protocol import (
 )
 from cellmux.protocol.jupyter import jupyter_parts
 
-from ..auth import Grant, OriginPolicy, Role
+from ..attachment import Attachment
+from ..auth import OriginPolicy
 from ..kernels import Kernel, KernelError, KernelManager
+from ..websocket import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, close, take_over_producer
 from .codec import (
     Codec,
     JupyterCodecError,
@@ -70,10 +66,6 @@ __all__ = [
     "channels_path_kernel",
 ]
 
-#: Close code when the kernel was shut down (same as the native endpoint).
-CLOSE_KERNEL_GONE = 4000
-#: Close code when the share this client came in with was revoked.
-CLOSE_FORBIDDEN = 4403
 #: After this many refused messages a client is cut off.
 MAX_REFUSED = 100
 #: Longest session_id accepted (Jupyter's are uuids).
@@ -111,7 +103,6 @@ def channels_path_kernel(path: str) -> str | None:
     return match["kernel_id"] if match else None
 
 
-@implementer(IPushProducer)
 class JupyterChannels(WebSocketServerProtocol):
     """One Jupyter client's websocket on one kernel."""
 
@@ -121,25 +112,17 @@ class JupyterChannels(WebSocketServerProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.codec: Codec | None = None
-        self.kernel: Kernel | None = None
-        self.grant = Grant(Role.OBSERVER, kernel_id="")  # set by onConnect
+        self.attachment: Attachment | None = None
+        self._kernel: Kernel | None = None  # found at admission, joined on open
         #: The query's session_id: the key of this client's replay cursor.
         self.session_id = ""
-        #: What the kernel routes input_request by: the ``header.session``
-        #: of this client's requests (JupyterLab and jupyter_server use the
-        #: session_id there; a client that doesn't still gets its prompts).
-        self.session = ""
         #: Every header.session this client used: shell and control replies
         #: to other clients' requests are not its business (Jupyter routes
-        #: them to the requesting socket only).
+        #: them to the requesting socket only). The attachment's session, by
+        #: which input_request is routed, follows the latest shell request's
+        #: (JupyterLab and jupyter_server put the session_id there).
         self._own_sessions: set[str] = set()
         self._refused = 0
-        #: The seq of the last kernel message written (or skipped as not ours).
-        self._cursor = 0
-        #: Twisted asked us to stop writing.
-        self._paused = False
-        #: Messages went to the replay log only; catch up on resume.
-        self._behind = False
 
     @property
     def manager(self) -> KernelManager:
@@ -159,38 +142,30 @@ class JupyterChannels(WebSocketServerProtocol):
             raise ConnectionDeny(404, "use /api/kernels/{id}/channels")
         if not grant.covers(kernel_id):
             raise ConnectionDeny(403, "this token is for another kernel")
-        self.grant = grant
         try:
-            self.kernel = self.manager.get(kernel_id)
+            self._kernel = self.manager.get(kernel_id)
         except KernelError as e:
             raise ConnectionDeny(404, str(e)) from None
         session_id = (request.params.get("session_id") or [""])[0]
         if len(session_id) > MAX_SESSION_ID:
             raise ConnectionDeny(400, f"session_id is longer than {MAX_SESSION_ID} characters")
         self.session_id = session_id
-        self.session = session_id or uuid.uuid4().hex
-        self._own_sessions.add(self.session)
+        self.attachment = Attachment(self.manager, grant, self, channels=_JUPYTER_CHANNELS)
         self.codec = codec_for(request.protocols)
         return self.codec.subprotocol
 
     def onOpen(self) -> None:
         self.transport.setTcpNoDelay(True)
-        # twisted.web's HTTP channel is still the transport's producer after
-        # Autobahn took the transport over: replace it, so a full socket
-        # buffer pauses this connection.
-        if getattr(self.transport, "producer", None) is not None:
-            self.transport.unregisterProducer()
-        self.transport.registerProducer(self, True)
-        kernel = self.kernel
-        if kernel is None:
-            return
+        take_over_producer(self, self.attachment)
+        kernel = self._kernel
         if kernel.id not in self.manager.kernels:  # shut down during the handshake
-            self.kernel_gone("shut down")
+            self.gone("shut down")
             return
+        session = self.session_id or uuid.uuid4().hex
+        self._own_sessions.add(session)
         # The same session again resumes after what it was last sent.
         cursor = self.factory.cursor(kernel.id, self.session_id)
-        self._cursor = kernel.seq if cursor is None else min(cursor, kernel.seq)
-        kernel.attach(self, cursor=cursor)
+        self.attachment.attach(kernel, session, cursor=cursor)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -199,78 +174,31 @@ class JupyterChannels(WebSocketServerProtocol):
         except JupyterCodecError as e:
             self._refuse(e, close_code=CLOSE_UNSUPPORTED_DATA if e.code == "text_frame" else None)
             return
-        if not self.grant.role.may_execute:
-            error = JupyterCodecError(
-                "forbidden", "observers cannot send to the kernel", bound.header
-            )
-            self._refuse(error, count=False)
-            return
         session = bound.header.get("session")
         if isinstance(session, str) and session and len(self._own_sessions) < MAX_CLIENT_SESSIONS:
             self._own_sessions.add(session)
         if bound.socket is JupyterSocket.SHELL and session in self._own_sessions:
-            self.session = session
-        kernel = self.kernel
-        if kernel is None:
-            self._refuse(JupyterCodecError("kernel_gone", "the kernel was shut down", bound.header))
-            return
+            self.attachment.session = session
         try:
-            kernel.send(bound.channel, bound.socket, bound.parts)
+            self.attachment.send(bound.channel, bound.socket, bound.parts)
         except KernelError as e:
             self._refuse(JupyterCodecError(e.code, str(e), bound.header), count=False)
-            return
-        # A client that sends requests drives the kernel: if it cannot keep
-        # up with the output, the kernel waits for it (link credit).
-        kernel.writers.add(self)
-        if bound.channel == Channel.EXECUTE:
-            kernel.remember_input(self.session, bound.parts[0], bound.parts[3])
-        elif bound.channel == Channel.STDIN:
-            kernel.input_answered(self.session)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if self.kernel is not None:
-            self.factory.delivered(self.kernel.id, self.session_id, self._cursor)
-            self.kernel.detach(self)
-            self.kernel = None
+        attachment = self.attachment
+        if attachment is not None and attachment.kernel is not None:
+            self.factory.delivered(attachment.kernel.id, self.session_id, attachment.cursor)
+            attachment.detach()
 
-    # -- called from Twisted: IPushProducer ----------------------------------
+    # -- called by the Attachment (Transport) ------------------------------
 
-    def pauseProducing(self) -> None:
-        self._paused = True
-        if self.kernel is not None:
-            self.kernel.congested(self)
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        if self._behind:
-            self._catch_up()
-        if not self._paused and self.kernel is not None:
-            self.kernel.uncongested(self)
-
-    def stopProducing(self) -> None:
-        self._paused = True
-
-    # -- ClientSink ---------------------------------------------------------
-
-    def wants(self, channel: int) -> bool:
-        if channel == Channel.STDIN and not self.grant.role.may_execute:
-            return False  # observers never see prompts, whatever their session
-        return channel in _JUPYTER_CHANNELS
-
-    def send_frame(self, data: bytes) -> None:
-        if self._paused or self._behind:
-            self._behind = True  # it is in the replay log; we catch up later
-            return
-        self._deliver(data)
-
-    def _deliver(self, data: bytes) -> None:
+    def deliver(self, data: bytes) -> None:
         """Translate one cellmux frame and write it, if it is this client's."""
         try:
             frame = decode_frame(data, self.manager.config.max_frame_size)
         except ProtocolError as e:
             self.factory.log.warn("dropped an undecodable frame: {error}", error=e)
             return
-        self._cursor = frame.seq or self._cursor
         if frame.socket in _REPLY_SOCKETS and not self._asked(frame.parts):
             return
         try:
@@ -284,25 +212,6 @@ class JupyterChannels(WebSocketServerProtocol):
             return
         self.sendMessage(payload, isBinary=binary)
 
-    def _catch_up(self) -> None:
-        """Write what the client missed while paused, until paused again."""
-        kernel = self.kernel
-        if kernel is None:
-            self._behind = False
-            return
-        gap, entries = kernel.replay.after(self._cursor)
-        if gap is not None:
-            self.gap(gap.first, gap.last)
-        for entry in entries:
-            if self._paused:
-                return  # still behind; resumeProducing brings us back
-            if (entry.session is None or entry.session == self.session) and self.wants(
-                entry.channel
-            ):
-                self._deliver(entry.data)
-            self._cursor = entry.seq
-        self._behind = self._paused
-
     def gap(self, first: int, last: int) -> None:
         """Replay could not reach back far enough: say what was lost, in the notebook."""
         missed = last - first + 1
@@ -313,7 +222,6 @@ class JupyterChannels(WebSocketServerProtocol):
         )
         parts = jupyter_parts("stream", {"name": "stderr", "text": text}, now=now)
         self.send_frame_unnumbered(JupyterSocket.IOPUB, parts)
-        self._cursor = max(self._cursor, last)
 
     def _asked(self, parts: tuple[bytes, ...]) -> bool:
         """Whether this client made the request a shell or control reply answers."""
@@ -323,16 +231,11 @@ class JupyterChannels(WebSocketServerProtocol):
             return False
         return parent.get("session") in self._own_sessions
 
-    def kernel_gone(self, reason: str) -> None:
-        self.kernel = None
-        self.sendClose(CLOSE_KERNEL_GONE, f"kernel {reason}"[:120])
+    def gone(self, reason: str) -> None:
+        close(self, CLOSE_KERNEL_GONE, f"kernel {reason}")
 
     def revoked(self) -> None:
-        """The share this connection came in with was revoked."""
-        if self.kernel is not None:
-            self.kernel.detach(self)
-            self.kernel = None
-        self.sendClose(CLOSE_FORBIDDEN, "access revoked")
+        close(self, CLOSE_FORBIDDEN, "access revoked")
 
     # -- helpers ------------------------------------------------------------
 
@@ -348,7 +251,7 @@ class JupyterChannels(WebSocketServerProtocol):
         """
         self.factory.log.info(
             "refused a Jupyter message on kernel {kernel}: {code}: {message}",
-            kernel=self.kernel.id if self.kernel else None,
+            kernel=self._kernel.id if self._kernel else None,
             code=error.code,
             message=error.message,
         )
