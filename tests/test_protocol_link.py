@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cellmux.protocol import (
+    DEFAULT_MAX_FRAME_SIZE,
     LINK_VERSION,
     Channel,
     JupyterSocket,
@@ -115,12 +116,15 @@ def test_handshake_step_by_step() -> None:
     assert not kernel.accepted
 
     accepted = server.receive(proof)
-    assert accepted == Reply(link_control("accepted", credit=DEFAULT_LINK_CREDIT))
+    assert accepted == Reply(
+        link_control("accepted", credit=DEFAULT_LINK_CREDIT, max_size=DEFAULT_MAX_FRAME_SIZE)
+    )
     assert not server.ready
 
     assert kernel.receive(accepted.parts) is None
     assert kernel.accepted
     assert kernel.credit == DEFAULT_LINK_CREDIT
+    assert kernel.max_size == DEFAULT_MAX_FRAME_SIZE
 
     assert server.receive(kernel.ready()) == LinkReady(PID)
     assert server.ready

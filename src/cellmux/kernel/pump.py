@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 import zmq
 
 from cellmux.protocol import (
+    HEADER_SIZE,
     Channel,
     JupyterSocket,
     KernelSideLink,
@@ -78,6 +79,10 @@ def _stream_name(content: memoryview) -> str | None:
         return json.loads(bytes(content)).get("name")
     except (ValueError, AttributeError):
         return None
+
+
+def _view(part) -> memoryview:
+    return memoryview(part) if isinstance(part, bytes) else part.buffer
 
 
 def classify(header: bytes, content: memoryview) -> int:
@@ -231,6 +236,35 @@ class Pump(threading.Thread):
         body = msg[delimiter + 2 :]  # skip delimiter and signature
         if len(body) < 4:
             return
-        channel = classify(body[0].bytes, body[3].buffer)
+        size = sum(map(len, body))
+        if HEADER_SIZE + 4 * len(body) + size > self._link.max_size:
+            body = self._too_large(body, size)
+            socket = JupyterSocket.IOPUB
+        channel = classify(body[0] if isinstance(body[0], bytes) else body[0].bytes, _view(body[3]))
         self._link.credit -= sum(map(len, body))
         link.send_multipart([_TAGS[(channel, socket)], *body], copy=False)
+
+    def _too_large(self, body: list, size: int) -> list[bytes]:
+        """A stderr note, for the same cell, in place of a message too big to send.
+
+        The server would drop it (and libzmq would cut the link over it):
+        better that the user learns why their output did not arrive.
+        """
+        try:
+            msg_type = json.loads(body[0].bytes).get("msg_type", "message")
+            parent = json.loads(body[1].bytes)
+        except (ValueError, AttributeError):
+            msg_type, parent = "message", {}
+        text = (
+            f"cellmux: a {msg_type} of {size} bytes was not sent: the server takes at most "
+            f"{self._link.max_size} bytes per message\n"
+        )
+        return list(
+            jupyter_parts(
+                "stream",
+                {"name": "stderr", "text": text},
+                now=datetime.now(UTC),
+                session=self._session,
+                parent=parent if isinstance(parent, dict) else {},
+            )
+        )

@@ -10,7 +10,7 @@ holds the secret the nursery gave it at fork time::
                          <--  [tag(0), {"op":"challenge","nonce":hex}]
       [tag(0), {"op":"proof","mac":hex}]             -->
                          <--  [tag(0), {"op":"accepted"}]
-                         <--  [tag(0), {"op":"accepted","credit":bytes}]
+                         <--  [tag(0), {"op":"accepted","credit":bytes,"max_size":bytes}]
       [tag(0), {"op":"ready"}]                       -->   (kernel is usable)
 
 ``mac`` is HMAC-SHA256(secret, "cellmux-link/1" | link id | nonce), hex.
@@ -225,7 +225,7 @@ class ServerLink:
             ):
                 raise ProtocolError("bad_proof", "the kernel could not prove its secret")
             self._state = LinkState.AUTHENTICATED
-            return Reply(link_control("accepted", credit=self._credit))
+            return Reply(link_control("accepted", credit=self._credit, max_size=self._max_size))
         if state is LinkState.AUTHENTICATED and op == "ready":
             self._state = LinkState.READY
             return LinkReady(self._pid)
@@ -242,6 +242,8 @@ class KernelSideLink:
         self.accepted = False
         #: Bytes the kernel may still send before waiting for more credit.
         self.credit = 0
+        #: Largest message the server takes (told in ``accepted``).
+        self.max_size = DEFAULT_MAX_FRAME_SIZE
 
     def hello(self) -> list[bytes]:
         return link_control("hello", version=LINK_VERSION, pid=self._pid)
@@ -270,5 +272,8 @@ class KernelSideLink:
             self.accepted = True
             credit = body.get("credit")
             self.credit += credit if type(credit) is int else 0
+            max_size = body.get("max_size")
+            if type(max_size) is int and max_size > 0:
+                self.max_size = max_size
             return None
         raise ProtocolError("unexpected_op", f"unexpected link op {body['op']!r}")
