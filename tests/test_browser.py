@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import re
 import subprocess
 import tempfile
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -116,7 +119,7 @@ def _login_url(server: RunningServer, token: str, query: str = "") -> str:
 def _console(
     browser: Browser, server: RunningServer, query: str = "", token: str | None = None, **ctx
 ) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900}, **ctx)
+    context = browser.new_context(viewport={"width": 1100, "height": 1000}, **ctx)
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     try:
@@ -177,11 +180,16 @@ def _scenario(page: Page) -> None:
     cell = _run(
         page,
         "from IPython.display import HTML\n"
-        "HTML('<table id=t><tr><th>name</th><th>n</th></tr><tr><td>alpha</td><td>1</td></tr></table>')",
+        "HTML('<table id=t><tr><th>name</th><th>n</th></tr>'\n"
+        "     '<tr><td>alpha</td><td>1</td></tr></table>')",
     )
     frame = cell.locator("iframe.cellmux-frame")
     expect(frame).to_have_attribute("sandbox", "allow-scripts")
     expect(cell.frame_locator("iframe").locator("#t td").first).to_have_text("alpha")
+    # The console with stdout, stderr, a traceback, a plot and a table.
+    page.evaluate("window.scrollTo(0, 0)")
+    kind = page.evaluate("cellmuxConsole.kernel.transport.kind")
+    page.screenshot(path=str(SCREENSHOTS / f"console-{kind}.png"))
 
     cell = _run(page, "name = input('Your name? ')\nprint('hello', name)")
     prompt = cell.locator(".cellmux-stdin-input")
@@ -224,11 +232,15 @@ def _scenario(page: Page) -> None:
     cells = _cells(page)
     last = cells.nth(cells.count() - 1)
     last.locator(".cm-content").click()
-    page.keyboard.insert_text("os.path.jo")
+    # (An astral character first: Jupyter counts code points, the editor UTF-16 units.)
+    page.keyboard.insert_text("s = '\U0001f600'; os.path.jo")
     page.keyboard.press("Tab")
     options = page.locator(".cm-tooltip-autocomplete li")
     expect(options.first).to_have_text("join")
-    page.keyboard.press("Escape")
+    # CodeMirror ignores Enter for 75 ms after the list appears (interactionDelay).
+    page.wait_for_timeout(150)
+    page.keyboard.press("Enter")
+    expect(last.locator(".cm-content")).to_have_text("s = '\U0001f600'; os.path.join")
     page.keyboard.press("Control+a")
     page.keyboard.press("Delete")
     # Shift+Tab inspects.
@@ -241,8 +253,8 @@ def _scenario(page: Page) -> None:
     # Latex and Markdown render too.
     cell = _run(page, "from IPython.display import Math\nMath(r'\\frac{a}{b}')")
     expect(cell.locator(".katex")).to_be_visible()
-
-    page.screenshot(path=str(SCREENSHOTS / f"console-{page.evaluate('cellmuxConsole.kernel.transport.kind')}.png"), full_page=False)
+    cell = _run(page, "from IPython.display import Markdown\nMarkdown('# Title\\n\\n*some* text')")
+    expect(cell.frame_locator("iframe").locator("h1")).to_have_text("Title")
 
     _finished(_run(page, "survivor = 1"))
     page.click("#restart")
@@ -279,6 +291,38 @@ def test_console_falls_back_to_long_polling_when_websockets_fail(browser, web_se
         expect(cell.locator(".cellmux-stdout")).to_have_text("42\n")
     finally:
         context.close()
+
+
+def test_a_dying_kernel_shows_dead_with_its_cause(browser, web_server):
+    with _console(browser, web_server) as page:
+        page.evaluate(
+            """() => {
+                window.seen = [];
+                cellmuxConsole.kernel.on('status', () => seen.push(
+                    document.getElementById('kernel-state').textContent));
+            }"""
+        )
+        cell = _run(page, "import os\nos._exit(3)")
+        expect(cell.locator(".cellmux-notice")).to_have_text("not finished: the kernel stopped")
+        page.wait_for_function("seen.includes('dead (exit code 3)')")
+        # Whether or not the server restarted it by itself, Restart brings it back.
+        page.click("#restart")
+        expect(page.locator("#kernel-state")).to_have_text("idle")
+        cell = _run(page, "print('alive')")
+        expect(cell.locator(".cellmux-stdout")).to_have_text("alive\n")
+
+
+def test_a_dropped_websocket_reconnects_and_loses_nothing(browser, web_server):
+    with _console(browser, web_server) as page:
+        cell = _run(
+            page, "import time\nfor i in range(8):\n    print(i, flush=True)\n    time.sleep(0.25)"
+        )
+        expect(cell.locator(".cellmux-stdout")).to_contain_text("1")
+        page.evaluate("cellmuxConsole.kernel.transport.ws.close(3000)")
+        expect(page.locator("#notices")).to_contain_text("reconnecting")
+        _finished(cell)
+        # Output made while disconnected came back from the replay log, once.
+        expect(cell.locator(".cellmux-stdout")).to_have_text("".join(f"{i}\n" for i in range(8)))
 
 
 def test_kernel_html_cannot_read_the_page_cookie(browser, web_server):
@@ -320,7 +364,9 @@ def test_read_only_link_sees_output_but_cannot_run(browser, web_server):
             expect(viewer.locator("#notices")).to_contain_text("read-only")
             expect(viewer.locator("#interrupt")).to_be_disabled()
             # No editable cell for an observer.
-            expect(viewer.locator("section.cellmux-console-cell:not(.cellmux-foreign)")).to_have_count(0)
+            expect(
+                viewer.locator("section.cellmux-console-cell:not(.cellmux-foreign)")
+            ).to_have_count(0)
             _run(owner, "print('seen by the observer')")
             foreign = viewer.locator(".cellmux-foreign")
             expect(foreign.locator(".cellmux-stdout")).to_have_text("seen by the observer\n")
@@ -337,6 +383,26 @@ def test_read_only_link_sees_output_but_cannot_run(browser, web_server):
             context.close()
 
 
+def test_collaborator_link_runs_code_that_the_owner_sees(browser, web_server):
+    with _console(browser, web_server) as owner:
+        owner.click("#share-collaborator")
+        link = owner.locator("#share-collaborator-link").input_value()
+        context = browser.new_context()
+        context.set_default_timeout(TIMEOUT_MS)
+        guest = context.new_page()
+        try:
+            guest.goto(link)
+            expect(guest.locator("#cellmux-console[data-ready=true]")).to_be_visible()
+            assert guest.locator("#cellmux-console").get_attribute("data-role") == "collaborator"
+            expect(guest.locator("#restart")).to_be_disabled()
+            cell = _run(guest, "print('from the collaborator')")
+            expect(cell.locator(".cellmux-stdout")).to_have_text("from the collaborator\n")
+            foreign = owner.locator(".cellmux-foreign")
+            expect(foreign.locator(".cellmux-stdout")).to_have_text("from the collaborator\n")
+        finally:
+            context.close()
+
+
 def test_upload_and_download(browser, web_server, tmp_path):
     with _console(browser, web_server) as page:
         page.set_input_files(
@@ -346,6 +412,18 @@ def test_upload_and_download(browser, web_server, tmp_path):
         expect(page.locator("#notices")).to_contain_text("uploaded data.txt")
         cell = _run(page, "print(open('data.txt').read())")
         expect(cell.locator(".cellmux-stdout")).to_have_text("uploaded bytes\n")
+        # Dropping a file on the page uploads it too.
+        page.evaluate(
+            """() => {
+                const data = new DataTransfer();
+                data.items.add(new File(['dropped bytes'], 'dropped.txt'));
+                document.dispatchEvent(new DragEvent('drop',
+                    {dataTransfer: data, bubbles: true, cancelable: true}));
+            }"""
+        )
+        expect(page.locator("#notices")).to_contain_text("uploaded dropped.txt")
+        cell = _run(page, "print(open('dropped.txt').read())")
+        expect(cell.locator(".cellmux-stdout")).to_have_text("dropped bytes\n")
         _finished(_run(page, "open('result.csv', 'w').write('a,b\\n1,2\\n')"))
         link = page.locator("#files a", has_text="result.csv")
         expect(link).to_be_visible()
@@ -380,7 +458,8 @@ def test_embedded_linked_cells_share_a_kernel(browser, web_server, embed_site):
   const opts = {{server: {web_server.url.rstrip("/")!r}, token: {web_server.token!r}}};
   window.one = cellmux.makeCell({{element: '#one', linkKey: 'demo', autorun: true, ...opts}});
   window.two = cellmux.makeCell({{element: '#two', linkKey: 'demo', ...opts}});
-  window.alone = cellmux.makeCell({{element: '#alone', hideEditor: true, ...opts}});
+  window.alone = cellmux.makeCell(
+    {{element: '#alone', hideEditor: true, transport: 'longpoll', ...opts}});
 </script>
 """
     )
@@ -396,9 +475,48 @@ def test_embedded_linked_cells_share_a_kernel(browser, web_server, embed_site):
         two.locator(".cm-content").click()
         page.keyboard.press("Shift+Enter")
         expect(two.locator(".cellmux-stdout")).to_have_text("shared is 42\n")
-        # A cell without the key has its own kernel, and no editor shown.
+        # A cell without the key has its own kernel, and no editor shown; this
+        # one long-polls, across origins (CORS for an allowed origin).
         expect(page.locator("#alone .cellmux-input")).to_be_hidden()
         page.evaluate("alone.run()")
         expect(page.locator("#alone .cellmux-stdout")).to_have_text("False\n")
     finally:
         context.close()
+
+
+def _get(url: str, headers: dict | None = None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def test_pages_and_static_assets_over_http(web_server):
+    """Content types, the CSP, caching, and ``/`` for non-browsers."""
+    status, headers, body = _get(web_server.url, {"Accept": "text/html"})
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    csp = headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "object-src 'none'" in csp
+    assert "frame-ancestors 'self'" in csp
+    assert b'src="/static/cellmux.js"' in body
+    # Not a browser: the JSON description, as before.
+    status, headers, body = _get(web_server.url, {"Accept": "application/json"})
+    assert json.loads(body)["name"] == "cellmux"
+    for name, content_type in [
+        ("cellmux.js", "text/javascript; charset=utf-8"),
+        ("cellmux.css", "text/css; charset=utf-8"),
+        ("fonts/KaTeX_Main-Regular.woff2", "font/woff2"),
+    ]:
+        status, headers, body = _get(f"{web_server.url}static/{name}")
+        assert status == 200 and headers["content-type"] == content_type, name
+        assert headers["x-content-type-options"] == "nosniff"
+        assert headers["access-control-allow-origin"] == "*"
+        etag = headers["etag"]
+        status, _, body = _get(f"{web_server.url}static/{name}", {"If-None-Match": etag})
+        assert status == 304 and body == b""
+    status, _, body = _get(f"{web_server.url}static/nope.js")
+    assert status == 404 and json.loads(body)["message"] == "not found"
+    status, _, _ = _get(f"{web_server.url}static/../../setup.cfg")
+    assert status == 404

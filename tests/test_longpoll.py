@@ -16,12 +16,12 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from conftest import start_server
 
 from cellmux.protocol import Channel, JupyterSocket, control_frame, decode_frame, encode_frame
 from cellmux.protocol.framing import frame_bytes
 from cellmux.protocol.jupyter import jupyter_parts
 from cellmux.server.longpoll import pack_frames, unpack_frames
+from conftest import start_server
 
 
 def _pack(*frames: bytes) -> bytes:
@@ -70,7 +70,7 @@ class Poller:
         status, _, _ = _request(self.server, "POST", f"/poll/{self.id}", _pack(*frames))
         return status
 
-    def until(self, predicate, limit: int = 50):
+    def until(self, predicate, limit: int = 8):
         """Poll until a frame satisfies predicate; return all frames seen."""
         seen = []
         for _ in range(limit):
@@ -111,8 +111,10 @@ def jmsg(frame) -> tuple[str, dict, dict]:
 
 
 def replied(msg_id):
-    return lambda f: f.channel == Channel.EXECUTE and jmsg(f)[0] == "execute_reply" and (
-        jmsg(f)[1].get("msg_id") == msg_id
+    return lambda f: (
+        f.channel == Channel.EXECUTE
+        and jmsg(f)[0] == "execute_reply"
+        and (jmsg(f)[1].get("msg_id") == msg_id)
     )
 
 
@@ -195,9 +197,7 @@ def test_stdin_over_long_polling(server, kernel_id):
         parent=json.loads(request.parts[0]),
     )
     frames = poller.until(replied(msg_id))
-    assert any(
-        f.channel == Channel.STDOUT and jmsg(f)[2]["text"] == "got Ada\n" for f in frames
-    )
+    assert any(f.channel == Channel.STDOUT and jmsg(f)[2]["text"] == "got Ada\n" for f in frames)
 
 
 def test_control_requests_and_refused_frames(server, kernel_id):
@@ -212,8 +212,12 @@ def test_control_requests_and_refused_frames(server, kernel_id):
     error = next(control(f) for f in frames if control(f))
     assert error["code"] == "channel_not_sendable" and error["fatal"] is False
     # A body whose lengths do not add up: refused the same way.
-    assert poller.post(b"\x00\x00\x00\x09abc") == 204
-    frames = poller.until(lambda f: (control(f) or {}).get("code") == "bad_lengths")
+    status, _, _ = _request(server, "POST", f"/poll/{poller.id}", b"\x00\x00\x00\x09abc")
+    assert status == 204
+    poller.until(lambda f: (control(f) or {}).get("code") == "bad_lengths")
+    # A frame too short to be one.
+    assert poller.post(b"abc") == 204
+    poller.until(lambda f: (control(f) or {}).get("code") == "frame_truncated")
     msg_id = poller.execute("2 + 2")
     poller.until(replied(msg_id))
 
@@ -238,6 +242,15 @@ def test_bad_requests_get_clear_errors(server, kernel_id):
         server, "POST", "/poll", b"", headers={"Origin": "http://evil.example"}
     )
     assert status == 403 and "origin" in json.loads(body)["message"]
+    # ...and its browser gets no CORS grant to read anything.
+    status, headers, _ = _request(
+        server, "OPTIONS", "/poll", token=False, headers={"Origin": "http://evil.example"}
+    )
+    assert status == 204 and headers["access-control-allow-origin"] is None
+    status, _, _ = _request(
+        server, "POST", "/embed/kernels", b"", headers={"Origin": "http://evil.example"}
+    )
+    assert status == 403
     assert server.alive()
 
 
@@ -245,10 +258,14 @@ def test_unknown_kernel_and_bad_hello_close_the_connection(server):
     poller = Poller(server, "no-such-kernel")
     frames = poller.poll()
     assert control(frames[0])["code"] == "unknown_kernel"
-    assert control(frames[-1]) == {"op": "close", "code": 4404, "reason": "no kernel no-such-kernel"}
+    assert control(frames[-1]) == {
+        "op": "close",
+        "code": 4404,
+        "reason": "no kernel no-such-kernel",
+    }
     assert poller.post(b"") == 410
     # A first frame that is not hello.
-    status, _, data = _request(server, "POST", "/poll", _pack(frame_bytes(6, 1, 0, [b"{}"] * 4)))
+    _, _, data = _request(server, "POST", "/poll", _pack(frame_bytes(6, 1, 0, [b"{}"] * 4)))
     cid = json.loads(data)["connection"]
     _, _, data = _request(server, "GET", f"/poll/{cid}")
     frames = [decode_frame(f) for f in unpack_frames(data)]
@@ -303,3 +320,16 @@ def _small_replay_config() -> str:
     with open(fd, "w") as f:
         f.write("replay_bytes = 4096\n")
     return path
+
+
+def test_a_client_that_never_polls_cannot_grow_its_queue(server, kernel_id):
+    poller = Poller(server, kernel_id)
+    pings = [encode_frame(control_frame("ping", id=i)) for i in range(1001)]
+    assert poller.post(*pings) == 204
+    frames = poller.poll()
+    assert control(frames[-1]) == {
+        "op": "close",
+        "code": 1002,
+        "reason": "too many unacknowledged control frames",
+    }
+    assert poller.post(pings[0]) == 410

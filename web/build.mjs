@@ -32,3 +32,17 @@ for (const name of readFileSync(join(katexDir, 'katex.min.css'), 'utf8').match(/
 const own = readFileSync(join(here, 'src', 'style.css'), 'utf8');
 writeFileSync(join(out, 'cellmux.css'), katexCss + '\n' + own);
 cpSync(join(here, 'console.html'), join(out, 'console.html'));
+
+// The licences of everything bundled (all MIT), shipped beside the bundle.
+import { readdirSync, existsSync } from 'node:fs';
+const notices = [];
+const modules = join(here, 'node_modules');
+const packages = readdirSync(modules).filter((n) => !n.startsWith('.')).flatMap((name) => (name.startsWith('@')
+  ? readdirSync(join(modules, name)).map((sub) => `${name}/${sub}`) : [name]));
+for (const name of packages.sort()) {
+  const meta = JSON.parse(readFileSync(join(modules, name, 'package.json'), 'utf8'));
+  if (name === 'esbuild' || name.startsWith('@esbuild/') || name === 'commander') continue; // build tools
+  const file = ['LICENSE', 'LICENSE.md', 'LICENSE.txt'].map((f) => join(modules, name, f)).find(existsSync);
+  notices.push(`== ${name} ${meta.version} (${meta.license})\n\n${file ? readFileSync(file, 'utf8') : ''}`);
+}
+writeFileSync(join(out, 'THIRD_PARTY_LICENSES.txt'), notices.join('\n\n'));

@@ -18,6 +18,20 @@ function el(tag, className, text) {
   return e;
 }
 
+// Jupyter counts cursor positions in code points, the editor in UTF-16 units.
+function toCodePoints(text, offset) {
+  return [...text.slice(0, offset)].length;
+}
+
+function fromCodePoints(text, points) {
+  let offset = 0;
+  for (const ch of text) {
+    if (points-- <= 0) break;
+    offset += ch.length;
+  }
+  return offset;
+}
+
 export class Cell {
   // kernel: a KernelClient, or a function returning a Promise of one.
   constructor({ element, code = '', kernel, hideEditor = false, readOnly = false, onRun = null }) {
@@ -94,11 +108,12 @@ export class Cell {
 
   async _complete(ctx) {
     const kernel = await this._kernel();
-    const reply = await kernel.complete(ctx.state.doc.toString(), ctx.pos);
+    const code = ctx.state.doc.toString();
+    const reply = await kernel.complete(code, toCodePoints(code, ctx.pos));
     if (!reply || reply.status !== 'ok' || !reply.matches.length) return null;
     return {
-      from: reply.cursor_start,
-      to: reply.cursor_end,
+      from: fromCodePoints(code, reply.cursor_start),
+      to: fromCodePoints(code, reply.cursor_end),
       options: reply.matches.map((m) => ({ label: m })),
       filter: false,
     };
@@ -106,7 +121,8 @@ export class Cell {
 
   async _inspect(view) {
     const kernel = await this._kernel();
-    const reply = await kernel.inspect(view.state.doc.toString(), view.state.selection.main.head);
+    const code = view.state.doc.toString();
+    const reply = await kernel.inspect(code, toCodePoints(code, view.state.selection.main.head));
     this.inspector.replaceChildren();
     if (!reply || !reply.found) {
       this.inspector.textContent = 'no documentation found';

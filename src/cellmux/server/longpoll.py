@@ -328,7 +328,7 @@ class PollConnection:
         self._queued.append((self._control_seq, data))
         if len(self._queued) > MAX_QUEUED_CONTROL and self._closed is None:
             self._queued.clear()
-            self._closed = (CLOSE_PROTOCOL_ERROR, "too many unacknowledged control frames")
+            self.close(CLOSE_PROTOCOL_ERROR, "too many unacknowledged control frames")
         self._wake()
 
     def collect(self, seq: int | None, ctl: int) -> tuple[list[bytes], int, int] | None:
