@@ -41,7 +41,6 @@ from twisted.web import resource, server
 
 from cellmux.protocol import (
     PROTOCOL_VERSION,
-    Channel,
     DataMessage,
     Hello,
     ProtocolError,
@@ -52,6 +51,7 @@ from cellmux.protocol import (
     encode_frame,
 )
 
+from .attachment import Attachment
 from .auth import Grant, OriginPolicy
 from .kernels import Kernel, KernelError, KernelManager
 from .pages import cors_headers, preflight
@@ -76,18 +76,6 @@ CLOSE_KERNEL_GONE = 4000
 CLOSE_FORBIDDEN = 4403
 CLOSE_UNKNOWN_KERNEL = 4404
 CLOSE_EXPIRED = 4408
-
-_ROLE_FOR_OP = {
-    "interrupt": lambda role: role.may_execute,
-    "restart": lambda role: role.may_manage,
-    "shutdown": lambda role: role.may_manage,
-}
-
-
-class Forbidden(KernelError):
-    """The connection's role does not allow this request."""
-
-    code = "forbidden"
 
 
 def pack_frames(frames: list[bytes]) -> bytes:
@@ -118,18 +106,21 @@ def _seq_of(data: bytes) -> int:
 
 
 class PollConnection:
-    """One long-polling client: a ClientSink whose output waits for polls."""
+    """One long-polling client; output waits in the kernel's log for polls.
+
+    What every transport shares (roles, requests, relaying to the kernel)
+    is its L{Attachment}'s; this class is the L{Transport}: a delivered
+    frame only wakes a waiting poll, which then reads the log by cursor.
+    Never paused, it never holds back the kernel's link credit.
+    """
 
     log = Logger()
 
     def __init__(self, cid: str, manager: KernelManager, grant: Grant, expire) -> None:
         self.id = cid
         self.manager = manager
-        self.grant = grant
-        self.kernel: Kernel | None = None
-        self.session = ""
+        self.attachment = Attachment(manager, grant, self)
         self._handshake = ServerSideHandshake()
-        self._channels: frozenset[int] | None = None
         self._errors = 0
         #: frames with seq <= this are not found in the log after the client's cursor
         self._start = 0
@@ -153,10 +144,12 @@ class PollConnection:
         self.close(CLOSE_EXPIRED, "not polled for too long")
         self._expire(self)
 
+    @property
+    def kernel(self) -> Kernel | None:
+        return self.attachment.kernel
+
     def close(self, code: int, reason: str) -> None:
-        if self.kernel is not None:
-            self.kernel.detach(self)
-            self.kernel = None
+        self.attachment.detach()
         if self._closed is None:
             self._closed = (code, reason[:120])
         self._wake()
@@ -165,23 +158,16 @@ class PollConnection:
         """Drop everything (the connection is removed)."""
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
-        if self.kernel is not None:
-            self.kernel.detach(self)
-            self.kernel = None
+        self.attachment.detach()
         if self._waiter is not None:
             d, call = self._waiter
             self._waiter = None
             call.cancel()
             d.callback(None)
 
-    # -- ClientSink -------------------------------------------------------------
+    # -- called by the Attachment (Transport) -----------------------------
 
-    def wants(self, channel: int) -> bool:
-        if channel == Channel.STDIN and not self.grant.role.may_execute:
-            return False
-        return self._channels is None or channel in self._channels
-
-    def send_frame(self, data: bytes) -> None:
+    def deliver(self, data: bytes) -> None:
         if _seq_of(data) <= self._start:
             # Not in the log after the client's cursor (a waiting prompt
             # sent on attach): it goes with the control frames.
@@ -192,8 +178,7 @@ class PollConnection:
     def gap(self, first: int, last: int) -> None:
         self._control("gap", first=first, last=last, missed=last - first + 1)
 
-    def kernel_gone(self, reason: str) -> None:
-        self.kernel = None
+    def gone(self, reason: str) -> None:
         self.close(CLOSE_KERNEL_GONE, f"kernel {reason}")
 
     def revoked(self) -> None:
@@ -225,7 +210,8 @@ class PollConnection:
                 self._hello(event)
 
     def _hello(self, hello: Hello) -> None:
-        if not self.grant.covers(hello.kernel):
+        attachment = self.attachment
+        if not attachment.grant.covers(hello.kernel):
             message = "this token is for another kernel"
             self._control("error", code="forbidden", message=message, fatal=True)
             self.close(CLOSE_FORBIDDEN, message)
@@ -236,77 +222,32 @@ class PollConnection:
             self._control("error", code=e.code, message=str(e), fatal=True)
             self.close(CLOSE_UNKNOWN_KERNEL, str(e))
             return
-        self.session = hello.session
-        self._channels = hello.channels
-        self.kernel = kernel
+        attachment.channels = hello.channels
         self._start = kernel.seq if hello.cursor is None else min(hello.cursor, kernel.seq)
         self._control(
             "welcome",
             version=PROTOCOL_VERSION,
             kernel=kernel.model(),
             seq=self._start,
-            role=self.grant.role.value,
+            role=attachment.grant.role.value,
         )
         # No cursor for the kernel: the log after ours is what polls read.
-        kernel.attach(self)
+        attachment.attach(kernel, hello.session)
 
     def _relay(self, event: DataMessage) -> None:
         frame = event.frame
-        kernel = self.kernel
-        if kernel is None:
-            self._control(
-                "error", code="kernel_gone", message="the kernel was shut down", fatal=False
-            )
-            return
-        if not self.grant.role.may_execute:
-            self._control(
-                "error",
-                code="forbidden",
-                message="observers cannot send to the kernel",
-                channel=frame.channel,
-                fatal=False,
-            )
-            return
         try:
-            kernel.send(frame.channel, frame.socket, frame.parts)
+            self.attachment.send(frame.channel, frame.socket, frame.parts)
         except KernelError as e:
             self._control("error", code=e.code, message=str(e), channel=frame.channel, fatal=False)
-            return
-        if frame.channel == Channel.EXECUTE:
-            kernel.remember_input(self.session, frame.parts[0], frame.parts[3])
-        elif frame.channel == Channel.STDIN:
-            kernel.input_answered(self.session)
 
     async def _request(self, request: Request) -> None:
-        kernel = self.kernel
         try:
-            if kernel is None:
-                raise KernelError("the kernel was shut down")
-            if request.op == "ping":
-                self._control("pong", id=request.id)
-                return
-            if request.op == "history":
-                inputs = [
-                    {"code": h.code, "session": h.session, "time": h.time} for h in kernel.history
-                ]
-                self._control("history", id=request.id, inputs=inputs)
-                return
-            needed = _ROLE_FOR_OP.get(request.op)
-            if needed is not None and not needed(self.grant.role):
-                raise Forbidden(f"a {self.grant.role.value} may not {request.op}")
-            if request.op == "subscribe":
-                self._channels = request.channels
-            elif request.op == "interrupt":
-                self.manager.interrupt(kernel)
-            elif request.op == "restart":
-                await self.manager.restart(kernel)
-            elif request.op == "shutdown":
-                self._control("ok", id=request.id, request=request.op)
-                self.manager.delete(kernel)
-                return
-            self._control("ok", id=request.id, request=request.op)
+            reply = await self.attachment.request(request.op, request.channels)
         except KernelError as e:
             self._control("error", id=request.id, code=e.code, message=str(e), fatal=False)
+            return
+        self._control(reply.pop("op"), id=request.id, **reply)
 
     def _refuse(self, error: ProtocolError) -> None:
         self._errors += 1
@@ -351,9 +292,9 @@ class PollConnection:
                 frames.append(encode_frame(control_frame(**body)))
             for entry in entries:
                 next_seq = entry.seq
-                if (entry.session is None or entry.session == self.session) and self.wants(
-                    entry.channel
-                ):
+                if (
+                    entry.session is None or entry.session == self.attachment.session
+                ) and self.attachment.wants(entry.channel):
                     frames.append(entry.data)
             next_seq = max(next_seq, min(cursor, kernel.replay.last_seq))
         if self._closed is not None:
@@ -446,7 +387,7 @@ class PollResource(resource.Resource):
         conn = self.connections.get(cid)
         if conn is None:
             return self._error(request, HTTPStatus.NOT_FOUND, "no such poll connection")
-        if self.auth.web_grant(request) != conn.grant:
+        if self.auth.web_grant(request) != conn.attachment.grant:
             return self._error(request, HTTPStatus.FORBIDDEN, "a valid token is required")
         return conn
 
