@@ -46,6 +46,10 @@ class CellResult:
     #: Messages of other requests seen meanwhile: with one client, output
     #: that arrived after its request's idle.
     stray: int = 0
+    #: The idle (or reply) never came within the timeout: output was lost.
+    timed_out: bool = False
+    #: Seconds from send to the last message of the request that arrived.
+    last: float = 0.0
 
     def lines(self) -> list[str]:
         return "".join(self.stdout).splitlines()
@@ -90,23 +94,35 @@ class _WebsocketConnection:
     async def close(self) -> None:
         await self.ws.close()
 
-    async def execute(self, code: str, msg_id: str | None = None) -> CellResult:
-        """Run C{code}; return once both its reply and its idle arrived."""
+    async def execute(
+        self, code: str, msg_id: str | None = None, timeout: float | None = None
+    ) -> CellResult:
+        """Run C{code}; return once both its reply and its idle arrived, or
+        what arrived when C{timeout} seconds passed without them."""
         msg_id = msg_id or uuid.uuid4().hex
         start = time.perf_counter()
         await self.ws.send(self._encode_execute(code, msg_id))
-        return await self._collect(msg_id, start, want_reply=True)
+        return await self._collect(msg_id, start, True, timeout)
 
-    async def observe(self, msg_id: str, start: float) -> CellResult:
+    async def observe(self, msg_id: str, start: float, timeout: float | None = None) -> CellResult:
         """Read output of someone else's request C{msg_id} until its idle."""
-        return await self._collect(msg_id, start, want_reply=False)
+        return await self._collect(msg_id, start, False, timeout)
 
-    async def _collect(self, msg_id: str, start: float, want_reply: bool) -> CellResult:
+    async def _collect(
+        self, msg_id: str, start: float, want_reply: bool, timeout: float | None
+    ) -> CellResult:
         result = CellResult()
         got_reply = not want_reply
         got_idle = False
+        deadline = None if timeout is None else start + timeout
         while not (got_reply and got_idle):
-            decoded = self._decode(await self.ws.recv())
+            left = None if deadline is None else deadline - time.perf_counter()
+            try:
+                raw = await asyncio.wait_for(self.ws.recv(), left)
+            except TimeoutError:
+                result.timed_out = True
+                return result
+            decoded = self._decode(raw)
             if decoded is None:
                 continue
             header, parent, content = decoded
@@ -114,6 +130,7 @@ class _WebsocketConnection:
                 result.stray += 1
                 continue
             result.messages += 1
+            result.last = time.perf_counter() - start
             msg_type = json.loads(header)["msg_type"]
             if got_reply and want_reply and msg_type not in ("status", "execute_input"):
                 result.reply_overtook = True
@@ -163,6 +180,8 @@ class CellmuxConnection(_WebsocketConnection):
             # None: never stop reading (other sessions' output piles up
             # unread on shared kernels); a number makes a stalled client.
             max_queue=max_queue,
+            # jupyter_server's handshake waits for a starting kernel.
+            open_timeout=120,
         )
         hello = control_frame("hello", version=1, kernel=kernel_id, session=self.session)
         await self.ws.send(encode_frame(hello))
@@ -216,6 +235,8 @@ class JupyterConnection(_WebsocketConnection):
             # None: never stop reading (other sessions' output piles up
             # unread on shared kernels); a number makes a stalled client.
             max_queue=max_queue,
+            # jupyter_server's handshake waits for a starting kernel.
+            open_timeout=120,
         )
         return self
 
@@ -296,7 +317,9 @@ class FloorConnection:
         i = msg.index(b"<IDS|MSG>")
         return msg[i + 2], msg[i + 3], msg[i + 5]
 
-    async def execute(self, code: str, msg_id: str | None = None) -> CellResult:
+    async def execute(
+        self, code: str, msg_id: str | None = None, timeout: float | None = None
+    ) -> CellResult:
         msg_id = msg_id or uuid.uuid4().hex
         msg = self.session_obj.msg(
             "execute_request",
@@ -308,12 +331,20 @@ class FloorConnection:
         self.session_obj.send(self.shell, msg)
         result = CellResult()
         got_reply = got_idle = False
+        deadline = None if timeout is None else start + timeout
         while not (got_reply and got_idle):
-            header, parent, content = self._split(await self._queue.get())
+            left = None if deadline is None else deadline - time.perf_counter()
+            try:
+                msg = await asyncio.wait_for(self._queue.get(), left)
+            except TimeoutError:
+                result.timed_out = True
+                return result
+            header, parent, content = self._split(msg)
             if json.loads(parent).get("msg_id") != msg_id:
                 result.stray += 1
                 continue
             result.messages += 1
+            result.last = time.perf_counter() - start
             msg_type = json.loads(header)["msg_type"]
             if got_reply and msg_type not in ("status", "execute_input"):
                 result.reply_overtook = True

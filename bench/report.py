@@ -123,7 +123,12 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             get("jupyter", "lines_min"),
             get("jupyter-nolimit", "lines_min"),
             get("floor", "lines_min"),
-            note="all complete and in order: "
+            note="".join(
+                f"{n} never went idle in {v['timed_out']} run(s); "
+                for n, v in m.items()
+                if v.get("timed_out")
+            )
+            + "all complete and in order: "
             + ", ".join(f"{n} {'yes' if v['all_complete'] else 'NO'}" for n, v in m.items()),
         )
     if "fanout" in r:
@@ -248,6 +253,13 @@ def table(doc: dict[str, Any]) -> str:
         f"jupyter_server {doc['versions']['jupyter_server']}; load average before "
         f"{m['load_before'][0]:.2f}; the run took {doc['seconds']:.0f} s.\n\n"
     )
+    errors = doc["results"].get("errors", {})
+    if errors:
+        meta += (
+            "Stages that failed in this run: "
+            + "; ".join(f"{stage} ({error})" for stage, error in errors.items())
+            + ".\n\n"
+        )
     return meta + head + "\n".join(lines) + "\n"
 
 

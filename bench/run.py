@@ -52,6 +52,8 @@ MESSAGE_LINES = 20_000
 FANOUT_OBSERVERS = (1, 20, 100)
 FLOOD_CHUNKS = 64  # MiB the kernel writes at a client that does not read
 BUDGET_BYTES = 24 * 1024**3
+#: Seconds an output cell may take before the run records it as hung.
+OUTPUT_TIMEOUT = 60
 
 
 def pct(values: list[float], q: float) -> float:
@@ -193,7 +195,20 @@ class Suite:
             runs = []
             async with self.kernel_conn(name) as conn:
                 for _ in range(reps):
-                    r = await conn.execute(code)
+                    r = await conn.execute(code, timeout=OUTPUT_TIMEOUT)
+                    if r.timed_out:
+                        # A lost idle is a result too: record what came.
+                        print(f"  {key}: {name} never went idle", flush=True)
+                        runs.append(
+                            {
+                                "timed_out": True,
+                                "lines": len(r.lines()),
+                                "messages_per_s": r.stream_messages / r.last,
+                                "mb_per_s": r.stream_bytes / r.last / 1e6,
+                            }
+                        )
+                        break
+                    print(f"  {key}: {name} {r.idle:.2f} s", flush=True)
                     got = r.lines()
                     runs.append(
                         {
@@ -205,15 +220,18 @@ class Suite:
                             "complete_in_order": got == expected,
                         }
                     )
-            best = min(runs, key=lambda x: x["seconds"])
+            ok = [x for x in runs if not x.get("timed_out")]
             out[name] = {
                 "runs": runs,
-                "seconds": statistics.median(x["seconds"] for x in runs),
+                "timed_out": len(runs) - len(ok),
+                "seconds": statistics.median(x["seconds"] for x in ok) if ok else None,
+                # Rates count what arrived, until the last message that did.
                 "mb_per_s": statistics.median(x["mb_per_s"] for x in runs),
                 "messages_per_s": statistics.median(x["messages_per_s"] for x in runs),
                 "lines_min": min(x["lines"] for x in runs),
-                "all_complete": all(x["complete_in_order"] for x in runs),
-                "best": best,
+                "all_complete": bool(ok)
+                and len(ok) == len(runs)
+                and all(x["complete_in_order"] for x in ok),
             }
         self.results[key] = out
 
@@ -259,10 +277,13 @@ class Suite:
             cpu0 = sum(proc.cpu_times()[:2])
             msg_id = os.urandom(8).hex()
             start = time.perf_counter()
-            watch = [asyncio.ensure_future(o.observe(msg_id, start)) for o in observers]
-            mine = await conn.execute(code, msg_id)
+            watch = [
+                asyncio.ensure_future(o.observe(msg_id, start, OUTPUT_TIMEOUT)) for o in observers
+            ]
+            mine = await conn.execute(code, msg_id, OUTPUT_TIMEOUT)
             seen = await asyncio.gather(*watch)
-            last = max(s.idle for s in seen)
+            timed_out = sum(s.timed_out for s in seen) + mine.timed_out
+            last = max(s.idle for s in seen) if not timed_out else None
             cpu = sum(proc.cpu_times()[:2]) - cpu0
             frames = mine.messages + sum(s.messages for s in seen)
             for o in observers:
@@ -272,6 +293,7 @@ class Suite:
             "frames": frames,
             "server_cpu_s": cpu,
             "server_us_per_frame": cpu / frames * 1e6,
+            "timed_out": timed_out,
             "observers_complete": sum(s.lines() == expected for s in seen),
             "lines_min": min(len(s.lines()) for s in seen),
         }
@@ -381,7 +403,7 @@ class Suite:
             peak = max(peak, proc.memory_info().rss)
             await asyncio.sleep(0.1)
         t0 = time.perf_counter()
-        r = await conn.observe(msg_id, t0)
+        r = await conn.observe(msg_id, t0, OUTPUT_TIMEOUT)
         await conn.close()
         server.delete_kernel(model["id"])
         return {
@@ -423,7 +445,11 @@ def main() -> int:
         suite.start()
         for stage in stages:
             t0 = time.monotonic()
-            asyncio.run(STAGES[stage](suite))
+            try:
+                asyncio.run(STAGES[stage](suite))
+            except Exception as e:  # one broken stage must not lose the others
+                suite.results.setdefault("errors", {})[stage] = repr(e)
+                print(f"{stage} failed: {e!r}", flush=True)
             print(f"{stage}: {time.monotonic() - t0:.1f} s", flush=True)
     finally:
         suite.stop()
