@@ -155,6 +155,9 @@ class ServerConfig:
         env.setdefault("LANG", "C.UTF-8")
         env["HOME"] = "."  # the kernel's own working directory
         env["PYTHONUNBUFFERED"] = "1"
+        # debugpy (imported with ipykernel) warns about frozen modules on
+        # every start; the warning says nothing to a cellmux operator.
+        env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
         env.update(self.kernel_env)
         return env
 

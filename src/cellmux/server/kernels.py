@@ -232,6 +232,7 @@ class Kernel:
             "id": self.id,
             "name": self.name,
             "last_activity": iso_timestamp(self.last_activity),
+            "started": iso_timestamp(self.created),
             "execution_state": self.state.value,
             "connections": len(self.clients),
             "pid": self.incarnation.pid if self.incarnation else None,
