@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -138,3 +139,26 @@ def kernel(client: Client):
 # load, not a slow strategy, so neither the deadline nor that check apply.
 settings.register_profile("cellmux", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("cellmux")
+
+
+def run_async(coro):
+    """asyncio.run() in a thread of its own.
+
+    The main thread may already hold an event loop that other tests started
+    (Playwright's sync API keeps one for the whole session), and asyncio.run
+    refuses to nest.
+    """
+    outcome: dict[str, object] = {}
+
+    def main() -> None:
+        try:
+            outcome["value"] = asyncio.run(coro)
+        except BaseException as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=main, name="run_async")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

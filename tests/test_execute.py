@@ -6,6 +6,7 @@ import asyncio
 import re
 
 from cellmux.client import AsyncClient
+from conftest import run_async
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -77,5 +78,5 @@ def test_fifty_kernels_execute_concurrently(server):
 
         return await asyncio.gather(*(compute(i, m.id) for i, m in enumerate(models)))
 
-    results = asyncio.run(run())
+    results = run_async(run())
     assert results == [str(sum(range(i + 1))) for i in range(50)]

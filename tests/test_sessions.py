@@ -11,7 +11,7 @@ import pytest
 
 from cellmux.client import AsyncClient
 from cellmux.protocol import Channel
-from conftest import start_server, wait_for
+from conftest import run_async, start_server, wait_for
 
 OUTPUT_CHANNELS = {Channel.STDOUT, Channel.STDERR, Channel.DISPLAY, Channel.STATUS}
 
@@ -98,7 +98,7 @@ def test_reconnect_with_cursor_gets_every_line_exactly_once(server):
         kept = [f for f in first if f.seq <= cursor]
         return stdout_text(kept) + stdout_text(second), k2.gaps
 
-    text, gaps = asyncio.run(run())
+    text, gaps = run_async(run())
     assert gaps == []
     assert text == "".join(f"{i}\n" for i in range(100000))
 
@@ -182,7 +182,7 @@ def test_slow_writer_slows_the_kernel_not_the_server_memory():
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        text, gaps = asyncio.run(run())
+        text, gaps = run_async(run())
     finally:
         stop.set()
         sampler.join()
@@ -220,7 +220,7 @@ def test_slow_observer_does_not_slow_the_writer(client):
         await writer.close()
         return behind, len(observed), observer.gaps
 
-    behind, caught_up, gaps = asyncio.run(run())
+    behind, caught_up, gaps = run_async(run())
     client.delete_kernel(model.id)
     assert behind < 50  # it was stalled while the writer went on to the end
     assert caught_up > behind
@@ -299,7 +299,7 @@ def test_input_waits_for_its_client_to_come_back(server):
         await client.delete_kernel(model.id)
         return value.result_text
 
-    assert asyncio.run(run()) == "'later'"
+    assert run_async(run()) == "'later'"
 
 
 def test_unanswered_input_ends_in_eoferror_after_the_timeout():
