@@ -40,20 +40,16 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from cellmux.protocol import (
-    PROTOCOL_VERSION,
-    DataMessage,
-    Hello,
+    CLOSE_PROTOCOL_ERROR,
     ProtocolError,
-    Request,
-    ServerSideHandshake,
     control_frame,
-    decode_frame,
     encode_frame,
 )
 
 from .attachment import Attachment
 from .auth import Grant, OriginPolicy
-from .kernels import Kernel, KernelError, KernelManager
+from .kernels import Kernel, KernelManager
+from .native import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, NativeSession
 from .pages import cors_headers, preflight
 
 __all__ = ["POLL_HOLD", "POLL_IDLE_EXPIRY", "PollConnection", "PollResource"]
@@ -66,15 +62,10 @@ POLL_IDLE_EXPIRY = 60.0
 #: Most control frames a connection keeps unacknowledged; a client that
 #: never polls is cut off rather than allowed to grow this without bound.
 MAX_QUEUED_CONTROL = 1000
-#: Most refused frames before a connection is closed (as for websockets).
-MAX_PROTOCOL_ERRORS = 100
 _LENGTH = struct.Struct(">I")
 
-#: Close codes, the same numbers as the websocket's (websocket.py).
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_KERNEL_GONE = 4000
-CLOSE_FORBIDDEN = 4403
-CLOSE_UNKNOWN_KERNEL = 4404
+#: Close code for a connection nobody polled in time (the others are the
+#: websocket's, from native.py).
 CLOSE_EXPIRED = 4408
 
 
@@ -120,10 +111,9 @@ class PollConnection:
         self.id = cid
         self.manager = manager
         self.attachment = Attachment(manager, grant, self)
-        self._handshake = ServerSideHandshake()
-        self._errors = 0
-        #: frames with seq <= this are not found in the log after the client's cursor
-        self._start = 0
+        self.native = NativeSession(
+            manager, self.attachment, self._control, self.close, replay_on_attach=False
+        )
         self._control_seq = 0
         self._queued: deque[tuple[int, bytes]] = deque()
         self._closed: tuple[int, str] | None = None
@@ -168,7 +158,7 @@ class PollConnection:
     # -- called by the Attachment (Transport) -----------------------------
 
     def deliver(self, data: bytes) -> None:
-        if _seq_of(data) <= self._start:
+        if _seq_of(data) <= self.native.start:
             # Not in the log after the client's cursor (a waiting prompt
             # sent on attach): it goes with the control frames.
             self._queue(data)
@@ -191,73 +181,12 @@ class PollConnection:
         try:
             frames = unpack_frames(body)
         except ProtocolError as e:
-            self._refuse(e)
+            self.native.refuse(e)
             return
         for data in frames:
             if self._closed is not None:
                 return
-            try:
-                frame = decode_frame(data, self.manager.config.max_frame_size)
-                event = self._handshake.receive(frame)
-            except ProtocolError as e:
-                self._refuse(e)
-                continue
-            if isinstance(event, DataMessage):
-                self._relay(event)
-            elif isinstance(event, Request):
-                defer.ensureDeferred(self._request(event))
-            elif isinstance(event, Hello):
-                self._hello(event)
-
-    def _hello(self, hello: Hello) -> None:
-        attachment = self.attachment
-        if not attachment.grant.covers(hello.kernel):
-            message = "this token is for another kernel"
-            self._control("error", code="forbidden", message=message, fatal=True)
-            self.close(CLOSE_FORBIDDEN, message)
-            return
-        try:
-            kernel = self.manager.get(hello.kernel)
-        except KernelError as e:
-            self._control("error", code=e.code, message=str(e), fatal=True)
-            self.close(CLOSE_UNKNOWN_KERNEL, str(e))
-            return
-        attachment.channels = hello.channels
-        self._start = kernel.seq if hello.cursor is None else min(hello.cursor, kernel.seq)
-        self._control(
-            "welcome",
-            version=PROTOCOL_VERSION,
-            kernel=kernel.model(),
-            seq=self._start,
-            role=attachment.grant.role.value,
-        )
-        # No cursor for the kernel: the log after ours is what polls read.
-        attachment.attach(kernel, hello.session)
-
-    def _relay(self, event: DataMessage) -> None:
-        frame = event.frame
-        try:
-            self.attachment.send(frame.channel, frame.socket, frame.parts)
-        except KernelError as e:
-            self._control("error", code=e.code, message=str(e), channel=frame.channel, fatal=False)
-
-    async def _request(self, request: Request) -> None:
-        try:
-            reply = await self.attachment.request(request.op, request.channels)
-        except KernelError as e:
-            self._control("error", id=request.id, code=e.code, message=str(e), fatal=False)
-            return
-        self._control(reply.pop("op"), id=request.id, **reply)
-
-    def _refuse(self, error: ProtocolError) -> None:
-        self._errors += 1
-        fatal = error.fatal or self._errors > MAX_PROTOCOL_ERRORS
-        fields: dict[str, Any] = {"code": error.code, "message": error.message, "fatal": fatal}
-        if error.request_id is not None:
-            fields["id"] = error.request_id
-        self._control("error", **fields)
-        if fatal:
-            self.close(CLOSE_PROTOCOL_ERROR, error.message)
+            self.native.receive(data)
 
     # -- frames to the client ---------------------------------------------------
 
@@ -282,7 +211,7 @@ class PollConnection:
             self._queued.popleft()
         frames = [data for n, data in self._queued if n > ctl]
         next_ctl = max(ctl, self._control_seq) if frames else ctl
-        cursor = self._start if seq is None else seq
+        cursor = self.native.start if seq is None else seq
         next_seq = cursor
         kernel = self.kernel
         if kernel is not None:
@@ -331,7 +260,7 @@ class PollConnection:
             found = self.collect(seq, ctl)
             if found is not None:
                 return found
-        return [], self._start if seq is None else seq, ctl
+        return [], self.native.start if seq is None else seq, ctl
 
     def _hold_over(self, d: defer.Deferred, seq, ctl) -> None:
         if self._waiter is not None and self._waiter[0] is d:

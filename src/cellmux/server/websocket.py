@@ -3,10 +3,10 @@
 Called from Autobahn: onConnect (admission), onOpen, onMessage, onClose.
 Called by its L{Attachment} (the L{Transport}): deliver, gap, gone, revoked.
 
-The connection's protocol state lives in the sans-IO L{ServerSideHandshake};
-what every transport shares (flow control, roles, requests, the client's
-place in the kernel's numbering) lives in L{Attachment}. This class only
-translates between them and Autobahn.
+The native protocol is L{NativeSession}'s (shared with long polling); flow
+control, roles and the client's place in the kernel's numbering are
+L{Attachment}'s (shared with every transport). This class only carries
+frames between them and Autobahn.
 """
 
 from __future__ import annotations
@@ -18,25 +18,13 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import defer
 
-from cellmux.protocol import (
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_UNSUPPORTED_DATA,
-    PROTOCOL_VERSION,
-    DataMessage,
-    Hello,
-    ProtocolError,
-    Request,
-    ServerSideHandshake,
-    control_frame,
-    decode_frame,
-    encode_frame,
-)
+from cellmux.protocol import CLOSE_UNSUPPORTED_DATA, ProtocolError, control_frame, encode_frame
 
 from .attachment import Attachment
 from .auth import OriginPolicy
-from .kernels import KernelError, KernelManager
+from .kernels import KernelManager
+from .native import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, CLOSE_UNKNOWN_KERNEL, NativeSession
 
 __all__ = [
     "CLOSE_FORBIDDEN",
@@ -46,15 +34,6 @@ __all__ = [
     "ClientFactory",
     "close_reason",
 ]
-
-#: Close code when the kernel was shut down (the client may create another).
-CLOSE_KERNEL_GONE = 4000
-#: Close code when the credentials do not allow this (another kernel; revoked).
-CLOSE_FORBIDDEN = 4403
-#: Close code when hello names a kernel that does not exist (or was lost).
-CLOSE_UNKNOWN_KERNEL = 4404
-#: After this many refused frames a client is cut off: it is not a bug any more.
-MAX_PROTOCOL_ERRORS = 100
 
 
 def close_reason(reason: str) -> bytes:
@@ -89,9 +68,8 @@ class ClientConnection(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._handshake = ServerSideHandshake()
         self.attachment: Attachment | None = None
-        self._errors = 0
+        self.native: NativeSession | None = None
 
     @property
     def manager(self) -> KernelManager:
@@ -107,6 +85,9 @@ class ClientConnection(WebSocketServerProtocol):
         if not self.factory.origins.allows(headers.get("origin"), headers.get("host")):
             raise ConnectionDeny(403, "this origin may not connect")
         self.attachment = Attachment(self.manager, grant, self)
+        self.native = NativeSession(
+            self.manager, self.attachment, self._control, lambda code, why: close(self, code, why)
+        )
         return None
 
     def onOpen(self) -> None:
@@ -116,23 +97,10 @@ class ClientConnection(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
-            self._refuse(
-                ProtocolError("text_frame", "cellmux frames are binary", fatal=True),
-                CLOSE_UNSUPPORTED_DATA,
-            )
+            error = ProtocolError("text_frame", "cellmux frames are binary", fatal=True)
+            self.native.refuse(error, CLOSE_UNSUPPORTED_DATA)
             return
-        try:
-            frame = decode_frame(payload, self.manager.config.max_frame_size)
-            event = self._handshake.receive(frame)
-        except ProtocolError as e:
-            self._refuse(e)
-            return
-        if isinstance(event, DataMessage):
-            self._relay(event)
-        elif isinstance(event, Request):
-            defer.ensureDeferred(self._request(event))
-        elif isinstance(event, Hello):
-            self._hello(event)
+        self.native.receive(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.attachment is not None:
@@ -156,54 +124,6 @@ class ClientConnection(WebSocketServerProtocol):
 
     def _control(self, op: str, **fields: Any) -> None:
         self.sendMessage(encode_frame(control_frame(op, **fields)), isBinary=True)
-
-    def _refuse(self, error: ProtocolError, close_code: int = CLOSE_PROTOCOL_ERROR) -> None:
-        self._errors += 1
-        fatal = error.fatal or self._errors > MAX_PROTOCOL_ERRORS
-        fields: dict[str, Any] = {"code": error.code, "message": error.message, "fatal": fatal}
-        if error.request_id is not None:
-            fields["id"] = error.request_id
-        self._control("error", **fields)
-        if fatal:
-            close(self, close_code, error.message)
-
-    def _hello(self, hello: Hello) -> None:
-        attachment = self.attachment
-        if not attachment.grant.covers(hello.kernel):
-            message = "this token is for another kernel"
-            self._control("error", code="forbidden", message=message, fatal=True)
-            close(self, CLOSE_FORBIDDEN, message)
-            return
-        try:
-            kernel = self.manager.get(hello.kernel)
-        except KernelError as e:
-            self._control("error", code=e.code, message=str(e), fatal=True)
-            close(self, CLOSE_UNKNOWN_KERNEL, str(e))
-            return
-        attachment.channels = hello.channels
-        self._control(
-            "welcome",
-            version=PROTOCOL_VERSION,
-            kernel=kernel.model(),
-            seq=kernel.seq,
-            role=attachment.grant.role.value,
-        )
-        attachment.attach(kernel, hello.session, cursor=hello.cursor)
-
-    def _relay(self, event: DataMessage) -> None:
-        frame = event.frame
-        try:
-            self.attachment.send(frame.channel, frame.socket, frame.parts)
-        except KernelError as e:
-            self._control("error", code=e.code, message=str(e), channel=frame.channel, fatal=False)
-
-    async def _request(self, request: Request) -> None:
-        try:
-            reply = await self.attachment.request(request.op, request.channels)
-        except KernelError as e:
-            self._control("error", id=request.id, code=e.code, message=str(e), fatal=False)
-            return
-        self._control(reply.pop("op"), id=request.id, **reply)
 
 
 class ClientFactory(WebSocketServerFactory):
