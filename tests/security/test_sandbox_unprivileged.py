@@ -81,7 +81,8 @@ def test_kernels_run_as_the_servers_user_with_rlimits(unprivileged):
                 assert kernel_uid == uid
                 assert limits == [
                     [2, 4],
-                    [4096 * 2**20] * 2,
+                    # the backstop behind the resident-memory watch: 2 x 4096 MiB
+                    [2 * 4096 * 2**20] * 2,
                     [1024, 1024],
                     [1024 * 2**20] * 2,
                     [0, 0],

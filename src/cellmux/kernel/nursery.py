@@ -312,20 +312,31 @@ class Nursery:
             self._releasing[sandbox.kill_all_of(identity.uid, wait=False)] = cleanup
 
     def _check_disk(self) -> float | None:
-        """Kill kernels over their disk limit; when to check next, if ever."""
-        limit = self.config.sandbox.limits.disk_mb
-        if not limit:
+        """Kill kernels over their disk or memory limit; when to check next, if ever.
+
+        Memory is watched here only for kernels without a memory cgroup
+        (which enforces it itself): the resident memory of the kernel's
+        session, against limit_memory_mb.
+        """
+        limits = self.config.sandbox.limits
+        if not limits.disk_mb and not limits.memory_mb:
             return None
         now = time.monotonic()
         if now >= self._next_disk_check:
             self._next_disk_check = now + DISK_CHECK_INTERVAL
+            memory = sandbox.session_memory() if limits.memory_mb else {}
             for child in list(self._children.values()):
                 if child.limit is not None:
                     continue
-                allowed = limit * 1024 * 1024
-                if sandbox.disk_usage([child.workdir, child.scratch], allowed) > allowed:
+                disk = limits.disk_mb * 1024 * 1024
+                ram = limits.memory_mb * 1024 * 1024
+                if disk and sandbox.disk_usage([child.workdir, child.scratch], disk) > disk:
                     child.limit = "disk"
-                    self.kill(child.link)
+                elif ram and child.cgroup is None and memory.get(child.pid, 0) > ram:
+                    child.limit = "memory"
+                else:
+                    continue
+                self.kill(child.link)
         return self._next_disk_check
 
     def _escalate(self) -> float | None:

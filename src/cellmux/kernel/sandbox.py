@@ -42,6 +42,7 @@ import stat
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -73,6 +74,11 @@ LIMIT_CAUSES = {
     "disk": "disk limit",
     "file_size": "file size limit",
 }
+
+#: RLIMIT_AS, the backstop behind the resident-memory watch, is this many
+#: times the memory limit: address space is reserved generously (thread
+#: stacks, arenas), so it must not trip before real memory use does.
+ADDRESS_SPACE_FACTOR = 2
 
 #: Seconds of CPU between SIGXCPU (the soft limit) and SIGKILL (the hard one).
 CPU_HARD_GRACE = 2
@@ -497,7 +503,11 @@ def _set_limits(limits: Limits, own_uid: bool) -> None:
     if limits.cpu_seconds:
         _set_limit(resource.RLIMIT_CPU, limits.cpu_seconds, limits.cpu_seconds + CPU_HARD_GRACE)
     if limits.memory_mb:
-        _set_limit(resource.RLIMIT_AS, limits.memory_mb * _MB)
+        # A backstop only: without a memory cgroup the nursery watches the
+        # kernel's resident memory and ends it at memory_mb (see
+        # session_memory), so that it is ended and says why rather than
+        # failing allocations at an address-space limit far below its use.
+        _set_limit(resource.RLIMIT_AS, limits.memory_mb * _MB * ADDRESS_SPACE_FACTOR)
     if limits.processes and own_uid:  # per uid: only meaningful with one uid per kernel
         _set_limit(resource.RLIMIT_NPROC, limits.processes)
     if limits.open_files:
@@ -571,6 +581,24 @@ def disk_usage(paths: list[str], stop_above: int | None = None) -> int:
         except OSError:
             continue
     return total
+
+
+def session_memory() -> dict[int, int]:
+    """Resident bytes of every visible process, summed by session id.
+
+    A kernel leads its own session, so its entry is the kernel with every
+    process it started (that did not start a session of its own).
+    """
+    page = os.sysconf("SC_PAGE_SIZE")
+    totals: dict[int, int] = {}
+    for proc_stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = proc_stat.read_text().rsplit(")", 1)[1].split()
+            session, rss = int(fields[3]), int(fields[21])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not readable
+        totals[session] = totals.get(session, 0) + rss * page
+    return totals
 
 
 def classify_exit(
