@@ -8,8 +8,6 @@ its own resource (see L{cellmux.server.jupyter}).
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from typing import Any
@@ -39,6 +37,7 @@ from .kernels import (
     TooManyKernels,
     iso_timestamp,
 )
+from .webjson import HTTPError, Route, error_body, find_route, read_json_body, respond
 
 __all__ = ["ApiResource", "HTTPError"]
 
@@ -51,13 +50,6 @@ _STATUS_FOR = {
     TooManyKernels: HTTPStatus.SERVICE_UNAVAILABLE,
     KernelStartFailed: HTTPStatus.INTERNAL_SERVER_ERROR,
 }
-
-
-class HTTPError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
@@ -80,30 +72,28 @@ class ApiResource(resource.Resource):
         self.sessions = SessionTable(lambda kernel_id: kernel_id in manager.kernels)
         kid = r"(?P<kernel_id>[^/]+)"
         sid = r"(?P<session_id>[^/]+)"
-        self._routes: list[tuple[bytes, re.Pattern[str], Handler]] = [
-            (b"GET", re.compile(r"/api/?"), self.version),
-            (b"GET", re.compile(r"/api/status/?"), self.status),
-            (b"GET", re.compile(r"/api/kernels/?"), self.list_kernels),
-            (b"POST", re.compile(r"/api/kernels/?"), self.create_kernel),
-            (b"GET", re.compile(rf"/api/kernels/{kid}/?"), self.get_kernel),
-            (b"DELETE", re.compile(rf"/api/kernels/{kid}/?"), self.delete_kernel),
-            (b"POST", re.compile(rf"/api/kernels/{kid}/interrupt/?"), self.interrupt_kernel),
-            (b"POST", re.compile(rf"/api/kernels/{kid}/restart/?"), self.restart_kernel),
-            (b"POST", re.compile(rf"/api/kernels/{kid}/shares/?"), self.create_share),
-            (b"GET", re.compile(rf"/api/kernels/{kid}/shares/?"), self.list_shares),
-            (
-                b"DELETE",
-                re.compile(rf"/api/kernels/{kid}/shares/(?P<share_id>[^/]+)/?"),
-                self.revoke_share,
+        self._routes: list[Route] = [
+            Route(b"GET", r"/api/?", self.version),
+            Route(b"GET", r"/api/status/?", self.status),
+            Route(b"GET", r"/api/kernels/?", self.list_kernels),
+            Route(b"POST", r"/api/kernels/?", self.create_kernel),
+            Route(b"GET", rf"/api/kernels/{kid}/?", self.get_kernel),
+            Route(b"DELETE", rf"/api/kernels/{kid}/?", self.delete_kernel),
+            Route(b"POST", rf"/api/kernels/{kid}/interrupt/?", self.interrupt_kernel),
+            Route(b"POST", rf"/api/kernels/{kid}/restart/?", self.restart_kernel),
+            Route(b"POST", rf"/api/kernels/{kid}/shares/?", self.create_share),
+            Route(b"GET", rf"/api/kernels/{kid}/shares/?", self.list_shares),
+            Route(
+                b"DELETE", rf"/api/kernels/{kid}/shares/(?P<share_id>[^/]+)/?", self.revoke_share
             ),
-            (b"GET", re.compile(r"/api/kernelspecs/?"), self.list_kernelspecs),
-            (b"GET", re.compile(r"/api/kernelspecs/(?P<name>[^/]+)/?"), self.get_kernelspec),
-            (b"GET", re.compile(rf"/api/kernels/{kid}/channels/?"), self.channels_not_upgraded),
-            (b"GET", re.compile(r"/api/sessions/?"), self.list_sessions),
-            (b"POST", re.compile(r"/api/sessions/?"), self.create_session),
-            (b"GET", re.compile(rf"/api/sessions/{sid}/?"), self.get_session),
-            (b"PATCH", re.compile(rf"/api/sessions/{sid}/?"), self.update_session),
-            (b"DELETE", re.compile(rf"/api/sessions/{sid}/?"), self.delete_session),
+            Route(b"GET", r"/api/kernelspecs/?", self.list_kernelspecs),
+            Route(b"GET", r"/api/kernelspecs/(?P<name>[^/]+)/?", self.get_kernelspec),
+            Route(b"GET", rf"/api/kernels/{kid}/channels/?", self.channels_not_upgraded),
+            Route(b"GET", r"/api/sessions/?", self.list_sessions),
+            Route(b"POST", r"/api/sessions/?", self.create_session),
+            Route(b"GET", rf"/api/sessions/{sid}/?", self.get_session),
+            Route(b"PATCH", rf"/api/sessions/{sid}/?", self.update_session),
+            Route(b"DELETE", rf"/api/sessions/{sid}/?", self.delete_session),
         ]
 
     # -- plumbing -------------------------------------------------------------
@@ -123,20 +113,21 @@ class ApiResource(resource.Resource):
             grant = self.auth.web_grant(request)
             if grant is None:
                 raise HTTPError(HTTPStatus.FORBIDDEN, "a valid token is required")
-            handler, params = self._route(request)
+            route, params = find_route(self._routes, request)
+            handler = route.handler
             if grant.kernel_id is not None and not self._share_may(handler, params, grant):
                 raise HTTPError(HTTPStatus.FORBIDDEN, "a share token may only read its own kernel")
             status, body = await handler(request, **params)
         except HTTPError as e:
-            status, body = e.status, self._error_body(e.status, e.message)
+            status, body = e.status, error_body(e.status, e.message)
         except KernelError as e:
             code = _STATUS_FOR.get(type(e), HTTPStatus.BAD_REQUEST)
-            status, body = code, self._error_body(code, str(e))
+            status, body = code, error_body(code, str(e))
         except SessionError as e:
-            status, body = e.status, self._error_body(e.status, e.message)
+            status, body = e.status, error_body(e.status, e.message)
             if e.status == HTTPStatus.NOT_IMPLEMENTED:  # JupyterLab shows it in its dialog
                 body["short_message"] = e.message
-        self._respond(request, status, body)
+        respond(request, status, body)
 
     def _share_may(self, handler: Handler, params: dict[str, str], grant: Grant) -> bool:
         """What a share token (one kernel, not the owner of all) may call."""
@@ -144,54 +135,10 @@ class ApiResource(resource.Resource):
             return True
         return handler == self.get_kernel and params.get("kernel_id") == grant.kernel_id
 
-    @staticmethod
-    def _error_body(status: HTTPStatus, message: str) -> dict[str, str]:
-        return {"message": message, "reason": HTTPStatus(status).phrase}
-
-    def _route(self, request: server.Request) -> tuple[Handler, dict[str, str]]:
-        path = request.path.decode("utf-8", "replace")
-        allowed = []
-        for method, pattern, handler in self._routes:
-            match = pattern.fullmatch(path)
-            if match is None:
-                continue
-            if method == request.method:
-                return handler, match.groupdict()
-            allowed.append(method.decode())
-        if allowed:
-            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {', '.join(allowed)}")
-        raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
-
-    def _respond(self, request: server.Request, status: int, body: Any) -> None:
-        if request.finished or request._disconnected:
-            return
-        request.setResponseCode(int(status))
-        if body is None:
-            request.finish()
-            return
-        request.setHeader(b"content-type", b"application/json")
-        request.write(json.dumps(body).encode())
-        request.finish()
-
     def _crashed(self, failure, request: server.Request) -> None:
         self.log.failure("API request {path} failed", failure, path=request.path)
         status = HTTPStatus.INTERNAL_SERVER_ERROR
-        self._respond(request, status, self._error_body(status, "internal error; see server log"))
-
-    @staticmethod
-    def _json_body(request: server.Request) -> dict[str, Any]:
-        raw = request.content.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "request body too large")
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
-        return body
+        respond(request, status, error_body(status, "internal error; see server log"))
 
     # -- endpoints --------------------------------------------------------------
 
@@ -215,7 +162,7 @@ class ApiResource(resource.Resource):
         return HTTPStatus.OK, [k.model() for k in self.manager.kernels.values()]
 
     async def create_kernel(self, request: server.Request) -> tuple[int, Any]:
-        body = self._json_body(request)
+        body = read_json_body(request, MAX_BODY)
         name = body.get("name") or DEFAULT_SPEC
         if not isinstance(name, str) or kernelspec_model(name) is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no kernel spec named {name!r}")
@@ -247,7 +194,7 @@ class ApiResource(resource.Resource):
 
     async def create_share(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
         kernel = self.manager.get(kernel_id)
-        role = self._json_body(request).get("role")
+        role = read_json_body(request, MAX_BODY).get("role")
         if role not in (Role.COLLABORATOR.value, Role.OBSERVER.value):
             raise HTTPError(HTTPStatus.BAD_REQUEST, 'role must be "collaborator" or "observer"')
         share, token = self.auth.share(kernel.id, Role(role))
@@ -308,7 +255,7 @@ class ApiResource(resource.Resource):
         return HTTPStatus.OK, [self._session_model(s) for s in self.sessions.all()]
 
     async def create_session(self, request: server.Request) -> tuple[int, Any]:
-        body = self._json_body(request)
+        body = read_json_body(request, MAX_BODY)
         path, name, kind = session_fields(body)
         if not path:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "a session needs a path")
@@ -324,7 +271,7 @@ class ApiResource(resource.Resource):
         return HTTPStatus.OK, self._session_model(self.sessions.get(session_id))
 
     async def update_session(self, request: server.Request, session_id: str) -> tuple[int, Any]:
-        body = self._json_body(request)
+        body = read_json_body(request, MAX_BODY)
         before = self.sessions.get(session_id)
         path, name, kind = session_fields(body)
         changes = {k: v for k, v in (("path", path), ("name", name), ("type", kind)) if v}

@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from cellmux.protocol import Channel
 
-from .auth import Grant, Role
+from .auth import Grant
 from .kernels import Kernel, KernelError, KernelManager
 
 __all__ = ["Attachment", "Forbidden", "KernelGone", "Transport"]
@@ -230,7 +230,3 @@ class Attachment:
             # Answer first: deleting the kernel ends this connection.
             self.manager.clock.callLater(0, self.manager.delete, kernel)
         return {"op": "ok", "request": op}
-
-
-# Observers have this grant until the transport's admission sets the real one.
-NO_GRANT = Grant(Role.OBSERVER, kernel_id="")

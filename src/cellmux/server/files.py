@@ -40,9 +40,8 @@ from twisted.web import server
 
 from cellmux.protocol import Channel
 
-from .api import HTTPError
 from .kernels import Kernel, KernelManager, KernelNotRunning
-from .webjson import NOT_DONE, JSONEndpoint, Route
+from .webjson import NOT_DONE, HTTPError, JSONEndpoint, Route
 
 __all__ = [
     "FileNotices",

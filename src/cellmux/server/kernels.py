@@ -30,7 +30,7 @@ import secrets
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -290,9 +290,11 @@ class Kernel:
             return
         self._emit(channel, socket, parts, None)
 
-    def _emit(self, channel: int, socket: int, parts: Iterable, session: str | None) -> bytes:
+    def _emit(
+        self, channel: int, socket: int, parts: Sequence[bytes], session: str | None
+    ) -> bytes:
         self.seq += 1
-        data = frame_bytes(channel, socket, self.seq, list(parts))
+        data = frame_bytes(channel, socket, self.seq, parts)
         self.replay.append(Entry(self.seq, channel, data, session))
         for client in list(self.clients):
             if (session is None or client.session == session) and client.wants(channel):

@@ -36,11 +36,10 @@ from twisted.web import server
 from cellmux.protocol import Channel, JupyterSocket, ProtocolError, decode_frame
 from cellmux.protocol.jupyter import SERVER_SESSION, jupyter_parts
 
-from .api import HTTPError
 from .files import open_inside, scan
 from .kernels import Kernel, KernelManager
 from .permalinks import MAX_CODE
-from .webjson import JSONEndpoint, Route
+from .webjson import HTTPError, JSONEndpoint, Route
 
 __all__ = ["MAX_INLINE_FILES", "MAX_STREAM", "OneShotResource"]
 

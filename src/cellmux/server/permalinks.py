@@ -22,9 +22,8 @@ from typing import Any
 
 from twisted.web import server
 
-from .api import HTTPError
 from .store import Permalink, create_permalink
-from .webjson import JSONEndpoint, Route
+from .webjson import HTTPError, JSONEndpoint, Route
 
 __all__ = ["MAX_CODE", "PermalinkResource", "decode_inline", "encode_inline"]
 

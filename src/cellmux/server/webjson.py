@@ -1,6 +1,6 @@
-"""Shared plumbing of the JSON endpoints outside ``/api``: routing, the
-token check, errors as ``{"message", "reason"}`` bodies, and the site-wide
-request body limit.
+"""Shared plumbing of the JSON endpoints (``/api`` and the others): routing,
+the token check, errors as ``{"message", "reason"}`` bodies, reading JSON
+request bodies, and the site-wide request body limit.
 
 Every error a handler raises becomes a JSON answer with its status; the
 request that caused it is the only thing it affects.
@@ -19,11 +19,21 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from .api import HTTPError
 from .kernels import KernelError, KernelNotFound, KernelNotRunning, TooManyKernels
 from .store import PermalinkNotFound, StoreError, StoreFull, StoreUnavailable
 
-__all__ = ["NOT_DONE", "BoundedRequest", "JSONEndpoint", "Route", "bounded_request_factory"]
+__all__ = [
+    "NOT_DONE",
+    "BoundedRequest",
+    "HTTPError",
+    "JSONEndpoint",
+    "Route",
+    "bounded_request_factory",
+    "error_body",
+    "find_route",
+    "read_json_body",
+    "respond",
+]
 
 #: What a handler returns when it answers the request itself (a download).
 NOT_DONE = object()
@@ -35,6 +45,15 @@ _KERNEL_STATUS = {
 }
 
 Handler = Callable[..., Awaitable[Any]]
+
+
+class HTTPError(Exception):
+    """Answer the request with C{status} and a JSON error body."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 def error_body(status: int, message: str) -> dict[str, str]:
@@ -64,6 +83,55 @@ class Route:
         self.pattern = re.compile(pattern)
         self.handler = handler
         self.public = public
+
+
+def find_route(routes: list[Route], request: server.Request) -> tuple[Route, dict[str, str]]:
+    """The route for a request's method and full path, and its path parameters.
+
+    @raise HTTPError: 405 for a known path with another method, else 404.
+    """
+    path = request.path.decode("utf-8", "replace")
+    allowed = []
+    for route in routes:
+        match = route.pattern.fullmatch(path)
+        if match is None:
+            continue
+        if route.method == request.method:
+            return route, match.groupdict()
+        allowed.append(route.method.decode())
+    if allowed:
+        raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {', '.join(allowed)}")
+    raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+
+
+def respond(request: server.Request, status: int, body: Any) -> None:
+    """Finish a request with C{status} and C{body} as JSON (None: no body)."""
+    if request.finished or request._disconnected:
+        return
+    request.setResponseCode(int(status))
+    if body is None:
+        request.finish()
+        return
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    request.write(json.dumps(body).encode())
+    request.finish()
+
+
+def read_json_body(request: server.Request, limit: int) -> dict[str, Any]:
+    """A request body that must be a JSON object (empty: C{{}})."""
+    raw = request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {limit} bytes")
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "request body is not JSON") from None
+    if not isinstance(body, dict):
+        raise HTTPError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
+    return body
 
 
 class JSONEndpoint(resource.Resource):
@@ -102,48 +170,16 @@ class JSONEndpoint(resource.Resource):
         self.respond(request, status, body)
 
     def _route(self, request: server.Request) -> tuple[Route, dict[str, str]]:
-        path = request.path.decode("utf-8", "replace")
-        allowed = []
-        for route in self.routes:
-            match = route.pattern.fullmatch(path)
-            if match is None:
-                continue
-            if route.method == request.method:
-                return route, match.groupdict()
-            allowed.append(route.method.decode())
-        if allowed:
-            raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"use {', '.join(allowed)}")
-        raise HTTPError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+        return find_route(self.routes, request)
 
-    @staticmethod
-    def respond(request: server.Request, status: int, body: Any) -> None:
-        if request.finished or request._disconnected:
-            return
-        request.setResponseCode(int(status))
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"cache-control", b"no-store")
-        request.write(json.dumps(body).encode())
-        request.finish()
+    respond = staticmethod(respond)
 
     def _crashed(self, failure, request: server.Request) -> None:
         self.log.failure("request {path} failed", failure, path=request.path)
         status = HTTPStatus.INTERNAL_SERVER_ERROR
-        self.respond(request, status, error_body(status, "internal error; see server log"))
+        respond(request, status, error_body(status, "internal error; see server log"))
 
-    @staticmethod
-    def json_body(request: server.Request, limit: int) -> dict[str, Any]:
-        raw = request.content.read(limit + 1)
-        if len(raw) > limit:
-            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body over {limit} bytes")
-        if not raw.strip():
-            return {}
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise HTTPError(HTTPStatus.BAD_REQUEST, "request body must be a JSON object")
-        return body
+    json_body = staticmethod(read_json_body)
 
 
 class BoundedRequest(server.Request):
