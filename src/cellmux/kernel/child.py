@@ -127,6 +127,10 @@ def run_kernel(order: KernelOrder) -> None:
         from .sourcemap import install as install_sourcemap
 
         install_sourcemap(app.kernel)
+        # Ctrl-C between execute_input and the cell's code still gets a reply.
+        from .interrupts import install as install_interrupts
+
+        install_interrupts(app.kernel)
         # debugpy (imported by ipykernel) replaces breakpoint() with a hook
         # that does nothing unless a debug adapter is attached; clients of
         # cellmux expect breakpoint() to open pdb over stdin instead.

@@ -1,0 +1,77 @@
+# -*- test-case-name: tests.test_interrupts -*-
+"""Ctrl-C interrupts the cell's code, never the kernel's own bookkeeping.
+
+Stock ipykernel raises KeyboardInterrupt wherever SIGINT lands while it
+handles a shell request. One that lands after ``execute_input`` went out
+but before the cell's code starts (transforming the cell, compiling it) or
+after it ended (building and sending the reply) is swallowed by
+``dispatch_shell`` ("KeyboardInterrupt caught in kernel"): no
+``execute_reply`` is ever sent, and the client waits for it forever. On a
+loaded machine that window is milliseconds wide, and a user who presses
+Ctrl-C right after Enter lands in it.
+
+Here SIGINT raises only while IPython runs code of the cell (inside
+``run_code``, where IPython turns it into a traceback and an error reply).
+One that arrives anywhere else is *held*: the request's next ``run_code``
+raises it before running anything, and one still held when the request
+ends is dropped (the code it was meant for had already finished).
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+__all__ = ["InterruptGate", "install"]
+
+#: What a held interrupt runs instead of the cell's next statement: the
+#: traceback then names the interrupt, not an internal frame.
+_RAISE_HELD = compile("raise KeyboardInterrupt", "<interrupted before this cell ran>", "exec")
+
+
+class InterruptGate:
+    """Decides, for each SIGINT, between raising now and holding it."""
+
+    def __init__(self) -> None:
+        #: How many ``run_code`` calls are on the stack (magics nest them).
+        self.depth = 0
+        self.held = False
+
+    def on_sigint(self, signum: int, frame: object) -> None:
+        if self.depth:
+            raise KeyboardInterrupt
+        self.held = True
+
+    def take_held(self) -> bool:
+        held, self.held = self.held, False
+        return held
+
+
+def install(kernel: Any) -> InterruptGate:
+    """Gate C{kernel}'s (an IPythonKernel's) SIGINT handling; return the gate."""
+    gate = InterruptGate()
+    shell = kernel.shell
+    stock_run_code = shell.run_code
+
+    async def run_code(code_obj: Any, result: Any = None, *, async_: bool = False) -> bool:
+        gate.depth += 1
+        try:
+            if gate.take_held():
+                code_obj, async_ = _RAISE_HELD, False
+            return await stock_run_code(code_obj, result, async_=async_)
+        finally:
+            gate.depth -= 1
+
+    def pre_handler_hook() -> None:
+        # Stock installs signal.default_int_handler here, for every request.
+        gate.held = False
+        kernel.saved_sigint_handler = signal.signal(signal.SIGINT, gate.on_sigint)
+
+    def post_handler_hook() -> None:
+        gate.held = False
+        signal.signal(signal.SIGINT, kernel.saved_sigint_handler)
+
+    shell.run_code = run_code
+    kernel.pre_handler_hook = pre_handler_hook
+    kernel.post_handler_hook = post_handler_hook
+    return gate
