@@ -54,10 +54,7 @@ def test_sigint_after_the_code_ran_is_dropped_with_its_request(kernel):
 
 def test_sigint_inside_the_code_still_raises_at_once(kernel):
     result = kernel.execute(
-        "import os, signal, time\n"
-        "os.kill(os.getpid(), signal.SIGINT)\n"
-        "time.sleep(5)\n"
-        "after = True",
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)\nafter = True",
         timeout=30,
     )
     assert result.error.ename == "KeyboardInterrupt"
