@@ -33,6 +33,21 @@ def test_tuning_is_installed_in_kernels(kernel):
     assert result.result_text == "(0.0, 'cellmux.kernel.tuning')"
 
 
+def test_warm_up_ran_and_left_no_trace(kernel):
+    # The first cell a client runs: the display formatters exist already
+    # (made by the warm-up's display), and nothing of that cell is visible.
+    result = kernel.execute(
+        "ip = get_ipython()\n"
+        "print('formatters' in ip.display_formatter._trait_values)\n"
+        "print(repr(_), repr(__), Out, len(In), repr(_i), [k for k in dir() if k[1:].isdigit()])"
+    )
+    assert result.stdout.splitlines() == ["True", "'' '' {} 2 '' []"]
+    assert result.execution_count == 1
+    second = kernel.execute("6 * 7")
+    assert (second.result_text, second.execution_count) == ("42", 2)
+    assert kernel.execute("(_, Out)").result_text == "(42, {2: 42})"
+
+
 def test_fd_and_subprocess_output_arrive_before_idle(kernel):
     """Output written to fd 1 by the kernel or a child process is not lost
     behind idle, though nothing was buffered in sys.stdout."""

@@ -135,6 +135,10 @@ def run_kernel(order: KernelOrder) -> None:
         # that does nothing unless a debug adapter is attached; clients of
         # cellmux expect breakpoint() to open pdb over stdin instead.
         sys.breakpointhook = sys.__breakpointhook__
+        # Last, before the pump subscribes to IOPub: its output goes nowhere.
+        from .tuning import warm_up
+
+        warm_up(app)
         Pump(app.context, order.endpoint, order.link_id, order.secret, os.getpid()).start()
         os.close(err_fd)
         err_fd = -1

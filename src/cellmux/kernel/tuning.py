@@ -30,6 +30,10 @@ The changes, each measured in docs/benchmarks.md:
    instead of one per event (the queue stays FIFO).
 4. The kernel's logger filters at its own level instead of building every
    debug record for the handler to drop.
+5. One throwaway ``1+1`` runs before the kernel is handed out (see
+   L{warm_up}), so a client's first cell does not pay for what IPython and
+   ipykernel do only once: the display formatters are created on the first
+   display, the main thread's IOPub wake-up socket on its first publish.
 
 The patches change classes inside the forked kernel process only (never in
 the nursery, which is their parent), and must be installed before
@@ -37,7 +41,7 @@ the nursery, which is their parent), and must be installed before
 
 The kernel environment variable ``CELLMUX_KERNEL_TUNING`` picks the changes:
 unset or ``all`` for all of them, ``none`` for stock ipykernel, or a comma
-list of ``sleep``, ``flush``, ``wakes``, ``log`` (the benchmarks measure
+list of ``sleep``, ``flush``, ``wakes``, ``log``, ``warm`` (the benchmarks measure
 each one this way; an operator can turn one off through ``kernel_env``).
 """
 
@@ -56,10 +60,10 @@ from typing import Any
 
 import zmq
 
-__all__ = ["CHANGES", "IN_FLIGHT_WAIT", "STREAM_PAUSE", "install", "selected"]
+__all__ = ["CHANGES", "IN_FLIGHT_WAIT", "STREAM_PAUSE", "install", "selected", "warm_up"]
 
 #: The changes this module can make, by the names CELLMUX_KERNEL_TUNING uses.
-CHANGES = ("sleep", "flush", "wakes", "log")
+CHANGES = ("sleep", "flush", "wakes", "log", "warm")
 
 #: Longest a flush waits for fd output that the watcher thread is still
 #: moving (stock waits for none; a process writing faster than this is not
@@ -333,3 +337,30 @@ def install(app: Any, changes: frozenset[str] | None = None) -> None:
         _tune_kernel(app, changes)
 
     app.init_kernel = init_kernel
+
+
+def warm_up(app: Any, changes: frozenset[str] | None = None) -> None:
+    """Run one cell nobody sees, leaving the user's namespace as it was.
+
+    Call after C{app.initialize()} and before anything subscribes to IOPub:
+    with no subscriber, the cell's messages go nowhere. The cell is not
+    stored in the history and does not count (C{store_history=False}); the
+    display hook's traces (C{_}, C{_N}, C{Out}) are taken back.
+    """
+    if changes is None:
+        changes = selected(os.environ.get("CELLMUX_KERNEL_TUNING"))
+    shell = getattr(app, "shell", None)
+    if "warm" not in changes or shell is None:
+        return
+    user_ns, hidden = dict(shell.user_ns), dict(shell.user_ns_hidden)
+    outputs = dict(shell.user_ns.get("_oh", {}))
+    shell.run_cell("1+1", store_history=False, silent=False)
+    shell.user_ns.clear()
+    shell.user_ns.update(user_ns)
+    shell.user_ns_hidden.clear()
+    shell.user_ns_hidden.update(hidden)
+    if "_oh" in user_ns:
+        user_ns["_oh"].clear()
+        user_ns["_oh"].update(outputs)
+    hook = shell.displayhook
+    hook._ = hook.__ = hook.___ = ""

@@ -64,6 +64,9 @@ HISTORY_LENGTH = 1000
 #: Automatic restarts allowed within RESTART_WINDOW seconds (no crash loops).
 MAX_AUTO_RESTARTS = 3
 RESTART_WINDOW = 60.0
+#: Seconds to put off work that a request caused but need not wait for
+#: (refilling the pool): long enough for the response to be sent first.
+AFTER_RESPONSE = 0.005
 
 
 class KernelError(Exception):
@@ -635,7 +638,9 @@ class KernelManager:
             inc = self._pool.popleft()
         else:
             inc = await self._spawn()
-        self.refill()
+        # Fork the replacement once the caller's response is out: Twisted
+        # sends it on the reactor's next poll, which a callLater(0) precedes.
+        self.clock.callLater(AFTER_RESPONSE, self.refill)
         return inc
 
     # -- NurseryOwner and LinkSink ------------------------------------------------

@@ -79,11 +79,12 @@ class ServerRecord:
         self.path = self._dir / f"{os.getpid()}-{secrets.token_hex(4)}.json"
         self._runtime_dir = runtime_dir
         self.nursery_pid = 0
+        self._cmdline = _cmdline(os.getpid()).decode(errors="replace")
 
     def write(self, kernels: dict[str, int]) -> None:
         data = {
             "pid": os.getpid(),
-            "cmdline": _cmdline(os.getpid()).decode(errors="replace"),
+            "cmdline": self._cmdline,
             "runtime_dir": self._runtime_dir,
             "nursery_pid": self.nursery_pid,
             "kernels": kernels,

@@ -28,7 +28,7 @@ from .auth import TokenAuth
 from .files import FileNotices, FilesResource
 from .jupyter.channels import JupyterChannelsFactory
 from .jupyter.kernelspecs import KernelspecFiles
-from .kernels import KernelManager
+from .kernels import AFTER_RESPONSE, KernelManager
 from .links import LinkRouter
 from .login import LoginResource
 from .longpoll import PollResource
@@ -138,6 +138,7 @@ class CellmuxService(service.Service):
         self._zmq = None
         self.nursery: NurseryProcess | None = None
         self._record: ServerRecord | None = None
+        self._record_call = None
         #: Set when start-up failed (the command line then exits non-zero).
         self.start_failed = False
         self.url: str | None = None
@@ -199,7 +200,7 @@ class CellmuxService(service.Service):
         self.manager.bind(self.nursery, self._router)
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
         self._record.nursery_pid = self.nursery.transport.pid
-        self.manager.change_listeners.append(self._write_record)
+        self.manager.change_listeners.append(self._record_soon)
         self._write_record()
         await self.nursery.ready
         self.manager.start()
@@ -221,6 +222,12 @@ class CellmuxService(service.Service):
         # The token goes to the terminal, never into the log (under twistd,
         # sys.stdout is the log, so use the process's real stdout).
         print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)
+
+    def _record_soon(self) -> None:
+        # Once per burst of changes, after the response that caused them:
+        # the record is for reaping after a crash, not on any request's path.
+        if self._record_call is None or not self._record_call.active():
+            self._record_call = self.reactor.callLater(AFTER_RESPONSE, self._write_record)
 
     def _write_record(self) -> None:
         kernels = {
@@ -253,6 +260,8 @@ class CellmuxService(service.Service):
             self._router.shutdown()
         if self._owns_runtime_dir and self._runtime_dir:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
+        if self._record_call is not None and self._record_call.active():
+            self._record_call.cancel()
         if self._record is not None:
             self._record.remove()
 

@@ -8,6 +8,7 @@ The logos are ipykernel's own, served from ``/kernelspecs/{name}/{file}``.
 
 from __future__ import annotations
 
+import functools
 import json
 import mimetypes
 from importlib import resources as _resources
@@ -42,6 +43,7 @@ def _resource_dir() -> Path:
     return Path(str(_resources.files("ipykernel") / "resources"))
 
 
+@functools.cache
 def _files(name: str) -> dict[str, Path]:
     """The spec's resource files by file name (only what ipykernel ships)."""
     if name not in _SPECS:
