@@ -84,3 +84,22 @@ def test_interrupting_a_top_level_await_cell_ends_it_with_a_reply(kernel):
     assert result.status == "error"
     assert kernel.execute("'after' in dir()").result_text == "False"
     assert kernel.execute("1+1").result_text == "2"
+
+
+def test_shield_moves_an_interrupt_to_the_end_of_its_block(monkeypatch):
+    from cellmux.kernel import interrupts
+
+    gate = InterruptGate()
+    monkeypatch.setattr(interrupts, "_gate", gate)
+    gate.depth = 1  # inside the cell's code
+    reached = []
+    with pytest.raises(KeyboardInterrupt), interrupts.shield:
+        gate.on_sigint(signal.SIGINT, None)
+        reached.append("end of block")
+    assert reached == ["end of block"]
+    assert gate.take_held() is False
+    # Outside the cell's code the interrupt stays held for the next run_code.
+    gate.depth = 0
+    with interrupts.shield:
+        gate.on_sigint(signal.SIGINT, None)
+    assert gate.take_held() is True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -109,3 +110,54 @@ def test_output_before_input_reaches_the_client_first(kernel):
     assert result.stdout == "ok\n"
     channels = seen_at_prompt[0]
     assert 7 in channels[: channels.index(1)]  # display (7) before stdin (1)
+
+
+def _stdout_messages(frames, parent_id):
+    texts = []
+    for frame in frames:
+        if frame.channel == 0 or len(frame.parts) < 4:
+            continue
+        header = json.loads(frame.parts[0])
+        if header["msg_type"] == "stream" and json.loads(frame.parts[1]).get("msg_id") == parent_id:
+            texts.append(json.loads(frame.parts[3])["text"])
+    return texts
+
+
+def test_each_flush_is_one_message_in_order(kernel):
+    frames = []
+    kernel.add_listener(frames.append)
+    result = kernel.execute("for i in range(500): print(i, flush=True)")
+    assert _stdout_messages(frames, result.msg_id) == [f"{i}\n" for i in range(500)]
+
+
+def test_queued_flushes_stay_in_order_with_displays_and_timed_flushes(kernel):
+    # Flushes queued ahead, displays, and text the 0.2 s timer sends on its
+    # own (written without a flush) must come out in the order written.
+    code = (
+        "import sys, time\n"
+        "for i in range(600):\n"
+        "    sys.stdout.write(f'{i}\\n')\n"
+        "    if i % 3 == 0: sys.stdout.flush()\n"
+        "    if i % 100 == 0: display(i)\n"
+        "    if i % 150 == 0: time.sleep(0.25)\n"
+    )
+    for _ in range(3):
+        result = kernel.execute(code)
+        text, seen = "", []
+        for output in result.outputs:
+            if output.kind == "stdout":
+                text += output.content
+            else:
+                seen.append((text.count("\n"), output.content["text/plain"]))
+        assert text == "".join(f"{i}\n" for i in range(600))
+        assert seen == [(i + 1, str(i)) for i in range(0, 600, 100)]
+
+
+def test_interrupting_a_flushing_loop_leaves_output_working(kernel):
+    threading.Timer(0.5, kernel.interrupt).start()
+    result = kernel.execute("i = 0\nwhile True:\n    print(i, flush=True)\n    i += 1", timeout=30)
+    assert result.error.ename == "KeyboardInterrupt"
+    lines = result.stdout.splitlines()
+    assert lines == [str(i) for i in range(len(lines))]
+    after = kernel.execute("for j in range(100): print('after', j, flush=True)")
+    assert after.stdout == "".join(f"after {j}\n" for j in range(100))

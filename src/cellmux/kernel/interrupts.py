@@ -22,7 +22,7 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-__all__ = ["InterruptGate", "install"]
+__all__ = ["InterruptGate", "install", "shield"]
 
 #: What a held interrupt runs instead of the cell's next statement: the
 #: traceback then names the interrupt, not an internal frame.
@@ -35,10 +35,12 @@ class InterruptGate:
     def __init__(self) -> None:
         #: How many ``run_code`` calls are on the stack (magics nest them).
         self.depth = 0
+        #: How many L{shield} blocks are being run.
+        self.shielded = 0
         self.held = False
 
     def on_sigint(self, signum: int, frame: object) -> None:
-        if self.depth:
+        if self.depth and not self.shielded:
             raise KeyboardInterrupt
         self.held = True
 
@@ -47,9 +49,35 @@ class InterruptGate:
         return held
 
 
+class _Shield:
+    """``with shield:`` moves a Ctrl-C that lands in the block to its end.
+
+    For the kernel's own few-line critical sections that run inside the
+    cell's code (taking text out of a stream's buffer and queueing it): an
+    interrupt between the two would lose the text.
+    """
+
+    def __enter__(self) -> None:
+        if _gate is not None:
+            _gate.shielded += 1
+
+    def __exit__(self, *exc_info: object) -> bool:
+        gate = _gate
+        if gate is not None:
+            gate.shielded -= 1
+            if not gate.shielded and gate.depth and gate.take_held():
+                raise KeyboardInterrupt
+        return False
+
+
+shield = _Shield()
+_gate: InterruptGate | None = None
+
+
 def install(kernel: Any) -> InterruptGate:
     """Gate C{kernel}'s (an IPythonKernel's) SIGINT handling; return the gate."""
-    gate = InterruptGate()
+    global _gate
+    gate = _gate = InterruptGate()
     shell = kernel.shell
     stock_run_code = shell.run_code
 

@@ -56,6 +56,8 @@ import sys
 import termios
 import threading
 import time
+from collections import defaultdict
+from io import StringIO
 from typing import Any
 
 import zmq
@@ -63,7 +65,7 @@ import zmq
 __all__ = ["CHANGES", "IN_FLIGHT_WAIT", "STREAM_PAUSE", "install", "selected", "warm_up"]
 
 #: The changes this module can make, by the names CELLMUX_KERNEL_TUNING uses.
-CHANGES = ("sleep", "flush", "wakes", "log", "warm")
+CHANGES = ("sleep", "flush", "wakes", "log", "warm", "ahead")
 
 #: Longest a flush waits for fd output that the watcher thread is still
 #: moving (stock waits for none; a process writing faster than this is not
@@ -75,6 +77,10 @@ STREAM_PAUSE = 0.0005
 #: How long the reply barrier waits for the IOPub thread (stock's flush
 #: timeout is 10 s; a wedged IOPub thread must not wedge the shell).
 BARRIER_TIMEOUT = 10.0
+#: Events the IOPub queue may hold before flush() waits for it (a queued
+#: flush holds its text until sent), and the largest flush that may queue.
+FLUSH_AHEAD = 64
+FLUSH_AHEAD_BYTES = 64 * 1024
 
 _installed: set[str] = set()
 
@@ -256,6 +262,67 @@ def _patch_stream_events() -> None:
     OutStream.flush = flush
 
 
+def _patch_flush_ahead() -> None:
+    """flush() hands its text to the IOPub thread and returns.
+
+    Stock flush() waits until the IOPub thread has turned the buffer into a
+    message: a thread round trip per ``print(..., flush=True)``. Here the
+    caller takes the buffered text itself (so each flush is still exactly
+    one message, with what was written before it) and queues its sending;
+    the IOPub thread sends queued flushes in batches, straight to its
+    socket. What Jupyter clients rely on keeps holding: the queue is FIFO
+    (the 0.2 s timer's flush sends through it too), and the reply and
+    input_request barriers wait for it. At most
+    FLUSH_AHEAD events (flushes of up to FLUSH_AHEAD_BYTES each) wait in
+    the IOPub queue; a larger flush waits as stock does.
+    """
+    from ipykernel.iostream import OutStream
+
+    from .interrupts import shield
+
+    stock_flush = OutStream.flush
+
+    def _send(self, buffers: dict) -> None:
+        # In the IOPub thread: its socket is ours to use directly.
+        thread = self.pub_thread
+        target = thread.socket if thread.thread.ident == threading.get_ident() else thread
+        # Counted like stock flushes with text (the pause before the reply).
+        thread._cellmux_stream_flushes = getattr(thread, "_cellmux_stream_flushes", 0) + 1
+        for frozen_parent, buffer in buffers.items():
+            text, parent = buffer.getvalue(), dict(frozen_parent)
+            buffer.close()
+            if not text:
+                continue
+            self.session.pid = os.getpid()
+            msg = self.session.msg("stream", {"name": self.name, "text": text}, parent=parent)
+            for hook in self._hooks:
+                msg = hook(msg)
+                if msg is None:
+                    return
+            self.session.send(target, msg, ident=self.topic)
+
+    def flush(self) -> None:
+        thread = self.pub_thread.thread if self.pub_thread is not None else None
+        if thread is None or not thread.is_alive() or thread.ident == threading.get_ident():
+            stock_flush(self)
+            return
+        # Bound what waits in the IOPub queue by its length (a counter of
+        # our own could leak a count to a KeyboardInterrupt). A client that
+        # reads nothing keeps us here: the kernel slows to its pace.
+        while len(self.pub_thread._events) >= FLUSH_AHEAD:
+            _iopub_barrier(self.pub_thread)
+        # Taken out of the buffer means queued: Ctrl-C waits for both.
+        with shield:
+            with self._buffer_lock:
+                buffers, self._buffers = self._buffers, defaultdict(StringIO)
+            size = sum(buffer.tell() for buffer in buffers.values())
+            self.pub_thread.schedule(functools.partial(_send, self, buffers))
+        if size > FLUSH_AHEAD_BYTES:
+            _iopub_barrier(self.pub_thread)
+
+    OutStream.flush = flush
+
+
 def _iopub_barrier(iopub_thread: Any) -> None:
     """Return once the IOPub thread has run everything scheduled so far."""
     thread = getattr(iopub_thread, "thread", None)
@@ -322,6 +389,9 @@ def install(app: Any, changes: frozenset[str] | None = None) -> None:
     if "wakes" in changes and "wakes" not in _installed:
         _patch_iopub_wakes()
         _installed.add("wakes")
+    if "ahead" in changes and "ahead" not in _installed:
+        _patch_flush_ahead()
+        _installed.add("ahead")
     if "flush" in changes and "flush" not in _installed:
         _patch_outstream()
         _installed.add("flush")
