@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from datetime import UTC, datetime
@@ -31,14 +32,14 @@ def _rss(pid: int) -> int:
 def test_flooding_kernel_with_a_stalled_client_does_not_hurt_the_others():
     server = start_server("--pool-size", "2")
     try:
-        with server.client() as client:
+        with server.client() as client, contextlib.ExitStack() as stack:
             flooder = client.create_kernel()
             neighbour = client.create_kernel()
             baseline = _rss(server.process.pid)
             session = uuid.uuid4().hex
             url = server.url.replace("http://", "ws://") + f"ws?token={server.token}"
             # A client that starts a flood and then never reads again.
-            stalled = connect(url, max_queue=1)
+            stalled = stack.enter_context(connect(url, max_queue=1))
             stalled.send(
                 encode_frame(
                     control_frame(
@@ -69,6 +70,5 @@ def test_flooding_kernel_with_a_stalled_client_does_not_hurt_the_others():
             # Whatever happened to the flooder happened to it alone: it waits
             # for its client (busy), or its own memory limit ended it.
             assert client.get_kernel(flooder.id).execution_state in ("busy", "dead")
-            stalled.close()
     finally:
         server.stop()

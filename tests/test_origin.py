@@ -38,10 +38,12 @@ def test_look_alike_origins_cannot_open_websockets():
     server = start_server("--pool-size", "0", "--config", f.name)
     try:
         url = server.url.replace("http://", "ws://") + f"ws?token={server.token}"
-        connect(url, origin="https://trusted.example").close()
-        connect(url).close()
+        with connect(url, origin="https://trusted.example"):
+            pass
+        with connect(url):
+            pass
         for origin in ("https://trusted.example.evil.com", "https://evil.com"):
-            with pytest.raises(Exception, match="403"):
-                connect(url, origin=origin).close()
+            with pytest.raises(Exception, match="403"), connect(url, origin=origin):
+                pass
     finally:
         server.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import urllib.error
 import urllib.request
 import uuid
@@ -24,17 +25,18 @@ from cellmux.protocol import (
 from cellmux.protocol.jupyter import jupyter_parts
 
 
+@contextlib.contextmanager
 def raw(server, token: str, kernel_id: str, session: str | None = None):
     """A bare websocket attached to a kernel with a given token."""
-    ws = connect(server.url.replace("http://", "ws://") + f"ws?token={token}")
-    hello = control_frame(
-        "hello",
-        version=PROTOCOL_VERSION,
-        kernel=kernel_id,
-        session=session or uuid.uuid4().hex,
-    )
-    ws.send(encode_frame(hello))
-    return ws
+    with connect(server.url.replace("http://", "ws://") + f"ws?token={token}") as ws:
+        hello = control_frame(
+            "hello",
+            version=PROTOCOL_VERSION,
+            kernel=kernel_id,
+            session=session or uuid.uuid4().hex,
+        )
+        ws.send(encode_frame(hello))
+        yield ws
 
 
 def next_control(ws) -> dict:
@@ -159,8 +161,8 @@ def test_revoking_a_share_cuts_off_its_connections(server, client, shared):
             while True:
                 ws.recv(timeout=10)
         assert info.value.rcvd.code == 4403
-    with pytest.raises(Exception, match="403"):
-        raw(server, share["token"], shared.id).close()
+    with pytest.raises(Exception, match="403"), raw(server, share["token"], shared.id):
+        pass
     assert client.list_shares(shared.id) == []
 
 
