@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 from conftest import start_server, wait_for
 
@@ -36,5 +37,24 @@ def test_empty_pool_forks_on_demand():
             assert "forked on demand" in server.log()
             with client.connect(model.id) as k:
                 assert k.execute("'ok'").result_text == "'ok'"
+    finally:
+        server.stop()
+
+
+def test_refill_waits_for_the_new_kernels_first_cells_unless_the_pool_ran_dry(tmp_path):
+    config = tmp_path / "cellmux.toml"
+    config.write_text("pool_refill_delay = 30\n")
+    server = start_server("--pool-size", "2", "--config", str(config))
+    try:
+        with server.client() as client:
+            ready = lambda: client.get_status()["pool"]["ready"]  # noqa: E731
+            wait_for(lambda: ready() == 2, timeout=60)
+            client.create_kernel()
+            for _ in range(10):  # one kernel left: the replacement waits 30 s
+                assert ready() == 1
+                time.sleep(0.2)
+            client.create_kernel()
+            # Empty: both replacements are forked at once, not in 30 s.
+            wait_for(lambda: ready() == 2, timeout=25)
     finally:
         server.stop()

@@ -53,6 +53,11 @@ class ServerConfig:
     token: str | None = None
     #: Ready kernels kept forked and initialised, waiting for a client.
     pool_size: int = attrs.field(default=2, validator=_not_negative)
+    #: Seconds between handing out a pool kernel and forking its
+    #: replacement, so the new kernel's first cells have the CPU (forking
+    #: and initialising a kernel takes ~100 ms of it). An emptied pool is
+    #: refilled at once.
+    pool_refill_delay: float = attrs.field(default=0.25, validator=_not_negative)
     #: Most kernels (in use or pooled) alive at once.
     max_kernels: int = attrs.field(default=200, validator=_positive)
     #: Modules the nursery imports once, before forking, for every kernel.

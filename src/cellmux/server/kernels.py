@@ -638,9 +638,12 @@ class KernelManager:
             inc = self._pool.popleft()
         else:
             inc = await self._spawn()
-        # Fork the replacement once the caller's response is out: Twisted
-        # sends it on the reactor's next poll, which a callLater(0) precedes.
-        self.clock.callLater(AFTER_RESPONSE, self.refill)
+        # Fork the replacement once the caller's response is out (Twisted
+        # sends it on the reactor's next poll, which a callLater(0) precedes)
+        # and, while the pool still has kernels, after the new kernel's
+        # first cells: on a small machine the fork would compete with them.
+        delay = self.config.pool_refill_delay if self._pool else 0.0
+        self.clock.callLater(max(delay, AFTER_RESPONSE), self.refill)
         return inc
 
     # -- NurseryOwner and LinkSink ------------------------------------------------
