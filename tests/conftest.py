@@ -57,7 +57,9 @@ class RunningServer:
         return self.process.returncode
 
 
-def start_server(*args: str, command: list[str] | None = None) -> RunningServer:
+def start_server(
+    *args: str, command: list[str] | None = None, cwd: str | None = None
+) -> RunningServer:
     """Start ``cellmux serve --port 0`` and wait for its URL line."""
     runtime_dir = tempfile.mkdtemp(prefix="cellmux-test-")
     token = secrets.token_hex(16)
@@ -76,7 +78,7 @@ def start_server(*args: str, command: list[str] | None = None) -> RunningServer:
         *args,
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - the process owns it until it ends
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd)
     lines: list[str] = []
     found = threading.Event()
     result: dict[str, str] = {}

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 import time
 from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import wait_for
+from conftest import start_server, wait_for
 
 DEFAULT_UID_RANGE = (200000, 299999)
 
@@ -379,3 +380,20 @@ pump.classify = real
     _still_works(kernel)
     _still_works(other)
     assert client.get_kernel(other.kernel_id).execution_state != "dead"
+
+
+def test_a_server_started_in_tmp_still_gives_kernels_their_own_tmp():
+    # `python -m cellmux serve` run from /tmp puts /tmp on sys.path; the
+    # kernel's private /tmp must stay private, and a venv under /tmp usable.
+    fd, probe = tempfile.mkstemp(dir="/tmp", prefix="cellmux-probe-")
+    os.close(fd)
+    server = start_server("--pool-size", "0", cwd="/tmp")
+    try:
+        with server.client() as client:
+            model = client.create_kernel()
+            with client.connect(model.id) as k:
+                result = k.execute(f"import os\nos.path.exists({probe!r})")
+                assert result.result_text == "False", result.error
+    finally:
+        server.stop()
+        os.unlink(probe)

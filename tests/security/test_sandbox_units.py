@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -112,3 +113,14 @@ def test_disk_usage_charges_empty_files_and_stops_early(tmp_path):
         (tmp_path / f"empty{i}").touch()
     assert sandbox.disk_usage([str(tmp_path)]) == 100 * sandbox.MIN_ENTRY_BYTES
     assert sandbox.disk_usage([str(tmp_path)], stop_above=0) == sandbox.MIN_ENTRY_BYTES
+
+
+def test_interpreter_paths_never_bind_a_shared_tmp_back(monkeypatch, tmp_path):
+    # `python -m` started in /tmp puts /tmp on sys.path; a venv below it
+    # must still be bound back on its own, and /tmp (or /) never.
+    venv = tmp_path / "venv" / "lib" / "site-packages"
+    venv.mkdir(parents=True)
+    monkeypatch.setattr(sys, "path", ["/tmp", "/", str(venv), *sys.path])
+    paths = sandbox.interpreter_paths()
+    assert str(venv) in paths
+    assert not {"/", "/tmp", "/var/tmp", "/dev/shm"} & set(paths)

@@ -468,6 +468,17 @@ def interpreter_paths() -> tuple[str, ...]:
         for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *sys.path)
         if p and os.path.isdir(p)
     }
+    # Never a shared writable directory itself, nor one above it: ``python
+    # -m`` started in /tmp puts /tmp on sys.path, and binding that back would
+    # hand the kernel the real /tmp (and hide the venv paths under it).
+    found = {
+        p
+        for p in found
+        if not any(
+            shared == p or shared.startswith(p.rstrip(os.sep) + os.sep)
+            for shared in SHARED_WRITABLE_DIRS
+        )
+    }
     # A directory inside another one on the list comes with it.
     return tuple(
         sorted(p for p in found if not any(p != q and p.startswith(q + os.sep) for q in found))
