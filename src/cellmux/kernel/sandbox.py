@@ -469,8 +469,8 @@ def interpreter_paths() -> tuple[str, ...]:
         if p and os.path.isdir(p)
     }
     # Never a shared writable directory itself, nor one above it: ``python
-    # -m`` started in /tmp puts /tmp on sys.path, and binding that back would
-    # hand the kernel the real /tmp (and hide the venv paths under it).
+    # -m`` started in /tmp puts /tmp on sys.path, and the paths below it (a
+    # venv in /tmp) would then count as "inside" it and not be bound back.
     found = {
         p
         for p in found

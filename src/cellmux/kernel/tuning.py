@@ -34,6 +34,8 @@ The changes, each measured in docs/benchmarks.md:
    L{warm_up}), so a client's first cell does not pay for what IPython and
    ipykernel do only once: the display formatters are created on the first
    display, the main thread's IOPub wake-up socket on its first publish.
+6. ``flush()`` queues the text it takes for the IOPub thread instead of
+   waiting for a thread round trip (see L{_patch_flush_ahead}).
 
 The patches change classes inside the forked kernel process only (never in
 the nursery, which is their parent), and must be installed before
@@ -41,8 +43,9 @@ the nursery, which is their parent), and must be installed before
 
 The kernel environment variable ``CELLMUX_KERNEL_TUNING`` picks the changes:
 unset or ``all`` for all of them, ``none`` for stock ipykernel, or a comma
-list of ``sleep``, ``flush``, ``wakes``, ``log``, ``warm`` (the benchmarks measure
-each one this way; an operator can turn one off through ``kernel_env``).
+list of ``sleep``, ``flush``, ``wakes``, ``log``, ``warm``, ``ahead`` (the
+benchmarks measure each one this way; an operator can turn one off through
+``kernel_env``).
 """
 
 from __future__ import annotations
