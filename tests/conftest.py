@@ -57,6 +57,15 @@ class RunningServer:
         return self.process.returncode
 
 
+def rss(pid: int) -> int:
+    """Resident memory of a process, in bytes (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
 def start_server(
     *args: str, command: list[str] | None = None, cwd: str | None = None
 ) -> RunningServer:

@@ -190,3 +190,22 @@ def postgres_processes(cluster: PostgresCluster) -> list[int]:
     with open(os.path.join(cluster.data, "postmaster.pid")) as f:
         postmaster = int(f.readline())
     return [postmaster, *_children(postmaster)]
+
+
+def create_concurrently(store, n: int):
+    """Start C{n} permalink creations at once; a Deferred of all of them."""
+    from twisted.internet import defer
+
+    from cellmux.server.store import create_permalink
+
+    return defer.gatherResults(
+        [
+            defer.ensureDeferred(
+                create_permalink(
+                    store, code=f"n = {i}", language="python", options_json="{}", now=1.0
+                )
+            )
+            for i in range(n)
+        ],
+        consumeErrors=True,
+    )

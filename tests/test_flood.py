@@ -18,15 +18,7 @@ from cellmux.protocol import (
     frame_bytes,
 )
 from cellmux.protocol.jupyter import jupyter_parts
-from conftest import start_server
-
-
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
+from conftest import rss, start_server
 
 
 def test_flooding_kernel_with_a_stalled_client_does_not_hurt_the_others():
@@ -35,7 +27,7 @@ def test_flooding_kernel_with_a_stalled_client_does_not_hurt_the_others():
         with server.client() as client, contextlib.ExitStack() as stack:
             flooder = client.create_kernel()
             neighbour = client.create_kernel()
-            baseline = _rss(server.process.pid)
+            baseline = rss(server.process.pid)
             session = uuid.uuid4().hex
             url = server.url.replace("http://", "ws://") + f"ws?token={server.token}"
             # A client that starts a flood and then never reads again.
@@ -62,7 +54,7 @@ def test_flooding_kernel_with_a_stalled_client_does_not_hurt_the_others():
                 while time.monotonic() < deadline:
                     assert k.execute(f"{runs} + 1", timeout=30).result_text == str(runs + 1)
                     runs += 1
-                    peak = max(peak, _rss(server.process.pid))
+                    peak = max(peak, rss(server.process.pid))
             assert runs > 20  # the neighbour kept its normal pace
             # bounded: the replay log (8 MiB) plus a credit window (4 MiB) and slack,
             # while the flooder tried to print gigabytes

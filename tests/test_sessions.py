@@ -11,7 +11,7 @@ import pytest
 
 from cellmux.client import AsyncClient
 from cellmux.protocol import Channel
-from conftest import run_async, start_server, wait_for
+from conftest import rss, run_async, start_server, wait_for
 
 OUTPUT_CHANNELS = {Channel.STDOUT, Channel.STDERR, Channel.DISPLAY, Channel.STATUS}
 
@@ -132,14 +132,6 @@ def _config(text: str) -> str:
         return f.name
 
 
-def _rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_slow_writer_slows_the_kernel_not_the_server_memory():
     """A million lines to a client that reads slowly: all arrive, memory bounded."""
     replay = 2 * 1024 * 1024
@@ -149,7 +141,7 @@ def test_slow_writer_slows_the_kernel_not_the_server_memory():
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _rss(server.process.pid))
+            peak[0] = max(peak[0], rss(server.process.pid))
             time.sleep(0.05)
 
     async def run() -> tuple[str, list]:
@@ -178,7 +170,7 @@ def test_slow_writer_slows_the_kernel_not_the_server_memory():
         await client.delete_kernel(model.id)
         return stdout_text(frames), k.gaps
 
-    baseline = _rss(server.process.pid)
+    baseline = rss(server.process.pid)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:

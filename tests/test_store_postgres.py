@@ -23,7 +23,7 @@ from cellmux.server.store import (
     open_store,
 )
 from conftest import start_server
-from db_fixtures import PostgresCluster, postgres_processes, reactor_thread
+from db_fixtures import PostgresCluster, create_concurrently, postgres_processes, reactor_thread
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,20 +92,7 @@ def test_several_servers_migrate_one_database_at_once(rt, postgres):
 
 
 def test_a_thousand_concurrent_creations_get_unique_ids(rt, store, postgres):
-    def all_at_once():
-        return defer.gatherResults(
-            [
-                defer.ensureDeferred(
-                    create_permalink(
-                        store, code=f"n = {i}", language="python", options_json="{}", now=1.0
-                    )
-                )
-                for i in range(1000)
-            ],
-            consumeErrors=True,
-        )
-
-    made = rt.call(all_at_once)
+    made = rt.call(create_concurrently, store, 1000)
     ids = {p.id for p in made}
     assert len(ids) == 1000
     import psycopg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import task
 
 from cellmux.server import store as store_module
 from cellmux.server.store import (
@@ -20,7 +20,7 @@ from cellmux.server.store import (
     create_permalink,
     open_store,
 )
-from db_fixtures import reactor_thread
+from db_fixtures import create_concurrently, reactor_thread
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +102,7 @@ def test_create_tries_another_id_on_collision(rt, store, monkeypatch):
 
 
 def test_a_thousand_concurrent_creations_get_unique_ids(rt, store, db_path):
-    def all_at_once():
-        return defer.gatherResults(
-            [
-                defer.ensureDeferred(
-                    create_permalink(
-                        store, code=f"n = {i}", language="python", options_json="{}", now=1.0
-                    )
-                )
-                for i in range(1000)
-            ],
-            consumeErrors=True,
-        )
-
-    made = rt.call(all_at_once)
+    made = rt.call(create_concurrently, store, 1000)
     assert len({p.id for p in made}) == 1000
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("SELECT COUNT(DISTINCT id) FROM permalinks").fetchone() == (1000,)

@@ -34,6 +34,7 @@ __all__ = [
     "ClientConnection",
     "ClientFactory",
     "binary_frame_header",
+    "client_protocol_options",
     "close_reason",
 ]
 
@@ -50,6 +51,25 @@ def binary_frame_header(length: int) -> bytes:
     if length <= 0xFFFF:
         return struct.pack("!BBH", 0x82, 126, length)
     return struct.pack("!BBQ", 0x82, 127, length)
+
+
+def client_protocol_options(max_frame_size: int) -> dict[str, Any]:
+    """Autobahn options for every client websocket (native and Jupyter)."""
+    return {
+        "maxMessagePayloadSize": max_frame_size,
+        "maxFramePayloadSize": max_frame_size,
+        # Keepalive as jupyter_server does it: ping every 30 s, give up after 90.
+        "autoPingInterval": 30,
+        "autoPingTimeout": 90,
+        # Send a close frame (e.g. 1009 for an oversized message) before
+        # dropping the connection, so the client learns why.
+        "failByDrop": False,
+        # No HTML status page (with Autobahn's version) on a plain GET.
+        "webStatus": False,
+        # Frames are compact already, and compressing big outputs would
+        # block the reactor (Jupyter's is off too).
+        "perMessageCompressionAccept": lambda offers: None,
+    }
 
 
 def close(protocol: WebSocketServerProtocol, code: int, reason: str) -> None:
@@ -161,17 +181,4 @@ class ClientFactory(WebSocketServerFactory):
         self.manager = manager
         self.auth = auth
         self.origins = OriginPolicy.from_strings(manager.config.allow_origins)
-        max_size = manager.config.max_frame_size
-        self.setProtocolOptions(
-            maxMessagePayloadSize=max_size,
-            maxFramePayloadSize=max_size,
-            autoPingInterval=30,
-            autoPingTimeout=90,
-            # Send a close frame (e.g. 1009 for an oversized message) before
-            # dropping the connection, so the client learns why.
-            failByDrop=False,
-            # No HTML status page (with Autobahn's version) on a plain GET.
-            webStatus=False,
-            # Frames are already compact binary; compression costs latency.
-            perMessageCompressionAccept=lambda offers: None,
-        )
+        self.setProtocolOptions(**client_protocol_options(manager.config.max_frame_size))

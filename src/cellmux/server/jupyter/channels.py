@@ -48,7 +48,13 @@ from cellmux.protocol.jupyter import jupyter_parts
 from ..attachment import Attachment
 from ..auth import OriginPolicy
 from ..kernels import Kernel, KernelError, KernelManager
-from ..websocket import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, close, take_over_producer
+from ..websocket import (
+    CLOSE_FORBIDDEN,
+    CLOSE_KERNEL_GONE,
+    client_protocol_options,
+    close,
+    take_over_producer,
+)
 from .codec import (
     Codec,
     JupyterCodecError,
@@ -306,17 +312,7 @@ class JupyterChannelsFactory(WebSocketServerFactory):
         self.origins = OriginPolicy.from_strings(manager.config.allow_origins)
         # kernel id -> session_id -> last seq delivered (LRU per kernel)
         self._cursors: dict[str, OrderedDict[str, int]] = {}
-        max_size = manager.config.max_frame_size
-        self.setProtocolOptions(
-            maxMessagePayloadSize=max_size,
-            maxFramePayloadSize=max_size,
-            # jupyter_server's keepalive: ping every 30 s, give up after 90.
-            autoPingInterval=30,
-            autoPingTimeout=90,
-            failByDrop=False,
-            # Compression of big outputs blocks the reactor; Jupyter's is off too.
-            perMessageCompressionAccept=lambda offers: None,
-        )
+        self.setProtocolOptions(**client_protocol_options(manager.config.max_frame_size))
 
     def delivered(self, kernel_id: str, session_id: str, seq: int) -> None:
         if not session_id:
