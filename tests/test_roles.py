@@ -194,6 +194,25 @@ def test_login_sets_a_strict_http_only_cookie_and_never_redirects_away(server, c
     assert info.value.code == 403
 
 
+def test_form_bodies_are_never_read(server):
+    # No endpoint takes form bodies, so the server does not parse them (it
+    # saves time on every POST): a token in one is not a token.
+    form = urllib.request.Request(
+        f"{server.url}login",
+        data=f"token={server.token}".encode(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+        method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(form, timeout=10)
+    assert info.value.code == 403
+    header = urllib.request.Request(
+        f"{server.url}login", headers={"Authorization": f"token {server.token}"}, method="POST"
+    )
+    with urllib.request.urlopen(header, timeout=10) as ok:
+        assert ok.status == 200
+
+
 class NoRedirect(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, *args, **kwargs):
         return None

@@ -19,11 +19,13 @@ import secrets
 import shutil
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-__all__ = ["ServerRecord", "default_state_dir", "reap_orphans"]
+__all__ = ["RecordKeeper", "ServerRecord", "default_state_dir", "reap_orphans"]
 
 log = Logger()
 
@@ -96,6 +98,78 @@ class ServerRecord:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+class RecordKeeper:
+    """Keeps a L{ServerRecord} current without making the reactor wait.
+
+    Writing the record (a temporary file and a rename) took 0.3 to 1.4 ms on
+    a quiet disk, and the reactor has clients waiting: so the write runs in
+    the reactor's thread pool. Changes are coalesced: one write, C{delay}
+    seconds after the first change of a burst (after the response that
+    caused it). Writes never overlap: a change during a write is written
+    after it, so the file always ends with the latest state.
+
+    @param kernels: the current kernel id -> pid map, read in the reactor
+        thread just before each write.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor,
+        record: ServerRecord,
+        kernels: Callable[[], dict[str, int]],
+        delay: float,
+    ) -> None:
+        self._reactor = reactor
+        self._record = record
+        self._kernels = kernels
+        self._delay = delay
+        self._call = None
+        self._writing: defer.Deferred | None = None
+        self._again = False
+        self._closed = False
+
+    def changed(self) -> None:
+        """The kernels changed: write the record soon."""
+        if self._closed:
+            return
+        if self._writing is not None:
+            self._again = True
+        elif self._call is None or not self._call.active():
+            self._call = self._reactor.callLater(self._delay, self._write)
+
+    def _write(self) -> None:
+        self._again = False
+        kernels = self._kernels()
+        d = threads.deferToThreadPool(
+            self._reactor, self._reactor.getThreadPool(), self._record.write, kernels
+        )
+        d.addErrback(self._failed)
+        d.addBoth(self._written)
+        self._writing = d
+
+    def _failed(self, failure) -> None:
+        if failure.check(OSError):
+            self.log.warn("cannot write the server record: {error}", error=failure.value)
+        else:
+            self.log.failure("writing the server record failed", failure)
+
+    def _written(self, _: object) -> None:
+        self._writing = None
+        if self._again and not self._closed:
+            self._write()
+
+    async def close(self) -> None:
+        """Let a write in progress finish, then remove the record."""
+        self._closed = True
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        if self._writing is not None:
+            await self._writing
+        self._record.remove()
 
 
 def reap_orphans(state_dir: str) -> set[str]:

@@ -34,7 +34,7 @@ from .login import LoginResource
 from .longpoll import PollResource
 from .nursery import NurseryProcess
 from .oneshot import OneShotResource
-from .orphans import ServerRecord, default_state_dir, reap_orphans
+from .orphans import RecordKeeper, ServerRecord, default_state_dir, reap_orphans
 from .pages import EmbedKernels, PageResource, StaticResource, load_assets
 from .permalinks import PermalinkResource
 from .store import open_store
@@ -110,6 +110,7 @@ def build_site(manager: KernelManager, auth: TokenAuth, store=None) -> server.Si
         root,
         logFormatter=redacted_log_formatter,
         requestFactory=bounded_request_factory(manager.config.max_upload_size),
+        parsePOSTFormSubmission=False,
     )
     site.displayTracebacks = False
     return site
@@ -137,8 +138,7 @@ class CellmuxService(service.Service):
         self._router = None
         self._zmq = None
         self.nursery: NurseryProcess | None = None
-        self._record: ServerRecord | None = None
-        self._record_call = None
+        self._record: RecordKeeper | None = None
         #: Set when start-up failed (the command line then exits non-zero).
         self.start_failed = False
         self.url: str | None = None
@@ -166,7 +166,7 @@ class CellmuxService(service.Service):
         # Before anything else: end what a crashed predecessor left running.
         state_dir = config.state_dir or default_state_dir()
         self.manager.lost = reap_orphans(state_dir)
-        self._record = ServerRecord(state_dir, self._runtime_dir)
+        record = ServerRecord(state_dir, self._runtime_dir)
         endpoint = f"ipc://{self._runtime_dir}/link.sock"
         self._zmq = ZmqFactory()
         self._router = LinkRouter(self._zmq, endpoint, self.manager, config.max_frame_size)
@@ -199,9 +199,10 @@ class CellmuxService(service.Service):
         )
         self.manager.bind(self.nursery, self._router)
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
-        self._record.nursery_pid = self.nursery.transport.pid
-        self.manager.change_listeners.append(self._record_soon)
-        self._write_record()
+        record.nursery_pid = self.nursery.transport.pid
+        self._record = RecordKeeper(self.reactor, record, self._kernel_pids, AFTER_RESPONSE)
+        self.manager.change_listeners.append(self._record.changed)
+        self._record.changed()
         await self.nursery.ready
         self.manager.start()
         listen = endpoints.serverFromString(
@@ -223,22 +224,12 @@ class CellmuxService(service.Service):
         # sys.stdout is the log, so use the process's real stdout).
         print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)
 
-    def _record_soon(self) -> None:
-        # Once per burst of changes, after the response that caused them:
-        # the record is for reaping after a crash, not on any request's path.
-        if self._record_call is None or not self._record_call.active():
-            self._record_call = self.reactor.callLater(AFTER_RESPONSE, self._write_record)
-
-    def _write_record(self) -> None:
-        kernels = {
+    def _kernel_pids(self) -> dict[str, int]:
+        return {
             k.id: k.incarnation.pid
             for k in self.manager.kernels.values()
             if k.incarnation is not None and k.incarnation.pid
         }
-        try:
-            self._record.write(kernels)
-        except OSError as e:
-            self.log.warn("cannot write the server record: {error}", error=e)
 
     async def _stop(self) -> None:
         if self._listening is not None:
@@ -260,10 +251,8 @@ class CellmuxService(service.Service):
             self._router.shutdown()
         if self._owns_runtime_dir and self._runtime_dir:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
-        if self._record_call is not None and self._record_call.active():
-            self._record_call.cancel()
         if self._record is not None:
-            self._record.remove()
+            await self._record.close()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
