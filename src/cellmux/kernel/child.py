@@ -14,9 +14,11 @@ import sys
 import traceback
 
 import attrs
+import ipykernel.ipkernel
 from ipykernel.kernelapp import IPKernelApp
+from traitlets.config import Config
 
-from . import sandbox
+from . import memory, sandbox
 from .pump import INPROC_PORTS, Pump, inproc_endpoint
 
 __all__ = ["CellmuxKernelApp", "KernelOrder", "run_kernel"]
@@ -40,6 +42,22 @@ class KernelOrder:
 
 class CellmuxKernelApp(IPKernelApp):
     """ipykernel on inproc sockets, with no connection file or heartbeat."""
+
+    def parse_command_line(self, argv: list[str] | None = None) -> None:
+        if argv:
+            super().parse_command_line(argv)
+            return
+        # Nothing to parse: building traitlets' parser for every configurable
+        # class would only touch shared pages (0.4 MB per kernel).
+        self.argv = []
+        self.extra_args = []
+        self.cli_config = Config()
+
+    def init_kernel(self) -> None:
+        # ipykernel lists every loaded module's file for its debugger; the
+        # nursery did that before the fork (see cellmux.kernel.memory).
+        with memory.modules_listed_at_fork(ipykernel.ipkernel):
+            super().init_kernel()
 
     def init_connection_file(self) -> None:
         pass

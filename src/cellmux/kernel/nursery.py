@@ -403,7 +403,7 @@ def _preload(modules: tuple[str, ...]) -> None:
     import IPython.core.interactiveshell  # noqa: F401
     import zmq  # noqa: F401
 
-    from . import child, tuning  # noqa: F401
+    from . import child, flowcontrol, interrupts, memory, sourcemap, tuning  # noqa: F401
 
     # What every kernel imports while it initialises: imported here, their
     # code and constants stay in pages shared by all kernels.
@@ -412,9 +412,15 @@ def _preload(modules: tuple[str, ...]) -> None:
             importlib.import_module(name)
     for name in modules:
         importlib.import_module(name)
+    # What IPython makes once per process, made here once for all kernels.
+    try:
+        memory.warm_ipython()
+    except Exception as e:  # a saving, not a need: kernels make it themselves
+        print(f"cellmux nursery: IPython warm-up skipped: {e!r}", file=sys.stderr)
     # Move everything imported so far out of the GC's reach, so forked
     # kernels do not touch (and copy) those pages when they collect.
     gc.collect()
+    memory.record_module_files()
     gc.freeze()
 
 

@@ -1,0 +1,170 @@
+# -*- test-case-name: tests.test_kernel_memory -*-
+"""Keeping each kernel's private memory small.
+
+A forked kernel shares the nursery's memory page by page until it writes
+to a page, and in CPython 3.11 merely using an object writes to it (its
+reference count). So what a kernel touches while it starts decides most of
+its private memory (docs/benchmarks.md, "Memory per idle kernel").
+
+The biggest single toucher was one line of ipykernel: ``IPythonKernel``
+lists the file of every loaded module for its debugger (which treats those
+files as library code, never the user's), and reading ``__file__`` off
+~650 module objects scattered over the nursery's heap made about 2.5 MB of
+each kernel private, for a list of strings. The nursery now makes that
+list once, before it forks (L{record_module_files}); while a kernel builds
+its ``IPythonKernel``, ipykernel gets the same list from it
+(L{modules_listed_at_fork}), without touching a module. If the kernel has
+loaded or dropped a module since the fork, the list would not be the same,
+so ipykernel lists the modules itself, as stock does.
+
+The other thing the nursery does for its kernels is L{warm_ipython}: the
+first IPython shell a process builds, and the first cell it runs, fill
+module- and class-level caches (compiled patterns, lazily made objects).
+Built once in the nursery, they are shared instead of made in every kernel.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import contextlib
+import io
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from types import ModuleType
+
+__all__ = ["modules_listed_at_fork", "record_module_files", "warm_ipython"]
+
+
+class _ModuleFile:
+    """Stands in for a module in ipykernel's listing: only its file."""
+
+    __slots__ = ("__file__",)
+
+    def __init__(self, file: str) -> None:
+        self.__file__ = file
+
+
+#: (number of modules, the newest module's name, name -> stand-in), as the
+#: nursery had them when it was ready to fork; None outside a nursery.
+_at_fork: tuple[int, str, dict[str, _ModuleFile]] | None = None
+#: Whether ipykernel got its module list from the nursery in this process.
+used_list_from_nursery = False
+
+
+def record_module_files() -> None:
+    """Remember every loaded module's file; call in the nursery, last thing
+    before forking is possible (after the preloads)."""
+    global _at_fork
+    listed = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and file:
+            # A copy made now lies next to the other copies, in a few
+            # pages, instead of next to the module's other objects.
+            listed[name] = _ModuleFile(
+                file.encode("utf-8", "surrogatepass").decode("utf-8", "surrogatepass")
+            )
+    _at_fork = (len(sys.modules), next(reversed(sys.modules)), listed)
+
+
+def unchanged_since_fork() -> bool:
+    """Whether this process has the modules the nursery listed."""
+    return (
+        _at_fork is not None
+        and len(sys.modules) == _at_fork[0]
+        and next(reversed(sys.modules)) == _at_fork[1]
+    )
+
+
+class _ModulesAtFork:
+    """``sys.modules``, except that ``copy()`` returns the nursery's list."""
+
+    def __init__(self, listed: dict[str, _ModuleFile]) -> None:
+        self._listed = listed
+
+    def copy(self) -> dict[str, _ModuleFile]:
+        return dict(self._listed)
+
+    def __getattr__(self, name: str):
+        return getattr(sys.modules, name)
+
+    def __getitem__(self, name: str):
+        return sys.modules[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in sys.modules
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sys.modules)
+
+    def __len__(self) -> int:
+        return len(sys.modules)
+
+
+class _SysWithModulesAtFork:
+    """The ``sys`` module, seen through L{_ModulesAtFork}."""
+
+    def __init__(self, modules: _ModulesAtFork) -> None:
+        self.modules = modules
+
+    def __getattr__(self, name: str):
+        return getattr(sys, name)
+
+
+@contextlib.contextmanager
+def modules_listed_at_fork(module: ModuleType) -> Iterator[bool]:
+    """While in the block, C{module}'s ``sys.modules.copy()`` gives the
+    nursery's list (if it is still true); yields whether it does."""
+    if not unchanged_since_fork() or getattr(module, "sys", None) is not sys:
+        yield False
+        return
+    global used_list_from_nursery
+    module.sys = _SysWithModulesAtFork(_ModulesAtFork(_at_fork[2]))
+    try:
+        yield True
+    finally:
+        module.sys = sys
+    used_list_from_nursery = True
+
+
+def warm_ipython() -> None:
+    """Build a throwaway IPython shell and run one cell in it; put back
+    everything a shell changes in the process. Call in the nursery only."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    saved_sys = {
+        name: getattr(sys, name) for name in ("displayhook", "excepthook", "stdout", "stderr")
+    }
+    saved_main = sys.modules.get("__main__")
+    saved_builtins = dict(vars(builtins))
+    saved_environ = dict(os.environ)
+    saved_path = list(sys.path)
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    ipython_dir = tempfile.mkdtemp(prefix="cellmux-ipython-")
+    try:
+        shell = InteractiveShell.instance(config=config, ipython_dir=ipython_dir)
+        atexit.unregister(shell.atexit_operations)
+        with contextlib.redirect_stdout(io.StringIO()):
+            shell.run_cell("1+1", store_history=False)
+        shell.history_manager.end_session()
+    finally:
+        InteractiveShell.clear_instance()
+        for name, value in saved_sys.items():
+            setattr(sys, name, value)
+        if saved_main is not None:
+            sys.modules["__main__"] = saved_main
+        names = vars(builtins)
+        for name in set(names) - set(saved_builtins):
+            del names[name]
+        names.update(saved_builtins)
+        if os.environ != saved_environ:
+            os.environ.clear()
+            os.environ.update(saved_environ)
+        sys.path[:] = saved_path
+        shutil.rmtree(ipython_dir, ignore_errors=True)

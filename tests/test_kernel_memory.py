@@ -1,0 +1,117 @@
+"""What keeps each kernel's private memory small (cellmux.kernel.memory)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from cellmux.kernel import memory
+
+
+@pytest.fixture
+def nursery_list(monkeypatch):
+    """This process's modules listed as a nursery lists them before forking."""
+    monkeypatch.setattr(memory, "_at_fork", None)
+    monkeypatch.setattr(memory, "used_list_from_nursery", False)
+    memory.record_module_files()
+    return memory._at_fork
+
+
+def _stock_listing(sys_module) -> list[str]:
+    # The expression ipykernel's IPythonKernel.__init__ evaluates.
+    return [
+        m.__file__
+        for m in sys_module.modules.copy().values()
+        if hasattr(m, "__file__") and m.__file__
+    ]
+
+
+def test_the_listing_is_the_one_ipykernel_would_make(nursery_list):
+    expected = _stock_listing(sys)
+    user = types.ModuleType("user_code")
+    user.sys = sys
+    with memory.modules_listed_at_fork(user) as listed:
+        assert listed
+        assert _stock_listing(user.sys) == expected
+        # The rest of sys is the real one.
+        assert user.sys.path is sys.path
+        assert user.sys.modules["os"] is sys.modules["os"]
+        assert "os" in user.sys.modules and len(user.sys.modules) == len(sys.modules)
+    assert user.sys is sys
+    assert memory.used_list_from_nursery
+
+
+def test_a_module_loaded_since_the_fork_means_ipykernel_lists_them_itself(
+    nursery_list, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "loaded_after_the_fork", types.ModuleType("x"))
+    user = types.ModuleType("user_code")
+    user.sys = sys
+    with memory.modules_listed_at_fork(user) as listed:
+        assert not listed
+        assert user.sys is sys
+    assert not memory.used_list_from_nursery
+
+
+def test_outside_a_nursery_nothing_changes(monkeypatch):
+    monkeypatch.setattr(memory, "_at_fork", None)
+    user = types.ModuleType("user_code")
+    user.sys = sys
+    with memory.modules_listed_at_fork(user) as listed:
+        assert not listed and user.sys is sys
+
+
+def test_kernels_get_the_module_list_from_the_nursery(kernel):
+    # What stock ipykernel lists: the modules loaded when the kernel object
+    # was built, the first n of sys.modules, with the __main__ of that time
+    # (IPython has put the user's namespace there since).
+    result = kernel.execute(
+        "import sys, cellmux.kernel.memory as m\n"
+        "ip = get_ipython()\n"
+        "n = m._at_fork[0]\n"
+        "then = dict(list(sys.modules.items())[:n], __main__=ip._orig_sys_modules_main_mod)\n"
+        "at_start = [x.__file__ for x in then.values() if hasattr(x, '__file__') and x.__file__]\n"
+        "k = ip.kernel\n"
+        "print(m.used_list_from_nursery, k._kernel_modules == at_start,"
+        " k.debugger.kernel_modules == at_start, len(at_start) > 100)\n"
+        "print(ip.history_manager.hist_file, type(k).__name__)"
+    )
+    assert result.stdout.splitlines() == ["True True True True", ":memory: IPythonKernel"]
+
+
+def test_warming_ipython_leaves_the_process_as_it_was(tmp_path):
+    # In a fresh interpreter, as in the nursery: a shell is built, runs a
+    # cell and is gone again, with nothing of it left behind.
+    script = """
+import atexit, builtins, os, sys, tempfile, weakref
+from IPython.core.interactiveshell import InteractiveShell
+from cellmux.kernel import memory
+weakref.finalize(memory, int)  # its one atexit hook, registered once per process
+live = []
+register, unregister = atexit.register, atexit.unregister
+atexit.register = lambda f, *a, **k: live.append(f) or register(f, *a, **k)
+atexit.unregister = lambda f: [live.remove(g) for g in list(live) if g == f] and unregister(f)
+before = (sys.displayhook, sys.excepthook, sys.stdout, sys.stderr, sys.modules["__main__"],
+          dict(vars(builtins)), dict(os.environ), list(sys.path), list(live),
+          sorted(os.listdir(tempfile.gettempdir())), sorted(os.listdir(".")))
+memory.warm_ipython()
+after = (sys.displayhook, sys.excepthook, sys.stdout, sys.stderr, sys.modules["__main__"],
+         dict(vars(builtins)), dict(os.environ), list(sys.path), list(live),
+         sorted(os.listdir(tempfile.gettempdir())), sorted(os.listdir(".")))
+names = "displayhook excepthook stdout stderr main builtins environ path atexit tmp cwd"
+for name, b, a in zip(names.split(), before, after):
+    assert a == b, (name, b, a)
+assert not InteractiveShell.initialized()
+print("same")
+"""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, HOME=".", TMPDIR=str(tmp))
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "same", done.stderr
