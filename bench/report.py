@@ -283,7 +283,7 @@ def chart(doc: dict[str, Any], path: str) -> None:
         ax.text(v, y, f" {v:.2g}x", va="center", fontsize=7)
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
