@@ -64,7 +64,9 @@ class JupyterClient:
     def close(self) -> None:
         self._stack.close()
 
-    def send(self, channel: str, msg_type: str, content: dict, buffers=(), parent=None) -> str:
+    def send(
+        self, channel: str, msg_type: str, content: dict, buffers=(), parent=None, **header_fields
+    ) -> str:
         msg_id = uuid.uuid4().hex
         header = {
             "msg_id": msg_id,
@@ -73,6 +75,7 @@ class JupyterClient:
             "username": "test",
             "date": "2026-01-01T00:00:00.000000Z",
             "version": "5.3",
+            **header_fields,
         }
         parts = [header, parent or {}, {}, content]
         if self.fmt == "v1":
@@ -185,6 +188,36 @@ def test_execute_gives_stream_result_and_reply(jupyter):
     assert reply["content"]["status"] == "ok"
     if jupyter.fmt == "legacy":  # buffer-free messages travel as text with Jupyter's keys
         assert reply["msg_id"] == reply["header"]["msg_id"]
+
+
+def test_subshells_run_cells_beside_the_main_shell(jupyter):
+    # JupyterLab runs widget callbacks in subshells (ipykernel 7). cellmux
+    # sends the main shell's replies to the pump by a shorter path (tuning
+    # change "replies"); a subshell's keep ipykernel's own.
+    def reply_to(msg_id):
+        return lambda m: m["msg_type"].endswith("_reply") and m["parent_header"]["msg_id"] == msg_id
+
+    created = jupyter.until(reply_to(jupyter.send("control", "create_subshell_request", {})))
+    subshell_id = created[-1]["content"]["subshell_id"]
+    # The main shell is busy in a loop while the subshell answers.
+    main = jupyter.send(
+        "shell", "execute_request", {"code": "import time; time.sleep(1); 'main'", "silent": False}
+    )
+    sub = jupyter.send(
+        "shell",
+        "execute_request",
+        {"code": "'sub'", "silent": False},
+        subshell_id=subshell_id,
+    )
+    before = jupyter.until(reply_to(sub))
+    assert before[-1]["channel"] == "shell" and before[-1]["content"]["status"] == "ok"
+    assert not any(reply_to(main)(m) for m in before)  # the main shell is still sleeping
+    after = jupyter.until(reply_to(main))
+    assert after[-1]["channel"] == "shell" and after[-1]["content"]["status"] == "ok"
+    results = [m for m in before + after if m["msg_type"] == "execute_result"]
+    assert [r["content"]["data"]["text/plain"] for r in results] == ["'sub'", "'main'"]
+    stdout, _ = jupyter.execute("print('after')")
+    assert stdout == "after\n"
 
 
 def test_input_is_answered_over_stdin(jupyter):

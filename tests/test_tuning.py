@@ -28,10 +28,12 @@ def test_selected_refuses_unknown_names():
 
 def test_tuning_is_installed_in_kernels(kernel):
     result = kernel.execute(
-        "import ipykernel.iostream as m\n"
-        "(get_ipython().kernel._execute_sleep, m.OutStream.flush.__module__)"
+        "import ipykernel.iostream as m, zmq\n"
+        "k = get_ipython().kernel\n"
+        "main_replies = k.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)\n"
+        "(k._execute_sleep, m.OutStream.flush.__module__, main_replies.socket_type == zmq.PUSH)"
     )
-    assert result.result_text == "(0.0, 'cellmux.kernel.tuning')"
+    assert result.result_text == "(0.0, 'cellmux.kernel.tuning', True)"
 
 
 def test_warm_up_ran_and_left_no_trace(kernel):

@@ -45,8 +45,10 @@ __all__ = ["INPROC_PORTS", "Pump"]
 
 DELIMITER = b"<IDS|MSG>"
 
-#: The "ports" the kernel app binds its inproc sockets on.
-INPROC_PORTS = {"shell": 1, "stdin": 2, "control": 3, "iopub": 4}
+#: The "ports" the kernel app binds its inproc sockets on; "replies" is
+#: the pump's own, where the main shell's replies may come straight from
+#: the main thread (cellmux.kernel.tuning, change ``replies``).
+INPROC_PORTS = {"shell": 1, "stdin": 2, "control": 3, "iopub": 4, "replies": 5}
 
 #: ZeroMQ heartbeat on the link (runs in libzmq's I/O thread, no GIL).
 HEARTBEAT_IVL_MS = 1000
@@ -139,11 +141,14 @@ class Pump(threading.Thread):
         iopub.setsockopt(zmq.RCVHWM, IOPUB_QUEUE)
         iopub.subscribe(b"")
         iopub.connect(inproc_endpoint(INPROC_PORTS["iopub"]))
+        replies = ctx.socket(zmq.PULL)
+        replies.linger = 0
+        replies.bind(inproc_endpoint(INPROC_PORTS["replies"]))
 
         self._authenticate(link)
-        self._wait_for_kernel(shell, iopub)
+        self._wait_for_kernel(shell, replies, iopub)
         link.send_multipart(self._link.ready())
-        self._relay(link, shell, control, stdin, iopub)
+        self._relay(link, shell, control, stdin, iopub, replies)
 
     def _authenticate(self, link: zmq.Socket) -> None:
         link.send_multipart(self._link.hello())
@@ -152,7 +157,7 @@ class Pump(threading.Thread):
             if answer is not None:
                 link.send_multipart(answer)
 
-    def _wait_for_kernel(self, shell: zmq.Socket, iopub: zmq.Socket) -> None:
+    def _wait_for_kernel(self, shell: zmq.Socket, replies: zmq.Socket, iopub: zmq.Socket) -> None:
         """Nudge with kernel_info until both a reply and iopub arrive.
 
         A SUB socket misses what is published before its subscription
@@ -161,8 +166,8 @@ class Pump(threading.Thread):
         the subscription is live.
         """
         poller = zmq.Poller()
-        poller.register(shell, zmq.POLLIN)
-        poller.register(iopub, zmq.POLLIN)
+        for sock in (shell, replies, iopub):
+            poller.register(sock, zmq.POLLIN)
         replied = published = False
         next_nudge = 0.0
         while not (replied and published):
@@ -175,12 +180,12 @@ class Pump(threading.Thread):
             for sock, _ in poller.poll(int(NUDGE_INTERVAL * 1000)):
                 while sock.poll(0):
                     sock.recv_multipart()
-                    if sock is shell:
-                        replied = True
-                    else:
+                    if sock is iopub:
                         published = True
+                    else:
+                        replied = True
 
-    def _relay(self, link, shell, control, stdin, iopub) -> None:
+    def _relay(self, link, shell, control, stdin, iopub, replies) -> None:
         to_kernel = {
             JupyterSocket.SHELL: shell,
             JupyterSocket.CONTROL: control,
@@ -191,11 +196,12 @@ class Pump(threading.Thread):
             control: JupyterSocket.CONTROL,
             stdin: JupyterSocket.STDIN,
             iopub: JupyterSocket.IOPUB,
+            replies: JupyterSocket.SHELL,
         }
         everything = zmq.Poller()
         # iopub first: output a kernel flushed before an input_request or a
         # reply is forwarded before it (poll reports in registration order).
-        for sock in (link, iopub, shell, control, stdin):
+        for sock in (link, iopub, shell, replies, control, stdin):
             everything.register(sock, zmq.POLLIN)
         link_only = zmq.Poller()
         link_only.register(link, zmq.POLLIN)

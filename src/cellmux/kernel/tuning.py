@@ -36,6 +36,9 @@ The changes, each measured in docs/benchmarks.md:
    display, the main thread's IOPub wake-up socket on its first publish.
 6. ``flush()`` queues the text it takes for the IOPub thread instead of
    waiting for a thread round trip (see L{_patch_flush_ahead}).
+7. The main shell's replies go from the main thread straight to the pump
+   instead of through ipykernel's shell-channel thread (see
+   L{_send_main_replies_to_pump}); needs ``sleep``'s reply barrier.
 
 The patches change classes inside the forked kernel process only (never in
 the nursery, which is their parent), and must be installed before
@@ -43,9 +46,9 @@ the nursery, which is their parent), and must be installed before
 
 The kernel environment variable ``CELLMUX_KERNEL_TUNING`` picks the changes:
 unset or ``all`` for all of them, ``none`` for stock ipykernel, or a comma
-list of ``sleep``, ``flush``, ``wakes``, ``log``, ``warm``, ``ahead`` (the
-benchmarks measure each one this way; an operator can turn one off through
-``kernel_env``).
+list of ``sleep``, ``flush``, ``wakes``, ``log``, ``warm``, ``ahead``,
+``replies`` (the benchmarks measure each one this way; an operator can turn
+one off through ``kernel_env``).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ import zmq
 __all__ = ["CHANGES", "IN_FLIGHT_WAIT", "STREAM_PAUSE", "install", "selected", "warm_up"]
 
 #: The changes this module can make, by the names CELLMUX_KERNEL_TUNING uses.
-CHANGES = ("sleep", "flush", "wakes", "log", "warm", "ahead")
+CHANGES = ("sleep", "flush", "wakes", "log", "warm", "ahead", "replies")
 
 #: Longest a flush waits for fd output that the watcher thread is still
 #: moving (stock waits for none; a process writing faster than this is not
@@ -362,6 +365,8 @@ def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
         kernel._input_request = _input_request
     if "sleep" not in changes:
         return
+    if "replies" in changes:
+        _send_main_replies_to_pump(kernel, app.context)
     stock_do_execute = kernel.do_execute
 
     @functools.wraps(stock_do_execute)
@@ -378,6 +383,35 @@ def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
         return reply
 
     kernel.do_execute = do_execute
+
+
+def _send_main_replies_to_pump(kernel: Any, context: zmq.Context) -> None:
+    """Send the main shell's replies straight to the pump.
+
+    ipykernel 7 hands each reply of the main shell to its shell-channel
+    thread, which sends it on the shell socket: one more thread to wake per
+    request. The pump reads replies on an inproc socket of its own as well,
+    so the main thread can send them there. Subshells keep the stock path.
+    The pump drains iopub before replies, and the reply barrier (``sleep``)
+    has handed the request's output to the IOPub socket before the reply is
+    sent, so a reply still comes after its output.
+    """
+    from .pump import INPROC_PORTS, inproc_endpoint
+
+    thread = getattr(kernel, "shell_channel_thread", None)
+    if thread is None or not getattr(kernel, "_supports_kernel_subshells", False):
+        return  # ipykernel 6: replies go out on the shell socket directly
+    manager = thread.manager  # made on first use, in this (the main) thread
+    replies = context.socket(zmq.PUSH)
+    replies.linger = 1000
+    replies.connect(inproc_endpoint(INPROC_PORTS["replies"]))
+    stock = manager.get_subshell_to_shell_channel_socket
+
+    @functools.wraps(stock)
+    def reply_socket(subshell_id: str | None) -> Any:
+        return replies if subshell_id is None else stock(subshell_id)
+
+    manager.get_subshell_to_shell_channel_socket = reply_socket
 
 
 def install(app: Any, changes: frozenset[str] | None = None) -> None:
