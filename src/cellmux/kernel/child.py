@@ -19,6 +19,7 @@ from ipykernel.kernelapp import IPKernelApp
 from traitlets.config import Config
 
 from . import memory, sandbox
+from .flowcontrol import prepare_iopub_socket
 from .pump import INPROC_PORTS, Pump, inproc_endpoint
 
 __all__ = ["CellmuxKernelApp", "KernelOrder", "run_kernel"]
@@ -76,6 +77,9 @@ class CellmuxKernelApp(IPKernelApp):
         self.heartbeat = None
 
     def _try_bind_socket(self, s, port):
+        if port == INPROC_PORTS["iopub"]:
+            # The pipe's size is fixed when the socket binds (not later).
+            prepare_iopub_socket(s)
         s.bind(inproc_endpoint(port))
         return port
 

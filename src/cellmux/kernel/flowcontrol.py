@@ -26,7 +26,7 @@ import threading
 
 import zmq
 
-__all__ = ["OUTPUT_BUDGET", "install"]
+__all__ = ["OUTPUT_BUDGET", "install", "prepare_iopub_socket"]
 
 #: Characters a stream may buffer before a write waits for the flush.
 OUTPUT_BUDGET = 1024 * 1024
@@ -70,11 +70,22 @@ def _bound(stream) -> None:
     stream.write = bounded_write
 
 
+def prepare_iopub_socket(socket: zmq.Socket) -> None:
+    """Bound the kernel's iopub queue; call before the socket binds.
+
+    libzmq takes an inproc pipe's size from the options the bound side had
+    when it bound: a high-water mark set afterwards is ignored, and the
+    queue stays at the default 1000 messages (each up to OUTPUT_BUDGET
+    characters: a gigabyte in a kernel whose client stopped reading).
+    """
+    socket.setsockopt(zmq.SNDHWM, IOPUB_QUEUE)
+    socket.setsockopt(zmq.XPUB_NODROP, 1)
+
+
 def install(app) -> None:
-    """Apply both changes to an initialised kernel app."""
-    # Before the pump connects: libzmq sizes a pipe when it is created.
+    """Apply the rest to an initialised kernel app (prepare_iopub_socket
+    has bounded the iopub queue when the app bound it)."""
     app.iopub_thread.socket.setsockopt(zmq.XPUB_NODROP, 1)
-    app.iopub_thread.socket.setsockopt(zmq.SNDHWM, IOPUB_QUEUE)
     shell = getattr(app, "shell", None)
     if shell is not None and hasattr(shell, "_tee"):
         shell._tee = lambda channel: contextlib.nullcontext()
