@@ -84,8 +84,7 @@ def prepare_iopub_socket(socket: zmq.Socket) -> None:
 
 def install(app) -> None:
     """Apply the rest to an initialised kernel app (prepare_iopub_socket
-    has bounded the iopub queue when the app bound it)."""
-    app.iopub_thread.socket.setsockopt(zmq.XPUB_NODROP, 1)
+    made its iopub socket wait instead of drop, and bounded its queue)."""
     shell = getattr(app, "shell", None)
     if shell is not None and hasattr(shell, "_tee"):
         shell._tee = lambda channel: contextlib.nullcontext()

@@ -1,9 +1,10 @@
 """The pump: one thread in each kernel that joins ipykernel to the server.
 
 ipykernel binds its shell, control, stdin and iopub sockets on ``inproc``
-endpoints inside the kernel process. The pump connects to each of them and
-to ONE DEALER socket on the server's link endpoint, and moves messages
-between the two sides:
+endpoints inside the kernel process. The pump connects to each of them (and
+binds one of its own, where the main shell's replies can come straight from
+the main thread) and to ONE DEALER socket on the server's link endpoint,
+and moves messages between the two sides:
 
 * kernel -> server: strip the routing delimiter and signature (the inproc
   session is unsigned: nothing outside this process can reach it), tag the
