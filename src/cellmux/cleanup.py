@@ -1,0 +1,189 @@
+# -*- test-case-name: tests.test_cleanup -*-
+"""Removing directory trees that a kernel made, safely.
+
+A kernel controls what is in its directories: a tree thousands of levels
+deep, paths longer than PATH_MAX, directories without permissions, symlinks
+pointing out of the tree, a million files. ``shutil.rmtree`` recurses once
+per level (a deep tree raises RecursionError, which is no OSError) and
+cannot be stopped half-way. L{remove_tree} instead:
+
+- walks iteratively, holding one directory descriptor at a time (the depth
+  costs no descriptors and no stack), working relative to it, so no path
+  grows with the depth;
+- never follows a symlink and never leaves the file system it started on;
+- checks, each time it climbs back up, that the parent is still the
+  directory it came from (by device and inode), so a tree moved while it
+  works cannot lead it elsewhere;
+- stops at a deadline and says so, so that a caller with a main loop can
+  come back later instead of stalling; what it removed stays removed;
+- never raises: every failure is a C{False} result and a reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from collections.abc import Callable
+
+import attrs
+
+__all__ = ["Removal", "remove_tree"]
+
+#: How many entries are handled between two looks at the clock.
+_CLOCK_EVERY = 256
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@attrs.frozen
+class Removal:
+    """The outcome of one L{remove_tree} call."""
+
+    #: The tree is gone (or was never there).
+    done: bool
+    #: Why not, when not done: "deadline", or the error met.
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.done
+
+
+@attrs.define
+class _Level:
+    """One directory on the way down: its name in its parent and identity."""
+
+    name: str
+    identity: tuple[int, int]
+    #: Subdirectory names still to enter (None until the directory is read).
+    pending: list[str] | None = None
+
+
+class _OutOfTime(Exception):
+    pass
+
+
+class _Moved(Exception):
+    pass
+
+
+def remove_tree(
+    path: str | os.PathLike[str],
+    *,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Removal:
+    """Remove C{path} and everything under it, without following links.
+
+    @param deadline: a time on C{clock} after which to stop, leaving the
+        rest for a later call.
+    @return: a L{Removal}, true when nothing of C{path} is left.
+    """
+    try:
+        _remove(os.fspath(path), deadline, clock)
+    except _OutOfTime:
+        return Removal(False, "deadline")
+    except _Moved:
+        return Removal(False, "the tree was moved while it was being removed")
+    except Exception as e:  # anything at all: cleanup never raises
+        return Removal(False, f"{type(e).__name__}: {e}")
+    return Removal(True)
+
+
+def _remove(path: str, deadline: float | None, clock: Callable[[], float]) -> None:
+    try:
+        top = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(top.st_mode):
+        os.unlink(path)
+        return
+    parent_path, name = os.path.split(os.path.abspath(path))
+    parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    current = -1
+    try:
+        current = _enter(parent, name, top.st_dev)
+        if current is None:
+            return
+        levels = [_Level(name, _identity(current))]
+        ticks = 0
+        while True:
+            level = levels[-1]
+            if level.pending is None:
+                level.pending = []
+                with os.scandir(current) as entries:
+                    for entry in entries:
+                        ticks += 1
+                        late = deadline is not None and ticks % _CLOCK_EVERY == 0
+                        if late and clock() > deadline:
+                            raise _OutOfTime
+                        if entry.is_dir(follow_symlinks=False):
+                            level.pending.append(entry.name)
+                        else:
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(entry.name, dir_fd=current)
+            if level.pending:
+                ticks += 1
+                if deadline is not None and clock() > deadline:
+                    raise _OutOfTime
+                sub = level.pending.pop()
+                child = _enter(current, sub, top.st_dev)
+                if child is not None:
+                    os.close(current)
+                    current = child
+                    levels.append(_Level(sub, _identity(child)))
+                continue
+            # This directory is empty now: climb up and remove it.
+            levels.pop()
+            if not levels:
+                os.close(current)
+                current = -1
+                os.rmdir(name, dir_fd=parent)
+                return
+            up = os.open("..", _DIR_FLAGS, dir_fd=current)
+            os.close(current)
+            current = up
+            if _identity(current) != levels[-1].identity:
+                raise _Moved
+            os.rmdir(level.name, dir_fd=current)
+    finally:
+        if current is not None and current >= 0:
+            os.close(current)
+        os.close(parent)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _enter(parent: int, name: str, device: int) -> int | None:
+    """Open a subdirectory to work in it; None if it vanished.
+
+    A directory its maker left without permissions is given them first
+    (for a server that is not root); one on another file system (a mount)
+    is refused rather than emptied.
+    """
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        return None
+    except PermissionError:
+        handle = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=parent)
+        try:
+            # chmod through the O_PATH handle: it names exactly this
+            # directory, even if the name is replaced meanwhile.
+            os.chmod(f"/proc/self/fd/{handle}", 0o700)
+        finally:
+            os.close(handle)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    st = os.fstat(fd)
+    if st.st_dev != device:
+        os.close(fd)
+        raise OSError(f"{name!r} is on another file system; not removing it")
+    if st.st_mode & 0o700 != 0o700:
+        # Without write permission its entries cannot be unlinked.
+        with contextlib.suppress(PermissionError):
+            os.fchmod(fd, 0o700)
+    return fd
