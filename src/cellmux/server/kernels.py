@@ -6,24 +6,20 @@ one forked process with its own link id and secret. A restart gives the
 same Kernel a new Incarnation, so the id, the numbering and the clients'
 websockets survive.
 
-The L{KernelManager} keeps ``pool_size`` incarnations forked and ready, so
-creating a kernel usually only takes one from the pool. Once a second it
-pings every link (a kernel that cannot answer holds the GIL), and ends
-kernels that outlived their idle timeout or lifetime.
+A kernel's state changes only through its L{Lifecycle} (the transition
+table in L{cellmux.server.lifecycle}); the L{KernelManager} decides which
+event happened and the Kernel publishes what the table says.
 
-Kernel states (L{KernelState})::
-
-    STARTING --ready--> IDLE <--status--> BUSY
-    IDLE/BUSY --no pong--> UNRESPONSIVE --pong--> IDLE/BUSY
-    IDLE/BUSY/UNRESPONSIVE --restart--> RESTARTING --ready--> IDLE
-    any --process exit--> DEAD --restart--> RESTARTING
-    any --delete, cull--> (gone)
+The manager keeps ``pool_size`` incarnations forked and ready, so creating
+a kernel usually only takes one from the pool. Twice a second it pings
+every link (a kernel that cannot answer holds the GIL), and ends kernels
+that outlived their idle timeout or lifetime. It restarts a lost nursery
+with back-off, and backs off when kernels keep failing to start.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
 import json
 import os
 import secrets
@@ -32,6 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any, Protocol
 
 import attrs
@@ -41,6 +38,23 @@ from twisted.logger import Logger
 from cellmux.protocol import DEFAULT_LINK_CREDIT, Channel, JupyterSocket, encode_tag, frame_bytes
 from cellmux.protocol.jupyter import jupyter_parts
 
+from .lifecycle import (
+    RUNNING,
+    Answered,
+    Backoff,
+    Bound,
+    Ended,
+    Event,
+    Exited,
+    KernelState,
+    Lifecycle,
+    RestartBegun,
+    RestartBudget,
+    RestartFailed,
+    Said,
+    Silent,
+    Transition,
+)
 from .links import KernelUnreachable
 from .replay import Entry, ReplayLog
 
@@ -48,12 +62,16 @@ __all__ = [
     "ClientSink",
     "Kernel",
     "KernelError",
+    "KernelHost",
     "KernelLost",
     "KernelManager",
     "KernelNotFound",
+    "KernelNotRunning",
     "KernelStartFailed",
     "KernelState",
+    "NurseryUnavailable",
     "TooManyKernels",
+    "credit_window",
     "iso_timestamp",
 ]
 
@@ -67,55 +85,69 @@ RESTART_WINDOW = 60.0
 #: Seconds to put off work that a request caused but need not wait for
 #: (refilling the pool): long enough for the response to be sent first.
 AFTER_RESPONSE = 0.005
+#: Back-off between attempts to start a new nursery, and between pool
+#: refills while kernels keep failing to start: 0.5 s doubling to 30 s.
+#: A nursery that ran this long before it died starts the count afresh.
+BACKOFF_FIRST = 0.5
+BACKOFF_CAP = 30.0
+NURSERY_STABLE_AFTER = 30.0
 
 
 class KernelError(Exception):
     """A request about a kernel that cannot be carried out.
 
-    @ivar code: a short machine-readable reason for clients.
+    Each subclass carries what every front end answers with: C{code}, a
+    short machine-readable reason (websocket errors), and C{status}, the
+    HTTP status (REST). This is the one table of both.
     """
 
     code = "kernel_error"
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
 
 
 class KernelNotFound(KernelError):
     code = "unknown_kernel"
+    status = HTTPStatus.NOT_FOUND
 
 
 class KernelLost(KernelError):
-    """The kernel belonged to a server process that stopped or crashed."""
+    """The kernel belonged to a server process that stopped or crashed.
+
+    404 like an unknown id (Jupyter clients and gateways treat 404 as "this
+    kernel is gone" and anything else as a server error); the code and the
+    message say why.
+    """
 
     code = "kernel_lost"
+    status = HTTPStatus.NOT_FOUND
 
 
 class KernelStartFailed(KernelError):
     code = "kernel_start_failed"
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
 
 
 class TooManyKernels(KernelError):
     code = "too_many_kernels"
+    status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
 class KernelNotRunning(KernelError):
     code = "kernel_not_running"
+    status = HTTPStatus.CONFLICT
 
 
-class KernelState(enum.Enum):
-    #: Waiting for a process to be ready.
-    STARTING = "starting"
-    #: Ready, not executing.
-    IDLE = "idle"
-    #: The kernel said it is busy.
-    BUSY = "busy"
-    #: The process lives but its link does not answer pings (GIL held).
-    UNRESPONSIVE = "unresponsive"
-    #: The old process is being replaced by a new one.
-    RESTARTING = "restarting"
-    #: The process ended; the cause is kept. A restart brings it back.
-    DEAD = "dead"
+class NurseryUnavailable(KernelError):
+    """No nursery runs (it was lost and a new one is not ready yet)."""
+
+    code = "nursery_unavailable"
+    status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
-_RUNNING = (KernelState.IDLE, KernelState.BUSY, KernelState.UNRESPONSIVE)
+def credit_window(replay_bytes: int) -> int:
+    """Link credit per kernel: at most half the replay log, so that what a
+    kernel may send after its writer stopped reading still fits in it."""
+    return max(1, min(DEFAULT_LINK_CREDIT, replay_bytes // 2))
 
 
 class ClientSink(Protocol):
@@ -147,6 +179,8 @@ class Incarnation:
     #: The ping we wait for an answer to (number, time sent), if any.
     ping: tuple[int, float] | None = None
     pings_sent: int = 0
+    #: Why it failed to start, once it did.
+    error: KernelError | None = None
 
     @property
     def link(self) -> str:
@@ -201,42 +235,70 @@ def _parent_session(parent_header: bytes) -> str | None:
     return session if isinstance(session, str) else None
 
 
+class KernelHost(Protocol):
+    """What a L{Kernel} needs from whoever runs it (the kernel manager)."""
+
+    clock: Any
+    config: Any
+
+    def send_to_process(self, inc: Incarnation, channel: int, socket: int, parts: list) -> None:
+        """Relay a client message to the process. @raise KernelUnreachable"""
+
+    def grant_credit(self, kernel: Kernel) -> None:
+        """The kernel may be owed link credit again (a client caught up)."""
+
+    def went_idle(self, kernel: Kernel) -> None:
+        """The kernel finished a request (busy to idle)."""
+
+
 class Kernel:
     """A kernel id with its clients; numbers, logs and relays frames."""
 
     log = Logger()
 
-    def __init__(self, manager: KernelManager, kernel_id: str, name: str) -> None:
+    def __init__(self, manager: KernelHost, kernel_id: str, name: str) -> None:
         self.id = kernel_id
         self.name = name
+        # The host, not the whole manager: see KernelHost.
         self._manager = manager
         self._clock = manager.clock
-        self.state = KernelState.STARTING
-        self.cause: str | None = None
+        self.lifecycle = Lifecycle()
         self.incarnation: Incarnation | None = None
         self.clients: set[ClientSink] = set()
         self.seq = 0
         self.replay = ReplayLog(manager.config.replay_bytes)
         self.created = self._clock.seconds()
+        #: The last request from, or attach or detach of, a client, or
+        #: output while a client was attached (what culling measures).
         self.last_activity = self.created
+        #: Bytes of output since the last client left (none while attached).
+        self.unwatched_bytes = 0
         self.history: deque[HistoryEntry] = deque(maxlen=HISTORY_LENGTH)
         #: Clients that slow the kernel down when they cannot keep up.
         self.writers: set[ClientSink] = set()
         self._congested: set[ClientSink] = set()
         # input_request frames waiting for their session's client to attach
         self._pending_input: dict[str, PendingInput] = {}
-        # the state to return to when an unresponsive kernel answers again
-        self.state_before_unresponsive = KernelState.BUSY
-        self._restarts: deque[float] = deque()
+        #: Automatic restarts left (no crash loops).
+        self.restarts = RestartBudget(MAX_AUTO_RESTARTS, RESTART_WINDOW)
+
+    @property
+    def state(self) -> KernelState:
+        return self.lifecycle.state
+
+    @property
+    def cause(self) -> str | None:
+        return self.lifecycle.cause
 
     def model(self) -> dict[str, Any]:
         """The Jupyter kernel model, plus cellmux's own fields."""
+        state = self.state
         model = {
             "id": self.id,
             "name": self.name,
             "last_activity": iso_timestamp(self.last_activity),
             "started": iso_timestamp(self.created),
-            "execution_state": self.state.value,
+            "execution_state": "dead" if state is KernelState.ENDED else state.value,
             "connections": len(self.clients),
             "pid": self.incarnation.pid if self.incarnation else None,
         }
@@ -249,13 +311,23 @@ class Kernel:
         """The current process's working directory (None while none runs)."""
         return self.incarnation.workdir if self.incarnation else None
 
-    # -- the process behind it ----------------------------------------------
+    # -- the lifecycle ---------------------------------------------------------
+
+    def handle(self, event: Event) -> Transition:
+        """Apply a lifecycle event and publish the status it calls for.
+
+        @raise IllegalTransition: if the kernel's state refuses C{event}.
+        """
+        transition = self.lifecycle.handle(event)
+        if transition.publish is not None:
+            self.publish(Channel.STATUS, "status", transition.publish)
+        return transition
 
     def bind(self, incarnation: Incarnation) -> None:
+        """Give the kernel a ready process (first start or restart)."""
+        self.handle(Bound())
         incarnation.kernel = self
         self.incarnation = incarnation
-        self.state = KernelState.IDLE
-        self.cause = None
 
     def unbind(self) -> Incarnation | None:
         old, self.incarnation = self.incarnation, None
@@ -264,28 +336,16 @@ class Kernel:
         self._drop_pending_input()
         return old
 
-    def died(self, cause: str, limit: str | None = None) -> None:
-        """The process ended; C{limit} names the sandbox limit that ended it."""
-        self.log.info("kernel {id} died: {cause}", id=self.id, cause=cause)
-        self.unbind()
-        self.state = KernelState.DEAD
-        self.cause = cause
-        self.publish_status("dead", cause=cause, **({"limit": limit} if limit else {}))
-
-    def may_auto_restart(self, now: float) -> bool:
-        """Whether another automatic restart fits in the crash-loop budget."""
-        while self._restarts and now - self._restarts[0] > RESTART_WINDOW:
-            self._restarts.popleft()
-        if len(self._restarts) >= MAX_AUTO_RESTARTS:
-            return False
-        self._restarts.append(now)
-        return True
-
     # -- frames to the clients ----------------------------------------------
 
     def relay(self, channel: int, socket: int, parts: list) -> None:
         """Number a kernel frame, log it, pass it undecoded to the clients."""
-        self.last_activity = self._clock.seconds()
+        # Output nobody watches is not activity: a kernel printing to no one
+        # is culled like an idle one (docs/operations.md, Culling).
+        if self.clients:
+            self.last_activity = self._clock.seconds()
+        else:
+            self.unwatched_bytes += sum(map(len, parts))
         if channel == Channel.STATUS:
             self._note_status(parts[3])
         if channel == Channel.STDIN:
@@ -329,14 +389,13 @@ class Kernel:
     def _note_status(self, content: bytes) -> None:
         # A byte search, not a JSON decode: status content is tiny and
         # ipykernel writes exactly one execution_state.
-        if self.state not in _RUNNING:
+        if self.state not in RUNNING:
             return
         if b'"busy"' in content:
-            self.state = KernelState.BUSY
+            self.handle(Said(busy=True))
         elif b'"idle"' in content:
-            was_busy = self.state is KernelState.BUSY
-            self.state = KernelState.IDLE
-            if was_busy:
+            was = self.handle(Said(busy=False)).before
+            if was is KernelState.BUSY:
                 self._manager.went_idle(self)
 
     # -- stdin ------------------------------------------------------------------
@@ -417,11 +476,18 @@ class Kernel:
         if cursor is not None:
             self.replay_to(client, cursor)
         self.clients.add(client)
+        self._watched()
         pending = self._pending_input.get(client.session)
         if pending is not None:
             pending.timer.cancel()
             if cursor is None:  # a fresh attach has not seen the waiting prompt
                 client.send_frame(pending.frame)
+
+    def _watched(self) -> None:
+        # Someone watches again: a kernel held for lack of readers resumes.
+        self.last_activity = self._clock.seconds()
+        self.unwatched_bytes = 0
+        self._manager.grant_credit(self)
 
     def replay_to(self, client: ClientSink, cursor: int) -> None:
         """Send C{client} the logged frames after C{cursor} (or a gap notice)."""
@@ -440,6 +506,8 @@ class Kernel:
         self.clients.discard(client)
         self.writers.discard(client)
         self.uncongested(client)
+        if not self.clients:
+            self.last_activity = self._clock.seconds()  # the idle clock starts now
         if not any(c.session == client.session for c in self.clients):
             self._wait_for_session(client.session)
 
@@ -462,6 +530,17 @@ class Kernel:
     def writer_congested(self) -> bool:
         return not self._congested.isdisjoint(self.writers)
 
+    def holds_credit(self, window: int) -> bool:
+        """Whether the kernel must wait before it may send more output.
+
+        It waits while a writer cannot keep up, and, with no client
+        attached, once more output than the replay log holds could pile
+        up (C{window}: the credit it may still spend).
+        """
+        if self.writer_congested:
+            return True
+        return not self.clients and self.unwatched_bytes + window > self.replay.max_bytes
+
     # -- frames from clients --------------------------------------------------
 
     def send(self, channel: int, socket: int, parts: Iterable[bytes]) -> None:
@@ -470,13 +549,11 @@ class Kernel:
         @raise KernelNotRunning: if no process is ready to take it.
         """
         inc = self.incarnation
-        if inc is None or self.state not in _RUNNING:
+        if inc is None or self.state not in RUNNING:
             raise KernelNotRunning(f"kernel is {self.state.value}")
         self.last_activity = self._clock.seconds()
         try:
-            self._manager.router.send_to_kernel(
-                inc.link_id, [self._manager.tag(channel, socket), *parts]
-            )
+            self._manager.send_to_process(inc, channel, socket, list(parts))
         except KernelUnreachable as e:
             raise KernelNotRunning(str(e)) from None
 
@@ -494,9 +571,11 @@ class Kernel:
 
 
 class KernelManager:
-    """Creates, restarts and ends kernels; keeps the warm pool full.
+    """Creates, restarts and ends kernels; keeps the warm pool full and a
+    nursery running.
 
-    Implements the nursery's L{NurseryOwner} and the router's L{LinkSink}.
+    Implements the nursery's L{NurseryOwner}, the router's L{LinkSink}, and
+    L{KernelHost} for its kernels.
     """
 
     log = Logger()
@@ -508,13 +587,31 @@ class KernelManager:
         self.started_at = clock.seconds()
         self.nursery = None
         self.router = None
+        #: Bytes of link credit a kernel may hold (docs/protocol.md).
+        self.credit_window = credit_window(config.replay_bytes)
         self._incarnations: dict[bytes, Incarnation] = {}
         self._pool: deque[Incarnation] = deque()
         self._warming = 0
         self._stopping = False
         self._tags: dict[tuple[int, int], bytes] = {}
         self._ticker: task.LoopingCall | None = None
-        self._refill_retry = None
+        #: Pending refill while kernel starts keep failing.
+        self._refill_retry = _Timer()
+        self._start_backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP)
+        #: Why pool kernels fail to start (None once one started).
+        self.start_error: str | None = None
+        #: Pool kernels that failed to start since the last one that did.
+        self.failed_starts = 0
+        #: Makes a new nursery process (None: a lost nursery stays lost).
+        self._start_nursery: Callable[[], Any] | None = None
+        self._nursery_backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP, NURSERY_STABLE_AFTER)
+        self._nursery_retry = _Timer()
+        self._nursery_timeout = _Timer()
+        self._nursery_since = clock.seconds()
+        #: Why the server cannot start kernels now (None: it can).
+        self.degraded: str | None = None
+        #: Kernels whose automatic restart waits for a new nursery.
+        self._awaiting_nursery: dict[str, Kernel] = {}
         #: Called with a Kernel each time it goes from busy to idle (an
         #: execution or request finished); e.g. the new-files notices.
         self.idle_listeners: list[Callable[[Kernel], None]] = []
@@ -525,12 +622,16 @@ class KernelManager:
         #: Ids of kernels an earlier server process left behind.
         self.lost: set[str] = set()
 
-    def bind(self, nursery, router) -> None:
+    def bind(self, nursery, router, start_nursery: Callable[[], Any] | None = None) -> None:
+        """Use C{nursery} and C{router}; C{start_nursery()} makes a new
+        nursery (a L{NurseryProcess}) when this one is lost."""
         self.nursery = nursery
         self.router = router
+        self._start_nursery = start_nursery
 
     def start(self) -> None:
         """Start the pool and the once-a-tick liveness and culling check."""
+        self._nursery_since = self.clock.seconds()
         self._ticker = task.LoopingCall(self.tick)
         self._ticker.clock = self.clock
         self._ticker.start(TICK, now=False)
@@ -543,12 +644,26 @@ class KernelManager:
             tag = self._tags[key] = encode_tag(channel, socket)
         return tag
 
+    # -- KernelHost -------------------------------------------------------------
+
+    def send_to_process(self, inc: Incarnation, channel: int, socket: int, parts: list) -> None:
+        self.router.send_to_kernel(inc.link_id, [self.tag(channel, socket), *parts])
+
     def went_idle(self, kernel: Kernel) -> None:
         for listener in self.idle_listeners:
             try:
                 listener(kernel)
             except Exception:
                 self.log.failure("idle listener {listener!r} failed", listener=listener)
+
+    def grant_credit(self, kernel: Kernel) -> None:
+        inc = kernel.incarnation
+        if (
+            inc is not None
+            and inc.credit < self.credit_window
+            and not kernel.holds_credit(self.credit_window)
+        ):
+            self._grant(inc)
 
     def _changed(self) -> None:
         for listener in self.change_listeners:
@@ -563,11 +678,20 @@ class KernelManager:
     def pooled(self) -> int:
         return len(self._pool)
 
+    def _nursery_running(self) -> bool:
+        return self.nursery is not None and getattr(self.nursery, "running", True)
+
     def refill(self) -> None:
-        """Fork kernels in the background until the pool is full."""
-        if self._stopping or not getattr(self.nursery, "running", True):
+        """Fork kernels in the background until the pool is full.
+
+        Does nothing while a back-off after failed starts runs (however
+        often it is called: a kernel that exits at start calls it too).
+        """
+        if self._stopping or not self._nursery_running() or self._refill_retry.active():
             return
         wanted = self.config.pool_size - len(self._pool) - self._warming
+        if self._start_backoff.failures:
+            wanted = min(wanted, 1 - self._warming)  # while starts fail, one probe at a time
         room = self.config.max_kernels - len(self._incarnations)
         for _ in range(max(0, min(wanted, room))):
             self._warming += 1
@@ -576,23 +700,50 @@ class KernelManager:
 
     def _pooled(self, inc: Incarnation) -> None:
         self._warming -= 1
+        if self.start_error is not None:
+            self.log.info("kernels start again (after {n} failed starts)", n=self.failed_starts)
+        self._start_backoff.succeeded()
+        self.start_error = None
+        self.failed_starts = 0
         if inc.link_id in self._incarnations:
             self._pool.append(inc)
+        self.refill()  # after a probe that worked, fork the rest
 
     def _pool_failed(self, failure) -> None:
         self._warming -= 1
-        if self._stopping:
-            return
-        self.log.failure("warming a pool kernel failed", failure)
-        # Try again later, not in a loop: a broken nursery must not spin.
-        if self._refill_retry is None or not self._refill_retry.active():
-            self._refill_retry = self.clock.callLater(5.0, self.refill)
+        if self._stopping or not self._nursery_running():
+            return  # a lost nursery is reported (and retried) on its own
+        message = str(failure.value)
+        self.failed_starts += 1
+        if self._refill_retry.active():
+            return  # one back-off step per round of refills, not per kernel
+        delay = self._start_backoff.failed()
+        # One line per change, not per failure: a start that always fails
+        # must not fill the log (nor fork in a loop).
+        if message != self.start_error:
+            self.start_error = message
+            self.log.error(
+                "warming a pool kernel failed: {message}; retrying with back-off "
+                "({delay:g} s, doubling up to {cap:g} s)",
+                message=message,
+                delay=delay,
+                cap=BACKOFF_CAP,
+            )
+        self._refill_retry.cancel()
+        self._refill_retry.call = self.clock.callLater(delay, self._retry_refill)
+
+    def _retry_refill(self) -> None:
+        self._refill_retry.call = None
+        self.refill()
 
     async def _spawn(self) -> Incarnation:
         """Fork a kernel and wait until its link is authenticated and ready."""
+        if not self._nursery_running():
+            raise NurseryUnavailable(self.degraded or "the nursery is not running")
         if len(self._incarnations) >= self.config.max_kernels:
             raise TooManyKernels(f"at most {self.config.max_kernels} kernels")
         inc = Incarnation(secrets.token_bytes(16), secrets.token_bytes(32))
+        inc.credit = self.credit_window
         inc.workdir = os.path.join(self.workdir_root, inc.link)
         self._incarnations[inc.link_id] = inc
         self.router.expect(inc.link_id, inc.secret)
@@ -613,6 +764,10 @@ class KernelManager:
         except Exception as e:
             self._discard(inc)
             inc.ready.addErrback(lambda _: None)  # reported through the raise below
+            if inc.error is not None:  # it timed out first: that is the reason
+                raise inc.error from None
+            if not self._nursery_running():
+                raise NurseryUnavailable(self.degraded or "the nursery is not running") from None
             raise KernelStartFailed(f"could not fork a kernel: {e}") from None
         return await inc.ready
 
@@ -622,7 +777,8 @@ class KernelManager:
             self.log.error("kernel {link} did not start in time; killing it", link=inc.link)
             self.nursery.kill(inc.link)
             self._discard(inc)
-            inc.ready.errback(KernelStartFailed("the kernel did not start in time"))
+            inc.error = KernelStartFailed("the kernel did not start in time")
+            inc.ready.errback(inc.error)
 
     def _discard(self, inc: Incarnation) -> None:
         self._incarnations.pop(inc.link_id, None)
@@ -634,6 +790,8 @@ class KernelManager:
             self._pool.remove(inc)
 
     async def _take(self) -> Incarnation:
+        if self.degraded is not None:
+            raise NurseryUnavailable(self.degraded)
         if self._pool:
             inc = self._pool.popleft()
         else:
@@ -645,6 +803,11 @@ class KernelManager:
         delay = self.config.pool_refill_delay if self._pool else 0.0
         self.clock.callLater(max(delay, AFTER_RESPONSE), self.refill)
         return inc
+
+    def _kill(self, inc: Incarnation) -> None:
+        # Best effort: a nursery that is gone took its kernels with it.
+        with contextlib.suppress(Exception):
+            self.nursery.kill(inc.link)
 
     # -- NurseryOwner and LinkSink ------------------------------------------------
 
@@ -665,8 +828,8 @@ class KernelManager:
         kernel = inc.kernel
         if kernel is not None:
             kernel.relay(channel, socket, parts)
-        congested = kernel is not None and kernel.writer_congested
-        if inc.credit < DEFAULT_LINK_CREDIT // 2 and not congested:
+        window = self.credit_window
+        if inc.credit < window // 2 and not (kernel is not None and kernel.holds_credit(window)):
             self._grant(inc)
 
     def link_pong(self, link_id: bytes, n: int) -> None:
@@ -676,8 +839,7 @@ class KernelManager:
         inc.ping = None
         kernel = inc.kernel
         if kernel is not None and kernel.state is KernelState.UNRESPONSIVE:
-            kernel.state = kernel.state_before_unresponsive
-            kernel.publish_status(kernel.state.value, responsive=True)
+            kernel.handle(Answered())
 
     def link_violation(self, link_id: bytes, code: str, message: str) -> None:
         inc = self._incarnations.get(link_id)
@@ -688,14 +850,9 @@ class KernelManager:
                 {"name": "stderr", "text": f"cellmux: dropped a kernel message: {message}\n"},
             )
 
-    def grant_credit(self, kernel: Kernel) -> None:
-        inc = kernel.incarnation
-        if inc is not None and not kernel.writer_congested and inc.credit < DEFAULT_LINK_CREDIT:
-            self._grant(inc)
-
     def _grant(self, inc: Incarnation) -> None:
-        grant = DEFAULT_LINK_CREDIT - inc.credit
-        inc.credit = DEFAULT_LINK_CREDIT
+        grant = self.credit_window - inc.credit
+        inc.credit = self.credit_window
         self.router.send_control(inc.link_id, "credit", bytes=grant)
 
     def kernel_exited(self, link: str, pid: int, info: dict[str, Any]) -> None:
@@ -708,15 +865,108 @@ class KernelManager:
             inc.ready.errback(KernelStartFailed(f"the kernel ended while starting: {cause}"))
         kernel = inc.kernel
         if kernel is not None:
-            kernel.died(cause, info.get("limit"))
-            if self.config.auto_restart and kernel.may_auto_restart(self.clock.seconds()):
-                d = defer.ensureDeferred(self.restart(kernel))
-                d.addErrback(lambda f: self.log.failure("automatic restart failed", f))
+            self._process_died(kernel, cause, info.get("limit"))
         self.refill()
 
+    def _process_died(self, kernel: Kernel, cause: str, limit: str | None) -> None:
+        """A kernel's process ended: dead, and restarted if configured."""
+        auto = self.config.auto_restart and kernel.restarts.take(self.clock.seconds())
+        kernel.unbind()
+        kernel.handle(Exited(cause, limit, auto))
+        self.log.info("kernel {id} died: {cause}", id=kernel.id, cause=cause)
+        if not auto:
+            return
+        if self.degraded is not None:
+            self._awaiting_nursery[kernel.id] = kernel
+        else:
+            self._auto_restart(kernel)
+
+    def _auto_restart(self, kernel: Kernel) -> None:
+        def failed(failure) -> None:
+            failure.trap(KernelError)
+            self.log.warn("automatic restart of {id} failed: {e}", id=kernel.id, e=failure.value)
+
+        d = defer.ensureDeferred(self.restart(kernel))
+        d.addErrback(failed)
+        d.addErrback(lambda f: self.log.failure("automatic restart failed", f))
+
+    # -- the nursery ---------------------------------------------------------------
+
     def nursery_lost(self, reason: str) -> None:
+        """The nursery died: its kernels died with it; start a new one."""
+        if self._stopping:
+            return
+        self._nursery_timeout.cancel()
+        ran_for = self.clock.seconds() - self._nursery_since
+        delay = self._nursery_backoff.failed(ran_for)
+        # Before start() the server is still starting and gives up instead.
+        can_restart = self._start_nursery is not None and self._ticker is not None
+        self.degraded = f"the nursery was lost ({reason})" + (
+            "; a new one is starting" if can_restart else ""
+        )
+        self.log.error(
+            "the nursery was lost ({reason}); its kernels died with it; "
+            + ("starting a new nursery in {delay:g} s" if can_restart else "no new nursery"),
+            reason=reason,
+            delay=delay,
+        )
+        self._pool.clear()
         for inc in list(self._incarnations.values()):
             self.kernel_exited(inc.link, inc.pid or 0, {"cause": "nursery lost"})
+        if can_restart:
+            self._nursery_retry.cancel()
+            self._nursery_retry.call = self.clock.callLater(delay, self._new_nursery)
+
+    def _new_nursery(self) -> None:
+        self._nursery_retry.call = None
+        if self._stopping:
+            return
+        self._nursery_since = self.clock.seconds()
+        try:
+            nursery = self._start_nursery()
+        except Exception as e:
+            # e.g. no descriptors or processes left: try again later.
+            self.nursery_lost(f"could not start a nursery: {e}")
+            return
+        self.nursery = nursery
+        self._nursery_since = self.clock.seconds()
+        # A nursery that ends before it is ready calls nursery_lost itself.
+        nursery.ready.addCallbacks(self._nursery_ready, lambda _: None)
+        self._nursery_timeout.call = self.clock.callLater(
+            self.config.kernel_start_timeout, self._nursery_start_timed_out, nursery
+        )
+
+    def _nursery_start_timed_out(self, nursery) -> None:
+        self._nursery_timeout.call = None
+        if nursery is self.nursery and not nursery.ready.called:
+            self.log.error("the new nursery did not start in time; killing it")
+            with contextlib.suppress(Exception):
+                nursery.transport.signalProcess("KILL")
+
+    def _nursery_ready(self, pid: int | None) -> None:
+        self._nursery_timeout.cancel()
+        if self._stopping:
+            return
+        self._nursery_since = self.clock.seconds()
+        self.degraded = None
+        self.log.info("a new nursery is running (pid {pid}); kernels can start again", pid=pid)
+        # Start failures before the loss said nothing about this nursery.
+        self._refill_retry.cancel()
+        self._start_backoff.succeeded()
+        self.start_error = None
+        self.failed_starts = 0
+        self._changed()
+        self.refill()
+        waiting, self._awaiting_nursery = self._awaiting_nursery, {}
+        for kernel in waiting.values():
+            if kernel.id in self.kernels and kernel.state is KernelState.DEAD:
+                self._auto_restart(kernel)
+
+    def health(self) -> dict[str, Any]:
+        """``state`` ok or degraded (with ``reason``), for /api/status."""
+        if self.degraded is None:
+            return {"state": "ok"}
+        return {"state": "degraded", "reason": self.degraded}
 
     # -- liveness and culling ----------------------------------------------------
 
@@ -733,9 +983,7 @@ class KernelManager:
             elif now - inc.ping[1] > config.unresponsive_after:
                 kernel = inc.kernel
                 if kernel is not None and kernel.state in (KernelState.IDLE, KernelState.BUSY):
-                    kernel.state_before_unresponsive = kernel.state
-                    kernel.state = KernelState.UNRESPONSIVE
-                    kernel.publish_status("unresponsive")
+                    kernel.handle(Silent())
         for kernel in list(self.kernels.values()):
             if config.max_lifetime and now - kernel.created > config.max_lifetime:
                 self.delete(kernel, f"lifetime limit ({config.max_lifetime:g} s)")
@@ -777,41 +1025,46 @@ class KernelManager:
         inc = kernel.incarnation
         if inc is None:
             raise KernelNotRunning(f"kernel is {kernel.state.value}")
+        if not self._nursery_running():
+            raise NurseryUnavailable(self.degraded or "the nursery is not running")
         self.nursery.signal(inc.link, "SIGINT")
         kernel.input_interrupted()
 
     async def restart(self, kernel: Kernel) -> Kernel:
-        if kernel.state is KernelState.RESTARTING:
-            raise KernelNotRunning("kernel is already restarting")
+        if self.degraded is not None:
+            raise NurseryUnavailable(self.degraded)
+        if not kernel.lifecycle.accepts(RestartBegun()):
+            raise KernelNotRunning(f"kernel is {kernel.state.value}")
         old = kernel.unbind()
-        kernel.state = KernelState.RESTARTING
-        kernel.publish_status("restarting")
+        kernel.handle(RestartBegun())
         if old is not None:
-            self.nursery.kill(old.link)
+            self._kill(old)
         try:
             inc = await self._take()
         except KernelError as e:
-            kernel.state = KernelState.DEAD
-            kernel.cause = f"restart failed: {e}"
-            kernel.publish_status("dead", cause=kernel.cause)
+            if kernel.state is KernelState.RESTARTING:
+                lost = isinstance(e, NurseryUnavailable) or not self._nursery_running()
+                kernel.handle(RestartFailed("nursery lost" if lost else f"restart failed: {e}"))
+                if lost and self.config.auto_restart and kernel.id in self.kernels:
+                    self._awaiting_nursery[kernel.id] = kernel
             raise
         if kernel.id not in self.kernels:  # deleted while restarting
-            self.nursery.kill(inc.link)
+            self._kill(inc)
             raise KernelNotFound(f"kernel {kernel.id} was shut down")
         kernel.bind(inc)
-        kernel.publish_status("idle", restarted=True)
         self.log.info("kernel {id} restarted", id=kernel.id)
         self._changed()
         return kernel
 
     def delete(self, kernel: Kernel, reason: str = "shut down") -> None:
+        if kernel.state is KernelState.ENDED:
+            return
         self.kernels.pop(kernel.id, None)
+        self._awaiting_nursery.pop(kernel.id, None)
         old = kernel.unbind()
-        kernel.state = KernelState.DEAD
-        kernel.cause = reason
-        kernel.publish_status("dead", cause=reason)
+        kernel.handle(Ended(reason))
         if old is not None:
-            self.nursery.kill(old.link)
+            self._kill(old)
         for client in list(kernel.clients):
             client.kernel_gone(reason)
         kernel.clients.clear()
@@ -823,7 +1076,8 @@ class KernelManager:
         self._stopping = True
         if self._ticker is not None and self._ticker.running:
             self._ticker.stop()
-        if self._refill_retry is not None and self._refill_retry.active():
-            self._refill_retry.cancel()
+        self._refill_retry.cancel()
+        self._nursery_retry.cancel()
+        self._nursery_timeout.cancel()
         for kernel in list(self.kernels.values()):
             self.delete(kernel, "server shutting down")
