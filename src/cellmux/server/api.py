@@ -31,10 +31,6 @@ from .jupyter.sessions import (
 from .kernels import (
     KernelError,
     KernelManager,
-    KernelNotFound,
-    KernelNotRunning,
-    KernelStartFailed,
-    TooManyKernels,
     iso_timestamp,
 )
 from .webjson import HTTPError, Route, error_body, find_route, read_json_body, respond
@@ -43,14 +39,6 @@ __all__ = ["ApiResource", "HTTPError"]
 
 #: Largest request body the API reads (kernel requests are tiny).
 MAX_BODY = 64 * 1024
-
-_STATUS_FOR = {
-    KernelNotFound: HTTPStatus.NOT_FOUND,
-    KernelNotRunning: HTTPStatus.CONFLICT,
-    TooManyKernels: HTTPStatus.SERVICE_UNAVAILABLE,
-    KernelStartFailed: HTTPStatus.INTERNAL_SERVER_ERROR,
-}
-
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
 
@@ -121,8 +109,7 @@ class ApiResource(resource.Resource):
         except HTTPError as e:
             status, body = e.status, error_body(e.status, e.message)
         except KernelError as e:
-            code = _STATUS_FOR.get(type(e), HTTPStatus.BAD_REQUEST)
-            status, body = code, error_body(code, str(e))
+            status, body = e.status, error_body(e.status, str(e))
         except SessionError as e:
             status, body = e.status, error_body(e.status, e.message)
             if e.status == HTTPStatus.NOT_IMPLEMENTED:  # JupyterLab shows it in its dialog
@@ -146,16 +133,27 @@ class ApiResource(resource.Resource):
         return HTTPStatus.OK, {"version": cellmux.__version__}
 
     async def status(self, request: server.Request) -> tuple[int, Any]:
-        """Jupyter's status model, plus the warm pool's fill level."""
+        """Jupyter's status model, plus the warm pool's fill level and the
+        server's health: 503 with ``state: degraded`` and a ``reason`` while
+        it cannot start kernels (no nursery runs), so that a load balancer's
+        health check takes it out of rotation; else 200, ``state: ok``."""
         manager = self.manager
         kernels = list(manager.kernels.values())
         last = max((k.last_activity for k in kernels), default=manager.started_at)
-        return HTTPStatus.OK, {
+        health = manager.health()
+        ok = health["state"] == "ok"
+        return HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, {
+            **health,
             "started": iso_timestamp(manager.started_at),
             "last_activity": iso_timestamp(last),
             "connections": sum(len(k.clients) for k in kernels),
             "kernels": len(kernels),
-            "pool": {"ready": manager.pooled, "size": manager.config.pool_size},
+            "pool": {
+                "ready": manager.pooled,
+                "size": manager.config.pool_size,
+                "failed_starts": manager.failed_starts,
+                "last_error": manager.start_error,
+            },
         }
 
     async def list_kernels(self, request: server.Request) -> tuple[int, Any]:

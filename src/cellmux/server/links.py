@@ -20,6 +20,7 @@ from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
 from txzmq.router_dealer import ZmqRouterConnection
 
 from cellmux.protocol import (
+    DEFAULT_LINK_CREDIT,
     KernelFrame,
     LinkPong,
     LinkReady,
@@ -60,10 +61,19 @@ class LinkRouter(ZmqRouterConnection):
     #: growing without bound; txzmq's default of 0 means unlimited.
     highWaterMark = 10000
 
-    def __init__(self, factory: ZmqFactory, endpoint: str, sink: LinkSink, max_size: int) -> None:
+    def __init__(
+        self,
+        factory: ZmqFactory,
+        endpoint: str,
+        sink: LinkSink,
+        max_size: int,
+        credit: int = DEFAULT_LINK_CREDIT,
+    ) -> None:
         self._sink = sink
         self._links: dict[bytes, ServerLink] = {}
         self._max_size = max_size
+        # The credit each kernel starts with; the sink grants the rest.
+        self._credit = credit
         super().__init__(factory)
         sock = self.socket
         # Options first: libzmq applies them to connections made after the
@@ -79,7 +89,7 @@ class LinkRouter(ZmqRouterConnection):
     def expect(self, link_id: bytes, secret: bytes) -> None:
         """Admit a link id whose kernel holds C{secret}."""
         self._links[link_id] = ServerLink(
-            link_id, secret, secrets.token_bytes(16), max_size=self._max_size
+            link_id, secret, secrets.token_bytes(16), max_size=self._max_size, credit=self._credit
         )
 
     def forget(self, link_id: bytes) -> None:

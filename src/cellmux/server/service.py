@@ -28,7 +28,7 @@ from .auth import TokenAuth
 from .files import FileNotices, FilesResource
 from .jupyter.channels import JupyterChannelsFactory
 from .jupyter.kernelspecs import KernelspecFiles
-from .kernels import AFTER_RESPONSE, KernelManager
+from .kernels import AFTER_RESPONSE, KernelManager, credit_window
 from .links import LinkRouter
 from .login import LoginResource
 from .longpoll import PollResource
@@ -169,7 +169,13 @@ class CellmuxService(service.Service):
         record = ServerRecord(state_dir, self._runtime_dir)
         endpoint = f"ipc://{self._runtime_dir}/link.sock"
         self._zmq = ZmqFactory()
-        self._router = LinkRouter(self._zmq, endpoint, self.manager, config.max_frame_size)
+        self._router = LinkRouter(
+            self._zmq,
+            endpoint,
+            self.manager,
+            config.max_frame_size,
+            credit=credit_window(config.replay_bytes),
+        )
         if os.geteuid() == 0:
             # Kernels run under their own uids: they may pass through the
             # runtime directory (not list it) and connect to the link socket.
@@ -184,22 +190,28 @@ class CellmuxService(service.Service):
         nursery_env = config.kernel_environment()
         if "PYTHONPATH" in os.environ:  # so the nursery finds cellmux in a dev tree
             nursery_env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        self.nursery = NurseryProcess.start(
-            self.reactor,
-            self.manager,
-            {
-                "endpoint": endpoint,
-                "workdir_root": os.path.join(self._runtime_dir, "kernels"),
-                "preload": list(config.preload),
-                "kernel_env": config.kernel_environment(),
-                "kill_grace": config.kill_grace,
-                "sandbox": config.sandbox_settings(),
-            },
-            nursery_env,
-        )
-        self.manager.bind(self.nursery, self._router)
+        nursery_config = {
+            "endpoint": endpoint,
+            "workdir_root": os.path.join(self._runtime_dir, "kernels"),
+            "preload": list(config.preload),
+            "kernel_env": config.kernel_environment(),
+            "kill_grace": config.kill_grace,
+            "sandbox": config.sandbox_settings(),
+        }
+
+        def start_nursery() -> NurseryProcess:
+            # Also how the manager replaces a nursery that was lost.
+            nursery = NurseryProcess.start(self.reactor, self.manager, nursery_config, nursery_env)
+            self.nursery = nursery
+            record.nursery_pid = nursery.transport.pid
+            if self._record is not None:
+                self._record.changed()
+            return nursery
+
+        self._record = None
+        start_nursery()
+        self.manager.bind(self.nursery, self._router, start_nursery)
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
-        record.nursery_pid = self.nursery.transport.pid
         self._record = RecordKeeper(self.reactor, record, self._kernel_pids, AFTER_RESPONSE)
         self.manager.change_listeners.append(self._record.changed)
         self._record.changed()

@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from .kernels import KernelError, KernelNotFound, KernelNotRunning, TooManyKernels
+from .kernels import KernelError
 from .store import PermalinkNotFound, StoreError, StoreFull, StoreUnavailable
 
 __all__ = [
@@ -37,12 +37,6 @@ __all__ = [
 
 #: What a handler returns when it answers the request itself (a download).
 NOT_DONE = object()
-
-_KERNEL_STATUS = {
-    KernelNotFound: HTTPStatus.NOT_FOUND,
-    KernelNotRunning: HTTPStatus.CONFLICT,
-    TooManyKernels: HTTPStatus.SERVICE_UNAVAILABLE,
-}
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -65,7 +59,7 @@ def status_for(error: Exception) -> tuple[int, str]:
     if isinstance(error, HTTPError):
         return error.status, error.message
     if isinstance(error, KernelError):
-        return _KERNEL_STATUS.get(type(error), HTTPStatus.INTERNAL_SERVER_ERROR), str(error)
+        return error.status, str(error)  # each kernel error carries its status
     if isinstance(error, PermalinkNotFound):
         return HTTPStatus.NOT_FOUND, str(error)
     if isinstance(error, StoreFull):
