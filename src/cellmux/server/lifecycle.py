@@ -37,6 +37,7 @@ from typing import Any
 import attrs
 
 __all__ = [
+    "RUNNING",
     "Answered",
     "Backoff",
     "Bound",

@@ -208,7 +208,6 @@ class CellmuxService(service.Service):
                 self._record.changed()
             return nursery
 
-        self._record = None
         start_nursery()
         self.manager.bind(self.nursery, self._router, start_nursery)
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
