@@ -138,6 +138,9 @@ class Harness:
         self.clock = task.Clock()
         self.config = ServerConfig(**{"pool_size": 0, **config})
         self.manager = KernelManager(self.clock, self.config)
+        self.manager.workdir_root = "/nonexistent/kernels"
+        self.removed: list[str] = []
+        self.manager.remove_leftovers = self.removed.extend
         self.router = FakeRouter()
         self.router.pongs_to = self.manager
         self.nurseries = [FakeNursery()]
@@ -609,8 +612,14 @@ def test_nursery_loss_kills_kernels_reports_degraded_and_restarts_the_nursery(lo
     kernel.attach(client)
     h.clock.advance(1)
     h.make_ready()
+    workdir = kernel.workdir
+    pooled_workdir = h.manager._pool[0].workdir
     h.lose_nursery()
     assert client.statuses()[-1] == {"execution_state": "dead", "cause": "nursery lost"}
+    # what the nursery would have removed on reaping, the manager removes
+    assert sorted(h.removed) == sorted(
+        [workdir, workdir + ".tmp", pooled_workdir, pooled_workdir + ".tmp"]
+    )
     assert h.manager.health() == {
         "state": "degraded",
         "reason": "the nursery was lost (killed by SIGKILL); a new one is starting",

@@ -24,6 +24,8 @@ def test_a_killed_nursery_is_replaced_and_the_server_says_so_meanwhile(tmp_path)
         model = client.create_kernel()
         with client.connect(model.id) as k:
             assert k.execute("1 + 1").result_text == "2"
+            workdir = k.execute("import os; os.getcwd()").result_text.strip("'")
+            assert os.path.isdir(workdir) and workdir.startswith(server.runtime_dir)
             os.kill(first, signal.SIGKILL)
             wait_for(lambda: k.dead_cause is not None, 10)
             assert k.dead_cause == "nursery lost"
@@ -37,6 +39,9 @@ def test_a_killed_nursery_is_replaced_and_the_server_says_so_meanwhile(tmp_path)
             # Then a new nursery, and the server is healthy again.
             wait_for(lambda: http(server, "GET", "/api/status")[0] == 200, 30)
             assert http(server, "GET", "/api/status")[1]["state"] == "ok"
+            # what the lost kernel left on disk is removed
+            wait_for(lambda: not os.path.exists(workdir), 10)
+            assert not os.path.exists(workdir + ".tmp")
             second = nursery_pid(server)
             assert second is not None and second != first
             # The old id is kept, dead with its cause, and can be restarted.

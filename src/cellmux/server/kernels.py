@@ -32,9 +32,10 @@ from http import HTTPStatus
 from typing import Any, Protocol
 
 import attrs
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
+from cellmux.cleanup import remove_tree
 from cellmux.protocol import DEFAULT_LINK_CREDIT, Channel, JupyterSocket, encode_tag, frame_bytes
 from cellmux.protocol.jupyter import jupyter_parts
 
@@ -911,8 +912,14 @@ class KernelManager:
             delay=delay,
         )
         self._pool.clear()
-        for inc in list(self._incarnations.values()):
+        lost = list(self._incarnations.values())
+        for inc in lost:
             self.kernel_exited(inc.link, inc.pid or 0, {"cause": "nursery lost"})
+        # The nursery removes a kernel's directories when it reaps it; this
+        # one reaps no more. "<workdir>.tmp" is the kernel's /tmp.
+        leftovers = [p for inc in lost if inc.workdir for p in (inc.workdir, inc.workdir + ".tmp")]
+        if leftovers:
+            self.remove_leftovers(leftovers)
         if can_restart:
             self._nursery_retry.cancel()
             self._nursery_retry.call = self.clock.callLater(delay, self._new_nursery)
@@ -961,6 +968,21 @@ class KernelManager:
         for kernel in waiting.values():
             if kernel.id in self.kernels and kernel.state is KernelState.DEAD:
                 self._auto_restart(kernel)
+
+    def remove_leftovers(self, paths: list[str]) -> None:
+        """Remove directories lost kernels left behind, in a thread (they
+        may be large); never raises. Tests replace it."""
+
+        def remove_all() -> list[str]:
+            return [f"{path}: {r.reason}" for path in paths if not (r := remove_tree(path))]
+
+        def report(failed: list[str]) -> None:
+            if failed:
+                self.log.warn("could not remove {failed}", failed="; ".join(failed))
+
+        d = threads.deferToThread(remove_all)
+        d.addCallback(report)
+        d.addErrback(lambda f: self.log.failure("removing what lost kernels left failed", f))
 
     def health(self) -> dict[str, Any]:
         """``state`` ok or degraded (with ``reason``), for /api/status."""
