@@ -696,3 +696,47 @@ def test_a_nursery_that_ran_stably_is_replaced_quickly_again():
     h.lose_nursery()
     h.clock.advance(0.5)
     assert h.nursery_starts == before + 1
+
+
+# -- the kernel's host interface ----------------------------------------------------
+
+
+@attrs.define
+class FakeHost:
+    """Everything a Kernel may ask of whoever runs it, and nothing more."""
+
+    clock: task.Clock = attrs.Factory(task.Clock)
+    config: ServerConfig = attrs.Factory(ServerConfig)
+    sent: list = attrs.Factory(list)
+    credit_checks: int = 0
+    idle: list = attrs.Factory(list)
+
+    def send_to_process(self, inc, channel: int, socket: int, parts: list) -> None:
+        self.sent.append((inc.link, channel, socket, parts))
+
+    def grant_credit(self, kernel) -> None:
+        self.credit_checks += 1
+
+    def went_idle(self, kernel) -> None:
+        self.idle.append(kernel.id)
+
+
+def test_a_kernel_needs_only_its_narrow_host():
+    host = FakeHost()
+    kernel = kernels_module.Kernel(host, "k1", "python3")
+    inc = kernels_module.Incarnation(b"\x01" * 16, b"\x02" * 32)
+    kernel.bind(inc)
+    client = FakeClient()
+    kernel.attach(client)
+    assert host.credit_checks == 1, "attaching may resume a held kernel"
+    kernel.send(Channel.EXECUTE, 1, [b"{}", b"{}", b"{}", b"{}"])
+    assert host.sent == [(inc.link, Channel.EXECUTE, 1, [b"{}", b"{}", b"{}", b"{}"])]
+    for state in (b'"busy"', b'"idle"'):
+        kernel.relay(
+            Channel.STATUS, 2, [b"{}", b"{}", b"{}", b'{"execution_state": ' + state + b"}"]
+        )
+    assert host.idle == ["k1"]
+    kernel.unbind()
+    kernel.handle(Exited("SIGKILL"))
+    with pytest.raises(KernelNotRunning, match="kernel is dead"):
+        kernel.send(Channel.EXECUTE, 1, [b"{}", b"{}", b"{}", b"{}"])
