@@ -335,8 +335,18 @@ from cellmux.protocol import Channel, JupyterSocket, encode_tag
 from cellmux.protocol.jupyter import jupyter_parts
 victim = bytes.fromhex(os.path.basename({victim_dir!r}))
 mine = bytes.fromhex(os.path.basename(os.getcwd()))
-socket_path = os.path.join(os.path.dirname(os.path.dirname(os.getcwd())), "link.sock")
-outcome = {{"socket found": os.path.exists(socket_path)}}
+runtime = os.path.dirname(os.path.dirname(os.getcwd()))
+# No shared socket; the kernel's own endpoint is gone once its pump connected.
+sockets = [os.path.join(runtime, "link.sock")] + [
+    os.path.join(runtime, "links", link.hex(), "link.sock") for link in (victim, mine)
+]
+outcome = {{"socket found": any(os.path.exists(p) for p in sockets)}}
+try:
+    os.listdir(os.path.join(runtime, "links"))
+    outcome["links listed"] = True
+except PermissionError:
+    outcome["links listed"] = False
+socket_path = os.path.join(runtime, "links", mine.hex(), "link.sock")
 ctx = zmq.Context.instance()
 from datetime import UTC, datetime
 parts = jupyter_parts(
@@ -344,6 +354,9 @@ parts = jupyter_parts(
     now=datetime.now(UTC), session="x",
 )
 for name, routing_id in [("as victim", victim), ("as itself", mine), ("unknown", os.urandom(16))]:
+    if not os.path.exists(socket_path):
+        outcome[name] = "nowhere to connect"
+        continue
     s = ctx.socket(zmq.DEALER)
     s.routing_id = routing_id
     s.linger = 0
@@ -356,7 +369,9 @@ for name, routing_id in [("as victim", victim), ("as itself", mine), ("unknown",
 print(json.dumps(outcome))
 """,
     )
-    assert outcome["socket found"]
+    assert not outcome["socket found"]
+    assert not outcome["links listed"]
+    assert outcome["as victim"] == outcome["unknown"] == "nowhere to connect"
     # the kernel's own, authenticated link: make its pump tag output as
     # control (0) and files (9), channels a kernel may never send on
     result = kernel.execute(

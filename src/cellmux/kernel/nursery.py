@@ -6,7 +6,8 @@ JSON object per line.
 
 Commands (server -> nursery)::
 
-    {"cmd": "spawn", "link": hex, "secret": hex}
+    {"cmd": "spawn", "link": hex, "secret": hex, "endpoint": "ipc://…"}
+                                          the endpoint is that kernel's own
     {"cmd": "signal", "link": hex, "signal": "SIGINT"}
     {"cmd": "kill", "link": hex}          SIGTERM the group, SIGKILL after a grace
     {"cmd": "shutdown"}                   kill every kernel and exit
@@ -103,6 +104,21 @@ class NurseryConfig:
         return os.path.dirname(path) if path != self.endpoint else self.workdir_root
 
 
+def _share_link_endpoint(endpoint: str, identity: sandbox.Identity) -> None:
+    """Let one kernel uid, and no other, connect to its link endpoint.
+
+    The server made the endpoint's directory (mode 0700) and bound the
+    socket in it; the kernel's gid may now pass through the directory (not
+    list it) and connect to the socket, nobody else may.
+    """
+    path = endpoint.removeprefix("ipc://")
+    door = os.path.dirname(path)
+    os.chown(door, -1, identity.gid, follow_symlinks=False)
+    os.chmod(door, 0o710)
+    os.chown(path, -1, identity.gid, follow_symlinks=False)
+    os.chmod(path, 0o660)
+
+
 def describe_status(status: int) -> dict[str, Any]:
     """How a child ended, from its waitpid status, for humans and clients."""
     if os.WIFSIGNALED(status):
@@ -156,7 +172,7 @@ class Nursery:
 
     # -- commands -----------------------------------------------------------
 
-    def spawn(self, link: str, secret: str) -> None:
+    def spawn(self, link: str, secret: str, endpoint: str | None = None) -> None:
         from .child import KernelOrder, run_kernel
 
         if link in self._children:
@@ -174,6 +190,8 @@ class Nursery:
                     os.chown(path, identity.uid, identity.gid)
             if self._cgroups is not None:
                 cgroup = self._cgroups.create(link, settings.limits.memory_mb)
+            if endpoint is not None and identity is not None:
+                _share_link_endpoint(endpoint, identity)
         except OSError as e:
             self._release(workdir, scratch, identity, cgroup)
             self.emit("error", message=f"cannot prepare a kernel: {e}", link=link)
@@ -181,7 +199,7 @@ class Nursery:
         order = KernelOrder(
             link_id=bytes.fromhex(link),
             secret=bytes.fromhex(secret),
-            endpoint=self.config.endpoint,
+            endpoint=endpoint or self.config.endpoint,
             workdir=workdir,
             env=dict(self.config.kernel_env),
             sandbox=sandbox.KernelSandbox(
@@ -237,7 +255,7 @@ class Nursery:
             cmd = json.loads(line)
             name = cmd["cmd"]
             if name == "spawn":
-                self.spawn(cmd["link"], cmd["secret"])
+                self.spawn(cmd["link"], cmd["secret"], cmd.get("endpoint"))
             elif name == "signal":
                 self.signal(cmd["link"], cmd["signal"])
             elif name == "kill":

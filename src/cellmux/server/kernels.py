@@ -56,7 +56,7 @@ from .lifecycle import (
     Silent,
     Transition,
 )
-from .links import KernelUnreachable
+from .links import KernelUnreachable, LinkUnavailable
 from .replay import Entry, ReplayLog
 
 __all__ = [
@@ -745,13 +745,16 @@ class KernelManager:
             raise TooManyKernels(f"at most {self.config.max_kernels} kernels")
         inc = Incarnation(secrets.token_bytes(16), secrets.token_bytes(32))
         inc.credit = self.credit_window
+        try:
+            endpoint = self.router.expect(inc.link_id, inc.secret)
+        except LinkUnavailable as e:  # short of descriptors: 503, not a crash
+            raise (TooManyKernels if e.busy else KernelStartFailed)(str(e)) from None
         inc.workdir = os.path.join(self.workdir_root, inc.link)
         self._incarnations[inc.link_id] = inc
-        self.router.expect(inc.link_id, inc.secret)
         inc.timeout = self.clock.callLater(
             self.config.kernel_start_timeout, self._start_timed_out, inc
         )
-        spawned = self.nursery.spawn(inc.link, inc.secret.hex())
+        spawned = self.nursery.spawn(inc.link, inc.secret.hex(), endpoint)
 
         def stop_waiting_for_fork(failure):
             # The start timed out before the nursery even answered.

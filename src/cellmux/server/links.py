@@ -1,22 +1,39 @@
 """ONE ZeroMQ ROUTER for every kernel link (a txzmq adapter).
 
-Called from Twisted/txzmq: L{LinkRouter.messageReceived}.
+Called from Twisted/txzmq: L{LinkRouter.doRead}, L{LinkRouter.messageReceived}.
 Called by the server: L{LinkRouter.expect}, L{LinkRouter.forget},
 L{LinkRouter.send_to_kernel}.
 
 Each message is checked by the link's sans-IO L{ServerLink}; what a kernel
 sends before proving its secret, or on a channel it may not use, goes no
 further than this module.
+
+A kernel can reach only its own link. The ROUTER binds one ipc endpoint per
+kernel process, ``LINKS_DIR/<link id>/link.sock``, in a directory that only
+that kernel's uid may enter (as root the nursery gives it the kernel's gid,
+mode 0710). The first message on the link (the pump's hello, sent before
+any user code runs) closes that door: the socket file and its directory are
+removed, so nothing is left on the file system to connect to, while the
+pump's connection goes on. When the kernel ends, the endpoint is unbound.
+
+Reading is fair: each reactor turn reads at most L{READ_BUDGET_MESSAGES}
+messages or L{READ_BUDGET_BYTES} bytes from the ROUTER, then lets the
+reactor serve its other descriptors, so a flooding kernel delays the others
+by at most one such batch per turn. Refused messages cost a dictionary
+look-up and a counter; they are logged aggregated (L{cellmux.server.refusals}).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import secrets
+import shutil
 from typing import Protocol
 
 import zmq
 from twisted.logger import Logger
-from txzmq import ZmqEndpoint, ZmqEndpointType, ZmqFactory
+from txzmq import ZmqFactory
 from txzmq.router_dealer import ZmqRouterConnection
 
 from cellmux.protocol import (
@@ -30,15 +47,39 @@ from cellmux.protocol import (
     link_control,
 )
 
-__all__ = ["KernelUnreachable", "LinkRouter", "LinkSink"]
+from .limits import DescriptorGuard
+from .refusals import Line, RefusalLog
 
-#: ZeroMQ heartbeat towards kernels: liveness checked without the GIL.
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 5000
+__all__ = ["KernelUnreachable", "LinkRouter", "LinkSink", "LinkUnavailable"]
+
+#: Most messages, and bytes, read from the ROUTER in one reactor turn (at
+#: least one message is always read, however large).
+READ_BUDGET_MESSAGES = 64
+READ_BUDGET_BYTES = 1024 * 1024
+#: Sources in the refusal log: messages from link ids nobody expects, one
+#: kernel's link (followed by its id), kernel processes not started.
+UNKNOWN_LINKS = "unknown kernel links"
+LINK_SOURCE = "kernel link "
+KERNEL_STARTS = "kernel starts"
+SOCKET_NAME = "link.sock"
+#: Longest path a unix socket may have (sun_path, with its NUL).
+MAX_SOCKET_PATH = 107
 
 
 class KernelUnreachable(Exception):
     """The kernel's link is gone or full; the message was not sent."""
+
+
+class LinkUnavailable(Exception):
+    """No link endpoint could be opened for a new kernel process.
+
+    @ivar busy: True when the server is short of file descriptors (try again
+        later); False when the endpoint could not be made at all.
+    """
+
+    def __init__(self, message: str, busy: bool) -> None:
+        super().__init__(message)
+        self.busy = busy
 
 
 class LinkSink(Protocol):
@@ -54,7 +95,13 @@ class LinkSink(Protocol):
 
 
 class LinkRouter(ZmqRouterConnection):
-    """The server's single ROUTER socket, bound on the link endpoint."""
+    """The server's single ROUTER socket, with one endpoint per kernel process.
+
+    @param links_dir: where the per-kernel endpoints are made (the server's
+        own directory: mode 0700, or 0711 as root).
+    @param guard: when given, a kernel endpoint is opened only while the
+        server has file descriptors to spare.
+    """
 
     log = Logger()
     #: Messages queued per peer before sends fail (EAGAIN) instead of
@@ -64,16 +111,24 @@ class LinkRouter(ZmqRouterConnection):
     def __init__(
         self,
         factory: ZmqFactory,
-        endpoint: str,
+        links_dir: str,
         sink: LinkSink,
         max_size: int,
         credit: int = DEFAULT_LINK_CREDIT,
+        guard: DescriptorGuard | None = None,
     ) -> None:
         self._sink = sink
         self._links: dict[bytes, ServerLink] = {}
+        #: link id -> its endpoint, bound until the link is forgotten
+        self._endpoints: dict[bytes, str] = {}
+        #: link id -> its endpoint's directory, while it can be connected to
+        self._doors: dict[bytes, str] = {}
         self._max_size = max_size
         # The credit each kernel starts with; the sink grants the rest.
         self._credit = credit
+        self._links_dir = links_dir
+        self._guard = guard
+        self.refusals = RefusalLog(factory.reactor, self._refusal_line)
         super().__init__(factory)
         sock = self.socket
         # Options first: libzmq applies them to connections made after the
@@ -82,19 +137,75 @@ class LinkRouter(ZmqRouterConnection):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # No single ZeroMQ frame may exceed what one cellmux frame may hold.
         sock.setsockopt(zmq.MAXMSGSIZE, max_size)
-        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        self.addEndpoints([ZmqEndpoint(ZmqEndpointType.bind, endpoint)])
+        # No ZMTP heartbeat of the server's own (the pump's heartbeats are
+        # still answered): libzmq 4.3.5 aborts the process when a heartbeat
+        # times out on a connection whose input is paused by a full queue,
+        # which a flooding peer that then disconnects causes at will. A
+        # kernel's death is known from the nursery, a hung one from pings.
+        longest = len(os.path.join(links_dir, "0" * 32, SOCKET_NAME).encode())
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"the runtime directory's path is too long for kernel link sockets "
+                f"({longest} > {MAX_SOCKET_PATH} bytes): choose a shorter runtime_dir"
+            )
+        os.makedirs(links_dir, mode=0o700, exist_ok=True)
 
-    def expect(self, link_id: bytes, secret: bytes) -> None:
-        """Admit a link id whose kernel holds C{secret}."""
+    @property
+    def link_count(self) -> int:
+        """Kernel processes with an endpoint (starting or running)."""
+        return len(self._endpoints)
+
+    def expect(self, link_id: bytes, secret: bytes) -> str:
+        """Admit a link id whose kernel holds C{secret}; its endpoint.
+
+        The endpoint is for that kernel alone: give it only to its process.
+
+        @raise LinkUnavailable: if the server is short of file descriptors
+            or the endpoint cannot be made.
+        """
+        if self._guard is not None and not self._guard.may_start_kernel(len(self._doors)):
+            free = self._guard.free()
+            self.refusals.note(KERNEL_STARTS, f"{free} descriptors free")
+            raise LinkUnavailable(
+                f"the server is near its open files limit ({self._guard.limit - free} of "
+                f"{self._guard.limit} in use); try again later",
+                busy=True,
+            )
+        door = os.path.join(self._links_dir, link_id.hex())
+        endpoint = "ipc://" + os.path.join(door, SOCKET_NAME)
+        try:
+            os.mkdir(door, 0o700)
+            self.socket.bind(endpoint)
+        except (OSError, zmq.ZMQError) as e:
+            shutil.rmtree(door, ignore_errors=True)
+            busy = getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE)
+            raise LinkUnavailable(f"cannot open a kernel link: {e}", busy=busy) from None
+        self._endpoints[link_id] = endpoint
+        self._doors[link_id] = door
         self._links[link_id] = ServerLink(
             link_id, secret, secrets.token_bytes(16), max_size=self._max_size, credit=self._credit
         )
+        return endpoint
 
     def forget(self, link_id: bytes) -> None:
-        """Refuse anything more from this link id."""
+        """Refuse anything more from this link id; close its endpoint."""
         self._links.pop(link_id, None)
+        self._close_door(link_id)
+        endpoint = self._endpoints.pop(link_id, None)
+        if endpoint is not None and self.socket is not None:
+            try:
+                self.socket.unbind(endpoint)  # also ends its connection
+            except zmq.ZMQError as e:
+                self.log.warn("kernel link {link}: unbind: {error}", link=link_id.hex(), error=e)
+
+    def _close_door(self, link_id: bytes) -> None:
+        """Remove the endpoint's socket file: nobody can connect any more.
+
+        Must not raise: it runs for every first message of a link.
+        """
+        door = self._doors.pop(link_id, None)
+        if door is not None:
+            shutil.rmtree(door, ignore_errors=True)
 
     def send_to_kernel(self, link_id: bytes, parts: list) -> None:
         """Send ``[tag, *jupyter parts]`` to one kernel.
@@ -123,26 +234,54 @@ class LinkRouter(ZmqRouterConnection):
     def _reschedule_read(self) -> None:
         # ZeroMQ's FD is edge-triggered: after a send, incoming messages may
         # be pending without the FD becoming readable again.
-        if self.read_scheduled is None:
+        if self.read_scheduled is None and self.factory is not None:
             self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+    def doRead(self) -> None:
+        """Read a bounded batch of messages, then give the reactor back.
+
+        txzmq's own doRead reads until the socket is empty, which a kernel
+        that floods never lets happen: the reactor would serve nobody else.
+        """
+        if self.read_scheduled is not None:
+            if not self.read_scheduled.called:
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+        messages, size = READ_BUDGET_MESSAGES, READ_BUDGET_BYTES
+        while self.factory is not None:
+            sock = self.socket
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            if messages <= 0 or size <= 0:
+                # More is waiting, but the FD will not say so again: come
+                # back after the reactor's next poll.
+                self._reschedule_read()
+                return
+            try:
+                message = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                continue
+            messages -= 1
+            size -= sum(map(len, message))
+            try:
+                self.messageReceived(message)
+            except Exception:
+                self.log.failure("kernel link message handling failed")
 
     def messageReceived(self, message: list[bytes]) -> None:
         link_id = message[0]
         link = self._links.get(link_id)
         if link is None:
-            self.log.warn("dropping a message from unknown link {link}", link=link_id.hex()[:64])
+            self.refusals.note(UNKNOWN_LINKS, link_id[:16].hex())
             return
+        if self._doors:  # the link's first message: close its endpoint
+            self._close_door(link_id)
         parts = message[1:]
         try:
             event = link.receive(parts)
         except ProtocolError as e:
-            self.log.warn(
-                "kernel link {link}: {code}: {message}",
-                link=link_id.hex(),
-                code=e.code,
-                message=e.message,
-            )
-            if link.ready:
+            source = LINK_SOURCE + link_id.hex()
+            if self.refusals.note(source, f"{e.code}: {e.message}") and link.ready:
                 self._sink.link_violation(link_id, e.code, e.message)
             return
         if isinstance(event, KernelFrame):
@@ -156,3 +295,33 @@ class LinkRouter(ZmqRouterConnection):
                 self.log.warn("kernel link {link}: {error}", link=link_id.hex(), error=e.strerror)
         elif isinstance(event, LinkReady):
             self._sink.link_ready(link_id, event.pid)
+
+    def _refusal_line(self, line: Line) -> None:
+        """Log one aggregated line; tell a running kernel's clients too."""
+        if line.count == 1:
+            self.log.warn("{source}: refused ({detail})", source=line.source, detail=line.detail)
+            return
+        seconds = self.factory.reactor.seconds() - line.since if self.factory else 0.0
+        self.log.warn(
+            "{source}: refused {count} more in {seconds:.0f} s (last: {detail})",
+            source=line.source,
+            count=line.count,
+            seconds=seconds,
+            detail=line.detail,
+        )
+        if not line.source.startswith(LINK_SOURCE):
+            return
+        link_id = bytes.fromhex(line.source.removeprefix(LINK_SOURCE))
+        link = self._links.get(link_id)
+        if link is not None and link.ready:
+            code, _, message = line.detail.partition(": ")
+            self._sink.link_violation(
+                link_id, code, f"{line.count} more like it in {seconds:.0f} s, the last: {message}"
+            )
+
+    def shutdown(self) -> None:
+        self.refusals.stop()
+        for link_id in list(self._endpoints):
+            self._close_door(link_id)
+        self._endpoints.clear()
+        super().shutdown()

@@ -123,11 +123,12 @@ class NurseryProcess(protocol.ProcessProtocol):
             raise NurseryGone("the nursery is not running")
         self.transport.write(json.dumps(command).encode() + b"\n")
 
-    def spawn(self, link: str, secret: str) -> defer.Deferred[int]:
-        """Fork a kernel; fires with its pid once forked (not yet ready)."""
+    def spawn(self, link: str, secret: str, endpoint: str) -> defer.Deferred[int]:
+        """Fork a kernel that connects to C{endpoint}, its own link endpoint;
+        fires with its pid once forked (not yet ready)."""
         d: defer.Deferred[int] = defer.Deferred()
         try:
-            self._send(cmd="spawn", link=link, secret=secret)
+            self._send(cmd="spawn", link=link, secret=secret, endpoint=endpoint)
         except NurseryGone as e:
             return defer.fail(e)
         self._spawning[link] = d

@@ -29,6 +29,7 @@ from .files import FileNotices, FilesResource
 from .jupyter.channels import JupyterChannelsFactory
 from .jupyter.kernelspecs import KernelspecFiles
 from .kernels import AFTER_RESPONSE, KernelManager, credit_window
+from .limits import DescriptorGuard, GuardedFactory, raise_open_files_limit
 from .links import LinkRouter
 from .login import LoginResource
 from .longpoll import PollResource
@@ -37,6 +38,7 @@ from .oneshot import OneShotResource
 from .orphans import RecordKeeper, ServerRecord, default_state_dir, reap_orphans
 from .pages import EmbedKernels, PageResource, StaticResource, load_assets
 from .permalinks import PermalinkResource
+from .refusals import Line, RefusalLog
 from .store import open_store
 from .webjson import bounded_request_factory
 from .websocket import ClientFactory
@@ -137,6 +139,8 @@ class CellmuxService(service.Service):
         self._listening = None
         self._router = None
         self._zmq = None
+        self._guard: DescriptorGuard | None = None
+        self._refusals: RefusalLog | None = None
         self.nursery: NurseryProcess | None = None
         self._record: RecordKeeper | None = None
         #: Set when start-up failed (the command line then exits non-zero).
@@ -157,6 +161,7 @@ class CellmuxService(service.Service):
         from txzmq import ZmqFactory
 
         config = self.config
+        self._guard_descriptors()
         if config.runtime_dir:
             os.makedirs(config.runtime_dir, mode=0o700, exist_ok=True)
             self._runtime_dir = config.runtime_dir
@@ -167,20 +172,24 @@ class CellmuxService(service.Service):
         state_dir = config.state_dir or default_state_dir()
         self.manager.lost = reap_orphans(state_dir)
         record = ServerRecord(state_dir, self._runtime_dir)
-        endpoint = f"ipc://{self._runtime_dir}/link.sock"
+        # One endpoint per kernel process in here (see LinkRouter); no
+        # socket is shared by kernels.
+        links_dir = os.path.join(self._runtime_dir, "links")
         self._zmq = ZmqFactory()
         self._router = LinkRouter(
             self._zmq,
-            endpoint,
+            links_dir,
             self.manager,
             config.max_frame_size,
             credit=credit_window(config.replay_bytes),
+            guard=self._guard,
         )
         if os.geteuid() == 0:
             # Kernels run under their own uids: they may pass through the
-            # runtime directory (not list it) and connect to the link socket.
+            # runtime directory and links/ (not list them) to their own
+            # endpoint's directory, which only their gid may enter.
             os.chmod(self._runtime_dir, 0o711)
-            os.chmod(os.path.join(self._runtime_dir, "link.sock"), 0o666)
+            os.chmod(links_dir, 0o711)
         else:
             self.log.warn(
                 "cellmux is not running as root: kernels run as its own user, "
@@ -191,7 +200,10 @@ class CellmuxService(service.Service):
         if "PYTHONPATH" in os.environ:  # so the nursery finds cellmux in a dev tree
             nursery_env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         nursery_config = {
-            "endpoint": endpoint,
+            # Each spawn names its kernel's own endpoint; this one is never
+            # bound: its directory, the runtime directory, is what kernels
+            # must reach (bound back whole into a private /tmp).
+            "endpoint": "ipc://" + links_dir,
             "workdir_root": os.path.join(self._runtime_dir, "kernels"),
             "preload": list(config.preload),
             "kernel_env": config.kernel_environment(),
@@ -223,7 +235,10 @@ class CellmuxService(service.Service):
         self.store = open_store(
             self.reactor, config.database, self._runtime_dir, config.database_timeout
         )
-        self._listening = await listen.listen(build_site(self.manager, self.auth, self.store))
+        site = build_site(self.manager, self.auth, self.store)
+        self._listening = await listen.listen(
+            GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
+        )
         port = self._listening.getHost().port
         host = f"[{config.host}]" if ":" in config.host else config.host
         base = f"http://{host}:{port}/"
@@ -234,6 +249,42 @@ class CellmuxService(service.Service):
         # The token goes to the terminal, never into the log (under twistd,
         # sys.stdout is the log, so use the process's real stdout).
         print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)
+
+    def _guard_descriptors(self) -> None:
+        """Raise the open files limit; refuse work before it runs out (limits.py)."""
+        before, limit = raise_open_files_limit()
+        self._guard = DescriptorGuard(limit, self._kernels_allowed)
+        self._refusals = RefusalLog(self.reactor, self._log_refusals)
+        if limit != before:
+            self.log.info(
+                "open files limit raised from {before} to {limit}", before=before, limit=limit
+            )
+        if self._guard.too_low_for(self.config.max_kernels):
+            self.log.warn(
+                "the open files limit ({limit}) is low for max_kernels = {kernels}: clients "
+                "will be refused early; raise the hard limit (ulimit -Hn, LimitNOFILE=)",
+                limit=limit,
+                kernels=self.config.max_kernels,
+            )
+
+    def _kernels_allowed(self) -> int:
+        started = self._router.link_count if self._router is not None else 0
+        return self.config.max_kernels - started
+
+    def _refused_connection(self, reason: str) -> None:
+        self._refusals.note("HTTP connections", reason)
+
+    def _log_refusals(self, line: Line) -> None:
+        if line.count == 1:
+            self.log.warn("{source}: refused ({detail})", source=line.source, detail=line.detail)
+        else:
+            self.log.warn(
+                "{source}: refused {count} more in {seconds:.0f} s (last: {detail})",
+                source=line.source,
+                count=line.count,
+                seconds=self.reactor.seconds() - line.since,
+                detail=line.detail,
+            )
 
     def _kernel_pids(self) -> dict[str, int]:
         return {
@@ -260,6 +311,8 @@ class CellmuxService(service.Service):
                     timeout.cancel()
         if self._router is not None:
             self._router.shutdown()
+        if self._refusals is not None:
+            self._refusals.stop()
         if self._owns_runtime_dir and self._runtime_dir:
             shutil.rmtree(self._runtime_dir, ignore_errors=True)
         if self._record is not None:
