@@ -25,10 +25,12 @@ look-up and a counter; they are logged aggregated (L{cellmux.server.refusals}).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
 import shutil
+import time
 from typing import Protocol
 
 import zmq
@@ -36,6 +38,7 @@ from twisted.logger import Logger
 from txzmq import ZmqFactory
 from txzmq.router_dealer import ZmqRouterConnection
 
+from cellmux.cleanup import remove_tree
 from cellmux.protocol import (
     DEFAULT_LINK_CREDIT,
     KernelFrame,
@@ -62,6 +65,8 @@ UNKNOWN_LINKS = "unknown kernel links"
 LINK_SOURCE = "kernel link "
 KERNEL_STARTS = "kernel starts"
 SOCKET_NAME = "link.sock"
+#: Longest time spent removing an endpoint's directory in the reactor.
+DOOR_REMOVAL_SECONDS = 0.05
 #: Longest path a unix socket may have (sun_path, with its NUL).
 MAX_SOCKET_PATH = 107
 
@@ -204,8 +209,15 @@ class LinkRouter(ZmqRouterConnection):
         Must not raise: it runs for every first message of a link.
         """
         door = self._doors.pop(link_id, None)
-        if door is not None:
-            shutil.rmtree(door, ignore_errors=True)
+        if door is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(door, SOCKET_NAME))  # what matters: nothing to connect to
+        # Without root a kernel could have filled the directory: bounded
+        # removal; a leftover goes with the runtime directory.
+        removed = remove_tree(door, deadline=time.monotonic() + DOOR_REMOVAL_SECONDS)
+        if not removed:
+            self.log.warn("link endpoint {door} left: {why}", door=door, why=removed.reason)
 
     def send_to_kernel(self, link_id: bytes, parts: list) -> None:
         """Send ``[tag, *jupyter parts]`` to one kernel.
