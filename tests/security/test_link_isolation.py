@@ -16,6 +16,7 @@ import tempfile
 
 import zmq
 from link_intruder import JUNK, connect_early
+from test_sandbox_unprivileged import unprivileged  # noqa: F401 - a fixture
 
 from cellmux.kernel import sandbox
 from cellmux.kernel.nursery import _share_link_endpoint
@@ -142,3 +143,30 @@ def test_an_intruder_at_a_starting_kernels_endpoint_gets_nothing(server, client)
     log = server.log()
     assert "unknown kernel links: refused" in log
     assert log.count("unknown kernel links: refused") < 10
+
+
+def test_without_root_no_endpoint_is_left_either(unprivileged):  # noqa: F811
+    # Kernels run as the server's user: they may list links/ (docs/security.md
+    # says what that allows), but once they run there is nothing to connect to.
+    server, _uid = unprivileged
+    with server.client() as client:
+        model = client.create_kernel()
+        try:
+            with client.connect(model.id) as kernel:
+                found = kernel.execute(
+                    """
+import json, os
+links = os.path.join(os.path.dirname(os.path.dirname(os.getcwd())), "links")
+print(json.dumps([n for n in os.listdir(links)
+                  if os.path.exists(os.path.join(links, n, "link.sock"))]))
+""",
+                    timeout=30,
+                )
+                assert found.error is None, found.error
+                # Only pool kernels still starting may have one; none is this one's.
+                cwd = kernel.execute("import os; print(os.getcwd())").stdout.strip()
+                own = os.path.basename(cwd)
+                assert own not in json.loads(found.stdout)
+                wait_for(lambda: not _sockets_left(server), timeout=30)
+        finally:
+            client.delete_kernel(model.id)

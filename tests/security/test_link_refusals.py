@@ -192,7 +192,7 @@ class _Reactor(task.Clock):
         pass
 
 
-def test_router_reads_a_bounded_batch_per_turn_and_counts_refusals(links_dir):
+def test_router_counts_refusals_and_the_first_link_message_closes_its_endpoint(links_dir):
     reactor = _Reactor()
     factory = ZmqFactory()
     factory.reactor = reactor
@@ -272,4 +272,40 @@ def test_router_budget_leaves_messages_for_the_next_turn(links_dir):
     finally:
         dealer.close()
         router.shutdown()
+        factory.context.term()
+
+
+def test_no_kernel_endpoint_is_opened_when_descriptors_are_short(links_dir):
+    reactor = _Reactor()
+    factory = ZmqFactory()
+    factory.reactor = reactor
+    in_use = [0]
+    guard = DescriptorGuard(1000, lambda: 10, count=lambda: in_use[0])
+    router = links.LinkRouter(factory, links_dir, _Sink(), 1 << 20, guard)
+    lines = []
+    router.refusals = RefusalLog(reactor, lines.append)
+    try:
+        in_use[0] = 1000 - RESERVE - PER_KERNEL
+        router.expect(secrets.token_bytes(16), b"secret")
+        # The first kernel is still connecting: it holds one more descriptor.
+        with pytest.raises(links.LinkUnavailable) as refused:
+            router.expect(secrets.token_bytes(16), b"secret")
+        assert refused.value.busy
+        assert "open files limit" in str(refused.value)
+        assert [line.source for line in lines] == [links.KERNEL_STARTS]
+        assert router.link_count == 1
+        assert len(os.listdir(links_dir)) == 1  # nothing was made for the refused one
+    finally:
+        router.shutdown()
+        factory.context.term()
+
+
+def test_a_runtime_directory_too_long_for_socket_paths_is_refused_at_start():
+    factory = ZmqFactory()
+    factory.reactor = _Reactor()
+    try:
+        with pytest.raises(ValueError, match="shorter runtime_dir"):
+            links.LinkRouter(factory, "/tmp/" + "x" * 80 + "/links", _Sink(), 1 << 20)
+        assert not os.path.exists("/tmp/" + "x" * 80)
+    finally:
         factory.context.term()

@@ -122,6 +122,12 @@ class LinkRouter(ZmqRouterConnection):
         credit: int = DEFAULT_LINK_CREDIT,
         guard: DescriptorGuard | None = None,
     ) -> None:
+        longest = len(os.path.join(links_dir, "0" * 32, SOCKET_NAME).encode())
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"the runtime directory's path is too long for kernel link sockets "
+                f"({longest} > {MAX_SOCKET_PATH} bytes): choose a shorter runtime_dir"
+            )
         self._sink = sink
         self._links: dict[bytes, ServerLink] = {}
         #: link id -> its endpoint, bound until the link is forgotten
@@ -147,13 +153,9 @@ class LinkRouter(ZmqRouterConnection):
         # times out on a connection whose input is paused by a full queue,
         # which a flooding peer that then disconnects causes at will. A
         # kernel's death is known from the nursery, a hung one from pings.
-        longest = len(os.path.join(links_dir, "0" * 32, SOCKET_NAME).encode())
-        if longest > MAX_SOCKET_PATH:
-            raise ValueError(
-                f"the runtime directory's path is too long for kernel link sockets "
-                f"({longest} > {MAX_SOCKET_PATH} bytes): choose a shorter runtime_dir"
-            )
         os.makedirs(links_dir, mode=0o700, exist_ok=True)
+        for stale in os.listdir(links_dir):  # a crashed server's, in a kept runtime_dir
+            remove_tree(os.path.join(links_dir, stale), deadline=time.monotonic() + 1.0)
 
     @property
     def link_count(self) -> int:
