@@ -21,7 +21,17 @@ from hypothesis import strategies as st
 from twisted.internet import task
 from txzmq import ZmqFactory
 
-from cellmux.protocol import link_control
+from cellmux.protocol import (
+    Channel,
+    JupyterSocket,
+    KernelFrame,
+    KernelSideLink,
+    LinkReady,
+    ProtocolError,
+    ServerLink,
+    encode_tag,
+    link_control,
+)
 from cellmux.server import links
 from cellmux.server.limits import (
     ANSWER_ROOM,
@@ -309,3 +319,61 @@ def test_a_runtime_directory_too_long_for_socket_paths_is_refused_at_start():
         assert not os.path.exists("/tmp/" + "x" * 80)
     finally:
         factory.context.term()
+
+
+# -- link credit, held on the server side (sans-IO) ------------------------------
+
+
+def _ready_link(credit: int, max_size: int) -> tuple[ServerLink, KernelSideLink]:
+    server = ServerLink(b"link", b"secret", b"n" * 16, credit=credit, max_size=max_size)
+    kernel = KernelSideLink(b"link", b"secret", 42)
+    answer = kernel.hello()
+    while not kernel.accepted:
+        reply = server.receive(answer)
+        answer = kernel.receive(reply.parts)
+    assert isinstance(server.receive(kernel.ready()), LinkReady)
+    return server, kernel
+
+
+def _data(size: int) -> list[bytes]:
+    return [encode_tag(Channel.STDOUT, JupyterSocket.IOPUB), b"h" * size, b"", b"{}", b"{}"]
+
+
+@given(
+    st.lists(
+        st.one_of(st.integers(1, 5000).map(lambda n: ("send", n)), st.just(("grant", 0))),
+        max_size=300,
+    )
+)
+def test_a_kernel_that_honours_its_credit_is_never_refused(steps):
+    server, kernel = _ready_link(credit=10_000, max_size=6_000)
+    for what, size in steps:
+        if what == "grant":  # the server tops the credit up, as the manager does
+            grant = 10_000 - server.credit_left if server.credit_left < 10_000 else 0
+            server.granted(grant)
+            kernel.receive(link_control("credit", bytes=grant))
+        elif kernel.credit > 0:  # the pump reads a message only while it has credit
+            parts = _data(size)
+            assert isinstance(server.receive(parts), KernelFrame)
+            kernel.credit -= sum(map(len, parts[1:]))
+
+
+@given(st.lists(st.integers(1, 5000), max_size=300), st.lists(st.integers(0, 20_000), max_size=5))
+def test_a_kernel_that_ignores_its_credit_gets_no_more_than_it_was_granted(sizes, grants):
+    server, _kernel = _ready_link(credit=10_000, max_size=6_000)
+    relayed = granted = 0
+    for i, size in enumerate(sizes):
+        if i % 60 == 0 and grants:
+            grant = grants.pop()
+            server.granted(grant)
+            granted += grant
+        parts = _data(size)
+        try:
+            server.receive(parts)
+        except ProtocolError as e:
+            assert e.code == "over_credit"
+            assert server.ready  # only that message is dropped
+        else:
+            relayed += sum(map(len, parts[1:]))
+    # At most one message beyond what it was given, ever.
+    assert relayed <= 10_000 + granted + 6_000

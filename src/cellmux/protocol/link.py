@@ -22,7 +22,11 @@ needs the GIL: a missing pong means the kernel holds it).
 Flow control: the kernel may send ``credit`` bytes of Jupyter parts; then
 it stops reading its kernel's sockets until the server grants more with
 ``{"op":"credit","bytes":n}``. The server grants while its clients keep up,
-so a kernel can never fill the server's memory.
+so a kernel can never fill the server's memory. The server holds the kernel
+to it: a data message that would take the kernel more than one largest
+message (``max_size``) below zero is refused (``over_credit``), since a
+pump that honours its credit can overshoot by at most the one message it
+read while it still had credit.
 
 Server side states (L{ServerLink})::
 
@@ -156,10 +160,17 @@ class ServerLink:
         self._nonce = nonce
         self._state = LinkState.EXPECTING
         self._pid = 0
+        #: Bytes of Jupyter parts the kernel may still send: the credit told
+        #: in ``accepted`` plus every grant, minus what it sent.
+        self.credit_left = credit
 
     @property
     def ready(self) -> bool:
         return self._state is LinkState.READY
+
+    def granted(self, n: int) -> None:
+        """The server sent the kernel ``{"op":"credit","bytes":n}``."""
+        self.credit_left += n
 
     def receive(self, parts: list[bytes]) -> Reply | LinkReady | KernelFrame | LinkPong:
         """Feed one multipart message (routing id already removed).
@@ -196,9 +207,13 @@ class ServerLink:
             raise ProtocolError("bad_socket", "socket 0 is for server-made messages")
         if len(parts) < 5:
             raise ProtocolError("bad_message", "a Jupyter message has at least 4 parts")
-        size = HEADER_SIZE + 4 * (len(parts) - 1) + sum(map(len, parts[1:]))
+        payload = sum(map(len, parts[1:]))
+        size = HEADER_SIZE + 4 * (len(parts) - 1) + payload
         if size > self._max_size:
             raise ProtocolError("frame_too_large", f"a {size}-byte frame exceeds {self._max_size}")
+        if self.credit_left - payload < -self._max_size:
+            raise ProtocolError("over_credit", "the kernel sent more than its link credit")
+        self.credit_left -= payload
         return KernelFrame(channel, socket)
 
     def _handshake(self, state: LinkState, parts: list[bytes]) -> Reply | LinkReady:

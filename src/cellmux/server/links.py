@@ -241,9 +241,12 @@ class LinkRouter(ZmqRouterConnection):
         try:
             self.socket.send_multipart([link_id, *link_control(op, **fields)], zmq.NOBLOCK)
         except zmq.ZMQError:
-            pass  # the kernel is gone or full; its exit is reported elsewhere
+            return  # the kernel is gone or full; its exit is reported elsewhere
         finally:
             self._reschedule_read()
+        link = self._links.get(link_id)
+        if op == "credit" and link is not None:
+            link.granted(fields["bytes"])  # the link then holds the kernel to it
 
     def _reschedule_read(self) -> None:
         # ZeroMQ's FD is edge-triggered: after a send, incoming messages may
