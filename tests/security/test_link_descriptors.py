@@ -17,6 +17,7 @@ import json
 import os
 import resource
 import selectors
+import shutil
 import socket
 import sys
 import time
@@ -140,3 +141,4 @@ def test_idle_connections_near_the_limit_get_503_and_kernels_still_start():
         assert "Could not accept new connection" not in log
     finally:
         assert server.stop() == 0
+        shutil.rmtree(server.runtime_dir, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,6 +32,7 @@ def own_server():
     running = start_server("--pool-size", "1", "--max-kernels", "10")
     yield running
     running.stop()
+    shutil.rmtree(running.runtime_dir, ignore_errors=True)
 
 
 def _round_trips(kernel, seconds: float) -> list[float]:
