@@ -63,6 +63,15 @@ def test_idle_connections_near_the_limit_get_503_and_kernels_still_start():
         "4",
         command=["prlimit", "--nofile=256:512", sys.executable, "-m", "cellmux", "serve"],
     )
+    try:
+        _flood_then_create(server)
+        _recovers(server)
+    finally:
+        assert server.stop() == 0
+        shutil.rmtree(server.runtime_dir, ignore_errors=True)
+
+
+def _flood_then_create(server) -> None:
     idle: list[socket.socket] = []
     kept = None
     try:
@@ -119,26 +128,25 @@ def test_idle_connections_near_the_limit_get_503_and_kernels_still_start():
         if kept is not None:
             kept.close()
 
-    try:
-        # Once the connections are gone, everything works again.
-        def serves() -> bool:
-            try:
-                with server.client() as c:
-                    c.list_kernels()
-                return True
-            except Exception:
-                return False
 
-        wait_for(serves, timeout=30, interval=0.2)
-        with server.client() as client:
-            model = client.create_kernel()
-            with client.connect(model.id) as kernel:
-                assert kernel.execute("1 + 1", timeout=60).result_text == "2"
-        log = server.log()
-        # Refusals were logged in sums, not one line per connection.
-        assert "HTTP connections: refused" in log
-        assert log.count("HTTP connections: refused") < 10
-        assert "Could not accept new connection" not in log
-    finally:
-        assert server.stop() == 0
-        shutil.rmtree(server.runtime_dir, ignore_errors=True)
+def _recovers(server) -> None:
+    """Once the connections are gone, everything works again."""
+
+    def serves() -> bool:
+        try:
+            with server.client() as c:
+                c.list_kernels()
+            return True
+        except Exception:
+            return False
+
+    wait_for(serves, timeout=30, interval=0.2)
+    with server.client() as client:
+        model = client.create_kernel()
+        with client.connect(model.id) as kernel:
+            assert kernel.execute("1 + 1", timeout=60).result_text == "2"
+    log = server.log()
+    # Refusals were logged in sums, not one line per connection.
+    assert "HTTP connections: refused" in log
+    assert log.count("HTTP connections: refused") < 10
+    assert "Could not accept new connection" not in log
