@@ -30,6 +30,7 @@ from cellmux.server.kernels import (
     KernelStartFailed,
     KernelState,
     NurseryUnavailable,
+    OutOfDescriptors,
     TooManyKernels,
     credit_window,
 )
@@ -75,7 +76,7 @@ class FakeNursery:
         self.ready: defer.Deferred = defer.Deferred()
         self.transport = FakeTransport(self)
 
-    def spawn(self, link: str, secret: str) -> defer.Deferred:
+    def spawn(self, link: str, secret: str, endpoint: str) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.spawned[link] = d
         return d
@@ -94,8 +95,8 @@ class FakeRouter:
         #: Who answers pings at once (None: nobody, the kernel holds the GIL).
         self.pongs_to: KernelManager | None = None
 
-    def expect(self, link_id: bytes, secret: bytes) -> None:
-        pass
+    def expect(self, link_id: bytes, secret: bytes) -> str:
+        return f"ipc:///nonexistent/links/{link_id.hex()}/link.sock"
 
     def forget(self, link_id: bytes) -> None:
         pass
@@ -317,6 +318,7 @@ def test_backoff_doubles_to_its_cap_and_resets_after_a_stable_run():
         (KernelLost("x"), HTTPStatus.NOT_FOUND),
         (KernelNotRunning("x"), HTTPStatus.CONFLICT),
         (TooManyKernels("x"), HTTPStatus.SERVICE_UNAVAILABLE),
+        (OutOfDescriptors("x"), HTTPStatus.SERVICE_UNAVAILABLE),
         (NurseryUnavailable("x"), HTTPStatus.SERVICE_UNAVAILABLE),
         (KernelStartFailed("x"), HTTPStatus.INTERNAL_SERVER_ERROR),
     ],

@@ -291,7 +291,7 @@ def test_no_kernel_endpoint_is_opened_when_descriptors_are_short(links_dir):
     factory.reactor = reactor
     in_use = [0]
     guard = DescriptorGuard(1000, lambda: 10, count=lambda: in_use[0])
-    router = links.LinkRouter(factory, links_dir, _Sink(), 1 << 20, guard)
+    router = links.LinkRouter(factory, links_dir, _Sink(), 1 << 20, guard=guard)
     lines = []
     router.refusals = RefusalLog(reactor, lines.append)
     try:
@@ -377,3 +377,24 @@ def test_a_kernel_that_ignores_its_credit_gets_no_more_than_it_was_granted(sizes
             relayed += sum(map(len, parts[1:]))
     # At most one message beyond what it was given, ever.
     assert relayed <= 10_000 + granted + 6_000
+
+
+def test_create_answers_503_when_no_kernel_endpoint_can_be_opened():
+    from twisted.internet import defer
+
+    from cellmux.server.kernels import OutOfDescriptors
+    from cellmux.server.webjson import status_for
+    from test_lifecycle_units import Harness
+
+    h = Harness()
+
+    def refuse(link_id: bytes, secret: bytes) -> str:
+        raise links.LinkUnavailable("the server is near its open files limit", busy=True)
+
+    h.router.expect = refuse
+    d = defer.ensureDeferred(h.manager.create())
+    with pytest.raises(OutOfDescriptors, match="open files limit") as refused:
+        h.successResult(d)
+    assert status_for(refused.value) == (503, "the server is near its open files limit")
+    assert refused.value.code == "out_of_descriptors"
+    assert h.manager.kernels == {} and not h.nursery.spawned  # nothing forked, nothing kept

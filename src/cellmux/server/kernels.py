@@ -71,6 +71,7 @@ __all__ = [
     "KernelStartFailed",
     "KernelState",
     "NurseryUnavailable",
+    "OutOfDescriptors",
     "TooManyKernels",
     "credit_window",
     "iso_timestamp",
@@ -131,6 +132,12 @@ class KernelStartFailed(KernelError):
 class TooManyKernels(KernelError):
     code = "too_many_kernels"
     status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class OutOfDescriptors(TooManyKernels):
+    """The server is near its open files limit (limits.py): no new process."""
+
+    code = "out_of_descriptors"
 
 
 class KernelNotRunning(KernelError):
@@ -748,7 +755,7 @@ class KernelManager:
         try:
             endpoint = self.router.expect(inc.link_id, inc.secret)
         except LinkUnavailable as e:  # short of descriptors: 503, not a crash
-            raise (TooManyKernels if e.busy else KernelStartFailed)(str(e)) from None
+            raise (OutOfDescriptors if e.busy else KernelStartFailed)(str(e)) from None
         inc.workdir = os.path.join(self.workdir_root, inc.link)
         self._incarnations[inc.link_id] = inc
         inc.timeout = self.clock.callLater(
