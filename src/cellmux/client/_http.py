@@ -9,6 +9,8 @@ import urllib.parse
 import urllib.request
 from typing import Any
 
+from cellmux.protocol import boundedjson
+
 from ._results import CellmuxError, HTTPError, KernelModel
 
 __all__ = ["DEFAULT_URL", "RestAPI", "auth_headers", "error_from_body", "websocket_url"]
@@ -42,7 +44,7 @@ def error_from_body(status: int, phrase: str, body: bytes) -> HTTPError:
     """An L{HTTPError} from an error response, using its JSON fields if it has them."""
     reason, message = phrase, ""
     try:
-        data = json.loads(body) if body else None
+        data = boundedjson.loads(body) if body else None
     except ValueError:
         data = None
     if isinstance(data, dict):
@@ -94,7 +96,7 @@ class RestAPI:
         if not payload:
             return None
         try:
-            return json.loads(payload)
+            return boundedjson.loads(payload)
         except ValueError:
             raise CellmuxError(f"{method} {url}: response is not JSON") from None
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import attrs
 
-from cellmux.protocol import Frame
+from cellmux.protocol import Frame, boundedjson
 
 __all__ = [
     "CellmuxError",
@@ -139,7 +138,7 @@ class KernelModel:
 
 
 def _json_object(part: bytes) -> dict[str, Any]:
-    value = json.loads(part) if part else {}
+    value = boundedjson.loads(part) if part else {}
     return value if isinstance(value, dict) else {}
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import attrs
 
+from . import boundedjson
 from .channels import CLIENT_SENDABLE, Channel, JupyterSocket, is_known_channel
 from .errors import ProtocolError
 from .framing import Frame
@@ -67,7 +68,7 @@ def parse_control(frame: Frame) -> dict[str, Any]:
     if len(frame.parts) != 1:
         raise ProtocolError("bad_control", "a control frame has exactly one part")
     try:
-        body = json.loads(frame.parts[0])
+        body = boundedjson.loads(frame.parts[0])
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError("bad_control", f"control part is not JSON: {e}") from None
     if not isinstance(body, dict) or not isinstance(body.get("op"), str):

@@ -44,6 +44,7 @@ from typing import Any
 
 import attrs
 
+from . import boundedjson
 from .channels import KERNEL_FORBIDDEN, Channel, JupyterSocket, is_known_channel
 from .errors import ProtocolError
 from .framing import DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, decode_tag, encode_tag
@@ -88,7 +89,7 @@ def _parse_link_control(parts: list[bytes]) -> dict[str, Any]:
     if channel != Channel.CONTROL:
         raise ProtocolError("bad_link_control", "expected a control message")
     try:
-        body = json.loads(parts[1])
+        body = boundedjson.loads(parts[1])
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise ProtocolError("bad_link_control", "link control part is not JSON") from None
     if not isinstance(body, dict) or not isinstance(body.get("op"), str):

@@ -21,7 +21,6 @@ an in-process client to the kernel and collects what the request caused.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import uuid
 from datetime import UTC, datetime
@@ -33,7 +32,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.web import server
 
-from cellmux.protocol import Channel, JupyterSocket, ProtocolError, decode_frame
+from cellmux.protocol import Channel, JupyterSocket, ProtocolError, boundedjson, decode_frame
 from cellmux.protocol.jupyter import SERVER_SESSION, jupyter_parts
 
 from .files import open_inside, scan
@@ -84,7 +83,7 @@ class _Run:
             return
         try:
             frame = decode_frame(data, self.max_frame)
-            header, parent, _metadata, content = (json.loads(p) for p in frame.parts[:4])
+            header, parent, _metadata, content = (boundedjson.loads(p) for p in frame.parts[:4])
         except (ProtocolError, ValueError):
             return  # not a Jupyter message: nothing of ours
         msg_type = header.get("msg_type")

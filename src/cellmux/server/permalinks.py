@@ -22,6 +22,8 @@ from typing import Any
 
 from twisted.web import server
 
+from cellmux.protocol import boundedjson
+
 from .store import Permalink, create_permalink
 from .webjson import HTTPError, JSONEndpoint, Route
 
@@ -92,7 +94,7 @@ def decode_inline(blob: str) -> tuple[str, str, str]:
             raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "inline link inflates too far")
         if not inflater.eof:
             raise ValueError("truncated")
-        doc = json.loads(raw)
+        doc = boundedjson.loads(raw)
     except (binascii.Error, zlib.error, ValueError, UnicodeDecodeError):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "not a valid inline permalink") from None
     if not isinstance(doc, dict):

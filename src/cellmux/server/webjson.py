@@ -19,6 +19,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from cellmux.protocol import boundedjson
+
 from .kernels import KernelError
 from .store import PermalinkNotFound, StoreError, StoreFull, StoreUnavailable
 
@@ -120,7 +122,7 @@ def read_json_body(request: server.Request, limit: int) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = boundedjson.loads(raw)
     except ValueError:
         raise HTTPError(HTTPStatus.BAD_REQUEST, "request body is not JSON") from None
     if not isinstance(body, dict):

@@ -39,6 +39,7 @@ from cellmux.protocol import (
     MAX_PARTS,
     Channel,
     JupyterSocket,
+    boundedjson,
     channel_for,
 )
 
@@ -143,7 +144,7 @@ def parse_json_object(data: bytes, what: str) -> dict[str, Any]:
     @raise JupyterCodecError: if it is not UTF-8 JSON holding an object.
     """
     try:
-        value = json.loads(data)
+        value = boundedjson.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise JupyterCodecError("bad_json", f"{what} is not JSON: {e}") from None
     if not isinstance(value, dict):
