@@ -12,7 +12,9 @@
   never admits ``https://trusted.example.evil.com``.
 
 Tokens are compared in constant time (share tokens are looked up by their
-SHA-256, which leaks nothing about the token) and never logged.
+SHA-256, which leaks nothing about the token) and never logged. The query
+string is read by one parser (L{query_pairs}) both to find a token and to
+blank it out of the access log, so ``?%74oken=T`` is a token to both.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 import attrs
 
@@ -35,10 +38,70 @@ __all__ = [
     "Share",
     "TokenAuth",
     "generate_token",
+    "query_pairs",
+    "query_tokens",
+    "redact_tokens",
 ]
 
 #: The login cookie's name.
 COOKIE_NAME = "cellmux-login"
+#: Login cookies the server remembers; the oldest is forgotten first (its
+#: browser logs in again). Each costs about 200 bytes.
+MAX_LOGINS = 10_000
+
+
+def _query_items(target: bytes | str) -> tuple[bytes, list[bytes]]:
+    """(what precedes the query, the query split into items and separators)
+    of a request target or URL. Like twisted.web, everything after the
+    first "?" is the query (a "#" too: request targets have no fragment)."""
+    if isinstance(target, str):
+        target = target.encode("utf-8", "surrogateescape")
+    head, question, query = target.partition(b"?")
+    # twisted.web separates parameters with "&" and with ";"
+    return head + question, re.split(rb"([&;])", query) if question else []
+
+
+def _decode(part: bytes) -> bytes:
+    return unquote_to_bytes(part.replace(b"+", b" "))
+
+
+def query_pairs(target: bytes | str) -> list[tuple[bytes, bytes]]:
+    """The (name, value) of each query parameter of a request target or URL,
+    both decoded exactly as twisted.web decodes ``request.args``.
+
+    Parameters are separated by ``&`` or ``;``; one without ``=`` is
+    skipped; ``+`` is a space and ``%xx`` escapes are decoded, in names too.
+    Every token in a query is found by this function, for authentication
+    (L{query_tokens}) and for the access log (L{redact_tokens}) alike.
+    """
+    _, items = _query_items(target)
+    pairs = []
+    for item in items[::2]:
+        name, equals, value = item.partition(b"=")
+        if equals:
+            pairs.append((_decode(name), _decode(value)))
+    return pairs
+
+
+def query_tokens(target: bytes | str) -> list[bytes]:
+    """The values of the ``token`` parameters of a request target."""
+    return [value for name, value in query_pairs(target) if name == b"token"]
+
+
+def redact_tokens(target: bytes) -> bytes:
+    """A request target or URL with every token value blanked out, for logs.
+
+    Blanks every parameter whose decoded name is ``token`` in any case: all
+    that L{query_tokens} accepts, and more.
+    """
+    head, items = _query_items(target)
+    if not items:
+        return target
+    for i in range(0, len(items), 2):
+        name, equals, _ = items[i].partition(b"=")
+        if equals and _decode(name).lower() == b"token":
+            items[i] = name + b"=<redacted>"
+    return head + b"".join(items)
 
 
 def generate_token() -> str:
@@ -64,6 +127,9 @@ class Role(enum.Enum):
         return self is Role.OWNER
 
 
+_RANK = {Role.OBSERVER: 0, Role.COLLABORATOR: 1, Role.OWNER: 2}
+
+
 @attrs.frozen
 class Grant:
     """What one credential allows.
@@ -79,6 +145,12 @@ class Grant:
 
     def covers(self, kernel_id: str) -> bool:
         return self.kernel_id is None or self.kernel_id == kernel_id
+
+    def includes(self, other: Grant) -> bool:
+        """Whether this grant allows everything C{other} allows."""
+        if self.kernel_id is None:
+            return self.role is Role.OWNER or other.kernel_id is not None
+        return self.kernel_id == other.kernel_id and _RANK[self.role] >= _RANK[other.role]
 
 
 @attrs.frozen
@@ -110,7 +182,8 @@ class TokenAuth:
         self._token = token.encode()
         self._owner = Grant(Role.OWNER)
         self._shares: dict[bytes, tuple[Share, Grant]] = {}
-        self._logins: dict[bytes, Grant] = {}
+        # login cookie digest -> grant, oldest first (bounded: MAX_LOGINS)
+        self._logins: OrderedDict[bytes, Grant] = OrderedDict()
 
     def __repr__(self) -> str:
         return "TokenAuth(<redacted>)"
@@ -156,7 +229,7 @@ class TokenAuth:
     def web_grant(self, request) -> Grant | None:
         return self.grant(
             request.getHeader(b"authorization"),
-            request.args.get(b"token", ()),
+            query_tokens(request.uri),
             request.getCookie(COOKIE_NAME.encode()),
         )
 
@@ -164,14 +237,15 @@ class TokenAuth:
         """Whether a web request is the server token's (owner of everything)."""
         return self.web_grant(request) == self._owner
 
-    def upgrade_grant(
-        self, headers: Mapping[str, str], params: Mapping[str, list[str]]
-    ) -> Grant | None:
-        """The grant of a websocket upgrade (Autobahn's ConnectionRequest)."""
-        return self.grant(headers.get("authorization"), params.get("token", ()), _cookie(headers))
+    def upgrade_grant(self, headers: Mapping[str, str], target: str | bytes) -> Grant | None:
+        """The grant of a websocket upgrade: Autobahn's request headers and the
+        request target (``http_request_uri``), whose query is read by
+        L{query_pairs} like every other request's (not by Autobahn's own
+        parser, which reads it differently)."""
+        return self.grant(headers.get("authorization"), query_tokens(target), _cookie(headers))
 
-    def check_upgrade(self, headers: Mapping[str, str], params: Mapping[str, list[str]]) -> bool:
-        return self.upgrade_grant(headers, params) == self._owner
+    def check_upgrade(self, headers: Mapping[str, str], target: str | bytes) -> bool:
+        return self.upgrade_grant(headers, target) == self._owner
 
     # -- login cookies --------------------------------------------------------
 
@@ -179,7 +253,18 @@ class TokenAuth:
         """A new login cookie value standing for C{grant}."""
         value = secrets.token_urlsafe(32)
         self._logins[_digest(value)] = grant
+        while len(self._logins) > MAX_LOGINS:
+            self._logins.popitem(last=False)
         return value
+
+    def login_grant(self, cookie: str | bytes | None) -> Grant | None:
+        """The grant a login cookie stands for, if it is a live one."""
+        return self._logins.get(_digest(cookie)) if cookie else None
+
+    def logout(self, cookie: str | bytes | None) -> None:
+        """Forget a login cookie (it was replaced by another)."""
+        if cookie:
+            self._logins.pop(_digest(cookie), None)
 
     # -- shares ---------------------------------------------------------------
 

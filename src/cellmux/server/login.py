@@ -1,21 +1,42 @@
+# -*- test-case-name: tests.security.test_login_csrf -*-
 """``/login``: trade a token for a browser login cookie.
 
 ``GET /login?token=T&next=/path`` (what a share link points at) or
 ``POST /login`` with ``Authorization: token T`` sets an HttpOnly,
 SameSite=Strict cookie standing for the token's grant, then redirects to
 ``next`` (only paths on this server: no open redirect) or answers JSON.
+
+Login CSRF: a page on another site must not log its visitor in with a
+token of its choosing (the victim's console would then run on the
+attacker's kernel). So:
+
+* A request the browser marks as coming from another site
+  (``Sec-Fetch-Site`` other than ``same-origin`` or ``none``; without that
+  header, an ``Origin`` that is not this server's) never sets the cookie. A
+  GET (a share link clicked in a mail or chat) gets a page that says what
+  the link grants and asks to confirm with a button; its POST comes from
+  this origin. A POST gets 403.
+* An existing login is never silently replaced by a weaker one: if the
+  current cookie's grant includes the new one (an owner login and any
+  share link), the current cookie is kept; if neither includes the other
+  (two different shares), the browser is asked to confirm (``confirm=1``).
 """
 
 from __future__ import annotations
 
+import html
 import json
 from http import HTTPStatus
+from urllib.parse import urlencode
 
 from twisted.web import resource, server
 
-from .auth import COOKIE_NAME, TokenAuth
+from .auth import COOKIE_NAME, Grant, TokenAuth, query_pairs, query_tokens
 
 __all__ = ["LoginResource"]
+
+#: Sec-Fetch-Site values of requests a user made on this server or typed.
+_OWN_SITE = (b"same-origin", b"none")
 
 
 def _safe_next(value: bytes | None) -> bytes:
@@ -25,6 +46,24 @@ def _safe_next(value: bytes | None) -> bytes:
     return value
 
 
+def _from_another_site(request: server.Request) -> bool:
+    """Whether the browser says this request comes from a page of another site."""
+    fetch_site = request.getHeader(b"sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site.strip().lower() not in _OWN_SITE
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return False  # not a browser, or an old one on a plain navigation
+    host = request.getHeader(b"host") or b""
+    return origin.partition(b"://")[2].lower() != host.lower()
+
+
+def _describe(grant: Grant) -> str:
+    if grant.kernel_id is None:
+        return "the owner of every kernel on this server"
+    return f"{grant.role.value} of kernel {grant.kernel_id}"
+
+
 class LoginResource(resource.Resource):
     isLeaf = True
 
@@ -32,39 +71,96 @@ class LoginResource(resource.Resource):
         super().__init__()
         self._auth = auth
 
-    def _login(self, request: server.Request) -> bytes | None:
-        grant = self._auth.grant(
-            request.getHeader(b"authorization"), request.args.get(b"token", ())
-        )
+    def render_GET(self, request: server.Request) -> bytes:
+        return self._login(request, page=True)
+
+    def render_POST(self, request: server.Request) -> bytes:
+        return self._login(request, page=False)
+
+    def _login(self, request: server.Request, page: bool) -> bytes:
+        # The token must not linger in the address bar, history or Referer.
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"cache-control", b"no-store")
+        grant = self._auth.grant(request.getHeader(b"authorization"), query_tokens(request.uri))
         if grant is None:
-            request.setResponseCode(HTTPStatus.FORBIDDEN)
-            request.setHeader(b"content-type", b"application/json")
-            return json.dumps(
-                {"message": "a valid token is required", "reason": "Forbidden"}
-            ).encode()
-        cookie = self._auth.login(grant)
+            return self._refuse(request, HTTPStatus.FORBIDDEN, "a valid token is required")
+        params = dict(query_pairs(request.uri))
+        cookie = request.getCookie(COOKIE_NAME.encode())
+        current = self._auth.login_grant(cookie)
+        if _from_another_site(request):
+            if page:
+                return self._confirm_page(request, grant, current, params)
+            message = "a login from another site is refused; log in from this server's pages"
+            return self._refuse(request, HTTPStatus.FORBIDDEN, message)
+        if current is not None and current.includes(grant):
+            return self._done(request, params, kept=True)  # keep the stronger login
+        if current is not None and not grant.includes(current) and params.get(b"confirm") != b"1":
+            if page:
+                return self._confirm_page(request, grant, current, params)
+            message = (
+                f"this browser is logged in as {_describe(current)}; "
+                "add confirm=1 to replace that login"
+            )
+            return self._refuse(request, HTTPStatus.CONFLICT, message)
+        self._auth.logout(cookie)
         request.addCookie(
             COOKIE_NAME.encode(),
-            cookie.encode(),
+            self._auth.login(grant).encode(),
             path=b"/",
             httpOnly=True,
             secure=request.isSecure(),
             sameSite="strict",
         )
-        # The token must not linger in the address bar, history or Referer.
-        request.setHeader(b"referrer-policy", b"no-referrer")
-        return None
+        return self._done(request, params, kept=False)
 
-    def render_GET(self, request: server.Request) -> bytes:
-        refused = self._login(request)
-        if refused is not None:
-            return refused
-        request.redirect(_safe_next(request.args.get(b"next", [None])[0]))
-        return b""
-
-    def render_POST(self, request: server.Request) -> bytes:
-        refused = self._login(request)
-        if refused is not None:
-            return refused
+    def _done(self, request: server.Request, params: dict[bytes, bytes], kept: bool) -> bytes:
+        if request.method == b"GET" or b"next" in params:
+            request.setResponseCode(HTTPStatus.SEE_OTHER if request.method == b"POST" else 302)
+            request.setHeader(b"location", _safe_next(params.get(b"next")))
+            return b""
         request.setHeader(b"content-type", b"application/json")
-        return b'{"logged_in": true}'
+        return json.dumps({"logged_in": True, "kept_existing_login": kept}).encode()
+
+    def _refuse(self, request: server.Request, status: HTTPStatus, message: str) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"message": message, "reason": status.phrase}).encode()
+
+    def _confirm_page(
+        self,
+        request: server.Request,
+        grant: Grant,
+        current: Grant | None,
+        params: dict[bytes, bytes],
+    ) -> bytes:
+        """Ask before logging in: the button POSTs from this origin."""
+        query = {b"confirm": b"1", b"next": _safe_next(params.get(b"next"))}
+        token = query_tokens(request.uri)
+        if token:
+            query[b"token"] = token[0]
+        action = "/login?" + urlencode(query)
+        replaces = (
+            f"<p>This browser is now logged in as {html.escape(_describe(current))}; "
+            "that login will end.</p>"
+            if current is not None and not grant.includes(current)
+            else ""
+        )
+        body = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>cellmux: log in?</title></head>
+<body>
+<h1>Log in to this cellmux server?</h1>
+<p>A link asks to log this browser in as {html.escape(_describe(grant))}.
+Only go on if you opened this link yourself and trust whoever sent it:
+everything you type will run on that kernel.</p>
+{replaces}
+<form method="post" action="{html.escape(action)}"><button type="submit">Log in</button></form>
+</body></html>
+"""
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        # Nobody may frame this page and click the button for the user.
+        request.setHeader(b"x-frame-options", b"DENY")
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'none'; form-action 'self'; frame-ancestors 'none'",
+        )
+        return body.encode()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import cellmux
 from cellmux.config import ServerConfig
 
 from .api import ApiResource
-from .auth import TokenAuth
+from .auth import TokenAuth, redact_tokens
 from .files import FileNotices, FilesResource
 from .jupyter.channels import JupyterChannelsFactory
 from .jupyter.kernelspecs import KernelspecFiles
@@ -69,13 +68,11 @@ class _Root(resource.Resource):
         return _JSONResource(404, {"message": "not found", "reason": "Not Found"})
 
 
-_TOKEN_IN_QUERY = re.compile(rb"(token=)[^&\s]*", re.IGNORECASE)
-
-
 def redacted_log_formatter(timestamp: str, request: server.Request) -> str:
     """An access-log line in combined format, with any token blanked out."""
-    uri = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", request.uri)
-    referer = _TOKEN_IN_QUERY.sub(rb"\1<redacted>", request.getHeader(b"referer") or b"-")
+    # The query parser that finds tokens finds what to blank (auth.py).
+    uri = redact_tokens(request.uri)
+    referer = redact_tokens(request.getHeader(b"referer") or b"-")
     fields = [
         request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else "-",
         timestamp,

@@ -139,7 +139,7 @@ class ClientConnection(WebSocketServerProtocol):
     # -- called from Autobahn ---------------------------------------------
 
     def onConnect(self, request) -> None:
-        grant = self.factory.auth.upgrade_grant(request.headers, request.params)
+        grant = self.factory.auth.upgrade_grant(request.headers, self.http_request_uri)
         if grant is None:
             raise ConnectionDeny(403, "a valid token is required")
         headers = request.headers

@@ -137,7 +137,7 @@ class JupyterChannels(WebSocketServerProtocol):
     # -- called from Autobahn ---------------------------------------------
 
     def onConnect(self, request) -> str | None:
-        grant = self.factory.auth.upgrade_grant(request.headers, request.params)
+        grant = self.factory.auth.upgrade_grant(request.headers, self.http_request_uri)
         if grant is None:
             raise ConnectionDeny(403, "a valid token is required")
         headers = request.headers

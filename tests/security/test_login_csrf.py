@@ -1,0 +1,121 @@
+"""Login CSRF: another site cannot log a browser in, and a login is never silently weakened."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import urllib.parse
+
+import pytest
+
+from cellmux.server.auth import COOKIE_NAME
+
+
+def request(server, method: str, target: str, headers: dict[str, str] | None = None):
+    parts = urllib.parse.urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=15)
+    try:
+        conn.request(method, target, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def login_cookie(headers) -> str | None:
+    value = headers.get("set-cookie")
+    if value is None:
+        return None
+    match = re.match(rf"{COOKIE_NAME}=([^;]+)", value)
+    return match.group(1) if match else None
+
+
+def cookie_header(value: str) -> dict[str, str]:
+    return {"Cookie": f"{COOKIE_NAME}={value}"}
+
+
+@pytest.fixture
+def shares(client):
+    a = client.create_kernel()
+    b = client.create_kernel()
+    yield (
+        client.share_kernel(a.id, "collaborator")["token"],
+        client.share_kernel(b.id, "observer")["token"],
+        a.id,
+    )
+    client.delete_kernel(a.id)
+    client.delete_kernel(b.id)
+
+
+CROSS_SITE = [
+    {"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"},
+    {"Sec-Fetch-Site": "same-site"},
+    {"Origin": "https://evil.example"},  # a browser without Sec-Fetch-*
+    {"Origin": "null"},
+]
+
+
+@pytest.mark.parametrize("foreign", CROSS_SITE)
+def test_another_site_cannot_log_a_browser_in(server, shares, foreign):
+    attackers = shares[0]
+    status, headers, body = request(
+        server, "POST", "/login", {"Authorization": f"token {attackers}", **foreign}
+    )
+    assert status == 403 and login_cookie(headers) is None
+    assert b"another site" in body
+    # A share link clicked on another site: a page that asks, no cookie.
+    status, headers, body = request(
+        server, "GET", f"/login?token={attackers}&next=/%3Fkernel%3Dx", foreign
+    )
+    assert status == 200 and login_cookie(headers) is None
+    assert headers["x-frame-options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["content-security-policy"]
+    assert b"collaborator of kernel" in body and b'method="post"' in body
+    action = re.search(rb'action="([^"]+)"', body).group(1).decode().replace("&amp;", "&")
+    assert "confirm=1" in action
+    # Its button posts from this server's own page: that logs in.
+    own = {"Sec-Fetch-Site": "same-origin", "Origin": server.url.rstrip("/")}
+    status, headers, _ = request(server, "POST", action, own)
+    assert status == 303 and headers["location"] == "/?kernel=x"
+    assert login_cookie(headers) is not None
+
+
+def test_a_share_link_never_replaces_an_owner_login(server, shares):
+    _, headers, _ = request(server, "POST", "/login", {"Authorization": f"token {server.token}"})
+    owner = login_cookie(headers)
+    for same_site in ({}, {"Sec-Fetch-Site": "none"}, {"Sec-Fetch-Site": "same-origin"}):
+        status, headers, _ = request(
+            server,
+            "GET",
+            f"/login?token={shares[1]}&next=/x",
+            {**cookie_header(owner), **same_site},
+        )
+        assert (status, headers["location"]) == (302, "/x")
+        assert login_cookie(headers) is None  # kept
+    status, _, _ = request(server, "GET", "/api/kernels", cookie_header(owner))
+    assert status == 200  # still the owner of everything
+
+
+def test_one_share_login_is_replaced_by_another_only_when_confirmed(server, shares):
+    first, second, first_kernel = shares
+    _, headers, _ = request(server, "POST", "/login", {"Authorization": f"token {first}"})
+    old = login_cookie(headers)
+    assert request(server, "GET", f"/api/kernels/{first_kernel}", cookie_header(old))[0] == 200
+    status, headers, body = request(
+        server, "GET", f"/login?token={second}", {**cookie_header(old), "Sec-Fetch-Site": "none"}
+    )
+    assert status == 200 and login_cookie(headers) is None
+    assert b"that login will end" in body
+    status, _, body = request(
+        server, "POST", "/login", {**cookie_header(old), "Authorization": f"token {second}"}
+    )
+    assert status == 409 and b"confirm=1" in body
+    status, headers, _ = request(
+        server,
+        "POST",
+        "/login?confirm=1",
+        {**cookie_header(old), "Authorization": f"token {second}"},
+    )
+    assert status == 200 and login_cookie(headers) is not None
+    # the replaced login is gone for good
+    assert request(server, "GET", f"/api/kernels/{first_kernel}", cookie_header(old))[0] == 403
