@@ -23,6 +23,7 @@ kernel waits for it instead of anything being dropped.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IPushProducer
@@ -97,11 +98,18 @@ class Attachment:
         self.channels = channels
         self.kernel: Kernel | None = None
         self.session = ""
+        #: Whether this client's grant owns its session on the kernel (the
+        #: first grant that may answer prompts to use a session id owns it):
+        #: only then does it get that session's stdin prompts.
+        self.owns_session = False
         self._transport = transport
         #: seq of the last kernel frame delivered (or passed over)
         self.cursor = 0
         #: the transport asked us to stop; frames wait in the replay log
         self._paused = False
+        #: called when the client reads again, after it caught up (the
+        #: native session answers the requests that waited)
+        self.resumed: Callable[[], None] | None = None
         self._behind = False
 
     # -- attaching --------------------------------------------------------
@@ -110,8 +118,29 @@ class Attachment:
         """Join C{kernel}; with a cursor, first receive what came after it."""
         self.kernel = kernel
         self.session = session
+        self.owns_session = self.claim_session(session)
         self.cursor = kernel.seq if cursor is None else min(cursor, kernel.seq)
         kernel.attach(self, cursor=cursor)
+
+    def claim_session(self, session: str) -> bool:
+        """Whether this client's grant owns C{session} on its kernel: it
+        does if no other grant used it first. An observer, which may not
+        answer prompts, never owns (or takes) a session."""
+        kernel = self.kernel
+        return (
+            kernel is not None
+            and self.grant.role.may_execute
+            and kernel.session_owners.claim(session, self.grant)
+        )
+
+    def adopt_session(self, session: str) -> bool:
+        """Route this client's prompts by C{session} from now on, if its grant
+        owns (or may claim) that session; whether it did."""
+        if not self.claim_session(session):
+            return False
+        self.session = session
+        self.owns_session = True
+        return True
 
     def detach(self) -> None:
         if self.kernel is not None:
@@ -121,8 +150,10 @@ class Attachment:
     # -- called by the kernel (ClientSink) --------------------------------
 
     def wants(self, channel: int) -> bool:
-        if channel == Channel.STDIN and not self.grant.role.may_execute:
-            return False  # observers never see prompts, whatever their session
+        if channel == Channel.STDIN and not (self.grant.role.may_execute and self.owns_session):
+            # observers never see prompts, nor does anyone whose grant
+            # does not own the session it declared
+            return False
         return self.channels is None or channel in self.channels
 
     def send_frame(self, data: bytes) -> None:
@@ -157,9 +188,16 @@ class Attachment:
             self._catch_up()
         if not self._paused and self.kernel is not None:
             self.kernel.uncongested(self)
+        if not self._paused and self.resumed is not None:
+            self.resumed()
 
     def stopProducing(self) -> None:
         self._paused = True
+
+    @property
+    def paused(self) -> bool:
+        """Whether the client's connection is full (it is not reading)."""
+        return self._paused
 
     def _catch_up(self) -> None:
         """Deliver what the client missed while paused, until paused again."""
@@ -213,10 +251,7 @@ class Attachment:
         if op == "ping":
             return {"op": "pong"}
         if op == "history":
-            inputs = [
-                {"code": h.code, "session": h.session, "time": h.time} for h in kernel.history
-            ]
-            return {"op": "history", "inputs": inputs}
+            return {"op": "history", "inputs": [h.to_json() for h in kernel.history]}
         allowed = _ROLE_FOR_OP.get(op)
         if allowed is not None and not allowed(self.grant.role):
             raise Forbidden(f"a {self.grant.role.value} may not {op}")

@@ -20,7 +20,6 @@ with back-off, and backs off when kernels keep failing to start.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import time
@@ -36,9 +35,17 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from cellmux.cleanup import remove_tree
-from cellmux.protocol import DEFAULT_LINK_CREDIT, Channel, JupyterSocket, encode_tag, frame_bytes
+from cellmux.protocol import (
+    DEFAULT_LINK_CREDIT,
+    Channel,
+    JupyterSocket,
+    boundedjson,
+    encode_tag,
+    frame_bytes,
+)
 from cellmux.protocol.jupyter import jupyter_parts
 
+from .history import HISTORY_LENGTH, HistoryEntry, InputHistory
 from .lifecycle import (
     RUNNING,
     Answered,
@@ -58,9 +65,12 @@ from .lifecycle import (
 )
 from .links import KernelUnreachable, LinkUnavailable
 from .replay import Entry, ReplayLog
+from .stdin import MAX_PROMPT_BYTES, PendingInput, PendingPrompts, SessionOwners, cut_prompt
 
 __all__ = [
+    "HISTORY_LENGTH",
     "ClientSink",
+    "HistoryEntry",
     "Kernel",
     "KernelError",
     "KernelHost",
@@ -79,8 +89,6 @@ __all__ = [
 
 #: Seconds between link pings and culling checks.
 TICK = 0.5
-#: Inputs remembered per kernel for clients that want to re-run them.
-HISTORY_LENGTH = 1000
 #: Automatic restarts allowed within RESTART_WINDOW seconds (no crash loops).
 MAX_AUTO_RESTARTS = 3
 RESTART_WINDOW = 60.0
@@ -210,26 +218,6 @@ class _Timer:
         self.call = None
 
 
-@attrs.frozen
-class PendingInput:
-    """An input_request not answered yet; its timer runs while its
-    session has no client attached."""
-
-    frame: bytes
-    header: bytes
-    parent: bytes
-    timer: _Timer
-
-
-@attrs.frozen
-class HistoryEntry:
-    """One execute request a client sent, kept for re-running."""
-
-    code: str
-    session: str
-    time: str
-
-
 def iso_timestamp(ts: float) -> str:
     # Jupyter clients parse this with %Y-%m-%dT%H:%M:%S.%fZ.
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -237,7 +225,7 @@ def iso_timestamp(ts: float) -> str:
 
 def _parent_session(parent_header: bytes) -> str | None:
     try:
-        session = json.loads(parent_header).get("session")
+        session = boundedjson.loads(parent_header).get("session")
     except (ValueError, AttributeError):
         return None
     return session if isinstance(session, str) else None
@@ -281,12 +269,16 @@ class Kernel:
         self.last_activity = self.created
         #: Bytes of output since the last client left (none while attached).
         self.unwatched_bytes = 0
-        self.history: deque[HistoryEntry] = deque(maxlen=HISTORY_LENGTH)
+        self.history = InputHistory()
         #: Clients that slow the kernel down when they cannot keep up.
         self.writers: set[ClientSink] = set()
         self._congested: set[ClientSink] = set()
         # input_request frames waiting for their session's client to attach
-        self._pending_input: dict[str, PendingInput] = {}
+        self.prompts = PendingPrompts(
+            self._clock, lambda: manager.config.stdin_timeout, self._end_input
+        )
+        #: Which grant owns each session id here: only it gets its prompts.
+        self.session_owners = SessionOwners()
         #: Automatic restarts left (no crash loops).
         self.restarts = RestartBudget(MAX_AUTO_RESTARTS, RESTART_WINDOW)
 
@@ -414,52 +406,60 @@ class Kernel:
         The kernel copies the request's header into the parent header, and
         its ``session`` is the one the client declared in its hello. If
         that client is gone, the request waits for it to come back, for
-        ``stdin_timeout`` seconds.
+        ``stdin_timeout`` seconds. A request over MAX_PROMPT_BYTES has its
+        prompt cut (or is dropped if that is not enough), with a notice.
         """
+        if len(parts) < 4:
+            return  # not a Jupyter message: nothing could answer it
         session = _parent_session(parts[1]) or ""
+        size = sum(map(len, parts))
+        if size > MAX_PROMPT_BYTES:
+            cut = cut_prompt(parts)
+            note = PendingInput(session, b"", parts[0], parts[1])
+            if cut is None:
+                self._end_input(note, f"dropped an input request of {size} bytes", False)
+                return
+            why = f"cut the prompt of an input request of {size} bytes"
+            self._end_input(note, why, False)
+            parts = cut
         data = self._emit(Channel.STDIN, socket, parts, session)
-        self._pending_input[session] = PendingInput(data, parts[0], parts[1], _Timer())
-        if not any(c.session == session for c in self.clients):
-            self._wait_for_session(session)
+        self.prompts.hold(PendingInput(session, data, parts[0], parts[1]))
+        self._wait_for_session(session)
 
     def _wait_for_session(self, session: str) -> None:
-        """Nobody of C{session} is attached: start the reconnect timeout."""
-        pending = self._pending_input.get(session)
-        if pending is not None and not pending.timer.active():
-            pending.timer.call = self._clock.callLater(
-                self._manager.config.stdin_timeout, self._input_timed_out, session
-            )
+        """Start the reconnect timeout unless a client that may answer is attached."""
+        if not any(c.session == session and c.wants(Channel.STDIN) for c in self.clients):
+            self.prompts.wait(session)
 
     def input_answered(self, session: str) -> None:
         """A client sent an input_reply: nothing waits any more."""
-        pending = self._pending_input.pop(session, None)
-        if pending is not None:
-            pending.timer.cancel()
+        self.prompts.answered(session)
 
-    def _input_timed_out(self, session: str) -> None:
-        pending = self._pending_input.pop(session, None)
-        if pending is None or self.incarnation is None:
+    def _end_input(self, pending: PendingInput, why: str, answer: bool = True) -> None:
+        """Nobody will answer C{pending}: say why; with C{answer}, give the
+        kernel end-of-file (its input() raises EOFError)."""
+        if self.incarnation is None:
             return
-        request_header, request_parent = pending.header, pending.parent
-        timeout = self._manager.config.stdin_timeout
-        parent = json.loads(request_parent)
+        try:
+            request_header = boundedjson.loads(pending.header)
+            parent = boundedjson.loads(pending.parent)
+        except ValueError:
+            return  # the kernel's own garbage: ipykernel never waits on it
+        if not isinstance(request_header, dict) or not isinstance(parent, dict):
+            return
         self.publish(
-            Channel.STDERR,
-            "stream",
-            {
-                "name": "stderr",
-                "text": f"cellmux: no client answered this input request in {timeout:g} s\n",
-            },
-            parent=parent,
+            Channel.STDERR, "stream", {"name": "stderr", "text": f"cellmux: {why}\n"}, parent=parent
         )
+        if not answer:
+            return
         # "\x04" is ipykernel's EOF: input() raises EOFError in the kernel.
         now = datetime.fromtimestamp(self._clock.seconds(), UTC)
         reply = jupyter_parts(
             "input_reply",
             {"status": "ok", "value": "\x04"},
             now=now,
-            session=session,
-            parent=json.loads(request_header),
+            session=pending.session,
+            parent=request_header,
         )
         with contextlib.suppress(KernelError):  # the kernel just died: nothing waits
             self.send(Channel.STDIN, JupyterSocket.STDIN, reply)
@@ -469,9 +469,7 @@ class Kernel:
         self._drop_pending_input()
 
     def _drop_pending_input(self) -> None:
-        for pending in self._pending_input.values():
-            pending.timer.cancel()
-        self._pending_input.clear()
+        self.prompts.drop_all()
 
     # -- clients ------------------------------------------------------------------
 
@@ -485,10 +483,12 @@ class Kernel:
             self.replay_to(client, cursor)
         self.clients.add(client)
         self._watched()
-        pending = self._pending_input.get(client.session)
-        if pending is not None:
-            pending.timer.cancel()
-            if cursor is None:  # a fresh attach has not seen the waiting prompt
+        # Only a client that may answer (its role, and its grant owns the
+        # session) stops the prompt's timeout or is shown the prompt.
+        if client.wants(Channel.STDIN):
+            pending = self.prompts.client_back(client.session)
+            if pending is not None and cursor is None:
+                # a fresh attach has not seen the waiting prompt
                 client.send_frame(pending.frame)
 
     def _watched(self) -> None:
@@ -570,12 +570,11 @@ class Kernel:
         if b'"execute_request"' not in header:
             return
         try:
-            code = json.loads(content).get("code")
+            code = boundedjson.loads(content).get("code")
         except (ValueError, AttributeError):
             return
         if isinstance(code, str) and code.strip():
-            now = iso_timestamp(self._clock.seconds())
-            self.history.append(HistoryEntry(code, session, now))
+            self.history.append(code, session, iso_timestamp(self._clock.seconds()))
 
 
 class KernelManager:

@@ -168,10 +168,11 @@ class JupyterChannels(WebSocketServerProtocol):
             self.gone("shut down")
             return
         session = self.session_id or uuid.uuid4().hex
-        self._own_sessions.add(session)
         # The same session again resumes after what it was last sent.
         cursor = self.factory.cursor(kernel.id, self.session_id)
         self.attachment.attach(kernel, session, cursor=cursor)
+        if self.attachment.owns_session:  # not another credential's session
+            self._own_sessions.add(session)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
@@ -180,15 +181,26 @@ class JupyterChannels(WebSocketServerProtocol):
         except JupyterCodecError as e:
             self._refuse(e, close_code=CLOSE_UNSUPPORTED_DATA if e.code == "text_frame" else None)
             return
-        session = bound.header.get("session")
-        if isinstance(session, str) and session and len(self._own_sessions) < MAX_CLIENT_SESSIONS:
-            self._own_sessions.add(session)
-        if bound.socket is JupyterSocket.SHELL and session in self._own_sessions:
-            self.attachment.session = session
         try:
             self.attachment.send(bound.channel, bound.socket, bound.parts)
         except KernelError as e:
             self._refuse(JupyterCodecError(e.code, str(e), bound.header), count=False)
+            return
+        # Only a message the kernel took makes its session this client's,
+        # and only a session no other credential owns: else an observer (all
+        # its messages refused) or a collaborator naming the owner's session
+        # would receive the replies to the owner's requests.
+        session = bound.header.get("session")
+        if (
+            isinstance(session, str)
+            and session
+            and session not in self._own_sessions
+            and len(self._own_sessions) < MAX_CLIENT_SESSIONS
+            and self.attachment.claim_session(session)
+        ):
+            self._own_sessions.add(session)
+        if bound.socket is JupyterSocket.SHELL and session in self._own_sessions:
+            self.attachment.adopt_session(session)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         attachment = self.attachment
