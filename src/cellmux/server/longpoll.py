@@ -62,6 +62,9 @@ POLL_IDLE_EXPIRY = 60.0
 #: Most control frames a connection keeps unacknowledged; a client that
 #: never polls is cut off rather than allowed to grow this without bound.
 MAX_QUEUED_CONTROL = 1000
+#: Most bytes of control frames a connection keeps unacknowledged (a
+#: ``history`` reply can be megabytes); beyond it the client is cut off too.
+MAX_QUEUED_CONTROL_BYTES = 64 * 1024 * 1024
 _LENGTH = struct.Struct(">I")
 
 #: Close code for a connection nobody polled in time (the others are the
@@ -116,6 +119,7 @@ class PollConnection:
         )
         self._control_seq = 0
         self._queued: deque[tuple[int, bytes]] = deque()
+        self._queued_bytes = 0
         self._closed: tuple[int, str] | None = None
         self._waiter: tuple[defer.Deferred, Any] | None = None
         self._expire = expire
@@ -196,8 +200,12 @@ class PollConnection:
     def _queue(self, data: bytes) -> None:
         self._control_seq += 1
         self._queued.append((self._control_seq, data))
-        if len(self._queued) > MAX_QUEUED_CONTROL and self._closed is None:
+        self._queued_bytes += len(data)
+        if self._closed is None and (
+            len(self._queued) > MAX_QUEUED_CONTROL or self._queued_bytes > MAX_QUEUED_CONTROL_BYTES
+        ):
             self._queued.clear()
+            self._queued_bytes = 0
             self.close(CLOSE_PROTOCOL_ERROR, "too many unacknowledged control frames")
         self._wake()
 
@@ -208,7 +216,7 @@ class PollConnection:
         control frames up to C{ctl}.
         """
         while self._queued and self._queued[0][0] <= ctl:
-            self._queued.popleft()
+            self._queued_bytes -= len(self._queued.popleft()[1])
         frames = [data for n, data in self._queued if n > ctl]
         next_ctl = max(ctl, self._control_seq) if frames else ctl
         cursor = self.native.start if seq is None else seq

@@ -8,11 +8,22 @@ requests are carried out, and anything malformed is answered with an
 ``error`` control frame (and, when fatal or after too many, a close).
 
 The carrier supplies two callables: how to send a control frame to the
-client, and how to close the connection with a code and a reason.
+client, and how to close the connection with a code and a reason; a carrier
+that can stop reading from its client (the websocket) also supplies
+C{pause_reading} and C{resume_reading}.
+
+Replies obey the client's flow control like kernel frames do. While the
+client's connection is full (its L{Attachment} is paused), requests wait
+unanswered and refusals wait unsent, at most L{MAX_HELD_REPLIES} of them
+and L{MAX_HELD_BYTES} of requests; beyond that the server stops reading
+from the client until it reads again. A ``history`` reply is built only
+when it can be sent. So a client that keeps asking and never reads costs
+one reply in its socket buffer and this bound, not a reply per request.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +47,8 @@ __all__ = [
     "CLOSE_FORBIDDEN",
     "CLOSE_KERNEL_GONE",
     "CLOSE_UNKNOWN_KERNEL",
+    "MAX_HELD_BYTES",
+    "MAX_HELD_REPLIES",
     "MAX_PROTOCOL_ERRORS",
     "NativeSession",
 ]
@@ -48,6 +61,11 @@ CLOSE_FORBIDDEN = 4403
 CLOSE_UNKNOWN_KERNEL = 4404
 #: After this many refused frames a client is cut off: it is not a bug any more.
 MAX_PROTOCOL_ERRORS = 100
+#: Replies (and requests waiting to be answered) held for a client whose
+#: connection is full, before the server stops reading from it.
+MAX_HELD_REPLIES = 64
+#: Bytes of held requests (their frames) before the server stops reading.
+MAX_HELD_BYTES = 1024 * 1024
 
 
 class NativeSession:
@@ -67,15 +85,25 @@ class NativeSession:
         close: Callable[[int, str], None],
         *,
         replay_on_attach: bool = True,
+        pause_reading: Callable[[], None] | None = None,
+        resume_reading: Callable[[], None] | None = None,
     ) -> None:
         self.manager = manager
         self.attachment = attachment
         self._send_control = send_control
         self._close = close
         self._replay_on_attach = replay_on_attach
+        self._pause_reading = pause_reading
+        self._resume_reading = resume_reading
         self._handshake = ServerSideHandshake()
         self._errors = 0
         self.start = 0
+        # What waits for the client to read again: (bytes it holds, action).
+        self._held: deque[tuple[int, Callable[[], None]]] = deque()
+        self._held_bytes = 0
+        self._reading_paused = False
+        self._flushing = False
+        attachment.resumed = self._flush
 
     def receive(self, data: bytes) -> None:
         """Handle one frame from the client."""
@@ -88,9 +116,41 @@ class NativeSession:
         if isinstance(event, DataMessage):
             self._relay(event)
         elif isinstance(event, Request):
-            defer.ensureDeferred(self._request(event))
+            self._when_reading(lambda: defer.ensureDeferred(self._request(event)), len(data))
         elif isinstance(event, Hello):
             self._hello(event)
+
+    # -- replies wait while the client does not read --------------------------
+
+    def _reply(self, op: str, **fields: Any) -> None:
+        """Send a control frame now, or once the client reads again."""
+        self._when_reading(lambda: self._send_control(op, **fields), 0)
+
+    def _when_reading(self, action: Callable[[], None], size: int) -> None:
+        if (self._flushing or not self._held) and not self.attachment.paused:
+            action()  # (while flushing: a held request answering at once)
+            return
+        self._held.append((size, action))
+        self._held_bytes += size
+        over = len(self._held) > MAX_HELD_REPLIES or self._held_bytes > MAX_HELD_BYTES
+        if over and not self._reading_paused and self._pause_reading is not None:
+            self._reading_paused = True
+            self._pause_reading()
+
+    def _flush(self) -> None:
+        """The client reads again: answer what waited, until it is full again."""
+        self._flushing = True
+        try:
+            while self._held and not self.attachment.paused:
+                size, action = self._held.popleft()
+                self._held_bytes -= size
+                action()
+        finally:
+            self._flushing = False
+        if self._reading_paused and not self._held:
+            self._reading_paused = False
+            if self._resume_reading is not None:
+                self._resume_reading()
 
     def refuse(self, error: ProtocolError, close_code: int = CLOSE_PROTOCOL_ERROR) -> None:
         """Answer a refused frame; close when it is fatal or one too many."""
@@ -99,7 +159,10 @@ class NativeSession:
         fields: dict[str, Any] = {"code": error.code, "message": error.message, "fatal": fatal}
         if error.request_id is not None:
             fields["id"] = error.request_id
-        self._send_control("error", **fields)
+        if fatal:
+            self._send_control("error", **fields)
+        else:
+            self._reply("error", **fields)
         if fatal:
             self._close(close_code, error.message)
 
@@ -133,14 +196,12 @@ class NativeSession:
         try:
             self.attachment.send(frame.channel, frame.socket, frame.parts)
         except KernelError as e:
-            self._send_control(
-                "error", code=e.code, message=str(e), channel=frame.channel, fatal=False
-            )
+            self._reply("error", code=e.code, message=str(e), channel=frame.channel, fatal=False)
 
     async def _request(self, request: Request) -> None:
         try:
             reply = await self.attachment.request(request.op, request.channels)
         except KernelError as e:
-            self._send_control("error", id=request.id, code=e.code, message=str(e), fatal=False)
+            self._reply("error", id=request.id, code=e.code, message=str(e), fatal=False)
             return
-        self._send_control(reply.pop("op"), id=request.id, **reply)
+        self._reply(reply.pop("op"), id=request.id, **reply)

@@ -147,7 +147,12 @@ class ClientConnection(WebSocketServerProtocol):
             raise ConnectionDeny(403, "this origin may not connect")
         self.attachment = Attachment(self.manager, grant, self)
         self.native = NativeSession(
-            self.manager, self.attachment, self._control, lambda code, why: close(self, code, why)
+            self.manager,
+            self.attachment,
+            self._control,
+            lambda code, why: close(self, code, why),
+            pause_reading=self._pause_reading,
+            resume_reading=self._resume_reading,
         )
         return None
 
@@ -197,6 +202,16 @@ class ClientConnection(WebSocketServerProtocol):
         close(self, CLOSE_FORBIDDEN, "access revoked")
 
     # -- helpers ------------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        # Too many requests wait for a client that does not read: read no
+        # more of them until it does (TCP then slows the client down).
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
 
     def _control(self, op: str, **fields: Any) -> None:
         self.sendMessage(encode_frame(control_frame(op, **fields)), isBinary=True)
