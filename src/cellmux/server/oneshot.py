@@ -16,6 +16,10 @@ no free kernel 503.
 
 Unlike the relay, this endpoint decodes the kernel's messages: it attaches
 an in-process client to the kernel and collects what the request caused.
+What it keeps is bounded: L{MAX_STREAM} characters of each stream and
+L{MAX_OUTPUT} bytes of output of every kind in all; what does not fit is
+dropped (an error keeps its name and value), ``output_truncated`` is true
+and stderr ends with a note saying so.
 """
 
 from __future__ import annotations
@@ -40,10 +44,20 @@ from .kernels import Kernel, KernelManager
 from .permalinks import MAX_CODE
 from .webjson import HTTPError, JSONEndpoint, Route
 
-__all__ = ["MAX_INLINE_FILES", "MAX_STREAM", "OneShotResource"]
+__all__ = ["MAX_INLINE_FILES", "MAX_OUTPUT", "MAX_STREAM", "OneShotResource"]
 
 #: Characters of stdout (and of stderr) kept; the rest is cut and flagged.
 MAX_STREAM = 4 * 1024 * 1024
+#: Bytes of output of every kind (streams, result, displays, error) one run
+#: keeps, counted as the size of each message's JSON content plus
+#: L{MESSAGE_OVERHEAD}; what does not fit is dropped and flagged, with a
+#: note at the end of stderr.
+MAX_OUTPUT = 16 * 1024 * 1024
+#: What each kept message is charged besides its content (the Python objects
+#: that hold it), so a million tiny displays cannot cost more than big ones.
+MESSAGE_OVERHEAD = 512
+#: Characters of an error's name and value kept when its traceback is dropped.
+MAX_ERROR_TEXT = 1024
 #: Bytes of written files returned inline (base64); larger sets are listed
 #: with ``"content": null``: the kernel and its directory are gone after.
 MAX_INLINE_FILES = 4 * 1024 * 1024
@@ -69,6 +83,9 @@ class _Run:
     stderr: list[str] = attrs.Factory(list)
     sizes: dict[str, int] = attrs.Factory(lambda: {"stdout": 0, "stderr": 0})
     truncated: bool = False
+    #: bytes of output kept so far (at most MAX_OUTPUT) and dropped
+    kept: int = 0
+    dropped: int = 0
     result: dict[str, Any] | None = None
     displays: list[dict[str, Any]] = attrs.Factory(list)
     error: dict[str, Any] | None = None
@@ -83,17 +100,28 @@ class _Run:
             return
         try:
             frame = decode_frame(data, self.max_frame)
-            header, parent, _metadata, content = (boundedjson.loads(p) for p in frame.parts[:4])
+            if len(frame.parts) < 4:
+                return
+            header, parent = (boundedjson.loads(p) for p in frame.parts[:2])
+            if not isinstance(header, dict) or not isinstance(parent, dict):
+                return
+            msg_type = header.get("msg_type")
+            if msg_type == "status" and header.get("session") == SERVER_SESSION:
+                self._server_status(boundedjson.loads(frame.parts[3]))
+                return
+            if parent.get("msg_id") != self.msg_id:
+                return
+            # Decoded only once it is known to be ours and to fit.
+            raw = frame.parts[3]
+            if msg_type in _KEPT and not self._charge(len(raw)):
+                if msg_type not in ("error", "execute_reply"):
+                    return
+                content = self._error_without_traceback(boundedjson.loads(raw))
+            else:
+                content = boundedjson.loads(raw)
         except (ProtocolError, ValueError):
             return  # not a Jupyter message: nothing of ours
-        msg_type = header.get("msg_type")
-        if msg_type == "status" and header.get("session") == SERVER_SESSION:
-            state = content.get("execution_state")
-            if state in ("dead", "restarting"):
-                cause = str(content.get("cause") or state)
-                self._finish("dead", {"ename": "KernelDied", "evalue": cause, "traceback": []})
-            return
-        if parent.get("msg_id") != self.msg_id:
+        if not isinstance(content, dict):
             return
         if msg_type == "stream":
             self._stream(content.get("name"), content.get("text"))
@@ -114,6 +142,34 @@ class _Run:
         if self.replied and self.idle:
             self._finish(self.status, self.error)
 
+    def _server_status(self, content: Any) -> None:
+        state = content.get("execution_state") if isinstance(content, dict) else None
+        if state in ("dead", "restarting"):
+            cause = str(content.get("cause") or state)
+            self._finish("dead", {"ename": "KernelDied", "evalue": cause, "traceback": []})
+
+    def _charge(self, size: int) -> bool:
+        """Count a message against the output budget; False if it does not fit."""
+        size += MESSAGE_OVERHEAD
+        if self.kept + size > MAX_OUTPUT:
+            self.truncated = True
+            self.dropped += size
+            return False
+        self.kept += size
+        return True
+
+    @staticmethod
+    def _error_without_traceback(content: Any) -> Any:
+        # The reply must still say how the run ended, in a few bytes.
+        if not isinstance(content, dict):
+            return content
+        return {
+            "status": content.get("status"),
+            "ename": str(content.get("ename", ""))[:MAX_ERROR_TEXT],
+            "evalue": str(content.get("evalue", ""))[:MAX_ERROR_TEXT],
+            "traceback": ["cellmux: traceback dropped: the output limit was reached"],
+        }
+
     def _stream(self, name: Any, text: Any) -> None:
         if name not in ("stdout", "stderr") or not isinstance(text, str):
             return
@@ -123,6 +179,17 @@ class _Run:
         self.sizes[name] += len(text)
         (self.stdout if name == "stdout" else self.stderr).append(text)
 
+    def truncation_note(self) -> str:
+        """The line that ends stderr when output was dropped."""
+        if not self.truncated:
+            return ""
+        return (
+            f"\ncellmux: output truncated: /service keeps {MAX_STREAM} characters of each"
+            f" stream and {MAX_OUTPUT} bytes of output in all"
+            + (f"; {self.dropped} bytes were dropped" if self.dropped else "")
+            + "\n"
+        )
+
     def _finish(self, status: str, error: dict[str, Any] | None) -> None:
         self.status, self.error = status, error
         if not self.done.called:
@@ -130,6 +197,10 @@ class _Run:
 
     def kernel_gone(self, reason: str) -> None:
         self._finish("dead", {"ename": "KernelDied", "evalue": reason, "traceback": []})
+
+
+#: The message types whose content a run keeps (and is charged for).
+_KEPT = frozenset({"stream", "execute_result", "display_data", "error", "execute_reply"})
 
 
 def _error(content: dict[str, Any]) -> dict[str, Any]:
@@ -217,7 +288,7 @@ class OneShotResource(JSONEndpoint):
         return HTTPStatus.OK, {
             "status": run.status,
             "stdout": "".join(run.stdout),
-            "stderr": "".join(run.stderr),
+            "stderr": "".join(run.stderr) + run.truncation_note(),
             "result": run.result,
             "displays": run.displays,
             "error": run.error,
