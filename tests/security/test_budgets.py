@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import socket
 import struct
 import threading
@@ -39,6 +40,7 @@ def budget_server():
     running = start_server("--pool-size", "1")
     yield running
     running.stop()
+    shutil.rmtree(running.runtime_dir, ignore_errors=True)
 
 
 def settled_rss(pid: int) -> int:
@@ -279,3 +281,26 @@ def test_service_keeps_a_bounded_amount_of_output_of_every_kind(budget_server):
     grew = peak[0] - before
     print(f"server RSS peaked {grew / MiB:.1f} MiB above its start for ~105 MiB of output")
     assert grew < 160 * MiB, f"server grew {grew / MiB:.1f} MiB"
+
+
+def test_a_long_poll_client_that_never_polls_is_cut_off_not_queued_for(budget_server):
+    from test_longpoll import Poller
+
+    server = budget_server
+    pid = server.process.pid
+    with server.client() as client:
+        model = client.create_kernel()
+        with client.connect(model.id) as k:
+            _fill_history(k, 17, HISTORY_ENTRY_CHARS - 10)  # replies of about 4 MiB
+        poller = Poller(server, model.id)
+        before = settled_rss(pid)
+        # up to 40 history replies (160 MiB) asked for, none collected
+        statuses = [poller.post(encode_frame(control_frame("history", id=i))) for i in range(40)]
+        after = settled_rss(pid)
+        client.delete_kernel(model.id)
+    # cut off after 64 MiB of replies (16 or 17 of them); later posts: 410 Gone
+    accepted = statuses.count(204)
+    assert 10 < accepted < 20 and set(statuses[accepted:]) == {410}
+    grew = after - before
+    print(f"server RSS grew {grew / MiB:.1f} MiB for {accepted} uncollected history replies")
+    assert grew < 96 * MiB, f"server grew {grew / MiB:.1f} MiB"
