@@ -181,26 +181,33 @@ class JupyterChannels(WebSocketServerProtocol):
         except JupyterCodecError as e:
             self._refuse(e, close_code=CLOSE_UNSUPPORTED_DATA if e.code == "text_frame" else None)
             return
+        # A session is this client's only if no other credential owns it
+        # (an observer never owns one), and only once the kernel took a
+        # message with it: else an observer (all its messages refused) or a
+        # collaborator naming the owner's session would receive the replies
+        # to the owner's requests.
+        session = bound.header.get("session")
+        claimed = (
+            isinstance(session, str)
+            and bool(session)
+            and (
+                session in self._own_sessions
+                or (
+                    len(self._own_sessions) < MAX_CLIENT_SESSIONS
+                    and self.attachment.claim_session(session)
+                )
+            )
+        )
+        if claimed and bound.socket is JupyterSocket.SHELL:
+            # before sending: the input history records the request's session
+            self.attachment.adopt_session(session)
         try:
             self.attachment.send(bound.channel, bound.socket, bound.parts)
         except KernelError as e:
             self._refuse(JupyterCodecError(e.code, str(e), bound.header), count=False)
             return
-        # Only a message the kernel took makes its session this client's,
-        # and only a session no other credential owns: else an observer (all
-        # its messages refused) or a collaborator naming the owner's session
-        # would receive the replies to the owner's requests.
-        session = bound.header.get("session")
-        if (
-            isinstance(session, str)
-            and session
-            and session not in self._own_sessions
-            and len(self._own_sessions) < MAX_CLIENT_SESSIONS
-            and self.attachment.claim_session(session)
-        ):
+        if claimed:
             self._own_sessions.add(session)
-        if bound.socket is JupyterSocket.SHELL and session in self._own_sessions:
-            self.attachment.adopt_session(session)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         attachment = self.attachment
