@@ -16,8 +16,12 @@ from cellmux.server.stdin import (
 
 
 def prompts(clock: Clock, timeout: float = 10.0):
-    ended: list[tuple[str, str]] = []
-    held = PendingPrompts(clock, lambda: timeout, lambda p, why: ended.append((p.session, why)))
+    ended: list[tuple[str, str, bool]] = []
+
+    def expired(pending: PendingInput, why: str, answer: bool) -> None:
+        ended.append((pending.session, why, answer))
+
+    held = PendingPrompts(clock, lambda: timeout, expired)
     return held, ended
 
 
@@ -25,14 +29,15 @@ def prompt(session: str, size: int = 10) -> PendingInput:
     return PendingInput(session, b"f" * size, b"{}", b"{}")
 
 
-def test_prompts_beyond_the_bound_push_out_the_oldest_which_get_an_answer():
+def test_prompts_beyond_the_bound_push_out_the_oldest_without_answering_the_kernel():
     clock = Clock()
     held, ended = prompts(clock)
     for i in range(MAX_PENDING_PROMPTS + 5):
         held.hold(prompt(f"s{i}", 1000))
     assert len(held) == MAX_PENDING_PROMPTS
-    assert [s for s, _ in ended] == [f"s{i}" for i in range(5)]
-    assert all("prompts were waiting" in why for _, why in ended)
+    assert [s for s, _, _ in ended] == [f"s{i}" for i in range(5)]
+    # no end-of-file: ipykernel would take it as the answer to its real input()
+    assert all("were waiting" in why and not answer for _, why, answer in ended)
     assert held.nbytes == MAX_PENDING_PROMPTS * 1004
     assert held.get("s0") is None and held.get(f"s{MAX_PENDING_PROMPTS + 4}") is not None
 
@@ -49,7 +54,7 @@ def test_a_prompt_waits_for_its_client_then_times_out_once():
     assert ended == []
     held.wait("a")
     clock.advance(10)
-    assert ended == [("a", "no client answered this input request in 10 s")]
+    assert ended == [("a", "no client answered this input request in 10 s", True)]
     assert len(held) == 0 and clock.getDelayedCalls() == []
 
 
