@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -9,9 +11,11 @@ from twisted.internet.task import Clock
 from cellmux.server.history import HISTORY_CHARS, HISTORY_ENTRY_CHARS, HISTORY_LENGTH, InputHistory
 from cellmux.server.stdin import (
     MAX_PENDING_PROMPTS,
+    MAX_PROMPT_BYTES,
     PendingInput,
     PendingPrompts,
     SessionOwners,
+    cut_prompt,
 )
 
 
@@ -117,3 +121,16 @@ def test_history_reports_cut_entries():
         "length": 6,
     }
     assert "truncated" not in history.append("12", "s", "t").to_json()
+
+
+def test_a_too_large_prompt_is_cut_to_fit_or_refused():
+    content = json.dumps({"prompt": "p" * (1 << 20), "password": False}).encode()
+    cut = cut_prompt([b"{}", b"{}", b"{}", content, b"buffer"])
+    assert cut is not None and sum(map(len, cut)) <= MAX_PROMPT_BYTES
+    assert cut[4] == b"buffer"
+    prompt = json.loads(cut[3])["prompt"]
+    assert prompt.startswith("p" * 4096) and "cut from 1048576 characters" in prompt
+    assert json.loads(cut[3])["password"] is False
+    assert cut_prompt([b"h" * MAX_PROMPT_BYTES, b"{}", b"{}", content]) is None
+    assert cut_prompt([b"{}", b"{}", b"{}", b"[" * 100_000]) is None
+    assert cut_prompt([b"{}", b"{}", b"{}", b'{"prompt": 3}']) is None
