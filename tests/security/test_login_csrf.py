@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import http.client
+import json
 import re
 import urllib.parse
 
 import pytest
 
 from cellmux.server.auth import COOKIE_NAME
+from test_browser import browser, chromium  # noqa: F401 - fixtures
 
 
 def request(server, method: str, target: str, headers: dict[str, str] | None = None):
@@ -52,17 +54,19 @@ CROSS_SITE = [
     {"Sec-Fetch-Site": "same-site"},
     {"Origin": "https://evil.example"},  # a browser without Sec-Fetch-*
     {"Origin": "null"},
+    {"Referer": "https://evil.example/page"},  # no Sec-Fetch-* (plain HTTP) and no Origin
 ]
 
 
 @pytest.mark.parametrize("foreign", CROSS_SITE)
 def test_another_site_cannot_log_a_browser_in(server, shares, foreign):
     attackers = shares[0]
-    status, headers, body = request(
-        server, "POST", "/login", {"Authorization": f"token {attackers}", **foreign}
-    )
-    assert status == 403 and login_cookie(headers) is None
-    assert b"another site" in body
+    if "Referer" not in foreign:  # cross-site POSTs always carry an Origin
+        status, headers, body = request(
+            server, "POST", "/login", {"Authorization": f"token {attackers}", **foreign}
+        )
+        assert status == 403 and login_cookie(headers) is None
+        assert b"another site" in body
     # A share link clicked on another site: a page that asks, no cookie.
     status, headers, body = request(
         server, "GET", f"/login?token={attackers}&next=/%3Fkernel%3Dx", foreign
@@ -119,3 +123,40 @@ def test_one_share_login_is_replaced_by_another_only_when_confirmed(server, shar
     assert status == 200 and login_cookie(headers) is not None
     # the replaced login is gone for good
     assert request(server, "GET", f"/api/kernels/{first_kernel}", cookie_header(old))[0] == 403
+
+
+def test_a_browser_navigation_that_says_nothing_of_its_source_is_asked(server, shares):
+    html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
+    status, headers, body = request(server, "GET", f"/login?token={shares[0]}", html)
+    assert status == 200 and login_cookie(headers) is None and b"Log in" in body
+    # from this server's own page (its Referer says so), or not a browser: at once
+    own = {**html, "Referer": server.url + "?kernel=x"}
+    status, headers, _ = request(server, "GET", f"/login?token={shares[0]}", own)
+    assert status == 302 and login_cookie(headers) is not None
+    status, headers, _ = request(server, "GET", f"/login?token={shares[0]}")
+    assert status == 302 and login_cookie(headers) is not None
+
+
+def test_chromium_following_a_link_from_another_site_is_asked_first(server, shares, browser):  # noqa: F811
+    """A page on another site (localhost is not 127.0.0.1) sends Chromium to /login."""
+    port = urllib.parse.urlsplit(server.url).port
+    target = f"http://127.0.0.1:{port}/login?token={shares[0]}&next=/api/kernels"
+    attacker = f"<script>location = {json.dumps(target)}</script>"
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.route(
+            "http://localhost:1/attack",
+            lambda route: route.fulfill(body=attacker, content_type="text/html"),
+        )
+        page.goto("http://localhost:1/attack")
+        page.wait_for_url(target)
+        assert "Log in to this cellmux server?" in page.content()
+        assert "collaborator of kernel" in page.content()
+        assert not [c for c in context.cookies() if c["name"] == COOKIE_NAME]
+        # The user decides: the button logs in, from the server's own page.
+        page.click("button")
+        page.wait_for_url(f"http://127.0.0.1:{port}/api/kernels")
+        assert [c for c in context.cookies() if c["name"] == COOKIE_NAME]
+    finally:
+        context.close()

@@ -12,10 +12,12 @@ attacker's kernel). So:
 
 * A request the browser marks as coming from another site
   (``Sec-Fetch-Site`` other than ``same-origin`` or ``none``; without that
-  header, an ``Origin`` that is not this server's) never sets the cookie. A
-  GET (a share link clicked in a mail or chat) gets a page that says what
-  the link grants and asks to confirm with a button; its POST comes from
-  this origin. A POST gets 403.
+  header, an ``Origin``, else a ``Referer``, that is not this server's)
+  never sets the cookie. A GET (a share link clicked in a mail or chat)
+  gets a page that says what the link grants and asks to confirm with a
+  button; its POST comes from this origin. A POST gets 403. A browser
+  navigation that says nothing of its source (no such header, ``Accept``
+  naming HTML) is asked too.
 * An existing login is never silently replaced by a weaker one: if the
   current cookie's grant includes the new one (an owner login and any
   share link), the current cookie is kept; if neither includes the other
@@ -46,16 +48,19 @@ def _safe_next(value: bytes | None) -> bytes:
     return value
 
 
-def _from_another_site(request: server.Request) -> bool:
-    """Whether the browser says this request comes from a page of another site."""
+def _from_another_site(request: server.Request) -> bool | None:
+    """Whether the browser says this request comes from a page of another
+    site; None when nothing says (not a browser, or a browser that sends no
+    Sec-Fetch-Site, as on plain HTTP beyond localhost, and no Origin or
+    Referer)."""
     fetch_site = request.getHeader(b"sec-fetch-site")
     if fetch_site is not None:
         return fetch_site.strip().lower() not in _OWN_SITE
-    origin = request.getHeader(b"origin")
-    if origin is None:
-        return False  # not a browser, or an old one on a plain navigation
-    host = request.getHeader(b"host") or b""
-    return origin.partition(b"://")[2].lower() != host.lower()
+    source = request.getHeader(b"origin") or request.getHeader(b"referer")
+    if source is None:
+        return None
+    host = (request.getHeader(b"host") or b"").lower()
+    return source.partition(b"://")[2].partition(b"/")[0].lower() != host
 
 
 def _describe(grant: Grant) -> str:
@@ -87,7 +92,12 @@ class LoginResource(resource.Resource):
         params = dict(query_pairs(request.uri))
         cookie = request.getCookie(COOKIE_NAME.encode())
         current = self._auth.login_grant(cookie)
-        if _from_another_site(request):
+        foreign = _from_another_site(request)
+        if foreign is None and page:
+            # A browser's navigation that says nothing of where it came
+            # from (it asks for HTML) may come from another site: ask.
+            foreign = b"text/html" in (request.getHeader(b"accept") or b"")
+        if foreign:
             if page:
                 return self._confirm_page(request, grant, current, params)
             message = "a login from another site is refused; log in from this server's pages"
