@@ -95,6 +95,8 @@ def test_a_session_belongs_to_the_first_grant_that_claims_it():
         owners.claim(f"other{i}", "collaborator")
     assert len(owners) == 3  # bounded: the least recently used went
     assert owners.claim("s", "collaborator")
+    assert not owners.claim("x" * 201, "owner")  # too long to keep
+    assert len(owners) == 3
 
 
 @given(st.lists(st.tuples(st.integers(0, 3 * HISTORY_ENTRY_CHARS), st.integers(1, 300))))

@@ -31,6 +31,7 @@ import attrs
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from cellmux.protocol import boundedjson
+from cellmux.protocol.control import MAX_SESSION_ID
 
 __all__ = [
     "MAX_PENDING_PROMPTS",
@@ -160,7 +161,9 @@ class SessionOwners:
     """Which credential a session id belongs to, on one kernel.
 
     The first grant to claim a session id owns it for as long as the kernel
-    remembers it (the L{MAX_SESSION_OWNERS} most recently used ids).
+    remembers it (the L{MAX_SESSION_OWNERS} most recently used ids). An id
+    longer than MAX_SESSION_ID (what hello allows) is never owned, so the
+    table stays small whatever a Jupyter client puts in its headers.
     """
 
     def __init__(self, limit: int = MAX_SESSION_OWNERS) -> None:
@@ -172,6 +175,8 @@ class SessionOwners:
 
     def claim(self, session: str, grant: Hashable) -> bool:
         """Bind C{session} to C{grant} if it is free; whether C{grant} owns it."""
+        if len(session) > MAX_SESSION_ID:
+            return False
         owner = self._owners.get(session, grant)
         if owner != grant:
             return False
