@@ -16,17 +16,21 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 
 import pytest
 
 from cellmux.protocol import (
     PROTOCOL_VERSION,
     Channel,
+    JupyterSocket,
     control_frame,
     decode_frame,
     encode_frame,
+    frame_bytes,
     parse_control,
 )
+from cellmux.protocol.jupyter import jupyter_parts
 from cellmux.server.history import HISTORY_CHARS, HISTORY_ENTRY_CHARS
 from cellmux.server.oneshot import MAX_OUTPUT
 from cellmux.server.stdin import MAX_PENDING_PROMPTS
@@ -304,3 +308,35 @@ def test_a_long_poll_client_that_never_polls_is_cut_off_not_queued_for(budget_se
     grew = after - before
     print(f"server RSS grew {grew / MiB:.1f} MiB for {accepted} uncollected history replies")
     assert grew < 96 * MiB, f"server grew {grew / MiB:.1f} MiB"
+
+
+def test_a_request_from_a_client_that_is_not_reading_is_still_carried_out_at_once(
+    budget_server,
+):
+    """Only replies wait for the client: a restart (or interrupt) does not."""
+    server = budget_server
+    with server.client() as client:
+        model = client.create_kernel()
+        states: list[str] = []
+        with client.connect(model.id) as watcher:
+            watcher.on_status = states.append
+            writer = RawWebSocket(server.url, server.token)
+            try:
+                hello = control_frame(
+                    "hello", version=PROTOCOL_VERSION, kernel=model.id, session="writer"
+                )
+                writer.send(encode_frame(hello))
+                assert parse_control(decode_frame(writer.recv()))["op"] == "welcome"
+                flood = jupyter_parts(
+                    "execute_request",
+                    {"code": "while True: print('x' * 1000)", "silent": False},
+                    now=datetime.now(UTC),
+                    session="writer",
+                )
+                writer.send(frame_bytes(Channel.EXECUTE, JupyterSocket.SHELL, 0, list(flood)))
+                time.sleep(3)  # its socket is full long before this
+                writer.send(encode_frame(control_frame("restart", id="now")))
+                wait_for(lambda: "restarting" in states, timeout=20)
+            finally:
+                writer.close()
+        client.delete_kernel(model.id)

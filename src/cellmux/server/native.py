@@ -13,12 +13,14 @@ that can stop reading from its client (the websocket) also supplies
 C{pause_reading} and C{resume_reading}.
 
 Replies obey the client's flow control like kernel frames do. While the
-client's connection is full (its L{Attachment} is paused), requests wait
-unanswered and refusals wait unsent, at most L{MAX_HELD_REPLIES} of them
-and L{MAX_HELD_BYTES} of requests; beyond that the server stops reading
-from the client until it reads again. A ``history`` reply is built only
-when it can be sent. So a client that keeps asking and never reads costs
-one reply in its socket buffer and this bound, not a reply per request.
+client's connection is full (its L{Attachment} is paused), replies and
+refusals wait unsent, at most L{MAX_HELD_REPLIES} of them and
+L{MAX_HELD_BYTES} of the requests they answer; beyond that the server stops
+reading from the client until it reads again. Requests are still carried
+out at once (an interrupt does not wait for the client to catch up), except
+``history``, whose reply is megabytes: it is built only when it can be
+sent. So a client that keeps asking and never reads costs one reply in its
+socket buffer and this bound, not a reply per request.
 """
 
 from __future__ import annotations
@@ -116,15 +118,23 @@ class NativeSession:
         if isinstance(event, DataMessage):
             self._relay(event)
         elif isinstance(event, Request):
-            self._when_reading(lambda: defer.ensureDeferred(self._request(event)), len(data))
+            size = len(data)  # what its reply echoes (the id) is at most this
+            if event.op == "history":
+                # Built only when it can be sent: it is megabytes.
+                self._when_reading(lambda: defer.ensureDeferred(self._request(event, size)), size)
+            else:
+                # Carried out at once (an interrupt must not wait for the
+                # client to catch up); only the reply waits.
+                defer.ensureDeferred(self._request(event, size))
         elif isinstance(event, Hello):
             self._hello(event)
 
     # -- replies wait while the client does not read --------------------------
 
-    def _reply(self, op: str, **fields: Any) -> None:
-        """Send a control frame now, or once the client reads again."""
-        self._when_reading(lambda: self._send_control(op, **fields), 0)
+    def _reply(self, op: str, size: int = 0, **fields: Any) -> None:
+        """Send a control frame now, or once the client reads again (C{size}:
+        the bytes of the request it echoes)."""
+        self._when_reading(lambda: self._send_control(op, **fields), size)
 
     def _when_reading(self, action: Callable[[], None], size: int) -> None:
         if (self._flushing or not self._held) and not self.attachment.paused:
@@ -198,10 +208,10 @@ class NativeSession:
         except KernelError as e:
             self._reply("error", code=e.code, message=str(e), channel=frame.channel, fatal=False)
 
-    async def _request(self, request: Request) -> None:
+    async def _request(self, request: Request, size: int) -> None:
         try:
             reply = await self.attachment.request(request.op, request.channels)
         except KernelError as e:
-            self._reply("error", id=request.id, code=e.code, message=str(e), fatal=False)
+            self._reply("error", size, id=request.id, code=e.code, message=str(e), fatal=False)
             return
-        self._reply(reply.pop("op"), id=request.id, **reply)
+        self._reply(reply.pop("op"), size, id=request.id, **reply)
