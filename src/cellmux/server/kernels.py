@@ -779,6 +779,7 @@ class KernelManager:
             if not self._nursery_running():
                 raise NurseryUnavailable(self.degraded or "the nursery is not running") from None
             raise KernelStartFailed(f"could not fork a kernel: {e}") from None
+        self._changed()  # a new process: the server record names it
         return await inc.ready
 
     def _start_timed_out(self, inc: Incarnation) -> None:
@@ -828,6 +829,7 @@ class KernelManager:
         if inc.timeout is not None and inc.timeout.active():
             inc.timeout.cancel()
         inc.timeout = None
+        self._changed()  # it runs as its own uid now: recorded with it
         inc.ready.callback(inc)
 
     def kernel_message(self, link_id: bytes, channel: int, socket: int, parts: list) -> None:
@@ -870,6 +872,7 @@ class KernelManager:
         if inc is None:
             return
         self._discard(inc)
+        self._changed()
         cause = info.get("cause", "unknown")
         if not inc.ready.called:
             inc.ready.errback(KernelStartFailed(f"the kernel ended while starting: {cause}"))
@@ -899,6 +902,10 @@ class KernelManager:
         d = defer.ensureDeferred(self.restart(kernel))
         d.addErrback(failed)
         d.addErrback(lambda f: self.log.failure("automatic restart failed", f))
+
+    def processes(self) -> dict[str, int]:
+        """Link id -> pid of every kernel process, pooled and starting ones too."""
+        return {inc.link: inc.pid for inc in self._incarnations.values() if inc.pid}
 
     # -- the nursery ---------------------------------------------------------------
 

@@ -1,13 +1,22 @@
-# -*- test-case-name: tests.test_crash_recovery -*-
+# -*- test-case-name: tests.test_crash_recovery,tests.test_orphans -*-
 """No kernel outlives its server.
 
 Kernels die with the nursery, and the nursery with the server, through
-PR_SET_PDEATHSIG. That covers a clean stop and most crashes, but not a
-kernel that escaped it (a credential change clears it). So each server also
-keeps a small state file listing its nursery and kernel processes; the next
-server to start with the same state directory ends whatever a dead server
-left behind, and remembers those kernel ids so that clients reconnecting to
-them get a clear "kernel lost" rather than "unknown kernel".
+PR_SET_PDEATHSIG. That covers a clean stop and most crashes, but not what a
+kernel started itself (a subprocess keeps running when its kernel is
+killed). So each server also keeps a small state file listing its nursery
+and kernel processes; the next server to start with the same state
+directory ends whatever a dead server left behind, removes the files its
+kernels left, and remembers those kernel ids so that clients reconnecting
+to them get a clear "kernel lost" rather than "unknown kernel".
+
+A pid alone names nothing for long: after a crash (or a reboot, with a
+state directory on disk) the same number may belong to an unrelated
+process, even to the next server. So a record keeps each process's
+*identity*: its pid, its start time (clock ticks after boot) and the boot
+it started in. Nothing is signalled unless the process now holding the pid
+has that identity, and the signal goes through a pidfd opened before the
+check, so the check and the kill name the same process.
 """
 
 from __future__ import annotations
@@ -15,22 +24,47 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
-import shutil
 import signal
+import socket
+import stat
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+import attrs
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
-__all__ = ["RecordKeeper", "ServerRecord", "default_state_dir", "reap_orphans"]
+from cellmux.cleanup import remove_tree
+
+__all__ = [
+    "ProcessIdentity",
+    "RecordKeeper",
+    "ServerRecord",
+    "Sweep",
+    "default_state_dir",
+    "reap_orphans",
+]
 
 log = Logger()
 
-#: What a process started by cellmux has in its command line.
-_NURSERY_MARK = b"cellmux.kernel.nursery"
+#: The record format this server writes (1: pids only, before identities).
+RECORD_VERSION = 2
+#: What the kernels' directories are called: the link id, and its /tmp.
+_LINK_ENTRY = re.compile(r"[0-9a-f]{32}(\.tmp)?")
+#: A temporary record file older than this is a crashed write, not one in
+#: progress (a write takes milliseconds).
+STALE_TEMP_SECONDS = 60.0
+#: How long one start may spend removing what dead servers' kernels left on
+#: disk; what is left is retried at the next start (the record stays).
+SWEEP_REMOVAL_SECONDS = 30.0
+#: Rounds of killing a leftover uid's processes (each round may meet
+#: processes forked meanwhile; RLIMIT_NPROC bounds how many).
+_UID_KILL_ROUNDS = 50
 
 
 def default_state_dir() -> str:
@@ -40,61 +74,293 @@ def default_state_dir() -> str:
     return os.path.join(base, "cellmux")
 
 
-def _cmdline(pid: int) -> bytes:
+# -- process identities -------------------------------------------------------
+
+
+def boot_id() -> str:
+    """This boot's random id; a start time means nothing in another boot."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        return b""
+        return ""
 
 
-def _is_ours(pid: int, mark: bytes) -> bool:
-    """Whether pid is alive and still the process we recorded (not a reuse)."""
-    return pid > 0 and mark in _cmdline(pid)
+@attrs.frozen
+class _Stat:
+    ppid: int
+    session: int
+    start: int
+    zombie: bool
 
 
-def _session_members(sid: int) -> list[int]:
-    """Pids of live processes in session C{sid} (a kernel is a session leader)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        # fields: state ppid pgrp session ...
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+def _stat(pid: int) -> _Stat | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split
+    # after its last ')'. Then field 3 is fields[0], field 22 fields[19].
+    fields = raw.rsplit(b")", 1)[-1].split()
+    try:
+        return _Stat(
+            ppid=int(fields[1]),
+            session=int(fields[3]),
+            start=int(fields[19]),
+            zombie=fields[0] in (b"Z", b"X"),
+        )
+    except (IndexError, ValueError):
+        return None
 
 
-def _kill_group(pid: int) -> None:
-    for kill in (os.killpg, os.kill):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            kill(pid, signal.SIGKILL)
+def _uid(pid: int) -> int | None:
+    """The real uid of pid (from status: /proc/PID's owner can be faked)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_bytes()
+    except OSError:
+        return None
+    match = re.search(rb"\nUid:\t(\d+)", status)
+    return int(match.group(1)) if match else None
+
+
+@attrs.frozen
+class ProcessIdentity:
+    """One process, told apart from any later process with the same pid."""
+
+    pid: int
+    #: Start time in clock ticks after boot (/proc/PID/stat field 22).
+    start: int
+    #: /proc/sys/kernel/random/boot_id of the boot it ran in.
+    boot: str
+    #: Its real uid when recorded, if known (kernels change uid after fork).
+    uid: int | None = None
+
+    @classmethod
+    def of(cls, pid: int, *, parent: int | None = None) -> ProcessIdentity | None:
+        """The identity of the live process pid; None if there is none.
+
+        @param parent: if given, pid must be this process's child, so that a
+            pid already reused cannot be recorded by mistake (a child's pid is
+            not reused until its parent has reaped it).
+        """
+        st = _stat(pid) if pid > 0 else None
+        if st is None or st.zombie or (parent is not None and st.ppid != parent):
+            return None
+        return cls(pid, st.start, boot_id(), _uid(pid))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pid": self.pid, "start": self.start, "boot": self.boot, "uid": self.uid}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ProcessIdentity:
+        uid = data.get("uid")
+        return cls(int(data["pid"]), int(data["start"]), str(data["boot"]), _opt_int(uid))
+
+    def alive(self) -> bool:
+        """Whether this very process still runs (not a zombie, not a reuse)."""
+        st = _stat(self.pid)
+        return (
+            st is not None and not st.zombie and st.start == self.start and self.boot == boot_id()
+        )
+
+    def kill(self) -> bool:
+        """SIGKILL this process if it still runs; never anything else.
+
+        The pidfd is opened before the identity check: if the pid is reused
+        after the check, the signal still goes to the process checked (or
+        nowhere, if it has ended).
+        """
+        return _kill_checked(self.pid, self.alive)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def _kill_checked(pid: int, check: Callable[[], bool]) -> bool:
+    """SIGKILL pid if C{check()} holds after a pidfd to it is open."""
+    if pid <= 1 or pid == os.getpid():
+        return False
+    pidfd = None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pidfd = None  # no pidfds here (old kernel): check, then kill by pid
+    try:
+        if not check():
+            return False
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+
+
+def _live_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _end_session(leader: ProcessIdentity) -> int:
+    """Kill what is left of the session a kernel led; how many were killed.
+
+    The leader is killed only if it is itself. Other members count while
+    their session is the leader's pid and, when the leader is gone, they
+    started after it and (if the leader's uid is known) run as its uid: the
+    session number stays taken while members hold it, but that is the only
+    guard against a session that a reuse of the pid started afresh.
+    """
+    was_alive = leader.alive()
+    killed = int(leader.kill())
+    if not was_alive and leader.boot != boot_id():
+        return killed  # another boot: nothing of that session can be left
+    sid = leader.pid
+
+    def member(pid: int) -> bool:
+        st = _stat(pid)
+        if st is None or st.zombie or st.session != sid or st.start < leader.start:
+            return False
+        return was_alive or (leader.uid is not None and _uid(pid) == leader.uid)
+
+    for pid in _live_pids():
+        st = _stat(pid)
+        if pid != sid and st is not None and st.session == sid:
+            killed += _kill_checked(pid, lambda pid=pid: member(pid))
+    return killed
+
+
+def _uid_lock(uid: int) -> socket.socket | None:
+    """Hold a kernel uid as the nursery does (cellmux.kernel.sandbox.UidPool).
+
+    None if a live nursery holds it: that uid's processes are its own.
+    """
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        lock.bind(f"\0cellmux-uid-{uid}")
+    except OSError:
+        lock.close()
+        return None
+    return lock
+
+
+def _end_uid(uid: int) -> int:
+    """Kill every process of a kernel uid no live nursery holds.
+
+    A kernel's subprocess may have left its session (setsid); as root,
+    kernels have uids of their own, which find it wherever it went.
+    """
+    if uid <= 0 or uid == os.geteuid() or os.geteuid() != 0:
+        return 0
+    lock = _uid_lock(uid)
+    if lock is None:
+        return 0
+    killed = 0
+    try:
+        for _ in range(_UID_KILL_ROUNDS):
+            targets = [pid for pid in _live_pids() if _uid(pid) == uid]
+            targets = [pid for pid in targets if not getattr(_stat(pid), "zombie", True)]
+            if not targets:
+                break
+            for pid in targets:
+                killed += _kill_checked(pid, lambda pid=pid: _uid(pid) == uid)
+            time.sleep(0.01)
+    finally:
+        lock.close()
+    return killed
+
+
+# -- this server's record -------------------------------------------------------
 
 
 class ServerRecord:
-    """This server's entry in the state directory, rewritten on changes."""
+    """This server's entry in the state directory, rewritten on changes.
 
-    def __init__(self, state_dir: str, runtime_dir: str) -> None:
+    It says who the server is (its identity), which runtime directory it
+    uses and whether it made that directory, and which processes it has:
+    the nursery and every kernel process, pooled ones included, each with
+    its identity and the kernel id it serves, if any.
+    """
+
+    def __init__(self, state_dir: str, runtime_dir: str, *, owns_runtime_dir: bool = False):
+        # Private: it also holds the default permalink database.
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
         self._dir = Path(state_dir) / "servers"
-        self._dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._dir.mkdir(exist_ok=True, mode=0o700)
         self.path = self._dir / f"{os.getpid()}-{secrets.token_hex(4)}.json"
         self._runtime_dir = runtime_dir
-        self.nursery_pid = 0
-        self._cmdline = _cmdline(os.getpid()).decode(errors="replace")
+        self._owns_runtime_dir = owns_runtime_dir
+        self._server = ProcessIdentity.of(os.getpid())
+        self.nursery: ProcessIdentity | None = None
+        #: link id -> identity, kept while the link is recorded so that each
+        #: process is read once, while it is certainly the nursery's child.
+        self._identities: dict[str, ProcessIdentity] = {}
 
-    def write(self, kernels: dict[str, int]) -> None:
+    @property
+    def nursery_pid(self) -> int:
+        return self.nursery.pid if self.nursery is not None else 0
+
+    @nursery_pid.setter
+    def nursery_pid(self, pid: int) -> None:
+        self.nursery = ProcessIdentity.of(pid, parent=os.getpid())
+
+    def _identity(self, link: str, pid: int) -> ProcessIdentity | None:
+        known = self._identities.get(link)
+        if known is not None and known.pid == pid:
+            if known.uid is None or known.uid == os.geteuid():
+                # It may not have changed to its own uid yet when first read.
+                uid = _uid(pid)
+                if uid is not None and uid != known.uid and known.alive():
+                    known = self._identities[link] = attrs.evolve(known, uid=uid)
+            return known
+        parent = self.nursery.pid if self.nursery is not None else None
+        found = ProcessIdentity.of(pid, parent=parent)
+        if found is not None:
+            self._identities[link] = found
+        return found
+
+    def write(self, kernels: dict[str, int], processes: dict[str, int] | None = None) -> None:
+        """Write the record (in a thread: it reads /proc and writes a file).
+
+        @param kernels: kernel id -> pid of its process.
+        @param processes: link id -> pid of every kernel process, pooled
+            ones included, and the kernel id it serves (if any) by pid.
+        """
+        by_pid = {pid: kernel_id for kernel_id, pid in kernels.items()}
+        if processes is None:  # callers that know only bound kernels
+            processes = {f"pid-{pid}": pid for pid in kernels.values()}
+        entries = []
+        for link, pid in processes.items():
+            identity = self._identity(link, pid)
+            if identity is None:
+                continue  # ended meanwhile, or not ours to name
+            entries.append({"link": link, "kernel": by_pid.get(pid), **identity.to_json()})
+        for stale in set(self._identities) - set(processes):
+            del self._identities[stale]
         data = {
-            "pid": os.getpid(),
-            "cmdline": self._cmdline,
+            "version": RECORD_VERSION,
+            "server": self._server.to_json() if self._server else None,
             "runtime_dir": self._runtime_dir,
-            "nursery_pid": self.nursery_pid,
-            "kernels": kernels,
+            "owns_runtime_dir": self._owns_runtime_dir,
+            "nursery": self.nursery.to_json() if self.nursery else None,
+            "processes": entries,
+            # Kernel ids whose processes were not (yet) read: still lost on a crash.
+            "kernels": sorted(kernels),
         }
-        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, self.path)
+        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=f".tmp-{self.path.stem}-")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self.path)
+        except BaseException:
+            # A full disk must not leave a temporary file behind each time.
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -112,6 +378,8 @@ class RecordKeeper:
 
     @param kernels: the current kernel id -> pid map, read in the reactor
         thread just before each write.
+    @param processes: the current link id -> pid map of every kernel
+        process (pooled ones included), read likewise; None: kernels only.
     """
 
     log = Logger()
@@ -122,10 +390,12 @@ class RecordKeeper:
         record: ServerRecord,
         kernels: Callable[[], dict[str, int]],
         delay: float,
+        processes: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         self._reactor = reactor
         self._record = record
         self._kernels = kernels
+        self._processes = processes
         self._delay = delay
         self._call = None
         self._writing: defer.Deferred | None = None
@@ -144,8 +414,9 @@ class RecordKeeper:
     def _write(self) -> None:
         self._again = False
         kernels = self._kernels()
+        processes = self._processes() if self._processes is not None else None
         d = threads.deferToThreadPool(
-            self._reactor, self._reactor.getThreadPool(), self._record.write, kernels
+            self._reactor, self._reactor.getThreadPool(), self._record.write, kernels, processes
         )
         d.addErrback(self._failed)
         d.addBoth(self._written)
@@ -162,45 +433,216 @@ class RecordKeeper:
         if self._again and not self._closed:
             self._write()
 
-    async def close(self) -> None:
-        """Let a write in progress finish, then remove the record."""
+    async def close(self, *, remove: bool = True) -> None:
+        """Let a write in progress finish, then remove the record.
+
+        @param remove: False keeps it, for the next start's sweep to finish
+            what this server could not (its runtime directory).
+        """
         self._closed = True
         if self._call is not None and self._call.active():
             self._call.cancel()
         if self._writing is not None:
             await self._writing
-        self._record.remove()
+        if remove:
+            self._record.remove()
 
 
-def reap_orphans(state_dir: str) -> set[str]:
-    """End what dead servers left behind; return the ids of their kernels."""
-    servers = Path(state_dir) / "servers"
-    lost: set[str] = set()
-    if not servers.is_dir():
-        return lost
-    for record in servers.glob("*.json"):
+# -- the sweep at start --------------------------------------------------------------
+
+
+@attrs.frozen
+class Sweep:
+    """What L{reap_orphans} found and did."""
+
+    #: Kernel ids of dead servers: their clients are told "kernel lost".
+    lost: frozenset[str] = frozenset()
+    #: Runtime directories of servers that are still running.
+    busy_runtime_dirs: frozenset[str] = frozenset()
+    #: Processes killed.
+    killed: int = 0
+    #: Records kept because something could not be removed in time.
+    unfinished: int = 0
+
+
+@attrs.frozen
+class _DeadServer:
+    path: Path
+    runtime_dir: str | None
+    owns_runtime_dir: bool
+    nursery: ProcessIdentity | None
+    processes: tuple[tuple[str, ProcessIdentity], ...]
+    kernel_ids: frozenset[str]
+    label: str
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _server_alive(data: dict[str, Any], me: ProcessIdentity | None) -> bool:
+    """Whether the server that wrote a record still runs.
+
+    By identity: a restarted server that got the dead one's pid is not it.
+    A record without an identity (version 1) counts as alive only if its pid
+    runs with the command line it recorded and is not this process.
+    """
+    server = data.get("server")
+    if isinstance(server, dict):
+        identity = ProcessIdentity.from_json(server)
+        if me is not None and (identity.pid, identity.start) == (me.pid, me.start):
+            return True  # this very process (a record it wrote earlier)
+        return identity.alive()
+    pid = int(data.get("pid", 0))
+    mark = str(data.get("cmdline", "")).encode()
+    if pid <= 0 or pid == os.getpid() or not mark:
+        return False
+    try:
+        return mark in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _dead_server(path: Path, data: dict[str, Any]) -> _DeadServer:
+    runtime_dir = data.get("runtime_dir")
+    runtime_dir = runtime_dir if isinstance(runtime_dir, str) and runtime_dir else None
+    nursery = data.get("nursery")
+    processes = []
+    kernel_ids = {str(k) for k in data.get("kernels") or ()}
+    if isinstance(data.get("kernels"), dict):  # version 1: id -> bare pid
+        kernel_ids = set(data["kernels"])
+    for entry in data.get("processes") or ():
+        processes.append((str(entry["link"]), ProcessIdentity.from_json(entry)))
+        if entry.get("kernel"):
+            kernel_ids.add(str(entry["kernel"]))
+    server = data.get("server") or {}
+    return _DeadServer(
+        path=path,
+        runtime_dir=runtime_dir,
+        owns_runtime_dir=bool(data.get("owns_runtime_dir")),
+        nursery=ProcessIdentity.from_json(nursery) if isinstance(nursery, dict) else None,
+        processes=tuple(processes),
+        kernel_ids=frozenset(kernel_ids),
+        label=str(server.get("pid") or data.get("pid") or "?"),
+    )
+
+
+def _same_dir(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _remove_stale_temps(servers: Path) -> None:
+    now = time.time()
+    for temp in servers.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - temp.lstat().st_mtime > STALE_TEMP_SECONDS:
+                temp.unlink()
+
+
+def _remove_runtime_leftovers(dead: _DeadServer, busy: Iterable[str], deadline: float) -> list[str]:
+    """Remove what a dead server made in its runtime directory; what failed.
+
+    A runtime directory the server made itself (a temporary one) goes
+    whole. A configured one is never removed: only the kernels'
+    directories in its ``kernels/`` (and, when no live server uses it, the
+    stale link socket) go.
+    """
+    root = dead.runtime_dir
+    if root is None or not os.path.isdir(root):
+        return []
+    if any(_same_dir(root, other) for other in busy):
+        # A live server took the directory over: only the recorded kernels'
+        # directories are certainly the dead server's.
+        targets = [
+            os.path.join(root, "kernels", name)
+            for link, _ in dead.processes
+            for name in (link, link + ".tmp")
+        ]
+    elif dead.owns_runtime_dir:
+        targets = [root]
+    else:
+        kernels = os.path.join(root, "kernels")
         try:
-            data = json.loads(record.read_text())
-            pid = int(data["pid"])
-            mark = str(data.get("cmdline", "")).encode()
-            kernels = {str(k): int(v) for k, v in dict(data.get("kernels", {})).items()}
-        except (OSError, ValueError, KeyError, TypeError):
-            log.warn("ignoring unreadable server record {path}", path=str(record))
+            names = [n for n in os.listdir(kernels) if _LINK_ENTRY.fullmatch(n)]
+        except OSError:
+            names = []
+        targets = [os.path.join(kernels, n) for n in names]
+        sock = os.path.join(root, "link.sock")
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(sock).st_mode):
+                os.unlink(sock)
+    failed = []
+    for target in targets:
+        removal = remove_tree(target, deadline=deadline)
+        if not removal:
+            failed.append(f"{target}: {removal.reason}")
+    return failed
+
+
+def reap_orphans(state_dir: str, *, removal_seconds: float = SWEEP_REMOVAL_SECONDS) -> Sweep:
+    """End what dead servers left behind (blocking: run it in a thread).
+
+    For each record in C{state_dir} whose server no longer runs: kill its
+    nursery and kernel processes, what is left of their sessions and (as
+    root) of their uids, each only after checking its identity; remove the
+    files its kernels left; remove the record. Never raises for what it
+    finds on disk or in /proc.
+    """
+    servers = Path(state_dir) / "servers"
+    if not servers.is_dir():
+        return Sweep()
+    _remove_stale_temps(servers)
+    me = ProcessIdentity.of(os.getpid())
+    dead: list[_DeadServer] = []
+    busy: set[str] = set()
+    for path in sorted(servers.glob("*.json")):
+        data = _read_record(path)
+        if data is None:
+            log.warn("ignoring unreadable server record {path}", path=str(path))
             continue
-        if mark and _is_ours(pid, mark):
-            continue  # that server is alive: its kernels are its own
-        nursery = int(data.get("nursery_pid") or 0)
-        if _is_ours(nursery, _NURSERY_MARK):
-            _kill_group(nursery)
-        for kernel_pid in kernels.values():
-            # Each kernel leads its own session; whatever is still in it
-            # (the kernel, or a subprocess that outlived it) goes.
-            for member in _session_members(kernel_pid):
-                _kill_group(member)
-        runtime_dir = data.get("runtime_dir")
-        if isinstance(runtime_dir, str) and os.path.isdir(os.path.join(runtime_dir, "kernels")):
-            shutil.rmtree(runtime_dir, ignore_errors=True)
-        lost.update(kernels)
-        log.warn("ended {n} kernel(s) left behind by server {pid}", n=len(kernels), pid=pid)
-        record.unlink(missing_ok=True)
-    return lost
+        try:
+            if _server_alive(data, me):
+                if isinstance(data.get("runtime_dir"), str):
+                    busy.add(data["runtime_dir"])
+                continue
+            dead.append(_dead_server(path, data))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warn("ignoring unreadable server record {path}: {e}", path=str(path), e=e)
+    lost: set[str] = set()
+    killed = unfinished = 0
+    deadline = time.monotonic() + removal_seconds
+    for server in dead:
+        before = killed
+        if server.nursery is not None:
+            killed += server.nursery.kill()
+        uids = set()
+        for _link, identity in server.processes:
+            killed += _end_session(identity)
+            if identity.uid is not None:
+                uids.add(identity.uid)
+        for uid in sorted(uids):
+            killed += _end_uid(uid)
+        failed = _remove_runtime_leftovers(server, busy, deadline)
+        lost.update(server.kernel_ids)
+        log.warn(
+            "server {pid} had stopped without cleaning up: ended {killed} process(es), "
+            "{n} kernel(s) lost",
+            pid=server.label,
+            killed=killed - before,
+            n=len(server.kernel_ids),
+        )
+        if failed:
+            unfinished += 1
+            log.warn(
+                "could not remove everything server {pid} left; trying again at the next "
+                "start: {failed}",
+                pid=server.label,
+                failed="; ".join(failed[:5]),
+            )
+        else:
+            server.path.unlink(missing_ok=True)
+    return Sweep(frozenset(lost), frozenset(busy), killed, unfinished)

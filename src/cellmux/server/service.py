@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, threads
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -38,7 +36,8 @@ from .orphans import RecordKeeper, ServerRecord, default_state_dir, reap_orphans
 from .pages import EmbedKernels, PageResource, StaticResource, load_assets
 from .permalinks import PermalinkResource
 from .refusals import Line, RefusalLog
-from .store import open_store
+from .runtimedir import make_private_runtime_dir, prepare_runtime_dir, remove_owned
+from .store import DEFAULT_DATABASE, adopt_old_default_database, open_store
 from .webjson import bounded_request_factory
 from .websocket import ClientFactory
 
@@ -159,16 +158,21 @@ class CellmuxService(service.Service):
 
         config = self.config
         self._guard_descriptors()
+        # Before anything else: end what a crashed predecessor left running
+        # (in a thread: it reads /proc and may remove large trees).
+        state_dir = config.state_dir or default_state_dir()
+        sweep = await threads.deferToThread(reap_orphans, state_dir)
+        self.manager.lost = set(sweep.lost)
         if config.runtime_dir:
-            os.makedirs(config.runtime_dir, mode=0o700, exist_ok=True)
+            prepare_runtime_dir(config.runtime_dir, sweep.busy_runtime_dirs)
             self._runtime_dir = config.runtime_dir
         else:
-            self._runtime_dir = tempfile.mkdtemp(prefix="cellmux-")
+            self._runtime_dir = make_private_runtime_dir()
             self._owns_runtime_dir = True
-        # Before anything else: end what a crashed predecessor left running.
-        state_dir = config.state_dir or default_state_dir()
-        self.manager.lost = reap_orphans(state_dir)
-        record = ServerRecord(state_dir, self._runtime_dir)
+        record = ServerRecord(state_dir, self._runtime_dir, owns_runtime_dir=self._owns_runtime_dir)
+        # Recorded before anything is made in it, so a crash from here on
+        # leaves nothing the next start does not know of.
+        await threads.deferToThread(record.write, {}, {})
         # One endpoint per kernel process in here (see LinkRouter); no
         # socket is shared by kernels.
         links_dir = os.path.join(self._runtime_dir, "links")
@@ -220,7 +224,9 @@ class CellmuxService(service.Service):
         start_nursery()
         self.manager.bind(self.nursery, self._router, start_nursery)
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
-        self._record = RecordKeeper(self.reactor, record, self._kernel_pids, AFTER_RESPONSE)
+        self._record = RecordKeeper(
+            self.reactor, record, self._kernel_pids, AFTER_RESPONSE, self.manager.processes
+        )
         self.manager.change_listeners.append(self._record.changed)
         self._record.changed()
         await self.nursery.ready
@@ -229,9 +235,14 @@ class CellmuxService(service.Service):
             self.reactor, f"tcp:{config.port}:interface={config.host.replace(':', chr(92) + ':')}"
         )
         # Opening does no database I/O: a database that is down costs 503s, not the server.
-        self.store = open_store(
-            self.reactor, config.database, self._runtime_dir, config.database_timeout
-        )
+        database = config.database
+        if not database and config.runtime_dir:  # older versions kept it there
+            database = await threads.deferToThread(
+                adopt_old_default_database,
+                os.path.join(config.runtime_dir, DEFAULT_DATABASE),
+                os.path.join(state_dir, DEFAULT_DATABASE),
+            )
+        self.store = open_store(self.reactor, database, state_dir, config.database_timeout)
         site = build_site(self.manager, self.auth, self.store)
         self._listening = await listen.listen(
             GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
@@ -310,10 +321,13 @@ class CellmuxService(service.Service):
             self._router.shutdown()
         if self._refusals is not None:
             self._refusals.stop()
+        removed = True
         if self._owns_runtime_dir and self._runtime_dir:
-            shutil.rmtree(self._runtime_dir, ignore_errors=True)
+            removed = bool(await threads.deferToThread(remove_owned, self._runtime_dir))
         if self._record is not None:
-            await self._record.close()
+            # A directory that could not be removed stays recorded: the next
+            # start's sweep removes it.
+            await self._record.close(remove=removed)
 
     def stopService(self) -> defer.Deferred:
         super().stopService()

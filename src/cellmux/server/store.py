@@ -30,6 +30,7 @@ from zope.interface import implementer
 from cellmux.interfaces import IPermalinkStore, IPermalinkStoreFactory
 
 __all__ = [
+    "DEFAULT_DATABASE",
     "MIGRATIONS",
     "DuplicateId",
     "Permalink",
@@ -40,10 +41,13 @@ __all__ = [
     "StoreFull",
     "StoreUnavailable",
     "ThreadedSQLStore",
+    "adopt_old_default_database",
     "create_permalink",
     "new_permalink_id",
     "open_store",
 ]
+
+_log = Logger()
 
 #: Random bytes in a permalink id: 72 bits, 12 URL-safe characters. Short
 #: enough to paste, far too many to guess or to collide by chance.
@@ -388,13 +392,19 @@ class SQLiteStore(ThreadedSQLStore):
         return None
 
 
-def sqlite_path(database: str, runtime_dir: str) -> str | None:
+#: The default SQLite file's name, in the state directory.
+DEFAULT_DATABASE = "permalinks.sqlite3"
+
+
+def sqlite_path(database: str, default_dir: str) -> str | None:
     """The SQLite file a C{database} setting names, or None for another URL.
 
+    @param default_dir: where the file lives when the setting is empty (the
+        state directory: no server ever removes it).
     @raise ValueError: for a malformed sqlite: URL.
     """
     if not database:
-        return f"{runtime_dir}/permalinks.sqlite3"
+        return os.path.join(default_dir, DEFAULT_DATABASE)
     scheme = urllib.parse.urlsplit(database).scheme
     if scheme == "sqlite":
         # sqlite:///relative/path and sqlite:////absolute/path, as SQLAlchemy has it.
@@ -406,6 +416,54 @@ def sqlite_path(database: str, runtime_dir: str) -> str | None:
     return None
 
 
+def adopt_old_default_database(old: str, new: str) -> str:
+    """Move permalinks from where older cellmux versions kept the default file.
+
+    That was the runtime directory, which a crash and a restart could
+    remove. If C{old} exists and C{new} does not, its content is copied
+    (SQLite's online backup, so a -wal file's commits come along) into
+    C{new}, and C{old} is renamed to C{old}.migrated, never deleted. Blocks:
+    run it in a thread, once, at start.
+
+    @return: the path to use: C{new}, or C{old} if the copy failed (logged).
+    """
+    if os.path.exists(new) or not os.path.isfile(old):
+        return new
+    partial = new + ".migrating"
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        source = sqlite3.connect(old)
+        try:
+            target = sqlite3.connect(partial)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+        finally:
+            source.close()
+        os.replace(partial, new)
+        os.replace(old, old + ".migrated")
+    except (OSError, sqlite3.Error) as e:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        _log.error(
+            "could not move the permalink database {old} to {new} ({error}); using it "
+            "where it is for now",
+            old=old,
+            new=new,
+            error=e,
+        )
+        return old
+    _log.info(
+        "moved the permalink database from {old} to {new}; the old file is kept as {old}.migrated",
+        old=old,
+        new=new,
+    )
+    return new
+
+
 def _plugin_factories() -> list[IPermalinkStoreFactory]:
     import twisted.plugins
     from twisted.plugin import getPlugins
@@ -413,14 +471,15 @@ def _plugin_factories() -> list[IPermalinkStoreFactory]:
     return list(getPlugins(IPermalinkStoreFactory, twisted.plugins))
 
 
-def open_store(reactor, database: str, runtime_dir: str, timeout: float) -> IPermalinkStore:
+def open_store(reactor, database: str, default_dir: str, timeout: float) -> IPermalinkStore:
     """The store for a C{database} setting: SQLite, or the plugin for its scheme.
 
     Does no database I/O.
 
+    @param default_dir: the directory of the default SQLite file.
     @raise ValueError: if the setting names a scheme no plugin handles.
     """
-    path = sqlite_path(database, runtime_dir)
+    path = sqlite_path(database, default_dir)
     if path is not None:
         return SQLiteStore(reactor, path, timeout=timeout)
     scheme = urllib.parse.urlsplit(database).scheme.lower()
