@@ -50,10 +50,10 @@ def crash(server: RunningServer) -> None:
 
 
 def http(
-    server: RunningServer, method: str, path: str, body: Any = None
+    server: RunningServer, method: str, path: str, body: Any = None, *, raw: bytes | None = None
 ) -> tuple[int, dict[str, Any]]:
     """One request with the token: the status and the JSON body, errors too."""
-    data = None if body is None else json.dumps(body).encode()
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         server.url + path.lstrip("/"),
         method=method,

@@ -27,6 +27,7 @@ from records_support import (
     wait_until,
 )
 
+from cellmux.cleanup import remove_tree
 from cellmux.client import ServerError
 from cellmux.server.orphans import ProcessIdentity
 
@@ -98,6 +99,8 @@ def test_a_restart_after_a_crash_keeps_the_runtime_dir_and_permalinks_and_ends_l
     finally:
         discard(first)
         kill_all(left.values())
+        # A failed run must not leave the deep tree to pytest's rmtree.
+        remove_tree(tmp_path / "rt")
 
 
 def test_an_unrelated_process_that_took_a_recorded_kernel_pid_survives(tmp_path):

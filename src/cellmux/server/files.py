@@ -24,6 +24,7 @@ are left out of listings and notices, but can be fetched by name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -409,9 +410,18 @@ class FilesResource(JSONEndpoint):
         name, parts = self._name(name)
         kernel, workdir = self._workdir(kernel_id)
         quota = self.manager.config.kernel_quota
-        real_name, size, mtime = await threads.deferToThread(
-            _store_upload, workdir, parts, request.content, quota
-        )
+        try:
+            real_name, size, mtime = await threads.deferToThread(
+                _store_upload, workdir, parts, request.content, quota
+            )
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Nothing of it was kept (the partial file is removed).
+            raise HTTPError(
+                HTTPStatus.INSUFFICIENT_STORAGE,
+                "no space left on the disk of kernel files; the upload was not stored",
+            ) from None
         self.notices.uploaded(kernel, workdir, real_name, size, mtime)
         return HTTPStatus.CREATED, {"name": "/".join(parts), "size": size}
 

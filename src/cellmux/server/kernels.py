@@ -65,6 +65,7 @@ from .lifecycle import (
 )
 from .links import KernelUnreachable, LinkUnavailable
 from .replay import Entry, ReplayLog
+from .runtimedir import disk_full
 from .stdin import MAX_PROMPT_BYTES, PendingInput, PendingPrompts, SessionOwners, cut_prompt
 
 __all__ = [
@@ -146,6 +147,13 @@ class OutOfDescriptors(TooManyKernels):
     """The server is near its open files limit (limits.py): no new process."""
 
     code = "out_of_descriptors"
+
+
+class RuntimeDiskFull(KernelError):
+    """No new kernel: the runtime directory's disk is full (running ones go on)."""
+
+    code = "disk_full"
+    status = HTTPStatus.INSUFFICIENT_STORAGE
 
 
 class KernelNotRunning(KernelError):
@@ -749,6 +757,10 @@ class KernelManager:
             raise NurseryUnavailable(self.degraded or "the nursery is not running")
         if len(self._incarnations) >= self.config.max_kernels:
             raise TooManyKernels(f"at most {self.config.max_kernels} kernels")
+        full = disk_full(self.workdir_root) if self.workdir_root else None
+        if full is not None:
+            # It would die writing its first files: say why instead.
+            raise RuntimeDiskFull(f"cannot start a kernel: {full}; try again later")
         inc = Incarnation(secrets.token_bytes(16), secrets.token_bytes(32))
         inc.credit = self.credit_window
         try:

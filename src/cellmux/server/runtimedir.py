@@ -22,12 +22,23 @@ from twisted.logger import Logger
 
 from cellmux.cleanup import Removal, remove_tree
 
-__all__ = ["RuntimeDirInUse", "make_private_runtime_dir", "prepare_runtime_dir", "remove_owned"]
+__all__ = [
+    "RuntimeDirInUse",
+    "disk_full",
+    "make_private_runtime_dir",
+    "prepare_runtime_dir",
+    "remove_owned",
+]
 
 log = Logger()
 
 #: The link socket's name in the runtime directory.
 LINK_SOCKET = "link.sock"
+#: Free bytes below which the runtime directory's disk counts as full: a
+#: new kernel writes IPython's profile there and would die starting.
+MIN_FREE_BYTES = 8 * 1024 * 1024
+#: Free inodes likewise.
+MIN_FREE_INODES = 64
 
 
 class RuntimeDirInUse(Exception):
@@ -84,6 +95,23 @@ def prepare_runtime_dir(path: str, busy: Iterable[str] = ()) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
     log.info("removed the stale link socket {sock} a crashed server left", sock=sock)
+
+
+def disk_full(path: str) -> str | None:
+    """Why the disk holding path cannot take a new kernel, or None if it can.
+
+    One statvfs call: cheap enough for the reactor thread.
+    """
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None  # not there yet (made later); starting tells what is wrong
+    free = st.f_bavail * st.f_frsize
+    if free < MIN_FREE_BYTES:
+        return f"the disk of the runtime directory is full ({free // 1024} KiB free)"
+    if st.f_files and st.f_favail < MIN_FREE_INODES:
+        return f"the disk of the runtime directory has no free inodes ({st.f_favail} left)"
+    return None
 
 
 def make_private_runtime_dir() -> str:
