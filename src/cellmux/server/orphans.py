@@ -47,6 +47,8 @@ __all__ = [
     "ServerRecord",
     "Sweep",
     "default_state_dir",
+    "end_kernel_processes",
+    "end_leftovers",
     "reap_orphans",
 ]
 
@@ -274,6 +276,23 @@ def _end_uid(uid: int) -> int:
     return killed
 
 
+def end_kernel_processes(kernels: Iterable[ProcessIdentity]) -> int:
+    """Kill kernel processes and what they left; how many were killed.
+
+    Each kernel only if it is itself, what is left of its session, and (as
+    root) every process of its uid that no live nursery holds. Blocking.
+    """
+    killed = 0
+    uids = set()
+    for identity in kernels:
+        killed += _end_session(identity)
+        if identity.uid is not None and identity.boot == boot_id():
+            uids.add(identity.uid)  # after a reboot, the uid means nothing
+    for uid in sorted(uids):
+        killed += _end_uid(uid)
+    return killed
+
+
 # -- this server's record -------------------------------------------------------
 
 
@@ -322,6 +341,14 @@ class ServerRecord:
         if found is not None:
             self._identities[link] = found
         return found
+
+    def kernel_identities(self) -> dict[str, ProcessIdentity]:
+        """Link id -> identity of the kernel processes last recorded.
+
+        Read in the reactor thread when the nursery is lost: it has not
+        cleaned up after its kernels, so the server does (L{end_leftovers}).
+        """
+        return dict(self._identities)
 
     def write(self, kernels: dict[str, int], processes: dict[str, int] | None = None) -> None:
         """Write the record (in a thread: it reads /proc and writes a file).
@@ -446,6 +473,26 @@ class RecordKeeper:
             await self._writing
         if remove:
             self._record.remove()
+
+
+def end_leftovers(kernels: dict[str, ProcessIdentity], kernels_dir: str) -> int:
+    """Clean up after the kernels of a nursery that died (blocking).
+
+    Their processes died with it, but not what they started; their
+    directories stay, since the nursery removes them when it reaps a kernel.
+    """
+    killed = end_kernel_processes(kernels.values())
+    deadline = time.monotonic() + SWEEP_REMOVAL_SECONDS
+    for link in kernels:
+        for name in (link, link + ".tmp"):
+            removal = remove_tree(os.path.join(kernels_dir, name), deadline=deadline)
+            if not removal:
+                log.warn(
+                    "could not remove {path}: {reason}",
+                    path=os.path.join(kernels_dir, name),
+                    reason=removal.reason,
+                )
+    return killed
 
 
 # -- the sweep at start --------------------------------------------------------------
@@ -619,13 +666,7 @@ def reap_orphans(state_dir: str, *, removal_seconds: float = SWEEP_REMOVAL_SECON
         before = killed
         if server.nursery is not None:
             killed += server.nursery.kill()
-        uids = set()
-        for _link, identity in server.processes:
-            killed += _end_session(identity)
-            if identity.uid is not None:
-                uids.add(identity.uid)
-        for uid in sorted(uids):
-            killed += _end_uid(uid)
+        killed += end_kernel_processes(identity for _link, identity in server.processes)
         failed = _remove_runtime_leftovers(server, busy, deadline)
         lost.update(server.kernel_ids)
         log.warn(

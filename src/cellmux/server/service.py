@@ -32,7 +32,13 @@ from .login import LoginResource
 from .longpoll import PollResource
 from .nursery import NurseryProcess
 from .oneshot import OneShotResource
-from .orphans import RecordKeeper, ServerRecord, default_state_dir, reap_orphans
+from .orphans import (
+    RecordKeeper,
+    ServerRecord,
+    default_state_dir,
+    end_leftovers,
+    reap_orphans,
+)
 from .pages import EmbedKernels, PageResource, StaticResource, load_assets
 from .permalinks import PermalinkResource
 from .refusals import Line, RefusalLog
@@ -217,6 +223,7 @@ class CellmuxService(service.Service):
             nursery = NurseryProcess.start(self.reactor, self.manager, nursery_config, nursery_env)
             self.nursery = nursery
             record.nursery_pid = nursery.transport.pid
+            nursery.ended.addCallback(self._nursery_ended, record)
             if self._record is not None:
                 self._record.changed()
             return nursery
@@ -293,6 +300,22 @@ class CellmuxService(service.Service):
                 seconds=self.reactor.seconds() - line.since,
                 detail=line.detail,
             )
+
+    def _nursery_ended(self, _: object, record: ServerRecord) -> None:
+        """A nursery that died took its kernels along, not what they started."""
+        if not self.running:
+            return  # a stop: the nursery cleaned up after its kernels
+        kernels = record.kernel_identities()  # before the record forgets them
+        kernels_dir = os.path.join(self._runtime_dir, "kernels")
+        d = threads.deferToThread(end_leftovers, kernels, kernels_dir)
+        d.addCallback(
+            lambda killed: self.log.warn(
+                "the nursery died: ended {killed} process(es) its kernels left, removed "
+                "their directories",
+                killed=killed,
+            )
+        )
+        d.addErrback(lambda f: self.log.failure("cleaning up after the nursery failed", f))
 
     def _kernel_pids(self) -> dict[str, int]:
         return {

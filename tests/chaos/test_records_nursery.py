@@ -1,0 +1,86 @@
+"""The nursery killed or stopped under a running server.
+
+SIGKILL: its kernels die with it (PR_SET_PDEATHSIG); the server ends what
+they started and removes their directories, since the nursery no longer
+can. SIGSTOP past kernel_start_timeout: creates fail with a clear error,
+running kernels go on, and SIGCONT brings creates back without leaving the
+process of the create that timed out behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import textwrap
+
+from records_support import (
+    alive,
+    http,
+    kill_all,
+    nursery_of,
+    serving,
+    session_members,
+    wait_until,
+)
+
+LEAVE_BEHIND = textwrap.dedent(
+    """
+    import json, os, subprocess
+    same = subprocess.Popen(["sleep", "300"])
+    escaped = subprocess.Popen(["sleep", "301"], start_new_session=True)
+    print(json.dumps({"kernel": os.getpid(), "same": same.pid, "escaped": escaped.pid}))
+    """
+)
+
+
+def _entries(base) -> set[str]:
+    return set(os.listdir(base / "rt" / "kernels"))
+
+
+def test_a_killed_nursery_leaves_no_process_or_directory_behind(tmp_path):
+    left: dict[str, int] = {}
+    with serving(tmp_path, "--pool-size", "1") as server:
+        try:
+            with server.client() as client:
+                model = client.create_kernel()
+                with client.connect(model.id) as kernel:
+                    left = json.loads(kernel.execute(LEAVE_BEHIND).stdout)
+                assert wait_until(lambda: len(_entries(tmp_path)) == 4)  # + the pool kernel's
+                os.kill(nursery_of(server), signal.SIGKILL)
+                assert wait_until(lambda: not any(alive(pid) for pid in left.values()))
+                assert session_members(left["kernel"]) == []
+                assert wait_until(lambda: _entries(tmp_path) == set())
+                status, body = http(server, "GET", f"/api/kernels/{model.id}")
+                assert status == 200 and body["execution_state"] == "dead", body
+                assert "the nursery died: ended" in server.log()
+        finally:
+            kill_all(left.values())
+
+
+def test_a_stopped_nursery_fails_creates_clearly_and_recovers(tmp_path):
+    config = tmp_path / "cellmux.toml"
+    config.write_text("kernel_start_timeout = 2.0\n")
+    with serving(tmp_path, "--pool-size", "0", "--config", str(config)) as server:
+        nursery = nursery_of(server)
+        try:
+            with server.client() as client:
+                running = client.create_kernel()
+                with client.connect(running.id) as kernel:
+                    kernel.execute("x = 1")
+                    os.kill(nursery, signal.SIGSTOP)
+                    status, body = http(server, "POST", "/api/kernels", {})
+                    assert status >= 500 and "did not start in time" in body["message"], body
+                    # What runs does not need the nursery.
+                    assert kernel.execute("x + 1").result_text == "2"
+                    os.kill(nursery, signal.SIGCONT)
+                    status, body = http(server, "POST", "/api/kernels", {})
+                    assert status == 201, body
+                    assert kernel.execute("x + 2").result_text == "3"
+                # Only the two live kernels have directories: the one that
+                # timed out was killed when the nursery woke up.
+                assert wait_until(lambda: len(_entries(tmp_path)) == 4)
+                models = {k.id: k.pid for k in client.list_kernels()}
+                assert set(models) == {running.id, body["id"]}
+        finally:
+            os.kill(nursery, signal.SIGCONT)
