@@ -1,0 +1,45 @@
+"""A short soak (bench/soak.py): 200 create/delete cycles over six server
+lifetimes, ended alternately by SIGTERM and SIGKILL. FDs and threads of the
+server and the nursery stay flat within each lifetime, and nothing is left
+after the last stop."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+#: Allowed growth from the first sample (after the warm-up) to the last:
+#: thread pools may still add a thread, a socket may be mid-close.
+FD_SLACK = 3
+THREAD_SLACK = 2
+
+
+def _load_soak():
+    spec = importlib.util.spec_from_file_location("cellmux_bench_soak", SOAK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_create_delete_cycles_and_restarts_leak_nothing(tmp_path):
+    result = _load_soak().soak(cycles=200, restarts=5, base=tmp_path)
+    assert [run["ended_by"] for run in result["lifetimes"]] == [
+        "SIGTERM",
+        "SIGKILL",
+        "SIGTERM",
+        "SIGKILL",
+        "SIGTERM",
+        "SIGTERM",
+    ]
+    for run in result["lifetimes"]:
+        for process in ("server", "nursery"):
+            first, last = run[process][0], run[process][-1]
+            assert last["fds"] <= first["fds"] + FD_SLACK, (process, run)
+            assert last["threads"] <= first["threads"] + THREAD_SLACK, (process, run)
+    assert result["left"] == {
+        "kernel_dirs": 0,
+        "server_records": 0,
+        "temporary_records": 0,
+        "kernel_session_processes": 0,
+    }
