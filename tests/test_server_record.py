@@ -134,3 +134,21 @@ def test_a_failed_write_is_logged_and_the_next_one_works(tmp_path):
     _settle(rt)
     assert _contents(record) == ["a", "b"]
     rt.call(keeper.close)
+
+
+def test_a_failed_write_is_retried_without_another_change(tmp_path, monkeypatch):
+    monkeypatch.setattr("cellmux.server.orphans.RETRY_SECONDS", 0.05)
+    rt, record, keeper = _keeper(tmp_path, {"a": 1})
+    state = record.path.parent
+    state.rename(tmp_path / "elsewhere")  # the write fails with an OSError
+    try:
+        rt.call(keeper.changed)
+        _settle(rt)
+        assert not record.path.exists() and len(record.writes) >= 1
+    finally:
+        (tmp_path / "elsewhere").rename(state)
+    _settle(rt, 0.2)
+    assert _contents(record) == ["a"]
+    # Nothing but the record in the directory: no temporary files.
+    assert [p.name for p in state.iterdir()] == [record.path.name]
+    rt.call(keeper.close)

@@ -64,6 +64,8 @@ STALE_TEMP_SECONDS = 60.0
 #: How long one start may spend removing what dead servers' kernels left on
 #: disk; what is left is retried at the next start (the record stays).
 SWEEP_REMOVAL_SECONDS = 30.0
+#: Seconds before a record write that failed is tried again.
+RETRY_SECONDS = 5.0
 #: Rounds of killing a leftover uid's processes (each round may meet
 #: processes forked meanwhile; RLIMIT_NPROC bounds how many).
 _UID_KILL_ROUNDS = 50
@@ -314,6 +316,10 @@ class ServerRecord:
         self._runtime_dir = runtime_dir
         self._owns_runtime_dir = owns_runtime_dir
         self._server = ProcessIdentity.of(os.getpid())
+        try:
+            self._cmdline = Path("/proc/self/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            self._cmdline = ""
         self.nursery: ProcessIdentity | None = None
         #: link id -> identity, kept while the link is recorded so that each
         #: process is read once, while it is certainly the nursery's child.
@@ -330,7 +336,7 @@ class ServerRecord:
     def _identity(self, link: str, pid: int) -> ProcessIdentity | None:
         known = self._identities.get(link)
         if known is not None and known.pid == pid:
-            if known.uid is None or known.uid == os.geteuid():
+            if os.geteuid() == 0 and known.uid in (None, 0):
                 # It may not have changed to its own uid yet when first read.
                 uid = _uid(pid)
                 if uid is not None and uid != known.uid and known.alive():
@@ -371,6 +377,9 @@ class ServerRecord:
         data = {
             "version": RECORD_VERSION,
             "server": self._server.to_json() if self._server else None,
+            # For version 1 readers (an older cellmux sharing the state dir).
+            "pid": os.getpid(),
+            "cmdline": self._cmdline,
             "runtime_dir": self._runtime_dir,
             "owns_runtime_dir": self._owns_runtime_dir,
             "nursery": self.nursery.to_json() if self.nursery else None,
@@ -428,6 +437,7 @@ class RecordKeeper:
         self._writing: defer.Deferred | None = None
         self._again = False
         self._closed = False
+        self._retry = None
 
     def changed(self) -> None:
         """The kernels changed: write the record soon."""
@@ -454,6 +464,9 @@ class RecordKeeper:
             self.log.warn("cannot write the server record: {error}", error=failure.value)
         else:
             self.log.failure("writing the server record failed", failure)
+        # Try again later even if nothing changes (a disk that was full).
+        if not self._closed and (self._retry is None or not self._retry.active()):
+            self._retry = self._reactor.callLater(RETRY_SECONDS, self.changed)
 
     def _written(self, _: object) -> None:
         self._writing = None
@@ -467,8 +480,9 @@ class RecordKeeper:
             what this server could not (its runtime directory).
         """
         self._closed = True
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        for call in (self._call, self._retry):
+            if call is not None and call.active():
+                call.cancel()
         if self._writing is not None:
             await self._writing
         if remove:

@@ -178,7 +178,10 @@ class CellmuxService(service.Service):
         record = ServerRecord(state_dir, self._runtime_dir, owns_runtime_dir=self._owns_runtime_dir)
         # Recorded before anything is made in it, so a crash from here on
         # leaves nothing the next start does not know of.
-        await threads.deferToThread(record.write, {}, {})
+        try:
+            await threads.deferToThread(record.write, {}, {})
+        except OSError as e:  # a full state disk: serve anyway, keep trying
+            self.log.warn("cannot write the server record: {error}", error=e)
         # One endpoint per kernel process in here (see LinkRouter); no
         # socket is shared by kernels.
         links_dir = os.path.join(self._runtime_dir, "links")
@@ -330,6 +333,7 @@ class CellmuxService(service.Service):
         self.manager.stop()
         if self.store is not None:
             await self.store.close()
+        nursery_stopped = True
         if self.nursery is not None:
             ended = self.nursery.shutdown()
             timeout = self.reactor.callLater(self.config.kill_grace + 5, ended.cancel)
@@ -337,6 +341,9 @@ class CellmuxService(service.Service):
                 await ended
             except defer.CancelledError:
                 self.log.error("the nursery did not stop in time")
+                # Its kernels die with this process; the next start removes
+                # what they leave (the record stays for it).
+                nursery_stopped = False
             finally:
                 if timeout.active():
                     timeout.cancel()
@@ -344,8 +351,8 @@ class CellmuxService(service.Service):
             self._router.shutdown()
         if self._refusals is not None:
             self._refusals.stop()
-        removed = True
-        if self._owns_runtime_dir and self._runtime_dir:
+        removed = nursery_stopped
+        if removed and self._owns_runtime_dir and self._runtime_dir:
             removed = bool(await threads.deferToThread(remove_owned, self._runtime_dir))
         if self._record is not None:
             # A directory that could not be removed stays recorded: the next
