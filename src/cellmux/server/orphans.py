@@ -30,6 +30,7 @@ import signal
 import socket
 import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -324,6 +325,8 @@ class ServerRecord:
         #: link id -> identity, kept while the link is recorded so that each
         #: process is read once, while it is certainly the nursery's child.
         self._identities: dict[str, ProcessIdentity] = {}
+        #: The writer thread changes _identities; the reactor thread reads it.
+        self._lock = threading.Lock()
 
     @property
     def nursery_pid(self) -> int:
@@ -334,18 +337,22 @@ class ServerRecord:
         self.nursery = ProcessIdentity.of(pid, parent=os.getpid())
 
     def _identity(self, link: str, pid: int) -> ProcessIdentity | None:
-        known = self._identities.get(link)
+        with self._lock:
+            known = self._identities.get(link)
         if known is not None and known.pid == pid:
             if os.geteuid() == 0 and known.uid in (None, 0):
                 # It may not have changed to its own uid yet when first read.
                 uid = _uid(pid)
                 if uid is not None and uid != known.uid and known.alive():
-                    known = self._identities[link] = attrs.evolve(known, uid=uid)
+                    known = attrs.evolve(known, uid=uid)
+                    with self._lock:
+                        self._identities[link] = known
             return known
         parent = self.nursery.pid if self.nursery is not None else None
         found = ProcessIdentity.of(pid, parent=parent)
         if found is not None:
-            self._identities[link] = found
+            with self._lock:
+                self._identities[link] = found
         return found
 
     def kernel_identities(self) -> dict[str, ProcessIdentity]:
@@ -354,7 +361,8 @@ class ServerRecord:
         Read in the reactor thread when the nursery is lost: it has not
         cleaned up after its kernels, so the server does (L{end_leftovers}).
         """
-        return dict(self._identities)
+        with self._lock:
+            return dict(self._identities)
 
     def write(self, kernels: dict[str, int], processes: dict[str, int] | None = None) -> None:
         """Write the record (in a thread: it reads /proc and writes a file).
@@ -372,8 +380,9 @@ class ServerRecord:
             if identity is None:
                 continue  # ended meanwhile, or not ours to name
             entries.append({"link": link, "kernel": by_pid.get(pid), **identity.to_json()})
-        for stale in set(self._identities) - set(processes):
-            del self._identities[stale]
+        with self._lock:
+            for stale in set(self._identities) - set(processes):
+                del self._identities[stale]
         data = {
             "version": RECORD_VERSION,
             "server": self._server.to_json() if self._server else None,
