@@ -26,11 +26,8 @@ def _partial_uploads(root) -> list[str]:
 
 
 def test_a_full_runtime_disk_refuses_new_kernels_and_uploads_and_recovers(tmp_path):
-    with (
-        small_disk(tmp_path / "rt", "64m") as disk,
-        serving(tmp_path, "--pool-size", "1") as server,
-    ):
-        with server.client() as client:
+    with small_disk(tmp_path / "rt", "64m") as disk:
+        with serving(tmp_path, "--pool-size", "1") as server, server.client() as client:
             running = client.create_kernel()
             with client.connect(running.id) as kernel:
                 kernel.execute("x = 41")
@@ -61,7 +58,9 @@ def test_a_full_runtime_disk_refuses_new_kernels_and_uploads_and_recovers(tmp_pa
                 assert kernel.execute("len(open('upload.bin','rb').read())").result_text == (
                     "200000"
                 )
-        assert "Traceback" not in server.log()  # refusals are answers, not crashes
+            assert "Traceback" not in server.log()  # refusals are answers, not crashes
+        # Stopped: every kernel's directory went with it.
+        assert os.listdir(disk / "kernels") == []
 
 
 def test_a_full_database_disk_answers_503_keeps_what_it_stored_and_recovers(tmp_path):
