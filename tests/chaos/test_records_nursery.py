@@ -1,4 +1,4 @@
-"""The nursery killed or stopped under a running server.
+"""The nursery or a kernel killed, or the nursery stopped, under a running server.
 
 SIGKILL: its kernels die with it (PR_SET_PDEATHSIG); the server ends what
 they started and removes their directories, since the nursery no longer
@@ -84,3 +84,29 @@ def test_a_stopped_nursery_fails_creates_clearly_and_recovers(tmp_path):
                 assert set(models) == {running.id, body["id"]}
         finally:
             os.kill(nursery, signal.SIGCONT)
+
+
+def test_a_killed_kernel_takes_what_it_started_and_its_directories(tmp_path):
+    left: dict[str, int] = {}
+    with serving(tmp_path, "--pool-size", "0") as server:
+        try:
+            with server.client() as client:
+                other = client.create_kernel()
+                model = client.create_kernel()
+                with client.connect(model.id) as kernel:
+                    left = json.loads(kernel.execute(LEAVE_BEHIND).stdout)
+                before = _entries(tmp_path)
+                assert len(before) == 4
+                os.kill(left["kernel"], signal.SIGKILL)
+                # The session's member goes with the group; the escaped one
+                # by its uid (as root; without root it would outlive it).
+                assert wait_until(lambda: not alive(left["same"]))
+                if os.geteuid() == 0:
+                    assert wait_until(lambda: not alive(left["escaped"]))
+                assert wait_until(lambda: len(_entries(tmp_path)) == 2)
+                status, body = http(server, "GET", f"/api/kernels/{model.id}")
+                assert status == 200 and body["execution_state"] == "dead", body
+                with client.connect(other.id) as survivor:
+                    assert survivor.execute("2 * 21").result_text == "42"
+        finally:
+            kill_all(left.values())
