@@ -135,6 +135,22 @@ class _Server:
         self.log.close()
 
 
+def _quiesce(base: Path, pool_size: int, timeout: float = 10.0) -> None:
+    """Wait until only the pool's kernels have directories.
+
+    Deleted kernels are still being reaped for a moment, and each holds a
+    few descriptors in the nursery (its uid's lock, its cgroup): a sample
+    taken then would count them.
+    """
+    kernels = base / "rt" / "kernels"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(os.listdir(kernels)) == 2 * pool_size:  # each has a .tmp too
+            time.sleep(0.2)  # the pool kernel's fds settle after its start
+            return
+        time.sleep(0.05)
+
+
 def leftovers(base: Path, sessions: set[int]) -> dict[str, int]:
     """What is left after the last stop: it should all be zero."""
     kernels = base / "rt" / "kernels"
@@ -179,6 +195,7 @@ def soak(cycles: int, restarts: int, base: Path, pool_size: int = 1) -> dict[str
                 sessions.add(int(model["pid"]))
                 server.call("DELETE", f"/api/kernels/{model['id']}")
                 if i + 1 == warmup or i + 1 == per_lifetime:
+                    _quiesce(base, pool_size)
                     samples["server"].append(sample(server.process.pid))
                     samples["nursery"].append(sample(server.nursery))
         finally:
