@@ -330,3 +330,35 @@ def test_the_old_default_database_is_moved_to_the_state_dir(tmp_path):
     assert not old.exists() and Path(str(old) + ".migrated").exists()
     # Done once: a later start leaves both alone.
     assert adopt_old_default_database(str(old), str(new)) == str(new)
+
+
+def test_as_root_what_escaped_a_kernels_session_is_found_by_its_uid(tmp_path):
+    # Needs root (to run processes as another uid). A uid outside the
+    # default kernel range, so no other server's nursery here holds it.
+    uid = 390000 + os.getpid() % 9000
+    kernel = subprocess.Popen(["true"], user=uid, group=uid)
+    identity = ProcessIdentity.of(kernel.pid)
+    kernel.wait()
+    escaped = subprocess.Popen(["sleep", "300"], user=uid, group=uid, start_new_session=True)
+    try:
+        assert identity is not None and identity.uid == uid
+        state = tmp_path / "state"
+        # Outside the configured range: never touched.
+        _record(state, None, [(LINK, "k1", identity)])
+        reap_orphans(str(state), uid_range=(uid + 1, uid + 10))
+        assert _running(escaped)
+        # Held by a live nursery: its processes are its own.
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        lock.bind(f"\0cellmux-uid-{uid}")
+        try:
+            _record(state, None, [(LINK, "k1", identity)])
+            reap_orphans(str(state), uid_range=(uid, uid))
+            assert _running(escaped)
+        finally:
+            lock.close()
+        _record(state, None, [(LINK, "k1", identity)])
+        sweep = reap_orphans(str(state), uid_range=(uid, uid))
+        assert sweep.killed == 1
+        escaped.wait(5)
+    finally:
+        _stop(escaped)

@@ -279,18 +279,24 @@ def _end_uid(uid: int) -> int:
     return killed
 
 
-def end_kernel_processes(kernels: Iterable[ProcessIdentity]) -> int:
+def end_kernel_processes(
+    kernels: Iterable[ProcessIdentity], uid_range: tuple[int, int] | None = None
+) -> int:
     """Kill kernel processes and what they left; how many were killed.
 
     Each kernel only if it is itself, what is left of its session, and (as
-    root) every process of its uid that no live nursery holds. Blocking.
+    root) every process of its uid that no live nursery holds, if that uid
+    is in C{uid_range} (the kernel uids configured: never anybody else's).
+    Blocking.
     """
     killed = 0
     uids = set()
     for identity in kernels:
         killed += _end_session(identity)
-        if identity.uid is not None and identity.boot == boot_id():
-            uids.add(identity.uid)  # after a reboot, the uid means nothing
+        if identity.uid is None or identity.boot != boot_id():
+            continue  # after a reboot, the uid means nothing
+        if uid_range is not None and uid_range[0] <= identity.uid <= uid_range[1]:
+            uids.add(identity.uid)
     for uid in sorted(uids):
         killed += _end_uid(uid)
     return killed
@@ -498,13 +504,17 @@ class RecordKeeper:
             self._record.remove()
 
 
-def end_leftovers(kernels: dict[str, ProcessIdentity], kernels_dir: str) -> int:
+def end_leftovers(
+    kernels: dict[str, ProcessIdentity],
+    kernels_dir: str,
+    uid_range: tuple[int, int] | None = None,
+) -> int:
     """Clean up after the kernels of a nursery that died (blocking).
 
     Their processes died with it, but not what they started; their
     directories stay, since the nursery removes them when it reaps a kernel.
     """
-    killed = end_kernel_processes(kernels.values())
+    killed = end_kernel_processes(kernels.values(), uid_range)
     deadline = time.monotonic() + SWEEP_REMOVAL_SECONDS
     for link in kernels:
         for name in (link, link + ".tmp"):
@@ -653,12 +663,17 @@ def _remove_runtime_leftovers(dead: _DeadServer, busy: Iterable[str], deadline: 
     return failed
 
 
-def reap_orphans(state_dir: str, *, removal_seconds: float = SWEEP_REMOVAL_SECONDS) -> Sweep:
+def reap_orphans(
+    state_dir: str,
+    *,
+    uid_range: tuple[int, int] | None = None,
+    removal_seconds: float = SWEEP_REMOVAL_SECONDS,
+) -> Sweep:
     """End what dead servers left behind (blocking: run it in a thread).
 
     For each record in C{state_dir} whose server no longer runs: kill its
     nursery and kernel processes, what is left of their sessions and (as
-    root) of their uids, each only after checking its identity; remove the
+    root) of their uids in C{uid_range}, each only after checking its identity; remove the
     files its kernels left; remove the record. Never raises for what it
     finds on disk or in /proc.
     """
@@ -689,7 +704,9 @@ def reap_orphans(state_dir: str, *, removal_seconds: float = SWEEP_REMOVAL_SECON
         before = killed
         if server.nursery is not None:
             killed += server.nursery.kill()
-        killed += end_kernel_processes(identity for _link, identity in server.processes)
+        killed += end_kernel_processes(
+            (identity for _link, identity in server.processes), uid_range
+        )
         failed = _remove_runtime_leftovers(server, busy, deadline)
         lost.update(server.kernel_ids)
         log.warn(

@@ -167,7 +167,9 @@ class CellmuxService(service.Service):
         # Before anything else: end what a crashed predecessor left running
         # (in a thread: it reads /proc and may remove large trees).
         state_dir = config.state_dir or default_state_dir()
-        sweep = await threads.deferToThread(reap_orphans, state_dir)
+        sweep = await threads.deferToThread(
+            reap_orphans, state_dir, uid_range=config.kernel_uid_range
+        )
         self.manager.lost = set(sweep.lost)
         if config.runtime_dir:
             prepare_runtime_dir(config.runtime_dir, sweep.busy_runtime_dirs)
@@ -310,7 +312,7 @@ class CellmuxService(service.Service):
             return  # a stop: the nursery cleaned up after its kernels
         kernels = record.kernel_identities()  # before the record forgets them
         kernels_dir = os.path.join(self._runtime_dir, "kernels")
-        d = threads.deferToThread(end_leftovers, kernels, kernels_dir)
+        d = threads.deferToThread(end_leftovers, kernels, kernels_dir, self.config.kernel_uid_range)
         d.addCallback(
             lambda killed: self.log.warn(
                 "the nursery died: ended {killed} process(es) its kernels left, removed "
