@@ -336,9 +336,9 @@ def test_as_root_what_escaped_a_kernels_session_is_found_by_its_uid(tmp_path):
     # Needs root (to run processes as another uid). A uid outside the
     # default kernel range, so no other server's nursery here holds it.
     uid = 390000 + os.getpid() % 9000
-    kernel = subprocess.Popen(["true"], user=uid, group=uid)
+    kernel = subprocess.Popen(["sh", "-c", "read _"], user=uid, group=uid, stdin=subprocess.PIPE)
     identity = ProcessIdentity.of(kernel.pid)
-    kernel.wait()
+    kernel.communicate(b"\n", timeout=5)  # the kernel ends
     escaped = subprocess.Popen(["sleep", "300"], user=uid, group=uid, start_new_session=True)
     try:
         assert identity is not None and identity.uid == uid
