@@ -169,3 +169,20 @@ def test_a_restart_that_gets_the_crashed_servers_pid_still_sweeps(tmp_path):
     finally:
         leftover.kill()
         leftover.wait()
+
+
+def test_permalinks_in_the_old_default_place_move_to_the_state_dir(tmp_path):
+    old = tmp_path / "rt" / "permalinks.sqlite3"  # where older versions kept them
+    with serving(tmp_path, "--pool-size", "0", database=str(old)) as server:
+        status, made = http(server, "POST", "/permalink", {"code": "print('old')"})
+        assert status == 201
+    with serving(tmp_path, "--pool-size", "0") as server:  # database unset
+        status, got = http(server, "GET", f"/permalink/{made['id']}")
+        assert status == 200 and got["code"] == "print('old')"
+        assert "moved the permalink database" in server.log()
+    assert (tmp_path / "state" / "permalinks.sqlite3").exists()
+    assert not old.exists() and (tmp_path / "rt" / "permalinks.sqlite3.migrated").exists()
+    with serving(tmp_path, "--pool-size", "0") as server:  # once only
+        status, got = http(server, "GET", f"/permalink/{made['id']}")
+        assert status == 200
+        assert "moved the permalink database" not in server.log()
