@@ -216,6 +216,17 @@ def test_a_runtime_dir_the_dead_server_made_goes_whole(tmp_path):
     assert not runtime.exists()
 
 
+def test_a_recorded_own_runtime_dir_goes_whole_only_if_it_looks_like_one(tmp_path):
+    # A record is only a file: a wrong one must not remove somebody's tree.
+    precious = tmp_path / "data"
+    (precious / "kernels" / LINK).mkdir(parents=True)
+    (precious / "thesis.tex").write_text("years of work")
+    _record(tmp_path / "state", precious, [], owns=True)
+    reap_orphans(str(tmp_path / "state"))
+    assert (precious / "thesis.tex").exists()
+    assert list((precious / "kernels").iterdir()) == []
+
+
 def _deep_tree(top: Path, depth: int) -> None:
     top.mkdir(parents=True)
     fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)

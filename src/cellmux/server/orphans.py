@@ -623,6 +623,22 @@ def _remove_stale_temps(servers: Path) -> None:
                 temp.unlink()
 
 
+def _only_ours(root: str) -> bool:
+    """Whether a directory looks like one a server made and nothing else used.
+
+    A record is only a file: before removing a whole tree on its word, check
+    that the tree is a cellmux runtime directory and holds nothing but what
+    cellmux puts there (the default database never lived in one it made).
+    """
+    if not os.path.basename(os.path.normpath(root)).startswith("cellmux-"):
+        return False
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return False
+    return all(n in ("kernels", "link.sock") for n in names)
+
+
 def _remove_runtime_leftovers(dead: _DeadServer, busy: Iterable[str], deadline: float) -> list[str]:
     """Remove what a dead server made in its runtime directory; what failed.
 
@@ -642,9 +658,9 @@ def _remove_runtime_leftovers(dead: _DeadServer, busy: Iterable[str], deadline: 
             for link, _ in dead.processes
             for name in (link, link + ".tmp")
         ]
-    elif dead.owns_runtime_dir:
+    elif dead.owns_runtime_dir and _only_ours(root):
         targets = [root]
-    else:
+    else:  # configured (or not recognisably ours): only what cellmux made
         kernels = os.path.join(root, "kernels")
         try:
             names = [n for n in os.listdir(kernels) if _LINK_ENTRY.fullmatch(n)]
