@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import tempfile
 
 import pytest
 
@@ -22,8 +22,8 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_sigkill_leaves_no_kernel_and_the_next_server_reports_it_lost():
-    state_dir = tempfile.mkdtemp(prefix="cellmux-state-")
+def test_sigkill_leaves_no_kernel_and_the_next_server_reports_it_lost(tmp_path):
+    state_dir = str(tmp_path / "state")
     first = start_server("--pool-size", "2", "--state-dir", state_dir)
     with first.client() as client:
         kept = client.create_kernel()
@@ -45,3 +45,5 @@ def test_sigkill_leaves_no_kernel_and_the_next_server_reports_it_lost():
             assert client.list_kernels() == []
     finally:
         second.stop()
+        for server in (first, second):  # their logs and runtime dirs under /tmp
+            shutil.rmtree(server.runtime_dir, ignore_errors=True)
