@@ -19,7 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from cellmux.server.orphans import ProcessIdentity, ServerRecord, boot_id, reap_orphans
+from cellmux.server.orphans import (
+    ProcessIdentity,
+    ServerRecord,
+    boot_id,
+    finish_removals,
+    reap_orphans,
+)
 from cellmux.server.runtimedir import RuntimeDirInUse, prepare_runtime_dir, remove_owned
 from cellmux.server.store import adopt_old_default_database
 
@@ -373,3 +379,20 @@ def test_as_root_what_escaped_a_kernels_session_is_found_by_its_uid(tmp_path):
         escaped.wait(5)
     finally:
         _stop(escaped)
+
+
+def test_files_can_be_left_for_later_the_record_goes_when_they_are_gone(tmp_path):
+    # The server ends processes before it serves, and removes files while
+    # it serves: the record stays until they are gone.
+    runtime = tmp_path / "rt"
+    (runtime / "kernels" / LINK / "sub").mkdir(parents=True)
+    _stale_socket(runtime / "link.sock")
+    record = _record(tmp_path / "state", runtime, [], kernels=["k1"])
+    sweep = reap_orphans(str(tmp_path / "state"), remove_files=False)
+    assert sweep.lost == {"k1"} and record.exists()
+    assert not (runtime / "link.sock").exists()  # a new server may bind now
+    (pending,) = sweep.pending
+    assert pending.paths == (str(runtime / "kernels" / LINK),)
+    assert (runtime / "kernels" / LINK).exists()
+    assert finish_removals(sweep.pending) == 0
+    assert not record.exists() and list((runtime / "kernels").iterdir()) == []

@@ -88,10 +88,12 @@ def test_a_restart_after_a_crash_keeps_the_runtime_dir_and_permalinks_and_ends_l
                 # And it runs kernels.
                 with client.connect(client.create_kernel().id) as kernel:
                     assert kernel.execute("6 * 7").result_text == "42"
-            assert not old_dirs & _kernel_entries(tmp_path)
+            # Removed while the server already serves.
+            assert wait_until(lambda: not old_dirs & _kernel_entries(tmp_path))
             assert (tmp_path / "rt" / "operator-notes.txt").read_text() == "mine"
-            servers = list((tmp_path / "state" / "servers").iterdir())
-            assert len(servers) == 1 and not servers[0].name.startswith(".tmp")
+            servers = tmp_path / "state" / "servers"
+            assert wait_until(lambda: len(list(servers.iterdir())) == 1)
+            assert not next(servers.iterdir()).name.startswith(".tmp")
         # A clean stop keeps the configured directory and what it holds.
         assert (tmp_path / "rt" / "operator-notes.txt").read_text() == "mine"
         assert _kernel_entries(tmp_path) == set()
@@ -133,7 +135,7 @@ def test_an_unrelated_process_that_took_a_recorded_kernel_pid_survives(tmp_path)
         (servers / "1-dead.json").write_text(json.dumps(record))
         with serving(tmp_path, "--pool-size", "1") as server:
             assert alive(unrelated.pid) and unrelated.poll() is None
-            assert not (servers / "1-dead.json").exists()
+            assert wait_until(lambda: not (servers / "1-dead.json").exists())
             with server.client() as client:
                 with pytest.raises(ServerError) as info:
                     client.connect("gone-kernel")

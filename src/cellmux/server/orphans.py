@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from cellmux.cleanup import remove_tree
 
 __all__ = [
+    "PendingRemoval",
     "ProcessIdentity",
     "RecordKeeper",
     "ServerRecord",
@@ -50,6 +51,7 @@ __all__ = [
     "default_state_dir",
     "end_kernel_processes",
     "end_leftovers",
+    "finish_removals",
     "reap_orphans",
 ]
 
@@ -543,6 +545,8 @@ class Sweep:
     killed: int = 0
     #: Records kept because something could not be removed in time.
     unfinished: int = 0
+    #: What is still to be removed (when the caller removes it later).
+    pending: tuple[PendingRemoval, ...] = ()
 
 
 @attrs.frozen
@@ -639,13 +643,14 @@ def _only_ours(root: str) -> bool:
     return all(n in ("kernels", "link.sock") for n in names)
 
 
-def _remove_runtime_leftovers(dead: _DeadServer, busy: Iterable[str], deadline: float) -> list[str]:
-    """Remove what a dead server made in its runtime directory; what failed.
+def _leftover_paths(dead: _DeadServer, busy: Iterable[str]) -> list[str]:
+    """What a dead server made in its runtime directory, to be removed.
 
     A runtime directory the server made itself (a temporary one) goes
     whole. A configured one is never removed: only the kernels'
-    directories in its ``kernels/`` (and, when no live server uses it, the
-    stale link socket) go.
+    directories in its ``kernels/`` go, listed now, before a new nursery
+    adds its own. The stale link socket of a directory no live server uses
+    is removed at once (a new server may bind there next).
     """
     root = dead.runtime_dir
     if root is None or not os.path.isdir(root):
@@ -653,30 +658,67 @@ def _remove_runtime_leftovers(dead: _DeadServer, busy: Iterable[str], deadline: 
     if any(_same_dir(root, other) for other in busy):
         # A live server took the directory over: only the recorded kernels'
         # directories are certainly the dead server's.
-        targets = [
+        return [
             os.path.join(root, "kernels", name)
             for link, _ in dead.processes
             for name in (link, link + ".tmp")
         ]
-    elif dead.owns_runtime_dir and _only_ours(root):
-        targets = [root]
-    else:  # configured (or not recognisably ours): only what cellmux made
-        kernels = os.path.join(root, "kernels")
-        try:
-            names = [n for n in os.listdir(kernels) if _LINK_ENTRY.fullmatch(n)]
-        except OSError:
-            names = []
-        targets = [os.path.join(kernels, n) for n in names]
-        sock = os.path.join(root, "link.sock")
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(sock).st_mode):
-                os.unlink(sock)
-    failed = []
-    for target in targets:
-        removal = remove_tree(target, deadline=deadline)
-        if not removal:
-            failed.append(f"{target}: {removal.reason}")
-    return failed
+    if dead.owns_runtime_dir and _only_ours(root):
+        return [root]
+    # Configured (or not recognisably ours): only what cellmux made in it.
+    sock = os.path.join(root, "link.sock")
+    with contextlib.suppress(OSError):
+        if stat.S_ISSOCK(os.lstat(sock).st_mode):
+            os.unlink(sock)
+    kernels = os.path.join(root, "kernels")
+    try:
+        names = [n for n in os.listdir(kernels) if _LINK_ENTRY.fullmatch(n)]
+    except OSError:
+        names = []
+    return [os.path.join(kernels, n) for n in names]
+
+
+@attrs.frozen
+class PendingRemoval:
+    """Files a dead server left, and its record, removed once they are gone."""
+
+    record: Path
+    label: str
+    paths: tuple[str, ...]
+
+
+def finish_removals(
+    pending: Iterable[PendingRemoval], seconds: float = SWEEP_REMOVAL_SECONDS
+) -> int:
+    """Remove what dead servers' kernels left on disk (blocking, in a thread).
+
+    A kernel's tree can take long to remove (thousands of directories cost
+    seconds on a slow disk), so the server starts serving meanwhile. A
+    record goes once everything it names is gone; what is not done within
+    C{seconds} stays recorded for the next start. Never raises.
+
+    @return: how many records were kept for the next start.
+    """
+    deadline = time.monotonic() + seconds
+    unfinished = 0
+    for removal in pending:
+        failed = []
+        for path in removal.paths:
+            outcome = remove_tree(path, deadline=deadline)
+            if not outcome:
+                failed.append(f"{path}: {outcome.reason}")
+        if failed:
+            unfinished += 1
+            log.warn(
+                "could not remove everything server {pid} left; trying again at the next "
+                "start: {failed}",
+                pid=removal.label,
+                failed="; ".join(failed[:5]),
+            )
+        else:
+            with contextlib.suppress(OSError):
+                removal.record.unlink(missing_ok=True)
+    return unfinished
 
 
 def reap_orphans(
@@ -684,14 +726,18 @@ def reap_orphans(
     *,
     uid_range: tuple[int, int] | None = None,
     removal_seconds: float = SWEEP_REMOVAL_SECONDS,
+    remove_files: bool = True,
 ) -> Sweep:
     """End what dead servers left behind (blocking: run it in a thread).
 
     For each record in C{state_dir} whose server no longer runs: kill its
     nursery and kernel processes, what is left of their sessions and (as
-    root) of their uids in C{uid_range}, each only after checking its identity; remove the
-    files its kernels left; remove the record. Never raises for what it
-    finds on disk or in /proc.
+    root) of their uids in C{uid_range}, each only after checking its
+    identity; then remove the files its kernels left and the record. Never
+    raises for what it finds on disk or in /proc.
+
+    @param remove_files: False leaves the removal to the caller
+        (L{finish_removals} with L{Sweep.pending}), so that it need not wait.
     """
     servers = Path(state_dir) / "servers"
     if not servers.is_dir():
@@ -714,8 +760,8 @@ def reap_orphans(
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             log.warn("ignoring unreadable server record {path}: {e}", path=str(path), e=e)
     lost: set[str] = set()
-    killed = unfinished = 0
-    deadline = time.monotonic() + removal_seconds
+    killed = 0
+    pending = []
     for server in dead:
         before = killed
         if server.nursery is not None:
@@ -723,7 +769,9 @@ def reap_orphans(
         killed += end_kernel_processes(
             (identity for _link, identity in server.processes), uid_range
         )
-        failed = _remove_runtime_leftovers(server, busy, deadline)
+        pending.append(
+            PendingRemoval(server.path, server.label, tuple(_leftover_paths(server, busy)))
+        )
         lost.update(server.kernel_ids)
         log.warn(
             "server {pid} had stopped without cleaning up: ended {killed} process(es), "
@@ -732,14 +780,7 @@ def reap_orphans(
             killed=killed - before,
             n=len(server.kernel_ids),
         )
-        if failed:
-            unfinished += 1
-            log.warn(
-                "could not remove everything server {pid} left; trying again at the next "
-                "start: {failed}",
-                pid=server.label,
-                failed="; ".join(failed[:5]),
-            )
-        else:
-            server.path.unlink(missing_ok=True)
+    if not remove_files:
+        return Sweep(frozenset(lost), frozenset(busy), killed, 0, tuple(pending))
+    unfinished = finish_removals(pending, removal_seconds)
     return Sweep(frozenset(lost), frozenset(busy), killed, unfinished)

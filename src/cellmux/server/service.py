@@ -37,6 +37,7 @@ from .orphans import (
     ServerRecord,
     default_state_dir,
     end_leftovers,
+    finish_removals,
     reap_orphans,
 )
 from .pages import EmbedKernels, PageResource, StaticResource, load_assets
@@ -168,9 +169,14 @@ class CellmuxService(service.Service):
         # (in a thread: it reads /proc and may remove large trees).
         state_dir = config.state_dir or default_state_dir()
         sweep = await threads.deferToThread(
-            reap_orphans, state_dir, uid_range=config.kernel_uid_range
+            reap_orphans, state_dir, uid_range=config.kernel_uid_range, remove_files=False
         )
         self.manager.lost = set(sweep.lost)
+        if sweep.pending:
+            # Their files go while this server starts and serves: a deep tree
+            # costs seconds of rmdir on a slow disk.
+            removing = threads.deferToThread(finish_removals, sweep.pending)
+            removing.addErrback(lambda f: self.log.failure("removing leftovers failed", f))
         if config.runtime_dir:
             prepare_runtime_dir(config.runtime_dir, sweep.busy_runtime_dirs)
             self._runtime_dir = config.runtime_dir
