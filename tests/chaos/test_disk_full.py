@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from records_support import fill, http, serving, small_disk, wait_until
+from .records_support import fill, http, serving, small_disk, wait_until
 
 
 def _partial_uploads(root) -> list[str]:

@@ -14,7 +14,7 @@ import os
 import signal
 import textwrap
 
-from records_support import (
+from .records_support import (
     alive,
     http,
     kill_all,

@@ -15,7 +15,12 @@ import subprocess
 import textwrap
 
 import pytest
-from records_support import (
+
+from cellmux.cleanup import remove_tree
+from cellmux.client import ServerError
+from cellmux.server.orphans import ProcessIdentity
+
+from .records_support import (
     alive,
     crash,
     discard,
@@ -26,10 +31,6 @@ from records_support import (
     session_members,
     wait_until,
 )
-
-from cellmux.cleanup import remove_tree
-from cellmux.client import ServerError
-from cellmux.server.orphans import ProcessIdentity
 
 #: Run in a kernel: start one subprocess in the kernel's session and one
 #: that leaves it, make a tree too deep for shutil.rmtree; print the pids.
