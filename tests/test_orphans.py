@@ -198,6 +198,7 @@ def test_a_configured_runtime_dir_keeps_everything_cellmux_did_not_make(tmp_path
         (kernels / name / "sub").mkdir(parents=True)
         (kernels / name / "sub" / "file").write_text("x")
     (kernels / "not-a-kernel").mkdir()
+    (runtime / "links" / LINK).mkdir(parents=True)  # a kernel's link endpoint
     (runtime / "permalinks.sqlite3").write_text("the user's")
     (runtime / "notes.txt").write_text("the user's")
     _stale_socket(runtime / "link.sock")
@@ -206,9 +207,11 @@ def test_a_configured_runtime_dir_keeps_everything_cellmux_did_not_make(tmp_path
     assert sweep.lost == {"k1"} and sweep.unfinished == 0
     assert sorted(p.name for p in runtime.iterdir()) == [
         "kernels",
+        "links",
         "notes.txt",
         "permalinks.sqlite3",
     ]
+    assert list((runtime / "links").iterdir()) == []
     assert [p.name for p in kernels.iterdir()] == ["not-a-kernel"]
     assert not list((tmp_path / "state" / "servers").iterdir())
 

@@ -640,7 +640,7 @@ def _only_ours(root: str) -> bool:
         names = os.listdir(root)
     except OSError:
         return False
-    return all(n in ("kernels", "link.sock") for n in names)
+    return all(n in ("kernels", "links", "link.sock") for n in names)
 
 
 def _leftover_paths(dead: _DeadServer, busy: Iterable[str]) -> list[str]:
@@ -649,8 +649,8 @@ def _leftover_paths(dead: _DeadServer, busy: Iterable[str]) -> list[str]:
     A runtime directory the server made itself (a temporary one) goes
     whole. A configured one is never removed: only the kernels'
     directories in its ``kernels/`` go, listed now, before a new nursery
-    adds its own. The stale link socket of a directory no live server uses
-    is removed at once (a new server may bind there next).
+    adds its own, and their link endpoints in ``links/``. The shared link
+    socket older versions had is removed at once (nothing listens on it).
     """
     root = dead.runtime_dir
     if root is None or not os.path.isdir(root):
@@ -659,9 +659,9 @@ def _leftover_paths(dead: _DeadServer, busy: Iterable[str]) -> list[str]:
         # A live server took the directory over: only the recorded kernels'
         # directories are certainly the dead server's.
         return [
-            os.path.join(root, "kernels", name)
+            os.path.join(root, sub, name)
             for link, _ in dead.processes
-            for name in (link, link + ".tmp")
+            for sub, name in (("kernels", link), ("kernels", link + ".tmp"), ("links", link))
         ]
     if dead.owns_runtime_dir and _only_ours(root):
         return [root]
@@ -670,12 +670,14 @@ def _leftover_paths(dead: _DeadServer, busy: Iterable[str]) -> list[str]:
     with contextlib.suppress(OSError):
         if stat.S_ISSOCK(os.lstat(sock).st_mode):
             os.unlink(sock)
-    kernels = os.path.join(root, "kernels")
-    try:
-        names = [n for n in os.listdir(kernels) if _LINK_ENTRY.fullmatch(n)]
-    except OSError:
-        names = []
-    return [os.path.join(kernels, n) for n in names]
+    found = []
+    for sub in ("kernels", "links"):  # working directories; link endpoints
+        try:
+            names = os.listdir(os.path.join(root, sub))
+        except OSError:
+            continue
+        found += [os.path.join(root, sub, n) for n in names if _LINK_ENTRY.fullmatch(n)]
+    return found
 
 
 @attrs.frozen

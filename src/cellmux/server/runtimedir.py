@@ -3,8 +3,8 @@
 
 A directory the operator configured is never removed, at stop or by a later
 server's sweep: only what cellmux made in it goes (the kernels' directories,
-a stale link socket). A temporary directory the server made itself is
-removed whole when it stops.
+the link endpoints, an older version's stale link socket). A temporary
+directory the server made itself is removed whole when it stops.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ __all__ = [
 
 log = Logger()
 
-#: The link socket's name in the runtime directory.
+#: The shared link socket older versions bound in the runtime directory.
 LINK_SOCKET = "link.sock"
 #: Free bytes below which the runtime directory's disk counts as full: a
 #: new kernel writes IPython's profile there and would die starting.
