@@ -154,6 +154,7 @@ def _quiesce(base: Path, pool_size: int, timeout: float = 10.0) -> None:
 def leftovers(base: Path, sessions: set[int]) -> dict[str, int]:
     """What is left after the last stop: it should all be zero."""
     kernels = base / "rt" / "kernels"
+    links = base / "rt" / "links"
     servers = base / "state" / "servers"
     alive = 0
     for name in os.listdir("/proc"):
@@ -171,6 +172,7 @@ def leftovers(base: Path, sessions: set[int]) -> dict[str, int]:
                 continue
     return {
         "kernel_dirs": len(os.listdir(kernels)) if kernels.is_dir() else 0,
+        "link_endpoints": len(os.listdir(links)) if links.is_dir() else 0,
         "server_records": len(list(servers.glob("*.json"))) if servers.is_dir() else 0,
         "temporary_records": len(list(servers.glob(".tmp-*"))) if servers.is_dir() else 0,
         "kernel_session_processes": alive,

@@ -41,6 +41,7 @@ def test_create_delete_cycles_and_restarts_leak_nothing(tmp_path):
             assert last["threads"] <= first["threads"] + THREAD_SLACK, (process, run)
     assert result["left"] == {
         "kernel_dirs": 0,
+        "link_endpoints": 0,
         "server_records": 0,
         "temporary_records": 0,
         "kernel_session_processes": 0,
