@@ -134,7 +134,12 @@ def _remove(path: str, deadline: float | None, clock: Callable[[], float]) -> No
                     current = child
                     levels.append(_Level(sub, _identity(child)))
                 continue
-            # This directory is empty now: climb up and remove it.
+            # This directory is empty now: climb up and remove it. Each
+            # rmdir is a journal write (milliseconds on a busy disk), so a
+            # deep chain's climb watches the deadline too.
+            ticks += 1
+            if deadline is not None and clock() > deadline:
+                raise _OutOfTime
             levels.pop()
             if not levels:
                 os.close(current)
