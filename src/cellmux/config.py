@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from .protocol import DEFAULT_MAX_FRAME_SIZE
+from .protocol.nursery import DEFAULT_KILL_GRACE, DEFAULT_UID_RANGE
 
 __all__ = ["KERNEL_ENV_PASSTHROUGH", "ConfigError", "ServerConfig", "load_config_file"]
 
@@ -70,7 +71,7 @@ class ServerConfig:
     #: Seconds a kernel may take from fork to ready before it is killed.
     kernel_start_timeout: float = attrs.field(default=60.0, validator=_positive)
     #: Seconds between SIGTERM and SIGKILL when a kernel is ended.
-    kill_grace: float = attrs.field(default=1.0, validator=_not_negative)
+    kill_grace: float = attrs.field(default=DEFAULT_KILL_GRACE, validator=_not_negative)
     #: Bytes of recent frames each kernel keeps for clients that reconnect
     #: or fall behind (the replay log).
     replay_bytes: int = attrs.field(default=8 * 1024 * 1024, validator=_positive)
@@ -100,7 +101,7 @@ class ServerConfig:
     #: root, one per kernel; no /etc/passwd entries are needed. Give each
     #: server on a machine its own range.
     kernel_uid_range: tuple[int, int] = attrs.field(
-        default=(200000, 299999), converter=tuple, validator=_uid_range
+        default=DEFAULT_UID_RANGE, converter=tuple, validator=_uid_range
     )
     #: Let kernels reach the network (False: each kernel has its own network
     #: namespace with only loopback, when the server runs as root).
