@@ -26,7 +26,7 @@ exit_infos = st.one_of(
 )
 
 commands = st.one_of(
-    st.builds(wire.Spawn, links, links),
+    st.builds(wire.Spawn, links, links, st.none() | st.just("ipc:///run/cellmux/k1/link.sock")),
     st.builds(wire.Signal, links, st.sampled_from(["SIGINT", "SIGTERM", "SIGUSR1"])),
     st.builds(wire.Kill, links),
     st.just(wire.Shutdown()),

@@ -97,12 +97,8 @@ def _die_with_parent() -> None:
 
 def _reset_process(order: KernelOrder, keep_fd: int) -> None:
     """Detach from the nursery: session, signals, fds, environment, cwd."""
-    # The nursery's handlers first: once this process leads a group, the
-    # nursery's killpg can reach it, and its SIGTERM handler would end every
-    # kernel the nursery knows (a copy of its state lives on in here).
-    signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL)
+    # Signal handlers were reset before anything else ran in this process
+    # (see sandbox.fork_with_signals_reset).
     os.setsid()
     _die_with_parent()
     devnull = os.open(os.devnull, os.O_RDWR)

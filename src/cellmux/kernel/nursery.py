@@ -1,35 +1,27 @@
 """The nursery: a process that imports ipykernel once and forks kernels.
 
-The server starts it with ``python -m cellmux.kernel.nursery`` (never by
-forking the reactor process) and talks to it over its stdin and stdout, one
-JSON object per line.
-
-Commands (server -> nursery)::
-
-    {"cmd": "spawn", "link": hex, "secret": hex, "endpoint": "ipc://…"}
-                                          the endpoint is that kernel's own
-    {"cmd": "signal", "link": hex, "signal": "SIGINT"}
-    {"cmd": "kill", "link": hex}          SIGTERM the group, SIGKILL after a grace
-    {"cmd": "shutdown"}                   kill every kernel and exit
-
-Events (nursery -> server)::
-
-    {"event": "ready", "pid": n}          preloading done
-    {"event": "spawned", "link": hex, "pid": n}
-    {"event": "exited", "link": hex, "pid": n, "cause": "exit code 3" | "SIGSEGV", …}
-        with "limit": "cpu" | "memory" | "disk" | "file_size" when a limit
-        ended it (the cause then names it: "cpu time limit (SIGXCPU)")
-    {"event": "error", "message": str}    a command it could not carry out
+The server starts it with ``python -I -m cellmux.kernel.nursery`` in ``/``
+(never by forking the reactor process): isolated, so that nothing from the
+server's working directory or environment is imported by root's nursery or
+reaches kernels. It talks to the server over its stdin and stdout, one
+JSON object per line: L{cellmux.protocol.nursery} is the protocol.
 
 The first line on stdin is the configuration (see L{NurseryConfig}).
 The nursery has no threads, so forking it is safe; it reaps children on
 SIGCHLD through a wake-up pipe, and when its stdin closes (the server is
 gone) it kills every kernel and exits.
 
+Nothing a command, a reap or a cleanup does may end the nursery (all
+kernels would die with it): each unit of work is guarded, and a failure
+becomes an "error" event and a log line.
+
 Isolation (uids, namespaces, limits) is L{cellmux.kernel.sandbox}'s job;
 the nursery claims a uid per kernel, prepares its directories, checks their
-disk use every L{DISK_CHECK_INTERVAL} seconds, and kills every process of
-the uid when the kernel ends.
+disk use every L{DISK_CHECK_INTERVAL} seconds, and when the kernel ends,
+kills every process of the uid and removes its directories in a helper
+process (L{cellmux.kernel.reclaim}), and only then frees the uid. As root, it
+also sweeps the uid range when it starts and when it stops: processes of
+uids no live nursery holds were left behind by a crash, and are killed.
 """
 
 from __future__ import annotations
@@ -40,7 +32,6 @@ import importlib
 import json
 import os
 import selectors
-import shutil
 import signal
 import sys
 import time
@@ -49,15 +40,28 @@ from typing import Any
 
 import attrs
 
+from ..protocol import nursery as protocol
+from ..protocol.errors import ProtocolError
 from . import sandbox
+from .reclaim import reclaim
 
 __all__ = ["Nursery", "NurseryConfig", "describe_status", "main"]
 
-#: Seconds between SIGTERM and SIGKILL when a kernel is shut down.
-DEFAULT_KILL_GRACE = 1.0
+DEFAULT_KILL_GRACE = protocol.DEFAULT_KILL_GRACE
+DISK_CHECK_INTERVAL = protocol.DISK_CHECK_INTERVAL
 
-#: Seconds between two measurements of each kernel's disk use.
-DISK_CHECK_INTERVAL = 1.0
+#: Seconds a stopping nursery waits for its cleanup before it exits anyway
+#: (beyond the kill grace); what is left, the server removes with its
+#: runtime directory.
+STOP_CLEANUP_TIME = protocol.STOP_CLEANUP_TIME
+
+#: Seconds a helper may spend removing one kernel's files; what is left
+#: then is moved out of the way (see L{cellmux.kernel.reclaim}).
+RECLAIM_TIME = 600.0
+
+#: Name of the directory under the kernels' root where trees that could
+#: not be removed are moved (see L{cellmux.kernel.reclaim}).
+QUARANTINE = ".quarantine"
 
 #: Modules a kernel imports during IPKernelApp.initialize beyond what
 #: _preload imports anyway (found by diffing sys.modules; debugpy alone is
@@ -154,9 +158,13 @@ class Nursery:
         self._events = events  # binary file
         self._children: dict[str, _Child] = {}
         self._by_pid: dict[int, _Child] = {}
-        # helper pid -> the cleanup to run once it has killed a uid's processes
-        self._releasing: dict[int, Callable[[bool], None]] = {}
+        # helper pid -> what to do with its exit code once it is reaped
+        self._releasing: dict[int, Callable[[int], None]] = {}
+        self._quarantine = os.path.join(config.workdir_root, QUARANTINE)
         self._stopping = False
+        self._stop_by: float | None = None
+        self._swept_at_stop = False
+        self._events_lost = False
         limits = config.sandbox.limits
         self._uids: sandbox.UidPool | None = None
         self._cgroups: sandbox.MemoryCgroups | None = None
@@ -166,9 +174,31 @@ class Nursery:
                 self._cgroups = sandbox.MemoryCgroups.detect()
         self._next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL
 
-    def emit(self, event: str, **fields: Any) -> None:
-        self._events.write(json.dumps({"event": event, **fields}).encode() + b"\n")
-        self._events.flush()
+    def emit(self, event: protocol.Event) -> None:
+        """Send an event; never raises (a server gone means: stop)."""
+        if self._events_lost:
+            return
+        try:
+            self._events.write(protocol.encode(event))
+            self._events.flush()
+        except (OSError, ValueError, ProtocolError) as e:
+            self._events_lost = True
+            sandbox.warn(f"cannot send events to the server ({e!r}); stopping")
+            self.stop()
+
+    def _warn(self, message: str) -> None:
+        sandbox.warn(message)
+
+    def _guarded(
+        self, what: str, work: Callable[..., Any], *args: Any, link: str | None = None
+    ) -> None:
+        """Run one unit of work; a failure is reported, never raised."""
+        try:
+            work(*args)
+        except Exception as e:
+            message = f"{what} failed: {type(e).__name__}: {e}"
+            self._warn(message)
+            self.emit(protocol.Error(message, link))
 
     # -- commands -----------------------------------------------------------
 
@@ -176,7 +206,10 @@ class Nursery:
         from .child import KernelOrder, run_kernel
 
         if link in self._children:
-            self.emit("error", message=f"link {link} already exists", link=link)
+            self.emit(protocol.Error(f"link {link} already exists", link))
+            return
+        if self._stopping:
+            self.emit(protocol.Error("the nursery is stopping", link))
             return
         settings = self.config.sandbox
         workdir = os.path.join(self.config.workdir_root, link)
@@ -194,7 +227,7 @@ class Nursery:
                 _share_link_endpoint(endpoint, identity)
         except OSError as e:
             self._release(workdir, scratch, identity, cgroup)
-            self.emit("error", message=f"cannot prepare a kernel: {e}", link=link)
+            self.emit(protocol.Error(f"cannot prepare a kernel: {e}", link))
             return
         order = KernelOrder(
             link_id=bytes.fromhex(link),
@@ -215,26 +248,33 @@ class Nursery:
                 cgroup=cgroup,
             ),
         )
-        pid = os.fork()
-        if pid == 0:  # the child never returns from run_kernel
+
+        def become_kernel() -> None:
             # main() pointed sys.stdout at stderr; a kernel's stdout is fd 1,
             # or ipykernel captures fd 2 twice and fd 1 output is lost.
             sys.stdout = sys.__stdout__
             run_kernel(order)
+
+        try:
+            pid = sandbox.fork_with_signals_reset(become_kernel)
+        except OSError as e:
+            self._release(workdir, scratch, identity, cgroup)
+            self.emit(protocol.Error(f"cannot fork a kernel: {e}", link))
+            return
         child = _Child(link, pid, workdir, scratch, identity, cgroup)
         self._children[link] = child
         self._by_pid[pid] = child
-        self.emit("spawned", link=link, pid=pid)
+        self.emit(protocol.Spawned(link, pid))
 
     def signal(self, link: str, name: str) -> None:
         child = self._children.get(link)
         if child is None:
-            self.emit("error", message=f"no kernel with link {link}", link=link)
+            self.emit(protocol.Error(f"no kernel with link {link}", link))
             return
         try:
             sig = signal.Signals[name]
         except KeyError:
-            self.emit("error", message=f"unknown signal {name}", link=link)
+            self.emit(protocol.Error(f"unknown signal {name}", link))
             return
         self._signal_group(child, sig)
 
@@ -247,47 +287,64 @@ class Nursery:
             child.kill_at = time.monotonic() + self.config.kill_grace
 
     def _signal_group(self, child: _Child, sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.killpg(child.pid, sig)
+        except ProcessLookupError:
+            if sig not in (signal.SIGTERM, signal.SIGKILL):
+                return  # an interrupt must not end a kernel still starting
+            # Not yet the leader of its own group (being forked): the
+            # process itself, whose signals are blocked until it is ready
+            # to take them the default way.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.pid, sig)
 
     def handle(self, line: bytes) -> None:
+        """Carry out one command line; never raises."""
         try:
-            cmd = json.loads(line)
-            name = cmd["cmd"]
-            if name == "spawn":
-                self.spawn(cmd["link"], cmd["secret"], cmd.get("endpoint"))
-            elif name == "signal":
-                self.signal(cmd["link"], cmd["signal"])
-            elif name == "kill":
-                self.kill(cmd["link"])
-            elif name == "shutdown":
-                self.stop()
-            else:
-                self.emit("error", message=f"unknown command {name!r}")
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            self.emit("error", message=f"bad command: {e!r}")
+            command = protocol.decode_command(line)
+        except ProtocolError as e:
+            self.emit(protocol.Error(f"bad command: {e.message}"))
+            return
+        link = getattr(command, "link", None)
+        if isinstance(command, protocol.Spawn):
+            work = lambda: self.spawn(command.link, command.secret, command.endpoint)  # noqa: E731
+        elif isinstance(command, protocol.Signal):
+            work = lambda: self.signal(command.link, command.signal)  # noqa: E731
+        elif isinstance(command, protocol.Kill):
+            work = lambda: self.kill(command.link)  # noqa: E731
+        else:
+            work = self.stop
+        self._guarded(f"command {type(command).__name__.lower()}", work, link=link)
 
     # -- children ---------------------------------------------------------
 
     def reap(self) -> None:
+        """Reap every child that ended; never raises."""
         while True:
             try:
                 pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
+            except OSError as e:  # EINTR and the like: try on the next turn
+                self._warn(f"wait4 failed: {e}")
+                return
             if pid == 0:
                 return
-            cleanup = self._releasing.pop(pid, None)
-            if cleanup is not None:
-                cleanup(os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
-                continue
-            child = self._by_pid.pop(pid, None)
-            if child is None:
-                continue  # an orphan of some kernel (we are their subreaper)
-            del self._children[child.link]
-            # The group may still hold the kernel's own children.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
+            self._guarded("cleanup of an ended process", self._ended, pid, status, usage)
+
+    def _ended(self, pid: int, status: int, usage: Any) -> None:
+        done = self._releasing.pop(pid, None)
+        if done is not None:
+            done(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 3)
+            return
+        child = self._by_pid.pop(pid, None)
+        if child is None:
+            return  # an orphan of some kernel (we are their subreaper)
+        del self._children[child.link]
+        # The group may still hold the kernel's own children.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        try:
             info = sandbox.classify_exit(
                 describe_status(status),
                 self.config.sandbox.limits,
@@ -295,8 +352,10 @@ class Nursery:
                 flagged=child.limit,
                 oom_kills=sandbox.MemoryCgroups.oom_kills(child.cgroup) if child.cgroup else 0,
             )
-            self.emit("exited", link=child.link, pid=pid, **info)
-            self._release(child.workdir, child.scratch, child.identity, child.cgroup)
+        except Exception as e:  # the exit is told even if its cause is not known
+            info = {"cause": f"unknown ({e!r})"}
+        self.emit(protocol.Exited(child.link, pid, info))
+        self._release(child.workdir, child.scratch, child.identity, child.cgroup)
 
     def _release(
         self,
@@ -307,27 +366,82 @@ class Nursery:
     ) -> None:
         """Free what a kernel held: its processes, files, cgroup and uid.
 
-        With a uid, the processes are killed by a helper (see
-        L{sandbox.kill_all_of}); the rest waits until it is reaped, so that
-        no uid is handed out again while a process of it runs.
+        A helper process kills every process of the kernel's uid (see
+        L{sandbox.kill_processes_of}), then removes its directories
+        (L{reclaim}): however long either takes, the nursery's loop goes on
+        (it reaps the killed processes, as their subreaper). Once the helper
+        has ended, the cgroup goes, and the uid is freed if both processes
+        and files are gone, so that no uid is handed out again while a
+        process or a file of it is left.
         """
+        uid = None if identity is None else identity.uid
 
-        def cleanup(all_killed: bool) -> None:
-            shutil.rmtree(workdir, ignore_errors=True)
-            shutil.rmtree(scratch, ignore_errors=True)
+        def helper() -> None:
+            sandbox.detach_helper()
+            killed = uid is None or sandbox.kill_processes_of(uid)
+            gone = reclaim(
+                [workdir, scratch],
+                self._quarantine,
+                sandbox.warn,
+                deadline=time.monotonic() + RECLAIM_TIME,
+            )
+            os._exit((0 if killed else 1) | (0 if gone else 2))
+
+        def done(code: int) -> None:
             if cgroup is not None:
                 sandbox.MemoryCgroups.remove(cgroup)
-            if identity is None or self._uids is None:
+            if uid is None or self._uids is None:
                 return
-            if all_killed:
-                self._uids.release(identity.uid)
-            else:  # never hand out a uid that may still run something
-                sandbox.warn(f"processes of uid {identity.uid} survived; uid kept out of use")
+            if code == 0:
+                self._uids.release(uid)
+            else:  # never hand out a uid that may still run or own something
+                what = "processes" if code & 1 else "files"
+                self._warn(f"{what} of uid {uid} are left; uid kept out of use")
 
-        if identity is None:
-            cleanup(True)
-        else:
-            self._releasing[sandbox.kill_all_of(identity.uid, wait=False)] = cleanup
+        self._releasing[sandbox.fork_with_signals_reset(helper)] = done
+
+    def sweep(self) -> None:
+        """Kill what runs as a uid of the range that no live nursery holds.
+
+        Such processes were left by a kernel of a nursery that died (a
+        child that left its kernel's session outlives it). The uids are
+        held until the helper has killed them all, so none is handed out
+        before. Without root there are no kernel uids and nothing to do.
+        """
+        if self._uids is None:
+            return
+        first, last = self.config.sandbox.uid_range
+        found = sorted(sandbox.uids_with_processes(first, last))
+        swept = [uid for uid in found if self._uids.hold(uid)]
+        if not swept:
+            return
+        self._warn(f"killing processes left behind by uids {swept}")
+
+        def killed(code: int) -> None:
+            if code != 0:
+                self._warn(f"processes of uids {swept} survived; uids kept out of use")
+                return
+            for uid in swept:
+                self._uids.release(uid)
+
+        self._releasing[sandbox.kill_all_of(swept, wait=False)] = killed
+
+    def clear_leftovers(self) -> None:
+        """Remove every kernel directory a previous nursery left (in a helper)."""
+        with os.scandir(self.config.workdir_root) as entries:
+            stale = [e.path for e in entries if e.name != QUARANTINE]
+        if os.path.isdir(self._quarantine):
+            stale.append(self._quarantine)
+        if not stale:
+            return
+
+        def helper() -> None:
+            sandbox.detach_helper()
+            deadline = time.monotonic() + RECLAIM_TIME
+            # No quarantine of its own: what cannot go stays for the server.
+            os._exit(0 if reclaim(stale, self._quarantine, sandbox.warn, deadline) else 2)
+
+        self._releasing[sandbox.fork_with_signals_reset(helper)] = lambda code: None
 
     def _check_disk(self) -> float | None:
         """Kill kernels over their disk or memory limit; when to check next, if ever.
@@ -371,11 +485,38 @@ class Nursery:
         return deadline
 
     def stop(self) -> None:
-        self._stopping = True
+        if not self._stopping:
+            self._stopping = True
+            self._stop_by = time.monotonic() + self.config.kill_grace + STOP_CLEANUP_TIME
         for link in list(self._children):
             self.kill(link)
 
+    def _finished(self) -> bool:
+        """Whether a stopping nursery may exit now."""
+        if not self._stopping or self._children:
+            return False
+        if not self._releasing and not self._swept_at_stop:
+            # Every kernel is gone: one last sweep for what they left.
+            self._swept_at_stop = True
+            self._guarded("the sweep at stop", self.sweep)
+        if not self._releasing:
+            return True
+        if self._stop_by is not None and time.monotonic() > self._stop_by:
+            self._warn("stopping with cleanup unfinished (the server removes what is left)")
+            return True
+        return False
+
     # -- loop -------------------------------------------------------------
+
+    def _timeout(self) -> float | None:
+        """Seconds the loop may sleep before something is due."""
+        deadlines = [self._escalate()]
+        if self._children:
+            deadlines.append(self._check_disk())
+        if self._stopping:
+            deadlines.append(self._stop_by)
+        due = [d for d in deadlines if d is not None]
+        return None if not due else max(0.0, min(due) - time.monotonic())
 
     def run(self) -> None:
         wake_r, wake_w = os.pipe()
@@ -389,29 +530,33 @@ class Nursery:
         commands_fd = self._commands.fileno()
         sel.register(commands_fd, selectors.EVENT_READ, "commands")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
-        buffer = b""
-        self.emit("ready", pid=os.getpid())
-        while not (self._stopping and not self._children and not self._releasing):
-            deadline = self._escalate()
-            disk_check = self._check_disk() if self._children else None
-            if disk_check is not None:
-                deadline = disk_check if deadline is None else min(deadline, disk_check)
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        lines = protocol.LineBuffer()
+        self._guarded("the sweep at start", self.sweep)
+        self._guarded("removal of old kernel directories", self.clear_leftovers)
+        self.emit(protocol.Ready(os.getpid()))
+        while not self._finished():
+            timeout = 0.0
+            with contextlib.suppress(Exception):  # a clock or /proc hiccup: poll
+                timeout = self._timeout()
             for key, _ in sel.select(timeout):
                 if key.data == "wake":
-                    with contextlib.suppress(BlockingIOError):
+                    with contextlib.suppress(OSError):
                         os.read(wake_r, 4096)
                     continue
-                chunk = os.read(commands_fd, 65536)
+                try:
+                    chunk = os.read(commands_fd, 65536)
+                except OSError as e:
+                    self._warn(f"cannot read commands: {e}")
+                    chunk = b""
                 if not chunk:  # the server is gone: take every kernel with us
                     sel.unregister(commands_fd)
                     self.stop()
                     continue
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        self.handle(line)
+                for line in lines.feed(chunk):
+                    self.handle(line)
+                if lines.dropped:
+                    self._warn(f"dropped {lines.dropped} overlong command line(s)")
+                    lines.dropped = 0
             self.reap()
 
 
@@ -443,10 +588,14 @@ def _preload(modules: tuple[str, ...]) -> None:
 
 
 def _python_paths() -> list[str]:
-    """What kernels read when they import: the interpreter and its paths."""
+    """What kernels read when they import: the interpreter and its paths.
+
+    Never the current directory nor a directory others may write to (see
+    L{sandbox.trusted_dir}): these become reachable by every kernel.
+    """
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
     paths.add(os.path.dirname(os.path.realpath(sys.executable)))
-    paths.update(p for p in sys.path if p and os.path.isabs(p))
+    paths.update(p for p in sys.path if os.path.isabs(p) and sandbox.trusted_dir(p))
     return sorted(paths)
 
 
@@ -458,6 +607,8 @@ def _read_line(fd: int) -> bytes:
         if not byte:
             raise SystemExit("nursery: no configuration on stdin")
         line += byte
+        if len(line) > protocol.MAX_LINE:
+            raise SystemExit("nursery: configuration line too long")
     return bytes(line)
 
 

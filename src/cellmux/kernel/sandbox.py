@@ -42,10 +42,13 @@ import stat
 import struct
 import sys
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
+
+from ..protocol.nursery import DEFAULT_UID_RANGE
 
 __all__ = [
     "Identity",
@@ -55,16 +58,18 @@ __all__ = [
     "SandboxConfig",
     "UidPool",
     "classify_exit",
+    "detach_helper",
     "disk_usage",
     "enter",
     "expose_to_kernels",
+    "fork_with_signals_reset",
     "kill_all_of",
+    "kill_processes_of",
     "privileged",
+    "trusted_dir",
+    "uids_with_processes",
 ]
 
-#: The default range kernel uids and gids are taken from: far above the
-#: ids a distribution hands out, and within what user namespaces map.
-DEFAULT_UID_RANGE = (200000, 299999)
 
 #: Which limit a kernel ended on, as told to clients ("cause") and to code
 #: ("limit" field of the nursery's exited event).
@@ -245,20 +250,36 @@ class UidPool:
             return Identity(uid, uid)
         raise OSError(errno.EAGAIN, "no free kernel uid in the configured range")
 
+    def hold(self, uid: int) -> bool:
+        """Hold this very uid, if no one (no nursery on this machine) does.
+
+        Used to sweep: a uid that can be held has no live kernel anywhere,
+        so whatever still runs as it was left behind.
+        """
+        if uid in self._held:
+            return False
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            lock.bind(f"\0cellmux-uid-{uid}")
+        except OSError:
+            lock.close()
+            return False
+        self._held[uid] = lock
+        return True
+
     def release(self, uid: int) -> None:
         lock = self._held.pop(uid, None)
         if lock is not None:
             lock.close()
 
 
-def _processes_of(uid: int) -> list[int]:
-    """Live (not zombie) processes whose real uid is uid.
+def _real_uids() -> dict[int, int]:
+    """pid -> real uid of every live (not zombie) process.
 
     Read from /proc/PID/status: the owner of /proc/PID cannot be trusted,
     since a process that makes itself non-dumpable shows as root's there.
     """
-    found = []
-    wanted = b"\nUid:\t%d\t" % uid
+    found = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -267,15 +288,35 @@ def _processes_of(uid: int) -> list[int]:
                 status = f.read()
         except OSError:
             continue  # gone meanwhile
-        if wanted in status and b"\nState:\tZ" not in status:
-            found.append(int(name))
+        if b"\nState:\tZ" in status:
+            continue
+        start = status.find(b"\nUid:\t")
+        if start < 0:
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            found[int(name)] = int(status[start + 6 :].split(b"\t", 1)[0])
     return found
 
 
-def _kill_rounds(uid: int) -> bool:
-    """Kill uid's processes, round after round, until none is left."""
+def _processes_of(*uids: int) -> list[int]:
+    """Live (not zombie) processes whose real uid is one of uids."""
+    wanted = set(uids)
+    return [pid for pid, uid in _real_uids().items() if uid in wanted]
+
+
+def uids_with_processes(first: int, last: int) -> set[int]:
+    """The uids from first to last that some live process runs as."""
+    return {uid for uid in _real_uids().values() if first <= uid <= last}
+
+
+def kill_processes_of(*uids: int) -> bool:
+    """Kill the uids' processes, round after round, until none is left.
+
+    Whether none is left (False after L{KILL_ALL_ROUNDS} rounds). Blocks:
+    run it in a helper (L{kill_all_of}) or a freshly forked child.
+    """
     for _ in range(KILL_ALL_ROUNDS):
-        pids = _processes_of(uid)
+        pids = _processes_of(*uids)
         if not pids:
             return True
         for target in pids:
@@ -285,22 +326,79 @@ def _kill_rounds(uid: int) -> bool:
     return False
 
 
-def kill_all_of(uid: int, wait: bool = True) -> int:
-    """SIGKILL every process running as uid, wherever it went (setsid too).
+#: Signals a forked kernel must not handle the nursery's way: every one the
+#: nursery or Python's start-up gave a handler, plus these (SIGINT is
+#: ignored by the nursery, SIGPIPE by Python).
+_RESET_IN_CHILD = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE)
+
+
+def fork_with_signals_reset(in_child: Callable[[], object]) -> int:
+    """Fork with every signal blocked; the child resets handlers, then unblocks.
+
+    A signal sent to a kernel while it is being forked (a kill right after a
+    spawn) must not run the nursery's handlers in the child: still root and
+    holding a copy of the kernel table, it would stop every kernel. Blocked,
+    it stays pending; CPython drops its own record of signals caught before
+    the fork; once the handlers are the defaults, the signal acts on the
+    child alone. The child runs C{in_child} and exits (70 if it returns or
+    raises: it must never go back into the caller's loop); the parent gets
+    the child's pid.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        raise
+    if pid == 0:
+        try:
+            signal.set_wakeup_fd(-1)
+            for sig in signal.valid_signals():
+                if sig in _RESET_IN_CHILD or callable(signal.getsignal(sig)):
+                    with contextlib.suppress(OSError, ValueError):
+                        signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            in_child()
+        finally:
+            os._exit(70)  # never back into the nursery's loop
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return pid
+
+
+def detach_helper() -> None:
+    """In a helper forked from the nursery: keep stderr (the log), nothing else.
+
+    Its copies of the server's pipes would keep them open after the nursery
+    ended (the server would not learn it had), and its copies of uid locks
+    would keep uids held that the nursery released.
+    """
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+
+
+def kill_all_of(uid: int | Iterable[int], wait: bool = True) -> int:
+    """SIGKILL every process running as uid (or as any of several uids),
+    wherever it went (setsid too).
 
     A helper process looks for them in /proc and kills them, round after
     round, until none is left: RLIMIT_NPROC bounds how many a fork bomb can
     add between two rounds, and a killed process forks no more. Returns the
     helper's pid; with C{wait=False} the caller must reap it (the nursery
     does not block on it: it must go on reaping the killed processes, which
-    come to it as their subreaper).
+    come to it as their subreaper). The helper exits 0 once none is left.
     """
-    pid = os.fork()
-    if pid == 0:
+    uids = (uid,) if isinstance(uid, int) else tuple(uid)
+
+    def helper() -> None:
         code = 2
         with contextlib.suppress(BaseException):
-            code = 0 if _kill_rounds(uid) else 1
+            detach_helper()
+            code = 0 if kill_processes_of(*uids) else 1
         os._exit(code)
+
+    pid = fork_with_signals_reset(helper)
     if wait:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
@@ -456,18 +554,50 @@ def _loopback_up() -> None:
         fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | _IFF_UP))
 
 
+def trusted_dir(path: str) -> bool:
+    """Whether only root and this process's user can change what path holds.
+
+    Each directory from path up to / must belong to one of them and be
+    writable by no one else, unless it is sticky (like /tmp), where no one
+    else can rename or remove what they own.
+    """
+    if not os.path.isabs(path):
+        return False  # relative to whatever the cwd is: never
+    owners = {0, os.geteuid()}
+    current = os.path.realpath(path)
+    below: os.stat_result | None = None
+    while True:
+        try:
+            st = os.stat(current)
+        except OSError:
+            return False
+        if st.st_uid not in owners:
+            return False
+        open_to_others = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        if open_to_others and (below is None or not st.st_mode & stat.S_ISVTX):
+            return False
+        if current == "/":
+            return True
+        below = st
+        current = os.path.dirname(current)
+
+
 def interpreter_paths() -> tuple[str, ...]:
     """The directories this Python needs: its prefixes and import path.
 
     A kernel gets a private /tmp; when Python or its packages live under it
     (a virtual environment made in /tmp, as tox does), these are bound back
-    so the kernel can still import what it has not imported yet.
+    so the kernel can still import what it has not imported yet. Only
+    absolute import paths in directories no one else can write count: never
+    the current directory (the nursery runs with ``-I``, so none is on its
+    path, but a preloaded module might add one).
     """
     found = {
         os.path.abspath(p)
-        for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *sys.path)
+        for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)
         if p and os.path.isdir(p)
     }
+    found.update(p for p in sys.path if os.path.isabs(p) and os.path.isdir(p) and trusted_dir(p))
     # Never a shared writable directory itself, nor one above it: ``python
     # -m`` started in /tmp puts /tmp on sys.path, and the paths below it (a
     # venv in /tmp) would then count as "inside" it and not be bound back.
@@ -536,7 +666,7 @@ def enter(plan: KernelSandbox) -> None:
     if plan.identity is not None:
         # A nursery that crashed may have left processes of this uid behind:
         # kill them before they can touch what is prepared for this kernel.
-        _kill_rounds(plan.identity.uid)
+        kill_processes_of(plan.identity.uid)
     if privileged():
         flags = _CLONE_NEWNS | _CLONE_NEWIPC | (0 if plan.network else _CLONE_NEWNET)
         _check(_libc.unshare(flags), "unshare")

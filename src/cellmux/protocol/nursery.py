@@ -8,7 +8,8 @@ command, and every stdout line an event.
 
 Commands (server -> nursery)::
 
-    {"cmd": "spawn", "link": hex, "secret": hex}
+    {"cmd": "spawn", "link": hex, "secret": hex, "endpoint": "ipc://…"}
+                                          the endpoint is that kernel's own
     {"cmd": "signal", "link": hex, "signal": "SIGINT"}
     {"cmd": "kill", "link": hex}          SIGTERM the group, SIGKILL after a grace
     {"cmd": "shutdown"}                   kill every kernel and exit
@@ -104,12 +105,19 @@ def _pid(_instance: object, attribute: attrs.Attribute, value: object) -> None:
 # -- commands ---------------------------------------------------------------
 
 
+def _optional_text(instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is not None:
+        _text(instance, attribute, value)
+
+
 @attrs.frozen
 class Spawn:
     """Fork a kernel that joins the link as C{link}, proving C{secret}."""
 
     link: str = attrs.field(validator=_hex)
     secret: str = attrs.field(validator=_hex, repr=False)
+    #: The kernel's own link endpoint (C{ipc://…}); None: the configured one.
+    endpoint: str | None = attrs.field(default=None, validator=_optional_text)
 
 
 @attrs.frozen

@@ -1,23 +1,41 @@
 """The server's side of the nursery: spawn it, talk to it, watch it.
 
-The nursery is a separate process (``python -m cellmux.kernel.nursery``);
-the server never forks its own reactor process. This adapter turns the
-nursery's JSON-lines events into calls on a L{NurseryOwner}.
+The nursery is a separate process (``python -I -m cellmux.kernel.nursery``,
+run in ``/``); the server never forks its own reactor process. This adapter
+turns the nursery's events (L{cellmux.protocol.nursery}) into calls on a
+L{NurseryOwner}.
+
+The nursery runs isolated (``-I``): neither the server's working directory
+nor PYTHONPATH is on its import path, so nothing a local user planted there
+is imported by it (as root) or exposed to kernels. A server run from a
+source tree (cellmux not installed in the interpreter) passes the directory
+holding the cellmux package, and the PYTHONPATH directories that no one but
+root or the server's user can write to, explicitly (L{nursery_command}).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import Any, Protocol
 
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
-__all__ = ["NurseryGone", "NurseryOwner", "NurseryProcess"]
+import cellmux
 
-#: A line from the nursery longer than this is a bug; refuse it.
-MAX_EVENT_LINE = 64 * 1024
+from ..kernel.sandbox import trusted_dir
+from ..protocol import nursery as wire
+from ..protocol.errors import ProtocolError
+
+__all__ = ["NurseryGone", "NurseryOwner", "NurseryProcess", "nursery_command"]
+
+#: Runs the nursery with extra import directories (given as arguments)
+#: ahead of the interpreter's own; still isolated (``-I``).
+_BOOTSTRAP = (
+    f"import sys; sys.path[:0] = sys.argv[1:]; from {wire.NURSERY_MODULE} import main; main()"
+)
 
 
 class NurseryGone(Exception):
@@ -44,7 +62,7 @@ class NurseryProcess(protocol.ProcessProtocol):
     def __init__(self, owner: NurseryOwner, config_line: bytes) -> None:
         self._owner = owner
         self._config_line = config_line
-        self._buffer = b""
+        self._lines = wire.LineBuffer()
         self._spawning: dict[str, defer.Deferred[int]] = {}
         self.ready: defer.Deferred[int] = defer.Deferred()
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -52,10 +70,20 @@ class NurseryProcess(protocol.ProcessProtocol):
         self._stopping = False
 
     @classmethod
-    def start(cls, reactor, owner: NurseryOwner, config: dict[str, Any], env: dict[str, str]):
+    def start(
+        cls, reactor, owner: NurseryOwner, config: dict[str, Any], env: dict[str, str]
+    ) -> NurseryProcess:
+        """Start a nursery process (again, after one was lost) in C{/}.
+
+        @param env: its environment; PYTHONPATH in it is not used as such
+            (see L{nursery_command}).
+        """
+        env = dict(env)
+        argv = nursery_command(env.pop("PYTHONPATH", ""))
         proto = cls(owner, json.dumps(config).encode() + b"\n")
-        argv = [sys.executable, "-m", "cellmux.kernel.nursery"]
-        reactor.spawnProcess(proto, sys.executable, argv, env=env, childFDs={0: "w", 1: "r", 2: 2})
+        reactor.spawnProcess(
+            proto, sys.executable, argv, env=env, path="/", childFDs={0: "w", 1: "r", 2: 2}
+        )
         return proto
 
     @property
@@ -69,14 +97,11 @@ class NurseryProcess(protocol.ProcessProtocol):
         self.transport.write(self._config_line)
 
     def outReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        if len(self._buffer) > MAX_EVENT_LINE:
-            self.log.error("nursery sent an overlong line; dropping it")
-            self._buffer = b""
-        for line in lines:
-            if line.strip():
-                self._event(line)
+        for line in self._lines.feed(data):
+            self._event(line)
+        if self._lines.dropped:
+            self.log.error("nursery sent an overlong line; dropped it")
+            self._lines.dropped = 0
 
     def processEnded(self, reason) -> None:
         self._running = False
@@ -95,59 +120,98 @@ class NurseryProcess(protocol.ProcessProtocol):
 
     def _event(self, line: bytes) -> None:
         try:
-            event = json.loads(line)
-            kind = event["event"]
-        except (ValueError, KeyError, TypeError):
-            self.log.error("unreadable nursery event {line!r}", line=line[:200])
+            event = wire.decode_event(line)
+        except ProtocolError as e:
+            self.log.error(
+                "unreadable nursery event {line!r}: {why}", line=line[:200], why=e.message
+            )
             return
-        if kind == "ready":
-            self.ready.callback(event.get("pid"))
-        elif kind == "spawned":
-            d = self._spawning.pop(event.get("link"), None)
+        if isinstance(event, wire.Ready):
+            if not self.ready.called:
+                self.ready.callback(event.pid)
+        elif isinstance(event, wire.Spawned):
+            d = self._spawning.pop(event.link, None)
             if d is not None:
-                d.callback(event["pid"])
-        elif kind == "exited":
-            info = {k: v for k, v in event.items() if k not in ("event", "link", "pid")}
-            self._owner.kernel_exited(event["link"], event["pid"], info)
-        elif kind == "error":
-            d = self._spawning.pop(event.get("link"), None)
+                d.callback(event.pid)
+        elif isinstance(event, wire.Exited):
+            self._owner.kernel_exited(event.link, event.pid, dict(event.info))
+        elif isinstance(event, wire.Error):
+            d = self._spawning.pop(event.link, None) if event.link else None
             if d is not None:
-                d.errback(NurseryGone(event.get("message", "spawn failed")))
+                d.errback(NurseryGone(event.message))
             else:
-                self.log.warn("nursery: {message}", message=event.get("message"))
+                self.log.warn("nursery: {message}", message=event.message)
 
     # -- commands ---------------------------------------------------------
 
-    def _send(self, **command: Any) -> None:
+    def _send(self, command: wire.Command) -> None:
         if not self._running:
             raise NurseryGone("the nursery is not running")
-        self.transport.write(json.dumps(command).encode() + b"\n")
+        self.transport.write(wire.encode(command))
 
     def spawn(self, link: str, secret: str, endpoint: str) -> defer.Deferred[int]:
         """Fork a kernel that connects to C{endpoint}, its own link endpoint;
         fires with its pid once forked (not yet ready)."""
         d: defer.Deferred[int] = defer.Deferred()
         try:
-            self._send(cmd="spawn", link=link, secret=secret, endpoint=endpoint)
+            self._send(wire.Spawn(link, secret, endpoint))
         except NurseryGone as e:
             return defer.fail(e)
         self._spawning[link] = d
         return d
 
     def signal(self, link: str, name: str) -> None:
-        self._send(cmd="signal", link=link, signal=name)
+        self._send(wire.Signal(link, name))
 
     def kill(self, link: str) -> None:
         if self._running:
-            self._send(cmd="kill", link=link)
+            self._send(wire.Kill(link))
 
     def shutdown(self) -> defer.Deferred[None]:
         """Ask the nursery to end every kernel and exit."""
         self._stopping = True
         if self._running:
             try:
-                self._send(cmd="shutdown")
+                self._send(wire.Shutdown())
                 self.transport.closeStdin()
             except (NurseryGone, error.ProcessExitedAlready):
                 pass
         return self.ended
+
+
+def _default_import_path() -> list[str]:
+    """Where ``python -I`` looks for modules: the interpreter's own directories."""
+    import site
+
+    found = list(site.getsitepackages())
+    stdlib = os.path.dirname(os.__file__)
+    return [stdlib, *found]
+
+
+def nursery_command(pythonpath: str = "") -> list[str]:
+    """The nursery's argv: ``python -I -m cellmux.kernel.nursery``, plus the
+    directories it must import from when cellmux is not installed in this
+    interpreter (a source tree on PYTHONPATH).
+
+    Only directories that root or the server's user alone can change are
+    passed (L{trusted_dir}); others are left out with a warning in the log,
+    and so is anything relative (such as the server's working directory).
+    """
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(cellmux.__file__)))
+    extra = []
+    installed = any(
+        os.path.realpath(package_root) == os.path.realpath(p) for p in _default_import_path()
+    )
+    candidates = ([] if installed else [package_root]) + pythonpath.split(os.pathsep)
+    for path in candidates:
+        if not path or path in extra or not os.path.isdir(path):
+            continue
+        if trusted_dir(path):
+            extra.append(path)
+        else:
+            NurseryProcess.log.warn(
+                "not importing from {path} in the nursery: others may write to it", path=path
+            )
+    if not extra:
+        return [sys.executable, "-I", "-m", wire.NURSERY_MODULE]
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, *extra]

@@ -1,0 +1,123 @@
+"""What a kernel leaves behind is gone after a crash and a restart.
+
+A kernel's child that calls setsid() and forks again leaves the kernel's
+session and process group: killing the kernel's group does not reach it,
+and PR_SET_PDEATHSIG is not inherited. Its uid still marks it, so a
+nursery (as root) that starts or stops kills every process of a uid of its
+range that no live nursery holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from nursery_driver import alive
+
+from cellmux.cleanup import remove_tree
+from conftest import start_server, wait_for
+
+UID_RANGE = (200000, 299999)
+
+ESCAPE = """
+import json, os, time
+r, w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.write(w, str(os.getpid()).encode())
+        os.close(w)
+        time.sleep(100000)
+    os._exit(0)
+os.wait()
+print(json.dumps([int(os.read(r, 32)), os.getcwd()]))
+"""
+
+
+def _uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    raise AssertionError("no Uid")
+
+
+def _nursery_of(server_pid: int) -> int:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if ppid == server_pid and b"cellmux.kernel.nursery" in cmdline:
+                return int(name)
+    raise AssertionError("no nursery")
+
+
+def _escape(server) -> tuple[int, str, int]:
+    """A kernel starts a process that leaves its session; (its pid, the
+    kernel's directory, the kernel's pid)."""
+    with server.client() as client:
+        model = client.create_kernel()
+        with client.connect(model.id) as k:
+            result = k.execute(ESCAPE, timeout=30)
+            assert result.error is None, result.error
+            pid, workdir = json.loads(result.stdout.strip().splitlines()[-1])
+        kernel_pid = client.get_kernel(model.id).pid
+    assert alive(pid) and UID_RANGE[0] <= _uid(pid) <= UID_RANGE[1]
+    return pid, workdir, kernel_pid
+
+
+@pytest.fixture
+def servers():
+    started = []
+    yield started
+    for server in started:
+        server.stop()
+        remove_tree(server.runtime_dir)
+
+
+@pytest.fixture
+def escaped():
+    pids: list[int] = []
+    yield pids
+    for pid in pids:  # the test failed: leave nothing running
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_after_a_server_crash_the_next_server_kills_what_kernels_left(servers, escaped):
+    first = start_server("--pool-size", "0")
+    servers.append(first)
+    pid, _workdir, kernel_pid = _escape(first)
+    escaped.append(pid)
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    wait_for(lambda: not alive(kernel_pid), timeout=10)  # it dies with its nursery
+    time.sleep(0.5)
+    assert alive(pid)  # the leftover: out of the kernel's session, not its child
+    servers.append(start_server("--pool-size", "0"))  # its own state dir: no record helps
+    wait_for(lambda: not alive(pid), timeout=15)
+
+
+def test_after_a_nursery_crash_a_restarted_server_kills_what_kernels_left(servers, escaped):
+    first = start_server("--pool-size", "0")
+    servers.append(first)
+    runtime = os.path.join(first.runtime_dir, "rt")
+    pid, workdir, kernel_pid = _escape(first)
+    escaped.append(pid)
+    os.kill(_nursery_of(first.process.pid), signal.SIGKILL)
+    wait_for(lambda: not alive(kernel_pid), timeout=10)
+    time.sleep(0.5)
+    assert alive(pid)
+    assert first.stop() == 0  # a clean stop, with the nursery lost
+    # The same runtime directory: the kernel's directory is cleared too.
+    servers.append(start_server("--pool-size", "0", "--runtime-dir", runtime))
+    wait_for(lambda: not alive(pid), timeout=15)
+    wait_for(lambda: not os.path.exists(workdir), timeout=15)

@@ -1,0 +1,173 @@
+"""What a hostile kernel leaves, or finds, never takes the nursery down.
+
+- A tree thousands of levels deep (shutil.rmtree raised RecursionError,
+  which ended the nursery and every kernel) and a wide one: the nursery
+  lives, other kernels keep working, the trees go, and the server stops
+  and starts again cleanly.
+- The server's working directory: the nursery runs isolated in /, so a
+  module planted there is not imported by root's nursery, and kernels do
+  not see the directory (it was on sys.path, so bound into their /tmp or
+  exposed through a 0700 home).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+import pytest
+
+from cellmux.cleanup import remove_tree
+from conftest import start_server, wait_for
+
+DEPTH = 1600
+WIDTH = 5000
+
+HOSTILE_TREE = f"""
+import json, os
+top = os.getcwd()
+os.mkdir("wide")
+for i in range({WIDTH}):
+    open(f"wide/{{i}}", "w").close()
+for _ in range({DEPTH}):
+    os.mkdir("d")
+    os.chdir("d")
+open("bottom", "w").write("x")
+os.chdir(top)
+print(json.dumps(top))
+"""
+
+
+def _value(kernel, code: str, timeout: float = 120):
+    result = kernel.execute(code, timeout=timeout)
+    assert result.error is None, result.error
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _nursery_of(server_pid: int) -> int:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    cmdline = f.read()
+                if ppid == server_pid and b"cellmux.kernel.nursery" in cmdline:
+                    return int(name)
+    raise AssertionError("no nursery")
+
+
+@pytest.fixture
+def servers():
+    started = []
+    yield started
+    for server in started:
+        server.stop()
+        remove_tree(server.runtime_dir)
+
+
+def test_a_deep_and_wide_tree_does_not_take_the_nursery_down(servers):
+    server = start_server("--pool-size", "0")
+    servers.append(server)
+    runtime = os.path.join(server.runtime_dir, "rt")
+    nursery = _nursery_of(server.process.pid)
+    with server.client() as client:
+        other = client.create_kernel()
+        hostile = client.create_kernel()
+        with client.connect(hostile.id) as k:
+            workdir = _value(k, HOSTILE_TREE)
+        client.delete_kernel(hostile.id)
+        with client.connect(other.id) as k:
+            assert k.execute("6 * 7", timeout=30).result_text == "42"
+            # The tree goes while kernels keep working.
+            wait_for(lambda: not os.path.exists(workdir), timeout=60, interval=0.2)
+            assert k.execute("6 * 8", timeout=30).result_text == "48"
+        assert client.get_kernel(other.id).execution_state != "dead"
+        fresh = client.create_kernel()
+        with client.connect(fresh.id) as k:
+            assert k.execute("6 * 9", timeout=30).result_text == "54"
+    assert _nursery_of(server.process.pid) == nursery
+    log = server.log()
+    assert "nursery lost" not in log and "nursery ended" not in log, log[-3000:]
+    # The server stops cleanly with a hostile tree left in a kernel's directory
+    # (one made while it runs), and starts again on the same runtime directory.
+    with server.client() as client:
+        last = client.create_kernel()
+        with client.connect(last.id) as k:
+            _value(k, HOSTILE_TREE)
+    assert server.stop() == 0
+    again = start_server("--pool-size", "0", "--runtime-dir", runtime)
+    servers.append(again)
+    with again.client() as client:
+        model = client.create_kernel()
+        with client.connect(model.id) as k:
+            assert k.execute("6 * 7", timeout=30).result_text == "42"
+
+
+PLANTED = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+raise ImportError("planted")
+"""
+
+
+def test_the_servers_working_directory_is_neither_imported_nor_shown(servers, tmp_path):
+    # A 0700 home holding the server's working directory, as with /root.
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    cwd = home / "work"
+    cwd.mkdir(mode=0o755)
+    marker = tmp_path / "planted-module-ran"
+    (cwd / "attrs.py").write_text(PLANTED.format(marker=str(marker)))
+    (cwd / "server.log").write_text("token=secret")
+    os.chmod(cwd / "server.log", 0o644)
+    # The server itself is started with -P: what is tested is its nursery.
+    server = start_server(
+        "--pool-size", "1", command=[sys.executable, "-P", "-m", "cellmux", "serve"], cwd=cwd
+    )
+    servers.append(server)
+    with server.client() as client:
+        model = client.create_kernel()
+        with client.connect(model.id) as k:
+            seen = _value(
+                k,
+                f"""
+import json, os, sys
+out = {{"path": [p for p in sys.path if p.startswith({str(tmp_path)!r})]}}
+for name, probe in [("list", lambda: os.listdir({str(cwd)!r})),
+                    ("read", lambda: open({str(cwd / "server.log")!r}).read())]:
+    try:
+        out[name] = probe()
+    except OSError as e:
+        out[name] = type(e).__name__
+import attrs
+out["attrs"] = attrs.__file__
+print(json.dumps(out))
+""",
+            )
+    assert seen["path"] == []
+    assert seen["list"] in ("FileNotFoundError", "PermissionError")
+    assert seen["read"] in ("FileNotFoundError", "PermissionError")
+    assert not seen["attrs"].startswith(str(tmp_path))
+    assert not marker.exists()
+
+
+def test_a_server_run_from_a_source_tree_still_starts_kernels(servers, monkeypatch):
+    # cellmux imported from PYTHONPATH, not from the interpreter: the nursery
+    # (isolated, so PYTHONPATH unused) is told where the package is.
+    import cellmux
+
+    source = os.path.dirname(os.path.dirname(os.path.abspath(cellmux.__file__)))
+    tree = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "src")
+    tree = os.path.realpath(tree)
+    assert source != tree  # the tests use the installed package
+    monkeypatch.setenv("PYTHONPATH", tree)
+    server = start_server("--pool-size", "0")
+    servers.append(server)
+    with server.client() as client:
+        model = client.create_kernel()
+        with client.connect(model.id) as k:
+            where = _value(k, "import cellmux, json; print(json.dumps(cellmux.__file__))")
+    assert where.startswith(tree + os.sep)
