@@ -331,6 +331,10 @@ def kill_processes_of(*uids: int) -> bool:
 #: ignored by the nursery, SIGPIPE by Python).
 _RESET_IN_CHILD = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE)
 
+#: Computed once: each spawn blocks them all, and the child looks at each.
+_ALL_SIGNALS = frozenset(signal.valid_signals())
+_CATCHABLE = tuple(sorted(_ALL_SIGNALS - {signal.SIGKILL, signal.SIGSTOP}))
+
 
 def fork_with_signals_reset(in_child: Callable[[], object]) -> int:
     """Fork with every signal blocked; the child resets handlers, then unblocks.
@@ -344,7 +348,7 @@ def fork_with_signals_reset(in_child: Callable[[], object]) -> int:
     raises: it must never go back into the caller's loop); the parent gets
     the child's pid.
     """
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
     try:
         pid = os.fork()
     except BaseException:
@@ -353,10 +357,9 @@ def fork_with_signals_reset(in_child: Callable[[], object]) -> int:
     if pid == 0:
         try:
             signal.set_wakeup_fd(-1)
-            for sig in signal.valid_signals():
+            for sig in _CATCHABLE:
                 if sig in _RESET_IN_CHILD or callable(signal.getsignal(sig)):
-                    with contextlib.suppress(OSError, ValueError):
-                        signal.signal(sig, signal.SIG_DFL)
+                    signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             in_child()
         finally:
