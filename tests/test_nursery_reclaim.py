@@ -15,6 +15,15 @@ from cellmux.kernel.reclaim import MAX_ATTEMPTS, reclaim
 from test_cleanup import deep_tree
 
 
+@pytest.fixture(autouse=True)
+def no_deep_leftovers(tmp_path):
+    """pytest removes old temporary directories with shutil.rmtree, which a
+    deep tree breaks (for every later run): whatever happens, remove them."""
+    yield
+    for name in os.listdir(tmp_path):
+        remove_tree(tmp_path / name)
+
+
 def ticking(clock: Clock, step: float = 0.001):
     """A clock function that moves time on by step at every look."""
 

@@ -15,9 +15,10 @@ import signal
 import time
 
 import pytest
-from nursery_driver import alive
+from nursery_driver import NurseryDriver, alive
 
 from cellmux.cleanup import remove_tree
+from cellmux.protocol import nursery as wire
 from conftest import start_server, wait_for
 
 UID_RANGE = (200000, 299999)
@@ -121,3 +122,19 @@ def test_after_a_nursery_crash_a_restarted_server_kills_what_kernels_left(server
     servers.append(start_server("--pool-size", "0", "--runtime-dir", runtime))
     wait_for(lambda: not alive(pid), timeout=15)
     wait_for(lambda: not os.path.exists(workdir), timeout=15)
+
+
+def test_the_sweeps_never_touch_kernels_of_a_live_nursery(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = NurseryDriver(str(tmp_path / "a"))
+    try:
+        link = first.spawn()
+        kernel = first.expect(wire.Spawned, link=link).pid
+        wait_for(lambda: UID_RANGE[0] <= _uid(kernel) <= UID_RANGE[1], timeout=10)
+        second = NurseryDriver(str(tmp_path / "b"))  # sweeps when it starts...
+        assert second.stop() == 0  # ... and when it stops
+        assert alive(kernel)
+        assert first.events.empty()  # no exited event
+    finally:
+        first.stop()

@@ -75,6 +75,10 @@ class NurseryProcess(protocol.ProcessProtocol):
     ) -> NurseryProcess:
         """Start a nursery process (again, after one was lost) in C{/}.
 
+        A new nursery removes every kernel directory it finds under its
+        C{workdir_root} (what a lost nursery left): start one again only
+        once the previous one has ended.
+
         @param env: its environment; PYTHONPATH in it is not used as such
             (see L{nursery_command}).
         """
