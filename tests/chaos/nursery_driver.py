@@ -26,7 +26,11 @@ class NurseryDriver:
         line = {
             "endpoint": f"ipc://{runtime_dir}/link.sock",
             "workdir_root": os.path.join(runtime_dir, "kernels"),
-            "kernel_env": {"PYTHONUNBUFFERED": "1", "HOME": "."},
+            "kernel_env": {
+                "PYTHONUNBUFFERED": "1",
+                "HOME": ".",
+                "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+            },
             **config,
         }
         self.process = subprocess.Popen(

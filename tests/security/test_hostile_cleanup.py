@@ -159,14 +159,16 @@ raise ImportError("planted")
 """
 
 
-def test_the_servers_working_directory_is_neither_imported_nor_shown(servers, tmp_path):
+@pytest.mark.parametrize("plant", [True, False], ids=["planted-module", "log-only"])
+def test_the_servers_working_directory_is_neither_imported_nor_shown(servers, tmp_path, plant):
     # A 0700 home holding the server's working directory, as with /root.
     home = tmp_path / "home"
     home.mkdir(mode=0o700)
     cwd = home / "work"
     cwd.mkdir(mode=0o755)
     marker = tmp_path / "planted-module-ran"
-    (cwd / "attrs.py").write_text(PLANTED.format(marker=str(marker)))
+    if plant:
+        (cwd / "attrs.py").write_text(PLANTED.format(marker=str(marker)))
     (cwd / "server.log").write_text("token=secret")
     os.chmod(cwd / "server.log", 0o644)
     # The server itself is started with -P: what is tested is its nursery.
