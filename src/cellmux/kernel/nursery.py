@@ -375,9 +375,10 @@ class Nursery:
         process or a file of it is left.
         """
         uid = None if identity is None else identity.uid
+        nursery = os.getpid()
 
         def helper() -> None:
-            sandbox.detach_helper()
+            sandbox.detach_helper(nursery)
             killed = uid is None or sandbox.kill_processes_of(uid)
             gone = reclaim(
                 [workdir, scratch],
@@ -434,9 +435,10 @@ class Nursery:
             stale.append(self._quarantine)
         if not stale:
             return
+        nursery = os.getpid()
 
         def helper() -> None:
-            sandbox.detach_helper()
+            sandbox.detach_helper(nursery)
             deadline = time.monotonic() + RECLAIM_TIME
             # No quarantine of its own: what cannot go stays for the server.
             os._exit(0 if reclaim(stale, self._quarantine, sandbox.warn, deadline) else 2)
@@ -503,8 +505,20 @@ class Nursery:
             return True
         if self._stop_by is not None and time.monotonic() > self._stop_by:
             self._warn("stopping with cleanup unfinished (the server removes what is left)")
+            self._end_helpers()
             return True
         return False
+
+    def _end_helpers(self) -> None:
+        """Kill and reap the helpers still at work, so that none races the
+        server's removal of the runtime directory after we exit."""
+        for pid in list(self._releasing):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for pid in list(self._releasing):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self._releasing.clear()
 
     # -- loop -------------------------------------------------------------
 

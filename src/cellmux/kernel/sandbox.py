@@ -368,13 +368,19 @@ def fork_with_signals_reset(in_child: Callable[[], object]) -> int:
     return pid
 
 
-def detach_helper() -> None:
-    """In a helper forked from the nursery: keep stderr (the log), nothing else.
+def detach_helper(parent: int) -> None:
+    """In a helper forked from the nursery (pid C{parent}): keep stderr (the
+    log), nothing else, and die with the nursery.
 
     Its copies of the server's pipes would keep them open after the nursery
     ended (the server would not learn it had), and its copies of uid locks
-    would keep uids held that the nursery released.
+    would keep uids held that the nursery released. A helper that outlived
+    its nursery would race the next cleanup of the same files (the next
+    nursery's, or the server's); what it left is swept by the next nursery.
     """
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(2)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
@@ -393,11 +399,12 @@ def kill_all_of(uid: int | Iterable[int], wait: bool = True) -> int:
     come to it as their subreaper). The helper exits 0 once none is left.
     """
     uids = (uid,) if isinstance(uid, int) else tuple(uid)
+    parent = os.getpid()
 
     def helper() -> None:
         code = 2
         with contextlib.suppress(BaseException):
-            detach_helper()
+            detach_helper(parent)
             code = 0 if kill_processes_of(*uids) else 1
         os._exit(code)
 
