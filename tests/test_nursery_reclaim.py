@@ -108,3 +108,26 @@ def test_what_is_left_at_the_deadline_is_moved_out_of_the_way(tmp_path):
     assert reclaim([str(tree)], str(tmp_path / "q"), warnings.append, 5.0, clock.seconds)
     assert not tree.exists() and len(os.listdir(tmp_path / "q")) == 1
     assert "deadline" in warnings[0]
+
+
+def test_a_tree_someone_else_removes_meanwhile_is_no_failure(tmp_path, monkeypatch):
+    # The server removes a lost nursery's kernel directories while the next
+    # nursery does too: walks that find entries vanished are retried, beyond
+    # MAX_ATTEMPTS, and not taken for a tree that cannot be removed.
+    from cellmux.cleanup import Removal
+    from cellmux.kernel import reclaim as module
+
+    tree = tmp_path / "kernel"
+    deep_tree(str(tmp_path), 20, name="kernel")
+    races = []
+
+    def racing(path, **kwargs):
+        if len(races) < MAX_ATTEMPTS + 2:
+            races.append(path)
+            return Removal(False, "FileNotFoundError: [Errno 2] No such file or directory: 'd'")
+        return remove_tree(path, **kwargs)
+
+    monkeypatch.setattr(module, "remove_tree", racing)
+    warnings: list[str] = []
+    assert reclaim([str(tree)], str(tmp_path / "q"), warnings.append, sleep=lambda _: None)
+    assert not tree.exists() and not warnings and not (tmp_path / "q").exists()

@@ -37,6 +37,10 @@ RETRY_AFTER = 0.2
 #: Attempts at a failing path before it is moved out of the way.
 MAX_ATTEMPTS = 3
 
+#: Attempts that failed because entries vanished under the walk (another
+#: remover at work on the same tree) that do not count as failures.
+MAX_VANISHED = 50
+
 
 def reclaim(
     paths: Iterable[str],
@@ -53,12 +57,19 @@ def reclaim(
     """
     ok = True
     for path in paths:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        failures = vanished = 0
+        while True:
             removal = remove_tree(path, deadline=deadline, clock=clock)
-            if removal or removal.reason == "deadline" or attempt == MAX_ATTEMPTS:
+            if removal or removal.reason == "deadline":
                 break
+            if removal.reason.startswith("FileNotFoundError") and vanished < MAX_VANISHED:
+                vanished += 1  # someone else removes it too (the server): go on
+            else:
+                failures += 1
+                if failures == MAX_ATTEMPTS:
+                    break
             sleep(RETRY_AFTER)
-        if removal:
+        if removal or not os.path.lexists(path):
             continue
         warn(f"cannot remove {path} ({removal.reason}); moving it out of the way")
         if not move_aside(path, quarantine, warn):
