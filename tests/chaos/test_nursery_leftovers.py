@@ -15,11 +15,12 @@ import signal
 import time
 
 import pytest
-from nursery_driver import NurseryDriver, alive
 
 from cellmux.cleanup import remove_tree
 from cellmux.protocol import nursery as wire
 from conftest import start_server, wait_for
+
+from .nursery_driver import NurseryDriver, alive
 
 UID_RANGE = (200000, 299999)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 import secrets
 
-from nursery_driver import NurseryDriver
-
 from cellmux.protocol import nursery as wire
+
+from .nursery_driver import NurseryDriver
 
 
 def test_bad_commands_are_errors_and_the_nursery_goes_on(tmp_path):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 import time
 
-from nursery_driver import NurseryDriver, alive
-
 from cellmux.protocol import nursery as wire
+
+from .nursery_driver import NurseryDriver, alive
 
 TRIES = 80
 

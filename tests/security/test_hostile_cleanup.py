@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -118,11 +120,12 @@ def test_a_deep_and_wide_tree_does_not_take_the_nursery_down(servers):
             assert k.execute("6 * 7", timeout=30).result_text == "42"
 
 
-def test_a_server_that_made_its_runtime_directory_removes_it_with_a_deep_tree(tmp_path):
+def test_a_server_that_made_its_runtime_directory_removes_it_with_a_deep_tree(tmp_path, request):
     # No --runtime-dir: the server makes one under TMPDIR and removes it when
     # it stops, after the nursery (which may stop before its helper is done).
-    temp = tmp_path / "temp"
-    temp.mkdir()
+    # Short: socket paths under it must fit in 108 bytes.
+    temp = pathlib.Path(tempfile.mkdtemp(prefix="cmx-"))
+    request.addfinalizer(lambda: remove_tree(temp))
     argv = [sys.executable, "-m", "cellmux", "serve", "--port", "0", "--pool-size", "0"]
     argv += ["--token", "t" * 32, "--state-dir", str(tmp_path / "state")]
     log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
@@ -131,7 +134,9 @@ def test_a_server_that_made_its_runtime_directory_removes_it_with_a_deep_tree(tm
     )
     try:
         line = process.stdout.readline()
-        url = URL_LINE.search(line).group("url")
+        started = URL_LINE.search(line)
+        assert started, (tmp_path / "server.log").read_text(errors="replace")[-3000:]
+        url = started.group("url")
         with Client(url, token="t" * 32) as client:
             model = client.create_kernel()
             with client.connect(model.id) as k:
