@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
 import time
 
 import pytest
 
 from cellmux.cleanup import remove_tree
+from cellmux.kernel.sandbox import uids_with_processes
 from cellmux.protocol import nursery as wire
 from conftest import start_server, wait_for
 
@@ -139,3 +142,34 @@ def test_the_sweeps_never_touch_kernels_of_a_live_nursery(tmp_path):
         assert first.events.empty()  # no exited event
     finally:
         first.stop()
+
+
+def _free_uid() -> int:
+    """A uid of the range no nursery holds now (and none had processes)."""
+    for uid in range(UID_RANGE[1], UID_RANGE[0], -1):
+        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            lock.bind(f"\0cellmux-uid-{uid}")
+        except OSError:
+            continue
+        finally:
+            lock.close()
+        if not uids_with_processes(uid, uid):
+            return uid
+    raise AssertionError("no free uid")
+
+
+def test_a_stopping_nursery_kills_what_runs_as_a_free_uid(tmp_path, escaped):
+    nursery = NurseryDriver(str(tmp_path))
+    try:
+        uid = _free_uid()
+        # A leftover that appears after this nursery started (its start sweep
+        # cannot have seen it): as a crashed nursery's kernel would leave.
+        leftover = subprocess.Popen(["sleep", "1000"], user=uid, group=uid, start_new_session=True)
+        escaped.append(leftover.pid)
+        time.sleep(0.2)
+        assert alive(leftover.pid)
+    finally:
+        assert nursery.stop() == 0
+    leftover.wait(10)
+    assert leftover.returncode == -signal.SIGKILL
