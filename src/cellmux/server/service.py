@@ -18,7 +18,6 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 import cellmux
-from cellmux.cleanup import remove_tree
 from cellmux.config import ServerConfig
 
 from .api import ApiResource
