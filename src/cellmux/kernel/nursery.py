@@ -589,6 +589,8 @@ def _preload(modules: tuple[str, ...]) -> None:
             importlib.import_module(name)
     for name in modules:
         importlib.import_module(name)
+    # Compiled once here; each kernel only copies the bytes in (sandbox.enter).
+    sandbox.seccomp.program()
     # What IPython makes once per process, made here once for all kernels.
     try:
         memory.warm_ipython()

@@ -49,6 +49,7 @@ from typing import Any
 import attrs
 
 from ..protocol.nursery import DEFAULT_UID_RANGE
+from . import seccomp
 
 __all__ = [
     "Identity",
@@ -667,6 +668,63 @@ def _set_limits(limits: Limits, own_uid: bool) -> None:
         _set_limit(resource.RLIMIT_FSIZE, limits.file_size_mb * _MB)
 
 
+#: Device nodes a kernel has no use for, where the host makes them reachable
+#: (``/dev/fuse`` is often mode 0666): a kernel's mount namespace shows
+#: ``/dev/null`` in their place. mount(2) is denied anyway, so no FUSE file
+#: system could be mounted; this also keeps out KVM, TUN and userfaultfd.
+HIDDEN_DEVICES = ("/dev/fuse", "/dev/kvm", "/dev/net/tun", "/dev/vhost-net", "/dev/userfaultfd")
+
+
+def _hide_devices() -> None:
+    for device in HIDDEN_DEVICES:
+        try:
+            _mount("/dev/null", device, None, _MS_BIND)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+
+
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+_KEYCTL_CLEAR = 7
+_KEY_SPEC_USER_KEYRING = -4
+_KEY_SPEC_USER_SESSION_KEYRING = -5
+_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
+
+
+def _keyctl(*args: int) -> int:
+    result = _libc.syscall(_SYS_KEYCTL, *(ctypes.c_long(a) for a in args))
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"keyctl {args[0]}: {os.strerror(err)}")
+    return result
+
+
+def fresh_keyrings(own_uid: bool) -> None:
+    """Start the calling process on empty keyrings.
+
+    A new anonymous session keyring (not the nursery's) and, when the kernel
+    has a uid of its own, that uid's user and user-session keyrings emptied:
+    those belong to the uid, not to a process, and would hand whatever an
+    earlier holder of the uid put there to the next kernel that gets it
+    (without root, the uid is the server user's and its keys are left
+    alone). Kernels cannot add keys themselves (the syscall filter denies
+    keyctl); this clears what anything else left. Machines without keyrings
+    (ENOSYS) are fine as they are.
+    """
+    if _SYS_KEYCTL is None:
+        return
+    try:
+        _keyctl(_KEYCTL_JOIN_SESSION_KEYRING, 0)
+        if own_uid:
+            _keyctl(_KEYCTL_CLEAR, _KEY_SPEC_USER_KEYRING)
+            _keyctl(_KEYCTL_CLEAR, _KEY_SPEC_USER_SESSION_KEYRING)
+    except OSError as e:
+        if e.errno != errno.ENOSYS:
+            raise
+
+
 def enter(plan: KernelSandbox) -> None:
     """Lock the calling (freshly forked, single-threaded) child in.
 
@@ -684,6 +742,7 @@ def enter(plan: KernelSandbox) -> None:
         if not plan.network:
             _loopback_up()
         _private_tmp(plan.scratch, plan.keep)
+        _hide_devices()
         if plan.cgroup is not None:
             with open(os.path.join(plan.cgroup, "cgroup.procs"), "w") as f:
                 f.write("0")
@@ -699,7 +758,10 @@ def enter(plan: KernelSandbox) -> None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:
             os._exit(1)
+    fresh_keyrings(own_uid=plan.identity is not None)
     _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+    # Last: the steps above need calls the filter denies.
+    seccomp.install(seccomp.program())
 
 
 # -- after the end --------------------------------------------------------
