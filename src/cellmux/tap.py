@@ -9,6 +9,7 @@ from twisted.python import usage
 from .config import ConfigError, ServerConfig, load_config_file
 from .server.auth import generate_token
 from .server.service import CellmuxService
+from .server.tokenscrub import scrub_token
 
 __all__ = ["Options", "config_from_options", "makeService"]
 
@@ -67,4 +68,7 @@ def config_from_options(options: Options) -> ServerConfig:
 def makeService(options: Options) -> CellmuxService:
     config: ServerConfig = options["server_config"]
     token = config.token or os.environ.get("CELLMUX_TOKEN") or generate_token()
+    # Kernels of a server without root share its uid: nothing of the token
+    # may stay readable in /proc (security.md, "Without root").
+    scrub_token(token)
     return CellmuxService(config, token)
