@@ -398,8 +398,7 @@ def test_a_kernel_starts_on_an_empty_user_keyring(tmp_path):
 
 
 def test_installing_the_compiled_filter_is_cheap():
-    outcome = _in_filtered_child(
-        """
+    code = """
 import time
 from cellmux.kernel import seccomp
 bpf = seccomp.program()
@@ -407,6 +406,7 @@ started = time.perf_counter()
 seccomp.install(bpf)
 result = time.perf_counter() - started
 """
-    )
-    # about 0.1 ms measured; the bound leaves room for a loaded machine
-    assert outcome < 0.005, outcome
+    # The best of a few forks: other load on the machine only adds to it.
+    best = min(_in_filtered_child(code) for _ in range(5))
+    # about 0.2 ms measured; the bound leaves room for a slow machine
+    assert best < 0.005, best

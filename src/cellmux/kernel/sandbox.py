@@ -690,11 +690,10 @@ _KEYCTL_JOIN_SESSION_KEYRING = 1
 _KEYCTL_CLEAR = 7
 _KEY_SPEC_USER_KEYRING = -4
 _KEY_SPEC_USER_SESSION_KEYRING = -5
-_SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(os.uname().machine)
 
 
-def _keyctl(*args: int) -> int:
-    result = _libc.syscall(_SYS_KEYCTL, *(ctypes.c_long(a) for a in args))
+def _keyctl(number: int, *args: int) -> int:
+    result = _libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args))
     if result < 0:
         err = ctypes.get_errno()
         raise OSError(err, f"keyctl {args[0]}: {os.strerror(err)}")
@@ -713,13 +712,14 @@ def fresh_keyrings(own_uid: bool) -> None:
     keyctl); this clears what anything else left. Machines without keyrings
     (ENOSYS) are fine as they are.
     """
-    if _SYS_KEYCTL is None:
+    keyctl = seccomp.syscall_number("keyctl")
+    if keyctl is None:
         return
     try:
-        _keyctl(_KEYCTL_JOIN_SESSION_KEYRING, 0)
+        _keyctl(keyctl, _KEYCTL_JOIN_SESSION_KEYRING, 0)
         if own_uid:
-            _keyctl(_KEYCTL_CLEAR, _KEY_SPEC_USER_KEYRING)
-            _keyctl(_KEYCTL_CLEAR, _KEY_SPEC_USER_SESSION_KEYRING)
+            _keyctl(keyctl, _KEYCTL_CLEAR, _KEY_SPEC_USER_KEYRING)
+            _keyctl(keyctl, _KEYCTL_CLEAR, _KEY_SPEC_USER_SESSION_KEYRING)
     except OSError as e:
         if e.errno != errno.ENOSYS:
             raise

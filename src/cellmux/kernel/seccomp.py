@@ -21,7 +21,7 @@ import os
 
 import attrs
 
-__all__ = ["RULES", "Rule", "install", "program", "rules_for"]
+__all__ = ["RULES", "Rule", "install", "program", "rules_for", "syscall_number"]
 
 # Namespace flags of clone(2) and unshare(2) (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -141,6 +141,15 @@ def rules_for(syscall: str) -> list[Rule]:
 
 
 @functools.cache
+def syscall_number(name: str) -> int | None:
+    """The number of a system call on this machine's native ABI, if it has it."""
+    import pyseccomp
+
+    number = pyseccomp.resolve_syscall(pyseccomp.system_arch(), name)
+    return number if number >= 0 else None
+
+
+@functools.cache
 def program() -> bytes:
     """The filter as classic BPF for this machine's native ABI.
 
@@ -152,11 +161,10 @@ def program() -> bytes:
     """
     import pyseccomp
 
-    arch = pyseccomp.system_arch()
     flt = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
     flt.set_attr(pyseccomp.Attr.ACT_BADARCH, pyseccomp.KILL_PROCESS)
     for rule in RULES:
-        if pyseccomp.resolve_syscall(arch, rule.syscall) < 0:
+        if syscall_number(rule.syscall) is None:
             continue
         args = []
         if rule.arg is not None:
