@@ -21,6 +21,7 @@ from cellmux.protocol.control import control_frame
 from cellmux.protocol.framing import Frame, encode_frame, encode_tag
 from cellmux.protocol.link import link_control
 from cellmux.server.jupyter.codec import JupyterMessage, LegacyCodec, V1Codec
+from cellmux.server.longpoll import pack_frames
 from cellmux.server.permalinks import encode_inline
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -75,6 +76,7 @@ def seeds() -> dict[str, list[bytes]]:
                 ]
             )
         ],
+        "longpoll_body": [pack_frames([hello, _data_frame()])],
         "jupyter_decode": [
             b"\x00" + legacy.encode(message)[0],
             b"\x02" + legacy.encode(with_buffer)[0],

@@ -32,6 +32,7 @@ from cellmux.server.jupyter.codec import (
     to_kernel,
 )
 from cellmux.server.kernels import _parent_session
+from cellmux.server.longpoll import pack_frames, unpack_frames
 from cellmux.server.permalinks import decode_inline
 from cellmux.server.webjson import HTTPError, read_json_body
 
@@ -138,6 +139,19 @@ def control(data: bytes) -> None:
                 session.receive(frame)
 
 
+def longpoll_body(data: bytes) -> None:
+    """A long-polling client's POSTed body: length-prefixed frames."""
+    data = expand(data)
+    try:
+        frames = unpack_frames(data)
+    except ProtocolError:
+        return
+    assert pack_frames(frames) == data, "unpack/pack is not a round trip"
+    for frame in frames:
+        with contextlib.suppress(ProtocolError):
+            decode_frame(frame)
+
+
 def jupyter_decode(data: bytes) -> None:
     """Client messages in both Jupyter websocket formats, then to_kernel."""
     data = expand(data)
@@ -232,6 +246,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "framing": framing,
     "link": link,
     "control": control,
+    "longpoll_body": longpoll_body,
     "jupyter_decode": jupyter_decode,
     "jupyter_encode": jupyter_encode,
     "permalink": permalink,
