@@ -17,6 +17,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -395,6 +396,7 @@ def test_a_kernel_starts_on_an_empty_user_keyring(tmp_path):
                 c.delete_kernel(model.id)
     finally:
         running.stop()
+        shutil.rmtree(running.runtime_dir, ignore_errors=True)
 
 
 # -- cost ------------------------------------------------------------------

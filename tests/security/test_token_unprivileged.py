@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import pwd
+import shutil
 import sys
 
 import pytest
@@ -88,6 +89,7 @@ def unprivileged(request, tmp_path_factory):
             del os.environ[name]
     yield running, nobody.pw_uid, request.param
     running.stop()
+    shutil.rmtree(running.runtime_dir, ignore_errors=True)
 
 
 def test_a_kernel_of_a_server_without_root_cannot_read_its_token(unprivileged):
