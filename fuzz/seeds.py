@@ -91,6 +91,11 @@ def seeds() -> dict[str, list[bytes]]:
             b'{"code": "1 + 1", "language": "python", "options": {"a": [1, 2.5, null, true]}}',
             b'{"name": "python3", "path": "nb.ipynb", "kernel": {"id": "k"}}',
         ],
+        "bounded_json": [
+            HEADER,
+            b'[[1, {"a": [2, "]]]"]}], "\\"[", {}]',
+            b'{"a": {"b": {"c": {"d": [1]}}}}',
+        ],
         "input_request_parent": [HEADER, b'{"session": 5}', b"[]"],
     }
 

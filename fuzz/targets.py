@@ -16,11 +16,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import json
 import zlib
 from collections.abc import Callable
 from http import HTTPStatus
 
-from cellmux.protocol import ProtocolError
+from cellmux.protocol import ProtocolError, boundedjson
 from cellmux.protocol.control import ServerSideHandshake, parse_control
 from cellmux.protocol.framing import decode_frame, decode_tag, encode_frame
 from cellmux.protocol.link import KernelSideLink, LinkState, ServerLink, link_mac
@@ -234,6 +235,38 @@ def rest_body(data: bytes) -> None:
         assert isinstance(body, dict)
 
 
+def _depth(value: object) -> int:
+    """How deep arrays and objects nest in a parsed value (iteratively)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def bounded_json(data: bytes) -> None:
+    """The nesting-bounded JSON parser every peer's JSON goes through: it
+    accepts exactly the JSON that nests no deeper than its bound (checked
+    with a small bound, where mutations reach the edge, and the default)."""
+    data = expand(data)
+    for limit in (4, boundedjson.MAX_JSON_DEPTH):
+        try:
+            value = boundedjson.loads(data, limit)
+        except boundedjson.JSONTooDeep:
+            try:
+                value = json.loads(data)
+            except (ValueError, RecursionError):
+                continue  # not JSON (or too deep for Python): refusing it is right
+            assert _depth(value) > limit, "refused JSON within the bound"
+        except ValueError:
+            continue
+        else:
+            assert _depth(value) <= limit, "accepted JSON beyond the bound"
+
+
 def input_request_parent(data: bytes) -> None:
     """The parent header of a kernel's input_request, read to route stdin."""
     data = expand(data)
@@ -251,6 +284,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "jupyter_encode": jupyter_encode,
     "permalink": permalink,
     "rest_body": rest_body,
+    "bounded_json": bounded_json,
     "input_request_parent": input_request_parent,
 }
 
