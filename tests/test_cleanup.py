@@ -142,3 +142,24 @@ def test_shallow_chains(tmp_path, depth):
     deep_tree(str(victim), depth, name="n")
     assert remove_tree(victim)
     assert not victim.exists()
+
+
+def test_two_removers_of_one_tree_both_succeed(tmp_path):
+    import threading
+
+    victim = tmp_path / "kernel"
+    victim.mkdir()
+    deep_tree(str(victim), 400, name="n")
+    for i in range(50):
+        (victim / f"wide{i}").mkdir()
+        (victim / f"wide{i}" / "f").write_text("x")
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(remove_tree(victim))) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.done for r in results), [r.reason for r in results]
+    assert not victim.exists()

@@ -34,6 +34,9 @@ __all__ = ["Removal", "remove_tree"]
 #: How many entries are handled between two looks at the clock.
 _CLOCK_EVERY = 256
 
+#: Fresh walks after a directory vanished under one (another remover).
+_RETRIES = 100
+
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -81,7 +84,16 @@ def remove_tree(
     @return: a L{Removal}, true when nothing of C{path} is left.
     """
     try:
-        _remove(os.fspath(path), deadline, clock)
+        for _ in range(_RETRIES):
+            try:
+                _remove(os.fspath(path), deadline, clock)
+                break
+            except FileNotFoundError:
+                # Someone else removes the same tree (a directory vanished
+                # under the walk): start again from the top.
+                continue
+        else:
+            return Removal(False, "the tree kept changing while it was being removed")
     except _OutOfTime:
         return Removal(False, "deadline")
     except _Moved:
@@ -144,14 +156,16 @@ def _remove(path: str, deadline: float | None, clock: Callable[[], float]) -> No
             if not levels:
                 os.close(current)
                 current = -1
-                os.rmdir(name, dir_fd=parent)
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(name, dir_fd=parent)
                 return
             up = os.open("..", _DIR_FLAGS, dir_fd=current)
             os.close(current)
             current = up
             if _identity(current) != levels[-1].identity:
                 raise _Moved
-            os.rmdir(level.name, dir_fd=current)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(level.name, dir_fd=current)
     finally:
         if current is not None and current >= 0:
             os.close(current)
