@@ -163,3 +163,50 @@ def test_two_removers_of_one_tree_both_succeed(tmp_path):
         t.join()
     assert all(r.done for r in results), [r.reason for r in results]
     assert not victim.exists()
+
+
+def _bottom_file(root: str, depth: int, size: int) -> None:
+    """A chain of C{depth} one-letter directories with a file at the bottom."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        out = os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd)
+        os.write(out, os.urandom(size))
+        os.close(out)
+    finally:
+        os.close(fd)
+
+
+def test_usage_reaches_below_path_max(tmp_path):
+    from cellmux.cleanup import tree_usage
+    from cellmux.kernel.sandbox import disk_usage
+
+    _bottom_file(str(tmp_path), 2500, 1 << 20)  # a 5,000-character path
+    assert tree_usage(tmp_path) >= 1 << 20
+    assert disk_usage([str(tmp_path)]) >= 1 << 20
+    assert disk_usage([str(tmp_path)], stop_above=4096) > 4096
+    assert remove_tree(tmp_path / "d")
+
+
+def test_usage_of_nothing_is_zero(tmp_path):
+    from cellmux.cleanup import tree_usage
+
+    assert tree_usage(tmp_path / "none") == 0
+    assert tree_usage(tmp_path) == 0
+
+
+def test_the_file_scan_survives_a_deep_tree(tmp_path):
+    from cellmux.server.files import MAX_SCAN_DEPTH, _usage, scan
+
+    (tmp_path / "top.txt").write_text("hi")
+    _bottom_file(str(tmp_path), 2500, 10)
+    found, cut = scan(str(tmp_path))
+    assert not cut
+    assert found.keys() == {"top.txt"}  # the bottom file is deeper than announced
+    assert MAX_SCAN_DEPTH < 2500
+    assert _usage(str(tmp_path)) >= 2
+    assert remove_tree(tmp_path / "d")

@@ -124,3 +124,29 @@ def test_interpreter_paths_never_bind_a_shared_tmp_back(monkeypatch, tmp_path):
     paths = sandbox.interpreter_paths()
     assert str(venv) in paths
     assert not {"/", "/tmp", "/var/tmp", "/dev/shm"} & set(paths)
+
+
+def test_session_memory_does_not_count_shared_pages_once_per_child():
+    """Forked children share their parent's pages: PSS splits them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys, time\n"
+        "os.setsid()\n"
+        "ballast = bytearray(os.urandom(64 << 20))\n"
+        "for _ in range(8):\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(30); os._exit(0)\n"
+        "print('ready', flush=True); time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        used = sandbox.session_memory([proc.pid])[proc.pid]
+        # RSS would say 9 x 64 MiB; the pages exist once.
+        assert 64 << 20 <= used < 200 << 20, used >> 20
+        assert sandbox.session_memory([]) == {}
+    finally:
+        os.killpg(proc.pid, 9)
+        proc.wait()

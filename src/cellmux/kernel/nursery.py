@@ -458,7 +458,8 @@ class Nursery:
         now = time.monotonic()
         if now >= self._next_disk_check:
             self._next_disk_check = now + DISK_CHECK_INTERVAL
-            memory = sandbox.session_memory() if limits.memory_mb else {}
+            watched = [c.pid for c in self._children.values() if c.cgroup is None]
+            memory = sandbox.session_memory(watched) if limits.memory_mb else {}
             for child in list(self._children.values()):
                 if child.limit is not None:
                     continue

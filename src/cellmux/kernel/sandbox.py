@@ -45,12 +45,13 @@ import stat
 import struct
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from ..cleanup import tree_usage
 from ..protocol.nursery import DEFAULT_UID_RANGE
 from . import seccomp
 
@@ -771,45 +772,52 @@ def disk_usage(paths: list[str], stop_above: int | None = None) -> int:
     Each entry counts at least L{MIN_ENTRY_BYTES}, so that a kernel making
     millions of empty files reaches its disk limit (and the time this walk
     takes stays bounded by the limit). The walk stops once the total
-    exceeds stop_above.
+    exceeds stop_above, and reaches the bottom of chains longer than
+    PATH_MAX (see L{cellmux.cleanup.tree_usage}).
     """
     total = 0
-    stack = list(paths)
-    while stack:
-        path = stack.pop()
-        try:
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    total += max(st.st_blocks * 512, MIN_ENTRY_BYTES)
-                    if stop_above is not None and total > stop_above:
-                        return total
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(entry.path)
-        except OSError:
-            continue
+    for path in paths:
+        left = None if stop_above is None else stop_above - total
+        total += tree_usage(path, min_entry=MIN_ENTRY_BYTES, stop_above=left)
+        if stop_above is not None and total > stop_above:
+            break
     return total
 
 
-def session_memory() -> dict[int, int]:
-    """Resident bytes of every visible process, summed by session id.
+def session_memory(sessions: Collection[int]) -> dict[int, int]:
+    """Proportional memory (PSS) of the given sessions' processes, by session.
 
     A kernel leads its own session, so its entry is the kernel with every
-    process it started (that did not start a session of its own).
+    process it started (that did not start a session of its own). PSS, not
+    RSS: a kernel's forked children share its pages copy-on-write, and RSS
+    would count those once per child (64 children of a 50 MB kernel are not
+    3 GB). Where smaps_rollup cannot be read, RSS stands in.
     """
     page = os.sysconf("SC_PAGE_SIZE")
     totals: dict[int, int] = {}
+    if not sessions:
+        return totals
     for proc_stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = proc_stat.read_text().rsplit(")", 1)[1].split()
             session, rss = int(fields[3]), int(fields[21])
         except (OSError, IndexError, ValueError):
             continue  # gone meanwhile, or not readable
-        totals[session] = totals.get(session, 0) + rss * page
+        if session not in sessions:
+            continue
+        totals[session] = totals.get(session, 0) + (_pss(proc_stat.parent) or rss * page)
     return totals
+
+
+def _pss(proc: Path) -> int | None:
+    try:
+        with open(proc / "smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def classify_exit(

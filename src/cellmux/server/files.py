@@ -104,41 +104,73 @@ def resolve_inside(root: str, parts: list[str]) -> str:
     return target
 
 
+#: Files deeper than this many directories are not announced (a kernel's
+#: deep tree must not make every scan walk it, nor overflow a path).
+MAX_SCAN_DEPTH = 32
+
+
+def _walk(root: str, max_depth: int | None):
+    """The entries of C{root} and of the directories under it and the directories under it,
+    iteratively (a deep tree costs no recursion), hidden directories skipped,
+    symlinks not followed, at most C{max_depth} levels down."""
+    stack = [(root, 0)]
+    while stack:
+        path, depth = stack.pop()
+        try:
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue  # gone, or too deep a path to name
+        yield entries
+        if max_depth is not None and depth >= max_depth:
+            continue
+        for entry in reversed(entries):
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                    stack.append((entry.path, depth + 1))
+
+
 def scan(root: str, limit: int = MAX_SCAN_FILES) -> tuple[Snapshot, bool]:
     """Size and mtime of every regular, non-hidden file under C{root}.
 
-    Symlinks are neither followed nor listed. Blocking: call it in a thread.
+    Symlinks are neither followed nor listed, nor is anything more than
+    L{MAX_SCAN_DEPTH} directories down. Blocking: call it in a thread.
 
     @return: the snapshot by relative name, and whether C{limit} cut it short.
     """
     found: Snapshot = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for filename in sorted(filenames):
-            if filename.startswith("."):
+    for entries in _walk(root, MAX_SCAN_DEPTH):
+        for entry in entries:
+            if entry.name.startswith("."):
                 continue
-            path = os.path.join(dirpath, filename)
             try:
-                st = os.lstat(path)
+                st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue  # gone since the listing
             if not stat.S_ISREG(st.st_mode):
                 continue
-            found[os.path.relpath(path, root)] = (st.st_size, st.st_mtime_ns)
+            found[os.path.relpath(entry.path, root)] = (st.st_size, st.st_mtime_ns)
             if len(found) >= limit:
                 return found, True
     return found, False
 
 
 def _usage(root: str) -> int:
-    """Apparent bytes of every regular file under C{root}, hidden ones too."""
+    """Apparent bytes of every regular file under C{root}, hidden ones too
+    (as deep as a path can name them: the nursery's disk limit, which
+    counts blocks at any depth, is the hard bound)."""
     total = 0
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for filename in filenames:
-            with contextlib.suppress(OSError):
-                st = os.lstat(os.path.join(dirpath, filename))
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
+    stack = [root]
+    while stack:
+        path = stack.pop()
+        with contextlib.suppress(OSError), os.scandir(path) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        total += st.st_size
+                    elif stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
     return total
 
 

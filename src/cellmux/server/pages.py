@@ -242,7 +242,7 @@ class EmbedKernels(resource.Resource):
 
         def failed(failure) -> None:
             error = failure.value
-            status = 503 if getattr(error, "code", "") == "too_many_kernels" else 500
+            status = getattr(error, "status", 500)
             request.write(self._json(request, status, {"message": str(error), "reason": "Error"}))
             request.finish()
 
