@@ -160,3 +160,29 @@ def test_chromium_following_a_link_from_another_site_is_asked_first(server, shar
         assert [c for c in context.cookies() if c["name"] == COOKIE_NAME]
     finally:
         context.close()
+
+
+@pytest.mark.parametrize("foreign", CROSS_SITE[:2])
+def test_another_site_sending_a_browser_to_the_console_with_a_token_goes_by_login(
+    server, shares, foreign
+):
+    """The console trades a token in its URL for a login; sent there by
+    another site, the browser is taken to /login, which asks first."""
+    attackers = shares[0]
+    html = {"Accept": "text/html"}
+    status, headers, _ = request(
+        server, "GET", f"/?token={attackers}&kernel=k1", {**html, **foreign}
+    )
+    assert status == 303 and login_cookie(headers) is None
+    location = urllib.parse.urlsplit(headers["location"])
+    assert location.path == "/login"
+    query = dict(urllib.parse.parse_qsl(location.query))
+    assert query == {"token": attackers, "next": "/?kernel=k1"}
+    # Following it (the redirect keeps the request cross-site) asks.
+    status, headers, body = request(server, "GET", headers["location"], {**html, **foreign})
+    assert status == 200 and login_cookie(headers) is None
+    assert b"<form" in body
+    # Typed or opened from this server's own pages: the console itself.
+    for own in ({"Sec-Fetch-Site": "none"}, {"Sec-Fetch-Site": "same-origin"}):
+        status, _, body = request(server, "GET", f"/?token={attackers}", {**html, **own})
+        assert status == 200 and b"<html" in body.lower()

@@ -35,7 +35,7 @@ from twisted.web import resource, server
 
 from .auth import COOKIE_NAME, Grant, TokenAuth, query_pairs, query_tokens
 
-__all__ = ["LoginResource"]
+__all__ = ["LoginResource", "from_another_site"]
 
 #: Sec-Fetch-Site values of requests a user made on this server or typed.
 _OWN_SITE = (b"same-origin", b"none")
@@ -48,7 +48,7 @@ def _safe_next(value: bytes | None) -> bytes:
     return value
 
 
-def _from_another_site(request: server.Request) -> bool | None:
+def from_another_site(request: server.Request) -> bool | None:
     """Whether the browser says this request comes from a page of another
     site; None when nothing says (not a browser, or a browser that sends no
     Sec-Fetch-Site, as on plain HTTP beyond localhost, and no Origin or
@@ -92,7 +92,7 @@ class LoginResource(resource.Resource):
         params = dict(query_pairs(request.uri))
         cookie = request.getCookie(COOKIE_NAME.encode())
         current = self._auth.login_grant(cookie)
-        foreign = _from_another_site(request)
+        foreign = from_another_site(request)
         if foreign is None and page:
             # A browser's navigation that says nothing of where it came
             # from (it asks for HTML) may come from another site: ask.

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 from importlib import resources as importlib_resources
+from urllib.parse import urlencode
 
 import attrs
 from twisted.internet import defer
@@ -29,7 +30,8 @@ from twisted.web import resource, server
 
 import cellmux
 
-from .auth import OriginPolicy
+from .auth import OriginPolicy, query_pairs
+from .login import from_another_site
 
 __all__ = [
     "CONSOLE_CSP",
@@ -183,11 +185,26 @@ class PageResource(resource.Resource):
         if self._page is None or not wants_html(request):
             request.setHeader(b"content-type", b"application/json")
             return json.dumps({"name": "cellmux", "version": cellmux.__version__}).encode()
+        if from_another_site(request) and any(n == b"token" for n, _ in query_pairs(request.uri)):
+            # Another site sent this browser to the console with a token of
+            # its choosing (login CSRF): /login asks the user first.
+            return self._ask_at_login(request)
         request.setHeader(b"content-security-policy", CONSOLE_CSP)
         request.setHeader(b"x-frame-options", b"SAMEORIGIN")
         request.setHeader(b"referrer-policy", b"no-referrer")
         request.setHeader(b"vary", b"Accept")
         return _send(request, self._page)
+
+    @staticmethod
+    def _ask_at_login(request: server.Request) -> bytes:
+        pairs = query_pairs(request.uri)
+        rest = urlencode([(n, v) for n, v in pairs if n != b"token"])
+        target = request.path + (b"?" + rest.encode() if rest else b"")
+        query = urlencode([(n, v) for n, v in pairs if n == b"token"] + [(b"next", target)])
+        request.setResponseCode(303)
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"location", b"/login?" + query.encode())
+        return b""
 
 
 class EmbedKernels(resource.Resource):
