@@ -325,8 +325,15 @@ def test_interrupt_and_restart_through_the_rest_api(server, client, kernel_id, j
     )[-1]
     assert reply["content"]["ename"] == "KeyboardInterrupt"
     client.restart_kernel(kernel_id)
-    statuses = jupyter.until(lambda m: m["msg_type"] == "status" and m["content"].get("restarted"))
-    assert any(m["content"]["execution_state"] == "restarting" for m in statuses)
+    # as a stock restart: the new kernel is starting, then idle
+    statuses = jupyter.until(
+        lambda m: (
+            m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+            and not m["parent_header"]
+        )
+    )
+    assert any(m["content"]["execution_state"] == "starting" for m in statuses)
     assert all(m["channel"] == "iopub" for m in statuses if m["msg_type"] == "status")
     stdout, _ = jupyter.execute("print('after restart')")
     assert stdout == "after restart\n"

@@ -88,6 +88,9 @@ class ServerConfig:
     max_lifetime: float = attrs.field(default=0.0, validator=_not_negative)
     #: Start a fresh kernel under the same id when a kernel's process dies.
     auto_restart: bool = False
+    #: Restart kernels that a Jupyter client has attached to when they die,
+    #: as a stock Jupyter Server does (JupyterLab gives a dead kernel up).
+    jupyter_auto_restart: bool = True
     #: Browser origins (regular expressions, matched against the whole
     #: ``scheme://host[:port]``) that may open websockets besides the
     #: server's own; e.g. ``https://docs\.example\.org``.

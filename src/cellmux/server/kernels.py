@@ -289,6 +289,9 @@ class Kernel:
         self.session_owners = SessionOwners()
         #: Automatic restarts left (no crash loops).
         self.restarts = RestartBudget(MAX_AUTO_RESTARTS, RESTART_WINDOW)
+        #: Start a fresh process under this id when this one dies (the
+        #: server's auto_restart, or set when a Jupyter client attaches).
+        self.auto_restart: bool = manager.config.auto_restart
 
     @property
     def state(self) -> KernelState:
@@ -895,7 +898,7 @@ class KernelManager:
 
     def _process_died(self, kernel: Kernel, cause: str, limit: str | None) -> None:
         """A kernel's process ended: dead, and restarted if configured."""
-        auto = self.config.auto_restart and kernel.restarts.take(self.clock.seconds())
+        auto = kernel.auto_restart and kernel.restarts.take(self.clock.seconds())
         kernel.unbind()
         kernel.handle(Exited(cause, limit, auto))
         self.log.info("kernel {id} died: {cause}", id=kernel.id, cause=cause)
@@ -1095,7 +1098,7 @@ class KernelManager:
             if kernel.state is KernelState.RESTARTING:
                 lost = isinstance(e, NurseryUnavailable) or not self._nursery_running()
                 kernel.handle(RestartFailed("nursery lost" if lost else f"restart failed: {e}"))
-                if lost and self.config.auto_restart and kernel.id in self.kernels:
+                if lost and kernel.auto_restart and kernel.id in self.kernels:
                     self._awaiting_nursery[kernel.id] = kernel
             raise
         if kernel.id not in self.kernels:  # deleted while restarting

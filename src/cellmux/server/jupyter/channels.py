@@ -64,6 +64,7 @@ from .codec import (
     parse_json_object,
     to_kernel,
 )
+from .status import StatusTranslator
 
 __all__ = [
     "CLOSE_KERNEL_GONE",
@@ -129,6 +130,12 @@ class JupyterChannels(WebSocketServerProtocol):
         #: (JupyterLab and jupyter_server put the session_id there).
         self._own_sessions: set[str] = set()
         self._refused = 0
+        #: Server-made status in native terms -> as a stock server says it.
+        self._statuses = StatusTranslator()
+        #: The header of this client's latest execute_request: the server's
+        #: notices (why the kernel died) are parented to it, so that
+        #: JupyterLab shows them in the output of the cell that was running.
+        self._last_execute: dict[str, Any] | None = None
 
     @property
     def manager(self) -> KernelManager:
@@ -170,6 +177,9 @@ class JupyterChannels(WebSocketServerProtocol):
         session = self.session_id or uuid.uuid4().hex
         # The same session again resumes after what it was last sent.
         cursor = self.factory.cursor(kernel.id, self.session_id)
+        if self.factory.auto_restart:
+            # Jupyter clients give a dead kernel up; a stock server restarts it.
+            kernel.auto_restart = True
         self.attachment.attach(kernel, session, cursor=cursor)
         if self.attachment.owns_session:  # not another credential's session
             self._own_sessions.add(session)
@@ -201,6 +211,8 @@ class JupyterChannels(WebSocketServerProtocol):
         if claimed and bound.socket is JupyterSocket.SHELL:
             # before sending: the input history records the request's session
             self.attachment.adopt_session(session)
+        if bound.header.get("msg_type") == "execute_request":
+            self._last_execute = bound.header
         try:
             self.attachment.send(bound.channel, bound.socket, bound.parts)
         except KernelError as e:
@@ -226,6 +238,9 @@ class JupyterChannels(WebSocketServerProtocol):
             return
         if frame.socket in _REPLY_SOCKETS and not self._asked(frame.parts):
             return
+        if frame.socket is JupyterSocket.NONE and frame.channel == Channel.STATUS:
+            self._deliver_status(frame.parts)
+            return
         try:
             message = JupyterMessage(channel_name(frame.socket), frame.parts)
             payload, binary = self.codec.encode(message)
@@ -236,6 +251,28 @@ class JupyterChannels(WebSocketServerProtocol):
             )
             return
         self.sendMessage(payload, isBinary=binary)
+
+    def _deliver_status(self, parts: tuple[bytes, ...]) -> None:
+        """A server-made status, in the words a stock Jupyter Server uses."""
+        try:
+            content = parse_json_object(parts[3], "content")
+        except (JupyterCodecError, IndexError) as e:
+            self.factory.log.warn("dropped an unreadable server status: {error}", error=e)
+            return
+        translation = self._statuses.translate(content)
+        now = datetime.fromtimestamp(self.manager.clock.seconds(), UTC)
+        # A kernel shut down on purpose needs no explanation in a cell.
+        if translation.notice is not None and self._kernel.id in self.manager.kernels:
+            parts = jupyter_parts(
+                "stream",
+                {"name": "stderr", "text": translation.notice},
+                now=now,
+                parent=self._last_execute,
+            )
+            self.send_frame_unnumbered(JupyterSocket.IOPUB, parts)
+        if translation.status is not None:
+            parts = jupyter_parts("status", translation.status, now=now)
+            self.send_frame_unnumbered(JupyterSocket.IOPUB, parts)
 
     def gap(self, first: int, last: int) -> None:
         """Replay could not reach back far enough: say what was lost, in the notebook."""
@@ -329,6 +366,8 @@ class JupyterChannelsFactory(WebSocketServerFactory):
         self.manager = manager
         self.auth = auth
         self.origins = OriginPolicy.from_strings(manager.config.allow_origins)
+        #: Kernels a Jupyter client attaches to restart when they die.
+        self.auto_restart: bool = manager.config.jupyter_auto_restart
         # kernel id -> session_id -> last seq delivered (LRU per kernel)
         self._cursors: dict[str, OrderedDict[str, int]] = {}
         self.setProtocolOptions(**client_protocol_options(manager.config.max_frame_size))
