@@ -252,7 +252,8 @@ def test_broken_legacy_binary_frames_are_refused(message, data):
     [
         (b"not json", False, "bad_json"),
         (b"[]", False, "bad_json"),
-        (b'{"header": {}}', False, "bad_channel"),
+        (b'{"header": {}, "channel": 3}', False, "bad_channel"),
+        (b'{"header": {}, "channel": ""}', False, "bad_channel"),
         (b'{"channel": "hb"}', False, "bad_channel"),
         (b'{"channel": "shell", "header": []}', False, "bad_message"),
         (b'{"channel": "shell", "buffers": ["eA=="]}', False, "bad_buffers"),
@@ -266,6 +267,17 @@ def test_legacy_bad_frames(payload, binary, code):
     with pytest.raises(JupyterCodecError) as info:
         LegacyCodec().decode(payload, binary)
     assert info.value.code == code
+
+
+@pytest.mark.parametrize("doc", [{}, {"channel": None}])
+def test_legacy_message_without_channel_is_for_shell(doc):
+    # jupyter_server's GatewayKernelClient sends no channel; Jupyter assumes shell.
+    header = {"msg_id": "m1", "msg_type": "kernel_info_request", "session": "s"}
+    payload = json.dumps({"header": header, "parent_header": {}, "content": {}, **doc})
+    message = LegacyCodec().decode(payload.encode(), False)
+    assert message.channel == "shell"
+    bound = to_kernel(message)
+    assert bound.socket is JupyterSocket.SHELL
 
 
 def test_v1_refuses_text_frames_and_unknown_channels():
@@ -284,7 +296,7 @@ def test_codec_module_does_no_io():
     import sys
 
     code = (
-        "import sys, cellmux.server.jupyter.codec\n"
+        "import sys, cellmux.server.jupyter.codec, cellmux.server.jupyter.status\n"
         "bad = [m for m in ('twisted', 'autobahn', 'zmq', 'socket', 'txzmq') if m in sys.modules]\n"
         "print(bad)"
     )

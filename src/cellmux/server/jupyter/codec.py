@@ -221,7 +221,11 @@ class LegacyCodec:
         else:
             text, buffers = payload, ()
         doc = parse_json_object(text, "the message")
+        # jupyter_server's own gateway client sends no channel; a Jupyter
+        # Server takes that as shell, and so does cellmux.
         channel = doc.get("channel")
+        if channel is None:
+            channel = "shell"
         if not isinstance(channel, str) or channel not in _CHANNEL_NAMES:
             raise JupyterCodecError(
                 "bad_channel", f"channel must be one of {sorted(_CHANNEL_NAMES)}, not {channel!r}"
