@@ -100,6 +100,11 @@ class ServerConfig:
     state_dir: str | None = None
     #: Extra environment variables for every kernel.
     kernel_env: dict[str, str] = attrs.Factory(dict)
+    #: The Python the nursery and every kernel run on, e.g. a virtual
+    #: environment's ``bin/python`` (None: the server's own interpreter).
+    kernel_python: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.instance_of(str))
+    )
     #: First and last uid (and gid) given to kernels when the server runs as
     #: root, one per kernel; no /etc/passwd entries are needed. Give each
     #: server on a machine its own range.
@@ -167,7 +172,18 @@ class ServerConfig:
         # debugpy (imported with ipykernel) warns about frozen modules on
         # every start; the warning says nothing to a cellmux operator.
         env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
+        if self.kernel_python:
+            env.update(self._kernel_python_environment(env.get("PATH", os.defpath)))
         env.update(self.kernel_env)
+        return env
+
+    def _kernel_python_environment(self, path: str) -> dict[str, str]:
+        # ``!pip install`` and ``!python`` in a kernel use the kernels'
+        # environment, not the server's.
+        bin_dir = os.path.dirname(os.path.abspath(self.kernel_python))
+        env = {"PATH": os.pathsep.join([bin_dir, path])}
+        venv = os.path.dirname(bin_dir)
+        env["VIRTUAL_ENV"] = venv if os.path.exists(os.path.join(venv, "pyvenv.cfg")) else ""
         return env
 
 

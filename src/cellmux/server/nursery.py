@@ -71,7 +71,12 @@ class NurseryProcess(protocol.ProcessProtocol):
 
     @classmethod
     def start(
-        cls, reactor, owner: NurseryOwner, config: dict[str, Any], env: dict[str, str]
+        cls,
+        reactor,
+        owner: NurseryOwner,
+        config: dict[str, Any],
+        env: dict[str, str],
+        python: str | None = None,
     ) -> NurseryProcess:
         """Start a nursery process (again, after one was lost) in C{/}.
 
@@ -81,12 +86,14 @@ class NurseryProcess(protocol.ProcessProtocol):
 
         @param env: its environment; PYTHONPATH in it is not used as such
             (see L{nursery_command}).
+        @param python: the interpreter it runs on (None: the server's; see
+            the kernel_python setting).
         """
         env = dict(env)
-        argv = nursery_command(env.pop("PYTHONPATH", ""))
+        argv = nursery_command(env.pop("PYTHONPATH", ""), python)
         proto = cls(owner, json.dumps(config).encode() + b"\n")
         reactor.spawnProcess(
-            proto, sys.executable, argv, env=env, path="/", childFDs={0: "w", 1: "r", 2: 2}
+            proto, argv[0], argv, env=env, path="/", childFDs={0: "w", 1: "r", 2: 2}
         )
         return proto
 
@@ -192,7 +199,7 @@ def _default_import_path() -> list[str]:
     return [stdlib, *found]
 
 
-def nursery_command(pythonpath: str = "") -> list[str]:
+def nursery_command(pythonpath: str = "", python: str | None = None) -> list[str]:
     """The nursery's argv: ``python -I -m cellmux.kernel.nursery``, plus the
     directories it must import from when cellmux is not installed in this
     interpreter (a source tree on PYTHONPATH).
@@ -200,10 +207,13 @@ def nursery_command(pythonpath: str = "") -> list[str]:
     Only directories that root or the server's user alone can change are
     passed (L{trusted_dir}); others are left out with a warning in the log,
     and so is anything relative (such as the server's working directory).
+
+    On another interpreter (C{python}, the kernel_python setting) only
+    C{pythonpath} is added: the server's own tree stays out of it.
     """
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(cellmux.__file__)))
     extra = []
-    installed = any(
+    installed = python is not None or any(
         os.path.realpath(package_root) == os.path.realpath(p) for p in _default_import_path()
     )
     candidates = ([] if installed else [package_root]) + pythonpath.split(os.pathsep)
@@ -216,6 +226,7 @@ def nursery_command(pythonpath: str = "") -> list[str]:
             NurseryProcess.log.warn(
                 "not importing from {path} in the nursery: others may write to it", path=path
             )
+    python = python or sys.executable
     if not extra:
-        return [sys.executable, "-I", "-m", wire.NURSERY_MODULE]
-    return [sys.executable, "-I", "-c", _BOOTSTRAP, *extra]
+        return [python, "-I", "-m", wire.NURSERY_MODULE]
+    return [python, "-I", "-c", _BOOTSTRAP, *extra]

@@ -25,6 +25,7 @@ from .auth import TokenAuth, redact_tokens
 from .files import FileNotices, FilesResource
 from .jupyter.channels import JupyterChannelsFactory
 from .jupyter.kernelspecs import KernelspecFiles
+from .kernelpython import KernelPythonError, check_kernel_python, kernel_library
 from .kernels import AFTER_RESPONSE, KernelManager, credit_window
 from .limits import DescriptorGuard, GuardedFactory, raise_open_files_limit
 from .links import LinkRouter
@@ -156,7 +157,10 @@ class CellmuxService(service.Service):
         d.addErrback(self._start_failed)
 
     def _start_failed(self, failure) -> None:
-        self.log.failure("cellmux could not start", failure)
+        if failure.check(KernelPythonError):  # a setting to fix, not a bug
+            self.log.error("cellmux could not start: {error}", error=failure.value)
+        else:
+            self.log.failure("cellmux could not start", failure)
         self.start_failed = True
         self.reactor.stop()
 
@@ -215,7 +219,11 @@ class CellmuxService(service.Service):
                 "from the server, and can reach the network (docs/security.md)"
             )
         nursery_env = config.kernel_environment()
-        if "PYTHONPATH" in os.environ:  # so the nursery finds cellmux in a dev tree
+        if config.kernel_python:
+            # Another environment: only cellmux's kernel side comes along.
+            nursery_env["PYTHONPATH"] = kernel_library(self._runtime_dir)
+            await check_kernel_python(config.kernel_python, nursery_env)
+        elif "PYTHONPATH" in os.environ:  # so the nursery finds cellmux in a dev tree
             nursery_env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         nursery_config = {
             # Each spawn names its kernel's own endpoint; this one is never
@@ -231,7 +239,9 @@ class CellmuxService(service.Service):
 
         def start_nursery() -> NurseryProcess:
             # Also how the manager replaces a nursery that was lost.
-            nursery = NurseryProcess.start(self.reactor, self.manager, nursery_config, nursery_env)
+            nursery = NurseryProcess.start(
+                self.reactor, self.manager, nursery_config, nursery_env, python=config.kernel_python
+            )
             self.nursery = nursery
             record.nursery_pid = nursery.transport.pid
             nursery.ended.addCallback(self._nursery_ended, record)

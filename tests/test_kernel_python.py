@@ -1,0 +1,106 @@
+"""Kernels on an interpreter of their own (``kernel_python``): a second
+virtual environment, with a package that only it has."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import start_server
+
+
+def _write_config(tmp_path, text: str) -> str:
+    path = tmp_path / "cellmux.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def kernel_venv(tmp_path_factory):
+    """A venv with ipykernel, attrs and a tiny local package, and no cellmux."""
+    root = tmp_path_factory.mktemp("kernel-env")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    package = root / "onlyinkernels"
+    (package / "onlyinkernels").mkdir(parents=True)
+    (package / "onlyinkernels" / "__init__.py").write_text("ANSWER = 'from the kernel venv'\n")
+    (package / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """\
+            [build-system]
+            requires = ["setuptools"]
+            build-backend = "setuptools.build_meta"
+            [project]
+            name = "onlyinkernels"
+            version = "1.0"
+            """
+        )
+    )
+    python = str(venv / "bin" / "python")
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "ipykernel", "attrs", str(package)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return python
+
+
+def test_kernels_run_on_the_configured_interpreter(tmp_path, kernel_venv):
+    # the server's environment does not have the package, nor its venv
+    assert importlib.util.find_spec("onlyinkernels") is None
+    config = _write_config(tmp_path, f"kernel_python = {kernel_venv!r}\npool_size = 1\n")
+    server = start_server("--config", config)
+    try:
+        with server.client() as client:
+            model = client.create_kernel()
+            with client.connect(model.id) as kernel:
+                result = kernel.execute("import onlyinkernels; onlyinkernels.ANSWER")
+                assert result.result_text == "'from the kernel venv'"
+                result = kernel.execute("import sys; sys.executable")
+                assert result.result_text == repr(kernel_venv)
+                # the server's own dependencies are not in the kernels' way
+                result = kernel.execute(
+                    "import importlib.util as u; [m for m in ('twisted', 'autobahn', 'txzmq')"
+                    " if u.find_spec(m)]"
+                )
+                assert result.result_text == "[]"
+                # !pip and !python are the kernels' environment's
+                result = kernel.execute("import shutil; shutil.which('python')")
+                assert result.result_text == repr(kernel_venv)
+    finally:
+        server.stop()
+
+
+def test_an_interpreter_without_ipykernel_stops_the_server_with_a_clear_message(tmp_path):
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = os.path.join(venv, "bin", "python")
+    config = _write_config(tmp_path, f"kernel_python = {python!r}\n")
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cellmux",
+            "serve",
+            "--port",
+            "0",
+            "--config",
+            config,
+            "--runtime-dir",
+            str(tmp_path / "rt"),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0
+    assert f"kernel_python {python} cannot import ipykernel, attrs, zmq" in run.stderr
+    assert f"{python} -m pip install ipykernel attrs" in run.stderr
+    assert "Traceback" not in run.stderr
