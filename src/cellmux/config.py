@@ -37,6 +37,11 @@ def _not_negative(_instance: object, attribute: attrs.Attribute, value: float) -
         raise ConfigError(f"{attribute.name} must not be negative, not {value!r}")
 
 
+def _optional_directory(_instance: object, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not (isinstance(value, str) and os.path.isdir(value)):
+        raise ConfigError(f"{attribute.name} must be an existing directory, not {value!r}")
+
+
 def _uid_range(_instance: object, attribute: attrs.Attribute, value: tuple) -> None:
     ints = len(value) == 2 and all(isinstance(v, int) for v in value)
     if not ints or not 0 < value[0] <= value[1]:
@@ -100,6 +105,13 @@ class ServerConfig:
     state_dir: str | None = None
     #: Extra environment variables for every kernel.
     kernel_env: dict[str, str] = attrs.Factory(dict)
+    #: A directory every kernel sees (e.g. the notebooks' folder), in which a
+    #: Jupyter client's working directory is honoured (None: kernels start
+    #: in their private directories whatever the client asks).
+    shared_root: str | None = attrs.field(default=None, validator=_optional_directory)
+    #: Let kernels write in shared_root (False: it is mounted read-only in
+    #: their sandbox, when the server runs as root).
+    shared_root_writable: bool = False
     #: The Python the nursery and every kernel run on, e.g. a virtual
     #: environment's ``bin/python`` (None: the server's own interpreter).
     kernel_python: str | None = attrs.field(
@@ -153,6 +165,8 @@ class ServerConfig:
         return {
             "uid_range": list(self.kernel_uid_range),
             "network": self.kernel_network,
+            "shared_root": os.path.realpath(self.shared_root) if self.shared_root else None,
+            "shared_root_writable": self.shared_root_writable,
             "limits": {
                 "cpu_seconds": self.limit_cpu_seconds,
                 "memory_mb": self.limit_memory_mb,

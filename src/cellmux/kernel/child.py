@@ -37,6 +37,9 @@ class KernelOrder:
     endpoint: str
     workdir: str
     env: dict[str, str]
+    #: Where the kernel starts, if not its own directory (a notebook's
+    #: folder in the shared root).
+    cwd: str | None = None
     #: The identity, namespaces and limits to enter (None: none at all).
     sandbox: sandbox.KernelSandbox | None = None
 
@@ -95,6 +98,17 @@ def _die_with_parent() -> None:
         pass
 
 
+def _enter_working_dir(order: KernelOrder) -> None:
+    os.chdir(order.workdir)
+    if order.cwd:
+        # HOME is the kernel's own directory, given as "." (relative to it):
+        # it stays there, not in the notebook's folder.
+        home = os.environ.get("HOME")
+        if home and not os.path.isabs(home):
+            os.environ["HOME"] = os.path.abspath(home)
+        os.chdir(order.cwd)
+
+
 def _reset_process(order: KernelOrder, keep_fd: int) -> None:
     """Detach from the nursery: session, signals, fds, environment, cwd."""
     # Signal handlers were reset before anything else ran in this process
@@ -112,7 +126,7 @@ def _reset_process(order: KernelOrder, keep_fd: int) -> None:
         sandbox.enter(order.sandbox)
     os.environ.clear()
     os.environ.update(order.env)
-    os.chdir(order.workdir)
+    _enter_working_dir(order)
     sys.argv = ["cellmux-kernel"]
 
 

@@ -202,7 +202,9 @@ class Nursery:
 
     # -- commands -----------------------------------------------------------
 
-    def spawn(self, link: str, secret: str, endpoint: str | None = None) -> None:
+    def spawn(
+        self, link: str, secret: str, endpoint: str | None = None, cwd: str | None = None
+    ) -> None:
         from .child import KernelOrder, run_kernel
 
         if link in self._children:
@@ -234,6 +236,7 @@ class Nursery:
             secret=bytes.fromhex(secret),
             endpoint=endpoint or self.config.endpoint,
             workdir=workdir,
+            cwd=self._working_dir(cwd),
             env=dict(self.config.kernel_env),
             sandbox=sandbox.KernelSandbox(
                 identity=identity,
@@ -244,8 +247,11 @@ class Nursery:
                     self.config.socket_dir,
                     self.config.workdir_root,
                     *sandbox.interpreter_paths(),
+                    *self._shared_paths(),
                 ),
                 cgroup=cgroup,
+                shared_root=settings.shared_root,
+                shared_writable=settings.shared_root_writable,
             ),
         )
 
@@ -265,6 +271,20 @@ class Nursery:
         self._children[link] = child
         self._by_pid[pid] = child
         self.emit(protocol.Spawned(link, pid))
+
+    def _shared_paths(self) -> tuple[str, ...]:
+        root = self.config.sandbox.shared_root
+        return (root,) if root else ()
+
+    def _working_dir(self, cwd: str | None) -> str | None:
+        """The server resolved cwd inside the shared root; never trust a
+        path outside it (a kernel would start in its own directory)."""
+        root = self.config.sandbox.shared_root
+        if not cwd or not root:
+            return None
+        real = os.path.realpath(cwd)
+        inside = real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+        return real if inside else None
 
     def signal(self, link: str, name: str) -> None:
         child = self._children.get(link)
@@ -307,7 +327,9 @@ class Nursery:
             return
         link = getattr(command, "link", None)
         if isinstance(command, protocol.Spawn):
-            work = lambda: self.spawn(command.link, command.secret, command.endpoint)  # noqa: E731
+            work = lambda: self.spawn(  # noqa: E731
+                command.link, command.secret, command.endpoint, command.cwd
+            )
         elif isinstance(command, protocol.Signal):
             work = lambda: self.signal(command.link, command.signal)  # noqa: E731
         elif isinstance(command, protocol.Kill):
@@ -645,6 +667,8 @@ def main() -> None:
         os.chmod(config.workdir_root, 0o711)
         sandbox.become_subreaper()
         needed = [config.socket_dir, config.workdir_root, *_python_paths()]
+        if config.sandbox.shared_root:
+            needed.append(config.sandbox.shared_root)
         try:
             warnings = sandbox.expose_to_kernels(needed)
         except OSError as e:

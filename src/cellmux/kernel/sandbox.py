@@ -179,6 +179,10 @@ class SandboxConfig:
     uid_range: tuple[int, int] = attrs.field(default=DEFAULT_UID_RANGE, converter=tuple)
     network: bool = False
     limits: Limits = attrs.Factory(Limits)
+    #: A directory (the notebooks' folder) every kernel sees, read-only
+    #: unless shared_root_writable (None: none).
+    shared_root: str | None = None
+    shared_root_writable: bool = False
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SandboxConfig:
@@ -210,6 +214,10 @@ class KernelSandbox:
     keep: tuple[str, ...] = ()
     #: The cgroup v2 directory to join, when memory is limited by cgroup.
     cgroup: str | None = None
+    #: The shared root, bound read-only into the kernel's mount namespace
+    #: unless shared_writable (None: none).
+    shared_root: str | None = None
+    shared_writable: bool = False
 
 
 # -- identities -------------------------------------------------------------
@@ -646,6 +654,13 @@ def _private_tmp(scratch: str, keep: tuple[str, ...]) -> None:
             os.close(fd)
 
 
+def _read_only(path: str) -> None:
+    """Bind path onto itself, read-only, in this mount namespace only: the
+    kernel reads the shared notebooks and writes none of them."""
+    _mount(path, path, None, _MS_BIND | _MS_REC)
+    _mount(None, path, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+
+
 def _set_limit(which: int, soft: int, hard: int | None = None) -> None:
     hard = soft if hard is None else hard
     _, current_hard = resource.getrlimit(which)
@@ -742,6 +757,8 @@ def enter(plan: KernelSandbox) -> None:
             _loopback_up()
         _private_tmp(plan.scratch, plan.keep)
         _hide_devices()
+        if plan.shared_root is not None and not plan.shared_writable:
+            _read_only(plan.shared_root)
         if plan.cgroup is not None:
             with open(os.path.join(plan.cgroup, "cgroup.procs"), "w") as f:
                 f.write("0")

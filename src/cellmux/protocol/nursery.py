@@ -118,6 +118,8 @@ class Spawn:
     secret: str = attrs.field(validator=_hex, repr=False)
     #: The kernel's own link endpoint (C{ipc://…}); None: the configured one.
     endpoint: str | None = attrs.field(default=None, validator=_optional_text)
+    #: The directory it starts in, inside the shared root (None: its own).
+    cwd: str | None = attrs.field(default=None, validator=_optional_text)
 
 
 @attrs.frozen

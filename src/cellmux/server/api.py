@@ -28,6 +28,7 @@ from .jupyter.sessions import (
     kernel_request,
     session_fields,
 )
+from .jupyter.workdirs import WorkingDirError, notebook_folder, resolve_working_dir
 from .kernels import (
     KernelError,
     KernelManager,
@@ -164,9 +165,8 @@ class ApiResource(resource.Resource):
         name = body.get("name") or DEFAULT_SPEC
         if not isinstance(name, str) or kernelspec_model(name) is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no kernel spec named {name!r}")
-        # A Jupyter Server with --gateway-url sends KERNEL_* variables
-        # (working dir, user name); warm kernels are already forked, so they
-        # are checked and not applied (see docs/jupyter.md).
+        # A Jupyter Server with --gateway-url sends KERNEL_* variables; of
+        # them only KERNEL_WORKING_DIR is applied (see docs/jupyter.md).
         env = body.get("env") or {}
         if not isinstance(env, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in env.items()
@@ -174,7 +174,10 @@ class ApiResource(resource.Resource):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "env must map names to strings")
         if body.get("kernel_id") is not None:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "cellmux chooses kernel ids; omit kernel_id")
-        kernel = await self.manager.create(name)
+        path = body.get("path")
+        if path is not None and not isinstance(path, str):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "path must be a string")
+        kernel = await self.manager.create(name, cwd=self._working_dir(env, path))
         request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
         return HTTPStatus.CREATED, kernel.model()
 
@@ -235,14 +238,21 @@ class ApiResource(resource.Resource):
     def _session_model(self, session: Session) -> dict[str, Any]:
         return session.model(self.manager.get(session.kernel_id).model())
 
-    async def _session_kernel(self, kernel_id: str | None, name: str | None):
-        """The kernel a session asks for: an existing one by id, or a new one."""
+    def _working_dir(self, env: dict[str, str] | None, path: str | None) -> str | None:
+        try:
+            return resolve_working_dir(self.manager.config.shared_root, env, path)
+        except WorkingDirError as e:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, str(e)) from None
+
+    async def _session_kernel(self, kernel_id: str | None, name: str | None, path: str):
+        """The kernel a session asks for: an existing one by id, or a new one
+        (started in the session's folder)."""
         if kernel_id is not None:
             return self.manager.get(kernel_id)
         name = name or DEFAULT_SPEC
         if kernelspec_model(name) is None:
             raise SessionError(HTTPStatus.NOT_IMPLEMENTED, f"no kernel spec named {name!r}")
-        return await self.manager.create(name)
+        return await self.manager.create(name, cwd=self._working_dir(None, notebook_folder(path)))
 
     def _release_kernel(self, kernel_id: str) -> None:
         """Shut a session's old kernel down unless another session uses it."""
@@ -260,7 +270,7 @@ class ApiResource(resource.Resource):
         # Jupyter answers a second POST for the same path with the first session.
         session = self.sessions.by_path(path)
         if session is None:
-            kernel = await self._session_kernel(*kernel_request(body))
+            kernel = await self._session_kernel(*kernel_request(body), path)
             session = self.sessions.add(path, name or "", kind or "", kernel.id)
         request.setHeader(b"location", f"/api/sessions/{session.id}".encode())
         return HTTPStatus.CREATED, self._session_model(session)
@@ -277,7 +287,8 @@ class ApiResource(resource.Resource):
         if (kernel_id is not None and kernel_id != before.kernel_id) or (
             kernel_id is None and spec is not None
         ):
-            changes["kernel_id"] = (await self._session_kernel(kernel_id, spec)).id
+            folder_of = path or before.path
+            changes["kernel_id"] = (await self._session_kernel(kernel_id, spec, folder_of)).id
         session = self.sessions.update(session_id, **changes)
         if session.kernel_id != before.kernel_id:
             self._release_kernel(before.kernel_id)

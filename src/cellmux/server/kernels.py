@@ -292,6 +292,9 @@ class Kernel:
         #: Start a fresh process under this id when this one dies (the
         #: server's auto_restart, or set when a Jupyter client attaches).
         self.auto_restart: bool = manager.config.auto_restart
+        #: The directory each of its processes starts in (None: a private
+        #: one of its own; see cellmux.server.jupyter.workdirs).
+        self.cwd: str | None = None
 
     @property
     def state(self) -> KernelState:
@@ -754,7 +757,7 @@ class KernelManager:
         self._refill_retry.call = None
         self.refill()
 
-    async def _spawn(self) -> Incarnation:
+    async def _spawn(self, cwd: str | None = None) -> Incarnation:
         """Fork a kernel and wait until its link is authenticated and ready."""
         if not self._nursery_running():
             raise NurseryUnavailable(self.degraded or "the nursery is not running")
@@ -775,7 +778,7 @@ class KernelManager:
         inc.timeout = self.clock.callLater(
             self.config.kernel_start_timeout, self._start_timed_out, inc
         )
-        spawned = self.nursery.spawn(inc.link, inc.secret.hex(), endpoint)
+        spawned = self.nursery.spawn(inc.link, inc.secret.hex(), endpoint, cwd=cwd)
 
         def stop_waiting_for_fork(failure):
             # The start timed out before the nursery even answered.
@@ -815,9 +818,13 @@ class KernelManager:
         with contextlib.suppress(ValueError):  # not in the pool
             self._pool.remove(inc)
 
-    async def _take(self) -> Incarnation:
+    async def _take(self, cwd: str | None = None) -> Incarnation:
         if self.degraded is not None:
             raise NurseryUnavailable(self.degraded)
+        if cwd is not None:
+            # Pooled kernels started in their private directory: a kernel for
+            # a notebook's folder is forked for it, and leaves the pool alone.
+            return await self._spawn(cwd)
         if self._pool:
             inc = self._pool.popleft()
         else:
@@ -1058,11 +1065,13 @@ class KernelManager:
             raise KernelNotFound(f"no kernel {kernel_id}")
         return kernel
 
-    async def create(self, name: str = "python3") -> Kernel:
+    async def create(self, name: str = "python3", cwd: str | None = None) -> Kernel:
+        """A kernel; C{cwd}: the directory it starts in (not from the pool)."""
         started = time.perf_counter()
-        from_pool = bool(self._pool)
-        inc = await self._take()
+        from_pool = bool(self._pool) and cwd is None
+        inc = await self._take(cwd)
         kernel = Kernel(self, str(uuid.uuid4()), name)
+        kernel.cwd = cwd
         kernel.bind(inc)
         self.kernels[kernel.id] = kernel
         self.log.info(
@@ -1093,7 +1102,7 @@ class KernelManager:
         if old is not None:
             self._kill(old)
         try:
-            inc = await self._take()
+            inc = await self._take(kernel.cwd)
         except KernelError as e:
             if kernel.state is KernelState.RESTARTING:
                 lost = isinstance(e, NurseryUnavailable) or not self._nursery_running()

@@ -160,12 +160,15 @@ class NurseryProcess(protocol.ProcessProtocol):
             raise NurseryGone("the nursery is not running")
         self.transport.write(wire.encode(command))
 
-    def spawn(self, link: str, secret: str, endpoint: str) -> defer.Deferred[int]:
-        """Fork a kernel that connects to C{endpoint}, its own link endpoint;
-        fires with its pid once forked (not yet ready)."""
+    def spawn(
+        self, link: str, secret: str, endpoint: str, cwd: str | None = None
+    ) -> defer.Deferred[int]:
+        """Fork a kernel that connects to C{endpoint}, its own link endpoint,
+        and starts in C{cwd} (None: its private directory); fires with its
+        pid once forked (not yet ready)."""
         d: defer.Deferred[int] = defer.Deferred()
         try:
-            self._send(wire.Spawn(link, secret, endpoint))
+            self._send(wire.Spawn(link, secret, endpoint, cwd))
         except NurseryGone as e:
             return defer.fail(e)
         self._spawning[link] = d
