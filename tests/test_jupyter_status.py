@@ -221,3 +221,42 @@ def test_dead_is_sent_when_cellmux_gives_up_with_the_cause(no_jupyter_restarts, 
             assert client.get_kernel(model.id).execution_state == "dead"
         finally:
             jupyter.close()
+
+
+@pytest.fixture(scope="module")
+def cold_server():
+    """No warm pool: a restart takes a fork's time, long enough to send into."""
+    running = start_server("--pool-size", "0")
+    yield running
+    running.stop()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_requests_sent_during_a_restart_wait_for_the_new_kernel(cold_server, fmt):
+    # JupyterLab asks for kernel_info as soon as it sees 'restarting'.
+    with cold_server.client() as client:
+        model = client.create_kernel()
+        jupyter = JupyterClient(cold_server, model.id, fmt)
+        try:
+            jupyter.send("shell", "execute_request", {"code": "import os; os._exit(1)"})
+            jupyter.until(
+                lambda m: (
+                    m["msg_type"] == "status" and m["content"]["execution_state"] == "restarting"
+                )
+            )
+            assert client.get_kernel(model.id).execution_state == "restarting"
+            info = jupyter.send("shell", "kernel_info_request", {})
+            run = jupyter.send("shell", "execute_request", {"code": "print('waited')"})
+            seen = jupyter.until(
+                lambda m: m["msg_type"] == "execute_reply" and m["parent_header"]["msg_id"] == run
+            )
+            replies = {m["parent_header"]["msg_id"]: m for m in seen if m["channel"] == "shell"}
+            assert replies[info]["content"]["status"] == "ok"
+            assert replies[run]["content"]["status"] == "ok"
+            assert any(
+                m["msg_type"] == "stream" and m["content"]["text"] == "waited\n" for m in seen
+            )
+        finally:
+            jupyter.close()
+            with contextlib.suppress(Exception):
+                client.delete_kernel(model.id)

@@ -47,7 +47,7 @@ from cellmux.protocol.jupyter import jupyter_parts
 
 from ..attachment import Attachment
 from ..auth import OriginPolicy
-from ..kernels import Kernel, KernelError, KernelManager
+from ..kernels import Kernel, KernelError, KernelManager, KernelState
 from ..websocket import (
     CLOSE_FORBIDDEN,
     CLOSE_KERNEL_GONE,
@@ -59,6 +59,7 @@ from .codec import (
     Codec,
     JupyterCodecError,
     JupyterMessage,
+    KernelBound,
     channel_name,
     codec_for,
     parse_json_object,
@@ -81,6 +82,11 @@ MAX_SESSION_ID = 200
 MAX_CLIENT_SESSIONS = 16
 #: Sessions whose last delivered seq is remembered, per kernel, for replay.
 MAX_REMEMBERED_SESSIONS = 256
+#: Messages, and their bytes, one client may send while its kernel restarts:
+#: they wait for the new process (as a stock server's ZeroMQ sockets hold
+#: them); more are refused as for a dead kernel.
+MAX_HELD = 64
+MAX_HELD_BYTES = 4 * 1024 * 1024
 
 _PATH = re.compile(r"/api/kernels/(?P<kernel_id>[^/]+)/channels/?")
 
@@ -136,6 +142,9 @@ class JupyterChannels(WebSocketServerProtocol):
         #: notices (why the kernel died) are parented to it, so that
         #: JupyterLab shows them in the output of the cell that was running.
         self._last_execute: dict[str, Any] | None = None
+        #: What this client sent while its kernel was restarting.
+        self._held: list[KernelBound] = []
+        self._held_bytes = 0
 
     @property
     def manager(self) -> KernelManager:
@@ -213,6 +222,18 @@ class JupyterChannels(WebSocketServerProtocol):
             self.attachment.adopt_session(session)
         if bound.header.get("msg_type") == "execute_request":
             self._last_execute = bound.header
+        self._release_held()
+        if self._held or self._kernel.state is KernelState.RESTARTING:
+            # JupyterLab asks for kernel_info as soon as it reconnects after
+            # a restart: the new kernel answers it, as on a stock server.
+            size = sum(map(len, bound.parts))
+            if len(self._held) < MAX_HELD and self._held_bytes + size <= MAX_HELD_BYTES:
+                self._held.append(bound)
+                self._held_bytes += size
+                return
+        self._send_to_kernel(bound)
+
+    def _send_to_kernel(self, bound: KernelBound) -> None:
         try:
             self.attachment.send(bound.channel, bound.socket, bound.parts)
         except KernelError as e:
@@ -220,6 +241,15 @@ class JupyterChannels(WebSocketServerProtocol):
             return
         if claimed:
             self._own_sessions.add(session)
+
+    def _release_held(self) -> None:
+        """Once the restart is over, send what waited for it (or refuse it,
+        if the kernel did not come back)."""
+        if not self._held or self._kernel.state is KernelState.RESTARTING:
+            return
+        held, self._held, self._held_bytes = self._held, [], 0
+        for bound in held:
+            self._send_to_kernel(bound)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         attachment = self.attachment
@@ -273,6 +303,7 @@ class JupyterChannels(WebSocketServerProtocol):
         if translation.status is not None:
             parts = jupyter_parts("status", translation.status, now=now)
             self.send_frame_unnumbered(JupyterSocket.IOPUB, parts)
+        self._release_held()
 
     def gap(self, first: int, last: int) -> None:
         """Replay could not reach back far enough: say what was lost, in the notebook."""
