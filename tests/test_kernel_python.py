@@ -42,10 +42,13 @@ def kernel_venv(tmp_path_factory):
         )
     )
     python = str(venv / "bin" / "python")
+    # Not the server's PYTHONPATH (a dev tree): the kernel venv stands alone.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(
         [python, "-m", "pip", "install", "-q", "ipykernel", "attrs", str(package)],
         check=True,
-        stdout=subprocess.DEVNULL,
+        capture_output=True,
+        env=env,
     )
     return python
 
