@@ -260,3 +260,27 @@ def test_requests_sent_during_a_restart_wait_for_the_new_kernel(cold_server, fmt
             jupyter.close()
             with contextlib.suppress(Exception):
                 client.delete_kernel(model.id)
+
+
+def test_a_kernel_that_keeps_dying_ends_dead_after_three_restarts(server, client):
+    model = client.create_kernel()
+    jupyter = JupyterClient(server, model.id, "v1")
+    try:
+        states: list[str] = []
+        for _ in range(4):
+            jupyter.send("shell", "execute_request", {"code": "import os; os._exit(1)"})
+            seen = jupyter.until(
+                lambda m: (
+                    m["msg_type"] == "status"
+                    and not m["parent_header"]
+                    and m["content"]["execution_state"] in ("idle", "dead")
+                )
+            )
+            states += _server_states(seen)
+        # three automatic restarts a minute, then cellmux gives up: dead
+        assert states == ["restarting", "idle"] * 3 + ["dead"]
+        assert client.get_kernel(model.id).execution_state == "dead"
+    finally:
+        jupyter.close()
+        with contextlib.suppress(Exception):
+            client.delete_kernel(model.id)

@@ -9,6 +9,8 @@ import urllib.error
 import urllib.request
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cellmux.server.jupyter.workdirs import (
     WorkingDirError,
@@ -65,6 +67,27 @@ def test_a_symlink_out_of_the_root_is_refused(root):
     os.symlink(root.parent / "elsewhere", root / "escape")
     with pytest.raises(WorkingDirError):
         resolve_working_dir(str(root), None, "escape")
+
+
+@pytest.fixture(scope="module")
+def fixed_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("root")
+    (root / "a" / "b").mkdir(parents=True)
+    os.symlink("/etc", root / "a" / "out")
+    return str(root)
+
+
+@given(st.text(alphabet="ab./\\~out-", max_size=30), st.booleans())
+def test_whatever_is_asked_the_answer_is_inside_the_root_or_refused(fixed_root, path, as_env):
+    env = {"KERNEL_WORKING_DIR": path} if as_env else None
+    try:
+        found = resolve_working_dir(fixed_root, env, None if as_env else path)
+    except WorkingDirError:
+        assert as_env or "out" in path  # API paths escape only through the symlink
+        return
+    assert found is None or found == fixed_root or found.startswith(fixed_root + os.sep)
+    if found is not None:
+        assert os.path.isdir(found)
 
 
 def test_a_notebooks_folder():
