@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given
@@ -282,5 +283,22 @@ def test_a_kernel_that_keeps_dying_ends_dead_after_three_restarts(server, client
         assert client.get_kernel(model.id).execution_state == "dead"
     finally:
         jupyter.close()
+        with contextlib.suppress(Exception):
+            client.delete_kernel(model.id)
+
+
+def test_an_observer_alone_does_not_turn_automatic_restarts_on(server, client):
+    model = client.create_kernel()
+    share = client.share_kernel(model.id, "observer")
+    as_observer = SimpleNamespace(url=server.url, token=share["token"])
+    watcher = JupyterClient(as_observer, model.id, "legacy")
+    try:
+        with client.connect(model.id) as native, pytest.raises(Exception, match="exit code 1"):
+            native.execute("import os; os._exit(1)", timeout=20)
+        seen = watcher.until(lambda m: m["msg_type"] == "status" and not m["parent_header"])
+        assert _server_states(seen) == ["dead"]
+        assert client.get_kernel(model.id).execution_state == "dead"
+    finally:
+        watcher.close()
         with contextlib.suppress(Exception):
             client.delete_kernel(model.id)

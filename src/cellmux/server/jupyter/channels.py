@@ -186,8 +186,9 @@ class JupyterChannels(WebSocketServerProtocol):
         session = self.session_id or uuid.uuid4().hex
         # The same session again resumes after what it was last sent.
         cursor = self.factory.cursor(kernel.id, self.session_id)
-        if self.factory.auto_restart:
-            # Jupyter clients give a dead kernel up; a stock server restarts it.
+        if self.factory.auto_restart and self.attachment.grant.role.may_execute:
+            # Jupyter clients give a dead kernel up; a stock server restarts
+            # it. (An observer only watching changes nothing.)
             kernel.auto_restart = True
         self.attachment.attach(kernel, session, cursor=cursor)
         if self.attachment.owns_session:  # not another credential's session
@@ -223,7 +224,8 @@ class JupyterChannels(WebSocketServerProtocol):
         if bound.header.get("msg_type") == "execute_request":
             self._last_execute = bound.header
         self._release_held()
-        if self._held or self._kernel.state is KernelState.RESTARTING:
+        restarting = self._held or self._kernel.state is KernelState.RESTARTING
+        if restarting and self.attachment.grant.role.may_execute:
             # JupyterLab asks for kernel_info as soon as it reconnects after
             # a restart: the new kernel answers it, as on a stock server.
             size = sum(map(len, bound.parts))
