@@ -252,7 +252,7 @@ def test_requests_sent_during_a_restart_wait_for_the_new_kernel(cold_server, fmt
                 lambda m: m["msg_type"] == "execute_reply" and m["parent_header"]["msg_id"] == run
             )
             replies = {m["parent_header"]["msg_id"]: m for m in seen if m["channel"] == "shell"}
-            assert replies[info]["content"]["status"] == "ok"
+            assert replies[info]["content"]["status"] == "ok", replies[info]["content"]
             assert replies[run]["content"]["status"] == "ok"
             assert any(
                 m["msg_type"] == "stream" and m["content"]["text"] == "waited\n" for m in seen

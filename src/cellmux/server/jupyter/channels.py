@@ -249,6 +249,9 @@ class JupyterChannels(WebSocketServerProtocol):
         if the kernel did not come back)."""
         if not self._held or self._kernel.state is KernelState.RESTARTING:
             return
+        if self.attachment.kernel is None:  # the client left, or the kernel did
+            self._held, self._held_bytes = [], 0
+            return
         held, self._held, self._held_bytes = self._held, [], 0
         for bound in held:
             self._send_to_kernel(bound)
@@ -305,7 +308,10 @@ class JupyterChannels(WebSocketServerProtocol):
         if translation.status is not None:
             parts = jupyter_parts("status", translation.status, now=now)
             self.send_frame_unnumbered(JupyterSocket.IOPUB, parts)
-        self._release_held()
+        if self._held:
+            # On the next turn: the status that ends a restart is published
+            # before the kernel takes messages again.
+            self.manager.clock.callLater(0, self._release_held)
 
     def gap(self, first: int, last: int) -> None:
         """Replay could not reach back far enough: say what was lost, in the notebook."""
