@@ -778,7 +778,10 @@ class KernelManager:
         inc.timeout = self.clock.callLater(
             self.config.kernel_start_timeout, self._start_timed_out, inc
         )
-        spawned = self.nursery.spawn(inc.link, inc.secret.hex(), endpoint, cwd=cwd)
+        # cwd only when there is one: nurseries (and test doubles) that know
+        # no working directories keep working.
+        where = {"cwd": cwd} if cwd is not None else {}
+        spawned = self.nursery.spawn(inc.link, inc.secret.hex(), endpoint, **where)
 
         def stop_waiting_for_fork(failure):
             # The start timed out before the nursery even answered.
