@@ -143,7 +143,7 @@ class JupyterChannels(WebSocketServerProtocol):
         #: JupyterLab shows them in the output of the cell that was running.
         self._last_execute: dict[str, Any] | None = None
         #: What this client sent while its kernel was restarting.
-        self._held: list[KernelBound] = []
+        self._held: list[tuple[KernelBound, str | None]] = []
         self._held_bytes = 0
 
     @property
@@ -223,6 +223,7 @@ class JupyterChannels(WebSocketServerProtocol):
             self.attachment.adopt_session(session)
         if bound.header.get("msg_type") == "execute_request":
             self._last_execute = bound.header
+        claimed_session = session if claimed else None
         self._release_held()
         restarting = self._held or self._kernel.state is KernelState.RESTARTING
         if restarting and self.attachment.grant.role.may_execute:
@@ -230,19 +231,21 @@ class JupyterChannels(WebSocketServerProtocol):
             # a restart: the new kernel answers it, as on a stock server.
             size = sum(map(len, bound.parts))
             if len(self._held) < MAX_HELD and self._held_bytes + size <= MAX_HELD_BYTES:
-                self._held.append(bound)
+                self._held.append((bound, claimed_session))
                 self._held_bytes += size
                 return
-        self._send_to_kernel(bound)
+        self._send_to_kernel(bound, claimed_session)
 
-    def _send_to_kernel(self, bound: KernelBound) -> None:
+    def _send_to_kernel(self, bound: KernelBound, claimed_session: str | None) -> None:
+        """Relay, or refuse with the reason; a claimed session becomes this
+        client's once the kernel took a message with it."""
         try:
             self.attachment.send(bound.channel, bound.socket, bound.parts)
         except KernelError as e:
             self._refuse(JupyterCodecError(e.code, str(e), bound.header), count=False)
             return
-        if claimed:
-            self._own_sessions.add(session)
+        if claimed_session is not None:
+            self._own_sessions.add(claimed_session)
 
     def _release_held(self) -> None:
         """Once the restart is over, send what waited for it (or refuse it,
@@ -253,8 +256,8 @@ class JupyterChannels(WebSocketServerProtocol):
             self._held, self._held_bytes = [], 0
             return
         held, self._held, self._held_bytes = self._held, [], 0
-        for bound in held:
-            self._send_to_kernel(bound)
+        for bound, claimed_session in held:
+            self._send_to_kernel(bound, claimed_session)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         attachment = self.attachment
