@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 
+from cellmux.server.kernelpython import INSTALL
 from conftest import start_server
 
 
@@ -22,7 +23,7 @@ def _write_config(tmp_path, text: str) -> str:
 
 @pytest.fixture(scope="module")
 def kernel_venv(tmp_path_factory):
-    """A venv with ipykernel, attrs and a tiny local package, and no cellmux."""
+    """A venv with what kernels need and a tiny local package, and no cellmux."""
     root = tmp_path_factory.mktemp("kernel-env")
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -45,7 +46,7 @@ def kernel_venv(tmp_path_factory):
     # Not the server's PYTHONPATH (a dev tree): the kernel venv stands alone.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run(
-        [python, "-m", "pip", "install", "-q", "ipykernel", "attrs", str(package)],
+        [python, "-m", "pip", "install", "-q", *INSTALL.split(), str(package)],
         check=True,
         capture_output=True,
         env=env,
@@ -104,6 +105,6 @@ def test_an_interpreter_without_ipykernel_stops_the_server_with_a_clear_message(
         timeout=60,
     )
     assert run.returncode != 0
-    assert f"kernel_python {python} cannot import ipykernel, attrs, zmq" in run.stderr
-    assert f"{python} -m pip install ipykernel attrs" in run.stderr
+    assert f"kernel_python {python} cannot import ipykernel, attrs, zmq, pyseccomp" in run.stderr
+    assert f"{python} -m pip install ipykernel attrs pyseccomp" in run.stderr
     assert "Traceback" not in run.stderr

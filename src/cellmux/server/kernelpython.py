@@ -6,9 +6,9 @@ interpreter (typically a virtual environment's ``bin/python``), so that
 kernel packages are installed apart from the server's and none of the
 server's own dependencies (Twisted, Autobahn, …) is importable in a kernel.
 
-That interpreter needs ipykernel and attrs (pyzmq comes with ipykernel).
-cellmux's kernel side (``cellmux.kernel`` and ``cellmux.protocol``, which
-import nothing else) is copied into the runtime directory and put on the
+That interpreter needs ipykernel, attrs and pyseccomp (pyzmq comes with
+ipykernel). cellmux's kernel side (``cellmux.kernel`` and
+``cellmux.protocol``, which import nothing else) is copied into the runtime directory and put on the
 nursery's ``PYTHONPATH``: the kernel environment needs no cellmux install,
 and always runs the same cellmux code as the server.
 """
@@ -22,13 +22,17 @@ from twisted.internet import utils
 
 import cellmux
 
-__all__ = ["KernelPythonError", "check_kernel_python", "kernel_library"]
+__all__ = ["INSTALL", "KernelPythonError", "check_kernel_python", "kernel_library"]
 
 #: What the nursery and its kernels import from the kernel environment.
-REQUIRED_MODULES = ("ipykernel", "attrs", "zmq")
+REQUIRED_MODULES = ("ipykernel", "attrs", "zmq", "pyseccomp")
 
 #: The parts of the cellmux package that run in the nursery and kernels.
 _KERNEL_SIDE = ("__init__.py", "kernel", "protocol")
+
+
+#: What to install into a kernel environment.
+INSTALL = "ipykernel attrs pyseccomp"
 
 
 class KernelPythonError(Exception):
@@ -77,7 +81,7 @@ async def check_kernel_python(python: str, env: dict[str, str]) -> None:
         if missing:
             raise KernelPythonError(
                 f"kernel_python {python} cannot import {missing.replace(' ', ', ')}; "
-                f"install them with: {python} -m pip install ipykernel attrs"
+                f"install them with: {python} -m pip install {INSTALL}"
             )
         raise KernelPythonError(
             f"kernel_python {python} does not run (Python 3.11 or newer is needed): "
