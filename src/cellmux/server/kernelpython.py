@@ -7,10 +7,11 @@ kernel packages are installed apart from the server's and none of the
 server's own dependencies (Twisted, Autobahn, …) is importable in a kernel.
 
 That interpreter needs ipykernel, attrs and pyseccomp (pyzmq comes with
-ipykernel). cellmux's kernel side (``cellmux.kernel`` and
-``cellmux.protocol``, which import nothing else) is copied into the runtime directory and put on the
-nursery's ``PYTHONPATH``: the kernel environment needs no cellmux install,
-and always runs the same cellmux code as the server.
+ipykernel). cellmux's kernel side (``cellmux.kernel``, ``cellmux.protocol``
+and ``cellmux.cleanup``, which import nothing else of cellmux) is copied into
+the runtime directory and put on the nursery's import path: the kernel
+environment needs no cellmux install, and always runs the same cellmux code
+as the server.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = ["INSTALL", "KernelPythonError", "check_kernel_python", "kernel_librar
 REQUIRED_MODULES = ("ipykernel", "attrs", "zmq", "pyseccomp")
 
 #: The parts of the cellmux package that run in the nursery and kernels.
-_KERNEL_SIDE = ("__init__.py", "kernel", "protocol")
+_KERNEL_SIDE = ("__init__.py", "cleanup.py", "kernel", "protocol")
 
 
 #: What to install into a kernel environment.
