@@ -148,7 +148,9 @@ def test_kernel_working_dir_is_honoured_read_only_by_default(tmp_path):
         )
         assert status == 201, model
         with server.client() as client, client.connect(model["id"]) as kernel:
-            out = kernel.execute(CHECK).stdout.splitlines()
+            result = kernel.execute(CHECK)
+            assert result.error is None, result.error
+            out = result.stdout.splitlines()
             assert out == [folder, "numbers: 1 2 3", "from the notebook folder", "True"]
             result = kernel.execute("open('new.txt', 'w')")
             if os.geteuid() == 0:  # the read-only bind needs a mount namespace

@@ -24,6 +24,8 @@ from .pump import INPROC_PORTS, Pump, inproc_endpoint
 
 __all__ = ["CellmuxKernelApp", "KernelOrder", "run_kernel"]
 
+_SITE_DIRS = frozenset({"site-packages", "dist-packages"})
+
 #: Exit code of a kernel that failed to start (see docs/operations.md).
 EXIT_START_FAILED = 70
 
@@ -107,6 +109,15 @@ def _enter_working_dir(order: KernelOrder) -> None:
         if home and not os.path.isabs(home):
             os.environ["HOME"] = os.path.abspath(home)
         os.chdir(order.cwd)
+    # A notebook imports modules from its folder, as with a stock kernel:
+    # IPython puts "" on sys.path, but not under ``python -I`` (safe_path),
+    # which the nursery runs with. Where IPython would: before site-packages.
+    if "" not in sys.path:
+        index = next(
+            (i for i, p in enumerate(sys.path) if os.path.basename(p) in _SITE_DIRS),
+            len(sys.path),
+        )
+        sys.path.insert(index, "")
 
 
 def _reset_process(order: KernelOrder, keep_fd: int) -> None:
