@@ -173,3 +173,47 @@ def run_async(coro):
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+# -- the browser (tests/test_browser.py, test_jupyterlab.py, security/) ------
+#
+# One Chromium for the whole run, here so that every module shares it: a
+# second sync_playwright() in the same thread refuses to start while the
+# first one's loop runs.
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, installed with apt-get when it is missing."""
+    if not os.path.exists(CHROMIUM):
+        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
+    assert os.path.exists(CHROMIUM)
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
+def browser(chromium: str):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

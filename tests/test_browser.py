@@ -12,9 +12,7 @@ import contextlib
 import functools
 import http.server
 import json
-import os
 import re
-import subprocess
 import tempfile
 import threading
 import urllib.error
@@ -23,23 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from conftest import RunningServer, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "docs" / "screenshots"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--headless",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 #: Kernels share two cores with other work: allow for a slow start.
 TIMEOUT_MS = 30_000
 expect.set_options(timeout=TIMEOUT_MS)
@@ -59,29 +46,6 @@ window.WebSocket = class {
 };
 window.WebSocket.OPEN = 1;
 """
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's Chromium, installed with apt-get when it is missing."""
-    if not os.path.exists(CHROMIUM):
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-            check=True,
-            capture_output=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    assert os.path.exists(CHROMIUM)
-    return CHROMIUM
-
-
-@pytest.fixture(scope="session")
-def browser(chromium: str) -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

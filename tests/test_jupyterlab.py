@@ -24,7 +24,6 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from conftest import RunningServer, start_server
-from test_browser import browser, chromium  # noqa: F401 - fixtures
 from test_jupyter_gateway import _free_port
 from test_kernel_python import kernel_venv  # noqa: F401 - a fixture
 
@@ -179,7 +178,7 @@ def _kernel_idle(page: Page) -> None:
     )
 
 
-def test_a_notebook_in_jupyterlab_through_the_gateway(browser, lab):  # noqa: F811
+def test_a_notebook_in_jupyterlab_through_the_gateway(browser, lab):
     context = browser.new_context()
     page = context.new_page()
     page.set_default_timeout(TIMEOUT_MS)

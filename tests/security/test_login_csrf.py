@@ -10,7 +10,6 @@ import urllib.parse
 import pytest
 
 from cellmux.server.auth import COOKIE_NAME
-from test_browser import browser, chromium  # noqa: F401 - fixtures
 
 
 def request(server, method: str, target: str, headers: dict[str, str] | None = None):
@@ -137,7 +136,7 @@ def test_a_browser_navigation_that_says_nothing_of_its_source_is_asked(server, s
     assert status == 302 and login_cookie(headers) is not None
 
 
-def test_chromium_following_a_link_from_another_site_is_asked_first(server, shares, browser):  # noqa: F811
+def test_chromium_following_a_link_from_another_site_is_asked_first(server, shares, browser):
     """A page on another site (localhost is not 127.0.0.1) sends Chromium to /login."""
     port = urllib.parse.urlsplit(server.url).port
     target = f"http://127.0.0.1:{port}/login?token={shares[0]}&next=/api/kernels"
