@@ -76,6 +76,12 @@ __all__ = [
 
 #: After this many refused messages a client is cut off.
 MAX_REFUSED = 100
+#: Refusals logged one by one per connection; the rest are summed at close.
+LOGGED_REFUSALS = 10
+#: The parts of a request's header an error reply echoes, and how much of
+#: each: enough for a client to match the reply, however big the header.
+_ECHOED_HEADER_FIELDS = ("msg_id", "msg_type", "session", "username", "date", "version")
+_ECHOED_FIELD_CHARS = 256
 #: Longest session_id accepted (Jupyter's are uuids).
 MAX_SESSION_ID = 200
 #: Distinct header.session values one client may use (JupyterLab uses one).
@@ -136,6 +142,7 @@ class JupyterChannels(WebSocketServerProtocol):
         #: (JupyterLab and jupyter_server put the session_id there).
         self._own_sessions: set[str] = set()
         self._refused = 0
+        self._refusals_seen = 0
         #: Server-made status in native terms -> as a stock server says it.
         self._statuses = StatusTranslator()
         #: The header of this client's latest execute_request: the server's
@@ -260,6 +267,14 @@ class JupyterChannels(WebSocketServerProtocol):
             self._send_to_kernel(bound, claimed_session)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._refusals_seen > LOGGED_REFUSALS:
+            self.factory.log.info(
+                "refused {n} Jupyter messages in all on kernel {kernel} (the first "
+                "{logged} logged)",
+                n=self._refusals_seen,
+                kernel=self._kernel.id if self._kernel else None,
+                logged=LOGGED_REFUSALS,
+            )
         attachment = self.attachment
         if attachment is not None and attachment.kernel is not None:
             self.factory.delivered(attachment.kernel.id, self.session_id, attachment.cursor)
@@ -353,35 +368,46 @@ class JupyterChannels(WebSocketServerProtocol):
         notebook shows it; a frame too broken for that closes the socket
         with the reason.
         """
-        self.factory.log.info(
-            "refused a Jupyter message on kernel {kernel}: {code}: {message}",
-            kernel=self._kernel.id if self._kernel else None,
-            code=error.code,
-            message=error.message,
-        )
-        if count:
+        self._refusals_seen += 1
+        if self._refusals_seen <= LOGGED_REFUSALS:
+            self.factory.log.info(
+                "refused a Jupyter message on kernel {kernel}: {code}: {message}",
+                kernel=self._kernel.id if self._kernel else None,
+                code=error.code,
+                message=error.message,
+            )
+        # A client that does not read its answers gets no more of them (they
+        # would pile up in its connection), and each such refusal counts.
+        not_reading = self.attachment is not None and self.attachment.paused
+        if count or not_reading:
             self._refused += 1
         if error.header is None or close_code is not None or self._refused > MAX_REFUSED:
             code = close_code or CLOSE_PROTOCOL_ERROR
             self.sendCloseFrame(code, error.message.encode()[:120], isReply=False)
             return
-        self._answer_error(error)
+        if not not_reading:
+            self._answer_error(error)
 
     def _answer_error(self, error: JupyterCodecError) -> None:
         header = error.header
-        msg_type = str(header.get("msg_type", ""))
+        msg_type = str(header.get("msg_type", ""))[:_ECHOED_FIELD_CHARS]
         now = datetime.fromtimestamp(self.manager.clock.seconds(), UTC)
         text = f"cellmux refused {msg_type or 'a message'}: {error.message}"
+        parent = {
+            key: value[:_ECHOED_FIELD_CHARS]
+            for key in _ECHOED_HEADER_FIELDS
+            if isinstance(value := header.get(key), str)
+        }
         if msg_type.endswith("_request"):
             socket = self._socket_of(header)
             content = {"status": "error", "ename": "CellmuxError", "evalue": text, "traceback": []}
             parts = jupyter_parts(
-                msg_type[: -len("request")] + "reply", content, now=now, parent=header
+                msg_type[: -len("request")] + "reply", content, now=now, parent=parent
             )
         else:
             socket = JupyterSocket.IOPUB
             parts = jupyter_parts(
-                "stream", {"name": "stderr", "text": text + "\n"}, now=now, parent=header
+                "stream", {"name": "stderr", "text": text + "\n"}, now=now, parent=parent
             )
         self.send_frame_unnumbered(socket, parts)
 
