@@ -3,14 +3,79 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
+from twisted.logger import ILogObserver, LogLevel
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 import cellmux
 
-__all__ = ["main"]
+__all__ = ["EXIT_SETTINGS", "EXIT_START_FAILED", "main", "start_failure_line"]
+
+#: What CellmuxService logs, with the failure, when it could not start.
+START_FAILED_FORMAT = "cellmux could not start"
+
+
+#: Exit status of `cellmux serve` for bad options or settings (docs/operations.md).
+EXIT_SETTINGS = 2
+#: Exit status of `cellmux serve` (and twistd) when the server could not start.
+EXIT_START_FAILED = 1
+
+
+def start_failure_line(failure: Failure) -> tuple[str, int] | None:
+    """One line for an everyday reason the server could not start, and the exit status.
+
+    None for anything else: an unexpected failure keeps its traceback.
+    """
+    from twisted.internet.error import CannotListenError
+
+    from .config import ConfigError
+
+    error = failure.value
+    if isinstance(error, CannotListenError):
+        where = f"{error.interface or '*'}:{error.port}"
+        cause = error.socketError
+        code = getattr(cause, "errno", None)
+        if code == errno.EADDRINUSE:
+            why = "it is in use (choose another with --port, or 0 for any free port)"
+        elif code == errno.EACCES:
+            why = "permission denied (ports below 1024 need root)"
+        elif code == errno.EADDRNOTAVAIL:
+            why = "this machine has no such address (see --host)"
+        else:
+            why = getattr(cause, "strerror", None) or str(cause)
+        return f"cannot listen on {where}: {why}", EXIT_START_FAILED
+    if isinstance(error, ConfigError):
+        return str(error), EXIT_SETTINGS
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.strerror}: {error.filename}", EXIT_START_FAILED
+    return None
+
+
+class _StartFailureObserver:
+    """Prints an everyday start-up failure as one line instead of its traceback.
+
+    Every other event goes on to C{observer}.
+    """
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+        self.status: int | None = None
+
+    def __call__(self, event: dict) -> None:
+        if self.status is not None and event.get("log_level", LogLevel.info) < LogLevel.warn:
+            return  # the one line said it: no "Main loop terminated." after it
+        failure = event.get("log_failure")
+        if failure is not None and event.get("log_format") == START_FAILED_FORMAT:
+            line = start_failure_line(failure)
+            if line is not None:
+                message, self.status = line
+                print(f"cellmux serve: {message}", file=sys.stderr, flush=True)
+                return
+        self.observer(event)
 
 
 def serve(argv: list[str]) -> int:
@@ -18,7 +83,6 @@ def serve(argv: list[str]) -> int:
     from twisted.internet import reactor
     from twisted.logger import (
         FilteringLogObserver,
-        LogLevel,
         LogLevelFilterPredicate,
         globalLogBeginner,
         textFileLogObserver,
@@ -30,19 +94,23 @@ def serve(argv: list[str]) -> int:
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
-        print(f"cellmux serve: {e}\n\n{options}", file=sys.stderr)
-        return 2
-    observer = FilteringLogObserver(
-        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.info)]
+        print(f"cellmux serve: {e} (cellmux serve --help lists the options)", file=sys.stderr)
+        return EXIT_SETTINGS
+    observer = _StartFailureObserver(
+        FilteringLogObserver(
+            textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.info)]
+        )
     )
     # stdout stays the terminal's: the URL with the token is printed there,
     # and must never end up in the log.
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    service = tap.makeService(options)
+    service = tap.build_service(options)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 1 if service.start_failed else 0
+    if service.start_failed:
+        return observer.status if observer.status is not None else EXIT_START_FAILED
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, (help_text, _module) in CLIENT_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "serve":
-        return serve(rest)
-    if args.command in CLIENT_COMMANDS:
-        return run_client_command(args.command, rest)
-    parser.print_help()
-    return 2
+    # A command's arguments are its own: only what comes before it is ours
+    # (argparse would otherwise take abbreviations such as --ver from them).
+    if argv and argv[0] == "serve":
+        return serve(argv[1:])
+    if argv and argv[0] in CLIENT_COMMANDS:
+        return run_client_command(argv[0], argv[1:])
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+    return EXIT_SETTINGS
 
 
 #: The terminal clients: name -> (help, module in cellmux.terminal). Each
@@ -83,7 +154,35 @@ def run_client_command(name: str, argv: list[str]) -> int:
     module = importlib.import_module("cellmux.terminal." + module_name)
     parser = argparse.ArgumentParser(prog=f"cellmux {name}", description=help_text)
     module.add_arguments(parser)
-    return module.main(parser.parse_args(argv))
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also print the client library's log (for reporting a problem)",
+    )
+    args = parser.parse_args(argv)
+    _client_logging(args.verbose)
+    return module.main(args)
+
+
+def _client_logging(verbose: bool) -> None:
+    """Send the log (the client library's, asyncio's, websockets') to stderr with -v, else nowhere.
+
+    The commands say themselves what the user needs to know; log lines such
+    as "stdin handler failed (Interrupted())" are for debugging, and without
+    a handler Python prints every warning on the user's terminal.
+    """
+    import logging
+
+    root = logging.getLogger()
+    if not verbose:
+        root.addHandler(logging.NullHandler())
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cellmux: %(name)s: %(levelname)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("cellmux").setLevel(logging.DEBUG)
 
 
 if __name__ == "__main__":

@@ -2,39 +2,116 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import sys
+from collections.abc import Callable
 
 from twisted.python import usage
 
+import cellmux
+
+from .cli import EXIT_START_FAILED
 from .config import ConfigError, ServerConfig, load_config_file
 from .server.auth import generate_token
 from .server.service import CellmuxService
 from .server.tokenscrub import scrub_token
 
-__all__ = ["Options", "config_from_options", "makeService"]
+__all__ = ["Options", "build_service", "config_from_options", "makeService"]
+
+
+def _number(
+    option: str, kind: type, what: str, low: float | None = None, high: float | None = None
+) -> Callable[[str], float]:
+    """A coercer for an option's value that explains a bad one in one line.
+
+    (Twisted's own message for a failed int() is "Parameter type enforcement
+    failed: invalid literal for int() with base 10".)
+    """
+
+    def coerce(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise usage.UsageError(f"--{option}: {text!r} is not {what}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise usage.UsageError(f"--{option}: {text!r} is not {what}")
+        return value
+
+    return coerce
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
     longdesc = (
         "Serve ipykernel kernels to websocket clients. Settings come from the "
         "defaults, then the --config TOML file, then these options."
     )
     optParameters = [
         ["host", None, None, "Interface to listen on [default: 127.0.0.1]."],
-        ["port", "p", None, "Port to listen on, 0 for any free port [default: 8800].", int],
+        [
+            "port",
+            "p",
+            None,
+            "Port to listen on, 0 for any free port [default: 8800].",
+            _number("port", int, "a port number (0 to 65535)", 0, 65535),
+        ],
         ["token", None, None, "API token [default: $CELLMUX_TOKEN, else a generated one]."],
         ["config", "c", None, "A TOML config file (see docs/operations.md)."],
-        ["pool-size", None, None, "Ready kernels kept warm [default: 2].", int],
-        ["max-kernels", None, None, "Most kernels alive at once [default: 200].", int],
+        [
+            "pool-size",
+            None,
+            None,
+            "Ready kernels kept warm [default: 2].",
+            _number("pool-size", int, "a whole number", 0),
+        ],
+        [
+            "max-kernels",
+            None,
+            None,
+            "Most kernels alive at once [default: 200].",
+            _number("max-kernels", int, "a whole number", 0),
+        ],
         ["preload", None, None, "Comma-separated modules the nursery imports once."],
         ["runtime-dir", None, None, "Directory for the link socket and kernel dirs."],
         ["database", None, None, "Permalink database: a SQLite path or a plugin's URL."],
-        ["max-upload-size", None, None, "Largest upload, in bytes [default: 100 MiB].", int],
-        ["kernel-quota", None, None, "Bytes uploads may fill a kernel's dir with.", int],
-        ["service-timeout", None, None, "Wall-time limit of POST /service [default: 30].", float],
+        [
+            "max-upload-size",
+            None,
+            None,
+            "Largest upload, in bytes [default: 100 MiB].",
+            _number("max-upload-size", int, "a size in bytes", 1),
+        ],
+        [
+            "kernel-quota",
+            None,
+            None,
+            "Bytes uploads may fill a kernel's dir with.",
+            _number("kernel-quota", int, "a size in bytes", 1),
+        ],
+        [
+            "service-timeout",
+            None,
+            None,
+            "Wall-time limit of POST /service [default: 30].",
+            _number("service-timeout", float, "a number of seconds", 0),
+        ],
         ["state-dir", None, None, "Where kernels are recorded for crash recovery."],
     ]
+
+    def getSynopsis(self) -> str:
+        # Under twistd the parent's synopsis comes first ("twistd [options]
+        # cellmux [options]"); alone, this is `cellmux serve`.
+        if self.parent is None:
+            return "usage: cellmux serve [options]"
+        return super().getSynopsis()
+
+    def opt_version(self) -> None:
+        """Display cellmux's version and exit."""
+        print(f"cellmux {cellmux.__version__}")
+        raise SystemExit(0)
+
+    opt_h = usage.Options.opt_help  # -h as well as --help (no option uses -h)
 
     def postOptions(self) -> None:
         try:
@@ -65,10 +142,32 @@ def config_from_options(options: Options) -> ServerConfig:
     return ServerConfig(**settings)
 
 
-def makeService(options: Options) -> CellmuxService:
+def build_service(options: Options) -> CellmuxService:
+    """The server for parsed C{options} (``cellmux serve`` runs it itself)."""
     config: ServerConfig = options["server_config"]
     token = config.token or os.environ.get("CELLMUX_TOKEN") or generate_token()
     # Kernels of a server without root share its uid: nothing of the token
     # may stay readable in /proc (security.md, "Without root").
     scrub_token(token)
     return CellmuxService(config, token)
+
+
+def makeService(options: Options) -> CellmuxService:
+    """The server for ``twistd cellmux``, which exits 1 if it could not start.
+
+    twistd itself always exits 0 once its reactor stops, and a server that
+    failed to start stops the reactor; a supervisor (systemd, a container
+    runtime) must see the failure.
+    """
+    service = build_service(options)
+    atexit.register(_exit_if_start_failed, service)
+    return service
+
+
+def _exit_if_start_failed(service: CellmuxService) -> None:
+    if service.start_failed:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        # At interpreter exit, the one way left to set the status.
+        os._exit(EXIT_START_FAILED)

@@ -7,6 +7,7 @@ Kept light: psycopg is imported only when a server opens a
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from cellmux.config import ConfigError
 from cellmux.interfaces import IPermalinkStoreFactory
 
 
@@ -15,7 +16,14 @@ class PostgresStoreFactory:
     schemes = ("postgresql", "postgres")
 
     def open(self, reactor, url, timeout):
-        from cellmux_postgres import PostgresStore
+        try:
+            from cellmux_postgres import PostgresStore
+        except ImportError as e:
+            # A setting this installation cannot serve: `cellmux serve` exits 2.
+            raise ConfigError(
+                f"database {url.split(':', 1)[0]}://… needs {e.name or 'psycopg'}, "
+                "which is not installed: pip install 'cellmux[postgres]'"
+            ) from e
 
         return PostgresStore(reactor, url, timeout=timeout)
 
