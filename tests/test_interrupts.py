@@ -103,3 +103,17 @@ def test_shield_moves_an_interrupt_to_the_end_of_its_block(monkeypatch):
     with interrupts.shield:
         gate.on_sigint(signal.SIGINT, None)
     assert gate.take_held() is True
+
+
+def test_keyboard_interrupt_traceback_ends_at_the_users_line(kernel, client):
+    # The gate raises KeyboardInterrupt from its signal handler; the user's
+    # traceback must not show that cellmux frame (nor the shield's).
+    result = kernel.execute(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(5)",
+        timeout=30,
+    )
+    assert result.error.ename == "KeyboardInterrupt"
+    traceback = "".join(result.error.traceback)
+    assert "interrupts.py" not in traceback
+    assert "on_sigint" not in traceback
+    assert "time.sleep(5)" in traceback or "os.kill" in traceback

@@ -20,6 +20,8 @@ ends is dropped (the code it was meant for had already finished).
 from __future__ import annotations
 
 import signal
+import sys
+from types import TracebackType
 from typing import Any
 
 __all__ = ["InterruptGate", "install", "shield"]
@@ -73,6 +75,21 @@ class _Shield:
 shield = _Shield()
 _gate: InterruptGate | None = None
 
+#: Where a KeyboardInterrupt is raised here: the user's traceback ends at
+#: their own line, not in this module.
+_RAISING_CODE = (InterruptGate.on_sigint.__code__, _Shield.__exit__.__code__)
+
+
+def _drop_own_frames(tb: TracebackType | None) -> None:
+    """Cut C{tb} (in place) before the first frame of L{_RAISING_CODE}."""
+    previous = None
+    while tb is not None:
+        if tb.tb_frame.f_code in _RAISING_CODE:
+            if previous is not None:
+                previous.tb_next = None
+            return
+        previous, tb = tb, tb.tb_next
+
 
 def install(kernel: Any) -> InterruptGate:
     """Gate C{kernel}'s (an IPythonKernel's) SIGINT handling; return the gate."""
@@ -99,7 +116,16 @@ def install(kernel: Any) -> InterruptGate:
         gate.held = False
         signal.signal(signal.SIGINT, kernel.saved_sigint_handler)
 
+    stock_showtraceback = shell.showtraceback
+
+    def showtraceback(exc_tuple: Any = None, *args: Any, **kwargs: Any) -> Any:
+        error = exc_tuple[1] if exc_tuple else sys.exc_info()[1]
+        if isinstance(error, KeyboardInterrupt):
+            _drop_own_frames(error.__traceback__)
+        return stock_showtraceback(exc_tuple, *args, **kwargs)
+
     shell.run_code = run_code
+    shell.showtraceback = showtraceback
     kernel.pre_handler_hook = pre_handler_hook
     kernel.post_handler_hook = post_handler_hook
     return gate
