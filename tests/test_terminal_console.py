@@ -157,3 +157,18 @@ def test_history_is_kept_between_consoles(console, server, tmp_path):
         again.expect(r"Out\[\d+\]: 42")
     finally:
         again.close()
+
+
+def test_ctrl_c_at_input_keeps_the_prompt_number_and_prints_no_log_line(console):
+    run(console, "'first'")
+    count = int(console.expect(r"Out\[(\d+)\]: 'first'").group(1))
+    run(console, "input('again' + '? ')")
+    console.expect(r"again\?")
+    console.send("\x03")
+    console.expect("KeyboardInterrupt")
+    # The interrupted input took count + 1 in the kernel: the next is count + 2.
+    console.expect(rf"In \[{count + 2}\]:")
+    run(console, "'next'")
+    console.expect(rf"Out\[{count + 2}\]: 'next'")
+    assert "stdin handler failed" not in console.text
+    assert "Interrupted()" not in console.text

@@ -250,3 +250,17 @@ def test_ctrl_c_interrupts_the_kernel(env, tmp_path):
     after = write(tmp_path, "after.py", "print('free')\n")
     done = cellmux(env, "run", str(after), "--kernel", "spin", timeout=30)
     assert (done.returncode, done.stdout) == (0, "free\n")
+
+
+def test_input_at_end_of_file_says_one_thing_and_no_log_line(env, tmp_path):
+    # stdin is /dev/null: input() meets end of file. The user sees the
+    # command's own message, not the client library's log.
+    path = write(tmp_path, "ask.py", "input('name? ')\n")
+    result = cellmux(env, "run", str(path), "--kernel", "eof")
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if "started kernel" not in line]
+    assert lines == ["cellmux: input ended while the code waited for it; interrupted the kernel"]
+    # -v shows the log for a bug report.
+    verbose = cellmux(env, "run", "-v", str(path), "--kernel", "eof")
+    assert verbose.returncode == 1
+    assert "stdin handler failed" in verbose.stderr

@@ -195,6 +195,9 @@ class Console:
             )
         except Interrupted:
             self.renderer.line("KeyboardInterrupt (the kernel was interrupted)", sys.stderr)
+            # The abandoned request still took an execution count: ask the
+            # kernel (after the interrupted code) rather than guess.
+            await self.sync_count()
             return
         except KernelDied as e:
             self.renderer.line(f"cellmux: {e}", sys.stderr)
@@ -204,16 +207,27 @@ class Console:
         if result.execution_count is not None:
             self.count = result.execution_count + 1
 
+    async def sync_count(self) -> None:
+        """Number the next prompt as the kernel will number its input."""
+        # A silent execution runs nothing and does not count, and its reply
+        # carries the count; it waits behind the kernel's current request.
+        # Right after an interrupted one the kernel aborts what was queued
+        # behind it: ask again.
+        with contextlib.suppress(TimeoutError):  # busy with another client's code
+            for _ in range(5):
+                reply = await self.kernel.execute("", silent=True, timeout=10)
+                if reply.execution_count is not None:
+                    self.count = reply.execution_count + 1
+                    return
+                await asyncio.sleep(0.1)
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         # The prompt gets Ctrl-C as a key (raw mode, handle_sigint=False), so
         # this handler only fires while code runs.
         loop.add_signal_handler(signal.SIGINT, self.interrupt)
         try:
-            with contextlib.suppress(TimeoutError):  # busy with another client's code
-                first = await self.kernel.execute("", silent=True, timeout=10)
-                if first.execution_count is not None:
-                    self.count = first.execution_count + 1
+            await self.sync_count()
             while not self.kernel.closed:
                 try:
                     code = await self.session.prompt_async(self.prompt(), handle_sigint=False)
