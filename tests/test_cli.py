@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -39,6 +41,15 @@ def one_line(text: str) -> str:
 
 
 @pytest.fixture
+def short_dir():
+    """A directory for --runtime-dir and --state-dir whose link socket's path
+    stays within the 107 bytes of a unix socket address (tmp_path may not)."""
+    path = Path(tempfile.mkdtemp(prefix="cli-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def taken_port():
     """A port something else listens on."""
     with socket.socket() as s:
@@ -47,7 +58,7 @@ def taken_port():
         yield s.getsockname()[1]
 
 
-def test_port_in_use_is_one_line_and_exit_1(taken_port, tmp_path):
+def test_port_in_use_is_one_line_and_exit_1(taken_port, short_dir):
     result = cellmux_command(
         "serve",
         "--port",
@@ -55,9 +66,9 @@ def test_port_in_use_is_one_line_and_exit_1(taken_port, tmp_path):
         "--pool-size",
         "0",
         "--runtime-dir",
-        str(tmp_path / "rt"),
+        str(short_dir / "rt"),
         "--state-dir",
-        str(tmp_path / "state"),
+        str(short_dir / "state"),
     )
     assert result.returncode == EXIT_START_FAILED
     line = one_line(result.stderr)
@@ -65,7 +76,7 @@ def test_port_in_use_is_one_line_and_exit_1(taken_port, tmp_path):
     assert result.stdout == ""
 
 
-def test_a_postgres_database_without_psycopg_is_a_bad_setting(tmp_path):
+def test_a_postgres_database_without_psycopg_is_a_bad_setting(short_dir):
     # The postgres extra is not installed: psycopg cannot be imported.
     code = (
         "import sys; sys.modules['psycopg'] = None\n"
@@ -74,7 +85,7 @@ def test_a_postgres_database_without_psycopg_is_a_bad_setting(tmp_path):
     result = subprocess.run(
         [
             *(sys.executable, "-c", code, "serve", "--port", "0", "--pool-size", "0"),
-            *("--runtime-dir", str(tmp_path / "rt"), "--state-dir", str(tmp_path / "state")),
+            *("--runtime-dir", str(short_dir / "rt"), "--state-dir", str(short_dir / "state")),
             *("--database", "postgresql://cellmux@127.0.0.1/cellmux"),
         ],
         capture_output=True,
@@ -130,17 +141,17 @@ def twistd() -> str:
     return found
 
 
-def test_twistd_exits_non_zero_when_the_server_cannot_start(taken_port, tmp_path):
+def test_twistd_exits_non_zero_when_the_server_cannot_start(taken_port, short_dir):
     result = subprocess.run(
         [
             *(twistd(), "-n", "--pidfile=", "cellmux", "--port", str(taken_port)),
-            *("--pool-size", "0", "--runtime-dir", str(tmp_path / "rt")),
-            *("--state-dir", str(tmp_path / "state")),
+            *("--pool-size", "0", "--runtime-dir", str(short_dir / "rt")),
+            *("--state-dir", str(short_dir / "state")),
         ],
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=tmp_path,
+        cwd=short_dir,
     )
     assert result.returncode == EXIT_START_FAILED, result.stdout + result.stderr
     assert "cellmux could not start" in result.stdout + result.stderr
@@ -162,3 +173,22 @@ def test_a_stopped_server_still_exits_0():
     # The other side of the exit statuses: a clean stop is a success.
     server = start_server("--pool-size", "0")
     assert server.stop() == 0
+
+
+def test_twistd_exits_non_zero_when_the_server_fails_before_its_reactor_runs(tmp_path):
+    # twistd starts the service before its reactor runs; a failure that comes
+    # at once (here: a link socket path longer than a unix socket address)
+    # used to leave twistd running forever.
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
+    result = subprocess.run(
+        [
+            *(twistd(), "-n", "--pidfile=", "cellmux", "--port", "0", "--pool-size", "0"),
+            *("--runtime-dir", str(deep / "rt"), "--state-dir", str(tmp_path / "state")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == EXIT_START_FAILED, result.stdout + result.stderr

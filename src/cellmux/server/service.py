@@ -162,7 +162,12 @@ class CellmuxService(service.Service):
         else:
             self.log.failure("cellmux could not start", failure)
         self.start_failed = True
-        self.reactor.stop()
+        # twistd starts services before its reactor runs: a failure that
+        # comes at once must wait for it, or stop() raises and twistd hangs.
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     async def _start(self) -> None:
         from txzmq import ZmqFactory
