@@ -1,4 +1,20 @@
-"""Fixtures that start real cellmux servers (real nursery, real kernels)."""
+"""Fixtures that start real cellmux servers (real nursery, real kernels),
+and the rules every run keeps.
+
+What a run leaves behind: nothing. The whole run works in a private
+temporary directory (``TMPDIR``, so servers, kernels and pytest's
+``tmp_path`` use it too) that is removed at the end; an entry a test left
+in it, a server still running, and, where ``CI`` is set (only there is no
+one else's run at work), a new ``cellmux-*`` entry in the system temp dir
+or a change to the source tree's ``git status`` fail the run. ``CELLMUX_TEST_KEEP_TMP=1`` keeps the
+directory to look at.
+
+Root: tests that need it (their own uids, namespaces, cgroups, apt-get
+installs) are marked ``root`` (``ROOT_ONLY`` names the modules that need it
+throughout) and fail at once without it; as another user run
+``pytest -m "not root"``. tests/test_nonroot.py does that, as root, for a
+subset, as the user nobody.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +23,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +37,19 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from cellmux.client import Client
+
+#: Modules whose every test needs root (marked ``root`` at collection).
+ROOT_ONLY = {
+    "test_sandbox_isolation.py",  # kernels' own uids, namespaces
+    "test_sandbox_limits.py",  # cgroups, RLIMIT_NPROC per uid
+    "test_sandbox_unprivileged.py",  # drops from root to nobody
+    "test_nonroot.py",  # likewise
+    "test_browser.py",  # apt-get installs Chromium
+    "test_jupyterlab.py",  # likewise (the browser fixture)
+    "test_store_postgres.py",  # apt-get installs PostgreSQL, runs it as postgres
+}
+#: The run's private temporary directory's name starts with this.
+SUITE_TMP_PREFIX = "cellmux-suite-"
 
 URL_LINE = re.compile(r"cellmux is serving at (?P<url>\S+)\?token=(?P<token>\S+)")
 START_TIMEOUT = 60
@@ -71,6 +101,7 @@ def start_server(
 ) -> RunningServer:
     """Start ``cellmux serve --port 0`` and wait for its URL line."""
     runtime_dir = tempfile.mkdtemp(prefix="cellmux-test-")
+    _started.append(runtime_dir)
     token = secrets.token_hex(16)
     log_path = os.path.join(runtime_dir, "server.log")
     if command is None:
@@ -88,6 +119,8 @@ def start_server(
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - the process owns it until it ends
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd)
+    log.close()  # the child has its own copy
+    _processes.append(process)
     lines: list[str] = []
     found = threading.Event()
     result: dict[str, str] = {}
@@ -217,3 +250,147 @@ def browser(chromium: str):
         b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+# --- What a run leaves behind -------------------------------------------------
+
+#: Every start_server() base directory and process of this run.
+_started: list[str] = []
+_processes: list[subprocess.Popen] = []
+_run: dict[str, object] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "root: needs root (kernels' own uids, namespaces, cgroups, apt-get installs); "
+        'as another user, deselect with -m "not root"',
+    )
+    system_tmp = tempfile.gettempdir()
+    private = tempfile.mkdtemp(prefix=SUITE_TMP_PREFIX, dir=system_tmp)
+    # Others may pass through (kernels' uids, the unprivileged server's
+    # nobody), not list it.
+    os.chmod(private, 0o711)
+    _run.update(
+        private=private,
+        system_tmp=system_tmp,
+        before=set(_cellmux_entries(system_tmp)),
+        tree=_tree_status() if os.environ.get("CI") else None,
+    )
+    os.environ["TMPDIR"] = private
+    tempfile.tempdir = None  # recomputed from TMPDIR
+    if config.option.basetemp is None:
+        # Also keeps pytest from pruning "old" numbered dirs in the shared
+        # /tmp/pytest-of-USER, which may be another run's, still in use.
+        config.option.basetemp = os.path.join(private, "pytest")
+
+
+def _tree_status() -> str | None:
+    """``git status --porcelain`` of the source tree (None outside a checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        result = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _cellmux_entries(directory: str) -> list[str]:
+    try:
+        return [n for n in os.listdir(directory) if n.startswith("cellmux-")]
+    except OSError:
+        return []
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in ROOT_ONLY:
+            item.add_marker(pytest.mark.root)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") is not None and os.geteuid() != 0:
+        pytest.fail('needs root: run as root, or deselect it with -m "not root"', pytrace=False)
+
+
+def _stop_leftover_servers() -> list[str]:
+    """End every server a test left running; their names, for the report."""
+    left = []
+    for process in _processes:
+        if process.poll() is None:
+            left.append(" ".join(process.args[:6]) + " ...")
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    return left
+
+
+def _live_children() -> list[str]:
+    """Processes (not zombies) whose parent is this one."""
+    found = []
+    me = str(os.getpid())
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[1] == me and fields[0] != "Z":
+            found.append(f"{pid}: {cmdline[:120]}")
+    return found
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    private = _run.get("private")
+    if not isinstance(private, str):
+        return
+    problems = []
+    left = _stop_leftover_servers()
+    if left:
+        problems.append(f"servers still running (now stopped): {left}")
+    for runtime_dir in _started:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+    children = _live_children()
+    if children:
+        problems.append(f"processes still running: {children}")
+    basetemp = session.config.option.basetemp
+    leftovers = sorted(
+        name for name in os.listdir(private) if os.path.join(private, name) != str(basetemp)
+    )
+    if leftovers:
+        problems.append(f"left in the temporary directory {private}: {leftovers}")
+    if os.environ.get("CI"):
+        system_tmp = str(_run["system_tmp"])
+        new = set(_cellmux_entries(system_tmp)) - _run["before"] - {os.path.basename(private)}
+        if new:
+            problems.append(f"left in {system_tmp}: {sorted(new)}")
+        if _run["tree"] is not None and _tree_status() != _run["tree"]:
+            problems.append(f"changed the source tree (git status):\n{_tree_status()}")
+    if os.environ.get("CELLMUX_TEST_KEEP_TMP"):
+        print(f"\nthe run's temporary directory is kept: {private}")
+    else:
+        shutil.rmtree(private, ignore_errors=True)
+    if problems:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        for problem in problems:
+            message = f"the test run left something behind: {problem}"
+            if reporter is not None:
+                reporter.write_line(message, red=True, bold=True)
+            else:
+                print(message, file=sys.stderr)
+        if session.exitstatus == 0:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED

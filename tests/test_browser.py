@@ -4,6 +4,10 @@ Chromium is Debian's (installed here if missing, never downloaded by
 Playwright); Playwright for Python drives it. Every test uses the same
 server, whose config admits the origin of a second local web server that
 serves the page with embedded cells.
+
+The console tests take screenshots into a temporary directory; with
+``CELLMUX_SCREENSHOTS=1`` (``tox -e screenshots``) they replace the ones in
+docs/screenshots instead, the only way a test run writes into the tree.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import contextlib
 import functools
 import http.server
 import json
+import os
 import re
+import shutil
 import tempfile
 import threading
 import urllib.error
@@ -26,7 +32,7 @@ from playwright.sync_api import Browser, Page, expect
 from conftest import RunningServer, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREENSHOTS = ROOT / "docs" / "screenshots"
+DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 #: Kernels share two cores with other work: allow for a slow start.
 TIMEOUT_MS = 30_000
 expect.set_options(timeout=TIMEOUT_MS)
@@ -48,6 +54,15 @@ window.WebSocket.OPEN = 1;
 """
 
 
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory) -> Path:
+    """Where the console tests save their screenshots."""
+    if os.environ.get("CELLMUX_SCREENSHOTS") == "1":
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return DOCS_SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")
+
+
 class _Quiet(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -62,6 +77,7 @@ def embed_site() -> Iterator[tuple[str, Path]]:
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", directory
     httpd.shutdown()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +130,7 @@ def _finished(cell) -> None:
     expect(cell.locator(".cellmux-count")).to_have_text(re.compile(r"\[\d+\]"))
 
 
-def _scenario(page: Page) -> None:
+def _scenario(page: Page, screenshots: Path) -> None:
     """Everything a person does in the console, one step after another."""
     state = page.locator("#kernel-state")
     expect(state).to_have_text("idle")
@@ -153,7 +169,9 @@ def _scenario(page: Page) -> None:
     # The console with stdout, stderr, a traceback, a plot and a table.
     page.evaluate("window.scrollTo(0, 0)")
     kind = page.evaluate("cellmuxConsole.kernel.transport.kind")
-    page.screenshot(path=str(SCREENSHOTS / f"console-{kind}.png"))
+    shot = screenshots / f"console-{kind}.png"
+    page.screenshot(path=str(shot))
+    assert shot.read_bytes().startswith(b"\x89PNG")
 
     cell = _run(page, "name = input('Your name? ')\nprint('hello', name)")
     prompt = cell.locator(".cellmux-stdin-input")
@@ -228,18 +246,16 @@ def _scenario(page: Page) -> None:
     expect(cell.locator(".cellmux-stdout")).to_have_text("False\n")
 
 
-def test_console_over_websocket(browser, web_server):
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+def test_console_over_websocket(browser, web_server, screenshots):
     with _console(browser, web_server) as page:
         expect(page.locator("#transport")).to_have_text("via websocket")
-        _scenario(page)
+        _scenario(page, screenshots)
 
 
-def test_console_over_long_polling_when_forced(browser, web_server):
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+def test_console_over_long_polling_when_forced(browser, web_server, screenshots):
     with _console(browser, web_server, "?transport=longpoll") as page:
         expect(page.locator("#transport")).to_have_text("via longpoll")
-        _scenario(page)
+        _scenario(page, screenshots)
 
 
 def test_console_falls_back_to_long_polling_when_websockets_fail(browser, web_server):
