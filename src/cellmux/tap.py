@@ -12,7 +12,7 @@ from twisted.python import usage
 
 import cellmux
 
-from .cli import EXIT_START_FAILED
+from .cli import EXIT_SETTINGS, EXIT_START_FAILED
 from .config import ConfigError, ServerConfig, load_config_file
 from .server.auth import generate_token
 from .server.service import CellmuxService
@@ -112,6 +112,16 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     opt_h = usage.Options.opt_help  # -h as well as --help (no option uses -h)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:
+                raise  # cellmux serve says it
+            # Under twistd: Twisted before 26 prints the error and exits 0.
+            print(f"twistd cellmux: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_SETTINGS) from None
 
     def postOptions(self) -> None:
         try:
