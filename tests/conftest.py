@@ -143,6 +143,16 @@ def start_server(
     return RunningServer(process, result["url"], result["token"], runtime_dir, log_path, lines)
 
 
+def config_file(text: str) -> str:
+    """A TOML config file holding C{text}, removed at the end of the run."""
+    directory = tempfile.mkdtemp(prefix="cellmux-config-")
+    _started.append(directory)
+    path = os.path.join(directory, "cellmux.toml")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    return path
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05):
     """Poll until predicate() is truthy; return its value or fail."""
     deadline = time.monotonic() + timeout

@@ -32,6 +32,8 @@ def cellmux_env(server, state_dir: Path, **extra: str) -> dict[str, str]:
         TERM="xterm",
         # pexpect does not answer prompt_toolkit's cursor position requests.
         PROMPT_TOOLKIT_NO_CPR="1",
+        # Images the commands save by default go under the test's own dir.
+        TMPDIR=str(state_dir.parent),
         **extra,
     )
     env.pop("NO_COLOR", None)

@@ -151,11 +151,9 @@ def test_oversized_frame_closes_with_1009(client):
 
 
 def _write_config(text: str) -> str:
-    import tempfile
+    from conftest import config_file
 
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(text + "\n")
-        return f.name
+    return config_file(text)
 
 
 def test_unknown_kernel_is_404_json(server):

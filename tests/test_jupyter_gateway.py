@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def jupyter(cellmux: RunningServer) -> Iterator[JupyterServer]:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    shutil.rmtree(home, ignore_errors=True)
 
 
 def test_kernelspecs_come_from_cellmux(jupyter):

@@ -314,12 +314,9 @@ def test_a_slow_poller_is_told_what_it_lost():
 
 
 def _small_replay_config() -> str:
-    import tempfile
+    from conftest import config_file
 
-    fd, path = tempfile.mkstemp(suffix=".toml")
-    with open(fd, "w") as f:
-        f.write("replay_bytes = 4096\n")
-    return path
+    return config_file("replay_bytes = 4096")
 
 
 def test_a_client_that_never_polls_cannot_grow_its_queue(server, kernel_id):

@@ -31,11 +31,10 @@ def test_origin_policy(origin, allowed):
 
 
 def test_look_alike_origins_cannot_open_websockets():
-    import tempfile
+    from conftest import config_file
 
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write('allow_origins = ["https://trusted\\\\.example"]\n')
-    server = start_server("--pool-size", "0", "--config", f.name)
+    config = config_file('allow_origins = ["https://trusted\\\\.example"]')
+    server = start_server("--pool-size", "0", "--config", config)
     try:
         url = server.url.replace("http://", "ws://") + f"ws?token={server.token}"
         with connect(url, origin="https://trusted.example"):

@@ -125,11 +125,9 @@ def test_reconnect_past_the_log_gets_a_gap_notice():
 
 
 def _config(text: str) -> str:
-    import tempfile
+    from conftest import config_file
 
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(text + "\n")
-        return f.name
+    return config_file(text)
 
 
 def test_slow_writer_slows_the_kernel_not_the_server_memory():

@@ -261,6 +261,8 @@ def test_input_at_end_of_file_says_one_thing_and_no_log_line(env, tmp_path):
     lines = [line for line in result.stderr.splitlines() if "started kernel" not in line]
     assert lines == ["cellmux: input ended while the code waited for it; interrupted the kernel"]
     # -v shows the log for a bug report.
-    verbose = cellmux(env, "run", "-v", str(path), "--kernel", "eof")
+    # (A kernel of its own: right after an interrupted request the kernel
+    # aborts the next one, which then never asks for input.)
+    verbose = cellmux(env, "run", "-v", str(path), "--kernel", "eof-verbose")
     assert verbose.returncode == 1
     assert "stdin handler failed" in verbose.stderr

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import tempfile
-
 from conftest import start_server
 
 
 def _config(text: str) -> str:
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(text + "\n")
-        return f.name
+    from conftest import config_file
+
+    return config_file(text)
 
 
 def test_an_output_over_the_frame_limit_becomes_a_note_and_nothing_breaks():
