@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from conftest import _run
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Representative and quick: the wire protocol, executing code, stdin,
@@ -53,13 +55,15 @@ os.execv(sys.executable, [sys.executable, "-m", "pytest", *sys.argv[4:]])
 
 def test_a_subset_of_the_suite_passes_as_nobody():
     nobody = pwd.getpwnam("nobody")
-    # nobody's HOME and TMPDIR: its own, inside this run's private TMPDIR.
+    # nobody's HOME: its own, inside this run's private TMPDIR. Its run makes
+    # a private TMPDIR of its own in the system's, as any run does: one nested in
+    # ours would make runtime directories too long for kernel link sockets.
     home = tempfile.mkdtemp(prefix="nonroot-")
     os.chown(home, nobody.pw_uid, nobody.pw_gid)
     env = {
         **os.environ,
         "HOME": home,
-        "TMPDIR": home,
+        "TMPDIR": str(_run["system_tmp"]),
         "XDG_STATE_HOME": os.path.join(home, "state"),
         "PYTHONDONTWRITEBYTECODE": "1",
     }
