@@ -46,6 +46,10 @@ paths = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.execu
          os.getcwd(), *[p for p in sys.path if os.path.isabs(p)]]
 for warning in sandbox.expose_to_kernels(paths):
     print(warning, file=sys.stderr)
+# expose_to_kernels mounts /proc with hidepid for kernels; the tests read
+# their own (non-dumpable, so root-owned) server's /proc entries.
+import subprocess
+subprocess.run(["mount", "-t", "proc", "proc", "/proc"], check=True)
 os.setgroups([])
 os.setresgid(gid, gid, gid)
 os.setresuid(uid, uid, uid)
