@@ -10,8 +10,8 @@ or a change to the source tree's ``git status`` fail the run. ``CELLMUX_TEST_KEE
 directory to look at.
 
 Root: tests that need it (their own uids, namespaces, cgroups, apt-get
-installs) are marked ``root`` (``ROOT_ONLY`` names the modules that need it
-throughout) and fail at once without it; as another user run
+installs) are marked ``root`` (``ROOT_ONLY`` and ``ROOT_ONLY_TESTS`` name
+those that need it in modules that do not say so) and fail at once without it; as another user run
 ``pytest -m "not root"``. tests/test_nonroot.py does that, as root, for a
 subset, as the user nobody.
 """
@@ -47,6 +47,13 @@ ROOT_ONLY = {
     "test_browser.py",  # apt-get installs Chromium
     "test_jupyterlab.py",  # likewise (the browser fixture)
     "test_store_postgres.py",  # apt-get installs PostgreSQL, runs it as postgres
+    "test_link_isolation.py",  # kernels' own uids, setresuid
+    "test_token_unprivileged.py",  # drops from root to nobody
+    "test_seccomp.py",  # probes kernels sandboxed as root, setresuid
+}
+#: Single tests that need root in modules that otherwise do not.
+ROOT_ONLY_TESTS = {
+    "test_kill_all_of_reaches_processes_that_left_the_group",  # setresuid
 }
 #: The run's private temporary directory's name starts with this.
 SUITE_TMP_PREFIX = "cellmux-suite-"
@@ -319,7 +326,7 @@ def _cellmux_entries(directory: str) -> list[str]:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.name in ROOT_ONLY:
+        if item.path.name in ROOT_ONLY or item.originalname in ROOT_ONLY_TESTS:
             item.add_marker(pytest.mark.root)
 
 
