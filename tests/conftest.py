@@ -55,8 +55,11 @@ ROOT_ONLY = {
 ROOT_ONLY_TESTS = {
     "test_kill_all_of_reaches_processes_that_left_the_group",  # setresuid
 }
-#: The run's private temporary directory's name starts with this.
-SUITE_TMP_PREFIX = "cellmux-suite-"
+#: The run's private temporary directory's name starts with this. Short:
+#: runtime directories under it (tmp_path's too) must leave room for kernel
+#: link sockets (107 bytes a path); with pytest's basetemp named "p" below
+#: it, tmp_path is shorter than pytest's own /tmp/pytest-of-USER/pytest-N.
+SUITE_TMP_PREFIX = "cmx-"
 
 URL_LINE = re.compile(r"cellmux is serving at (?P<url>\S+)\?token=(?P<token>\S+)")
 START_TIMEOUT = 60
@@ -299,7 +302,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.basetemp is None:
         # Also keeps pytest from pruning "old" numbered dirs in the shared
         # /tmp/pytest-of-USER, which may be another run's, still in use.
-        config.option.basetemp = os.path.join(private, "pytest")
+        config.option.basetemp = os.path.join(private, "p")
 
 
 def _tree_status() -> str | None:

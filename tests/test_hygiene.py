@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SUITE_TMP_PREFIX
+
 HERE = Path(__file__).resolve().parent
 
 LEAKY = """
@@ -81,5 +83,5 @@ def test_root_marked_tests_run_as_root_and_can_be_deselected(tmp_path):
 
 def test_the_run_works_in_a_private_temp_dir():
     private = os.environ["TMPDIR"]
-    assert os.path.basename(private).startswith("cellmux-suite-")
+    assert os.path.basename(private).startswith(SUITE_TMP_PREFIX)
     assert os.path.dirname(private) != private
