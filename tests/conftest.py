@@ -50,10 +50,20 @@ ROOT_ONLY = {
     "test_link_isolation.py",  # kernels' own uids, setresuid
     "test_token_unprivileged.py",  # drops from root to nobody
     "test_seccomp.py",  # probes kernels sandboxed as root, setresuid
+    "test_disk_full.py",  # mounts tmpfs
+    "test_nursery_leftovers.py",  # sweeps kernel uids
+    "test_records_nursery.py",  # escaped subprocesses found by kernel uid
+    "test_records_restart.py",  # likewise
+    "test_records_soak.py",  # likewise
+    "test_hostile_cleanup.py",  # the sandbox hides the server's cwd
+    "test_link_descriptors.py",  # reads the (non-dumpable) server's /proc/PID/fd
 }
 #: Single tests that need root in modules that otherwise do not.
 ROOT_ONLY_TESTS = {
     "test_kill_all_of_reaches_processes_that_left_the_group",  # setresuid
+    "test_a_tree_that_cannot_be_removed_is_moved_out_of_reach",  # chown, mounts
+    "test_a_tree_that_can_neither_be_removed_nor_moved_says_so",  # likewise
+    "test_as_root_what_escaped_a_kernels_session_is_found_by_its_uid",  # kernel uids
 }
 #: The run's private temporary directory's name starts with this. Short:
 #: runtime directories under it (tmp_path's too) must leave room for kernel

@@ -139,7 +139,7 @@ def soak_dirs(tmp_path_factory):
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="kernel uids need root")
+@pytest.mark.root  # kernel uids
 def test_hostile_kernels_at_once_hurt_no_one_and_leave_nothing(soak_dirs):
     uid_range = (290000, 290099)
     config = soak_dirs / "cellmux.toml"
