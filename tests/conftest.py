@@ -96,6 +96,22 @@ class RunningServer:
     def alive(self) -> bool:
         return self.process.poll() is None
 
+    def nursery_pid(self) -> int | None:
+        """The pid of this server's nursery (its child running the nursery), if any."""
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == self.process.pid and b"cellmux.kernel.nursery" in cmdline:
+                return int(entry)
+        return None
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

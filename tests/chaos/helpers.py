@@ -29,23 +29,6 @@ def http(server: RunningServer, method: str, path: str) -> tuple[int, dict[str, 
         return e.code, json.loads(e.read() or b"null")
 
 
-def nursery_pid(server: RunningServer) -> int | None:
-    """The pid of the server's nursery process (its child running the nursery)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == server.process.pid and b"cellmux.kernel.nursery" in cmdline:
-            return int(entry)
-    return None
-
-
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process has used."""
     with open(f"/proc/{pid}/stat") as f:

@@ -101,20 +101,6 @@ def session_members(sid: int) -> list[int]:
     return found
 
 
-def nursery_of(server: RunningServer) -> int:
-    """The pid of the server's nursery (its child running cellmux.kernel.nursery)."""
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                if ppid == server.process.pid and b"cellmux.kernel.nursery" in cmdline:
-                    return int(name)
-    raise AssertionError("the server has no nursery")
-
-
 def kill_all(pids) -> None:
     """Test cleanup: whatever of these still runs."""
     for pid in pids:

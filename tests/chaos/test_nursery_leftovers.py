@@ -50,21 +50,6 @@ def _uid(pid: int) -> int:
     raise AssertionError("no Uid")
 
 
-def _nursery_of(server_pid: int) -> int:
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if ppid == server_pid and b"cellmux.kernel.nursery" in cmdline:
-                return int(name)
-    raise AssertionError("no nursery")
-
-
 def _escape(server) -> tuple[int, str, int]:
     """A kernel starts a process that leaves its session; (its pid, the
     kernel's directory, the kernel's pid)."""
@@ -117,7 +102,7 @@ def test_after_a_nursery_crash_the_server_kills_what_kernels_left(servers, escap
     runtime = os.path.join(first.runtime_dir, "rt")
     pid, workdir, kernel_pid = _escape(first)
     escaped.append(pid)
-    os.kill(_nursery_of(first.process.pid), signal.SIGKILL)
+    os.kill(first.nursery_pid(), signal.SIGKILL)
     wait_for(lambda: not alive(kernel_pid), timeout=10)
     # The server itself ends what the lost nursery's kernels left (by uid,
     # out of their sessions) and clears their directories.

@@ -10,7 +10,7 @@ import signal
 from cellmux.protocol import Channel
 from conftest import wait_for
 
-from .helpers import http, nursery_pid, running_server
+from .helpers import http, running_server
 
 
 def _status_contents(frames: list) -> list[dict]:
@@ -19,7 +19,7 @@ def _status_contents(frames: list) -> list[dict]:
 
 def test_a_killed_nursery_is_replaced_and_the_server_says_so_meanwhile(tmp_path):
     with running_server("--pool-size", "1") as server, server.client() as client:
-        first = nursery_pid(server)
+        first = server.nursery_pid()
         assert first is not None
         model = client.create_kernel()
         with client.connect(model.id) as k:
@@ -42,7 +42,7 @@ def test_a_killed_nursery_is_replaced_and_the_server_says_so_meanwhile(tmp_path)
             # what the lost kernel left on disk is removed
             wait_for(lambda: not os.path.exists(workdir), 10)
             assert not os.path.exists(workdir + ".tmp")
-            second = nursery_pid(server)
+            second = server.nursery_pid()
             assert second is not None and second != first
             # The old id is kept, dead with its cause, and can be restarted.
             old = client.get_kernel(model.id)
@@ -72,7 +72,7 @@ def test_automatic_restarts_resume_once_a_new_nursery_runs(tmp_path):
         with client.connect(model.id) as k:
             k.add_listener(frames.append)
             assert k.execute("x = 41").error is None
-            os.kill(nursery_pid(server), signal.SIGKILL)
+            os.kill(server.nursery_pid(), signal.SIGKILL)
             wait_for(lambda: {"execution_state": "restarting"} in _status_contents(frames), 30)
             wait_for(lambda: client.get_kernel(model.id).execution_state == "idle", 60)
             states = _status_contents(frames)

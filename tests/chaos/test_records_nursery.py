@@ -18,7 +18,6 @@ from .records_support import (
     alive,
     http,
     kill_all,
-    nursery_of,
     serving,
     session_members,
     wait_until,
@@ -47,7 +46,7 @@ def test_a_killed_nursery_leaves_no_process_or_directory_behind(tmp_path):
                 with client.connect(model.id) as kernel:
                     left = json.loads(kernel.execute(LEAVE_BEHIND).stdout)
                 assert wait_until(lambda: len(_entries(tmp_path)) == 4)  # + the pool kernel's
-                os.kill(nursery_of(server), signal.SIGKILL)
+                os.kill(server.nursery_pid(), signal.SIGKILL)
                 assert wait_until(lambda: not any(alive(pid) for pid in left.values()))
                 assert session_members(left["kernel"]) == []
                 assert wait_until(lambda: _entries(tmp_path) == set())
@@ -62,7 +61,8 @@ def test_a_stopped_nursery_fails_creates_clearly_and_recovers(tmp_path):
     config = tmp_path / "cellmux.toml"
     config.write_text("kernel_start_timeout = 2.0\n")
     with serving(tmp_path, "--pool-size", "0", "--config", str(config)) as server:
-        nursery = nursery_of(server)
+        nursery = server.nursery_pid()
+        assert nursery, "the server has no nursery"
         try:
             with server.client() as client:
                 running = client.create_kernel()

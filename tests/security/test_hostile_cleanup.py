@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pathlib
@@ -51,19 +50,6 @@ def _value(kernel, code: str, timeout: float = 120):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _nursery_of(server_pid: int) -> int:
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                if ppid == server_pid and b"cellmux.kernel.nursery" in cmdline:
-                    return int(name)
-    raise AssertionError("no nursery")
-
-
 @pytest.fixture(autouse=True)
 def no_deep_leftovers(tmp_path):
     """pytest removes old temporary directories with shutil.rmtree, which a
@@ -86,7 +72,8 @@ def test_a_deep_and_wide_tree_does_not_take_the_nursery_down(servers):
     server = start_server("--pool-size", "0")
     servers.append(server)
     runtime = os.path.join(server.runtime_dir, "rt")
-    nursery = _nursery_of(server.process.pid)
+    nursery = server.nursery_pid()
+    assert nursery, "the server has no nursery"
     with server.client() as client:
         other = client.create_kernel()
         hostile = client.create_kernel()
@@ -102,7 +89,7 @@ def test_a_deep_and_wide_tree_does_not_take_the_nursery_down(servers):
         fresh = client.create_kernel()
         with client.connect(fresh.id) as k:
             assert k.execute("6 * 9", timeout=30).result_text == "54"
-    assert _nursery_of(server.process.pid) == nursery
+    assert server.nursery_pid() == nursery
     log = server.log()
     assert "nursery lost" not in log and "nursery ended" not in log, log[-3000:]
     # The server stops cleanly with a hostile tree left in a kernel's directory

@@ -120,7 +120,8 @@ print(json.dumps(outcome))
 
 def test_cannot_signal_another_kernel_the_server_or_the_nursery(client, server, kernel, other):
     victim = client.get_kernel(other.kernel_id).pid
-    nursery = _nursery_pid(server.process.pid)
+    nursery = server.nursery_pid()
+    assert nursery, "the server has no nursery"
     outcome = _value(
         kernel,
         f"""
@@ -144,19 +145,6 @@ print(json.dumps(outcome))
     }
     assert server.alive()
     _still_works(other)
-
-
-def _nursery_pid(server_pid: int) -> int:
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    cmdline = f.read()
-                if ppid == server_pid and b"cellmux.kernel.nursery" in cmdline:
-                    return int(name)
-    raise AssertionError("no nursery found")
 
 
 def test_no_network_but_loopback(server, kernel):
@@ -186,7 +174,8 @@ print(json.dumps(outcome))
 
 
 def test_cannot_read_the_servers_environment_or_config(server, kernel):
-    nursery = _nursery_pid(server.process.pid)
+    nursery = server.nursery_pid()
+    assert nursery, "the server has no nursery"
     rt = os.path.join(server.runtime_dir, "rt")
     outcome = _value(
         kernel,
