@@ -432,6 +432,44 @@ def test_a_kernel_that_misses_pongs_is_unresponsive_until_it_answers():
     assert client.statuses()[-1] == {"execution_state": "idle", "responsive": True}
 
 
+def test_idle_kernels_are_pinged_seldom_and_busy_ones_every_tick():
+    h = Harness(idle_ping_interval=10.0)
+    kernel = h.create()
+    link = kernel.incarnation.link_id
+
+    def pings() -> int:
+        return sum(1 for lid, op, _ in h.router.controls if op == "ping" and lid == link)
+
+    h.clock.advance(0.5)
+    assert pings() == 1, "a new kernel is pinged once at once"
+    for _ in range(19):
+        h.clock.advance(0.5)
+    assert pings() == 1, "idle: no ping for 10 s"
+    h.clock.advance(0.5)
+    assert pings() == 2
+    kernel.handle(Said(busy=True))
+    for _ in range(4):
+        h.clock.advance(0.5)
+    assert pings() == 6, "busy: a ping every tick"
+    kernel.handle(Said(busy=False))
+    for _ in range(4):
+        h.clock.advance(0.5)
+    assert pings() == 6, "idle again: back to the slow cadence"
+
+
+def test_an_idle_kernel_that_stops_answering_is_unresponsive_within_the_idle_interval():
+    h = Harness(idle_ping_interval=10.0, unresponsive_after=2.0)
+    kernel = h.create()
+    h.clock.advance(0.5)  # answered at once
+    h.router.pongs_to = None  # from now on a thread of its own holds the GIL
+    for _ in range(20):
+        h.clock.advance(0.5)
+    assert kernel.state is KernelState.IDLE, "the next ping is only just out"
+    for _ in range(5):
+        h.clock.advance(0.5)
+    assert kernel.state is KernelState.UNRESPONSIVE
+
+
 # -- start time-outs ----------------------------------------------------------------
 
 

@@ -86,6 +86,9 @@ class ServerConfig:
     #: Seconds without an answer to the link ping before a kernel is shown
     #: as unresponsive (e.g. C code holding the GIL).
     unresponsive_after: float = attrs.field(default=2.0, validator=_positive)
+    #: Seconds between link pings of an idle kernel (busy ones are pinged
+    #: twice a second): each ping wakes the kernel, so idle ones rest.
+    idle_ping_interval: float = attrs.field(default=10.0, validator=_positive)
     #: Seconds a kernel with no client attached may stay idle before it is
     #: ended (0: never).
     idle_timeout: float = attrs.field(default=3600.0, validator=_not_negative)

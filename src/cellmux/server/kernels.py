@@ -12,8 +12,10 @@ event happened and the Kernel publishes what the table says.
 
 The manager keeps ``pool_size`` incarnations forked and ready, so creating
 a kernel usually only takes one from the pool. Twice a second it pings
-every link (a kernel that cannot answer holds the GIL), and ends kernels
-that outlived their idle timeout or lifetime. It restarts a lost nursery
+the link of every busy kernel (one that cannot answer holds the GIL), idle
+ones only every C{idle_ping_interval} so that a thousand idle kernels cost
+next to nothing, and ends kernels that outlived their idle timeout or
+lifetime. It restarts a lost nursery
 with back-off, and backs off when kernels keep failing to start.
 """
 
@@ -203,6 +205,8 @@ class Incarnation:
     #: The ping we wait for an answer to (number, time sent), if any.
     ping: tuple[int, float] | None = None
     pings_sent: int = 0
+    #: When the last ping went out, if one did.
+    last_ping: float | None = None
     #: Why it failed to start, once it did.
     error: KernelError | None = None
 
@@ -1040,9 +1044,11 @@ class KernelManager:
             if not inc.ready.called:
                 continue
             if inc.ping is None:
-                inc.pings_sent += 1
-                inc.ping = (inc.pings_sent, now)
-                self.router.send_control(inc.link_id, "ping", n=inc.pings_sent)
+                if inc.last_ping is None or now - inc.last_ping >= self._ping_interval(inc):
+                    inc.pings_sent += 1
+                    inc.ping = (inc.pings_sent, now)
+                    inc.last_ping = now
+                    self.router.send_control(inc.link_id, "ping", n=inc.pings_sent)
             elif now - inc.ping[1] > config.unresponsive_after:
                 kernel = inc.kernel
                 if kernel is not None and kernel.state in (KernelState.IDLE, KernelState.BUSY):
@@ -1057,6 +1063,18 @@ class KernelManager:
                 and now - kernel.last_activity > config.idle_timeout
             ):
                 self.delete(kernel, f"idle timeout ({config.idle_timeout:g} s)")
+
+    def _ping_interval(self, inc: Incarnation) -> float:
+        """Seconds between pings: every tick while a cell runs, rarely when idle.
+
+        Only a running cell can hold the GIL for long, and only then does a
+        client wait on the kernel; each ping wakes the kernel's pump, so idle
+        kernels are pinged seldom.
+        """
+        kernel = inc.kernel
+        if kernel is not None and kernel.state in (KernelState.BUSY, KernelState.UNRESPONSIVE):
+            return TICK
+        return self.config.idle_ping_interval
 
     # -- what the API asks for ------------------------------------------------
 
