@@ -3,7 +3,9 @@
     python bench/run.py [--quick] [--only rtt,stream] [--json bench/results.json]
 
 Writes the JSON results, docs/benchmarks.md (the table between the markers)
-and docs/benchmarks.png. See docs/benchmarks.md for the method.
+and docs/benchmarks.png. See docs/benchmarks.md for the method. Exits 1
+when a gated figure is worse than in the committed results beyond noise
+(bench/gate.py; --no-gate to only report it).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from drivers import CellmuxConnection, FloorConnection, JupyterConnection  # noqa: E402
+from gate import regressions  # noqa: E402
 from report import write_report  # noqa: E402
 from servers import FloorKernel, Server, start_cellmux, start_jupyter  # noqa: E402
 
@@ -49,6 +52,9 @@ REPS = {
     "concurrency_sessions": 200,
     "concurrency_cells": 5,
     "memory_kernels": 10,
+    "idle_kernels": 20,
+    "idle_many": 300,
+    "idle_seconds": 30,
 }
 STREAM_LINES = 200_000
 MESSAGE_LINES = 20_000
@@ -436,6 +442,77 @@ class Suite:
         }
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes have used so far (gone ones: 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+    return total
+
+
+async def _idle_cost(server_pid: int, kernel_pids: list[int], seconds: float) -> dict[str, float]:
+    """Percent of one core the server and each idle kernel use over C{seconds}."""
+    await asyncio.sleep(3)  # let start-up work settle
+    server0, kernels0 = _cpu_seconds([server_pid]), _cpu_seconds(kernel_pids)
+    t0 = time.perf_counter()
+    await asyncio.sleep(seconds)
+    elapsed = time.perf_counter() - t0
+    server1, kernels1 = _cpu_seconds([server_pid]), _cpu_seconds(kernel_pids)
+    return {
+        "kernels": len(kernel_pids),
+        "seconds": elapsed,
+        "server_pct": 100 * (server1 - server0) / elapsed,
+        "per_kernel_pct": 100 * (kernels1 - kernels0) / elapsed / max(1, len(kernel_pids)),
+    }
+
+
+async def _idle_kernels(suite: Suite, name: str, n: int) -> tuple[list[dict], list[int]]:
+    server = suite.servers[name]
+    before = {p.pid for p in psutil.Process(server.process.pid).children(recursive=True)}
+    models = [server.create_kernel() for _ in range(n)]
+    for m in models:  # every kernel has run one cell, then nobody is attached
+        conn = await suite.connect(name, m["id"])
+        await conn.execute("0")
+        await conn.close()
+    if name == "cellmux":
+        pids = [server.request("GET", f"/api/kernels/{m['id']}")[1]["pid"] for m in models]
+    else:
+        after = psutil.Process(server.process.pid).children(recursive=True)
+        pids = [p.pid for p in after if p.pid not in before]
+    return models, pids
+
+
+async def bench_idle(suite: Suite) -> None:
+    """What idle kernels cost: each kernel's CPU, and the server's as they grow."""
+    out: dict[str, Any] = {}
+    seconds = suite.reps["idle_seconds"]
+    for name in ["cellmux", "jupyter"]:
+        server = suite.servers[name]
+        models, pids = await _idle_kernels(suite, name, suite.reps["idle_kernels"])
+        out[name] = await _idle_cost(server.process.pid, pids, seconds)
+        print(f"  idle {name}: {out[name]}", flush=True)
+        for m in models:
+            server.delete_kernel(m["id"])
+        await asyncio.sleep(2)
+    # The server's own cost with many idle kernels (cellmux only: the peer
+    # needs a second per kernel to start them).
+    many = start_cellmux("--pool-size", "4", "--max-kernels", str(suite.reps["idle_many"] + 10))
+    try:
+        suite.servers["cellmux-many"] = many
+        empty = await _idle_cost(many.process.pid, [], seconds)
+        models, pids = await _idle_kernels(suite, "cellmux-many", suite.reps["idle_many"])
+        loaded = await _idle_cost(many.process.pid, pids, seconds)
+        loaded["server_pct_empty"] = empty["server_pct"]
+        out["cellmux_many"] = loaded
+        print(f"  idle cellmux x{len(pids)}: {loaded}", flush=True)
+    finally:
+        suite.servers.pop("cellmux-many", None)
+        many.stop()
+    suite.results["idle"] = out
+
+
 STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "start": Suite.bench_start,
     "rtt": Suite.bench_rtt,
@@ -444,6 +521,7 @@ STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "fanout": Suite.bench_fanout,
     "concurrency": Suite.bench_concurrency,
     "memory": Suite.bench_memory,
+    "idle": bench_idle,
 }
 
 
@@ -455,7 +533,17 @@ def main() -> int:
     parser.add_argument("--markdown", default=os.path.join(HERE, "..", "docs", "benchmarks.md"))
     parser.add_argument("--chart", default=os.path.join(HERE, "..", "docs", "benchmarks.png"))
     parser.add_argument("--label", default="", help="a note stored with the results")
+    parser.add_argument(
+        "--baseline",
+        default=os.path.join(HERE, "results.json"),
+        help="results to compare against (default: the committed ones)",
+    )
+    parser.add_argument("--tolerance", type=float, default=0.25, help="noise allowed (0.25: 25 %%)")
+    parser.add_argument("--no-gate", action="store_true", help="report regressions, exit 0")
     args = parser.parse_args()
+    baseline: dict[str, Any] = {}
+    with contextlib.suppress(FileNotFoundError), open(args.baseline) as f:
+        baseline = json.load(f).get("results", {})  # read before --json overwrites it
     reps = dict(REPS)
     if args.quick:
         reps = {k: max(1, v // 4) for k, v in reps.items()}
@@ -500,6 +588,12 @@ def main() -> int:
         json.dump(doc, f, indent=1)
     write_report(doc, args.markdown, args.chart)
     print(json.dumps(suite.results, indent=1))
+    worse = regressions(baseline, suite.results, args.tolerance)
+    for r in worse:
+        print(f"REGRESSION {r}", file=sys.stderr, flush=True)
+    if worse and not args.quick and not args.no_gate:
+        print(f"{len(worse)} figure(s) regressed beyond {args.tolerance:.0%}", file=sys.stderr)
+        return 1
     return 0
 
 
