@@ -24,7 +24,7 @@ from cellmux.protocol import (
     error_payload,
     parse_control,
 )
-from cellmux.protocol.control import MAX_SESSION_ID, REQUEST_OPS
+from cellmux.protocol.control import MAX_SESSION_ID, REQUEST_OPS, CreateOrder
 
 #: A Jupyter message: header, parent_header, metadata, content.
 JUPYTER_PARTS = (
@@ -187,7 +187,7 @@ def test_malformed_control_before_hello_is_fatal(frame: Frame) -> None:
     assert_closed(handshake)
 
 
-@pytest.mark.parametrize("version", [0, 2, PROTOCOL_VERSION + 1, "1", None, [1]])
+@pytest.mark.parametrize("version", [0, -1, PROTOCOL_VERSION + 1, "1", None, [1], 1.0])
 def test_wrong_version(version: object) -> None:
     handshake = ServerSideHandshake()
     refuse(handshake, hello(version=version), "unsupported_version", fatal=True)
@@ -223,6 +223,41 @@ def test_missing_version() -> None:
 def test_bad_hello(fields: dict[str, Any]) -> None:
     handshake = ServerSideHandshake()
     refuse(handshake, hello(**fields), "bad_hello", fatal=True)
+    assert_closed(handshake)
+
+
+def test_version_1_is_still_spoken() -> None:
+    event = ServerSideHandshake().receive(hello(version=1))
+    assert event == Hello(version=1, kernel="k1", session="s1")
+
+
+@pytest.mark.parametrize("name", [None, "python3", "x" * 200])
+def test_a_version_2_hello_may_ask_for_a_new_kernel(name: str | None) -> None:
+    create = {} if name is None else {"name": name}
+    handshake = ServerSideHandshake()
+    event = handshake.receive(control_frame("hello", version=2, session="s1", create=create))
+    assert event == Hello(version=2, kernel="", session="s1", create=CreateOrder(name))
+    # what a client sends before welcome is accepted as after it
+    assert isinstance(handshake.receive(data(Channel.EXECUTE)), DataMessage)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kernel": "k1", "create": {}},  # one or the other
+        {"create": {}, "cursor": 3},  # nothing to resume in a new kernel
+        {"create": []},
+        {"create": "python3"},
+        {"create": {"name": ""}},
+        {"create": {"name": 3}},
+        {"create": {"name": "x" * 201}},
+        {"version": 1, "create": {}},  # version 1 has no create: it needs a kernel
+    ],
+)
+def test_bad_create(fields: dict[str, Any]) -> None:
+    body = {"version": 2, "session": "s1", **fields}
+    handshake = ServerSideHandshake()
+    refuse(handshake, control_frame("hello", **body), "bad_hello", fatal=True)
     assert_closed(handshake)
 
 

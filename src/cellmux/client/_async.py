@@ -185,6 +185,36 @@ class AsyncClient:
             )
         )
 
+    def start(
+        self,
+        name: str | None = None,
+        channels: Iterable[int] | None = None,
+        *,
+        session: str | None = None,
+        timeout: float | None = 60.0,
+        listener: Callable[[Frame], object] | None = None,
+    ) -> _Connecting:
+        """Start a kernel of spec C{name} and attach to it, in one round trip.
+
+        The websocket's ``hello`` asks for the kernel (protocol version 2), so
+        no REST call comes first; use like L{connect}. The kernel outlives
+        the connection: delete it with L{delete_kernel} (its id is
+        C{kernel.kernel_id}) or a C{shutdown}.
+        """
+        chans = None if channels is None else sorted({int(c) for c in channels})
+        return _Connecting(
+            lambda: AsyncKernel.open(
+                websocket_url(self.url),
+                None,
+                token=self.token,
+                channels=chans,
+                session=session or uuid.uuid4().hex,
+                timeout=timeout,
+                listener=listener,
+                create={} if name is None else {"name": name},
+            )
+        )
+
 
 class _Connecting:
     """What L{AsyncClient.connect} returns: awaitable, and an async context manager."""
@@ -354,7 +384,7 @@ class AsyncKernel:
     async def open(
         cls,
         ws_url: str,
-        kernel_id: str,
+        kernel_id: str | None,
         *,
         token: str | None = None,
         channels: list[int] | None = None,
@@ -362,9 +392,18 @@ class AsyncKernel:
         timeout: float | None = 30.0,
         cursor: int | None = None,
         listener: Callable[[Frame], object] | None = None,
+        create: dict[str, Any] | None = None,
     ) -> AsyncKernel:
-        """Connect to C{ws_url}, say hello and wait for welcome."""
+        """Connect to C{ws_url}, say hello and wait for welcome.
+
+        @param create: instead of C{kernel_id}, the new kernel to ask for
+            (``hello.create``, protocol version 2).
+        """
         session = session or uuid.uuid4().hex
+        # Version 1 unless the hello needs 2: a plain attach works on older
+        # servers too.
+        version = 1 if create is None else PROTOCOL_VERSION
+        target: dict[str, Any] = {"kernel": kernel_id} if create is None else {"create": create}
         try:
             ws = await connect(
                 ws_url,
@@ -383,17 +422,23 @@ class AsyncKernel:
         try:
             hello = control_frame(
                 "hello",
-                version=PROTOCOL_VERSION,
-                kernel=kernel_id,
+                version=version,
                 session=session,
                 channels=channels,
+                **target,
                 **({} if cursor is None else {"cursor": cursor}),
             )
             await ws.send(encode_frame(hello))
-            welcome = await _wait(_read_welcome(ws), timeout, "the handshake")
+            welcome = await _wait(_read_welcome(ws, version), timeout, "the handshake")
         except BaseException:
             await ws.close()
             raise
+        if kernel_id is None:
+            model = welcome.get("kernel")
+            kernel_id = model.get("id") if isinstance(model, dict) else None
+            if not isinstance(kernel_id, str):
+                await ws.close()
+                raise CellmuxError("welcome named no kernel id for the new kernel")
         log.debug("attached to kernel %s as session %s", kernel_id, session)
         kernel = cls(ws, kernel_id, session, welcome, channels)
         if cursor is not None:  # the frames after it are on their way
@@ -774,7 +819,7 @@ def _close_code(exc: websockets.ConnectionClosed | None) -> int | None:
     return None
 
 
-async def _read_welcome(ws: ClientConnection) -> dict[str, Any]:
+async def _read_welcome(ws: ClientConnection, version: int) -> dict[str, Any]:
     """The server's welcome, or the error it sent instead."""
     try:
         data = await ws.recv()
@@ -797,9 +842,9 @@ async def _read_welcome(ws: ClientConnection) -> dict[str, Any]:
         raise ServerError.from_body(body, fatal=True)
     if body["op"] != "welcome":
         raise CellmuxError(f"expected welcome, got {body['op']!r}")
-    if body.get("version") != PROTOCOL_VERSION:
+    if body.get("version") != version:
         raise CellmuxError(
-            f"server speaks protocol version {body.get('version')!r}, "
-            f"this client {PROTOCOL_VERSION}"
+            f"server answered protocol version {body.get('version')!r} to a hello of version "
+            f"{version}"
         )
     return body

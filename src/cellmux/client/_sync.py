@@ -184,7 +184,32 @@ class Client:
                 listener=listener,
             )
 
-        kernel = Kernel(loop.run(open_kernel()), loop, self._kernels.discard)
+        return self._adopt(loop, open_kernel())
+
+    def start(
+        self,
+        name: str | None = None,
+        channels: Iterable[int] | None = None,
+        *,
+        session: str | None = None,
+        timeout: float | None = 60.0,
+        listener: Callable[[Frame], object] | None = None,
+    ) -> Kernel:
+        """Start a kernel and attach to it in one round trip; see L{AsyncClient.start}."""
+        with self._lock:
+            if self._loop is None:
+                self._loop = _LoopThread()
+            loop = self._loop
+
+        async def start_kernel() -> AsyncKernel:
+            return await self.async_client.start(
+                name, channels, session=session, timeout=timeout, listener=listener
+            )
+
+        return self._adopt(loop, start_kernel())
+
+    def _adopt(self, loop: _LoopThread, opening: Any) -> Kernel:
+        kernel = Kernel(loop.run(opening), loop, self._kernels.discard)
         self._kernels.add(kernel)
         return kernel
 

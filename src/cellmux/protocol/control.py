@@ -3,8 +3,11 @@
 
 A control frame (channel 0) carries one part: a UTF-8 JSON object whose
 ``op`` names the message. The client opens with ``hello``; the server
-answers ``welcome`` (or ``error`` and closes). After that the client may
-send Jupyter messages on the data channels and requests on control.
+answers ``welcome`` (or ``error`` and closes). The client may send Jupyter
+messages on the data channels and requests on control right after its
+``hello``, without waiting for ``welcome``. In version 2 a ``hello`` may
+ask for a new kernel (``create``) instead of naming one, so that a client
+goes from nothing to its first result in one round trip.
 
 State table of the server's side of one client connection::
 
@@ -28,7 +31,9 @@ from .framing import Frame
 __all__ = [
     "PROTOCOL_VERSION",
     "REQUEST_OPS",
+    "SUPPORTED_VERSIONS",
     "ClientState",
+    "CreateOrder",
     "DataMessage",
     "Hello",
     "Request",
@@ -38,8 +43,13 @@ __all__ = [
     "parse_control",
 ]
 
-#: Version spoken in ``hello``/``welcome``; bumped on incompatible change.
-PROTOCOL_VERSION = 1
+#: Newest version spoken in ``hello``/``welcome``; bumped on every change
+#: to the handshake. 2: ``hello.create``.
+PROTOCOL_VERSION = 2
+#: Versions a client may ask for; ``welcome`` answers in the client's.
+SUPPORTED_VERSIONS = frozenset({1, 2})
+#: Longest kernel spec name a ``create`` may give.
+MAX_SPEC_NAME = 200
 
 #: Requests a client may send on the control channel once attached.
 REQUEST_OPS = frozenset({"interrupt", "restart", "shutdown", "subscribe", "ping", "history"})
@@ -90,15 +100,37 @@ def _channel_list(value: object) -> frozenset[int] | None:
 
 
 @attrs.frozen
+class CreateOrder:
+    """What a version-2 ``hello`` asks for instead of naming a kernel.
+
+    @ivar name: the kernel spec (None: the server's default).
+    """
+
+    name: str | None = None
+
+    @classmethod
+    def from_body(cls, value: object) -> CreateOrder:
+        if not isinstance(value, dict):
+            raise ProtocolError("bad_hello", "create must be an object", fatal=True)
+        name = value.get("name")
+        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= MAX_SPEC_NAME):
+            raise ProtocolError(
+                "bad_hello", f"create.name must be a string of 1-{MAX_SPEC_NAME} chars", fatal=True
+            )
+        return cls(name)
+
+
+@attrs.frozen
 class Hello:
     """The client's opening message.
 
-    @ivar kernel: id of the kernel to attach to.
+    @ivar kernel: id of the kernel to attach to ("" with C{create}).
     @ivar session: the client's session id; the kernel's input_request
         messages carry it in their parent header, which routes stdin.
     @ivar channels: channels to receive, or None for all.
     @ivar cursor: the last seq the client has seen, to resume after it
         (None for a fresh attach).
+    @ivar create: make a new kernel and attach to it (version 2).
     """
 
     version: int
@@ -106,18 +138,24 @@ class Hello:
     session: str
     channels: frozenset[int] | None = None
     cursor: int | None = None
+    create: CreateOrder | None = None
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> Hello:
         version = body.get("version")
-        if type(version) is not int or version != PROTOCOL_VERSION:
+        if type(version) is not int or version not in SUPPORTED_VERSIONS:
             raise ProtocolError(
                 "unsupported_version",
-                f"server speaks version {PROTOCOL_VERSION}, client asked for {version!r}",
+                f"server speaks versions 1-{PROTOCOL_VERSION}, client asked for {version!r}",
                 fatal=True,
             )
         kernel, session = body.get("kernel"), body.get("session")
-        if not isinstance(kernel, str) or not kernel:
+        create = None
+        if version >= 2 and body.get("create") is not None:
+            if kernel is not None:
+                raise ProtocolError("bad_hello", "hello has either kernel or create", fatal=True)
+            create, kernel = CreateOrder.from_body(body["create"]), ""
+        elif not isinstance(kernel, str) or not kernel:
             raise ProtocolError("bad_hello", "hello needs a kernel id", fatal=True)
         if not isinstance(session, str) or not 0 < len(session) <= MAX_SESSION_ID:
             raise ProtocolError(
@@ -132,7 +170,9 @@ class Hello:
             channels = _channel_list(body.get("channels"))
         except ProtocolError as e:
             raise ProtocolError(e.code, e.message, fatal=True) from None
-        return cls(version, kernel, session, channels, cursor)
+        if create is not None and cursor is not None:
+            raise ProtocolError("bad_hello", "a new kernel has nothing to resume", fatal=True)
+        return cls(version, kernel, session, channels, cursor, create)
 
 
 @attrs.frozen

@@ -152,6 +152,7 @@ class PollConnection:
         """Drop everything (the connection is removed)."""
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
+        self.native.connection_lost()
         self.attachment.detach()
         if self._waiter is not None:
             d, call = self._waiter

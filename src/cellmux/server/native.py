@@ -3,9 +3,14 @@
 
 The websocket and long polling carry the same frames. This class takes one
 frame at a time from either, runs the sans-IO handshake on it, and acts:
-``hello`` attaches to a kernel, data frames go to the kernel, control
-requests are carried out, and anything malformed is answered with an
-``error`` control frame (and, when fatal or after too many, a close).
+``hello`` attaches to a kernel (or, with ``create``, starts one and
+attaches to it), data frames go to the kernel, control requests are carried
+out, and anything malformed is answered with an ``error`` control frame
+(and, when fatal or after too many, a close).
+
+A client need not wait for ``welcome``: frames that arrive while a kernel
+it asked for is being made wait here, at most L{MAX_EARLY_FRAMES} of them
+and L{MAX_HELD_BYTES}, and are handled in order once it is attached.
 
 The carrier supplies two callables: how to send a control frame to the
 client, and how to close the connection with a code and a reason; a carrier
@@ -33,7 +38,6 @@ from twisted.internet import defer
 
 from cellmux.protocol import (
     CLOSE_PROTOCOL_ERROR,
-    PROTOCOL_VERSION,
     DataMessage,
     Hello,
     ProtocolError,
@@ -42,13 +46,16 @@ from cellmux.protocol import (
     decode_frame,
 )
 
-from .attachment import Attachment
-from .kernels import KernelError, KernelManager
+from .attachment import Attachment, Forbidden
+from .jupyter.kernelspecs import DEFAULT_SPEC, kernelspec_model
+from .kernels import Kernel, KernelError, KernelManager
 
 __all__ = [
+    "CLOSE_CREATE_FAILED",
     "CLOSE_FORBIDDEN",
     "CLOSE_KERNEL_GONE",
     "CLOSE_UNKNOWN_KERNEL",
+    "MAX_EARLY_FRAMES",
     "MAX_HELD_BYTES",
     "MAX_HELD_REPLIES",
     "MAX_PROTOCOL_ERRORS",
@@ -59,8 +66,12 @@ __all__ = [
 CLOSE_KERNEL_GONE = 4000
 #: Close code when the credentials do not allow this (another kernel; revoked).
 CLOSE_FORBIDDEN = 4403
-#: Close code when hello names a kernel that does not exist (or was lost).
+#: Close code when hello names a kernel that does not exist (or was lost),
+#: or a kernel spec that does not exist.
 CLOSE_UNKNOWN_KERNEL = 4404
+#: Close code when the kernel hello.create asked for could not be made (too
+#: many kernels, no nursery): the error's code says which.
+CLOSE_CREATE_FAILED = 4503
 #: After this many refused frames a client is cut off: it is not a bug any more.
 MAX_PROTOCOL_ERRORS = 100
 #: Replies (and requests waiting to be answered) held for a client whose
@@ -68,6 +79,9 @@ MAX_PROTOCOL_ERRORS = 100
 MAX_HELD_REPLIES = 64
 #: Bytes of held requests (their frames) before the server stops reading.
 MAX_HELD_BYTES = 1024 * 1024
+#: Frames a client may send after a ``hello.create`` before its kernel is
+#: ready (they wait, with at most MAX_HELD_BYTES of them); more is an error.
+MAX_EARLY_FRAMES = 64
 
 
 class NativeSession:
@@ -105,10 +119,23 @@ class NativeSession:
         self._held_bytes = 0
         self._reading_paused = False
         self._flushing = False
+        #: Frames that came while the kernel ``hello`` asked for was made.
+        self._early: deque[bytes] | None = None
+        self._early_bytes = 0
+        self._closed = False
         attachment.resumed = self._flush
+
+    def connection_lost(self) -> None:
+        """The carrier's connection ended (a kernel still being made for it
+        is shut down when it is ready: nobody learnt its id)."""
+        self._closed = True
+        self._early = None
 
     def receive(self, data: bytes) -> None:
         """Handle one frame from the client."""
+        if self._early is not None:
+            self._wait_for_kernel(data)
+            return
         try:
             frame = decode_frame(data, self.manager.config.max_frame_size)
             event = self._handshake.receive(frame)
@@ -174,10 +201,61 @@ class NativeSession:
         else:
             self._reply("error", **fields)
         if fatal:
+            self._closed = True  # a kernel still being made for it is not wanted
             self._close(close_code, error.message)
 
+    def _wait_for_kernel(self, data: bytes) -> None:
+        early = self._early
+        assert early is not None
+        if len(early) >= MAX_EARLY_FRAMES or self._early_bytes + len(data) > MAX_HELD_BYTES:
+            self._early = None
+            message = f"at most {MAX_EARLY_FRAMES} frames ({MAX_HELD_BYTES} bytes) before welcome"
+            self.refuse(ProtocolError("too_early", message, fatal=True))
+            return
+        early.append(data)
+        self._early_bytes += len(data)
+
     def _hello(self, hello: Hello) -> None:
+        if hello.create is not None:
+            self._early = deque()
+            defer.ensureDeferred(self._create_and_attach(hello))
+            return
+        self._attach(hello, None)
+
+    async def _create_and_attach(self, hello: Hello) -> None:
+        grant = self.attachment.grant
+        name = (hello.create.name if hello.create else None) or DEFAULT_SPEC
+        try:
+            if grant.kernel_id is not None or not grant.role.may_manage:
+                raise Forbidden("this token may not create kernels")
+            if kernelspec_model(name) is None:
+                raise _UnknownSpec(f"no kernel spec named {name!r}")
+            kernel = await self.manager.create(name)
+        except KernelError as e:
+            self._early = None
+            close_code = {
+                "forbidden": CLOSE_FORBIDDEN,
+                "unknown_kernel_spec": CLOSE_UNKNOWN_KERNEL,
+            }.get(e.code, CLOSE_CREATE_FAILED)
+            if not self._closed:
+                self._send_control("error", code=e.code, message=str(e), fatal=True)
+                self._close(close_code, str(e))
+            return
+        if self._closed:
+            self.manager.delete(kernel, "its client left before it was ready")
+            return
+        early, self._early = self._early or deque(), None
+        self._attach(hello, kernel)
+        for data in early:  # what the client sent after hello, in order
+            if self._closed:
+                break
+            self.receive(data)
+
+    def _attach(self, hello: Hello, kernel: Kernel | None) -> None:
         attachment = self.attachment
+        if kernel is not None:
+            self._welcome(hello, kernel)
+            return
         if not attachment.grant.covers(hello.kernel):
             message = "this token is for another kernel"
             self._send_control("error", code="forbidden", message=message, fatal=True)
@@ -189,11 +267,15 @@ class NativeSession:
             self._send_control("error", code=e.code, message=str(e), fatal=True)
             self._close(CLOSE_UNKNOWN_KERNEL, str(e))
             return
+        self._welcome(hello, kernel)
+
+    def _welcome(self, hello: Hello, kernel: Kernel) -> None:
+        attachment = self.attachment
         attachment.channels = hello.channels
         self.start = kernel.seq if hello.cursor is None else min(hello.cursor, kernel.seq)
         self._send_control(
             "welcome",
-            version=PROTOCOL_VERSION,
+            version=hello.version,
             kernel=kernel.model(),
             seq=kernel.seq if self._replay_on_attach else self.start,
             role=attachment.grant.role.value,
@@ -215,3 +297,7 @@ class NativeSession:
             self._reply("error", size, id=request.id, code=e.code, message=str(e), fatal=False)
             return
         self._reply(reply.pop("op"), size, id=request.id, **reply)
+
+
+class _UnknownSpec(KernelError):
+    code = "unknown_kernel_spec"

@@ -177,6 +177,8 @@ class ClientConnection(WebSocketServerProtocol):
         self.native.receive(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.native is not None:
+            self.native.connection_lost()
         if self.attachment is not None:
             self.attachment.detach()
 
