@@ -191,6 +191,29 @@ class CellmuxConnection(_WebsocketConnection):
             raise RuntimeError(f"cellmux refused the hello: {welcome.parts[0]!r}")
         return self
 
+    @classmethod
+    async def start(
+        cls, base_url: str, token: str, code: str
+    ) -> tuple[CellmuxConnection, str, CellResult]:
+        """A new kernel in one round trip: hello.create and the first
+        execute_request sent at once (protocol version 2); returns the
+        connection, the kernel id and the request's result."""
+        self = cls(None)
+        url = base_url.replace("http", "ws", 1).rstrip("/") + "/ws"
+        start = time.perf_counter()
+        self.ws = await connect(
+            url, additional_headers={"Authorization": f"token {token}"}, compression=None
+        )
+        hello = control_frame("hello", version=2, create={}, session=self.session)
+        msg_id = uuid.uuid4().hex
+        await self.ws.send(encode_frame(hello))
+        await self.ws.send(self._encode_execute(code, msg_id))
+        welcome = json.loads(decode_frame(await self.ws.recv()).parts[0])
+        if welcome["op"] != "welcome":
+            raise RuntimeError(f"cellmux refused the hello: {welcome}")
+        result = await self._collect(msg_id, start, True, 60)
+        return self, welcome["kernel"]["id"], result
+
     def _encode_execute(self, code: str, msg_id: str) -> bytes:
         parts = _execute_parts(code, self.session, msg_id)
         return frame_bytes(Channel.EXECUTE, JupyterSocket.SHELL, 0, parts)

@@ -44,6 +44,14 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
         s = r["start"]
         jup = _ms(s["jupyter"]["p50"])
         add("start, warm pool, p50", "ms", "low", _ms(s["cellmux (warm pool)"]["p50"]), jup)
+        if "cellmux (one round trip)" in s:
+            add(
+                "start, one round trip (hello.create), p50",
+                "ms",
+                "low",
+                _ms(s["cellmux (one round trip)"]["p50"]),
+                jup,
+            )
         add("start, empty pool, p50", "ms", "low", _ms(s["cellmux (empty pool)"]["p50"]), jup)
         add(
             "start, warm pool, p90",
@@ -201,6 +209,26 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 + ", ".join(
                     f"{n} {v['flood']['received_mb']:.0f}" for n, v in m.items() if "flood" in v
                 ),
+            )
+    if "idle" in r:
+        i = r["idle"]
+        if "cellmux" in i and "jupyter" in i:
+            add(
+                f"CPU per idle kernel ({i['cellmux']['kernels']} idle)",
+                "% of a core",
+                "low",
+                i["cellmux"]["per_kernel_pct"],
+                i["jupyter"]["per_kernel_pct"],
+            )
+        if "cellmux_many" in i:
+            many = i["cellmux_many"]
+            add(
+                f"server CPU with {many['kernels']} idle kernels",
+                "% of a core",
+                "low",
+                many["server_pct"],
+                None,
+                note=f"with none: {many['server_pct_empty']:.2f} %",
             )
     return out
 

@@ -157,6 +157,18 @@ class Suite:
             samples.append(await one(cellmux))
         out["cellmux (warm pool)"] = summary(samples)
 
+        samples = []
+        for _ in range(self.reps["start_warm"]):
+            cellmux.wait_pool(4)
+            conn, kernel_id, result = await CellmuxConnection.start(
+                cellmux.url, cellmux.token, "1+1"
+            )
+            assert result.status == "ok", result
+            samples.append(max(result.reply, result.idle))  # as one() does: both
+            await conn.close()
+            cellmux.delete_kernel(kernel_id)
+        out["cellmux (one round trip)"] = summary(samples)
+
         empty = start_cellmux("--pool-size", "0")
         try:
             await asyncio.sleep(1)
