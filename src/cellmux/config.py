@@ -64,6 +64,11 @@ class ServerConfig:
     #: and initialising a kernel takes ~100 ms of it). An emptied pool is
     #: refilled at once.
     pool_refill_delay: float = attrs.field(default=0.25, validator=_not_negative)
+    #: Most ready kernels the pool grows to while creates come fast (it
+    #: keeps about twice what is taken while one kernel starts).
+    pool_max: int = attrs.field(default=16, validator=_not_negative)
+    #: Seconds without a create before the pool shrinks back to pool_size.
+    pool_idle_shrink: float = attrs.field(default=60.0, validator=_positive)
     #: Most kernels (in use or pooled) alive at once.
     max_kernels: int = attrs.field(default=200, validator=_positive)
     #: Modules the nursery imports once, before forking, for every kernel.

@@ -66,6 +66,7 @@ from .lifecycle import (
     Transition,
 )
 from .links import KernelUnreachable, LinkUnavailable
+from .pooldemand import PoolDemand
 from .replay import Entry, ReplayLog
 from .runtimedir import disk_full
 from .stdin import MAX_PROMPT_BYTES, PendingInput, PendingPrompts, SessionOwners, cut_prompt
@@ -617,6 +618,10 @@ class KernelManager:
         self._incarnations: dict[bytes, Incarnation] = {}
         self._pool: deque[Incarnation] = deque()
         self._warming = 0
+        #: How many ready kernels to keep: pool_size, more while creates come fast.
+        self.demand = PoolDemand(
+            config.pool_size, config.pool_max, idle_after=config.pool_idle_shrink
+        )
         self._stopping = False
         self._tags: dict[tuple[int, int], bytes] = {}
         self._ticker: task.LoopingCall | None = None
@@ -714,17 +719,20 @@ class KernelManager:
         """
         if self._stopping or not self._nursery_running() or self._refill_retry.active():
             return
-        wanted = self.config.pool_size - len(self._pool) - self._warming
+        now = self.clock.seconds()
+        wanted = self.demand.wanted(now) - len(self._pool) - self._warming
         if self._start_backoff.failures:
             wanted = min(wanted, 1 - self._warming)  # while starts fail, one probe at a time
         room = self.config.max_kernels - len(self._incarnations)
         for _ in range(max(0, min(wanted, room))):
             self._warming += 1
             d = defer.ensureDeferred(self._spawn())
-            d.addCallbacks(self._pooled, self._pool_failed)
+            d.addCallbacks(self._pooled, self._pool_failed, callbackArgs=(now,))
 
-    def _pooled(self, inc: Incarnation) -> None:
+    def _pooled(self, inc: Incarnation, forked_at: float | None = None) -> None:
         self._warming -= 1
+        if forked_at is not None:
+            self.demand.started(self.clock.seconds() - forked_at)
         if self.start_error is not None:
             self.log.info("kernels start again (after {n} failed starts)", n=self.failed_starts)
         self._start_backoff.succeeded()
@@ -832,6 +840,7 @@ class KernelManager:
             # Pooled kernels started in their private directory: a kernel for
             # a notebook's folder is forked for it, and leaves the pool alone.
             return await self._spawn(cwd)
+        self.demand.took(self.clock.seconds())
         if self._pool:
             inc = self._pool.popleft()
         else:
@@ -1053,6 +1062,7 @@ class KernelManager:
                 kernel = inc.kernel
                 if kernel is not None and kernel.state in (KernelState.IDLE, KernelState.BUSY):
                     kernel.handle(Silent())
+        self._shrink_pool(now)
         for kernel in list(self.kernels.values()):
             if config.max_lifetime and now - kernel.created > config.max_lifetime:
                 self.delete(kernel, f"lifetime limit ({config.max_lifetime:g} s)")
@@ -1063,6 +1073,15 @@ class KernelManager:
                 and now - kernel.last_activity > config.idle_timeout
             ):
                 self.delete(kernel, f"idle timeout ({config.idle_timeout:g} s)")
+
+    def _shrink_pool(self, now: float) -> None:
+        """Demand has gone: end one extra ready kernel per tick, down to pool_size."""
+        demand = self.demand
+        if len(self._pool) > demand.wanted(now) and demand.may_shrink(now):
+            inc = self._pool.pop()  # the newest: the oldest have warmed longest
+            self._discard(inc)
+            self._kill(inc)
+            self._changed()
 
     def _ping_interval(self, inc: Incarnation) -> float:
         """Seconds between pings: every tick while a cell runs, rarely when idle.
