@@ -53,6 +53,14 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 jup,
             )
         add("start, empty pool, p50", "ms", "low", _ms(s["cellmux (empty pool)"]["p50"]), jup)
+        if "cellmux (5 creates/s)" in s:
+            add(
+                "start at 5 creates/s (pool follows demand), p90",
+                "ms",
+                "low",
+                _ms(s["cellmux (5 creates/s)"]["p90"]),
+                _ms(s["jupyter"]["p90"]),
+            )
         add(
             "start, warm pool, p90",
             "ms",

@@ -39,6 +39,7 @@ REPS = {
     "start_warm": 40,
     "start_empty": 12,
     "start_jupyter": 10,
+    "start_load_seconds": 20,
     "rtt_rounds": 5,
     "rtt_per_round": 40,
     "stream": 3,
@@ -177,12 +178,34 @@ class Suite:
             empty.stop()
         out["cellmux (empty pool)"] = summary(samples)
 
+        out["cellmux (5 creates/s)"] = await self._start_under_load(cellmux)
+
         samples = []
         for _ in range(self.reps["start_jupyter"]):
             samples.append(await one(self.servers["jupyter"]))
             await asyncio.sleep(0.3)  # let the deleted kernel go away
         out["jupyter"] = summary(samples)
         self.results["start"] = out
+
+    async def _start_under_load(self, server: Server) -> dict[str, float]:
+        """Start to first result while creates arrive at a steady 5 a second
+        (open loop: a slow start does not slow the arrivals)."""
+        rate, seconds = 5.0, self.reps["start_load_seconds"]
+        samples: list[float] = []
+
+        async def one() -> None:
+            conn, kernel_id, result = await CellmuxConnection.start(server.url, server.token, "1+1")
+            samples.append(max(result.reply, result.idle))
+            await conn.close()
+            await asyncio.to_thread(server.delete_kernel, kernel_id)
+
+        tasks = []
+        t0 = time.perf_counter()
+        for i in range(int(rate * seconds)):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.perf_counter()))
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        return summary(samples)
 
     # -- 2. rtt ----------------------------------------------------------------
 
