@@ -238,6 +238,18 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 None,
                 note=f"with none: {many['server_pct_empty']:.2f} %",
             )
+    if "thousand" in r:
+        t = r["thousand"]
+        add(
+            f"rtt p50 of {t['active']} active among {t['kernels']} live kernels",
+            "ms",
+            "low",
+            _ms(t["active_rtt"]["p50"]),
+            None,
+            note=f"p99 {_ms(t['active_rtt']['p99']):.1f} ms; a lone kernel's p50 "
+            f"{_ms(t['lone_rtt']['p50']):.2f} ms; start p50 {_ms(t['start']['p50']):.1f} ms; "
+            f"{t['memory_per_kernel_mb']:.1f} MB of RAM per kernel",
+        )
     return out
 
 

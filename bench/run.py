@@ -56,6 +56,9 @@ REPS = {
     "idle_kernels": 20,
     "idle_many": 300,
     "idle_seconds": 30,
+    "thousand_kernels": 1000,
+    "thousand_active": 100,
+    "thousand_seconds": 20,
 }
 STREAM_LINES = 200_000
 MESSAGE_LINES = 20_000
@@ -548,6 +551,75 @@ async def bench_idle(suite: Suite) -> None:
     suite.results["idle"] = out
 
 
+async def _rtt_loop(conn, seconds: float, out: list[float]) -> None:
+    """Run ``1+1`` back to back on one connection for C{seconds}."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        r = await conn.execute("1+1", timeout=OUTPUT_TIMEOUT)
+        if r.timed_out:
+            raise RuntimeError("a cell timed out")
+        out.append(max(r.reply, r.idle))
+
+
+async def bench_thousand(suite: Suite) -> None:
+    """A thousand live kernels, a tenth of them running cells: their round
+    trip beside a lone kernel's, start time, and memory per kernel."""
+    n, active, seconds = (
+        suite.reps["thousand_kernels"],
+        suite.reps["thousand_active"],
+        suite.reps["thousand_seconds"],
+    )
+    server = start_cellmux("--pool-size", "4", "--max-kernels", str(n + 20))
+    suite.servers["cellmux-1000"] = server
+    out: dict[str, Any] = {"kernels": n, "active": active}
+    models: list[dict] = []
+    try:
+        available0 = psutil.virtual_memory().available
+        lone: list[float] = []
+        async with suite.kernel_conn("cellmux-1000") as conn:
+            await _rtt_loop(conn, 5, lone)
+        out["lone_rtt"] = summary(lone)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            models.append(server.create_kernel())
+        out["create_all_seconds"] = time.perf_counter() - t0
+        conns = []
+        for m in models:  # every kernel runs one cell; the active ones stay attached
+            conn = await suite.connect("cellmux-1000", m["id"])
+            await conn.execute("0", timeout=OUTPUT_TIMEOUT)
+            if len(conns) < active:
+                conns.append(conn)
+            else:
+                await conn.close()
+        await asyncio.sleep(5)
+        out["memory_per_kernel_mb"] = (available0 - psutil.virtual_memory().available) / n / 2**20
+        sample = [server.request("GET", f"/api/kernels/{m['id']}")[1]["pid"] for m in models[::50]]
+        out["uss_mb"] = statistics.fmean(
+            psutil.Process(pid).memory_full_info().uss / 2**20 for pid in sample
+        )
+        busy: list[float] = []
+        await asyncio.gather(*(_rtt_loop(c, seconds, busy) for c in conns))
+        out["active_rtt"] = summary(busy)
+        for c in conns:
+            await c.close()
+        starts = []
+        for _ in range(10):
+            server.wait_pool(4)
+            t0 = time.perf_counter()
+            m = server.create_kernel()
+            conn = await suite.connect("cellmux-1000", m["id"])
+            await conn.execute("1+1")
+            starts.append(time.perf_counter() - t0)
+            await conn.close()
+            server.delete_kernel(m["id"])
+        out["start"] = summary(starts)
+        print(f"  thousand: {out}", flush=True)
+    finally:
+        suite.servers.pop("cellmux-1000", None)
+        server.stop()
+    suite.results["thousand"] = out
+
+
 STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "start": Suite.bench_start,
     "rtt": Suite.bench_rtt,
@@ -557,6 +629,7 @@ STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "concurrency": Suite.bench_concurrency,
     "memory": Suite.bench_memory,
     "idle": bench_idle,
+    "thousand": bench_thousand,
 }
 
 
