@@ -44,6 +44,15 @@ def test_five_creates_a_second_keep_about_twice_a_refill_worth_extra():
     assert demand.wanted(9.9) == 2 + 2  # 2 * 5/s * 0.15 s, rounded
 
 
+def test_a_create_now_and_then_is_no_demand_to_grow_for():
+    demand = PoolDemand(1, 16, refill=5.0)  # even with very slow starts
+    demand.took(0)
+    demand.took(4)
+    assert demand.wanted(5) == 1
+    demand.took(5)
+    assert demand.wanted(5) > 1
+
+
 def test_the_pool_may_shrink_only_after_demand_has_gone_for_idle_after():
     demand = PoolDemand(2, 16, idle_after=60)
     assert demand.may_shrink(0)

@@ -5,7 +5,8 @@ A create finds a ready kernel if the pool did not run dry while its
 replacements were starting. With creates arriving at C{rate} per second and
 a kernel taking C{refill} seconds from fork to ready, about C{rate * refill}
 are taken during one refill; the pool keeps twice that on top of the
-configured C{base} (rounded), up to C{cap}. When nobody has created a kernel for
+configured C{base} (rounded), up to C{cap}, once at least L{MIN_TAKES}
+creates came in the window. When nobody has created a kernel for
 C{idle_after} seconds it gives the extra back, one kernel per check.
 
 No I/O and no clock of its own: the kernel manager passes C{now}.
@@ -18,12 +19,15 @@ from collections import deque
 
 import attrs
 
-__all__ = ["MAX_TAKES", "PoolDemand"]
+__all__ = ["MAX_TAKES", "MIN_TAKES", "PoolDemand"]
 
 #: Weight of the newest start time in the running estimate of refill time.
 _SMOOTHING = 0.3
 #: Most creates remembered (at 1,000 creates a second, the whole window).
 MAX_TAKES = 10_000
+#: Fewer creates than this in the window are not a demand to grow for (a
+#: user opening a notebook now and then, a test creating one kernel).
+MIN_TAKES = 3
 
 
 @attrs.define
@@ -60,8 +64,10 @@ class PoolDemand:
     def wanted(self, now: float) -> int:
         """Ready kernels to keep now."""
         cap = max(self.base, self.cap)
-        # Rounded, not ceiled: one create in a quiet minute wants no extra.
-        extra = math.floor(2 * self.rate(now) * self.refill + 0.5)
+        rate = self.rate(now)
+        if len(self._takes) < MIN_TAKES:
+            return self.base
+        extra = math.floor(2 * rate * self.refill + 0.5)
         return min(cap, self.base + extra)
 
     def may_shrink(self, now: float) -> bool:
