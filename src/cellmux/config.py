@@ -14,7 +14,12 @@ import attrs
 from .protocol import DEFAULT_MAX_FRAME_SIZE
 from .protocol.nursery import DEFAULT_KILL_GRACE, DEFAULT_UID_RANGE
 
-__all__ = ["KERNEL_ENV_PASSTHROUGH", "ConfigError", "ServerConfig", "load_config_file"]
+__all__ = [
+    "KERNEL_ENV_PASSTHROUGH",
+    "ConfigError",
+    "ServerConfig",
+    "load_config_file",
+]
 
 DEFAULT_PORT = 8800
 
@@ -46,6 +51,20 @@ def _uid_range(_instance: object, attribute: attrs.Attribute, value: tuple) -> N
     ints = len(value) == 2 and all(isinstance(v, int) for v in value)
     if not ints or not 0 < value[0] <= value[1]:
         raise ConfigError(f"{attribute.name} must be [first, last] uids above 0, not {value!r}")
+
+
+def _networks(_instance: object, attribute: attrs.Attribute, value: tuple) -> None:
+    import ipaddress
+
+    for item in value:
+        try:
+            if not isinstance(item, str):
+                raise TypeError(item)
+            ipaddress.ip_network(item, strict=False)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{attribute.name}: {item!r} is not an IP address or network (e.g. 10.0.0.0/8)"
+            ) from None
 
 
 @attrs.frozen(kw_only=True)
@@ -164,6 +183,27 @@ class ServerConfig:
     kernel_quota: int = attrs.field(default=1024 * 1024 * 1024, validator=_positive)
     #: Longest wall time, in seconds, one ``POST /service`` run may take.
     service_timeout: float = attrs.field(default=30.0, validator=_positive)
+
+    #: PEM certificate (chain) and unencrypted private key: with both, the
+    #: server speaks TLS itself (https and wss on ``port``; server/tls.py).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: ``Strict-Transport-Security: max-age`` in seconds on every response
+    #: that came over TLS (directly or from a trusted proxy); 0: no header.
+    hsts_max_age: int = attrs.field(default=31536000, validator=_not_negative)
+    #: Peer addresses or networks (``"127.0.0.1"``, ``"10.0.0.0/8"``) whose
+    #: ``X-Forwarded-For``/``-Proto``/``-Host`` headers are believed
+    #: (server/proxy.py); everybody else's are ignored.
+    trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_networks)
+
+    def __attrs_post_init__(self) -> None:
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("TLS needs both tls_cert and tls_key (--tls-cert and --tls-key)")
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server speaks TLS itself."""
+        return bool(self.tls_cert and self.tls_key)
 
     def replace(self, **changes: Any) -> ServerConfig:
         return attrs.evolve(self, **changes)

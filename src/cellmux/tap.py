@@ -16,6 +16,7 @@ from .cli import EXIT_SETTINGS, EXIT_START_FAILED
 from .config import ConfigError, ServerConfig, load_config_file
 from .server.auth import generate_token
 from .server.service import CellmuxService
+from .server.tls import certificate_options
 from .server.tokenscrub import scrub_token
 
 __all__ = ["Options", "build_service", "config_from_options", "makeService"]
@@ -97,6 +98,14 @@ class Options(usage.Options):
             _number("service-timeout", float, "a number of seconds", 0),
         ],
         ["state-dir", None, None, "Where kernels are recorded for crash recovery."],
+        ["tls-cert", None, None, "PEM certificate (chain): serve https and wss (with --tls-key)."],
+        ["tls-key", None, None, "PEM private key of --tls-cert (unencrypted)."],
+        [
+            "trusted-proxies",
+            None,
+            None,
+            "Comma-separated proxy addresses/networks whose X-Forwarded-* headers count.",
+        ],
     ]
 
     def getSynopsis(self) -> str:
@@ -125,7 +134,11 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         try:
-            self["server_config"] = config_from_options(self)
+            config = self["server_config"] = config_from_options(self)
+            if config.tls:
+                # A wrong file is one line and exit status 2 now, not a
+                # server that fails every handshake later.
+                certificate_options(config.tls_cert, config.tls_key)
         except (ConfigError, TypeError) as e:
             raise usage.UsageError(str(e)) from None
 
@@ -144,12 +157,20 @@ def config_from_options(options: Options) -> ServerConfig:
         ("kernel-quota", "kernel_quota"),
         ("service-timeout", "service_timeout"),
         ("state-dir", "state_dir"),
+        ("tls-cert", "tls_cert"),
+        ("tls-key", "tls_key"),
     ]:
         if options[option] is not None:
             settings[setting] = options[option]
+    if options["trusted-proxies"] is not None:
+        settings["trusted_proxies"] = _split(options["trusted-proxies"])
     if options["preload"]:
         settings["preload"] = [m.strip() for m in options["preload"].split(",") if m.strip()]
     return ServerConfig(**settings)
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def build_service(options: Options) -> CellmuxService:

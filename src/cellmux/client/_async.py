@@ -8,6 +8,7 @@ import getpass
 import inspect
 import json
 import logging
+import ssl
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Iterable
@@ -31,7 +32,14 @@ from cellmux.protocol import (
 )
 from cellmux.protocol.jupyter import JUPYTER_PROTOCOL_VERSION
 
-from ._http import DEFAULT_URL, RestAPI, auth_headers, error_from_body, websocket_url
+from ._http import (
+    DEFAULT_URL,
+    RestAPI,
+    auth_headers,
+    error_from_body,
+    tls_context,
+    websocket_url,
+)
 from ._results import (
     CellmuxError,
     ConnectionClosed,
@@ -94,14 +102,25 @@ class AsyncClient:
     @param url: the server's base URL.
     @param token: the authentication token, sent as C{Authorization: token …}.
     @param http_timeout: seconds to wait for each REST response.
+    @param cafile: a PEM file of CA certificates to trust besides the
+        system's, for an https server with a self-signed certificate
+        (default: C{$CELLMUX_CAFILE}).
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, token: str | None = None, *, http_timeout: float = 60.0
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        http_timeout: float = 60.0,
+        cafile: str | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.token = token
-        self.rest = RestAPI(self.url, token, http_timeout)
+        secure = self.url.lower().startswith("https:")
+        #: The TLS context of https and wss (None for plain http).
+        self.tls = tls_context(cafile) if secure else None
+        self.rest = RestAPI(self.url, token, http_timeout, tls=self.tls)
 
     async def version(self) -> str:
         """The server's version string."""
@@ -177,6 +196,7 @@ class AsyncClient:
                 websocket_url(self.url),
                 kernel_id,
                 token=self.token,
+                tls=self.tls,
                 channels=chans,
                 session=session or uuid.uuid4().hex,
                 timeout=timeout,
@@ -387,6 +407,7 @@ class AsyncKernel:
         kernel_id: str | None,
         *,
         token: str | None = None,
+        tls: ssl.SSLContext | None = None,
         channels: list[int] | None = None,
         session: str | None = None,
         timeout: float | None = 30.0,
@@ -411,6 +432,7 @@ class AsyncKernel:
                 max_size=MAX_MESSAGE_SIZE,
                 compression=None,
                 open_timeout=timeout,
+                **({"ssl": tls} if tls is not None else {}),
             )
         except websockets.InvalidStatus as e:
             response = e.response

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -13,12 +15,24 @@ from cellmux.protocol import boundedjson
 
 from ._results import CellmuxError, HTTPError, KernelModel
 
-__all__ = ["DEFAULT_URL", "RestAPI", "auth_headers", "error_from_body", "websocket_url"]
+__all__ = [
+    "CAFILE_VARIABLE",
+    "DEFAULT_URL",
+    "RestAPI",
+    "auth_headers",
+    "error_from_body",
+    "tls_context",
+    "websocket_url",
+]
 
 log = logging.getLogger(__name__)
 
 #: Where a cellmux server listens unless told otherwise.
 DEFAULT_URL = "http://127.0.0.1:8800"
+
+#: The environment variable naming extra CA certificates to trust, for a
+#: server with a self-signed or private-CA certificate.
+CAFILE_VARIABLE = "CELLMUX_CAFILE"
 
 _WS_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 
@@ -26,6 +40,23 @@ _WS_SCHEMES = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}
 def auth_headers(token: str | None) -> dict[str, str]:
     """The headers that authenticate a request with C{token} (none without one)."""
     return {"Authorization": "token " + token} if token else {}
+
+
+def tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """The TLS context for https and wss: the system's CAs, plus C{cafile}
+    (or C{$CELLMUX_CAFILE}) if given. Certificates and host names are
+    always verified.
+
+    @raise CellmuxError: if the CA file cannot be read.
+    """
+    cafile = cafile or os.environ.get(CAFILE_VARIABLE) or None
+    context = ssl.create_default_context()
+    if cafile:
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except (OSError, ssl.SSLError) as e:
+            raise CellmuxError(f"cannot load CA certificates from {cafile}: {e}") from None
+    return context
 
 
 def websocket_url(base_url: str) -> str:
@@ -61,12 +92,20 @@ class RestAPI:
     @param url: the server's base URL, e.g. C{"http://127.0.0.1:8800"}.
     @param token: the authentication token, or None.
     @param timeout: seconds to wait for each response.
+    @param tls: the TLS context for https URLs (default: L{tls_context}()).
     """
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 60.0):
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        timeout: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.tls = tls
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """Send one request and return its decoded JSON body (None if empty).
@@ -81,8 +120,12 @@ class RestAPI:
             headers["Content-Type"] = "application/json"
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         log.debug("%s %s", method, url)
+        if self.tls is None and url.lower().startswith("https:"):
+            self.tls = tls_context()
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(
+                request, timeout=self.timeout, context=self.tls
+            ) as response:
                 payload = response.read()
         except urllib.error.HTTPError as e:
             with e:

@@ -101,12 +101,19 @@ class Client:
     @param url: the server's base URL.
     @param token: the authentication token, sent as C{Authorization: token …}.
     @param http_timeout: seconds to wait for each REST response.
+    @param cafile: CA certificates to trust besides the system's, for an
+        https server with a self-signed certificate (default: C{$CELLMUX_CAFILE}).
     """
 
     def __init__(
-        self, url: str = DEFAULT_URL, token: str | None = None, *, http_timeout: float = 60.0
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        http_timeout: float = 60.0,
+        cafile: str | None = None,
     ) -> None:
-        self.async_client = AsyncClient(url, token, http_timeout=http_timeout)
+        self.async_client = AsyncClient(url, token, http_timeout=http_timeout, cafile=cafile)
         self._rest = self.async_client.rest
         self._loop: _LoopThread | None = None
         self._lock = threading.Lock()

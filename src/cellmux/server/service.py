@@ -43,9 +43,11 @@ from .orphans import (
 )
 from .pages import EmbedKernels, PageResource, StaticResource, load_assets
 from .permalinks import PermalinkResource
+from .proxy import TrustedProxies, client_address, forwarding_request_factory
 from .refusals import Line, RefusalLog
 from .runtimedir import make_private_runtime_dir, prepare_runtime_dir, remove_owned
 from .store import DEFAULT_DATABASE, adopt_old_default_database, open_store
+from .tls import TLSFactory, certificate_options, hsts_header
 from .webjson import bounded_request_factory
 from .websocket import ClientFactory
 
@@ -81,7 +83,7 @@ def redacted_log_formatter(timestamp: str, request: server.Request) -> str:
     uri = redact_tokens(request.uri)
     referer = redact_tokens(request.getHeader(b"referer") or b"-")
     fields = [
-        request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else "-",
+        client_address(request) or "-",
         timestamp,
         f"{request.method.decode(errors='replace')} {uri.decode(errors='replace')} "
         f"{request.clientproto.decode(errors='replace')}",
@@ -94,6 +96,7 @@ def redacted_log_formatter(timestamp: str, request: server.Request) -> str:
 
 
 def build_site(manager: KernelManager, auth: TokenAuth, store=None) -> server.Site:
+    config = manager.config
     root = _Root()
     jupyter_channels = WebSocketResource(JupyterChannelsFactory(manager, auth))
     root.putChild(b"api", ApiResource(manager, auth, channels=jupyter_channels))
@@ -112,10 +115,16 @@ def build_site(manager: KernelManager, auth: TokenAuth, store=None) -> server.Si
     root.putChild(b"static", StaticResource(assets))
     root.putChild(b"poll", PollResource(manager, auth))
     root.putChild(b"embed", EmbedKernels(manager, auth))
+    # Forwarding headers are applied (or ignored) before any resource runs.
+    request_factory = forwarding_request_factory(
+        bounded_request_factory(config.max_upload_size),
+        TrustedProxies.from_strings(config.trusted_proxies),
+        hsts_header(config.hsts_max_age),
+    )
     site = server.Site(
         root,
         logFormatter=redacted_log_formatter,
-        requestFactory=bounded_request_factory(manager.config.max_upload_size),
+        requestFactory=request_factory,
         parsePOSTFormSubmission=False,
     )
     site.displayTracebacks = False
@@ -264,6 +273,9 @@ class CellmuxService(service.Service):
         self._record.changed()
         await self.nursery.ready
         self.manager.start()
+        # Read again (not only when the options were parsed): a renewed
+        # certificate is picked up by a restart.
+        tls = certificate_options(config.tls_cert, config.tls_key) if config.tls else None
         listen = endpoints.serverFromString(
             self.reactor, f"tcp:{config.port}:interface={config.host.replace(':', chr(92) + ':')}"
         )
@@ -277,12 +289,13 @@ class CellmuxService(service.Service):
             )
         self.store = open_store(self.reactor, database, state_dir, config.database_timeout)
         site = build_site(self.manager, self.auth, self.store)
-        self._listening = await listen.listen(
-            GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
-        )
+        factory = GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
+        if tls is not None:
+            factory = TLSFactory(tls, False, factory)
+        self._listening = await listen.listen(factory)
         port = self._listening.getHost().port
         host = f"[{config.host}]" if ":" in config.host else config.host
-        base = f"http://{host}:{port}/"
+        base = f"{'https' if tls is not None else 'http'}://{host}:{port}/"
         self.url = base
         self.log.info(
             "cellmux {version} is serving at {url}", version=cellmux.__version__, url=base

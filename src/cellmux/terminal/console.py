@@ -30,7 +30,7 @@ from collections.abc import AsyncGenerator, Iterable
 from pathlib import Path
 from typing import Any
 
-from cellmux.client import AsyncClient, AsyncKernel, CellmuxError, KernelDied
+from cellmux.client import AsyncKernel, CellmuxError, KernelDied
 
 from .render import PROMPT_GRACE, Renderer
 from .server import (
@@ -242,7 +242,7 @@ class Console:
 
 
 async def _console(options: ServerOptions, kernel_id: str, renderer: Renderer) -> None:
-    client = AsyncClient(options.url, options.token)
+    client = options.async_client()
     async with client.connect(kernel_id) as kernel:
         renderer.line(
             f"cellmux console on kernel {kernel_id} at {options.url}\n"

@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 
-from cellmux.client import DEFAULT_URL, Client, HTTPError, KernelModel
+from cellmux.client import DEFAULT_URL, AsyncClient, Client, HTTPError, KernelModel
 
 __all__ = [
     "DEFAULT_KERNEL_NAME",
@@ -54,15 +54,20 @@ class ServerOptions:
 
     url: str
     token: str | None
+    #: Extra CA certificates for an https server (None: $CELLMUX_CAFILE, if set).
+    cafile: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ServerOptions:
         url = args.server or os.environ.get("CELLMUX_URL") or DEFAULT_URL
         token = args.token or os.environ.get("CELLMUX_TOKEN") or None
-        return cls(url.rstrip("/"), token)
+        return cls(url.rstrip("/"), token, getattr(args, "cafile", None))
 
     def client(self) -> Client:
-        return Client(self.url, token=self.token)
+        return Client(self.url, token=self.token, cafile=self.cafile)
+
+    def async_client(self) -> AsyncClient:
+        return AsyncClient(self.url, self.token, cafile=self.cafile)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +80,12 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--token",
         help="the server's token (default: $CELLMUX_TOKEN; prefer the variable: "
         "arguments are visible to every user of the machine)",
+    )
+    parser.add_argument(
+        "--cafile",
+        metavar="PEM",
+        help="CA certificates to trust for an https server, e.g. its self-signed "
+        "certificate (default: $CELLMUX_CAFILE)",
     )
 
 

@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import sys
 
-from cellmux.client import AsyncClient, CellmuxError, ExecutionResult, Message
+from cellmux.client import CellmuxError, ExecutionResult, Message
 from cellmux.protocol import Channel, Frame
 
 from . import console
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _watch(options: ServerOptions, kernel_id: str, renderer: Renderer) -> None:
-    client = AsyncClient(options.url, options.token)
+    client = options.async_client()
     monitor = Monitor(renderer)
     async with client.connect(kernel_id, WATCHED_CHANNELS) as kernel:
         renderer.line(f"watching kernel {kernel_id} (Ctrl-C stops)", sys.stderr)
