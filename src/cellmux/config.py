@@ -195,6 +195,9 @@ class ServerConfig:
     #: ``X-Forwarded-For``/``-Proto``/``-Host`` headers are believed
     #: (server/proxy.py); everybody else's are ignored.
     trusted_proxies: tuple[str, ...] = attrs.field(default=(), converter=tuple, validator=_networks)
+    #: A token that may read ``/metrics`` (besides the server token), for a
+    #: Prometheus that must not hold the owner's token (None: only the owner).
+    metrics_token: str | None = None
 
     def __attrs_post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -164,6 +164,8 @@ def config_from_options(options: Options) -> ServerConfig:
             settings[setting] = options[option]
     if options["trusted-proxies"] is not None:
         settings["trusted_proxies"] = _split(options["trusted-proxies"])
+    if not settings.get("metrics_token") and os.environ.get("CELLMUX_METRICS_TOKEN"):
+        settings["metrics_token"] = os.environ["CELLMUX_METRICS_TOKEN"]
     if options["preload"]:
         settings["preload"] = [m.strip() for m in options["preload"].split(",") if m.strip()]
     return ServerConfig(**settings)
@@ -176,6 +178,8 @@ def _split(value: str) -> list[str]:
 def build_service(options: Options) -> CellmuxService:
     """The server for parsed C{options} (``cellmux serve`` runs it itself)."""
     config: ServerConfig = options["server_config"]
+    # Only the config holds it now (kernels never inherit the environment).
+    os.environ.pop("CELLMUX_METRICS_TOKEN", None)
     token = config.token or os.environ.get("CELLMUX_TOKEN") or generate_token()
     # Kernels of a server without root share its uid: nothing of the token
     # may stay readable in /proc (security.md, "Without root").

@@ -47,6 +47,7 @@ from cellmux.protocol import (
 )
 from cellmux.protocol.jupyter import jupyter_parts
 
+from .counters import ServerCounters
 from .history import HISTORY_LENGTH, HistoryEntry, InputHistory
 from .lifecycle import (
     RUNNING,
@@ -275,7 +276,7 @@ class Kernel:
         self.incarnation: Incarnation | None = None
         self.clients: set[ClientSink] = set()
         self.seq = 0
-        self.replay = ReplayLog(manager.config.replay_bytes)
+        self.replay = ReplayLog(manager.config.replay_bytes, getattr(manager, "counters", None))
         self.created = self._clock.seconds()
         #: The last request from, or attach or detach of, a client, or
         #: output while a client was attached (what culling measures).
@@ -615,6 +616,8 @@ class KernelManager:
         self.router = None
         #: Bytes of link credit a kernel may hold (docs/protocol.md).
         self.credit_window = credit_window(config.replay_bytes)
+        #: Running totals for /metrics (plain ints; server/counters.py).
+        self.counters = ServerCounters()
         self._incarnations: dict[bytes, Incarnation] = {}
         self._pool: deque[Incarnation] = deque()
         self._warming = 0
@@ -678,6 +681,9 @@ class KernelManager:
 
     def send_to_process(self, inc: Incarnation, channel: int, socket: int, parts: list) -> None:
         self.router.send_to_kernel(inc.link_id, [self.tag(channel, socket), *parts])
+        counters = self.counters
+        counters.frames_to_kernels += 1
+        counters.bytes_to_kernels += sum(map(len, parts))
 
     def went_idle(self, kernel: Kernel) -> None:
         for listener in self.idle_listeners:
@@ -774,6 +780,7 @@ class KernelManager:
         if not self._nursery_running():
             raise NurseryUnavailable(self.degraded or "the nursery is not running")
         if len(self._incarnations) >= self.config.max_kernels:
+            self.counters.limits_hit["max_kernels"] += 1
             raise TooManyKernels(f"at most {self.config.max_kernels} kernels")
         full = disk_full(self.workdir_root) if self.workdir_root else None
         if full is not None:
@@ -781,9 +788,12 @@ class KernelManager:
             raise RuntimeDiskFull(f"cannot start a kernel: {full}; try again later")
         inc = Incarnation(secrets.token_bytes(16), secrets.token_bytes(32))
         inc.credit = self.credit_window
+        forked_at = self.clock.seconds()
         try:
             endpoint = self.router.expect(inc.link_id, inc.secret)
         except LinkUnavailable as e:  # short of descriptors: 503, not a crash
+            if e.busy:
+                self.counters.limits_hit["open_files"] += 1
             raise (OutOfDescriptors if e.busy else KernelStartFailed)(str(e)) from None
         inc.workdir = os.path.join(self.workdir_root, inc.link)
         self._incarnations[inc.link_id] = inc
@@ -813,7 +823,14 @@ class KernelManager:
                 raise NurseryUnavailable(self.degraded or "the nursery is not running") from None
             raise KernelStartFailed(f"could not fork a kernel: {e}") from None
         self._changed()  # a new process: the server record names it
-        return await inc.ready
+        try:
+            ready = await inc.ready
+        except Exception:
+            self.counters.process_start_failures += 1
+            raise
+        self.counters.process_starts += 1
+        self.counters.process_start_seconds.observe(self.clock.seconds() - forked_at)
+        return ready
 
     def _start_timed_out(self, inc: Incarnation) -> None:
         inc.timeout = None
@@ -874,7 +891,11 @@ class KernelManager:
         inc = self._incarnations.get(link_id)
         if inc is None:
             return
-        inc.credit -= sum(map(len, parts))
+        size = sum(map(len, parts))
+        inc.credit -= size
+        counters = self.counters
+        counters.frames_from_kernels += 1
+        counters.bytes_from_kernels += size
         kernel = inc.kernel
         if kernel is not None:
             kernel.relay(channel, socket, parts)
@@ -922,6 +943,8 @@ class KernelManager:
     def _process_died(self, kernel: Kernel, cause: str, limit: str | None) -> None:
         """A kernel's process ended: dead, and restarted if configured."""
         auto = kernel.auto_restart and kernel.restarts.take(self.clock.seconds())
+        if limit:
+            self.counters.limits_hit[limit] += 1
         kernel.unbind()
         kernel.handle(Exited(cause, limit, auto))
         self.log.info("kernel {id} died: {cause}", id=kernel.id, cause=cause)
@@ -1114,11 +1137,13 @@ class KernelManager:
         kernel.cwd = cwd
         kernel.bind(inc)
         self.kernels[kernel.id] = kernel
+        took = time.perf_counter() - started
+        self.counters.created("pool" if from_pool else "forked", took)
         self.log.info(
             "kernel {id} started ({source}) in {ms:.2f} ms",
             id=kernel.id,
             source="from the pool" if from_pool else "forked on demand",
-            ms=(time.perf_counter() - started) * 1000,
+            ms=took * 1000,
         )
         self._changed()
         return kernel

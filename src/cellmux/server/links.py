@@ -298,7 +298,8 @@ class LinkRouter(ZmqRouterConnection):
             event = link.receive(parts)
         except ProtocolError as e:
             source = LINK_SOURCE + link_id.hex()
-            if self.refusals.note(source, f"{e.code}: {e.message}") and link.ready:
+            refused = self.refusals.note(source, f"{e.code}: {e.message}", kind=LINK_SOURCE.strip())
+            if refused and link.ready:
                 self._sink.link_violation(link_id, e.code, e.message)
             return
         if isinstance(event, KernelFrame):

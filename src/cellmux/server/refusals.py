@@ -14,6 +14,7 @@ drives it with a Twisted clock and a logger.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -106,9 +107,17 @@ class RefusalLog:
         self._emit = emit
         self._tally = RefusalTally(interval)
         self._flush_call: Any = None
+        #: Refusals since the start by kind (for /metrics); kinds are fixed
+        #: by the code, so this stays small.
+        self.totals: Counter[str] = Counter()
 
-    def note(self, source: str, detail: str = "") -> bool:
-        """Count one refusal; True if a line about it was emitted right now."""
+    def note(self, source: str, detail: str = "", kind: str | None = None) -> bool:
+        """Count one refusal; True if a line about it was emitted right now.
+
+        @param kind: what /metrics counts it under (default: C{source}); give
+            one for sources that name a peer.
+        """
+        self.totals[kind or source] += 1
         line = self._tally.note(source, self._clock.seconds(), detail)
         if line is not None:
             self._emit(line)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import attrs
 
@@ -57,8 +58,10 @@ class ReplayLog:
     a client that is one frame behind can always catch up.
     """
 
-    def __init__(self, max_bytes: int = DEFAULT_REPLAY_BYTES) -> None:
+    def __init__(self, max_bytes: int = DEFAULT_REPLAY_BYTES, counters: Any = None) -> None:
         self.max_bytes = max_bytes
+        #: Where gaps are counted (a ServerCounters), if anywhere.
+        self._counters = counters
         self._entries: deque[Entry] = deque()
         self._bytes = 0
         self._last_seq = 0
@@ -95,6 +98,9 @@ class ReplayLog:
         cursor = min(cursor, self._last_seq)
         first = self.first_seq
         gap = Gap(cursor + 1, first - 1) if cursor + 1 < first else None
+        if gap is not None and self._counters is not None:
+            self._counters.gaps += 1
+            self._counters.missed_frames += gap.missed
         # Entries are in seq order with no holes, so the start is an offset.
         start = max(0, cursor + 1 - first)
         return gap, itertools.islice(self._entries, start, None)

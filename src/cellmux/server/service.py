@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
@@ -31,6 +32,7 @@ from .limits import DescriptorGuard, GuardedFactory, raise_open_files_limit
 from .links import LinkRouter
 from .login import LoginResource
 from .longpoll import PollResource
+from .metrics import MetricsResource, ServerCollector
 from .nursery import NurseryProcess
 from .oneshot import OneShotResource
 from .orphans import (
@@ -95,9 +97,16 @@ def redacted_log_formatter(timestamp: str, request: server.Request) -> str:
     return '"{}" - - {} "{}" {} {} "{}" "{}"'.format(*fields)
 
 
-def build_site(manager: KernelManager, auth: TokenAuth, store=None) -> server.Site:
+def build_site(
+    manager: KernelManager,
+    auth: TokenAuth,
+    store=None,
+    refusal_logs: Callable[[], dict[str, RefusalLog | None]] = dict,
+) -> server.Site:
     config = manager.config
     root = _Root()
+    collector = ServerCollector(manager, refusal_logs)
+    root.putChild(b"metrics", MetricsResource(collector, auth, config.metrics_token))
     jupyter_channels = WebSocketResource(JupyterChannelsFactory(manager, auth))
     root.putChild(b"api", ApiResource(manager, auth, channels=jupyter_channels))
     root.putChild(b"kernelspecs", KernelspecFiles(auth))
@@ -288,7 +297,7 @@ class CellmuxService(service.Service):
                 os.path.join(state_dir, DEFAULT_DATABASE),
             )
         self.store = open_store(self.reactor, database, state_dir, config.database_timeout)
-        site = build_site(self.manager, self.auth, self.store)
+        site = build_site(self.manager, self.auth, self.store, self._refusal_logs)
         factory = GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
         if tls is not None:
             factory = TLSFactory(tls, False, factory)
@@ -320,6 +329,10 @@ class CellmuxService(service.Service):
                 limit=limit,
                 kernels=self.config.max_kernels,
             )
+
+    def _refusal_logs(self) -> dict[str, RefusalLog | None]:
+        router = self._router
+        return {"http": self._refusals, "links": router.refusals if router is not None else None}
 
     def _kernels_allowed(self) -> int:
         started = self._router.link_count if self._router is not None else 0
