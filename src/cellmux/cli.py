@@ -96,10 +96,14 @@ def serve(argv: list[str]) -> int:
     except usage.UsageError as e:
         print(f"cellmux serve: {e} (cellmux serve --help lists the options)", file=sys.stderr)
         return EXIT_SETTINGS
+    if options["server_config"].log_format == "json":
+        from .logs import json_observer
+
+        lines = json_observer(sys.stderr)
+    else:
+        lines = textFileLogObserver(sys.stderr)
     observer = _StartFailureObserver(
-        FilteringLogObserver(
-            textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.info)]
-        )
+        FilteringLogObserver(lines, [LogLevelFilterPredicate(LogLevel.info)])
     )
     # stdout stays the terminal's: the URL with the token is printed there,
     # and must never end up in the log.

@@ -16,6 +16,7 @@ from .protocol.nursery import DEFAULT_KILL_GRACE, DEFAULT_UID_RANGE
 
 __all__ = [
     "KERNEL_ENV_PASSTHROUGH",
+    "LOG_FORMATS",
     "ConfigError",
     "ServerConfig",
     "load_config_file",
@@ -51,6 +52,15 @@ def _uid_range(_instance: object, attribute: attrs.Attribute, value: tuple) -> N
     ints = len(value) == 2 and all(isinstance(v, int) for v in value)
     if not ints or not 0 < value[0] <= value[1]:
         raise ConfigError(f"{attribute.name} must be [first, last] uids above 0, not {value!r}")
+
+
+#: The formats of the server's log (``log_format``).
+LOG_FORMATS = ("text", "json")
+
+
+def _one_of(value: object, name: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
 def _networks(_instance: object, attribute: attrs.Attribute, value: tuple) -> None:
@@ -198,6 +208,11 @@ class ServerConfig:
     #: A token that may read ``/metrics`` (besides the server token), for a
     #: Prometheus that must not hold the owner's token (None: only the owner).
     metrics_token: str | None = None
+    #: ``text`` (human lines) or ``json`` (one JSON object per line) for
+    #: ``cellmux serve``'s log on stderr.
+    log_format: str = attrs.field(
+        default="text", validator=lambda _i, _a, v: _one_of(v, "log_format", LOG_FORMATS)
+    )
 
     def __attrs_post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -106,6 +106,7 @@ class Options(usage.Options):
             None,
             "Comma-separated proxy addresses/networks whose X-Forwarded-* headers count.",
         ],
+        ["log-format", None, None, "text or json (one JSON object per line) [default: text]."],
     ]
 
     def getSynopsis(self) -> str:
@@ -159,6 +160,7 @@ def config_from_options(options: Options) -> ServerConfig:
         ("state-dir", "state_dir"),
         ("tls-cert", "tls_cert"),
         ("tls-key", "tls_key"),
+        ("log-format", "log_format"),
     ]:
         if options[option] is not None:
             settings[setting] = options[option]
