@@ -18,7 +18,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cellmux.config import ConfigError, ServerConfig
-from cellmux.server.proxy import Forwarded, TrustedProxies
+from cellmux.server.proxy import (
+    Forwarded,
+    TrustedProxies,
+    client_address,
+    forwarding_request_factory,
+    upgrade_client_address,
+)
 from conftest import config_file, start_server, wait_for
 
 PROXY = "127.0.0.2"
@@ -162,6 +168,7 @@ FORWARDED = {
     "X-Forwarded-Proto": "https",
     "X-Forwarded-Host": "kernels.example.org",
 }
+FORWARDED_LOWER = {name.lower().replace("-", "_"): value for name, value in FORWARDED.items()}
 
 
 def test_a_trusted_proxy_sets_the_logged_client_address(proxied):
@@ -215,3 +222,66 @@ def test_the_forwarded_host_is_the_servers_own_origin_only_from_a_proxy(proxied)
     assert b" 403 " in upgrade(proxied, STRANGER, {**FORWARDED, **browser})
     # Without the forwarded host the page's origin is another site, proxy or not.
     assert b" 403 " in upgrade(proxied, PROXY, browser)
+
+
+# -- what the request leaves for the code after it -------------------------------
+
+
+def processed(peer: str, **values: str):
+    """A request from C{peer} through the forwarding request class, and the
+    headers its resource saw."""
+    from twisted.internet.address import IPv4Address
+    from twisted.web import resource, server
+    from twisted.web.test.requesthelper import DummyChannel
+
+    seen = {}
+
+    class Recorder(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            seen.update(dict(request.requestHeaders.getAllRawHeaders()))
+            seen["secure"] = request.isSecure()
+            seen["client"] = client_address(request)
+            return b""
+
+    factory = forwarding_request_factory(server.Request, TRUSTED, b"max-age=5")
+    channel = DummyChannel()
+    channel.transport = DummyChannel.TCP(IPv4Address("TCP", peer, 4711))
+    channel.site = server.Site(Recorder())
+    request = factory(channel)
+    request.gotLength(0)
+    for name, value in values.items():
+        request.requestHeaders.addRawHeader(name.replace("_", "-").encode(), value.encode())
+    request.requestHeaders.setRawHeaders(b"host", [b"127.0.0.1:8800"])
+    request.requestReceived(b"GET", b"/", b"HTTP/1.1")
+    return seen, request
+
+
+def test_a_strangers_forwarding_headers_never_reach_the_code_after():
+    seen, request = processed("192.0.2.1", **FORWARDED_LOWER)
+    headers = [name for name in seen if isinstance(name, bytes)]
+    assert b"Host" in headers
+    assert not any(name.lower().startswith(b"x-forwarded") for name in headers)
+    assert seen["client"] == "192.0.2.1" and seen["secure"] is False
+    assert seen[b"Host"] == [b"127.0.0.1:8800"]
+    assert request.responseHeaders.getRawHeaders(b"strict-transport-security") is None
+
+
+def test_a_proxys_forwarding_headers_are_left_resolved():
+    seen, request = processed(
+        "10.0.0.1", **{**FORWARDED_LOWER, "x_forwarded_for": "6.6.6.6, 203.0.113.77"}
+    )
+    assert seen[b"X-Forwarded-For"] == [b"203.0.113.77"]
+    assert seen[b"X-Forwarded-Proto"] == [b"https"]
+    assert b"X-Forwarded-Host" not in seen and seen[b"Host"] == [b"kernels.example.org"]
+    assert seen["client"] == "203.0.113.77" and seen["secure"] is True
+    assert request.responseHeaders.getRawHeaders(b"strict-transport-security") == [b"max-age=5"]
+
+
+def test_websocket_code_reads_the_resolved_address():
+    assert upgrade_client_address({"x-forwarded-for": "203.0.113.77"}, "tcp4:10.0.0.1:1") == (
+        "203.0.113.77"
+    )
+    assert upgrade_client_address({}, "tcp4:192.0.2.1:4711") == "192.0.2.1"
+    assert upgrade_client_address({}, "tcp6:::1:4711") == "::1"

@@ -13,14 +13,17 @@ applies it once per HTTP request, before any resource runs, so everything
 downstream reads the client's view through Twisted's own API:
 C{request.getClientAddress()} (access log, L{client_address}),
 C{request.isSecure()} (Secure cookies, HSTS) and the ``Host`` header
-(origin checks; websockets re-read it from the rewritten request).
+(origin checks; websockets re-read it from the rewritten request). After
+it, ``X-Forwarded-*`` headers are gone unless a trusted proxy sent them,
+and then hold the one resolved value each (L{upgrade_client_address}
+reads the address in Autobahn's C{onConnect}).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 from twisted.internet import address
@@ -31,11 +34,14 @@ __all__ = [
     "TrustedProxies",
     "client_address",
     "forwarding_request_factory",
+    "upgrade_client_address",
 ]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+#: The headers a trusted proxy may set; every other peer's are dropped.
+FORWARDING_HEADERS = (b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host")
 #: Longest X-Forwarded-For list looked at (entries beyond it, from the left,
 #: are ignored: a chain of proxies is never that long).
 MAX_HOPS = 32
@@ -157,6 +163,22 @@ def client_address(request: server.Request) -> str | None:
     return getattr(peer, "host", None)
 
 
+def upgrade_client_address(headers: Mapping[str, str], peer: str | None) -> str | None:
+    """L{client_address} for a websocket upgrade, from Autobahn's request.
+
+    @param headers: Autobahn's (lower-cased) request headers, which it read
+        from the request the forwarding request class had already resolved:
+        an C{x-forwarded-for} there is one address a trusted proxy gave.
+    @param peer: Autobahn's C{request.peer} (``tcp:ADDRESS:PORT``).
+    """
+    forwarded = headers.get("x-forwarded-for")
+    if forwarded:
+        return forwarded
+    if peer and peer.startswith(("tcp:", "tcp4:", "tcp6:")):
+        return peer.split(":", 1)[1].rpartition(":")[0] or None
+    return peer
+
+
 def _address_object(host: str, port: int) -> address.IPv4Address | address.IPv6Address:
     kind = address.IPv6Address if ":" in host else address.IPv4Address
     return kind("TCP", host, port)
@@ -178,6 +200,16 @@ def forwarding_request_factory(
                 self.client = _address_object(view.client, 0)
             if view.host is not None:
                 self.requestHeaders.setRawHeaders(b"host", [view.host])
+            # From here on the forwarding headers say what was decided: gone
+            # unless a trusted proxy sent them, else one resolved value each.
+            # Websocket code (Autobahn re-reads these headers) can rely on them.
+            for name in FORWARDING_HEADERS:
+                self.requestHeaders.removeHeader(name)
+            if trusted.trusts(peer):
+                if view.client is not None:
+                    self.requestHeaders.setRawHeaders(b"x-forwarded-for", [view.client.encode()])
+                scheme = b"https" if view.secure else b"http"
+                self.requestHeaders.setRawHeaders(b"x-forwarded-proto", [scheme])
             self._forwarded_secure = view.secure
             if view.secure and hsts is not None:
                 self.setHeader(b"strict-transport-security", hsts)
