@@ -292,7 +292,11 @@ class MetricsResource(resource.Resource):
         manager = self._collector.manager
         pids = {k.id: k.incarnation.pid for k in manager.kernels.values() if k.incarnation}
         pids = {kernel: pid for kernel, pid in pids.items() if pid}
-        self._collector.memory = await threads.deferToThread(kernel_memory, pids)
+        try:
+            self._collector.memory = await threads.deferToThread(kernel_memory, pids)
+        except Exception:  # the rest of the figures are still worth having
+            self.log.failure("reading kernels' memory for /metrics failed")
+            self._collector.memory = {}
         body = generate_latest(self.registry)  # in the reactor thread: live state
         if request.finished or request._disconnected:
             return
