@@ -113,6 +113,16 @@ def test_metrics_need_the_owner_or_the_metrics_token(server):
     assert status == 403, body
 
 
+def test_the_metrics_token_may_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CELLMUX_METRICS_TOKEN", "from-the-environment")
+    running = start_server("--pool-size", "0")
+    try:
+        assert fetch(running, "/metrics", "from-the-environment", scheme="Bearer")[0] == 200
+        assert fetch(running, "/metrics", METRICS_TOKEN)[0] == 403
+    finally:
+        running.stop()
+
+
 def test_the_pool_and_starts_are_reported(server):
     samples = wait_for(lambda: (s := scrape(server)) and value(s, "cellmux_pool_ready") and s)
     assert value(samples, "cellmux_pool_target") == 1
