@@ -45,6 +45,7 @@ ROOT_ONLY = {
     "test_sandbox_unprivileged.py",  # drops from root to nobody
     "test_nonroot.py",  # likewise
     "test_browser.py",  # apt-get installs Chromium
+    "test_tls_browser.py",  # likewise
     "test_jupyterlab.py",  # likewise (the browser fixture)
     "test_store_postgres.py",  # apt-get installs PostgreSQL, runs it as postgres
     "test_link_isolation.py",  # kernels' own uids, setresuid
