@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cellmux.config import ConfigError, ServerConfig
+from cellmux.server.auth import OriginPolicy
 from cellmux.server.proxy import (
     Forwarded,
     TrustedProxies,
@@ -285,3 +286,18 @@ def test_websocket_code_reads_the_resolved_address():
     )
     assert upgrade_client_address({}, "tcp4:192.0.2.1:4711") == "192.0.2.1"
     assert upgrade_client_address({}, "tcp6:::1:4711") == "::1"
+
+
+def test_over_https_a_plain_http_page_of_the_same_host_is_not_the_servers_own(proxied):
+    page = {"Origin": "http://kernels.example.org"}
+    assert b" 403 " in upgrade(proxied, PROXY, {**FORWARDED, **page})
+    plain = {**FORWARDED, "X-Forwarded-Proto": "http"}
+    assert b" 101 " in upgrade(proxied, PROXY, {**plain, **page})
+
+
+def test_the_origin_policy_compares_schemes_only_for_secure_requests():
+    policy = OriginPolicy()
+    assert policy.allows("http://h:1", "h:1") and policy.allows("https://h:1", "h:1")
+    assert policy.allows("https://h:1", "h:1", secure=True)
+    assert not policy.allows("http://h:1", "h:1", secure=True)
+    assert not OriginPolicy.from_strings([r"https://h:1"]).allows("http://h:1", "h:1", True)

@@ -133,10 +133,11 @@ def test_the_login_cookie_is_secure_over_tls(tls_server, certificate):
     assert "cellmux-login=" in cookie and "Secure" in cookie and "HttpOnly" in cookie
 
 
-def test_a_raw_wss_upgrade_on_the_same_port(tls_server, certificate):
-    """The websocket handshake itself, over an ssl-wrapped socket."""
-    host, port = tls_server.url.split("//")[1].rstrip("/").split(":")
-    context = ssl.create_default_context(cafile=str(certificate[0]))
+def wss_upgrade(server, cafile: Path, origin: str | None = None) -> bytes:
+    """The websocket handshake itself, over an ssl-wrapped socket: its head."""
+    host, port = server.url.split("//")[1].rstrip("/").split(":")
+    context = ssl.create_default_context(cafile=str(cafile))
+    extra = f"Origin: {origin}\r\n" if origin else ""
     with (
         socket.create_connection((host, int(port)), timeout=30) as raw,
         context.wrap_socket(raw, server_hostname=host) as conn,
@@ -144,9 +145,10 @@ def test_a_raw_wss_upgrade_on_the_same_port(tls_server, certificate):
         assert conn.version() in ("TLSv1.2", "TLSv1.3")
         conn.sendall(
             (
-                f"GET /ws?token={tls_server.token} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                f"GET /ws?token={server.token} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                 "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"{extra}\r\n"
             ).encode()
         )
         head = b""
@@ -154,8 +156,20 @@ def test_a_raw_wss_upgrade_on_the_same_port(tls_server, certificate):
             chunk = conn.recv(4096)
             assert chunk, head
             head += chunk
+    return head
+
+
+def test_a_raw_wss_upgrade_on_the_same_port(tls_server, certificate):
+    head = wss_upgrade(tls_server, certificate[0])
     assert head.startswith(b"HTTP/1.1 101"), head
     assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's sample accept key
+
+
+def test_an_http_page_of_the_same_host_may_not_open_a_wss(tls_server, certificate):
+    own = tls_server.url.rstrip("/")
+    assert wss_upgrade(tls_server, certificate[0], own).startswith(b"HTTP/1.1 101")
+    plain = own.replace("https://", "http://")
+    assert wss_upgrade(tls_server, certificate[0], plain).startswith(b"HTTP/1.1 403")
 
 
 def test_plain_http_on_the_tls_port_gets_no_answer(tls_server):

@@ -320,11 +320,15 @@ class OriginPolicy:
     def from_strings(cls, patterns: Iterable[str]) -> OriginPolicy:
         return cls(tuple(re.compile(p) for p in patterns))
 
-    def allows(self, origin: str | None, host: str | None) -> bool:
+    def allows(self, origin: str | None, host: str | None, secure: bool = False) -> bool:
         """Whether a request with this Origin (and Host) header may proceed.
 
         No Origin header (not a browser) passes; so does the server's own
         origin; anything else must fully match a configured pattern.
+
+        @param secure: the request came over TLS (directly or from a trusted
+            proxy): then a plain-http page of the same host is not the
+            server's own origin (anybody on the network path could serve it).
         """
         if not origin:
             return True
@@ -332,6 +336,7 @@ class OriginPolicy:
             parts = urlsplit(origin)
         except ValueError:
             return False
-        if host and parts.netloc and parts.netloc.lower() == host.lower():
+        same_host = bool(host and parts.netloc and parts.netloc.lower() == host.lower())
+        if same_host and not (secure and parts.scheme.lower() == "http"):
             return True
         return any(p.fullmatch(origin) for p in self.patterns)

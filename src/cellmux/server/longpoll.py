@@ -318,7 +318,9 @@ class PollResource(resource.Resource):
         origin = request.getHeader(b"origin")
         host = request.getHeader(b"host")
         return self.origins.allows(
-            origin.decode("latin-1") if origin else None, host.decode("latin-1") if host else None
+            origin.decode("latin-1") if origin else None,
+            host.decode("latin-1") if host else None,
+            request.isSecure(),
         )
 
     def _connection(self, request: server.Request, cid: str) -> PollConnection | bytes:

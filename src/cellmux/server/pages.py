@@ -240,7 +240,9 @@ class EmbedKernels(resource.Resource):
         origin = request.getHeader(b"origin")
         host = request.getHeader(b"host")
         if not self._origins.allows(
-            origin.decode("latin-1") if origin else None, host.decode("latin-1") if host else None
+            origin.decode("latin-1") if origin else None,
+            host.decode("latin-1") if host else None,
+            request.isSecure(),
         ):
             return self._json(
                 request, 403, {"message": "this origin may not connect", "reason": "Forbidden"}

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import attrs
 from twisted.internet import address
+from twisted.internet.interfaces import ISSLTransport
 from twisted.web import server
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "client_address",
     "forwarding_request_factory",
     "upgrade_client_address",
+    "upgrade_secure",
 ]
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -177,6 +179,19 @@ def upgrade_client_address(headers: Mapping[str, str], peer: str | None) -> str 
     if peer and peer.startswith(("tcp:", "tcp4:", "tcp6:")):
         return peer.split(":", 1)[1].rpartition(":")[0] or None
     return peer
+
+
+def upgrade_secure(headers: Mapping[str, str], transport: object) -> bool:
+    """C{request.isSecure()} for a websocket upgrade, from Autobahn's request.
+
+    A trusted proxy's scheme is in the resolved C{x-forwarded-proto} (the
+    only one left after L{forwarding_request_factory}); else the connection
+    itself says, by being TLS.
+    """
+    proto = headers.get("x-forwarded-proto")
+    if proto:
+        return proto.lower() == "https"
+    return ISSLTransport.providedBy(transport)
 
 
 def _address_object(host: str, port: int) -> address.IPv4Address | address.IPv6Address:

@@ -28,6 +28,7 @@ from .attachment import Attachment
 from .auth import OriginPolicy
 from .kernels import KernelManager
 from .native import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, CLOSE_UNKNOWN_KERNEL, NativeSession
+from .proxy import upgrade_secure
 
 __all__ = [
     "CLOSE_FORBIDDEN",
@@ -143,7 +144,8 @@ class ClientConnection(WebSocketServerProtocol):
         if grant is None:
             raise ConnectionDeny(403, "a valid token is required")
         headers = request.headers
-        if not self.factory.origins.allows(headers.get("origin"), headers.get("host")):
+        secure = upgrade_secure(headers, self.transport)
+        if not self.factory.origins.allows(headers.get("origin"), headers.get("host"), secure):
             raise ConnectionDeny(403, "this origin may not connect")
         self.attachment = Attachment(self.manager, grant, self)
         self.native = NativeSession(

@@ -48,6 +48,7 @@ from cellmux.protocol.jupyter import jupyter_parts
 from ..attachment import Attachment
 from ..auth import OriginPolicy
 from ..kernels import Kernel, KernelError, KernelManager, KernelState
+from ..proxy import upgrade_secure
 from ..websocket import (
     CLOSE_FORBIDDEN,
     CLOSE_KERNEL_GONE,
@@ -164,7 +165,8 @@ class JupyterChannels(WebSocketServerProtocol):
         if grant is None:
             raise ConnectionDeny(403, "a valid token is required")
         headers = request.headers
-        if not self.factory.origins.allows(headers.get("origin"), headers.get("host")):
+        secure = upgrade_secure(headers, self.transport)
+        if not self.factory.origins.allows(headers.get("origin"), headers.get("host"), secure):
             raise ConnectionDeny(403, "this origin may not connect")
         kernel_id = channels_path_kernel(request.path)
         if kernel_id is None:
