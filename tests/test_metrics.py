@@ -125,7 +125,8 @@ def test_the_metrics_token_may_come_from_the_environment(monkeypatch):
 
 def test_the_pool_and_starts_are_reported(server):
     samples = wait_for(lambda: (s := scrape(server)) and value(s, "cellmux_pool_ready") and s)
-    assert value(samples, "cellmux_pool_target") == 1
+    assert value(samples, "cellmux_pool_size") == 1
+    assert 1 <= value(samples, "cellmux_pool_target") <= value(samples, "cellmux_pool_max")
     assert value(samples, "cellmux_max_kernels") == 3
     assert value(samples, "cellmux_healthy") == 1
     assert value(samples, "cellmux_kernel_process_starts_total", outcome="ready") >= 1

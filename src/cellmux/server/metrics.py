@@ -132,8 +132,13 @@ class ServerCollector:
             "cellmux_pool_ready", "Kernel processes ready in the warm pool.", manager.pooled
         )
         yield GaugeMetricFamily(
-            "cellmux_pool_target", "Kernel processes the warm pool aims for.", config.pool_size
+            "cellmux_pool_target",
+            "Kernel processes the warm pool aims for now (pool_size, more while creates "
+            "come fast, up to pool_max).",
+            manager.demand.wanted(manager.clock.seconds()),
         )
+        yield GaugeMetricFamily("cellmux_pool_size", "The configured pool_size.", config.pool_size)
+        yield GaugeMetricFamily("cellmux_pool_max", "The configured pool_max.", config.pool_max)
         yield GaugeMetricFamily(
             "cellmux_kernel_processes",
             "Kernel processes alive or starting, pooled ones included.",
