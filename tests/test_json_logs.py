@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -78,6 +79,26 @@ def test_twistd_logs_json_with_the_logger_option(tmp_path):
         process.communicate(timeout=60)
     assert records[-1]["namespace"] == "cellmux.server.service.CellmuxService"
     assert all({"time", "level", "namespace", "message"} <= r.keys() for r in records)
+
+
+def test_twistd_says_how_to_get_json_when_the_setting_asks_for_it(tmp_path):
+    twistd = Path(sys.executable).with_name("twistd")
+    with socket.socket() as taken:  # the server fails to listen and twistd ends
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [
+                *(str(twistd), "-n", "--pidfile=", "cellmux", "--log-format", "json"),
+                *("--port", str(taken.getsockname()[1]), "--pool-size", "0"),
+                *("--runtime-dir", str(tmp_path / "rt"), "--state-dir", str(tmp_path / "st")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "pass --logger cellmux.logs.json_observer" in result.stderr
 
 
 def observe(emit) -> list[dict]:

@@ -198,6 +198,14 @@ def makeService(options: Options) -> CellmuxService:
     """
     service = build_service(options)
     atexit.register(_exit_if_start_failed, service)
+    twistd = options.parent
+    if options["server_config"].log_format == "json" and not (twistd and twistd.get("logger")):
+        # twistd builds its log observer itself, before this runs.
+        print(
+            "twistd cellmux: log_format = json is for cellmux serve; "
+            "under twistd pass --logger cellmux.logs.json_observer",
+            file=sys.stderr,
+        )
     return service
 
 
