@@ -499,6 +499,7 @@ class Kernel:
         Replay and attach happen in one reactor turn, so the client gets
         every frame after C{cursor} exactly once, in order.
         """
+        oldest_logged = self.replay.first_seq
         if cursor is not None:
             self.replay_to(client, cursor)
         self.clients.add(client)
@@ -507,9 +508,14 @@ class Kernel:
         # session) stops the prompt's timeout or is shown the prompt.
         if client.wants(Channel.STDIN):
             pending = self.prompts.client_back(client.session)
-            if pending is not None and cursor is None:
-                # a fresh attach has not seen the waiting prompt
-                client.send_frame(pending.frame)
+            if pending is not None:
+                seq = int.from_bytes(pending.frame[4:12], "big")
+                replayed = cursor is not None and cursor < seq and seq >= oldest_logged
+                if not replayed:
+                    # A fresh attach, or one resuming after the prompt (a
+                    # reloaded page) or from before what the log still
+                    # holds: it has not this prompt in front of it.
+                    client.send_frame(pending.frame)
 
     def _watched(self) -> None:
         # Someone watches again: a kernel held for lack of readers resumes.
