@@ -36,6 +36,7 @@ from .login import from_another_site
 __all__ = [
     "CONSOLE_CSP",
     "EmbedKernels",
+    "FaviconResource",
     "PageResource",
     "StaticResource",
     "cors_headers",
@@ -165,6 +166,23 @@ class StaticResource(resource.Resource):
         # Public files: embedding pages load the script, its CSS and fonts.
         request.setHeader(b"access-control-allow-origin", b"*")
         return _send(request, asset)
+
+
+class FaviconResource(resource.Resource):
+    """``/favicon.ico``: the bundle's SVG icon, for clients that ask the
+    conventional path instead of following the page's ``<link rel=icon>``."""
+
+    isLeaf = True
+
+    def __init__(self, assets: dict[str, Asset]) -> None:
+        super().__init__()
+        self._icon = assets.get("favicon.svg")
+
+    def render(self, request: server.Request) -> bytes:
+        if self._icon is None or request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(404 if self._icon is None else 405)
+            return b""
+        return _send(request, self._icon)
 
 
 def wants_html(request: server.Request) -> bool:

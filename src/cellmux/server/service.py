@@ -43,7 +43,7 @@ from .orphans import (
     finish_removals,
     reap_orphans,
 )
-from .pages import EmbedKernels, PageResource, StaticResource, load_assets
+from .pages import EmbedKernels, FaviconResource, PageResource, StaticResource, load_assets
 from .permalinks import PermalinkResource
 from .proxy import TrustedProxies, client_address, forwarding_request_factory
 from .refusals import Line, RefusalLog
@@ -122,6 +122,7 @@ def build_site(
     assets = load_assets()
     root.putChild(b"", PageResource(assets))
     root.putChild(b"static", StaticResource(assets))
+    root.putChild(b"favicon.ico", FaviconResource(assets))
     root.putChild(b"poll", PollResource(manager, auth))
     root.putChild(b"embed", EmbedKernels(manager, auth))
     # Forwarding headers are applied (or ignored) before any resource runs.
