@@ -16,6 +16,18 @@ await build({
   bundle: true, format: 'iife', globalName: 'cellmux', minify: true,
   target: ['es2020'], outfile: join(out, 'cellmux.js'), legalComments: 'linked',
 });
+// The widget frame (docs/browser.md, Widgets): html-manager and its CSS and
+// fonts, loaded by static/widgets.html inside a sandboxed iframe.
+await build({
+  entryPoints: [join(here, 'src', 'widgets', 'frame.js')],
+  bundle: true, format: 'iife', minify: true, target: ['es2020'],
+  outfile: join(out, 'widgets.js'), legalComments: 'linked',
+  loader: { '.woff2': 'file', '.woff': 'empty', '.ttf': 'empty', '.eot': 'empty', '.svg': 'empty' },
+  assetNames: 'fonts/[name]-[hash]',
+  define: { 'process.env.NODE_ENV': '"production"' },
+  // html-manager's embedding code assigns webpack's asset path; we have no webpack.
+  banner: { js: 'var __webpack_public_path__ = "";' },
+});
 await build({
   entryPoints: [join(here, 'src', 'console-start.js')],
   bundle: false, minify: true, outfile: join(out, 'console-start.js'),
@@ -32,8 +44,11 @@ for (const name of readFileSync(join(katexDir, 'katex.min.css'), 'utf8').match(/
 const own = readFileSync(join(here, 'src', 'style.css'), 'utf8');
 writeFileSync(join(out, 'cellmux.css'), katexCss + '\n' + own);
 cpSync(join(here, 'console.html'), join(out, 'console.html'));
+cpSync(join(here, 'widgets.html'), join(out, 'widgets.html'));
+cpSync(join(here, 'favicon.svg'), join(out, 'favicon.svg'));
 
-// The licences of everything bundled (all MIT), shipped beside the bundle.
+// The licences of everything bundled (MIT, BSD-3-Clause, ISC; Font Awesome:
+// CC BY 4.0 icons, OFL fonts, MIT code), shipped beside the bundle.
 import { readdirSync, existsSync } from 'node:fs';
 const notices = [];
 const modules = join(here, 'node_modules');

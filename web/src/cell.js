@@ -45,6 +45,7 @@ export class Cell {
     this.inspector.hidden = true;
     const outputs = el('div', 'cellmux-outputs');
     this.output = new OutputArea(outputs);
+    if (kernel && typeof kernel !== 'function') this.output.widgets = kernel.widgets;
     const top = el('div', 'cellmux-input');
     top.append(this.prompt, this.editorHost);
     element.append(top, this.inspector, outputs);
@@ -138,6 +139,7 @@ export class Cell {
   async run(code = this.code) {
     if (this.onRun) this.onRun(this);
     const kernel = await this._kernel();
+    this.output.widgets = kernel.widgets;
     this.output.clear();
     this.inspector.hidden = true;
     this.element.classList.add('cellmux-running');

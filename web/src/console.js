@@ -2,7 +2,9 @@
 // toolbar (interrupt, restart, share links, upload, permalink).
 
 import { Cell } from './cell.js';
+import { Channel, Socket } from './frames.js';
 import { KernelClient } from './kernel.js';
+import { SessionMemory } from './reload.js';
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -77,9 +79,16 @@ class ConsoleUI {
   constructor(root, kernelId, transport) {
     this.root = root;
     this.kernelId = kernelId;
-    this.kernel = new KernelClient({ kernelId, transport });
+    // A reload resumes this tab's session: same stdin routing, every cell replayed.
+    this.memory = new SessionMemory(kernelId);
+    this.resumed = this.memory.session !== null;
+    this.kernel = new KernelClient({
+      kernelId, transport, session: this.memory.session, cursor: this.memory.resumeCursor,
+    });
+    this.memory.track(this.kernel);
+    this.kernel.on('answered', (id) => this.memory.markAnswered(id));
     this.cells = [];
-    this.foreign = new Map(); // parent msg_id -> cell showing another client's run
+    this.foreign = new Map(); // parent msg_id -> cell showing a run this page did not start
     this.state = el('span', { id: 'kernel-state', class: 'state-starting' }, 'starting');
     this.transportLabel = el('span', { id: 'transport', class: 'cellmux-muted' });
     this.buttons = {
@@ -99,7 +108,13 @@ class ConsoleUI {
       el('strong', {}, 'cellmux'), el('span', { class: 'cellmux-kernel-label' }, 'kernel '),
       this.state, this.transportLabel, ...Object.values(this.buttons), this.fileInput);
     const side = el('aside', { class: 'cellmux-side' }, el('h2', {}, 'Files'), this.fileList);
-    root.replaceChildren(bar, this.linkBox, this.notices, el('div', { class: 'cellmux-body' }, this.cellBox, side));
+    // The bar, share links and notices stay on top together, and whatever
+    // scrolls into view stops below them, never under them.
+    const top = el('div', { class: 'cellmux-top' }, bar, this.linkBox, this.notices);
+    new ResizeObserver(() => {
+      document.documentElement.style.scrollPaddingTop = `${top.offsetHeight + 8}px`;
+    }).observe(top);
+    root.replaceChildren(top, el('div', { class: 'cellmux-body' }, this.cellBox, side));
   }
 
   async start(permalink) {
@@ -133,7 +148,7 @@ class ConsoleUI {
     api('GET', `/files/${this.kernelId}/`).then((r) => this._files(r.files || []), () => {});
     if (!observer) {
       let code = '';
-      if (permalink) {
+      if (permalink && !this.resumed) {
         try { code = (await api('GET', `/permalink/${permalink}`)).code; } catch (e) {
           this._notice(`permalink not found: ${e.message}`);
         }
@@ -157,23 +172,62 @@ class ConsoleUI {
     return cell;
   }
 
-  // Another client's execution: show it as a read-only cell.
+  // A run this page did not start: another client's (a grey read-only
+  // cell), or this session's from before a reload (an ordinary cell, with
+  // its output and, if it still waits, its input() prompt).
   _foreign(msg) {
-    const parentId = msg.parent.msg_id;
+    const parent = msg.parent || {};
+    const parentId = parent.msg_id;
+    if (!parentId || parent.msg_type !== 'execute_request') return;
+    const type = msg.header.msg_type;
     let cell = this.foreign.get(parentId);
-    if (msg.header.msg_type === 'execute_input') {
-      if (!cell) {
-        const element = el('section', { class: 'cellmux-console-cell cellmux-foreign' });
-        const last = this.cells[this.cells.length - 1];
-        if (last && this.kernel.role !== 'observer') this.cellBox.insertBefore(element, last.element);
-        else this.cellBox.appendChild(element);
-        cell = new Cell({ element, code: msg.content.code, kernel: this.kernel, readOnly: true });
-        cell.prompt.textContent = `[${msg.content.execution_count}]`;
-        this.foreign.set(parentId, cell);
-      }
-      return;
+    if (!cell) {
+      cell = this._runCell(parent.session === this.kernel.session);
+      this.foreign.set(parentId, cell);
+      if (type !== 'execute_input') cell.output.notice('(this run started before the page\'s history)');
     }
-    if (cell) cell.output.message(msg);
+    switch (type) {
+      case 'execute_input':
+        if (!cell.code) cell.code = msg.content.code;
+        cell.prompt.textContent = `[${msg.content.execution_count}]`;
+        break;
+      case 'execute_reply':
+        cell.element.classList.remove('cellmux-running');
+        if (msg.content.execution_count) cell.prompt.textContent = `[${msg.content.execution_count}]`;
+        cell.output.cancelPrompt();
+        break;
+      case 'input_request':
+        this._restorePrompt(cell, msg);
+        break;
+      default:
+        cell.output.message(msg);
+    }
+  }
+
+  _runCell(own) {
+    const cls = own ? 'cellmux-console-cell cellmux-restored' : 'cellmux-console-cell cellmux-foreign';
+    const element = el('section', { class: cls });
+    const last = this.cells[this.cells.length - 1];
+    if (last && this.kernel.role !== 'observer') this.cellBox.insertBefore(element, last.element);
+    else this.cellBox.appendChild(element);
+    const cell = new Cell({ element, code: '', kernel: this.kernel, readOnly: !own });
+    element.classList.add('cellmux-running');
+    cell.prompt.textContent = '[*]';
+    if (own) this.cells.splice(Math.max(this.cells.length - 1, 0), 0, cell);
+    return cell;
+  }
+
+  // An input() of this session that the page before the reload did not
+  // answer: ask again (once, even if the server both replays and resends it).
+  _restorePrompt(cell, msg) {
+    const id = msg.header.msg_id;
+    if (this.memory.answered(id) || cell.promptId === id) return;
+    cell.promptId = id;
+    cell.output.prompt(msg.content.prompt, !!msg.content.password).then((value) => {
+      if (value === null) return; // superseded, or the run ended
+      this.memory.markAnswered(id);
+      this.kernel.send(Channel.STDIN, Socket.STDIN, 'input_reply', { value, status: 'ok' }, null, msg.header);
+    });
   }
 
   _showState(state, cause) {
@@ -221,6 +275,7 @@ class ConsoleUI {
     const copy = el('button', {}, 'Copy');
     copy.addEventListener('click', () => { field.select(); navigator.clipboard?.writeText(url); });
     row.replaceChildren(el('span', {}, label + ': '), field, copy);
+    field.focus({ preventScroll: true });
     field.select();
   }
 

@@ -64,12 +64,13 @@ export function newId() {
 }
 
 // A Jupyter v5 message as the four parts of a data frame.
-export function jupyterParts(msgType, content, session, parent = {}) {
+export function jupyterParts(msgType, content, session, parent = {}, { msgId = null, metadata = {}, buffers = [] } = {}) {
   const header = {
-    msg_id: newId(), msg_type: msgType, session, username: 'browser',
+    msg_id: msgId || newId(), msg_type: msgType, session, username: 'browser',
     date: new Date().toISOString(), version: '5.3',
   };
-  return { header, parts: [JSON.stringify(header), JSON.stringify(parent), '{}', JSON.stringify(content)] };
+  const parts = [JSON.stringify(header), JSON.stringify(parent), JSON.stringify(metadata), JSON.stringify(content)];
+  return { header, parts: [...parts, ...buffers] };
 }
 
 // Long polling carries frames back to back, each after its uint32 length.

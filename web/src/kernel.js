@@ -7,27 +7,32 @@ import {
   Channel, Socket, controlFrame, decodeFrame, encodeFrame, jupyterParts, newId, partJSON,
 } from './frames.js';
 import { LongPollTransport, WebSocketTransport } from './transport.js';
+import { WidgetBridge } from './widgets/bridge.js';
 
 // Close codes after which reconnecting is pointless (docs/protocol.md 10).
 const FINAL_CLOSE = new Set([1002, 1003, 4000, 4403, 4404]);
 
 export class KernelClient {
-  constructor({ server = '', kernelId, token = null, transport = 'auto' }) {
+  // session and cursor: resume an earlier page's session (reload.js).
+  constructor({ server = '', kernelId, token = null, transport = 'auto', session = null, cursor = null }) {
     this.server = server.replace(/\/$/, '');
     this.kernelId = kernelId;
     this.token = token;
     this.mode = transport;
-    this.session = newId();
-    this.seq = null;
+    this.session = session || newId();
+    this.seq = cursor;
+    this.welcomed = false;
     this.role = null;
     this.state = 'starting';
     this.cause = null;
     this.requests = new Map(); // msg_id -> handlers
     this.controls = new Map(); // control id -> {resolve, reject}
-    this.listeners = { status: [], foreign: [], files: [], notice: [], close: [] };
+    this.listeners = { status: [], foreign: [], files: [], notice: [], close: [], comm: [], welcome: [], frame: [], answered: [] };
     this.nextControl = 1;
     this.transport = null;
     this.closed = false;
+    this.retries = 0;
+    this.widgets = new WidgetBridge(this);
   }
 
   // Listen to an event; returns the function that stops listening.
@@ -63,14 +68,14 @@ export class KernelClient {
 
   _transportClosed(transport, { code, reason, opened }) {
     if (this.closed || transport !== this.transport) return;
-    if (!opened && transport.kind === 'websocket' && this.mode === 'auto') {
+    if (!opened && !this.welcomed && transport.kind === 'websocket' && this.mode === 'auto') {
       // Websockets are blocked somewhere on the way: fall back, for good.
       this.mode = 'longpoll';
       this._emit('notice', 'websocket unavailable; using long polling');
       this._open('longpoll');
       return;
     }
-    if (FINAL_CLOSE.has(code) || !opened) {
+    if (FINAL_CLOSE.has(code) || (!opened && !this.welcomed)) {
       this.closed = true;
       if (this._welcomed) { this._welcomed.reject(new Error(reason || `closed (${code})`)); this._welcomed = null; }
       this._setState('dead', code === 4000 ? reason : this.cause || reason || `connection closed (${code})`);
@@ -78,8 +83,12 @@ export class KernelClient {
       return;
     }
     // A dropped connection: come back where we were (the server replays).
-    this._emit('notice', 'connection lost; reconnecting');
-    setTimeout(() => { if (!this.closed) this._open(transport.kind); }, 1000);
+    // A network that is away for a while: keep trying, more slowly (at most every 10 s).
+    if (opened) this.retries = 0;
+    if (this.retries === 0) this._emit('notice', 'connection lost; reconnecting');
+    const delay = Math.min(1000 * 2 ** this.retries, 10000);
+    this.retries += 1;
+    setTimeout(() => { if (!this.closed) this._open(transport.kind); }, delay);
   }
 
   close() {
@@ -100,8 +109,13 @@ export class KernelClient {
     if (frame.parts.length < 4) return;
     const header = partJSON(frame.parts[0]);
     const parent = partJSON(frame.parts[1]);
+    const metadata = partJSON(frame.parts[2]);
     const content = partJSON(frame.parts[3]);
-    const msg = { channel: frame.channel, header, parent, content, buffers: frame.parts.slice(4) };
+    const msg = { channel: frame.channel, header, parent, metadata, content, buffers: frame.parts.slice(4) };
+    this._emit('frame', frame.seq);
+    if (frame.channel === Channel.COMM && header.msg_type !== 'comm_info_reply') { this._emit('comm', msg); return; }
+    // Output an Output widget captures goes there, not to the cell.
+    if (this.widgets.capture(msg)) return;
     if (frame.channel === Channel.STATUS && header.msg_type === 'status') {
       const s = content.execution_state;
       this._setState(s, content.cause || null);
@@ -116,6 +130,9 @@ export class KernelClient {
     if (body.op === 'welcome') {
       this.role = body.role || 'owner';
       if (this.seq === null) this.seq = body.seq;
+      this.welcomed = true;
+      this.retries = 0;
+      this._emit('welcome', body);
       const k = body.kernel || {};
       this._setState(k.execution_state || 'idle', k.reason || null);
       if (this._welcomed) { this._welcomed.resolve(body); this._welcomed = null; }
@@ -152,7 +169,12 @@ export class KernelClient {
   // Send a Jupyter request; handlers.message(msg) gets every message whose
   // parent is it. Returns the msg_id.
   send(channel, socket, msgType, content, handlers, parent = {}) {
-    const { header, parts } = jupyterParts(msgType, content, this.session, parent);
+    return this.sendMessage(channel, socket, msgType, content, { handlers, parent });
+  }
+
+  // send() with a chosen msg_id, metadata and binary buffers (comm messages).
+  sendMessage(channel, socket, msgType, content, { handlers = null, parent = {}, msgId = null, metadata = {}, buffers = [] } = {}) {
+    const { header, parts } = jupyterParts(msgType, content, this.session, parent, { msgId, metadata, buffers });
     if (handlers) this.requests.set(header.msg_id, handlers);
     this.transport.send(encodeFrame(channel, socket, parts));
     return header.msg_id;
@@ -164,6 +186,7 @@ export class KernelClient {
     return new Promise((resolve) => {
       let reply = null;
       let idle = false;
+      const asked = new Set();
       let msgId;
       let off = () => {};
       const done = () => {
@@ -181,7 +204,12 @@ export class KernelClient {
             return;
           }
           if (type === 'input_request') {
+            // A reconnect may bring a waiting prompt again: ask once.
+            if (asked.has(msg.header.msg_id)) return;
+            asked.add(msg.header.msg_id);
             Promise.resolve(cb.input(msg.content.prompt, !!msg.content.password)).then((value) => {
+              if (value === null) return; // the prompt was withdrawn
+              this._emit('answered', msg.header.msg_id);
               this.send(Channel.STDIN, Socket.STDIN, 'input_reply', { value, status: 'ok' }, null, msg.header);
             });
             return;

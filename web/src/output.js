@@ -6,6 +6,7 @@
 import katex from 'katex';
 import { marked } from 'marked';
 import { appendAnsi } from './ansi.js';
+import { WIDGET_VIEW_MIME } from './widgets/bridge.js';
 
 const RICH_ORDER = [
   'application/javascript', 'text/html', 'image/svg+xml', 'image/png', 'image/jpeg',
@@ -53,7 +54,15 @@ function latex(text) {
   return el;
 }
 
-export function renderMime(data) {
+// widgets: the kernel's WidgetBridge, which shows widget views (in their own
+// sandboxed frames); without one, a widget shows as its text/plain.
+export function renderMime(data, widgets = null, area = null) {
+  const view = data[WIDGET_VIEW_MIME];
+  if (widgets && view && typeof view.model_id === 'string') {
+    const frame = widgets.view(view.model_id, area);
+    frame.dataset.mime = WIDGET_VIEW_MIME;
+    return frame;
+  }
   const mime = RICH_ORDER.find((m) => m in data);
   if (mime === undefined) {
     const el = document.createElement('pre');
@@ -98,12 +107,15 @@ export class OutputArea {
     this.lastStream = null;
     this.clearPending = false;
     this.displays = new Map(); // display_id -> [wrapper]
+    this.widgets = null; // the kernel's WidgetBridge, once known
+    this.activePrompt = null;
   }
 
   clear() {
     this.element.replaceChildren();
     this.lastStream = null;
     this.displays.clear();
+    this.activePrompt = null;
   }
 
   _add(el) {
@@ -132,7 +144,7 @@ export class OutputArea {
     if (kind === 'execute_result' && content.execution_count) {
       wrapper.dataset.count = content.execution_count;
     }
-    wrapper.appendChild(renderMime(content.data || {}));
+    wrapper.appendChild(renderMime(content.data || {}, this.widgets, this));
     const id = content.transient && content.transient.display_id;
     if (id) {
       if (!this.displays.has(id)) this.displays.set(id, []);
@@ -144,7 +156,7 @@ export class OutputArea {
   updateDisplay(content) {
     const id = content.transient && content.transient.display_id;
     for (const wrapper of this.displays.get(id) || []) {
-      wrapper.replaceChildren(renderMime(content.data || {}));
+      wrapper.replaceChildren(renderMime(content.data || {}, this.widgets, this));
     }
   }
 
@@ -180,8 +192,22 @@ export class OutputArea {
     }
   }
 
-  // An inline prompt for input() / getpass / pdb; resolves with the answer.
+  // Withdraw a prompt nobody answered (its run ended, or a newer one came).
+  cancelPrompt() {
+    const active = this.activePrompt;
+    if (!active) return;
+    this.activePrompt = null;
+    const gone = document.createElement('span');
+    gone.className = 'cellmux-stdin-answer cellmux-muted';
+    gone.textContent = '(not answered)';
+    active.input.replaceWith(gone);
+    active.resolve(null);
+  }
+
+  // An inline prompt for input() / getpass / pdb; resolves with the answer
+  // (null if it was withdrawn).
   prompt(text, password) {
+    this.cancelPrompt();
     return new Promise((resolve) => {
       if (this.clearPending) { this.clear(); this.clearPending = false; }
       const row = document.createElement('div');
@@ -202,9 +228,11 @@ export class OutputArea {
         answered.className = 'cellmux-stdin-answer';
         answered.textContent = password ? '••••' : value;
         input.replaceWith(answered);
+        this.activePrompt = null;
         resolve(value);
       });
       row.append(label, input);
+      this.activePrompt = { input, resolve };
       this.element.appendChild(row);
       this.lastStream = null;
       input.focus();
