@@ -290,6 +290,20 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="session")
+def screenshots(tmp_path_factory):
+    """Where the browser tests save their screenshots: a temporary directory,
+    or docs/screenshots with CELLMUX_SCREENSHOTS=1 (tox -e screenshots)."""
+    if os.environ.get("CELLMUX_SCREENSHOTS") == "1":
+        docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+        target = os.path.join(docs, "screenshots")
+        os.makedirs(target, exist_ok=True)
+        from pathlib import Path
+
+        return Path(target)
+    return tmp_path_factory.mktemp("screenshots")
+
+
+@pytest.fixture(scope="session")
 def browser(chromium: str):
     from playwright.sync_api import sync_playwright
 

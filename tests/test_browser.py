@@ -16,7 +16,6 @@ import contextlib
 import functools
 import http.server
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -32,7 +31,6 @@ from playwright.sync_api import Browser, Page, expect
 from conftest import RunningServer, start_server
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS_SCREENSHOTS = ROOT / "docs" / "screenshots"
 #: Kernels share two cores with other work: allow for a slow start.
 TIMEOUT_MS = 30_000
 expect.set_options(timeout=TIMEOUT_MS)
@@ -52,15 +50,6 @@ window.WebSocket = class {
 };
 window.WebSocket.OPEN = 1;
 """
-
-
-@pytest.fixture(scope="session")
-def screenshots(tmp_path_factory) -> Path:
-    """Where the console tests save their screenshots."""
-    if os.environ.get("CELLMUX_SCREENSHOTS") == "1":
-        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        return DOCS_SCREENSHOTS
-    return tmp_path_factory.mktemp("screenshots")
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

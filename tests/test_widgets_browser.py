@@ -1,0 +1,145 @@
+"""ipywidgets in the browser console, in a real Chromium, on real kernels.
+
+Widget views render in sandboxed frames (/static/widgets.html) with
+@jupyter-widgets/html-manager; the page relays their comm messages to the
+kernel (docs/browser.md, Widgets). Moving a slider in the page must change
+the value the kernel sees and re-run an ``interact`` function, and kernel
+widget HTML must stay out of the page's origin.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import expect
+
+from conftest import RunningServer, start_server
+from test_browser import TIMEOUT_MS, _console, _finished, _run
+
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def widget_server() -> Iterator[RunningServer]:
+    running = start_server("--pool-size", "1")
+    yield running
+    running.stop()
+
+
+def _frame(cell):
+    return cell.frame_locator("iframe.cellmux-widget-frame")
+
+
+def test_a_slider_moved_in_the_page_changes_the_kernels_value(browser, widget_server):
+    with _console(browser, widget_server) as page:
+        cell = _run(page, "import ipywidgets as w\ns = w.IntSlider(value=3, max=10)\ns")
+        frame = _frame(cell)
+        expect(frame.locator(".widget-readout")).to_have_text("3")
+        # The frame is sandboxed without allow-same-origin (an opaque origin).
+        assert cell.locator("iframe.cellmux-widget-frame").get_attribute("sandbox") == (
+            "allow-scripts"
+        )
+        frame.locator(".noUi-handle").click()
+        page.keyboard.press("ArrowRight")
+        page.keyboard.press("ArrowRight")
+        expect(frame.locator(".widget-readout")).to_have_text("5")
+        check = _run(page, "print(s.value)")
+        _finished(check)
+        expect(check.locator(".cellmux-stdout")).to_have_text("5\n")
+        # And the other way: the kernel sets the value, the view follows.
+        _finished(_run(page, "s.value = 9"))
+        expect(frame.locator(".widget-readout")).to_have_text("9")
+
+
+def test_interact_reruns_its_function_when_the_slider_moves(browser, widget_server, screenshots):
+    with _console(browser, widget_server) as page:
+        cell = _run(
+            page,
+            "from ipywidgets import interact\n"
+            "@interact(x=(0, 10))\n"
+            "def square(x=4):\n"
+            "    print('square', x * x)\n",
+        )
+        frame = _frame(cell)
+        # The function's output lands in the interact's Output widget, not the cell.
+        expect(frame.locator(".widget-output")).to_contain_text("square 16")
+        expect(cell.locator(".cellmux-stdout")).to_have_count(0)
+        frame.locator(".noUi-handle").click()
+        page.keyboard.press("ArrowRight")
+        expect(frame.locator(".widget-output")).to_have_text(re.compile(r"^\s*square 25\s*$"))
+        controls = _run(
+            page,
+            "import ipywidgets as w\n"
+            "a, b = w.FloatSlider(description='a'), w.FloatSlider(description='b')\n"
+            "w.jslink((a, 'value'), (b, 'value'))\n"
+            "w.VBox([a, b, w.Dropdown(options=['red', 'green'], description='colour'),\n"
+            "        w.Text(value='hello', description='text'), w.Checkbox(description='on'),\n"
+            "        w.Button(description='Press')])",
+        )
+        frame = _frame(controls)
+        expect(frame.locator("button", has_text="Press")).to_be_visible()
+        expect(frame.locator("select")).to_have_value("red")
+        # jslink runs in the frame: moving a moves b without the kernel's help.
+        frame.locator(".noUi-handle").first.click()
+        page.keyboard.press("ArrowRight")
+        expect(frame.locator(".widget-readout").nth(1)).not_to_have_text("0.00")
+        page.screenshot(path=str(screenshots / "console-widgets.png"))
+
+
+def test_widget_frames_cannot_read_the_page_cookie_or_dom(browser, widget_server):
+    with _console(browser, widget_server) as page:
+        page.evaluate("document.cookie = 'probe=page-secret; path=/'")
+        cell = _run(
+            page,
+            "import ipywidgets as w\n"
+            "w.HTML('''<div id=probe>waiting</div><img src=data:, onerror=\"\n"
+            "let own, top_;\n"
+            "try { own = document.cookie } catch (e) { own = 'denied ' + e.name }\n"
+            "try { top_ = parent.document.title } catch (e) { top_ = 'denied ' + e.name }\n"
+            "document.getElementById('probe').textContent =\n"
+            "  'ran; own=' + own + '; parent=' + top_;\n"
+            "\">''')",
+        )
+        probe = _frame(cell).locator("#probe")
+        expect(probe).to_contain_text("ran;")
+        text = probe.inner_text()
+        assert "page-secret" not in text
+        assert "own=denied SecurityError" in text
+        assert "parent=denied SecurityError" in text
+
+
+def test_a_frame_may_only_send_comm_messages_on_widget_comms(browser, widget_server):
+    """Kernel HTML in a widget frame tries to run code and to talk to a
+    non-widget comm through the bridge: neither reaches the kernel."""
+    with _console(browser, widget_server) as page:
+        setup = _run(
+            page,
+            "got = []\n"
+            "def target(comm, msg):\n"
+            "    got.append(msg['content']['comm_id'])\n"
+            "    comm.on_msg(lambda m: got.append(m['content']['data']))\n"
+            "get_ipython().kernel.comm_manager.register_target('probe', target)\n"
+            "from comm import create_comm\n"
+            "probe = create_comm(target_name='probe', comm_id='probe-comm')\n"
+            "probe.on_msg(lambda m: got.append(m['content']['data']))",
+        )
+        _finished(setup)
+        cell = _run(
+            page,
+            "import ipywidgets as w\n"
+            "w.HTML('''<div id=probe>waiting</div><img src=data:, onerror=\"\n"
+            "const send = (m) => parent.postMessage({cellmuxWidget: m}, '*');\n"
+            "send({op: 'send', comm_id: 'probe-comm', msg_id: 'x1', data: {evil: 1}});\n"
+            "send({op: 'execute', code: 'got.append(666)'});\n"
+            "send({op: 'send', comm_id: 'probe-comm', msg_id: 'x2', data: {evil: 2}, "
+            "msg_type: 'execute_request'});\n"
+            "document.getElementById('probe').textContent = 'sent';\n"
+            "\">''')",
+        )
+        expect(_frame(cell).locator("#probe")).to_have_text("sent")
+        page.wait_for_timeout(1000)
+        check = _run(page, "print(got)")
+        _finished(check)
+        expect(check.locator(".cellmux-stdout")).to_have_text("[]\n")
