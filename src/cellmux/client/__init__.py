@@ -11,6 +11,7 @@ blocking code::
 """
 
 from ._async import MAX_MESSAGE_SIZE, AsyncClient, AsyncKernel
+from ._comms import AsyncComm, CommClosed
 from ._http import DEFAULT_URL, websocket_url
 from ._results import (
     CellmuxError,
@@ -24,15 +25,18 @@ from ._results import (
     Output,
     ServerError,
 )
-from ._sync import Client, Kernel
+from ._sync import Client, Comm, Kernel
 
 __all__ = [
     "DEFAULT_URL",
     "MAX_MESSAGE_SIZE",
     "AsyncClient",
+    "AsyncComm",
     "AsyncKernel",
     "CellmuxError",
     "Client",
+    "Comm",
+    "CommClosed",
     "ConnectionClosed",
     "ExecutionError",
     "ExecutionResult",

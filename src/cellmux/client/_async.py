@@ -32,6 +32,7 @@ from cellmux.protocol import (
 )
 from cellmux.protocol.jupyter import JUPYTER_PROTOCOL_VERSION
 
+from ._comms import MAX_COMMS, AsyncComm, TargetHandler
 from ._http import (
     DEFAULT_URL,
     RestAPI,
@@ -390,6 +391,8 @@ class AsyncKernel:
         self._on_status: StatusHandler | None = None
         self._listeners: list[FrameListener] = []
         self._pending: dict[str, _Pending] = {}
+        self._comms: dict[str, AsyncComm] = {}
+        self._comm_targets: dict[str, TargetHandler] = {}
         self._control_waiters: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._next_id = 0
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -554,6 +557,80 @@ class AsyncKernel:
         finally:
             self._pending.pop(msg_id, None)
             pending.discard()
+
+    # -- comms ---------------------------------------------------------------------
+
+    @property
+    def comms(self) -> dict[str, AsyncComm]:
+        """The open comms this connection knows: those it opened, and those the
+        kernel opened while it was attached (at most MAX_COMMS), by comm id."""
+        return dict(self._comms)
+
+    async def open_comm(
+        self,
+        target_name: str,
+        data: dict[str, Any] | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        buffers: Iterable[bytes] = (),
+        comm_id: str | None = None,
+    ) -> AsyncComm:
+        """Open a comm to the kernel-side target C{target_name} (comm_open).
+
+        The kernel answers nothing when the target exists; when it does not,
+        ipykernel closes the comm again (see L{AsyncComm.on_close}).
+        """
+        self._check_usable()
+        comm = AsyncComm(self, comm_id or uuid.uuid4().hex, target_name)
+        self._comms[comm.comm_id] = comm
+        content = {"comm_id": comm.comm_id, "target_name": target_name, "data": data or {}}
+        await self.send("comm_open", content, metadata=metadata, buffers=tuple(buffers))
+        return comm
+
+    def register_comm_target(self, target_name: str, handler: TargetHandler | None) -> None:
+        """Call C{handler(comm, comm_open message)} when the kernel opens a comm
+        for C{target_name} (None: stop). Comms of targets without a handler are
+        still kept in L{comms}."""
+        if handler is None:
+            self._comm_targets.pop(target_name, None)
+        else:
+            self._comm_targets[target_name] = handler
+
+    async def comm_info(
+        self, target_name: str | None = None, *, timeout: float | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """The kernel's open comms (comm_info_request): {comm_id: {"target_name": …}}."""
+        content = {} if target_name is None else {"target_name": target_name}
+        reply = await self.request("comm_info_request", content, timeout=timeout)
+        comms = reply.content.get("comms")
+        return comms if isinstance(comms, dict) else {}
+
+    def _receive_comm(self, msg: Message) -> None:
+        content = msg.content
+        comm_id = content.get("comm_id")
+        if not isinstance(comm_id, str):
+            return
+        kind = msg.msg_type
+        if kind == "comm_open":
+            target = content.get("target_name")
+            if not isinstance(target, str) or comm_id in self._comms:
+                return
+            if len(self._comms) >= MAX_COMMS:
+                log.warning("over %d comms open: not tracking comm %s", MAX_COMMS, comm_id)
+                return
+            comm = AsyncComm(self, comm_id, target, open_message=msg)
+            self._comms[comm_id] = comm
+            handler = self._comm_targets.get(target)
+            if handler is not None:
+                self._invoke(handler, comm, msg)
+        elif kind == "comm_msg":
+            comm = self._comms.get(comm_id)
+            if comm is not None:
+                comm._message(msg)
+        elif kind == "comm_close":
+            comm = self._comms.pop(comm_id, None)
+            if comm is not None:
+                comm._kernel_closed(msg)
 
     async def request(
         self, msg_type: str, content: dict[str, Any], *, timeout: float | None = None
@@ -804,6 +881,8 @@ class AsyncKernel:
             return
         if msg.msg_type == "status":
             self._receive_status(msg)
+        elif msg.msg_type in ("comm_open", "comm_msg", "comm_close"):
+            self._receive_comm(msg)
         parent = msg.parent_id
         pending = self._pending.get(parent) if parent else None
         if pending is not None:
@@ -829,6 +908,9 @@ class AsyncKernel:
 
     def _fail_all(self, exc: BaseException) -> None:
         self._fail_pending(exc)
+        comms, self._comms = self._comms, {}
+        for comm in comms.values():  # ours ended with the connection
+            comm._kernel_closed(None)
         for future in list(self._control_waiters.values()):
             if not future.done():
                 future.set_exception(exc)

@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 from cellmux.protocol import Frame, JupyterSocket
 
 from ._async import AsyncClient, AsyncKernel, OutputHandler, StatusHandler, StdinHandler
+from ._comms import AsyncComm
 from ._http import DEFAULT_URL
 from ._results import ExecutionResult, KernelModel, Message
 
-__all__ = ["Client", "Kernel"]
+__all__ = ["Client", "Comm", "Kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +303,49 @@ class Kernel:
     def remove_listener(self, listener: Callable[[Frame], object]) -> None:
         self.async_kernel.remove_listener(listener)
 
+    # -- comms ---------------------------------------------------------------------
+
+    def open_comm(
+        self,
+        target_name: str,
+        data: dict[str, Any] | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        buffers: Iterable[bytes] = (),
+        comm_id: str | None = None,
+    ) -> Comm:
+        """Open a comm to a kernel-side target; see L{AsyncKernel.open_comm}."""
+        comm = self._loop.run(
+            self.async_kernel.open_comm(
+                target_name, data, metadata=metadata, buffers=tuple(buffers), comm_id=comm_id
+            )
+        )
+        return Comm(comm, self._loop)
+
+    @property
+    def comms(self) -> dict[str, Comm]:
+        """The open comms this connection knows, by id; see L{AsyncKernel.comms}."""
+        return {i: Comm(c, self._loop) for i, c in self.async_kernel.comms.items()}
+
+    def register_comm_target(
+        self, target_name: str, handler: Callable[[Comm, Message], object] | None
+    ) -> None:
+        """Call C{handler(comm, message)} (in the loop thread) when the kernel
+        opens a comm for C{target_name}; see L{AsyncKernel.register_comm_target}."""
+        if handler is None:
+            self.async_kernel.register_comm_target(target_name, None)
+            return
+        loop = self._loop
+        self.async_kernel.register_comm_target(
+            target_name, lambda comm, msg: handler(Comm(comm, loop), msg)
+        )
+
+    def comm_info(
+        self, target_name: str | None = None, *, timeout: float | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """The kernel's open comms; see L{AsyncKernel.comm_info}."""
+        return self._loop.run(self.async_kernel.comm_info(target_name, timeout=timeout))
+
     # -- requests ------------------------------------------------------------------
 
     def execute(
@@ -425,3 +469,70 @@ class Kernel:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class Comm:
+    """A blocking handle on an L{AsyncComm}: the same comm, driven from any
+    thread; handlers run in the client's loop thread."""
+
+    def __init__(self, comm: AsyncComm, loop: _LoopThread) -> None:
+        self.async_comm = comm
+        self._loop = loop
+
+    def __repr__(self) -> str:
+        return repr(self.async_comm).replace("AsyncComm", "Comm", 1)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Comm) and other.async_comm is self.async_comm
+
+    def __hash__(self) -> int:
+        return hash(self.async_comm)
+
+    @property
+    def comm_id(self) -> str:
+        return self.async_comm.comm_id
+
+    @property
+    def target_name(self) -> str:
+        return self.async_comm.target_name
+
+    @property
+    def open_message(self) -> Message | None:
+        return self.async_comm.open_message
+
+    @property
+    def closed(self) -> bool:
+        return self.async_comm.closed
+
+    def send(
+        self,
+        data: dict[str, Any] | None = None,
+        *,
+        metadata: dict[str, Any] | None = None,
+        buffers: Iterable[bytes] = (),
+    ) -> str:
+        """Send a comm_msg; returns its msg_id."""
+        return self._loop.run(self.async_comm.send(data, metadata=metadata, buffers=tuple(buffers)))
+
+    def close(
+        self, data: dict[str, Any] | None = None, *, metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Close the comm on both sides."""
+        self._loop.run(self.async_comm.close(data, metadata=metadata))
+
+    def on_msg(self, handler: Callable[[Message], object] | None) -> None:
+        """Call C{handler(message)} (in the loop thread) for each comm_msg."""
+        self._loop.run(_call(self.async_comm.on_msg, handler))
+
+    def on_close(self, handler: Callable[[Message], object] | None) -> None:
+        """Call C{handler(message)} (in the loop thread) when the kernel closes it."""
+        self.async_comm.on_close(handler)
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next comm_msg no handler took; see L{AsyncComm.recv}."""
+        return self._loop.run(self.async_comm.recv(timeout))
+
+
+async def _call(function: Callable[..., object], *args: Any) -> None:
+    # Runs C{function} in the loop thread, where the comm's state lives.
+    function(*args)
