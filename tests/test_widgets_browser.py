@@ -9,8 +9,12 @@ widget HTML must stay out of the page's origin.
 
 from __future__ import annotations
 
+import functools
+import http.server
 import re
+import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
@@ -21,9 +25,29 @@ from test_browser import TIMEOUT_MS, _console, _finished, _run
 expect.set_options(timeout=TIMEOUT_MS)
 
 
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture(scope="module")
-def widget_server() -> Iterator[RunningServer]:
-    running = start_server("--pool-size", "1")
+def other_site(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """Another origin, serving a page with embedded cells."""
+    directory = tmp_path_factory.mktemp("widget-embed")
+    handler = functools.partial(_Quiet, directory=str(directory))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", directory
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def widget_server(other_site) -> Iterator[RunningServer]:
+    origin, directory = other_site
+    config = directory / "cellmux.toml"
+    config.write_text(f"allow_origins = ['{re.escape(origin)}']\n")
+    running = start_server("--pool-size", "1", "--config", str(config))
     yield running
     running.stop()
 
@@ -143,3 +167,36 @@ def test_a_frame_may_only_send_comm_messages_on_widget_comms(browser, widget_ser
         check = _run(page, "print(got)")
         _finished(check)
         expect(check.locator(".cellmux-stdout")).to_have_text("[]\n")
+
+
+def test_widgets_work_in_embedded_cells_on_another_origin(browser, widget_server, other_site):
+    origin, directory = other_site
+    server = widget_server.url.rstrip("/")
+    (directory / "widgets.html").write_text(
+        f"""<!doctype html><meta charset="utf-8"><title>embedded widgets</title>
+<script src="{server}/static/cellmux.js"></script>
+<div id="slider">import ipywidgets as w
+s = w.IntSlider(value=2, max=10)
+s</div>
+<div id="check">print('kernel sees', s.value)</div>
+<script>
+  const opts = {{server: {server!r}, token: {widget_server.token!r}, linkKey: 'w'}};
+  window.slider = cellmux.makeCell({{element: '#slider', autorun: true, ...opts}});
+  window.check = cellmux.makeCell({{element: '#check', ...opts}});
+</script>
+"""
+    )
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    try:
+        page.goto(f"{origin}/widgets.html")
+        frame = _frame(page.locator("#slider"))
+        expect(frame.locator(".widget-readout")).to_have_text("2")
+        frame.locator(".noUi-handle").click()
+        page.keyboard.press("ArrowRight")
+        expect(frame.locator(".widget-readout")).to_have_text("3")
+        page.evaluate("check.run()")
+        expect(page.locator("#check .cellmux-stdout")).to_have_text("kernel sees 3\n")
+    finally:
+        context.close()
