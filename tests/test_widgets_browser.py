@@ -200,3 +200,25 @@ s</div>
         expect(page.locator("#check .cellmux-stdout")).to_have_text("kernel sees 3\n")
     finally:
         context.close()
+
+
+def test_a_widget_made_before_the_page_came_is_shown(browser, widget_server):
+    """Its comm_open went by before this page attached: the page asks the
+    kernel for every widget's state (ipywidgets' control comm) instead."""
+    client = widget_server.client()
+    model = client.create_kernel()
+    try:
+        with client.connect(model.id) as kernel:
+            kernel.execute("import ipywidgets as w\nearly = w.IntSlider(value=6, max=10)")
+        with _console(browser, widget_server, query=f"?kernel={model.id}") as page:
+            cell = _run(page, "early")
+            frame = _frame(cell)
+            expect(frame.locator(".widget-readout")).to_have_text("6")
+            frame.locator(".noUi-handle").click()
+            page.keyboard.press("ArrowLeft")
+            expect(frame.locator(".widget-readout")).to_have_text("5")
+            check = _run(page, "print(early.value)")
+            expect(check.locator(".cellmux-stdout")).to_have_text("5\n")
+    finally:
+        client.delete_kernel(model.id)
+        client.close()

@@ -19,6 +19,8 @@ import { Channel, Socket } from '../frames.js';
 
 export const WIDGET_VIEW_MIME = 'application/vnd.jupyter.widget-view+json';
 const TARGET = 'jupyter.widget';
+const CONTROL_TARGET = 'jupyter.widget.control';
+const STATE_WAIT_MS = 10000; // how long a frame waits for the kernel's widget states
 export const MAX_MODELS = 10000;
 export const MAX_OUTPUTS = 1000;
 const MAX_FRAME_MESSAGE = 16 * 1024 * 1024; // bytes of JSON and buffers a frame may send at once
@@ -69,7 +71,12 @@ export class WidgetBridge {
     this.captures = new Map(); // msg id -> comm ids of Output widgets capturing it
     this.pendingClear = new Set(); // Output widgets with a clear_output(wait=True) pending
     this.warned = false;
+    this.control = null; // {commId, timer} while the kernel's widget states are asked for
     kernel.on('comm', (msg) => this._kernelComm(msg));
+    // A restarted kernel has none of the old widgets: forget them.
+    kernel.on('status', (state) => {
+      if (state === 'restarting') { this.models.clear(); this.captures.clear(); this.pendingClear.clear(); }
+    });
     window.addEventListener('message', (event) => this._frameMessage(event));
   }
 
@@ -93,6 +100,10 @@ export class WidgetBridge {
       putBuffers(state, data.buffer_paths || [], buffers);
       this.models.set(c.comm_id, { comm_id: c.comm_id, target_name: c.target_name, state, metadata: msg.metadata || {} });
       this._watchOutput(c.comm_id, state);
+    } else if (this.control && c.comm_id === this.control.commId) {
+      if (type === 'comm_msg' && c.data && c.data.method === 'update_states') this._states(c.data, buffers);
+      if (type === 'comm_msg' || type === 'comm_close') this._statesDone(type !== 'comm_close');
+      return;
     } else if (type === 'comm_msg') {
       const model = this.models.get(c.comm_id);
       if (!model) return;
@@ -189,6 +200,60 @@ export class WidgetBridge {
     return iframe;
   }
 
+  _init(frame) {
+    frame.waiting = false;
+    if (!frame.iframe.isConnected) return;
+    const models = [...this.models.values()];
+    frame.iframe.contentWindow.postMessage({ cellmuxWidget: { op: 'init', models, view: frame.view } }, '*');
+  }
+
+  // ipywidgets' control comm: request_states answers with every widget's state.
+  _requestStates() {
+    if (this.control) return;
+    const commId = `cellmux-control-${Date.now()}-${Math.random().toString(16).slice(2)}`;
+    this.control = { commId, timer: setTimeout(() => this._statesDone(true), STATE_WAIT_MS) };
+    const comm = { comm_id: commId, target_name: CONTROL_TARGET, data: {} };
+    this.kernel.sendMessage(Channel.COMM, Socket.SHELL, 'comm_open', comm, { metadata: { version: '1.0.0' } });
+    this.kernel.sendMessage(Channel.COMM, Socket.SHELL, 'comm_msg', { comm_id: commId, data: { method: 'request_states' } });
+  }
+
+  _states(data, buffers) {
+    const states = data.states && typeof data.states === 'object' ? data.states : {};
+    // buffer_paths start with the model id: [id, ...path in its state]
+    const perModel = new Map();
+    (data.buffer_paths || []).forEach((path, i) => {
+      if (!Array.isArray(path) || path.length < 2) return;
+      if (!perModel.has(path[0])) perModel.set(path[0], { paths: [], buffers: [] });
+      perModel.get(path[0]).paths.push(path.slice(1));
+      perModel.get(path[0]).buffers.push(buffers[i]);
+    });
+    for (const [id, entry] of Object.entries(states)) {
+      if (this.models.has(id) || !entry || typeof entry.state !== 'object') continue;
+      if (this.models.size >= MAX_MODELS) break;
+      const state = { ...entry.state };
+      const b = perModel.get(id);
+      if (b) putBuffers(state, b.paths, b.buffers);
+      const model = { comm_id: id, target_name: TARGET, state, metadata: { version: '2.1.0' } };
+      this.models.set(id, model);
+      this._watchOutput(id, state);
+      const open = {
+        header: { msg_id: `cellmux-state-${id}`, msg_type: 'comm_open', session: 'cellmux-page' },
+        parent_header: {}, metadata: model.metadata, buffers: [],
+        content: { comm_id: id, target_name: TARGET, data: { state, buffer_paths: [] } },
+      };
+      for (const f of this._liveFrames()) if (!f.waiting) f.iframe.contentWindow.postMessage({ cellmuxWidget: { op: 'kernel', msg: open } }, '*');
+    }
+  }
+
+  _statesDone(closeComm) {
+    const control = this.control;
+    if (!control) return;
+    this.control = null;
+    clearTimeout(control.timer);
+    if (closeComm) this.kernel.sendMessage(Channel.COMM, Socket.SHELL, 'comm_close', { comm_id: control.commId, data: {} });
+    for (const f of this._liveFrames()) if (f.waiting) this._init(f);
+  }
+
   _frameMessage(event) {
     const m = event.data && event.data.cellmuxWidget;
     if (!m || typeof m !== 'object') return;
@@ -197,8 +262,10 @@ export class WidgetBridge {
     if (!frame) return; // not one of ours: ignore it
     if (m.op === 'ready') {
       frame.ready = true;
-      const models = [...this.models.values()];
-      event.source.postMessage({ cellmuxWidget: { op: 'init', models, view: frame.view } }, '*');
+      // A widget made before this page saw its comm_open (another page, a
+      // session before a reload): ask the kernel for every widget's state first.
+      if (this.models.has(frame.view)) this._init(frame);
+      else { frame.waiting = true; this._requestStates(); }
       return;
     }
     if (!frame.ready || (m.op !== 'send' && m.op !== 'close')) return;
