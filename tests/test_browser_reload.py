@@ -30,14 +30,16 @@ def _ready(page) -> None:
     expect(page.locator("#cellmux-console[data-ready=true]")).to_be_visible()
 
 
-def test_a_reload_mid_print_shows_every_line(browser, reload_server, screenshots):
-    with _console(browser, reload_server) as page:
+@pytest.mark.parametrize("transport", ["websocket", "longpoll"])
+def test_a_reload_mid_print_shows_every_line(browser, reload_server, screenshots, transport):
+    with _console(browser, reload_server, query=f"?transport={transport}") as page:
         first = _run(page, "x = 41")
         _finished(first)
         cell = _run(page, TICKS)
         expect(cell.locator(".cellmux-stdout")).to_contain_text("tick 2")
         page.reload()
         _ready(page)
+        expect(page.locator("#cellmux-console")).to_have_attribute("data-transport", transport)
         restored = page.locator("section.cellmux-restored")
         # Both cells of this session come back, with their code, in order.
         expect(restored).to_have_count(2)
@@ -51,7 +53,8 @@ def test_a_reload_mid_print_shows_every_line(browser, reload_server, screenshots
         # The session goes on: the kernel and the new cell work as before.
         after = _run(page, "print(x + 1)")
         expect(after.locator(".cellmux-stdout")).to_have_text("42\n")
-        page.screenshot(path=str(screenshots / "console-reloaded.png"))
+        if transport == "websocket":
+            page.screenshot(path=str(screenshots / "console-reloaded.png"))
 
 
 def test_a_reload_gets_the_waiting_prompt_back(browser, reload_server):

@@ -207,13 +207,16 @@ class ConsoleUI {
   _runCell(own) {
     const cls = own ? 'cellmux-console-cell cellmux-restored' : 'cellmux-console-cell cellmux-foreign';
     const element = el('section', { class: cls });
+    // Above the console's input cell (the fresh one at the bottom), if it has one yet.
     const last = this.cells[this.cells.length - 1];
-    if (last && this.kernel.role !== 'observer') this.cellBox.insertBefore(element, last.element);
+    const input = last && !last.restored && last.element === this.cellBox.lastElementChild ? last : null;
+    if (input) this.cellBox.insertBefore(element, input.element);
     else this.cellBox.appendChild(element);
     const cell = new Cell({ element, code: '', kernel: this.kernel, readOnly: !own });
+    cell.restored = true;
     element.classList.add('cellmux-running');
     cell.prompt.textContent = '[*]';
-    if (own) this.cells.splice(Math.max(this.cells.length - 1, 0), 0, cell);
+    if (own) this.cells.splice(input ? this.cells.length - 1 : this.cells.length, 0, cell);
     return cell;
   }
 
