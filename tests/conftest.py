@@ -47,6 +47,8 @@ ROOT_ONLY = {
     "test_browser.py",  # apt-get installs Chromium
     "test_tls_browser.py",  # likewise
     "test_jupyterlab.py",  # likewise (the browser fixture)
+    "test_widgets_browser.py",  # likewise
+    "test_browser_reload.py",  # likewise
     "test_store_postgres.py",  # apt-get installs PostgreSQL, runs it as postgres
     "test_link_isolation.py",  # kernels' own uids, setresuid
     "test_token_unprivileged.py",  # drops from root to nobody
