@@ -269,6 +269,7 @@ export class WidgetBridge {
       return;
     }
     if (!frame.ready || (m.op !== 'send' && m.op !== 'close')) return;
+    if (this.kernel.role === 'observer') return; // read-only: the server would refuse it anyway
     // Only messages on open widget comms, with a fresh id, of bounded size.
     if (typeof m.comm_id !== 'string' || !this.models.has(m.comm_id)) return;
     if (typeof m.msg_id !== 'string' || m.msg_id.length > 100 || this.kernel.requests.has(m.msg_id)) return;
