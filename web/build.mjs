@@ -18,7 +18,18 @@ await build({
 });
 // The widget frame (docs/browser.md, Widgets): html-manager and its CSS and
 // fonts, loaded by static/widgets.html inside a sandboxed iframe.
+// html-manager asks for ipywidgets 7's CSS only when it meets a version 7
+// widget, which a bundle cannot do lazily: left in, its rules fight those of
+// ipywidgets 8 (sliders, readouts). Version 7 widgets still work, unstyled.
+const noWidgets7Css = {
+  name: 'no-widgets7-css',
+  setup(b) {
+    b.onResolve({ filter: /^@jupyter-widgets\/controls7\/css\// }, (args) => ({ path: args.path, namespace: 'empty-css' }));
+    b.onLoad({ filter: /.*/, namespace: 'empty-css' }, () => ({ contents: '', loader: 'css' }));
+  },
+};
 await build({
+  plugins: [noWidgets7Css],
   entryPoints: [join(here, 'src', 'widgets', 'frame.js')],
   bundle: true, format: 'iife', minify: true, target: ['es2020'],
   outfile: join(out, 'widgets.js'), legalComments: 'linked',
