@@ -72,10 +72,16 @@ export class WidgetBridge {
     this.pendingClear = new Set(); // Output widgets with a clear_output(wait=True) pending
     this.warned = false;
     this.control = null; // {commId, timer} while the kernel's widget states are asked for
+    this.outstanding = new Set(); // ids of frames' messages whose idle has not come
     kernel.on('comm', (msg) => this._kernelComm(msg));
     // A restarted kernel has none of the old widgets: forget them.
     kernel.on('status', (state) => {
       if (state === 'restarting') { this.models.clear(); this.captures.clear(); this.pendingClear.clear(); }
+      if (state === 'restarting' || state === 'dead') {
+        // No idle will come for what the frames sent: stop waiting for it.
+        for (const id of this.outstanding) this.kernel.requests.delete(id);
+        this.outstanding.clear();
+      }
     });
     window.addEventListener('message', (event) => this._frameMessage(event));
   }
@@ -290,9 +296,13 @@ export class WidgetBridge {
           const copy = { header: msg.header, parent_header: msg.parent, metadata: {}, content: msg.content, buffers: [] };
           frame.iframe.contentWindow.postMessage({ cellmuxWidget: { op: 'reply', msg_id: m.msg_id, channel, msg: copy } }, '*');
         }
-        if (kind === 'status' && msg.content.execution_state === 'idle') this.kernel.requests.delete(m.msg_id);
+        if (kind === 'status' && msg.content.execution_state === 'idle') {
+          this.kernel.requests.delete(m.msg_id);
+          this.outstanding.delete(m.msg_id);
+        }
       },
     };
+    this.outstanding.add(m.msg_id);
     this.kernel.sendMessage(Channel.COMM, Socket.SHELL, type, { comm_id: m.comm_id, data: m.data }, {
       handlers, msgId: m.msg_id, metadata: (m.metadata && typeof m.metadata === 'object') ? m.metadata : {}, buffers: buffers.map((b) => new Uint8Array(b)),
     });
