@@ -103,6 +103,11 @@ def test_the_header_does_not_cover_the_output_and_the_icon_is_served(browser, re
         page.wait_for_timeout(500)
         assert not [u for u in requests if u.endswith("/favicon.ico")]
         assert [u for u in requests if u.endswith("/static/favicon.svg")]
+        # Clients that ask the conventional path get the same icon.
+        icon = page.request.get(f"{reload_server.url}favicon.ico")
+        assert icon.status == 200
+        assert icon.headers["content-type"] == "image/svg+xml"
+        assert icon.body().startswith(b"<svg")
         cell = _run(page, "for i in range(80): print(i)")
         _finished(cell)
         page.click("#permalink")

@@ -11,7 +11,8 @@ everyone else with the JSON description it always gave.
 
 Kernel output never runs in this origin: the page renders HTML and
 JavaScript outputs in ``sandbox="allow-scripts"`` iframes (an opaque
-origin). Their srcdoc documents inherit this page's Content-Security-
+origin), and widget views in such iframes loaded from
+``/static/widgets.html``. Their srcdoc documents inherit this page's Content-Security-
 Policy, which is why ``script-src`` admits inline scripts; the page itself
 never inserts kernel markup outside such a frame.
 """
