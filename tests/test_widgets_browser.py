@@ -75,6 +75,13 @@ def test_a_slider_moved_in_the_page_changes_the_kernels_value(browser, widget_se
         # And the other way: the kernel sets the value, the view follows.
         _finished(_run(page, "s.value = 9"))
         expect(frame.locator(".widget-readout")).to_have_text("9")
+        # A second view of the same model, in a frame of its own, stays in step.
+        again = _frame(_run(page, "s"))
+        expect(again.locator(".widget-readout")).to_have_text("9")
+        again.locator(".noUi-handle").click()
+        page.keyboard.press("ArrowLeft")
+        expect(again.locator(".widget-readout")).to_have_text("8")
+        expect(frame.locator(".widget-readout")).to_have_text("8")
 
 
 def test_interact_reruns_its_function_when_the_slider_moves(browser, widget_server, screenshots):
@@ -106,9 +113,11 @@ def test_interact_reruns_its_function_when_the_slider_moves(browser, widget_serv
         expect(frame.locator("button", has_text="Press")).to_be_visible()
         expect(frame.locator("select")).to_have_value("red")
         # jslink runs in the frame: moving a moves b without the kernel's help.
+        expect(frame.locator(".widget-readout").nth(1)).to_have_text("0.00")
         frame.locator(".noUi-handle").first.click()
         page.keyboard.press("ArrowRight")
-        expect(frame.locator(".widget-readout").nth(1)).not_to_have_text("0.00")
+        expect(frame.locator(".widget-readout").nth(0)).to_have_text("0.10")
+        expect(frame.locator(".widget-readout").nth(1)).to_have_text("0.10")
         page.screenshot(path=str(screenshots / "console-widgets.png"))
 
 
