@@ -149,6 +149,7 @@ CLIENT_COMMANDS = {
     "console": ("a terminal console on a kernel", "console"),
     "attach": ("attach a console to a kernel, or --watch it read-only", "watch"),
     "kernels": ("list the server's kernels", "table"),
+    "bridge": ("make a kernel look local to Jupyter's ZeroMQ clients", "bridge"),
 }
 
 

@@ -483,6 +483,17 @@ class AsyncKernel:
         """Whether the websocket is closed (by either side)."""
         return self._closed_error is not None
 
+    @property
+    def close_error(self) -> ConnectionClosed | None:
+        """Why the websocket closed (its close C{code} and reason), or None while open."""
+        return self._closed_error
+
+    async def wait_closed(self) -> ConnectionClosed:
+        """Wait until the websocket closes, by either side; returns L{close_error}."""
+        await asyncio.gather(asyncio.shield(self._reader), return_exceptions=True)
+        assert self._closed_error is not None
+        return self._closed_error
+
     async def __aenter__(self) -> AsyncKernel:
         return self
 
@@ -712,6 +723,13 @@ class AsyncKernel:
         )
         await self._send(frame)
         return msg_id
+
+    async def send_frame(self, frame: Frame) -> None:
+        """Send a data frame as it is (a relay's: its parts already made).
+
+        @raise ConnectionClosed: if the websocket is closed.
+        """
+        await self._send(frame)
 
     # -- control requests ------------------------------------------------------
 

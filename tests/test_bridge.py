@@ -1,0 +1,269 @@
+"""``cellmux bridge``: jupyter_client's blocking client on a cellmux kernel, through
+real ZeroMQ sockets, a real bridge process and a real server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+import time
+
+import pytest
+import zmq
+from jupyter_client.session import Session
+
+from bridge_helpers import BridgeProcess, TcpProxy, bridge_env
+from conftest import wait_for
+from terminal_helpers import cellmux, delete_named_kernels
+
+
+def stream_text(messages: list[dict]) -> str:
+    return "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+
+
+@pytest.fixture
+def bridge(server, tmp_path):
+    state = tmp_path / "state"
+    process = BridgeProcess(bridge_env(server, state), "b", tmp_path / "kernel.json")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.finish()
+        delete_named_kernels(server, state)
+
+
+@pytest.fixture
+def kc(bridge):
+    client = bridge.client()
+    yield client
+    client.stop_channels()
+
+
+def test_connection_file_is_private_with_a_fresh_key(server, tmp_path):
+    state = tmp_path / "state"
+    keys = []
+    for n in range(2):
+        path = tmp_path / f"k{n}.json"
+        process = BridgeProcess(bridge_env(server, state), "same", path)
+        try:
+            info = process.wait_ready()
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+            assert info["ip"] == "127.0.0.1" and info["transport"] == "tcp"
+            assert info["signature_scheme"] == "hmac-sha256"
+            assert len(info["key"]) == 64
+            assert (
+                len({info[f"{name}_port"] for name in ("shell", "control", "stdin", "iopub", "hb")})
+                == 5
+            )
+            keys.append(info["key"])
+            assert "is bridged" in process.stdout_line()
+        finally:
+            assert process.finish() == 0  # SIGTERM: a clean exit
+        assert not path.exists()  # removed when the bridge ended
+    assert keys[0] != keys[1]
+    delete_named_kernels(server, state)
+
+
+def test_execute_input_completion_and_inspection(kc):
+    outputs = []
+    reply = kc.execute_interactive(
+        "print('hello from', 'cellmux'); 6 * 7", timeout=60, output_hook=outputs.append
+    )
+    assert reply["content"]["status"] == "ok"
+    assert any(
+        m["msg_type"] == "stream" and m["content"]["text"] == "hello from cellmux\n"
+        for m in outputs
+    )
+    result = next(m for m in outputs if m["msg_type"] == "execute_result")
+    assert result["content"]["data"]["text/plain"] == "42"
+
+    prompts = []
+
+    def answer(msg):
+        prompts.append(msg["content"]["prompt"])
+        kc.input("Ada")
+
+    outputs.clear()
+    reply = kc.execute_interactive(
+        "name = input('who? ')\nprint('hi', name)",
+        timeout=60,
+        allow_stdin=True,
+        stdin_hook=answer,
+        output_hook=outputs.append,
+    )
+    assert reply["content"]["status"] == "ok"
+    assert prompts == ["who? "]
+    assert stream_text(outputs) == "hi Ada\n"
+
+    msg_id = kc.complete("import os; os.pa", 16)
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert "path" in reply["content"]["matches"]
+
+    msg_id = kc.is_complete("for i in range(3):")
+    assert kc.get_shell_msg(timeout=30)["content"]["status"] == "incomplete"
+
+    kc.inspect("len", 3)
+    reply = kc.get_shell_msg(timeout=30)
+    assert reply["content"]["found"] is True
+
+
+def test_messages_not_signed_with_the_key_are_dropped(bridge, kc):
+    info = json.loads(bridge.path.read_text())
+    context = zmq.Context()
+    shell = context.socket(zmq.DEALER)
+    shell.linger = 0
+    shell.connect(f"tcp://127.0.0.1:{info['shell_port']}")
+    try:
+        for key, answered in ((b"not the key", False), (info["key"].encode(), True)):
+            session = Session(key=key)
+            msg = session.send(shell, "kernel_info_request", {})
+            if answered:
+                assert shell.poll(30_000), "no reply to a signed request"
+                _idents, reply = Session(key=info["key"].encode()).feed_identities(
+                    shell.recv_multipart()
+                )
+                reply = Session(key=info["key"].encode()).deserialize(reply)
+                assert reply["parent_header"]["msg_id"] == msg["header"]["msg_id"]
+            else:
+                assert not shell.poll(2_000), "a badly signed request was answered"
+    finally:
+        shell.close()
+        context.term()
+    bridge.finish()
+    assert "bad signature" in bridge.stderr
+
+
+def test_interrupt_request_on_control_interrupts(kc):
+    msg_id = kc.execute("import time; time.sleep(120)")
+    # wait until it runs
+    while True:
+        msg = kc.get_iopub_msg(timeout=30)
+        if msg["msg_type"] == "execute_input" and msg["parent_header"]["msg_id"] == msg_id:
+            break
+    started = time.monotonic()
+    request = kc.session.msg("interrupt_request", {})
+    kc.control_channel.send(request)
+    reply = kc.control_channel.get_msg(timeout=30)
+    assert reply["msg_type"] == "interrupt_reply"
+    assert reply["parent_header"]["msg_id"] == request["header"]["msg_id"]
+    assert reply["content"]["status"] == "ok"
+    execute_reply = kc.get_shell_msg(timeout=30)
+    assert execute_reply["parent_header"]["msg_id"] == msg_id
+    assert execute_reply["content"]["ename"] == "KeyboardInterrupt"
+    assert time.monotonic() - started < 20
+
+
+def test_shutdown_with_restart_restarts_and_the_bridge_goes_on(kc):
+    kc.execute_interactive("x = 1", timeout=60)
+    request = kc.session.msg("shutdown_request", {"restart": True})
+    kc.control_channel.send(request)
+    reply = kc.control_channel.get_msg(timeout=60)
+    assert reply["msg_type"] == "shutdown_reply"
+    assert reply["content"] == {"status": "ok", "restart": True}
+    outputs = []
+    reply = kc.execute_interactive("print('x' in dir())", timeout=60, output_hook=outputs.append)
+    assert reply["content"]["status"] == "ok"
+    assert stream_text(outputs) == "False\n"
+
+
+def test_shutdown_request_removes_the_kernel_and_ends_the_bridge(server, bridge, kc):
+    kernel_id = bridge.kernel_id()
+    request = kc.session.msg("shutdown_request", {"restart": False})
+    kc.control_channel.send(request)
+    assert kc.control_channel.get_msg(timeout=60)["content"]["status"] == "ok"
+    wait_for(lambda: bridge.process.poll() is not None, 30)
+    assert bridge.finish() == 0
+    assert not bridge.path.exists()
+    with server.client() as client:
+        assert kernel_id not in {k.id for k in client.list_kernels()}
+
+
+def test_a_kernel_removed_elsewhere_ends_the_bridge(server, bridge, kc):
+    with server.client() as client:
+        client.delete_kernel(bridge.kernel_id())
+    wait_for(lambda: bridge.process.poll() is not None, 30)
+    assert bridge.finish() == 0
+    assert "the kernel was shut down" in bridge.stderr
+    assert not bridge.path.exists()
+
+
+def test_nothing_is_lost_when_the_connection_drops_mid_output(server, tmp_path):
+    """Reset the bridge's websocket three times while the kernel prints: the
+    client still gets every line once, in order (the bridge resumes from the
+    last seq it received; what was in flight is replayed)."""
+    port = int(server.url.rstrip("/").rsplit(":", 1)[1])
+    proxy = TcpProxy(port)
+    state = tmp_path / "state"
+    env = bridge_env(server, state, CELLMUX_URL=proxy.url)
+    bridge = BridgeProcess(env, "drop", tmp_path / "kernel.json")
+    kc = None
+    try:
+        bridge.wait_ready()
+        kc = bridge.client()
+        lines = 4000
+        code = f"import time\nfor i in range({lines}):\n    print(i)\n    time.sleep(0.001)\n"
+        msg_id = kc.execute(code)
+        stdout = ""
+        cuts = 0
+        deadline = time.monotonic() + 120
+        messages = []
+        while True:
+            assert time.monotonic() < deadline
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            messages.append(msg)
+            if msg["msg_type"] == "stream":
+                stdout += msg["content"]["text"]
+                seen = stdout.count("\n")
+                if cuts < 3 and seen > (cuts + 1) * lines // 5:
+                    # down long enough for the kernel to print while no one listens
+                    assert proxy.cut(down_for=0.5) >= 1
+                    cuts += 1
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        assert cuts == 3
+        assert proxy.connections >= 4  # it reconnected after each cut
+        assert stdout == "".join(f"{i}\n" for i in range(lines))
+        reply = kc.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["status"] == "ok"
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        bridge.finish()
+        proxy.close()
+        delete_named_kernels(server, state)
+    assert bridge.stderr.count("reconnecting") == 3
+    assert bridge.stderr.count("reconnected") == 3
+
+
+def test_everyday_mistakes_are_one_line(server, tmp_path):
+    state = tmp_path / "state"
+    env = bridge_env(server, state)
+    result = cellmux(env, "bridge", "x", timeout=60)
+    assert result.returncode == 2  # argparse: the file option is required
+    # a server that is not there
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        unused = f"http://127.0.0.1:{s.getsockname()[1]}"
+    result = cellmux(
+        {**env, "CELLMUX_URL": unused}, "bridge", "x", "-f", str(tmp_path / "k.json"), timeout=60
+    )
+    assert result.returncode == 3
+    assert result.stderr.startswith("cellmux: ") and result.stderr.count("\n") == 1
+    # a wrong token
+    result = cellmux(
+        {**env, "CELLMUX_TOKEN": "wrong"}, "bridge", "x", "-f", str(tmp_path / "k.json"), timeout=60
+    )
+    assert result.returncode == 3
+    assert result.stderr.startswith("cellmux: ") and result.stderr.count("\n") == 1
+    # a connection file that is not one
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    result = cellmux(env, "bridge", "x", "--use-connection-file", str(bad), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == f"cellmux: {bad} is not a connection file\n"
+    assert not (tmp_path / "k.json").exists()
