@@ -60,10 +60,12 @@ class Terminal:
     chose to paint the screen.
     """
 
-    def __init__(self, env: dict[str, str], *args: str, timeout: float = 60) -> None:
+    def __init__(
+        self, env: dict[str, str], *args: str, timeout: float = 60, module: str = "cellmux"
+    ) -> None:
         self.child = pexpect.spawn(
             sys.executable,
-            ["-m", "cellmux", *args],
+            ["-m", module, *args],
             env=env,
             encoding="utf-8",
             codec_errors="replace",
