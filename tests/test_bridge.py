@@ -267,3 +267,36 @@ def test_everyday_mistakes_are_one_line(server, tmp_path):
     assert result.returncode == 2
     assert result.stderr == f"cellmux: {bad} is not a connection file\n"
     assert not (tmp_path / "k.json").exists()
+
+
+def test_a_dead_kernel_stops_the_heartbeat_and_answers_with_an_error(kc):
+    outputs = []
+    msg_id = kc.execute("import os; os._exit(3)")
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline
+        msg = kc.get_iopub_msg(timeout=60)
+        outputs.append(msg)
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "dead":
+            break
+    notices = [m["content"]["text"] for m in outputs if m["msg_type"] == "stream"]
+    assert "cellmux: the kernel died (exit code 3)\n" in notices
+    # the notice is parented to the execution that was running, for the client
+    # that sent it (its session, not the bridge's)
+    notice = next(m for m in outputs if m["msg_type"] == "stream")
+    assert notice["parent_header"]["msg_id"] == msg_id
+    assert notice["parent_header"]["session"] == kc.session.session
+    wait_for(lambda: not kc.is_alive(), 10)  # jupyter_client: hb stopped
+    # a request is answered at once, not left waiting
+    msg_id = kc.execute("1")
+    reply = kc.get_shell_msg(timeout=10)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["status"] == "error"
+    assert "the kernel is dead (exit code 3)" in reply["content"]["evalue"]
+    # a restart brings it back, heartbeat included
+    request = kc.session.msg("shutdown_request", {"restart": True})
+    kc.control_channel.send(request)
+    assert kc.control_channel.get_msg(timeout=60)["content"]["status"] == "ok"
+    wait_for(kc.is_alive, 10)
+    reply = kc.execute_interactive("40 + 2", timeout=60)
+    assert reply["content"]["status"] == "ok"

@@ -160,6 +160,9 @@ class Bridge:
         #: process (the server refuses data frames meanwhile), as a stock
         #: kernel's ZeroMQ sockets hold them
         self._restarting = False
+        #: why the kernel is dead, while it is (and no restart is under way):
+        #: requests are answered with this at once instead of waiting forever
+        self.dead: str | None = None
         self._connected = asyncio.Event()
         self._last_execute: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -246,8 +249,12 @@ class Bridge:
         self.kernel = kernel
         if self.cursor is None:
             self.cursor = kernel.last_seq
-            if kernel.status != "dead":
+            if kernel.status == "dead":
+                reason = kernel.model.raw.get("reason") if kernel.model else None
+                self.dead = str(reason or "unknown cause")
+            else:
                 self._alive.set()
+            self._restarting = kernel.status == "restarting"
         self._connected.set()
         await self._release_held()
 
@@ -331,6 +338,9 @@ class Bridge:
             return
         if name == "control" and msg_type == "shutdown_request":
             self._spawn(self._shutdown(header, parts, origin))
+            return
+        if self.dead is not None:
+            self._refuse(header, f"the kernel is dead ({self.dead}); restart it")
             return
         frame = Frame(
             channel=channel_for(msg_type),
@@ -473,8 +483,10 @@ class Bridge:
         self._restarting = state == "restarting" or (
             state == "dead" and content.get("auto_restart") is True
         )
+        self.dead = None
         if state == "dead" and not self._restarting:
-            self._refuse_held("the kernel is dead")
+            self.dead = str(content.get("cause") or "unknown cause")
+            self._refuse_held(f"the kernel is dead ({self.dead}); restart it")
         elif not self._restarting and self._held:
             self._spawn(self._release_held())
         translation = self.statuses.translate(content)
