@@ -13,8 +13,14 @@ import zmq
 from jupyter_client.session import Session
 
 from bridge_helpers import BridgeProcess, TcpProxy, bridge_env
+from cellmux.terminal.bridge import reconnect_delays
 from conftest import wait_for
 from terminal_helpers import cellmux, delete_named_kernels
+
+
+def test_reconnection_attempts_back_off_to_five_seconds():
+    delays = reconnect_delays()
+    assert [next(delays) for _ in range(9)] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
 
 
 def stream_text(messages: list[dict]) -> str:

@@ -49,6 +49,7 @@ import signal
 import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,14 @@ from cellmux.client import (
     HTTPError,
     ServerError,
 )
-from cellmux.protocol import Channel, Frame, JupyterSocket, channel_for, parse_control
+from cellmux.protocol import (
+    Channel,
+    Frame,
+    JupyterSocket,
+    ProtocolError,
+    channel_for,
+    parse_control,
+)
 from cellmux.protocol.jupyter import jupyter_parts
 from cellmux.server.jupyter.status import StatusTranslator
 
@@ -96,6 +104,18 @@ MAX_HELD = 64
 MAX_HELD_BYTES = 4 * 1024 * 1024
 #: Seconds between reconnection attempts: doubling from the first to the last.
 RECONNECT_DELAYS = (0.1, 5.0)
+
+
+def reconnect_delays(
+    first: float = RECONNECT_DELAYS[0], longest: float = RECONNECT_DELAYS[1]
+) -> Iterator[float]:
+    """The waits before each reconnection attempt: doubling, then steady, without end."""
+    delay = first
+    while True:
+        yield delay
+        delay = min(delay * 2, longest)
+
+
 #: Close codes after which there is no kernel to reconnect to.
 _FINAL_CLOSE_CODES = {4000: "the kernel was shut down", 4403: "access was revoked"}
 
@@ -264,10 +284,8 @@ class Bridge:
             file=sys.stderr,
             flush=True,
         )
-        delay, longest = RECONNECT_DELAYS
-        while True:
+        for delay in reconnect_delays():
             await asyncio.sleep(delay)
-            delay = min(delay * 2, longest)
             try:
                 await self._connect()
             except ServerError as e:
@@ -460,9 +478,16 @@ class Bridge:
     def _control_frame(self, frame: Frame) -> None:
         try:
             body = parse_control(frame)
-        except Exception:
+        except ProtocolError:
             return
-        if body.get("op") == "gap":
+        if body.get("op") == "error" and body.get("id") is None:
+            # A message that did not reach the kernel (no request id: the
+            # bridge's own requests get their errors as replies).
+            print(
+                f"cellmux: the server refused a message: {body.get('code')}: {body.get('message')}",
+                file=sys.stderr,
+            )
+        elif body.get("op") == "gap":
             self._notice(
                 f"cellmux: {body.get('missed')} kernel message(s) sent while the bridge was "
                 "disconnected are no longer kept and were lost\n"
