@@ -3,7 +3,9 @@ real ZeroMQ sockets, a real bridge process and a real server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import socket
 import stat
 import time
@@ -306,3 +308,16 @@ def test_a_dead_kernel_stops_the_heartbeat_and_answers_with_an_error(kc):
     wait_for(kc.is_alive, 10)
     reply = kc.execute_interactive("40 + 2", timeout=60)
     assert reply["content"]["status"] == "ok"
+
+
+def test_only_jupyter_messages_reach_iopub(kc):
+    """The server's file notices (cellmux_files, after code made a file) are
+    for cellmux clients: a Jupyter client would not know the message type."""
+    kc.execute("open('made.txt', 'w').write('x')")
+    seen = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            seen.append(kc.get_iopub_msg(timeout=0.5)["msg_type"])
+    assert "execute_result" in seen
+    assert "cellmux_files" not in seen

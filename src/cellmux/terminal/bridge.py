@@ -119,6 +119,20 @@ def reconnect_delays(
 #: Close codes after which there is no kernel to reconnect to.
 _FINAL_CLOSE_CODES = {4000: "the kernel was shut down", 4403: "access was revoked"}
 
+#: What the bridge receives: every Jupyter channel, not the server's file
+#: notices or plugin channels, which Jupyter clients don't know.
+JUPYTER_CHANNELS = (
+    Channel.STDIN,
+    Channel.STDOUT,
+    Channel.STDERR,
+    Channel.STATUS,
+    Channel.INTROSPECTION,
+    Channel.EXECUTE,
+    Channel.DISPLAY,
+    Channel.COMM,
+    Channel.KERNEL,
+)
+
 _SOCKET_OF = {
     "shell": JupyterSocket.SHELL,
     "control": JupyterSocket.CONTROL,
@@ -262,6 +276,7 @@ class Bridge:
     async def _connect(self) -> None:
         kernel = await self.client.connect(
             self.kernel_id,
+            JUPYTER_CHANNELS,
             session=self.session,
             cursor=self.cursor,
             listener=self._from_kernel,
