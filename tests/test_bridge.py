@@ -8,15 +8,16 @@ import json
 import queue
 import socket
 import stat
+import threading
 import time
 
 import pytest
 import zmq
 from jupyter_client.session import Session
 
-from bridge_helpers import BridgeProcess, TcpProxy, bridge_env
+from bridge_helpers import BridgeProcess, TcpProxy, bridge_env, collect_execution
 from cellmux.terminal.bridge import reconnect_delays
-from conftest import wait_for
+from conftest import start_server, wait_for
 from terminal_helpers import cellmux, delete_named_kernels
 
 
@@ -321,3 +322,38 @@ def test_only_jupyter_messages_reach_iopub(kc):
             seen.append(kc.get_iopub_msg(timeout=0.5)["msg_type"])
     assert "execute_result" in seen
     assert "cellmux_files" not in seen
+
+
+def test_requests_sent_during_a_restart_wait_for_the_new_kernel(tmp_path):
+    """As a stock kernel's sockets would: what a client sends while the kernel
+    is replaced reaches the new process (the server refuses data frames
+    meanwhile, so the bridge holds them). No warm pool: the restart forks a
+    new process, which leaves time to send into it."""
+    server = start_server("--pool-size", "0")
+    state = tmp_path / "state"
+    bridge = BridgeProcess(bridge_env(server, state), "held", tmp_path / "kernel.json")
+    kc = None
+    try:
+        bridge.wait_ready()
+        kc = bridge.client()
+        kc.execute_interactive("x = 1", timeout=60)
+        restart = threading.Thread(
+            target=lambda: server.client().restart_kernel(bridge.kernel_id()), daemon=True
+        )
+        restart.start()
+        while True:  # the server's "restarting", in a stock server's words
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "starting":
+                break
+        msg_id = kc.execute("print('x' in dir())")
+        stdout, _messages, reply = collect_execution(kc, msg_id, timeout=60)
+        assert reply["content"]["status"] == "ok"
+        assert stdout == "False\n"  # the new process ran it
+        restart.join(60)
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        bridge.finish()
+        delete_named_kernels(server, state)
+        server.stop()
+    assert "refused" not in bridge.stderr
