@@ -82,7 +82,7 @@ def test_ctrl_c_while_running_is_jupyter_consoles_own_refusal(existing):
     not start (it has no kernel manager): it says so and the code runs on.
     The kernel-spec test below is the way to get Ctrl-C."""
     console = existing
-    run(console, "import time; time.sleep(3); print('slept' + '!')")
+    run(console, "import time; time.sleep(6); print('slept' + '!')")
     console.settle(quiet=0.5)
     console.send("\x03")
     console.expect("Cannot interrupt kernels we didn't start")
