@@ -336,6 +336,8 @@ class Bridge:
                 await self._from_client(name, frames)
             except WireError as e:
                 print(f"cellmux: dropped a message on {name}: {e}", file=sys.stderr)
+            except Exception as e:  # one bad message must not stop the socket
+                print(f"cellmux: could not relay a message on {name}: {e!r}", file=sys.stderr)
 
     async def _serve_heartbeat(self) -> None:
         sock = self.sockets["hb"]
