@@ -125,6 +125,9 @@ def test_messages_not_signed_with_the_key_are_dropped(bridge, kc):
     shell.linger = 0
     shell.connect(f"tcp://127.0.0.1:{info['shell_port']}")
     try:
+        # not Jupyter messages at all: dropped, and the socket goes on
+        shell.send_multipart([b"garbage"])
+        shell.send_multipart([b"<IDS|MSG>", b"sig", b"{", b"{}", b"{}", b"{}"])
         for key, answered in ((b"not the key", False), (info["key"].encode(), True)):
             session = Session(key=key)
             msg = session.send(shell, "kernel_info_request", {})
@@ -142,6 +145,7 @@ def test_messages_not_signed_with_the_key_are_dropped(bridge, kc):
         context.term()
     bridge.finish()
     assert "bad signature" in bridge.stderr
+    assert "no <IDS|MSG> delimiter" in bridge.stderr
 
 
 def test_interrupt_request_on_control_interrupts(kc):
