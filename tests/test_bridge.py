@@ -179,6 +179,16 @@ def test_shutdown_with_restart_restarts_and_the_bridge_goes_on(kc):
     reply = kc.execute_interactive("print('x' in dir())", timeout=60, output_hook=outputs.append)
     assert reply["content"]["status"] == "ok"
     assert stream_text(outputs) == "False\n"
+    # older clients send it on shell: answered there
+    kc.execute_interactive("y = 1", timeout=60)
+    request = kc.session.msg("shutdown_request", {"restart": True})
+    kc.shell_channel.send(request)
+    reply = kc.get_shell_msg(timeout=60)
+    assert reply["msg_type"] == "shutdown_reply"
+    assert reply["parent_header"]["msg_id"] == request["header"]["msg_id"]
+    outputs.clear()
+    kc.execute_interactive("print('y' in dir())", timeout=60, output_hook=outputs.append)
+    assert stream_text(outputs) == "False\n"
 
 
 def test_shutdown_request_removes_the_kernel_and_ends_the_bridge(server, bridge, kc):

@@ -368,10 +368,11 @@ class Bridge:
         self.origins.remember(header["msg_id"], origin)
         if msg_type == "execute_request":
             self._last_execute = header
-        if name == "control" and msg_type == "interrupt_request":
+        # On control as clients send them now, or on shell as older ones did.
+        if msg_type == "interrupt_request" and name != "stdin":
             self._spawn(self._interrupt(header, origin))
             return
-        if name == "control" and msg_type == "shutdown_request":
+        if msg_type == "shutdown_request" and name != "stdin":
             self._spawn(self._shutdown(header, parts, origin))
             return
         if self.dead is not None:
