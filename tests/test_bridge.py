@@ -371,3 +371,32 @@ def test_requests_sent_during_a_restart_wait_for_the_new_kernel(tmp_path):
         delete_named_kernels(server, state)
         server.stop()
     assert "refused" not in bridge.stderr
+
+
+def test_a_kernel_id_bridges_the_kernel_other_clients_use(server, tmp_path):
+    with server.client() as client:
+        model = client.create_kernel()
+        try:
+            with client.connect(model.id) as kernel:
+                kernel.execute("shared = 'from a cellmux client'")
+                bridge = BridgeProcess(
+                    bridge_env(server, tmp_path / "state"), model.id, tmp_path / "k.json"
+                )
+                kc = None
+                try:
+                    bridge.wait_ready()
+                    assert bridge.kernel_id() == model.id
+                    kc = bridge.client()
+                    outputs = []
+                    kc.execute_interactive("print(shared)", timeout=60, output_hook=outputs.append)
+                    assert stream_text(outputs) == "from a cellmux client\n"
+                    # and the cellmux client sees what the Jupyter client defined
+                    kc.execute_interactive("back = 'from jupyter_client'", timeout=60)
+                    assert kernel.execute("print(back)").stdout == "from jupyter_client\n"
+                finally:
+                    if kc is not None:
+                        kc.stop_channels()
+                    bridge.finish()
+            assert "started kernel" not in bridge.stderr  # found, not made
+        finally:
+            client.delete_kernel(model.id)
