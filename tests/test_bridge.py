@@ -8,6 +8,7 @@ import json
 import queue
 import socket
 import stat
+import sys
 import threading
 import time
 
@@ -400,3 +401,67 @@ def test_a_kernel_id_bridges_the_kernel_other_clients_use(server, tmp_path):
             assert "started kernel" not in bridge.stderr  # found, not made
         finally:
             client.delete_kernel(model.id)
+
+
+def test_launched_by_jupyter_clients_kernel_manager(server, tmp_path, monkeypatch):
+    """What Spyder, molten and emacs-jupyter do with a kernel spec: jupyter_client's
+    KernelManager writes the connection file, starts the bridge on it, interrupts
+    with SIGINT, restarts (the process ends and is started again) and shuts down."""
+    from jupyter_client.manager import KernelManager
+
+    state = tmp_path / "state"
+    spec_dir = tmp_path / "jupyter" / "kernels" / "cellmux-km"
+    spec_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "cellmux", "bridge", "km", "--use-connection-file"]
+    spec = {
+        "argv": [*argv, "{connection_file}"],
+        "display_name": "Python 3 (cellmux)",
+        "language": "python",
+        "interrupt_mode": "signal",
+        "env": {
+            "CELLMUX_URL": server.url,
+            "CELLMUX_TOKEN": server.token,
+            "XDG_STATE_HOME": str(state),
+        },
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    km = KernelManager(kernel_name="cellmux-km", shutdown_wait_time=20)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        kc.execute_interactive("x = 1", timeout=60)
+        # interrupt: SIGINT to the bridge
+        msg_id = kc.execute("import time; time.sleep(120)")
+        time.sleep(1)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=30)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        # restart: the bridge restarts the kernel and ends; the manager starts
+        # it again (at once: it does not wait for a process that stays)
+        first = km.provisioner.process.pid
+        started = time.monotonic()
+        km.restart_kernel()
+        # the manager would SIGTERM a process still there after 10 s
+        assert time.monotonic() - started < 8
+        assert km.provisioner.process.pid != first
+        kc.wait_for_ready(timeout=60)
+        outputs = []
+        kc.execute_interactive("print('x' in dir())", timeout=60, output_hook=outputs.append)
+        assert stream_text(outputs) == "False\n"
+        names = json.loads((state / "cellmux" / "kernels.json").read_text())
+        kernel_id = names[server.url.rstrip("/")]["km"]
+        kc.stop_channels()
+        km.shutdown_kernel()
+        assert not km.is_alive()
+        with server.client() as client:
+            wait_for(lambda: kernel_id not in {k.id for k in client.list_kernels()}, 30)
+    finally:
+        kc.stop_channels()
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+        delete_named_kernels(server, state)

@@ -49,7 +49,7 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -115,6 +115,10 @@ def reconnect_delays(
         yield delay
         delay = min(delay * 2, longest)
 
+
+#: Milliseconds the sockets may take, when the bridge ends, to send what
+#: they still hold (the reply to a shutdown_request).
+CLOSE_LINGER_MS = 500
 
 #: Close codes after which there is no kernel to reconnect to.
 _FINAL_CLOSE_CODES = {4000: "the kernel was shut down", 4403: "access was revoked"}
@@ -200,6 +204,8 @@ class Bridge:
         self._connected = asyncio.Event()
         self._last_execute: dict[str, Any] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: called once a shutdown_request was carried out and answered
+        self.on_shutdown: Callable[[], object] | None = None
 
     # -- setting up ------------------------------------------------------------
 
@@ -239,7 +245,8 @@ class Bridge:
         for task in list(self._tasks):
             task.cancel()
         for sock in self.sockets.values():
-            sock.close(linger=0)
+            # a moment for the last replies (a shutdown_reply) to leave
+            sock.close(linger=CLOSE_LINGER_MS)
         self.context.term()
 
     # -- running ---------------------------------------------------------------
@@ -447,6 +454,8 @@ class Bridge:
             self._reply(origin, header, "shutdown_reply", _error(f"cannot shut down: {e}"))
             return
         self._reply(origin, header, "shutdown_reply", {"status": "ok", "restart": restart})
+        if self.on_shutdown is not None:
+            self.on_shutdown()
 
     async def _control(self, op: str) -> None:
         await asyncio.wait_for(self._connected.wait(), 30)
@@ -630,6 +639,10 @@ async def _run(options: ServerOptions, model_id: str, name: str, args: argparse.
     # Launched by a Jupyter client whose kernel spec says interrupt_mode
     # "signal", SIGINT means "interrupt the kernel", as for ipykernel.
     loop.add_signal_handler(signal.SIGINT, bridge.interrupt_soon if launched else stop.set)
+    if launched:
+        # Its client waits for the process to end after a shutdown_request,
+        # with restart too (it then starts the bridge again): as ipykernel does.
+        bridge.on_shutdown = stop.set
     written = False
     try:
         try:
@@ -642,10 +655,9 @@ async def _run(options: ServerOptions, model_id: str, name: str, args: argparse.
         await asyncio.wait([ready, relay], return_when=asyncio.FIRST_COMPLETED)
         if relay.done():
             relay.result()  # the first connection failed: raise why
-        if not launched:
+        if not launched:  # a launched bridge's output lands in its client's terminal
             write_connection_file(path, info)
             written = True
-        if not launched:  # a launched bridge's output lands in its client's terminal
             print(
                 f"cellmux: kernel {model_id} is bridged; "
                 f"connect with: jupyter console --existing {path}",
