@@ -10,15 +10,23 @@ molten or emacs-jupyter use a cellmux kernel as if it ran here:
   key and sent to the server as a cellmux frame (its parts unchanged but
   for ``header.session``, see L{bridgewire}); the kernel's replies and
   ``input_request``\\ s go back to the identities that sent the request.
-* iopub: a PUB socket carrying every kernel message on iopub, the server's
-  status messages in the words a stock kernel uses (``jupyter/status.py``)
-  and its notices as stderr streams.
+* iopub: an XPUB socket carrying every kernel message on iopub, the
+  server's status messages in the words a stock kernel uses
+  (``jupyter/status.py``) and its notices as stderr streams; each new
+  subscriber is welcomed (``iopub_welcome``), as by ipykernel 7.
 * hb: a REP socket answered here, while the kernel is not dead: the server
   watches the kernel's own liveness; the heartbeat tells local clients
   whether there is a kernel behind the bridge at all.
 * ``interrupt_request`` becomes the server's ``interrupt`` (SIGINT to the
   kernel, as for every cellmux client); ``shutdown_request`` its
   ``restart`` or ``shutdown``. The bridge answers those requests itself.
+* While the kernel restarts, or the server is unreachable, requests wait
+  (bounded) for the new process; to a dead kernel they get an error reply.
+
+With ``--use-connection-file`` a Jupyter client launched the bridge from a
+kernel spec: ports and key are the client's, SIGINT interrupts the kernel
+(Jupyter's ``interrupt_mode: signal``), and the bridge ends after answering
+a ``shutdown_request``, as ipykernel does.
 
 The connection is the native protocol (docs/protocol.md), not the Jupyter
 websocket, because replay is driven by the client there: the bridge says
@@ -32,7 +40,7 @@ commands; the bridge is one more client on one loop.
 
 Bounds: at most L{bridgewire.MAX_ORIGINS} requests remembered for routing,
 L{MAX_HELD} messages (L{MAX_HELD_BYTES} bytes) waiting while the server is
-unreachable (more are refused with an error reply), and ZeroMQ's send
+unreachable or the kernel restarts (more are refused with an error reply), and ZeroMQ's send
 high-water mark (1000 messages) per local socket: a local client that does
 not read its iopub loses messages past it, as with a stock kernel.
 """
