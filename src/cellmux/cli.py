@@ -129,12 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, (help_text, _module) in CLIENT_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
+    commands.add_parser("token", help="make a named token (cellmux token new NAME)", add_help=False)
     # A command's arguments are its own: only what comes before it is ours
     # (argparse would otherwise take abbreviations such as --ver from them).
     if argv and argv[0] == "serve":
         return serve(argv[1:])
     if argv and argv[0] in CLIENT_COMMANDS:
         return run_client_command(argv[0], argv[1:])
+    if argv and argv[0] == "token":
+        return token_command(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -151,6 +154,41 @@ CLIENT_COMMANDS = {
     "kernels": ("list the server's kernels", "table"),
     "bridge": ("make a kernel look local to Jupyter's ZeroMQ clients", "bridge"),
 }
+
+
+def token_command(argv: list[str]) -> int:
+    """``cellmux token new NAME``: a fresh token and the config table that admits it.
+
+    The token is printed once; the config keeps only its hash.
+    """
+    from .config import ConfigError, named_tokens
+    from .server.auth import generate_token, token_hash
+
+    parser = argparse.ArgumentParser(
+        prog="cellmux token",
+        description="Make a named token: print it once, with the [tokens.NAME] table "
+        "to add to the server's config file (which holds only its hash).",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    new = actions.add_parser("new", help="a fresh token for a user")
+    new.add_argument("name", help="the token's name (letters, digits, - and _)")
+    new.add_argument(
+        "--max-kernels", type=int, default=10, help="kernels it may have at once [default: 10]"
+    )
+    args = parser.parse_args(argv)
+    token = generate_token()
+    table = {args.name: {"token_hash": token_hash(token), "max_kernels": args.max_kernels}}
+    try:
+        named_tokens(table)
+    except ConfigError as e:
+        print(f"cellmux token: {e}", file=sys.stderr)
+        return EXIT_SETTINGS
+    print(f"token for {args.name} (shown once; give it to its user):\n  {token}\n")
+    print("add to the server's config file:\n")
+    print(f"[tokens.{args.name}]")
+    print(f'token_hash = "{token_hash(token)}"')
+    print(f"max_kernels = {args.max_kernels}")
+    return 0
 
 
 def run_client_command(name: str, argv: list[str]) -> int:

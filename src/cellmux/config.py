@@ -18,8 +18,10 @@ __all__ = [
     "KERNEL_ENV_PASSTHROUGH",
     "LOG_FORMATS",
     "ConfigError",
+    "NamedTokenSetting",
     "ServerConfig",
     "load_config_file",
+    "named_tokens",
 ]
 
 DEFAULT_PORT = 8800
@@ -193,6 +195,33 @@ class ServerConfig:
     kernel_quota: int = attrs.field(default=1024 * 1024 * 1024, validator=_positive)
     #: Longest wall time, in seconds, one ``POST /service`` run may take.
     service_timeout: float = attrs.field(default=30.0, validator=_positive)
+    #: Named tokens: ``{NAME: {"token_hash": "sha256:<hex>", "max_kernels": N}}``
+    #: (``[tokens.NAME]`` tables in the file). Each sees and controls only
+    #: the kernels it created, at most N at once. See docs/security.md.
+    tokens: dict[str, Any] = attrs.field(factory=dict, validator=lambda i, a, v: named_tokens(v))
+    #: Seconds a login cookie lasts (0: until the browser closes; logins
+    #: are still kept in the database then).
+    login_lifetime: float = attrs.field(default=30 * 24 * 3600.0, validator=_not_negative)
+    #: Variable names (fnmatch patterns such as ``MY_*``) a create request's
+    #: ``env`` may set in its kernel; any other name is refused with 400.
+    kernel_env_allow: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    #: Python code every new kernel runs (silently) before its first cell.
+    kernel_startup: str = ""
+    #: Let a create request carry its own ``startup`` code.
+    allow_request_startup: bool = False
+    #: Public mode: anonymous visitors may run embedded cells and open
+    #: permalinks, each on a kernel of their own (docs/browser.md).
+    public: bool = False
+    #: Public mode: kernels one client address may have at once.
+    public_kernels_per_address: int = attrs.field(default=2, validator=_positive)
+    #: Public mode: kernel and permalink requests one address may make per minute.
+    public_requests_per_minute: int = attrs.field(default=30, validator=_positive)
+    #: Public mode: limits of anonymous kernels (lower than the limit_* ones).
+    public_limit_cpu_seconds: int = attrs.field(default=60, validator=_positive)
+    public_limit_memory_mb: int = attrs.field(default=512, validator=_positive)
+    public_limit_file_size_mb: int = attrs.field(default=16, validator=_positive)
+    public_limit_open_files: int = attrs.field(default=128, validator=_positive)
+    public_limit_processes: int = attrs.field(default=16, validator=_positive)
 
     #: PEM certificate (chain) and unencrypted private key: with both, the
     #: server speaks TLS itself (https and wss on ``port``; server/tls.py).
@@ -265,6 +294,60 @@ class ServerConfig:
         venv = os.path.dirname(bin_dir)
         env["VIRTUAL_ENV"] = venv if os.path.exists(os.path.join(venv, "pyvenv.cfg")) else ""
         return env
+
+
+@attrs.frozen
+class NamedTokenSetting:
+    """One ``[tokens.NAME]`` table."""
+
+    name: str
+    #: The token's SHA-256 digest (32 bytes).
+    digest: bytes
+    max_kernels: int
+
+
+def named_tokens(value: Any) -> list[NamedTokenSetting]:
+    """The ``tokens`` setting, checked.
+
+    @raise ConfigError: for a malformed table, hash or quota.
+    """
+    if not isinstance(value, dict):
+        raise ConfigError("tokens must be a table of [tokens.NAME] tables")
+    found = []
+    seen: set[bytes] = set()
+    for name, table in value.items():
+        if (
+            not isinstance(name, str)
+            or not name
+            or not name.replace("-", "").replace("_", "").isalnum()
+        ):
+            raise ConfigError(f"token name {name!r}: use letters, digits, - and _")
+        if not isinstance(table, dict):
+            raise ConfigError(f"tokens.{name} must be a table")
+        unknown = sorted(set(table) - {"token_hash", "max_kernels"})
+        if unknown:
+            raise ConfigError(f"tokens.{name}: unknown settings {', '.join(unknown)}")
+        raw = table.get("token_hash")
+        hexdigest = (
+            raw[len("sha256:") :] if isinstance(raw, str) and raw.startswith("sha256:") else None
+        )
+        try:
+            digest = bytes.fromhex(hexdigest) if hexdigest else b""
+        except ValueError:
+            digest = b""
+        if len(digest) != 32:
+            raise ConfigError(
+                f"tokens.{name}.token_hash must be sha256:<64 hex digits> "
+                "(cellmux token new NAME prints one)"
+            )
+        if digest in seen:
+            raise ConfigError(f"tokens.{name}: the same token_hash as another token")
+        seen.add(digest)
+        quota = table.get("max_kernels", 10)
+        if isinstance(quota, bool) or not isinstance(quota, int) or quota < 1:
+            raise ConfigError(f"tokens.{name}.max_kernels must be a whole number above 0")
+        found.append(NamedTokenSetting(name, digest, quota))
+    return found
 
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:

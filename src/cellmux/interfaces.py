@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-__all__ = ["IPermalinkStore", "IPermalinkStoreFactory"]
+__all__ = ["ICredentialStore", "IPermalinkStore", "IPermalinkStoreFactory"]
 
 
 class IPermalinkStore(Interface):
@@ -32,6 +32,24 @@ class IPermalinkStore(Interface):
 
     def close():
         """Release connections and threads; a Deferred that fires when done."""
+
+
+class ICredentialStore(Interface):
+    """Where share tokens, login cookies and capabilities outlive a restart
+    (a store may also provide this; one that does not keeps them in memory).
+
+    Records are L{cellmux.server.store.Credential}s, which hold only digests
+    of the secrets. Every method returns a Deferred; failures as above.
+    """
+
+    def insert_credential(credential):
+        """Store a credential."""
+
+    def load_credentials(now):
+        """Every credential not expired at C{now} (expired ones may be deleted)."""
+
+    def delete_credentials(digest=None, kernel_id=None, share_id=None):
+        """Delete those matching every given field; fires with how many."""
 
 
 class IPermalinkStoreFactory(Interface):

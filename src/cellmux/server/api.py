@@ -18,7 +18,8 @@ from twisted.web import resource, server
 
 import cellmux
 
-from .auth import Grant, Role
+from .auth import CredentialsUnavailable, Grant, Role, TooManyShares
+from .creation import KernelCreator
 from .jupyter.channels import channels_path_kernel
 from .jupyter.kernelspecs import DEFAULT_SPEC, kernelspec_model, kernelspecs_model
 from .jupyter.sessions import (
@@ -34,12 +35,16 @@ from .kernels import (
     KernelManager,
     iso_timestamp,
 )
+from .startup import allowed_env, request_startup
 from .webjson import HTTPError, Route, error_body, find_route, read_json_body, respond
 
 __all__ = ["ApiResource", "HTTPError"]
 
-#: Largest request body the API reads (kernel requests are tiny).
-MAX_BODY = 64 * 1024
+#: Largest request body the API reads (kernel requests are small; start-up
+#: code is at most 64 KiB, and JSON escaping may double it).
+MAX_BODY = 256 * 1024
+#: Longest lifetime a share may be given (a year), in seconds.
+MAX_SHARE_LIFETIME = 365 * 24 * 3600
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
 
@@ -51,11 +56,16 @@ class ApiResource(resource.Resource):
     log = Logger()
 
     def __init__(
-        self, manager: KernelManager, auth, channels: resource.IResource | None = None
+        self,
+        manager: KernelManager,
+        auth,
+        channels: resource.IResource | None = None,
+        creator: KernelCreator | None = None,
     ) -> None:
         super().__init__()
         self.manager = manager
         self.auth = auth
+        self.creator = creator or KernelCreator(manager, auth)
         # The Jupyter kernel websocket (it checks the token in its handshake).
         self._channels = channels
         self.sessions = SessionTable(lambda kernel_id: kernel_id in manager.kernels)
@@ -101,11 +111,15 @@ class ApiResource(resource.Resource):
         try:
             grant = self.auth.web_grant(request)
             if grant is None:
-                raise HTTPError(HTTPStatus.FORBIDDEN, "a valid token is required")
+                status, message = self.auth.refusal(request)
+                raise HTTPError(HTTPStatus(status), message)
             route, params = find_route(self._routes, request)
             handler = route.handler
             if grant.kernel_id is not None and not self._share_may(handler, params, grant):
                 raise HTTPError(HTTPStatus.FORBIDDEN, "a share token may only read its own kernel")
+            if grant.user is not None:
+                self._check_user(grant, params)
+            request.cellmux_grant = grant
             status, body = await handler(request, **params)
         except HTTPError as e:
             status, body = e.status, error_body(e.status, e.message)
@@ -115,7 +129,29 @@ class ApiResource(resource.Resource):
             status, body = e.status, error_body(e.status, e.message)
             if e.status == HTTPStatus.NOT_IMPLEMENTED:  # JupyterLab shows it in its dialog
                 body["short_message"] = e.message
+        except (CredentialsUnavailable, TooManyShares) as e:
+            status = (
+                HTTPStatus.SERVICE_UNAVAILABLE
+                if isinstance(e, CredentialsUnavailable)
+                else HTTPStatus.CONFLICT
+            )
+            body = error_body(status, str(e))
         respond(request, status, body)
+
+    def _check_user(self, grant: Grant, params: dict[str, str]) -> None:
+        """A named token reaches only its own kernels (and their sessions)."""
+        kernel_id = params.get("kernel_id")
+        if kernel_id is None and "session_id" in params:
+            kernel_id = self.sessions.get(params["session_id"]).kernel_id
+        known = kernel_id is not None and kernel_id in self.manager.kernels
+        if known and not grant.covers(kernel_id):
+            raise HTTPError(
+                HTTPStatus.FORBIDDEN, f"kernel {kernel_id} is not one of {grant.user}'s"
+            )
+
+    @staticmethod
+    def _grant(request: server.Request) -> Grant:
+        return request.cellmux_grant
 
     def _share_may(self, handler: Handler, params: dict[str, str], grant: Grant) -> bool:
         """What a share token (one kernel, not the owner of all) may call."""
@@ -158,7 +194,10 @@ class ApiResource(resource.Resource):
         }
 
     async def list_kernels(self, request: server.Request) -> tuple[int, Any]:
-        return HTTPStatus.OK, [k.model() for k in self.manager.kernels.values()]
+        grant = self._grant(request)
+        return HTTPStatus.OK, [
+            self.creator.describe(k) for k in self.manager.kernels.values() if grant.covers(k.id)
+        ]
 
     async def create_kernel(self, request: server.Request) -> tuple[int, Any]:
         body = read_json_body(request, MAX_BODY)
@@ -177,12 +216,21 @@ class ApiResource(resource.Resource):
         path = body.get("path")
         if path is not None and not isinstance(path, str):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "path must be a string")
-        kernel = await self.manager.create(name, cwd=self._working_dir(env, path))
+        config = self.manager.config
+        chosen = allowed_env(env, config.kernel_env_allow)
+        startup = request_startup(body, config.allow_request_startup)
+        kernel = await self.creator.create(
+            self._grant(request),
+            name,
+            cwd=self._working_dir(env, path),
+            env=chosen,
+            startup=startup,
+        )
         request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
-        return HTTPStatus.CREATED, kernel.model()
+        return HTTPStatus.CREATED, self.creator.describe(kernel)
 
     async def get_kernel(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
-        return HTTPStatus.OK, self.manager.get(kernel_id).model()
+        return HTTPStatus.OK, self.creator.describe(self.manager.get(kernel_id))
 
     async def delete_kernel(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
         self.auth.forget_kernel(kernel_id)
@@ -195,24 +243,46 @@ class ApiResource(resource.Resource):
 
     async def create_share(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
         kernel = self.manager.get(kernel_id)
-        role = read_json_body(request, MAX_BODY).get("role")
+        body = read_json_body(request, MAX_BODY)
+        role = body.get("role")
         if role not in (Role.COLLABORATOR.value, Role.OBSERVER.value):
             raise HTTPError(HTTPStatus.BAD_REQUEST, 'role must be "collaborator" or "observer"')
-        share, token = self.auth.share(kernel.id, Role(role))
+        expires_in = body.get("expires_in")
+        if expires_in is not None and (
+            isinstance(expires_in, bool)
+            or not isinstance(expires_in, (int, float))
+            or not 0 < expires_in <= MAX_SHARE_LIFETIME
+        ):
+            raise HTTPError(
+                HTTPStatus.BAD_REQUEST,
+                f"expires_in must be seconds, above 0 and at most {MAX_SHARE_LIFETIME}",
+            )
+        share, token = await self.auth.share(kernel.id, Role(role), expires_in=expires_in)
         url = f"/login?token={token}&next=/%3Fkernel%3D{kernel.id}"
         return HTTPStatus.CREATED, {**share.to_json(), "token": token, "url": url}
 
+    def _kernel_or_lost(self, request: server.Request, kernel_id: str):
+        """The kernel, or None for one that is gone but whose shares the
+        server token may still list and revoke (they outlive a restart)."""
+        try:
+            return self.manager.get(kernel_id)
+        except KernelError:
+            if self._grant(request).sees_all and self.auth.shares(kernel_id):
+                return None
+            raise
+
     async def list_shares(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
-        kernel = self.manager.get(kernel_id)
-        return HTTPStatus.OK, [s.to_json() for s in self.auth.shares(kernel.id)]
+        self._kernel_or_lost(request, kernel_id)
+        return HTTPStatus.OK, [s.to_json() for s in self.auth.shares(kernel_id)]
 
     async def revoke_share(
         self, request: server.Request, kernel_id: str, share_id: str
     ) -> tuple[int, Any]:
-        kernel = self.manager.get(kernel_id)
-        if self.auth.revoke(kernel.id, share_id) is None:
+        kernel = self._kernel_or_lost(request, kernel_id)
+        if kernel is not None:
+            kernel.revoke(share_id)  # cut off its connections at once, whatever follows
+        if await self.auth.revoke(kernel_id, share_id) is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no share {share_id} of this kernel")
-        kernel.revoke(share_id)
         return HTTPStatus.NO_CONTENT, None
 
     async def restart_kernel(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
@@ -244,15 +314,21 @@ class ApiResource(resource.Resource):
         except WorkingDirError as e:
             raise HTTPError(HTTPStatus.BAD_REQUEST, str(e)) from None
 
-    async def _session_kernel(self, kernel_id: str | None, name: str | None, path: str):
+    async def _session_kernel(
+        self, grant: Grant, kernel_id: str | None, name: str | None, path: str
+    ):
         """The kernel a session asks for: an existing one by id, or a new one
         (started in the session's folder)."""
         if kernel_id is not None:
-            return self.manager.get(kernel_id)
+            kernel = self.manager.get(kernel_id)
+            if not grant.covers(kernel.id):
+                raise HTTPError(HTTPStatus.FORBIDDEN, f"kernel {kernel.id} is not one of yours")
+            return kernel
         name = name or DEFAULT_SPEC
         if kernelspec_model(name) is None:
             raise SessionError(HTTPStatus.NOT_IMPLEMENTED, f"no kernel spec named {name!r}")
-        return await self.manager.create(name, cwd=self._working_dir(None, notebook_folder(path)))
+        cwd = self._working_dir(None, notebook_folder(path))
+        return await self.creator.create(grant, name, cwd=cwd)
 
     def _release_kernel(self, kernel_id: str) -> None:
         """Shut a session's old kernel down unless another session uses it."""
@@ -260,7 +336,10 @@ class ApiResource(resource.Resource):
             self.manager.delete(self.manager.get(kernel_id))
 
     async def list_sessions(self, request: server.Request) -> tuple[int, Any]:
-        return HTTPStatus.OK, [self._session_model(s) for s in self.sessions.all()]
+        grant = self._grant(request)
+        return HTTPStatus.OK, [
+            self._session_model(s) for s in self.sessions.all() if grant.covers(s.kernel_id)
+        ]
 
     async def create_session(self, request: server.Request) -> tuple[int, Any]:
         body = read_json_body(request, MAX_BODY)
@@ -269,8 +348,10 @@ class ApiResource(resource.Resource):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "a session needs a path")
         # Jupyter answers a second POST for the same path with the first session.
         session = self.sessions.by_path(path)
+        if session is not None and not self._grant(request).covers(session.kernel_id):
+            raise HTTPError(HTTPStatus.CONFLICT, f"another user has a session for {path}")
         if session is None:
-            kernel = await self._session_kernel(*kernel_request(body), path)
+            kernel = await self._session_kernel(self._grant(request), *kernel_request(body), path)
             session = self.sessions.add(path, name or "", kind or "", kernel.id)
         request.setHeader(b"location", f"/api/sessions/{session.id}".encode())
         return HTTPStatus.CREATED, self._session_model(session)
@@ -288,7 +369,10 @@ class ApiResource(resource.Resource):
             kernel_id is None and spec is not None
         ):
             folder_of = path or before.path
-            changes["kernel_id"] = (await self._session_kernel(kernel_id, spec, folder_of)).id
+            grant = self._grant(request)
+            changes["kernel_id"] = (
+                await self._session_kernel(grant, kernel_id, spec, folder_of)
+            ).id
         session = self.sessions.update(session_id, **changes)
         if session.kernel_id != before.kernel_id:
             self._release_kernel(before.kernel_id)

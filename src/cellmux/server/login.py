@@ -31,6 +31,8 @@ import json
 from http import HTTPStatus
 from urllib.parse import urlencode
 
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web import resource, server
 
 from .auth import COOKIE_NAME, Grant, TokenAuth, query_pairs, query_tokens
@@ -64,6 +66,8 @@ def from_another_site(request: server.Request) -> bool | None:
 
 
 def _describe(grant: Grant) -> str:
+    if grant.user is not None:
+        return f"the user {grant.user} (their own kernels)"
     if grant.kernel_id is None:
         return "the owner of every kernel on this server"
     return f"{grant.role.value} of kernel {grant.kernel_id}"
@@ -71,24 +75,41 @@ def _describe(grant: Grant) -> str:
 
 class LoginResource(resource.Resource):
     isLeaf = True
+    log = Logger()
 
     def __init__(self, auth: TokenAuth) -> None:
         super().__init__()
         self._auth = auth
 
-    def render_GET(self, request: server.Request) -> bytes:
-        return self._login(request, page=True)
+    def render_GET(self, request: server.Request) -> int:
+        return self._answer(request, page=True)
 
-    def render_POST(self, request: server.Request) -> bytes:
-        return self._login(request, page=False)
+    def render_POST(self, request: server.Request) -> int:
+        return self._answer(request, page=False)
 
-    def _login(self, request: server.Request, page: bool) -> bytes:
+    def _answer(self, request: server.Request, page: bool) -> int:
+        d = defer.ensureDeferred(self._login(request, page))
+
+        def write(body: bytes) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(body)
+                request.finish()
+
+        def crashed(failure) -> None:
+            self.log.failure("login failed", failure)
+            write(self._refuse(request, HTTPStatus.INTERNAL_SERVER_ERROR, "internal error"))
+
+        d.addCallbacks(write, crashed)
+        return server.NOT_DONE_YET
+
+    async def _login(self, request: server.Request, page: bool) -> bytes:
         # The token must not linger in the address bar, history or Referer.
         request.setHeader(b"referrer-policy", b"no-referrer")
         request.setHeader(b"cache-control", b"no-store")
         grant = self._auth.grant(request.getHeader(b"authorization"), query_tokens(request.uri))
         if grant is None:
-            return self._refuse(request, HTTPStatus.FORBIDDEN, "a valid token is required")
+            status, message = self._auth.refusal(request)
+            return self._refuse(request, HTTPStatus(status), message)
         params = dict(query_pairs(request.uri))
         cookie = request.getCookie(COOKIE_NAME.encode())
         current = self._auth.login_grant(cookie)
@@ -112,24 +133,37 @@ class LoginResource(resource.Resource):
                 "add confirm=1 to replace that login"
             )
             return self._refuse(request, HTTPStatus.CONFLICT, message)
+        value, lasting = await self._auth.login(grant)
         self._auth.logout(cookie)
+        lifetime = self._auth.login_lifetime
         request.addCookie(
             COOKIE_NAME.encode(),
-            self._auth.login(grant).encode(),
+            value.encode(),
             path=b"/",
+            # A lasting login outlives the browser session too.
+            max_age=str(int(lifetime)).encode() if lifetime and lasting else None,
             httpOnly=True,
             secure=request.isSecure(),
             sameSite="strict",
         )
-        return self._done(request, params, kept=False)
+        return self._done(request, params, kept=False, lasting=lasting)
 
-    def _done(self, request: server.Request, params: dict[bytes, bytes], kept: bool) -> bytes:
+    def _done(
+        self,
+        request: server.Request,
+        params: dict[bytes, bytes],
+        kept: bool,
+        lasting: bool | None = None,
+    ) -> bytes:
         if request.method == b"GET" or b"next" in params:
             request.setResponseCode(HTTPStatus.SEE_OTHER if request.method == b"POST" else 302)
             request.setHeader(b"location", _safe_next(params.get(b"next")))
             return b""
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"logged_in": True, "kept_existing_login": kept}).encode()
+        answer: dict[str, bool] = {"logged_in": True, "kept_existing_login": kept}
+        if lasting is not None:
+            answer["lasting"] = lasting
+        return json.dumps(answer).encode()
 
     def _refuse(self, request: server.Request, status: HTTPStatus, message: str) -> bytes:
         request.setResponseCode(status)

@@ -240,7 +240,8 @@ class OneShotResource(JSONEndpoint):
     def __init__(self, manager: KernelManager, auth, reactor) -> None:
         self.manager = manager
         self.reactor = reactor
-        super().__init__(auth, [Route(b"POST", r"/service/?", self.run)])
+        # Not for named tokens: a run's kernel would count against no quota.
+        super().__init__(auth, [Route(b"POST", r"/service/?", self.run, users=False)])
 
     def _limits(self, body: dict[str, Any]) -> tuple[str, float]:
         code = body.get("code")

@@ -22,17 +22,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from http import HTTPStatus
 from importlib import resources as importlib_resources
 from urllib.parse import urlencode
 
 import attrs
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web import resource, server
 
 import cellmux
 
-from .auth import OriginPolicy, query_pairs
+from .auth import CredentialsUnavailable, Grant, OriginPolicy, Role, query_pairs
+from .creation import KernelCreator
 from .login import from_another_site
+from .public import AddressLimits, LimitExceeded, client_address
+from .webjson import HTTPError
 
 __all__ = [
     "CONSOLE_CSP",
@@ -230,32 +235,47 @@ class EmbedKernels(resource.Resource):
     """``POST /embed/kernels``: a kernel for embedded cells, with CORS.
 
     The REST API answers only its own origin; pages on an origin that
-    ``allow_origins`` admits create their cells' kernels here (with the
-    server token, as ``POST /api/kernels`` needs).
+    ``allow_origins`` admits create their cells' kernels here: with the
+    server token or a named token (as ``POST /api/kernels`` takes them), or,
+    in public mode, with no credentials at all. An anonymous visitor gets a
+    kernel with the public limits and a capability for it alone (``token``
+    in the answer; never the server token), within per-address limits.
     """
 
     isLeaf = True
+    _log = Logger()
 
-    def __init__(self, manager, auth) -> None:
+    def __init__(self, manager, auth, creator: KernelCreator | None = None) -> None:
         super().__init__()
         self._manager = manager
         self._auth = auth
-        self._origins = OriginPolicy.from_strings(manager.config.allow_origins)
+        self._creator = creator or KernelCreator(manager, auth)
+        config = manager.config
+        self._origins = OriginPolicy.from_strings(config.allow_origins)
+        self.limits = AddressLimits(
+            config.public_kernels_per_address, config.public_requests_per_minute, manager.clock
+        )
 
     def _json(self, request: server.Request, status: int, body: dict) -> bytes:
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body).encode()
+
+    def _error(self, request: server.Request, status: int, message: str) -> bytes:
+        return self._json(
+            request, status, {"message": message, "reason": HTTPStatus(status).phrase}
+        )
 
     def render(self, request: server.Request) -> bytes | int:
         cors_headers(request, self._origins, methods=b"POST")
         if request.method == b"OPTIONS":
             return preflight(request)
         if request.postpath not in ([b"kernels"], [b"kernels", b""]):
-            return self._json(request, 404, {"message": "not found", "reason": "Not Found"})
+            return self._error(request, 404, "not found")
         if request.method != b"POST":
             request.setHeader(b"allow", b"POST")
-            return self._json(request, 405, {"message": "use POST", "reason": "Method Not Allowed"})
+            return self._error(request, 405, "use POST")
         origin = request.getHeader(b"origin")
         host = request.getHeader(b"host")
         if not self._origins.allows(
@@ -263,26 +283,64 @@ class EmbedKernels(resource.Resource):
             host.decode("latin-1") if host else None,
             request.isSecure(),
         ):
-            return self._json(
-                request, 403, {"message": "this origin may not connect", "reason": "Forbidden"}
-            )
+            return self._error(request, 403, "this origin may not connect")
         grant = self._auth.web_grant(request)
+        public = self._manager.config.public
         if grant is None or not grant.role.may_manage or grant.kernel_id is not None:
-            return self._json(
-                request, 403, {"message": "a valid token is required", "reason": "Forbidden"}
-            )
-        d = defer.ensureDeferred(self._manager.create())
+            if not public:
+                status, message = self._auth.refusal(request)
+                return self._error(request, status, message)
+            grant = None  # an anonymous visitor (whatever share it may hold)
+        d = defer.ensureDeferred(self._create(request, grant))
 
-        def created(kernel) -> None:
-            request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
-            request.write(self._json(request, 201, kernel.model()))
-            request.finish()
-
-        def failed(failure) -> None:
+        def failed(failure) -> bytes:
             error = failure.value
-            status = getattr(error, "status", 500)
-            request.write(self._json(request, status, {"message": str(error), "reason": "Error"}))
-            request.finish()
+            if isinstance(error, LimitExceeded):
+                if error.retry_after is not None:
+                    request.setHeader(b"retry-after", str(int(error.retry_after + 0.999)).encode())
+                return self._error(request, 429, str(error))
+            if isinstance(error, HTTPError):
+                return self._error(request, error.status, error.message)
+            if isinstance(error, CredentialsUnavailable):
+                return self._error(request, 503, str(error))
+            status = getattr(error, "status", None)
+            if status is None:
+                self._log.failure("creating an embedded kernel failed", failure)
+                return self._error(request, 500, "internal error; see server log")
+            return self._error(request, status, str(error))
 
-        d.addCallbacks(created, failed)
+        def write(body: bytes) -> None:
+            if not request.finished and not request._disconnected:
+                request.write(body)
+                request.finish()
+
+        d.addErrback(failed)
+        d.addCallback(write)
         return server.NOT_DONE_YET
+
+    async def _create(self, request: server.Request, grant) -> bytes:
+        if grant is not None:
+            kernel = await self._creator.create(grant)
+            request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
+            return self._json(request, 201, self._creator.describe(kernel))
+        address = client_address(request)
+        self.limits.request(address)
+        place = self.limits.reserve_kernel(address, lambda k: k in self._manager.kernels)
+        kernel = None
+        try:
+            kernel = await self._creator.create(Grant(Role.COLLABORATOR), public_limits=True)
+            capability, token = await self._auth.share(
+                kernel.id, Role.COLLABORATOR, kind="capability"
+            )
+        except BaseException:
+            if kernel is not None and kernel.id in self._manager.kernels:
+                self._auth.forget_kernel(kernel.id)
+                self._manager.delete(kernel, "its capability could not be made")
+            self.limits.settle_kernel(address, place, None)
+            raise
+        self.limits.settle_kernel(address, place, kernel.id)
+        self._log.info("public kernel {id} for {address}", id=kernel.id, address=address)
+        request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
+        return self._json(
+            request, 201, {**kernel.model(), "token": token, "capability": capability.id}
+        )

@@ -19,10 +19,11 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 import cellmux
-from cellmux.config import ServerConfig
+from cellmux.config import ServerConfig, named_tokens
 
 from .api import ApiResource
-from .auth import TokenAuth, redact_tokens
+from .auth import NamedToken, TokenAuth, redact_tokens
+from .creation import KernelCreator
 from .files import FileNotices, FilesResource
 from .jupyter.channels import JupyterChannelsFactory
 from .jupyter.kernelspecs import KernelspecFiles
@@ -48,10 +49,13 @@ from .permalinks import PermalinkResource
 from .proxy import TrustedProxies, client_address, forwarding_request_factory
 from .refusals import Line, RefusalLog
 from .runtimedir import make_private_runtime_dir, prepare_runtime_dir, remove_owned
-from .store import DEFAULT_DATABASE, adopt_old_default_database, open_store
+from .store import DEFAULT_DATABASE, StoreError, adopt_old_default_database, open_store
 from .tls import TLSFactory, certificate_options, hsts_header
 from .webjson import bounded_request_factory
 from .websocket import ClientFactory
+
+#: Seconds between tries to load stored credentials while the database fails.
+CREDENTIALS_RETRY = 5.0
 
 __all__ = ["CellmuxService", "build_site"]
 
@@ -108,7 +112,9 @@ def build_site(
     collector = ServerCollector(manager, refusal_logs)
     root.putChild(b"metrics", MetricsResource(collector, auth, config.metrics_token))
     jupyter_channels = WebSocketResource(JupyterChannelsFactory(manager, auth))
-    root.putChild(b"api", ApiResource(manager, auth, channels=jupyter_channels))
+    # One creator: a named token's quota counts its kernels from every door.
+    creator = KernelCreator(manager, auth)
+    root.putChild(b"api", ApiResource(manager, auth, channels=jupyter_channels, creator=creator))
     root.putChild(b"kernelspecs", KernelspecFiles(auth))
     root.putChild(b"login", LoginResource(auth))
     root.putChild(b"ws", WebSocketResource(ClientFactory(manager, auth)))
@@ -124,7 +130,7 @@ def build_site(
     root.putChild(b"static", StaticResource(assets))
     root.putChild(b"favicon.ico", FaviconResource(assets))
     root.putChild(b"poll", PollResource(manager, auth))
-    root.putChild(b"embed", EmbedKernels(manager, auth))
+    root.putChild(b"embed", EmbedKernels(manager, auth, creator))
     # Forwarding headers are applied (or ignored) before any resource runs.
     request_factory = forwarding_request_factory(
         bounded_request_factory(config.max_upload_size),
@@ -153,7 +159,13 @@ class CellmuxService(service.Service):
             reactor = _reactor
         self.reactor = reactor
         self.config = config
-        self.auth = TokenAuth(token)
+        self.auth = TokenAuth(
+            token,
+            [NamedToken(t.name, t.digest, t.max_kernels) for t in named_tokens(config.tokens)],
+            clock=reactor,
+            login_lifetime=config.login_lifetime,
+        )
+        self._credentials_retry = None
         self._token = token
         self.manager = KernelManager(reactor, config)
         self.store = None
@@ -298,6 +310,15 @@ class CellmuxService(service.Service):
                 os.path.join(state_dir, DEFAULT_DATABASE),
             )
         self.store = open_store(self.reactor, database, state_dir, config.database_timeout)
+        if self.auth.attach_store(self.store):
+            # Not awaited: a database that is down must not keep the server
+            # from serving (requests with stored credentials get 503 until then).
+            self._load_credentials()
+        else:
+            self.log.warn(
+                "the permalink store keeps no credentials: share links, logins and "
+                "capabilities last until the server stops"
+            )
         site = build_site(self.manager, self.auth, self.store, self._refusal_logs)
         factory = GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
         if tls is not None:
@@ -313,6 +334,30 @@ class CellmuxService(service.Service):
         # The token goes to the terminal, never into the log (under twistd,
         # sys.stdout is the log, so use the process's real stdout).
         print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)
+
+    def _load_credentials(self) -> None:
+        """Load stored shares, logins and capabilities; retry every
+        L{CREDENTIALS_RETRY} seconds while the database fails."""
+        self._credentials_retry = None
+
+        def loaded(count: int) -> None:
+            self.log.info("loaded {count} stored credential(s)", count=count)
+
+        def failed(failure) -> None:
+            failure.trap(StoreError)
+            self.log.warn(
+                "cannot load stored credentials ({error}); retrying in {s:g} s",
+                error=failure.value,
+                s=CREDENTIALS_RETRY,
+            )
+            if self.running:
+                self._credentials_retry = self.reactor.callLater(
+                    CREDENTIALS_RETRY, self._load_credentials
+                )
+
+        d = defer.ensureDeferred(self.auth.load())
+        d.addCallbacks(loaded, failed)
+        d.addErrback(lambda f: self.log.failure("loading stored credentials failed", f))
 
     def _guard_descriptors(self) -> None:
         """Raise the open files limit; refuse work before it runs out (limits.py)."""
@@ -378,6 +423,8 @@ class CellmuxService(service.Service):
         }
 
     async def _stop(self) -> None:
+        if self._credentials_retry is not None and self._credentials_retry.active():
+            self._credentials_retry.cancel()
         if self._listening is not None:
             await self._listening.stopListening()
         self.manager.stop()

@@ -27,11 +27,12 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from cellmux.interfaces import IPermalinkStore, IPermalinkStoreFactory
+from cellmux.interfaces import ICredentialStore, IPermalinkStore, IPermalinkStoreFactory
 
 __all__ = [
     "DEFAULT_DATABASE",
     "MIGRATIONS",
+    "Credential",
     "DuplicateId",
     "Permalink",
     "PermalinkNotFound",
@@ -124,10 +125,61 @@ MIGRATIONS: Sequence[Sequence[str]] = (
             created DOUBLE PRECISION NOT NULL
         )""",
     ),
+    # Version 2: share tokens, login cookies and anonymous capabilities, so
+    # that a restart keeps them (docs/security.md). Only SHA-256 digests of
+    # the secrets are stored.
+    (
+        """CREATE TABLE credentials (
+            digest VARCHAR(64) PRIMARY KEY,
+            kind VARCHAR(16) NOT NULL,
+            id VARCHAR(64) NOT NULL,
+            role VARCHAR(16) NOT NULL,
+            kernel_id VARCHAR(64),
+            share_id VARCHAR(64),
+            user_name VARCHAR(128),
+            principal VARCHAR(64),
+            created DOUBLE PRECISION NOT NULL,
+            expires DOUBLE PRECISION
+        )""",
+        "CREATE INDEX credentials_kernel ON credentials (kernel_id)",
+        "CREATE INDEX credentials_share ON credentials (share_id)",
+    ),
 )
 
 
-@implementer(IPermalinkStore)
+@attrs.frozen
+class Credential:
+    """One stored credential: a share token, a login cookie or a capability.
+
+    @ivar digest: hex SHA-256 of the secret (the secret is never stored).
+    @ivar kind: C{"share"}, C{"login"} or C{"capability"}.
+    @ivar id: its public id (a share's id; a login's or capability's own).
+    @ivar share_id: what revoking cuts it off with (a share's logins carry
+        their share's id; a capability its own).
+    @ivar user_name: the named token a login stands for.
+    @ivar principal: for logins of the server token or of a named token, a
+        digest of that token, so that a changed token ends its logins.
+    @ivar expires: seconds since the epoch, or None for never.
+    """
+
+    digest: str
+    kind: str
+    id: str
+    role: str
+    kernel_id: str | None
+    share_id: str | None
+    user_name: str | None
+    principal: str | None
+    created: float
+    expires: float | None
+
+
+_CREDENTIAL_COLUMNS = (
+    "digest, kind, id, role, kernel_id, share_id, user_name, principal, created, expires"
+)
+
+
+@implementer(IPermalinkStore, ICredentialStore)
 class ThreadedSQLStore:
     """A DB-API database behind a private thread pool.
 
@@ -308,6 +360,61 @@ class ThreadedSQLStore:
             if row is None:
                 raise PermalinkNotFound(f"no permalink {permalink_id}")
             return Permalink(row[0], row[1], row[2], row[3], float(row[4]))
+
+        return self.run(work)
+
+    # -- credentials (ICredentialStore) --------------------------------------------
+
+    def insert_credential(self, credential: Credential) -> defer.Deferred:
+        def work(conn):
+            conn.cursor().execute(
+                self._sql(
+                    f"INSERT INTO credentials ({_CREDENTIAL_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
+                attrs.astuple(credential),
+            )
+
+        return self.run(work)
+
+    def load_credentials(self, now: float) -> defer.Deferred:
+        """Every credential that has not expired (expired ones are deleted)."""
+
+        def work(conn):
+            cur = conn.cursor()
+            cur.execute(
+                self._sql("DELETE FROM credentials WHERE expires IS NOT NULL AND expires <= ?"),
+                (now,),
+            )
+            cur.execute(f"SELECT {_CREDENTIAL_COLUMNS} FROM credentials ORDER BY created")
+            return [
+                Credential(*row[:8], float(row[8]), None if row[9] is None else float(row[9]))
+                for row in cur.fetchall()
+            ]
+
+        return self.run(work)
+
+    def delete_credentials(
+        self,
+        *,
+        digest: str | None = None,
+        kernel_id: str | None = None,
+        share_id: str | None = None,
+    ) -> defer.Deferred:
+        """Delete the credentials matching every given field; fires with how many."""
+        where = [
+            (n, v)
+            for n, v in (("digest", digest), ("kernel_id", kernel_id), ("share_id", share_id))
+            if v is not None
+        ]
+        if not where:
+            raise ValueError("delete_credentials needs a condition")
+
+        def work(conn):
+            cur = conn.cursor()
+            clause = " AND ".join(f"{name} = ?" for name, _ in where)
+            cur.execute(self._sql(f"DELETE FROM credentials WHERE {clause}"), [v for _, v in where])
+            return cur.rowcount
 
         return self.run(work)
 

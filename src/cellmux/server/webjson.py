@@ -72,13 +72,27 @@ def status_for(error: Exception) -> tuple[int, str]:
 
 
 class Route:
-    """One method and path pattern, its handler, and whether it needs the token."""
+    """One method and path pattern, its handler, and who may call it.
 
-    def __init__(self, method: bytes, pattern: str, handler: Handler, *, public: bool = False):
+    @param public: anyone, with no credentials.
+    @param users: named tokens too (on their own kernels, when the path
+        names one as C{kernel_id}); otherwise only the server token.
+    """
+
+    def __init__(
+        self,
+        method: bytes,
+        pattern: str,
+        handler: Handler,
+        *,
+        public: bool = False,
+        users: bool = True,
+    ):
         self.method = method
         self.pattern = re.compile(pattern)
         self.handler = handler
         self.public = public
+        self.users = users
 
 
 def find_route(routes: list[Route], request: server.Request) -> tuple[Route, dict[str, str]]:
@@ -149,8 +163,8 @@ class JSONEndpoint(resource.Resource):
     async def _dispatch(self, request: server.Request) -> None:
         try:
             route, params = self._route(request)
-            if not route.public and not self.auth.check_web_request(request):
-                raise HTTPError(HTTPStatus.FORBIDDEN, "a valid token is required")
+            if not route.public:
+                self._check_grant(request, route, params)
             result = await route.handler(request, **params)
         except (HTTPError, KernelError, StoreError) as e:
             status, message = status_for(e)
@@ -164,6 +178,23 @@ class JSONEndpoint(resource.Resource):
             return
         status, body = result
         self.respond(request, status, body)
+
+    def _check_grant(self, request: server.Request, route: Route, params: dict[str, str]) -> None:
+        """The server token may call every route; a named token the routes
+        open to users, on its own kernels. @raise HTTPError: otherwise."""
+        grant = self.auth.web_grant(request)
+        if grant is None:
+            status, message = self.auth.refusal(request)
+            raise HTTPError(HTTPStatus(status), message)
+        if grant.sees_all:
+            return
+        if grant.user is None or not route.users:
+            raise HTTPError(HTTPStatus.FORBIDDEN, "a valid token is required")
+        kernel_id = params.get("kernel_id")
+        if kernel_id is not None and not grant.covers(kernel_id):
+            raise HTTPError(
+                HTTPStatus.FORBIDDEN, f"kernel {kernel_id} is not one of {grant.user}'s"
+            )
 
     def _route(self, request: server.Request) -> tuple[Route, dict[str, str]]:
         return find_route(self.routes, request)

@@ -1,0 +1,123 @@
+# -*- test-case-name: tests.test_named_tokens -*-
+"""Creating a kernel for a credential: a named token's quota and ownership,
+then the kernel's start-up run (environment, code, a visitor's limits).
+
+``POST /api/kernels``, Jupyter sessions and ``/embed/kernels`` all create
+through L{KernelCreator}, so a quota cannot be dodged by another door.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from twisted.logger import Logger
+
+from .auth import Grant, TokenAuth
+from .kernels import Kernel, KernelManager
+from .startup import StartupFailed, limits_code, prepare_kernel, startup_code
+from .webjson import HTTPError
+
+__all__ = ["KernelCreator"]
+
+
+class KernelCreator:
+    """Creates kernels on behalf of grants."""
+
+    log = Logger()
+
+    def __init__(self, manager: KernelManager, auth: TokenAuth) -> None:
+        self.manager = manager
+        self.auth = auth
+        # user -> creations under way (they count against the quota too)
+        self._pending: Counter[str] = Counter()
+
+    def user_kernels(self, user: str) -> list[str]:
+        return self.auth.user_kernels(user, lambda k: k in self.manager.kernels)
+
+    def _check_quota(self, user: str) -> None:
+        named = self.auth.user(user)
+        if named is None:
+            raise HTTPError(HTTPStatus.FORBIDDEN, f"no token named {user}")
+        have = len(self.user_kernels(user)) + self._pending[user]
+        if have >= named.max_kernels:
+            raise HTTPError(
+                HTTPStatus.TOO_MANY_REQUESTS,
+                f"the token {user} has {have} kernels, the most it may have "
+                f"(max_kernels = {named.max_kernels}); shut one down first",
+            )
+
+    async def create(
+        self,
+        grant: Grant,
+        name: str = "python3",
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        startup: str = "",
+        public_limits: bool = False,
+    ) -> Kernel:
+        """A new kernel for C{grant}, prepared and ready for its first cell.
+
+        @param env: variables to set (already checked against the allow-list).
+        @param startup: the request's own start-up code (already allowed).
+        @param public_limits: lower its limits to the public_limit_* settings.
+        @raise HTTPError: 429 over a named token's quota; 400 when the
+            request's start-up code fails, 500 when the config's does.
+        """
+        user = grant.user
+        if user is not None:
+            self._check_quota(user)
+            self._pending[user] += 1
+        try:
+            kernel = await self.manager.create(name, cwd=cwd)
+        finally:
+            if user is not None:
+                self._pending[user] -= 1
+                if not self._pending[user]:
+                    del self._pending[user]
+        if user is not None:
+            self.auth.kernel_owners[kernel.id] = user
+        config = self.manager.config
+        limits = ""
+        if public_limits:
+            limits = limits_code(
+                {
+                    "cpu_seconds": config.public_limit_cpu_seconds,
+                    "memory_mb": config.public_limit_memory_mb,
+                    "file_size_mb": config.public_limit_file_size_mb,
+                    "open_files": config.public_limit_open_files,
+                    # RLIMIT_NPROC counts every process of the uid: only
+                    # with a uid per kernel (root) is it the kernel's own.
+                    "processes": config.public_limit_processes if os.geteuid() == 0 else 0,
+                }
+            )
+        code = startup_code(env or {}, config.kernel_startup, startup, limits)
+        if code:
+            try:
+                await prepare_kernel(kernel, code, self.manager.clock, config.max_frame_size)
+            except StartupFailed as e:
+                self.auth.forget_kernel(kernel.id)
+                if kernel.id in self.manager.kernels:
+                    self.manager.delete(kernel, "start-up failed")
+                self.log.warn("kernel {id}: start-up failed: {error}", id=kernel.id, error=e)
+                if startup:
+                    raise HTTPError(
+                        HTTPStatus.BAD_REQUEST, f"the kernel's start-up code failed: {e}"
+                    ) from None
+                raise HTTPError(
+                    HTTPStatus.INTERNAL_SERVER_ERROR,
+                    f"the server's kernel start-up failed: {e}",
+                ) from None
+        return kernel
+
+    def describe(self, kernel: Kernel) -> dict[str, Any]:
+        """The kernel's model, with its owner's name when a named token has it."""
+        model = kernel.model()
+        owner = self.auth.kernel_owners.get(kernel.id)
+        if owner is not None:
+            model["owner"] = owner
+        return model
