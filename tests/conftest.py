@@ -49,6 +49,7 @@ ROOT_ONLY = {
     "test_jupyterlab.py",  # likewise (the browser fixture)
     "test_widgets_browser.py",  # likewise
     "test_browser_reload.py",  # likewise
+    "test_public_browser.py",  # likewise
     "test_store_postgres.py",  # apt-get installs PostgreSQL, runs it as postgres
     "test_link_isolation.py",  # kernels' own uids, setresuid
     "test_token_unprivileged.py",  # drops from root to nobody

@@ -34,7 +34,9 @@ function fromCodePoints(text, points) {
 
 export class Cell {
   // kernel: a KernelClient, or a function returning a Promise of one.
-  constructor({ element, code = '', kernel, hideEditor = false, readOnly = false, onRun = null }) {
+  constructor({
+    element, code = '', kernel, hideEditor = false, readOnly = false, onRun = null, runButton = false,
+  }) {
     this.kernelSource = kernel;
     this.onRun = onRun;
     this.element = element;
@@ -48,6 +50,13 @@ export class Cell {
     if (kernel && typeof kernel !== 'function') this.output.widgets = kernel.widgets;
     const top = el('div', 'cellmux-input');
     top.append(this.prompt, this.editorHost);
+    if (runButton) {
+      this.runButton = el('button', 'cellmux-run', 'Run');
+      this.runButton.type = 'button';
+      this.runButton.title = 'Run (Shift+Enter)';
+      this.runButton.addEventListener('click', () => this.run());
+      top.append(this.runButton);
+    }
     element.append(top, this.inspector, outputs);
     if (hideEditor) top.hidden = true;
     this.readOnly = new Compartment();
@@ -136,9 +145,19 @@ export class Cell {
     view.dom.addEventListener('keydown', onKey);
   }
 
+  // Run code; a kernel that cannot be had (refused, over a limit, the
+  // server away) is said in the output, never only in the devtools.
   async run(code = this.code) {
     if (this.onRun) this.onRun(this);
-    const kernel = await this._kernel();
+    let kernel;
+    try {
+      kernel = await this._kernel();
+    } catch (e) {
+      this.output.clear();
+      this.output.failure(`cannot run: ${e.message || e}`);
+      this.prompt.textContent = '[!]';
+      return { status: 'error', ename: 'CellmuxError', evalue: String(e.message || e) };
+    }
     this.output.widgets = kernel.widgets;
     this.output.clear();
     this.inspector.hidden = true;

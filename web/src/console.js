@@ -58,32 +58,48 @@ export async function startConsole(root = document.getElementById('cellmux-conso
     replaceParams(params);
   }
   let kernelId = params.get('kernel');
+  // A public visitor's capability for their kernel: in this tab only.
+  let capability = kernelId ? sessionStorage.getItem(`cellmux-capability:${kernelId}`) : null;
   if (!kernelId) {
     try {
       kernelId = (await api('POST', '/api/kernels', {})).id;
     } catch (e) {
-      if (e.status === 403) { loginForm(root, 'This server needs a token.'); return null; }
-      root.textContent = `Cannot start a kernel: ${e.message}`;
-      return null;
+      if (e.status !== 403) {
+        root.textContent = `Cannot start a kernel: ${e.message}`;
+        return null;
+      }
+      // No login: on a server in public mode, a kernel of the visitor's own.
+      try {
+        const visitor = await api('POST', '/embed/kernels');
+        kernelId = visitor.id;
+        capability = visitor.token;
+        sessionStorage.setItem(`cellmux-capability:${kernelId}`, capability);
+      } catch (e2) {
+        if (e2.status === 403) { loginForm(root, 'This server needs a token.'); return null; }
+        root.textContent = `Cannot start a kernel: ${e2.message}`;
+        return null;
+      }
     }
     params.set('kernel', kernelId);
     replaceParams(params);
   }
-  const ui = new ConsoleUI(root, kernelId, params.get('transport') || 'auto');
-  await ui.start(params.get('permalink'));
+  const ui = new ConsoleUI(root, kernelId, params.get('transport') || 'auto', capability);
+  await ui.start(params.get('permalink'), params.get('run') === '1');
   window.cellmuxConsole = ui;
   return ui;
 }
 
 class ConsoleUI {
-  constructor(root, kernelId, transport) {
+  constructor(root, kernelId, transport, capability = null) {
     this.root = root;
     this.kernelId = kernelId;
+    this.capability = capability;
     // A reload resumes this tab's session: same stdin routing, every cell replayed.
     this.memory = new SessionMemory(kernelId);
     this.resumed = this.memory.session !== null;
     this.kernel = new KernelClient({
-      kernelId, transport, session: this.memory.session, cursor: this.memory.resumeCursor,
+      kernelId, transport, token: capability,
+      session: this.memory.session, cursor: this.memory.resumeCursor,
     });
     this.memory.track(this.kernel);
     this.kernel.on('answered', (id) => this.memory.markAnswered(id));
@@ -117,7 +133,9 @@ class ConsoleUI {
     root.replaceChildren(top, el('div', { class: 'cellmux-body' }, this.cellBox, side));
   }
 
-  async start(permalink) {
+  // permalink: an id (or z/<blob>) whose code fills the first cell; run:
+  // run it at once (so does a permalink whose options say autorun).
+  async start(permalink, run = false) {
     const k = this.kernel;
     k.on('status', (state, cause) => this._showState(state, cause));
     k.on('notice', (text) => this._notice(text));
@@ -143,17 +161,31 @@ class ConsoleUI {
         this.buttons.shareCollaborator.disabled = true;
         this.buttons.shareObserver.disabled = true;
       }
+      if (this.capability) {
+        // A public visitor: their kernel's cells, nothing of the server's.
+        this.buttons.upload.disabled = true;
+        this.buttons.permalink.disabled = true;
+      }
     }
     this._showState(k.state, k.cause);
-    api('GET', `/files/${this.kernelId}/`).then((r) => this._files(r.files || []), () => {});
+    if (!this.capability) {
+      api('GET', `/files/${this.kernelId}/`).then((r) => this._files(r.files || []), () => {});
+    }
     if (!observer) {
       let code = '';
+      let autorun = run;
       if (permalink && !this.resumed) {
-        try { code = (await api('GET', `/permalink/${permalink}`)).code; } catch (e) {
+        try {
+          const stored = await api('GET', `/permalink/${permalink}`);
+          code = stored.code;
+          autorun = autorun || !!(stored.options && stored.options.autorun);
+        } catch (e) {
           this._notice(`permalink not found: ${e.message}`);
         }
       }
-      this.addCell(code).focus();
+      const cell = this.addCell(code);
+      cell.focus();
+      if (autorun && code.trim()) cell.run();
     }
     this.root.dataset.ready = 'true';
   }
@@ -334,6 +366,8 @@ class ConsoleUI {
         return;
       }
     }
-    this._showLink('permalink', 'Permalink', `${location.origin}/?permalink=${id}`);
+    const url = `${location.origin}/?permalink=${id}`;
+    this._showLink('permalink', 'Permalink', url);
+    this._showLink('permalink-run', 'Runs when opened', `${url}&run=1`);
   }
 }

@@ -22,14 +22,31 @@ function addStyle(server) {
   document.head.appendChild(link);
 }
 
+// The server's own words for a refused request ({message} in its JSON).
+async function refusal(response) {
+  let message = '';
+  try { message = (await response.json()).message || ''; } catch (e) { /* not JSON */ }
+  return `${message || response.statusText || 'refused'} (HTTP ${response.status})`;
+}
+
+// A kernel for embedded cells. With a token, that token's; without one, on
+// a server in public mode, a kernel of this visitor's own, reached with the
+// capability the server mints for it (never the server's token).
 async function newKernel(server, token, transport) {
   const headers = token ? { authorization: 'token ' + token } : {};
-  const response = await fetch(`${server}/embed/kernels`, {
-    method: 'POST', headers, credentials: token ? 'omit' : 'include',
+  let response;
+  try {
+    response = await fetch(`${server}/embed/kernels`, {
+      method: 'POST', headers, credentials: token ? 'omit' : 'include',
+    });
+  } catch (e) {
+    throw new Error(`the server ${server} cannot be reached`);
+  }
+  if (!response.ok) throw new Error(`no kernel: ${await refusal(response)}`);
+  const model = await response.json();
+  const kernel = new KernelClient({
+    server, kernelId: model.id, token: model.token || token, transport,
   });
-  if (!response.ok) throw new Error(`cannot start a kernel: ${response.status} ${response.statusText}`);
-  const { id } = await response.json();
-  const kernel = new KernelClient({ server, kernelId: id, token, transport });
   await kernel.connect();
   return kernel;
 }
@@ -38,14 +55,19 @@ function kernelFor(server, { linkKey, token, transport }) {
   const key = linkKey ? `${server}\n${linkKey}` : null;
   if (key && linked.has(key)) return linked.get(key);
   const kernel = newKernel(server, token, transport);
-  if (key) linked.set(key, kernel);
+  if (key) {
+    linked.set(key, kernel);
+    // A failure is not kept: the next run asks again (a limit may have passed).
+    kernel.catch(() => { if (linked.get(key) === kernel) linked.delete(key); });
+  }
   return kernel;
 }
 
 // Turn an element into a live cell. Options: element (node or selector),
-// code (default: the element's text), autorun, hideEditor, server (default:
-// where this script came from), linkKey (cells with the same key share a
-// kernel), token, transport ('auto' | 'websocket' | 'longpoll').
+// code (default: the element's text), autorun, hideEditor, runButton
+// (default: true), server (default: where this script came from), linkKey
+// (cells with the same key share a kernel), token, transport ('auto' |
+// 'websocket' | 'longpoll').
 export function makeCell(options = {}) {
   const element = typeof options.element === 'string'
     ? document.querySelector(options.element) : options.element;
@@ -56,13 +78,16 @@ export function makeCell(options = {}) {
   element.textContent = '';
   let kernel = null;
   const cell = new Cell({
-    element, code, hideEditor: !!options.hideEditor,
+    element, code, hideEditor: !!options.hideEditor, runButton: options.runButton !== false,
     kernel: () => {
-      if (!kernel) kernel = kernelFor(server, options);
+      if (!kernel) {
+        kernel = kernelFor(server, options);
+        kernel.catch(() => { kernel = null; });
+      }
       return kernel;
     },
   });
-  if (options.autorun) cell.run().catch((e) => cell.output.notice(String(e.message || e)));
+  if (options.autorun) cell.run();
   return cell;
 }
 

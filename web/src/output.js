@@ -176,6 +176,15 @@ export class OutputArea {
     this._add(el);
   }
 
+  // Something went wrong outside the kernel (no kernel, refused): plain text.
+  failure(text) {
+    const el = document.createElement('div');
+    el.className = 'cellmux-failure';
+    el.setAttribute('role', 'alert');
+    el.textContent = text;
+    this._add(el);
+  }
+
   // One Jupyter message from the kernel.
   message(msg) {
     const c = msg.content;
