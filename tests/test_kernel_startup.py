@@ -65,6 +65,13 @@ def test_the_first_cell_sees_the_environment_and_the_startup_code(startup_server
             assert result.stdout == "hello test yes\nFalse 42 hello, world\n"
             # the start-up run was silent: this is the first numbered cell
             assert result.execution_count == 1
+        # A restart's new process gets the same start-up run.
+        client.restart_kernel(model["id"])
+        with client.connect(model["id"]) as kernel:
+            result = kernel.execute(
+                "import os; print(os.environ['GREETING'], SITE_ANSWER, GREETED)"
+            )
+            assert result.stdout == "hello 42 hello, world\n"
     finally:
         client.delete_kernel(model["id"])
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from .auth import Grant, TokenAuth
@@ -34,6 +35,33 @@ class KernelCreator:
         self.auth = auth
         # user -> creations under way (they count against the quota too)
         self._pending: Counter[str] = Counter()
+        # kernel id -> (its start-up run, the process that had it): a
+        # restart's new process gets it again. One entry per live kernel.
+        self._prepared: dict[str, tuple[str, Any]] = {}
+        manager.change_listeners.append(self._after_restarts)
+
+    def _after_restarts(self) -> None:
+        """Give each restarted kernel's new process its start-up run again.
+
+        Called in the turn the new process is bound, before the restart's
+        reply goes out: the run is ahead of every client's next request.
+        """
+        for kernel_id, (code, process) in list(self._prepared.items()):
+            kernel = self.manager.kernels.get(kernel_id)
+            if kernel is None:
+                del self._prepared[kernel_id]
+                continue
+            if kernel.incarnation is None or kernel.incarnation is process:
+                continue
+            self._prepared[kernel_id] = (code, kernel.incarnation)
+            d = defer.ensureDeferred(
+                prepare_kernel(kernel, code, self.manager.clock, self.manager.config.max_frame_size)
+            )
+            d.addErrback(
+                lambda f, kid=kernel_id: self.log.warn(
+                    "kernel {id}: start-up after a restart failed: {error}", id=kid, error=f.value
+                )
+            )
 
     def user_kernels(self, user: str) -> list[str]:
         return self.auth.user_kernels(user, lambda k: k in self.manager.kernels)
@@ -112,6 +140,7 @@ class KernelCreator:
                     HTTPStatus.INTERNAL_SERVER_ERROR,
                     f"the server's kernel start-up failed: {e}",
                 ) from None
+            self._prepared[kernel.id] = (code, kernel.incarnation)
         return kernel
 
     def describe(self, kernel: Kernel) -> dict[str, Any]:
