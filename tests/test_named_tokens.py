@@ -133,6 +133,7 @@ def test_a_user_reaches_files_of_own_kernels_only_and_no_service_runs(users_serv
         assert get(f"/files/{a1.id}/") == 200
         assert get(f"/files/{b1.id}/") == 403
         assert get("/service", "POST", b'{"code": "1"}') == 403
+        assert get("/kernelspecs/python3/logo-64x64.png") == 200  # for her Jupyter client
         assert get("/permalink", "POST", b'{"code": "1"}') == 201
     finally:
         users_server.client().delete_kernel(a1.id)

@@ -172,3 +172,33 @@ def test_a_database_that_hangs_gives_unavailable_in_time(rt, postgres):
             os.kill(pid, signal.SIGCONT)
     assert rt.call(s.get, made.id) == made
     rt.call(s.close)
+
+
+def test_shares_and_their_revocation_outlive_a_restart_on_postgres(postgres):
+    from cellmux.client import Client, HTTPError
+
+    first = start_server("--database", postgres.url)
+    try:
+        client = first.client()
+        kernel = client.create_kernel()
+        kept = client.share_kernel(kernel.id, "observer")
+        revoked = client.share_kernel(kernel.id, "collaborator")
+        client.revoke_share(kernel.id, revoked["id"])
+    finally:
+        first.stop()
+    second = start_server("--database", postgres.url)
+    try:
+        deadline = time.monotonic() + 15
+        while "stored credential(s)" not in second.log():
+            assert time.monotonic() < deadline, second.log()
+            time.sleep(0.1)
+        # The kept share authenticates (its kernel went with the old server).
+        with pytest.raises(HTTPError) as caught:
+            Client(second.url, token=kept["token"]).get_kernel(kernel.id)
+        assert caught.value.status == 404
+        with pytest.raises(HTTPError) as caught:
+            Client(second.url, token=revoked["token"]).get_kernel(kernel.id)
+        assert caught.value.status == 403
+        second.client().revoke_share(kernel.id, kept["id"])
+    finally:
+        second.stop()

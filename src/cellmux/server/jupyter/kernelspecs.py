@@ -87,7 +87,10 @@ class KernelspecFiles(resource.Resource):
         self._auth = auth
 
     def render_GET(self, request: server.Request) -> bytes:
-        if not self._auth.check_web_request(request):
+        grant = self._auth.web_grant(request)
+        # The server token and named tokens (whose users' Jupyter clients
+        # show these logos); share tokens and capabilities have no use for them.
+        if grant is None or grant.kernel_id is not None:
             return _json(
                 request, 403, {"message": "a valid token is required", "reason": "Forbidden"}
             )
