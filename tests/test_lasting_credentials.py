@@ -150,3 +150,24 @@ def test_a_database_that_is_down_costs_a_clear_error_and_the_server_recovers(tmp
         assert server.alive()
     finally:
         server.stop()
+
+
+def test_a_kernel_shut_down_by_its_client_takes_its_shares_along(tmp_path):
+    database = str(tmp_path / "credentials.sqlite3")
+    server = start_server("--database", database)
+    try:
+        client = server.client()
+        kernel = client.create_kernel()
+        share = client.share_kernel(kernel.id, "collaborator")
+        login(server, share["token"])
+        with client.connect(kernel.id) as connection:
+            connection.shutdown()  # over the websocket, not DELETE /api/kernels
+
+        def forgotten() -> bool:
+            with sqlite3.connect(database) as conn:
+                return conn.execute("SELECT COUNT(*) FROM credentials").fetchone() == (0,)
+
+        wait_for(forgotten, timeout=15)
+        assert request(server, "GET", "/api/", token(share["token"]))[0] == 403
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -22,7 +22,29 @@ from .kernels import Kernel, KernelManager
 from .startup import StartupFailed, limits_code, prepare_kernel, startup_code
 from .webjson import HTTPError
 
-__all__ = ["KernelCreator"]
+__all__ = ["KernelCreator", "forget_ended_kernels"]
+
+
+def forget_ended_kernels(manager: KernelManager, auth: TokenAuth) -> Callable[[], None]:
+    """Drop the shares, capabilities and logins of every kernel that ends
+    while this server runs (shut down by a client, culled, deleted), from
+    memory and the database. Kernels of an earlier server are not this
+    server's to judge: their shares stay until revoked (security.md).
+
+    @return: the manager's change listener: remove it before the server
+        stops, or stopping (which ends every kernel) forgets every share.
+    """
+    known: set[str] = set(manager.kernels)
+
+    def changed() -> None:
+        nonlocal known
+        current = set(manager.kernels)
+        for kernel_id in known - current:
+            auth.forget_kernel(kernel_id)
+        known = current
+
+    manager.change_listeners.append(changed)
+    return changed
 
 
 class KernelCreator:

@@ -23,7 +23,7 @@ from cellmux.config import ServerConfig, named_tokens
 
 from .api import ApiResource
 from .auth import NamedToken, TokenAuth, redact_tokens
-from .creation import KernelCreator
+from .creation import KernelCreator, forget_ended_kernels
 from .files import FileNotices, FilesResource
 from .jupyter.channels import JupyterChannelsFactory
 from .jupyter.kernelspecs import KernelspecFiles
@@ -166,6 +166,7 @@ class CellmuxService(service.Service):
             login_lifetime=config.login_lifetime,
         )
         self._credentials_retry = None
+        self._forget_ended = None
         self._token = token
         self.manager = KernelManager(reactor, config)
         self.store = None
@@ -320,6 +321,7 @@ class CellmuxService(service.Service):
                 "capabilities last until the server stops"
             )
         site = build_site(self.manager, self.auth, self.store, self._refusal_logs)
+        self._forget_ended = forget_ended_kernels(self.manager, self.auth)
         factory = GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
         if tls is not None:
             factory = TLSFactory(tls, False, factory)
@@ -423,6 +425,9 @@ class CellmuxService(service.Service):
         }
 
     async def _stop(self) -> None:
+        if self._forget_ended in self.manager.change_listeners:
+            # Stopping ends every kernel: their shares outlive the server.
+            self.manager.change_listeners.remove(self._forget_ended)
         if self._credentials_retry is not None and self._credentials_retry.active():
             self._credentials_retry.cancel()
         if self._listening is not None:
