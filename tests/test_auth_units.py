@@ -134,3 +134,21 @@ def test_a_version_1_database_gains_the_credentials_table_and_keeps_its_permalin
         assert rt.call(store.load_credentials, 0.0) == []
     finally:
         rt.call(store.close)
+
+
+def test_idle_visitors_kernels_are_those_left_alone_long_enough():
+    from types import SimpleNamespace
+
+    from cellmux.server.public import idle_kernels
+
+    def kernel(state: str, last: float, clients: int = 0):
+        return SimpleNamespace(
+            state=SimpleNamespace(value=state), last_activity=last, clients=set(range(clients))
+        )
+
+    left = kernel("idle", 0.0)
+    dead = kernel("dead", 0.0)
+    watched = kernel("idle", 0.0, clients=1)
+    busy = kernel("busy", 0.0)
+    recent = kernel("idle", 95.0)
+    assert idle_kernels([left, dead, watched, busy, recent], now=100.0, timeout=10) == [left, dead]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import time
 import urllib.parse
 import uuid
 
@@ -22,7 +23,7 @@ from cellmux.protocol import (
     encode_frame,
     parse_control,
 )
-from conftest import config_file, start_server
+from conftest import config_file, start_server, wait_for
 
 ORIGIN = "http://embed.example"
 
@@ -134,3 +135,31 @@ def test_a_visitor_gets_one_kernel_within_the_limits_and_never_the_owner_token(p
 def test_without_public_mode_an_anonymous_visitor_gets_403(server):
     status, _, body = request(server, "POST", "/embed/kernels")
     assert status == 403 and body["message"] == "a valid token is required"
+
+
+def test_a_visitors_kernel_left_alone_ends_and_frees_the_addresss_place():
+    path = config_file(
+        """
+public = true
+allow_origins = ['http://embed\\.example']
+public_kernels_per_address = 1
+public_idle_timeout = 1.5
+"""
+    )
+    server = start_server("--config", path, "--pool-size", "1")
+    try:
+        owner = server.client()
+        status, _, first = mint(server)
+        assert status == 201
+        # With its page open (a client attached) it stays.
+        with Client(server.url, token=first["token"]).connect(first["id"]) as kernel:
+            time.sleep(3)
+            assert kernel.execute("print('still here')").stdout == "still here\n"
+        assert mint(server)[0] == 429
+        # Once the page is gone, it ends after public_idle_timeout.
+        wait_for(lambda: first["id"] not in {k.id for k in owner.list_kernels()}, timeout=15)
+        status, _, second = mint(server)
+        assert status == 201, second
+        owner.delete_kernel(second["id"])
+    finally:
+        server.stop()

@@ -216,6 +216,9 @@ class ServerConfig:
     public_kernels_per_address: int = attrs.field(default=2, validator=_positive)
     #: Public mode: kernel and permalink requests one address may make per minute.
     public_requests_per_minute: int = attrs.field(default=30, validator=_positive)
+    #: Public mode: seconds a visitor's kernel may stay idle with no client
+    #: attached (the page was closed) before it is ended.
+    public_idle_timeout: float = attrs.field(default=300.0, validator=_positive)
     #: Public mode: limits of anonymous kernels (lower than the limit_* ones).
     public_limit_cpu_seconds: int = attrs.field(default=60, validator=_positive)
     public_limit_memory_mb: int = attrs.field(default=512, validator=_positive)

@@ -27,7 +27,7 @@ from importlib import resources as importlib_resources
 from urllib.parse import urlencode
 
 import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -36,7 +36,7 @@ import cellmux
 from .auth import CredentialsUnavailable, Grant, OriginPolicy, Role, query_pairs
 from .creation import KernelCreator
 from .login import from_another_site
-from .public import AddressLimits, LimitExceeded, client_address
+from .public import AddressLimits, LimitExceeded, client_address, idle_kernels
 from .webjson import HTTPError
 
 __all__ = [
@@ -255,6 +255,21 @@ class EmbedKernels(resource.Resource):
         self.limits = AddressLimits(
             config.public_kernels_per_address, config.public_requests_per_minute, manager.clock
         )
+        # Visitors' kernels, ended sooner when idle with no client attached.
+        self._visitors: set[str] = set()
+        self._reaper = task.LoopingCall(self._end_idle_visitors)
+        self._reaper.clock = manager.clock
+
+    def _end_idle_visitors(self) -> None:
+        kernels = self._manager.kernels
+        self._visitors &= set(kernels)
+        timeout = self._manager.config.public_idle_timeout
+        visitors = [kernels[k] for k in self._visitors]
+        for kernel in idle_kernels(visitors, self._manager.clock.seconds(), timeout):
+            self._visitors.discard(kernel.id)
+            self._manager.delete(kernel, f"idle timeout (public, {timeout:g} s)")
+        if not self._visitors and self._reaper.running:
+            self._reaper.stop()
 
     def _json(self, request: server.Request, status: int, body: dict) -> bytes:
         request.setResponseCode(status)
@@ -339,6 +354,9 @@ class EmbedKernels(resource.Resource):
             self.limits.settle_kernel(address, place, None)
             raise
         self.limits.settle_kernel(address, place, kernel.id)
+        self._visitors.add(kernel.id)
+        if not self._reaper.running:
+            self._reaper.start(1.0, now=False)
         self._log.info("public kernel {id} for {address}", id=kernel.id, address=address)
         request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
         return self._json(

@@ -9,10 +9,10 @@ is forgotten first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["MAX_ADDRESSES", "AddressLimits", "LimitExceeded", "client_address"]
+__all__ = ["MAX_ADDRESSES", "AddressLimits", "LimitExceeded", "client_address", "idle_kernels"]
 
 #: Addresses remembered at once (each costs about 200 bytes).
 MAX_ADDRESSES = 10_000
@@ -111,3 +111,14 @@ class AddressLimits:
 def _trim(table: OrderedDict) -> None:
     while len(table) > MAX_ADDRESSES:
         table.popitem(last=False)
+
+
+def idle_kernels(kernels: Iterable[Any], now: float, timeout: float) -> list[Any]:
+    """The visitors' kernels to end: no client attached, idle (or dead) for
+    C{timeout} seconds. A visitor who left frees their address's place
+    sooner than the server-wide C{idle_timeout} would."""
+    return [
+        k
+        for k in kernels
+        if not k.clients and k.state.value in ("idle", "dead") and now - k.last_activity > timeout
+    ]
