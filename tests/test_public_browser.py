@@ -108,6 +108,11 @@ def test_an_anonymous_visitor_runs_cells_and_a_permalink_within_the_limits(
             "async () => { const k = await one._kernel(); return [k.kernelId, k.token]; }"
         )
         assert a_token and a_token != public_server.token
+        # A reload keeps the visitor's kernel (and its variables).
+        a.reload()
+        a.locator("#two .cellmux-run").click()
+        expect(a.locator("#two .cellmux-stdout")).to_have_text("shared is 42\n")
+        assert a.evaluate("async () => (await two._kernel()).kernelId") == a_kernel
 
         # Visitor B, in another browser context: a kernel of their own, and
         # A's kernel is out of reach with B's capability.

@@ -32,7 +32,21 @@ async function refusal(response) {
 // A kernel for embedded cells. With a token, that token's; without one, on
 // a server in public mode, a kernel of this visitor's own, reached with the
 // capability the server mints for it (never the server's token).
-async function newKernel(server, token, transport) {
+async function newKernel(server, token, transport, linkKey) {
+  // A public visitor's linked cells keep their kernel across reloads of
+  // the page (in this tab), while it lives: each reload would otherwise
+  // take one more of the address's places.
+  const kept = !token && linkKey ? `cellmux-visitor:${server}\n${linkKey}` : null;
+  const stored = kept && JSON.parse(sessionStorage.getItem(kept) || 'null');
+  if (stored) {
+    const again = new KernelClient({ server, kernelId: stored.id, token: stored.token, transport });
+    try {
+      await again.connect();
+      return again;
+    } catch (e) {
+      sessionStorage.removeItem(kept); // it ended: start another
+    }
+  }
   const headers = token ? { authorization: 'token ' + token } : {};
   let response;
   try {
@@ -48,13 +62,14 @@ async function newKernel(server, token, transport) {
     server, kernelId: model.id, token: model.token || token, transport,
   });
   await kernel.connect();
+  if (kept && model.token) sessionStorage.setItem(kept, JSON.stringify({ id: model.id, token: model.token }));
   return kernel;
 }
 
 function kernelFor(server, { linkKey, token, transport }) {
   const key = linkKey ? `${server}\n${linkKey}` : null;
   if (key && linked.has(key)) return linked.get(key);
-  const kernel = newKernel(server, token, transport);
+  const kernel = newKernel(server, token, transport, linkKey);
   if (key) {
     linked.set(key, kernel);
     // A failure is not kept: the next run asks again (a limit may have passed).
