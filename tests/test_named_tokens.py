@@ -175,3 +175,18 @@ def test_cellmux_token_new_prints_a_table_the_server_takes():
     assert setting.name == "carol" and setting.max_kernels == 3
     assert token_hash(token) == parsed["tokens"]["carol"]["token_hash"]
     assert token not in table
+
+
+def test_one_round_trip_starts_count_against_the_quota_and_belong_to_their_user(users_server):
+    owner = users_server.client()
+    bob = users_server.client(BOB)
+    with bob.start() as kernel:  # hello.create over the websocket
+        assert kernel.execute("print('mine')").stdout == "mine\n"
+        kernel_id = kernel.kernel_id
+        assert [k.id for k in bob.list_kernels()] == [kernel_id]
+        with pytest.raises(HTTPError) as caught:
+            bob.create_kernel()
+        assert caught.value.status == 429
+        with pytest.raises(Exception, match="max_kernels = 1"):
+            bob.start()
+    owner.delete_kernel(kernel_id)

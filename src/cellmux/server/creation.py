@@ -17,12 +17,33 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from .attachment import Forbidden
 from .auth import Grant, TokenAuth
-from .kernels import Kernel, KernelManager
+from .kernels import Kernel, KernelError, KernelManager
 from .startup import StartupFailed, limits_code, prepare_kernel, startup_code
-from .webjson import HTTPError
 
-__all__ = ["KernelCreator", "forget_ended_kernels"]
+__all__ = ["KernelCreator", "OverQuota", "StartupRefused", "forget_ended_kernels"]
+
+
+class OverQuota(KernelError):
+    """A named token has as many kernels as its max_kernels allows."""
+
+    code = "over_quota"
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+
+class StartupRefused(KernelError):
+    """The create request's own start-up code failed: the kernel is deleted."""
+
+    code = "startup_failed"
+    status = HTTPStatus.BAD_REQUEST
+
+
+class StartupBroken(KernelError):
+    """The config's start-up (kernel_startup, env) failed: the kernel is deleted."""
+
+    code = "startup_failed"
+    status = HTTPStatus.INTERNAL_SERVER_ERROR
 
 
 def forget_ended_kernels(manager: KernelManager, auth: TokenAuth) -> Callable[[], None]:
@@ -91,13 +112,12 @@ class KernelCreator:
     def _check_quota(self, user: str) -> None:
         named = self.auth.user(user)
         if named is None:
-            raise HTTPError(HTTPStatus.FORBIDDEN, f"no token named {user}")
+            raise Forbidden(f"no token named {user}")
         have = len(self.user_kernels(user)) + self._pending[user]
         if have >= named.max_kernels:
-            raise HTTPError(
-                HTTPStatus.TOO_MANY_REQUESTS,
+            raise OverQuota(
                 f"the token {user} has {have} kernels, the most it may have "
-                f"(max_kernels = {named.max_kernels}); shut one down first",
+                f"(max_kernels = {named.max_kernels}); shut one down first"
             )
 
     async def create(
@@ -115,8 +135,9 @@ class KernelCreator:
         @param env: variables to set (already checked against the allow-list).
         @param startup: the request's own start-up code (already allowed).
         @param public_limits: lower its limits to the public_limit_* settings.
-        @raise HTTPError: 429 over a named token's quota; 400 when the
-            request's start-up code fails, 500 when the config's does.
+        @raise KernelError: L{OverQuota} (429) over a named token's quota;
+            L{StartupRefused} (400) when the request's start-up code fails,
+            L{StartupBroken} (500) when the config's does; the manager's.
         """
         user = grant.user
         if user is not None:
@@ -155,13 +176,8 @@ class KernelCreator:
                     self.manager.delete(kernel, "start-up failed")
                 self.log.warn("kernel {id}: start-up failed: {error}", id=kernel.id, error=e)
                 if startup:
-                    raise HTTPError(
-                        HTTPStatus.BAD_REQUEST, f"the kernel's start-up code failed: {e}"
-                    ) from None
-                raise HTTPError(
-                    HTTPStatus.INTERNAL_SERVER_ERROR,
-                    f"the server's kernel start-up failed: {e}",
-                ) from None
+                    raise StartupRefused(f"the kernel's start-up code failed: {e}") from None
+                raise StartupBroken(f"the server's kernel start-up failed: {e}") from None
             self._prepared[kernel.id] = (code, kernel.incarnation)
         return kernel
 

@@ -110,12 +110,17 @@ class PollConnection:
 
     log = Logger()
 
-    def __init__(self, cid: str, manager: KernelManager, grant: Grant, expire) -> None:
+    def __init__(self, cid: str, manager: KernelManager, grant: Grant, expire, create=None) -> None:
         self.id = cid
         self.manager = manager
         self.attachment = Attachment(manager, grant, self)
         self.native = NativeSession(
-            manager, self.attachment, self._control, self.close, replay_on_attach=False
+            manager,
+            self.attachment,
+            self._control,
+            self.close,
+            replay_on_attach=False,
+            create=create,
         )
         self._control_seq = 0
         self._queued: deque[tuple[int, bytes]] = deque()
@@ -299,10 +304,12 @@ class PollResource(resource.Resource):
     log = Logger()
     isLeaf = True
 
-    def __init__(self, manager: KernelManager, auth) -> None:
+    def __init__(self, manager: KernelManager, auth, create=None) -> None:
         super().__init__()
         self.manager = manager
         self.auth = auth
+        #: How hello.create makes kernels (None: the manager, as is).
+        self.create = create
         self.origins = OriginPolicy.from_strings(manager.config.allow_origins)
         self.connections: dict[str, PollConnection] = {}
 
@@ -371,7 +378,7 @@ class PollResource(resource.Resource):
         if grant is None:
             return self._error(request, HTTPStatus.FORBIDDEN, "a valid token is required")
         cid = secrets.token_urlsafe(16)
-        conn = PollConnection(cid, self.manager, grant, self._forget)
+        conn = PollConnection(cid, self.manager, grant, self._forget, create=self.create)
         self.connections[cid] = conn
         conn.receive(request.content.read())
         request.setResponseCode(HTTPStatus.CREATED)

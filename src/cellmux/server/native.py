@@ -31,7 +31,7 @@ socket buffer and this bound, not a reply per request.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -47,6 +47,7 @@ from cellmux.protocol import (
 )
 
 from .attachment import Attachment, Forbidden
+from .auth import Grant
 from .jupyter.kernelspecs import DEFAULT_SPEC, kernelspec_model
 from .kernels import Kernel, KernelError, KernelManager
 
@@ -103,8 +104,12 @@ class NativeSession:
         replay_on_attach: bool = True,
         pause_reading: Callable[[], None] | None = None,
         resume_reading: Callable[[], None] | None = None,
+        create: Callable[[Grant, str], Awaitable[Kernel]] | None = None,
     ) -> None:
         self.manager = manager
+        # How hello.create makes a kernel for this client's grant (a named
+        # token's quota, start-up code: creation.KernelCreator).
+        self._create = create
         self.attachment = attachment
         self._send_control = send_control
         self._close = close
@@ -230,7 +235,10 @@ class NativeSession:
                 raise Forbidden("this token may not create kernels")
             if kernelspec_model(name) is None:
                 raise _UnknownSpec(f"no kernel spec named {name!r}")
-            kernel = await self.manager.create(name)
+            if self._create is not None:
+                kernel = await self._create(grant, name)
+            else:
+                kernel = await self.manager.create(name)
         except KernelError as e:
             self._early = None
             close_code = {

@@ -117,7 +117,7 @@ def build_site(
     root.putChild(b"api", ApiResource(manager, auth, channels=jupyter_channels, creator=creator))
     root.putChild(b"kernelspecs", KernelspecFiles(auth))
     root.putChild(b"login", LoginResource(auth))
-    root.putChild(b"ws", WebSocketResource(ClientFactory(manager, auth)))
+    root.putChild(b"ws", WebSocketResource(ClientFactory(manager, auth, create=creator.create)))
     # Permalinks, kernel files and one-shot runs (docs/storage.md).
     notices = FileNotices(manager)
     manager.idle_listeners.append(notices)
@@ -129,7 +129,7 @@ def build_site(
     root.putChild(b"", PageResource(assets))
     root.putChild(b"static", StaticResource(assets))
     root.putChild(b"favicon.ico", FaviconResource(assets))
-    root.putChild(b"poll", PollResource(manager, auth))
+    root.putChild(b"poll", PollResource(manager, auth, create=creator.create))
     root.putChild(b"embed", EmbedKernels(manager, auth, creator))
     # Forwarding headers are applied (or ignored) before any resource runs.
     request_factory = forwarding_request_factory(

@@ -155,6 +155,7 @@ class ClientConnection(WebSocketServerProtocol):
             lambda code, why: close(self, code, why),
             pause_reading=self._pause_reading,
             resume_reading=self._resume_reading,
+            create=self.factory.create,
         )
         return None
 
@@ -224,9 +225,11 @@ class ClientConnection(WebSocketServerProtocol):
 class ClientFactory(WebSocketServerFactory):
     protocol = ClientConnection
 
-    def __init__(self, manager: KernelManager, auth, **kwargs: Any) -> None:
+    def __init__(self, manager: KernelManager, auth, create=None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.manager = manager
         self.auth = auth
+        #: How hello.create makes kernels (None: the manager, as is).
+        self.create = create
         self.origins = OriginPolicy.from_strings(manager.config.allow_origins)
         self.setProtocolOptions(**client_protocol_options(manager.config.max_frame_size))
