@@ -152,3 +152,25 @@ def test_idle_visitors_kernels_are_those_left_alone_long_enough():
     busy = kernel("busy", 0.0)
     recent = kernel("idle", 95.0)
     assert idle_kernels([left, dead, watched, busy, recent], now=100.0, timeout=10) == [left, dead]
+
+
+def test_with_the_database_gone_a_revocation_still_takes_effect_at_once(tmp_path):
+    from cellmux.server.auth import CredentialsUnavailable
+
+    rt = reactor_thread()
+    store = SQLiteStore(rt.reactor, str(tmp_path / "c.sqlite3"), timeout=5.0)
+    auth = TokenAuth("owner-token", clock=rt.reactor)
+    assert auth.attach_store(store) and not auth.loaded
+    assert rt.call(auth.load) == 0 and auth.loaded
+    share, share_token = rt.call(auth.share, "k1", Role.COLLABORATOR)
+    cookie, lasting = rt.call(auth.login, auth.grant_for_token(share_token))
+    assert lasting
+    rt.call(store.close)  # from now on every call fails: StoreUnavailable
+    with pytest.raises(CredentialsUnavailable, match="revoke it again"):
+        rt.call(auth.revoke, "k1", share.id)
+    assert auth.grant_for_token(share_token) is None and auth.login_grant(cookie) is None
+    with pytest.raises(CredentialsUnavailable, match="nothing was made"):
+        rt.call(auth.share, "k1", Role.OBSERVER)
+    # A login still works, in memory only.
+    _, lasting = rt.call(auth.login, auth.grant_for_token("owner-token"))
+    assert lasting is False
