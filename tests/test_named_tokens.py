@@ -190,3 +190,18 @@ def test_one_round_trip_starts_count_against_the_quota_and_belong_to_their_user(
         with pytest.raises(Exception, match="max_kernels = 1"):
             bob.start()
     owner.delete_kernel(kernel_id)
+
+
+def test_a_bad_token_table_stops_the_server_with_one_line_and_exit_2(tmp_path):
+    config = tmp_path / "cellmux.toml"
+    config.write_text('[tokens.alice]\ntoken_hash = "not-a-hash"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "cellmux", "serve", "--config", str(config), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "tokens.alice.token_hash must be sha256:<64 hex digits>" in result.stderr
