@@ -174,3 +174,31 @@ def test_with_the_database_gone_a_revocation_still_takes_effect_at_once(tmp_path
     # A login still works, in memory only.
     _, lasting = rt.call(auth.login, auth.grant_for_token("owner-token"))
     assert lasting is False
+
+
+def test_a_share_revoked_while_the_load_reads_it_stays_revoked(tmp_path):
+    rt = reactor_thread()
+    store = SQLiteStore(rt.reactor, str(tmp_path / "c.sqlite3"), timeout=5.0)
+    try:
+        record = Credential(
+            _digest("share-token").hex(),
+            "share",
+            "s1",
+            "observer",
+            "k1",
+            "s1",
+            None,
+            None,
+            1.0,
+            None,
+        )
+        rt.call(store.insert_credential, record)
+        auth = TokenAuth("owner-token", clock=rt.reactor)
+        auth.attach_store(store)
+        # The revocation's memory step lands between the load's read and its
+        # end (its database delete comes after the read).
+        auth._forget_share("k1", "s1")
+        rt.call(auth.load)
+        assert auth.grant_for_token("share-token") is None
+    finally:
+        rt.call(store.close)

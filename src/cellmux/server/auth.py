@@ -314,6 +314,8 @@ class TokenAuth:
         self._store: Any = None
         #: Whether the stored credentials are in memory (True without a store).
         self.loaded = True
+        # Shares revoked before the load finished: it may have read them.
+        self._revoked_while_loading: set[str] = set()
 
     def __repr__(self) -> str:
         return "TokenAuth(<redacted>)"
@@ -436,8 +438,11 @@ class TokenAuth:
         records = await self._store.load_credentials(self._now())
         stale: list[str] = []
         shares: dict[bytes, tuple[Share, Grant]] = {}
+        revoked, self._revoked_while_loading = self._revoked_while_loading, set()
         for r in records:
             if r.kind not in ("share", "capability") or r.kernel_id is None:
+                continue
+            if r.id in revoked:  # read before its deletion reached the database
                 continue
             share = Share(r.id, r.kernel_id, Role(r.role), r.kind, r.expires)
             grant = Grant(share.role, r.kernel_id, r.id, anonymous=r.kind == "capability")
@@ -612,6 +617,8 @@ class TokenAuth:
 
     def _forget_share(self, kernel_id: str, share_id: str) -> Share | None:
         """Memory only: the share and the logins made with it."""
+        if not self.loaded:
+            self._revoked_while_loading.add(share_id)
         found = None
         for key, (share, _grant) in list(self._shares.items()):
             if share.id == share_id and share.kernel_id == kernel_id:
