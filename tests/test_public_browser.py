@@ -160,3 +160,31 @@ def test_an_anonymous_visitor_runs_cells_and_a_permalink_within_the_limits(
         for context in contexts:
             context.close()
     assert seen and not any(public_server.token in body for body in seen)
+
+
+@pytest.fixture(scope="module")
+def private_server(other_origin):
+    """Not in public mode, but admitting the other origin."""
+    origin, directory = other_origin
+    config = directory / "private.toml"
+    config.write_text(f"allow_origins = ['{re.escape(origin)}']\n")
+    running = start_server("--pool-size", "1", "--config", str(config))
+    yield running
+    running.stop()
+
+
+def test_without_public_mode_a_cell_without_a_token_says_why_it_cannot_run(
+    browser, private_server, other_origin
+):
+    origin, directory = other_origin
+    (directory / "private.html").write_text(_page_with_cells(private_server, "private"))
+    context, page = _visitor(browser, [])
+    try:
+        page.goto(f"{origin}/private.html")
+        page.locator("#one .cm-content").click()
+        page.keyboard.press("Shift+Enter")
+        failure = page.locator("#one .cellmux-failure")
+        expect(failure).to_have_text("cannot run: no kernel: a valid token is required (HTTP 403)")
+        expect(page.locator("#one .cellmux-count")).to_have_text("[!]")
+    finally:
+        context.close()

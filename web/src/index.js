@@ -54,7 +54,9 @@ async function newKernel(server, token, transport, linkKey) {
       method: 'POST', headers, credentials: token ? 'omit' : 'include',
     });
   } catch (e) {
-    throw new Error(`the server ${server} cannot be reached`);
+    // A refusal without CORS headers (an origin the server does not admit)
+    // reaches the page only as this failure.
+    throw new Error(`the server ${server} cannot be reached, or does not admit this page's origin (allow_origins)`);
   }
   if (!response.ok) throw new Error(`no kernel: ${await refusal(response)}`);
   const model = await response.json();
