@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from cellmux.server.auth import Grant, NamedToken, Role, TokenAuth, _digest
 from cellmux.server.public import MAX_ADDRESSES, AddressLimits, LimitExceeded
@@ -22,8 +23,8 @@ def result(coroutine):
     found = []
     defer.ensureDeferred(coroutine).addBoth(found.append)
     (value,) = found
-    if isinstance(value, Exception):
-        raise value
+    if isinstance(value, Failure):
+        value.raiseException()
     return value
 
 
@@ -202,3 +203,19 @@ def test_a_share_revoked_while_the_load_reads_it_stays_revoked(tmp_path):
         assert auth.grant_for_token("share-token") is None
     finally:
         rt.call(store.close)
+
+
+def test_a_kernel_has_at_most_100_live_shares_and_expired_ones_make_room():
+    from cellmux.server.auth import MAX_SHARES_PER_KERNEL, TooManyShares
+
+    clock = task.Clock()
+    auth = TokenAuth("owner-token", clock=clock)
+    for _ in range(MAX_SHARES_PER_KERNEL - 1):
+        result(auth.share("k1", Role.OBSERVER))
+    result(auth.share("k1", Role.OBSERVER, expires_in=10))
+    with pytest.raises(TooManyShares, match="revoke some first"):
+        result(auth.share("k1", Role.OBSERVER))
+    result(auth.share("k2", Role.OBSERVER))  # another kernel has its own
+    clock.advance(10)
+    result(auth.share("k1", Role.OBSERVER))
+    assert len(auth.shares("k1")) == MAX_SHARES_PER_KERNEL

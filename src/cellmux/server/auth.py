@@ -584,13 +584,21 @@ class TokenAuth:
 
         @raise CredentialsUnavailable: the database could not store it.
         """
+        now = self._now()
+        for old in self.shares(kernel_id):
+            if old.expires is not None and old.expires <= now:  # expired: make room
+                self._forget_share(kernel_id, old.id)
+                if self._store is not None:
+                    self._background(
+                        self._store.delete_credentials(kernel_id=kernel_id, share_id=old.id),
+                        "an expired share",
+                    )
         if len(self.shares(kernel_id)) >= MAX_SHARES_PER_KERNEL:
             raise TooManyShares(
                 f"this kernel has {MAX_SHARES_PER_KERNEL} shares, the most it may have; "
                 "revoke some first"
             )
         token = secrets.token_urlsafe(24)
-        now = self._now()
         expires = now + expires_in if expires_in else None
         share = Share(secrets.token_hex(8), kernel_id, role, kind, expires)
         digest = _digest(token)
