@@ -163,3 +163,28 @@ public_idle_timeout = 1.5
         owner.delete_kernel(second["id"])
     finally:
         server.stop()
+
+
+def test_behind_a_trusted_proxy_the_limits_count_the_forwarded_address():
+    path = config_file(
+        """
+public = true
+trusted_proxies = ["127.0.0.1"]
+public_kernels_per_address = 1
+"""
+    )
+    server = start_server("--config", path, "--pool-size", "1")
+    try:
+        made = []
+        for client in ("203.0.113.7", "203.0.113.8"):
+            status, _, body = request(server, "POST", "/embed/kernels", {"X-Forwarded-For": client})
+            assert status == 201, body
+            made.append(body["id"])
+        status, _, body = request(
+            server, "POST", "/embed/kernels", {"X-Forwarded-For": "203.0.113.7"}
+        )
+        assert status == 429 and "already has 1 kernel(s)" in body["message"]
+        for kernel_id in made:
+            server.client().delete_kernel(kernel_id)
+    finally:
+        server.stop()

@@ -36,7 +36,8 @@ import cellmux
 from .auth import CredentialsUnavailable, Grant, OriginPolicy, Role, query_pairs
 from .creation import KernelCreator
 from .login import from_another_site
-from .public import AddressLimits, LimitExceeded, client_address, idle_kernels
+from .proxy import client_address
+from .public import AddressLimits, LimitExceeded, idle_kernels
 from .webjson import HTTPError
 
 __all__ = [
@@ -338,7 +339,8 @@ class EmbedKernels(resource.Resource):
             kernel = await self._creator.create(grant)
             request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
             return self._json(request, 201, self._creator.describe(kernel))
-        address = client_address(request)
+        # Behind a trusted proxy, the address it forwarded (operations.md).
+        address = client_address(request) or "unknown"
         self.limits.request(address)
         place = self.limits.reserve_kernel(address, lambda k: k in self._manager.kernels)
         kernel = None

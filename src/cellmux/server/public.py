@@ -12,21 +12,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["MAX_ADDRESSES", "AddressLimits", "LimitExceeded", "client_address", "idle_kernels"]
+__all__ = ["MAX_ADDRESSES", "AddressLimits", "LimitExceeded", "idle_kernels"]
 
 #: Addresses remembered at once (each costs about 200 bytes).
 MAX_ADDRESSES = 10_000
 #: The request window, in seconds.
 WINDOW = 60.0
-
-
-def client_address(request: Any) -> str:
-    """The address limits count by: the TCP peer's.
-
-    One function so that a trusted proxy's X-Forwarded-For can replace it.
-    """
-    peer = request.getClientAddress()
-    return getattr(peer, "host", None) or "unknown"
 
 
 class LimitExceeded(Exception):
