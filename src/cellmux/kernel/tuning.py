@@ -396,7 +396,7 @@ def _send_main_replies_to_pump(kernel: Any, context: zmq.Context) -> None:
     has handed the request's output to the IOPub socket before the reply is
     sent, so a reply still comes after its output.
     """
-    from .pump import INPROC_PORTS, inproc_endpoint
+    from .pump import INPROC_PORTS, PUMP_ROUTING_ID, inproc_endpoint
 
     thread = getattr(kernel, "shell_channel_thread", None)
     if thread is None or not getattr(kernel, "_supports_kernel_subshells", False):
@@ -406,12 +406,37 @@ def _send_main_replies_to_pump(kernel: Any, context: zmq.Context) -> None:
     replies.linger = 1000
     replies.connect(inproc_endpoint(INPROC_PORTS["replies"]))
     stock = manager.get_subshell_to_shell_channel_socket
+    to_pump = _RepliesByPeer(replies, lambda: stock(None), PUMP_ROUTING_ID)
 
     @functools.wraps(stock)
     def reply_socket(subshell_id: str | None) -> Any:
-        return replies if subshell_id is None else stock(subshell_id)
+        return to_pump if subshell_id is None else stock(subshell_id)
 
     manager.get_subshell_to_shell_channel_socket = reply_socket
+
+
+class _RepliesByPeer:
+    """The main shell's reply socket: the pump's replies, or stock for other peers.
+
+    Only the pump's requests may be answered on its own socket. The kernel
+    has one more shell peer inside the process: the debugger's
+    ``debug_shell_socket``, which sends an ``execute_request`` (starting
+    debugpy) and blocks the control thread until its reply comes back on
+    that socket. Sent to the pump, that reply went to the server instead and
+    the ``debug_request`` never got its ``debug_reply``.
+    """
+
+    def __init__(self, replies: zmq.Socket, stock: Any, pump_id: bytes) -> None:
+        self._replies = replies
+        self._stock = stock
+        self._pump_id = pump_id
+
+    def send_multipart(self, parts: Any, *args: Any, **kwargs: Any) -> Any:
+        first = parts[0] if parts else b""
+        ident = first if isinstance(first, bytes) else getattr(first, "bytes", b"")
+        if ident == self._pump_id:
+            return self._replies.send_multipart(parts, *args, **kwargs)
+        return self._stock().send_multipart(parts, *args, **kwargs)
 
 
 def install(app: Any, changes: frozenset[str] | None = None) -> None:

@@ -32,8 +32,9 @@ _SPECS: dict[str, dict[str, Any]] = {
         "language": "python",
         "interrupt_mode": "signal",
         "env": {},
-        # The debugger needs debugpy's adapter, which cellmux does not wire.
-        "metadata": {"debugger": False},
+        # JupyterLab offers its debugger only for specs that say so; the
+        # kernels speak the debug protocol on control (docs/jupyter.md).
+        "metadata": {"debugger": True},
         "kernel_protocol_version": _PROTOCOL_VERSION,
     }
 }
