@@ -153,6 +153,8 @@ CLIENT_COMMANDS = {
     "attach": ("attach a console to a kernel, or --watch it read-only", "watch"),
     "kernels": ("list the server's kernels", "table"),
     "bridge": ("make a kernel look local to Jupyter's ZeroMQ clients", "bridge"),
+    "pause": ("stop a kernel's running cell in pdb at its current line", "pause"),
+    "debug": ("relay a Debug Adapter Protocol client (VS Code, nvim-dap) to a kernel", "dap"),
 }
 
 

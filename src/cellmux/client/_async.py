@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_SIZE = 64 * 1024 * 1024
 
 #: Requests that go to the kernel's control socket rather than its shell.
-_CONTROL_SOCKET_REQUESTS = frozenset({"shutdown_request", "debug_request", "interrupt_request"})
+_CONTROL_SOCKET_REQUESTS = frozenset(
+    {"shutdown_request", "debug_request", "interrupt_request", "cellmux_pause_request"}
+)
 
 StdinHandler = Callable[[str, bool], "str | Awaitable[str]"]
 OutputHandler = Callable[[Output], object]
@@ -689,6 +691,15 @@ class AsyncKernel:
     async def kernel_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The kernel_info_reply content."""
         return (await self.request("kernel_info_request", {}, timeout=timeout)).content
+
+    async def pause(self, *, timeout: float | None = None) -> bool:
+        """Stop the running cell in pdb at its current line (docs/protocol.md, Pause).
+
+        The pdb prompt goes to the client that ran the cell, as C{input()} does.
+        Returns whether a cell's code was running (if not, nothing happens).
+        """
+        reply = await self.request("cellmux_pause_request", {}, timeout=timeout)
+        return bool(reply.content.get("running"))
 
     async def send(
         self,

@@ -401,6 +401,10 @@ class Kernel:
         """The kernel_info_reply content."""
         return self._loop.run(self.async_kernel.kernel_info(timeout=timeout))
 
+    def pause(self, *, timeout: float | None = None) -> bool:
+        """Stop the running cell in pdb; see L{AsyncKernel.pause}."""
+        return self._loop.run(self.async_kernel.pause(timeout=timeout))
+
     def request(
         self, msg_type: str, content: dict[str, Any], *, timeout: float | None = None
     ) -> Message:

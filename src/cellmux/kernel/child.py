@@ -177,6 +177,11 @@ def run_kernel(order: KernelOrder) -> None:
         from .interrupts import install as install_interrupts
 
         install_interrupts(app.kernel)
+        # Breakpoints by file and line, and pause, for editors (after the
+        # interrupt gate, which tells when a cell's code runs).
+        from .debugging import install as install_debugging
+
+        install_debugging(app.kernel)
         # debugpy (imported by ipykernel) replaces breakpoint() with a hook
         # that does nothing unless a debug adapter is attached; clients of
         # cellmux expect breakpoint() to open pdb over stdin instead.

@@ -24,7 +24,7 @@ import sys
 from types import TracebackType
 from typing import Any
 
-__all__ = ["InterruptGate", "install", "shield"]
+__all__ = ["InterruptGate", "in_cell_code", "install", "shield"]
 
 #: What a held interrupt runs instead of the cell's next statement: the
 #: traceback then names the interrupt, not an internal frame.
@@ -74,6 +74,14 @@ class _Shield:
 
 shield = _Shield()
 _gate: InterruptGate | None = None
+
+
+def in_cell_code() -> bool:
+    """Whether the main thread runs a cell's code now, outside the kernel's own
+    shielded sections (cellmux.kernel.debugging pauses only there)."""
+    gate = _gate
+    return gate is not None and gate.depth > 0 and not gate.shielded
+
 
 #: Where a KeyboardInterrupt is raised here: the user's traceback ends at
 #: their own line, not in this module.

@@ -35,7 +35,15 @@ from .server import (
     open_kernel,
 )
 
-__all__ = ["CELL_MARKER", "Selection", "SelectionError", "add_arguments", "main", "select"]
+__all__ = [
+    "CELL_MARKER",
+    "Selection",
+    "SelectionError",
+    "add_arguments",
+    "main",
+    "parse_breakpoint",
+    "select",
+]
 
 #: A line starting a cell, as VS Code, Spyder and PyCharm write it.
 CELL_MARKER = re.compile(r"^\s*#\s*%%")
@@ -124,7 +132,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="a kernel id, or a name kept between runs (default: 'default')",
     )
+    parser.add_argument(
+        "--break",
+        dest="breakpoints",
+        action="append",
+        default=[],
+        metavar="[FILE:]LINE",
+        help="stop in pdb at this line (of FILE, default the file run); may be repeated",
+    )
     add_server_arguments(parser)
+
+
+def parse_breakpoint(spec: str, default_file: str) -> dict[str, object]:
+    """C{{"filename": absolute path, "line": N}} for a C{--break} value.
+
+    @raise SelectionError: if it is not C{LINE} or C{FILE:LINE}.
+    """
+    filename, _, line = spec.rpartition(":")
+    if not line.strip().isdigit() or int(line) < 1:
+        raise SelectionError(f"--break wants FILE:LINE or LINE (from 1), not {spec!r}")
+    # The kernel knows code sent from a file by its absolute path (the
+    # source map): the same name here, so the lines match.
+    return {"filename": os.path.abspath(filename or default_file), "line": int(line)}
 
 
 def _ask(prompt: str, password: bool) -> str:
@@ -140,15 +169,18 @@ def main(args: argparse.Namespace) -> int:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
         selection = select(text, lines=args.lines, cell=args.cell, at=args.at)
+        breakpoints = [parse_breakpoint(b, args.file) for b in args.breakpoints]
     except (OSError, UnicodeDecodeError, SelectionError) as e:
         return fail(str(e), EXIT_USAGE)
     if not selection.code.strip():
         return 0
     options = ServerOptions.from_args(args)
     renderer = Renderer(sys.stdout, sys.stderr)
-    metadata = {
+    metadata: dict[str, dict[str, object]] = {
         "cellmux": {"filename": os.path.abspath(args.file), "first_line": selection.first_line}
     }
+    if breakpoints:
+        metadata["cellmux"]["breakpoints"] = breakpoints
     try:
         with options.client() as client:
             model = open_kernel(client, KernelNames(options.url), args.kernel)
