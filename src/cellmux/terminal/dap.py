@@ -106,12 +106,11 @@ class DapRelay:
             msg = Message.from_frame(frame)
         except ValueError:
             return
-        if msg.msg_type == "debug_event" or (
-            msg.msg_type == "debug_reply" and msg.parent_id in self._ours
-        ):
-            self._ours.discard(msg.parent_id or "")
-            # Another client's reply, or an event before any request: the
-            # kernel's debug session is shared; events are for everyone.
+        if msg.msg_type == "debug_reply" and msg.parent_id in self._ours:
+            self._ours.discard(msg.parent_id)
+            write_dap(writer, msg.content)
+        elif msg.msg_type == "debug_event":
+            # Whoever's request caused it: the kernel has one debug session.
             write_dap(writer, msg.content)
 
     async def _send(self, request: dict[str, Any]) -> None:
