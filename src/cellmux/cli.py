@@ -6,12 +6,15 @@ import argparse
 import errno
 import importlib
 import sys
-
-from twisted.logger import ILogObserver, LogLevel
-from twisted.python import usage
-from twisted.python.failure import Failure
+from typing import TYPE_CHECKING
 
 import cellmux
+
+# Twisted is for ``serve`` only: a terminal command (``cellmux run`` on every
+# keypress of an editor) must not pay for importing it (docs/benchmarks.md).
+if TYPE_CHECKING:
+    from twisted.logger import ILogObserver
+    from twisted.python.failure import Failure
 
 __all__ = ["EXIT_SETTINGS", "EXIT_START_FAILED", "main", "start_failure_line"]
 
@@ -66,6 +69,8 @@ class _StartFailureObserver:
         self.status: int | None = None
 
     def __call__(self, event: dict) -> None:
+        from twisted.logger import LogLevel
+
         if self.status is not None and event.get("log_level", LogLevel.info) < LogLevel.warn:
             return  # the one line said it: no "Main loop terminated." after it
         failure = event.get("log_failure")
@@ -83,10 +88,12 @@ def serve(argv: list[str]) -> int:
     from twisted.internet import reactor
     from twisted.logger import (
         FilteringLogObserver,
+        LogLevel,
         LogLevelFilterPredicate,
         globalLogBeginner,
         textFileLogObserver,
     )
+    from twisted.python import usage
 
     from . import tap
 
