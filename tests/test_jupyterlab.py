@@ -5,6 +5,8 @@ One notebook in a folder of the shared root, run cell by cell: it reads a
 data file from its own folder, imports a package that only the kernels'
 environment has, dies (and is restarted automatically: the next cell runs),
 and survives a user restart without a "kernel appears to have died" dialog.
+Another is debugged with JupyterLab's debugger: a breakpoint set in the
+cell's gutter, a step, the variables panel, continue.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ def _notebook(cells: list[str]) -> dict:
     }
 
 
+DEBUGGED_CELL = "def double(n):\n    twice = n * 2\n    return twice\n\nprint('result', double(21))"
+
+
 @pytest.fixture(scope="module")
 def notebooks(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("notebooks")
@@ -72,6 +77,7 @@ def notebooks(tmp_path_factory) -> str:
     project.mkdir()
     (project / "data.txt").write_text("numbers from the notebook's folder\n")
     (project / "analysis.ipynb").write_text(json.dumps(_notebook(CELLS)))
+    (project / "debugged.ipynb").write_text(json.dumps(_notebook([DEBUGGED_CELL])))
     return str(root)
 
 
@@ -223,6 +229,58 @@ def test_a_notebook_in_jupyterlab_through_the_gateway(browser, lab):
         expect(_output(page, 4)).to_contain_text("after the restart")
         page.wait_for_timeout(1000)  # a late dialog would show up by now
         expect(page.locator(".jp-Dialog")).to_have_count(0)
+        assert not errors, errors
+    finally:
+        context.close()
+
+
+def test_jupyterlabs_debugger_through_the_gateway(browser, lab):
+    """The debug protocol end to end: JupyterLab -> Jupyter Server (gateway)
+    -> cellmux -> debugpy in a sandboxed kernel, and its events back."""
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(lab.replace("analysis.ipynb", "debugged.ipynb"))
+        cell = page.locator(".jp-Notebook .jp-Cell").first
+        expect(cell).to_be_visible(timeout=60_000)
+        _kernel_idle(page)
+        # The bug button is enabled only for a kernel that advertises the
+        # debugger (kernelspec and kernel_info) and answers it.
+        bug = page.locator(".jp-DebuggerBugButton")
+        expect(bug).to_be_enabled(timeout=TIMEOUT_MS)
+        bug.click()
+        expect(bug).to_have_attribute("aria-pressed", "true", timeout=TIMEOUT_MS)
+        callstack = page.locator(".jp-DebuggerCallstack")
+        if not callstack.is_visible():
+            page.get_by_role("tab", name=re.compile("Debugger")).click()
+        expect(callstack).to_be_visible()
+
+        # a breakpoint on line 2 (inside double), clicked in the gutter
+        gutter = cell.locator(".cm-gutter.cm-breakpoint-gutter")
+        expect(gutter).to_be_visible()
+        line = cell.locator(".cm-line").nth(1).bounding_box()
+        column = gutter.bounding_box()
+        page.mouse.click(column["x"] + column["width"] / 2, line["y"] + line["height"] / 2)
+        expect(page.locator(".jp-DebuggerBreakpoint")).to_have_count(1)
+
+        _run_cell(page, 0)
+        frames = page.locator(".jp-DebuggerCallstackFrame")
+        expect(frames.first).to_contain_text("double", timeout=TIMEOUT_MS)
+        variables = page.locator(".jp-DebuggerVariables")
+        expect(variables).to_contain_text("n", timeout=TIMEOUT_MS)
+        expect(variables).to_contain_text("21")
+
+        # one step: twice is bound
+        page.locator(".jp-DebuggerCallstack button[title^='Next']").click()
+        expect(variables).to_contain_text("twice", timeout=TIMEOUT_MS)
+        expect(variables).to_contain_text("42")
+
+        page.locator(".jp-DebuggerCallstack button[title^='Continue']").click()
+        expect(_output(page, 0)).to_contain_text("result 42")
+        _kernel_idle(page)
         assert not errors, errors
     finally:
         context.close()

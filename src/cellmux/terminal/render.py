@@ -13,11 +13,13 @@ import base64
 import binascii
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from cellmux.client import ExecutionError, Output
+# Only names for type checking: cellmux run's quick path renders without
+# importing the client (cellmux.terminal.quick).
+if TYPE_CHECKING:
+    from cellmux.client import ExecutionError, Output
 
 __all__ = ["PROMPT_GRACE", "SAVED_MIME_TYPES", "Renderer", "strip_ansi", "wants_color"]
 
@@ -55,6 +57,8 @@ def wants_color(stream: TextIO) -> bool:
 
 
 def default_save_dir() -> Path:
+    import tempfile
+
     return Path(tempfile.gettempdir()) / f"cellmux-outputs-{os.getuid()}"
 
 
@@ -141,6 +145,8 @@ class Renderer:
                 raw = base64.b64decode(str(payload), validate=False)
             else:
                 raw = str(payload).encode()
+            import tempfile
+
             self.save_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             fd, path = tempfile.mkstemp(suffix=suffix, prefix="output-", dir=self.save_dir)
             with os.fdopen(fd, "wb") as f:

@@ -14,18 +14,15 @@ refuses, 130 after Ctrl-C (which interrupts the kernel).
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import re
 import sys
 import time
-
-import attrs
-
-from cellmux.client import CellmuxError
+from typing import NamedTuple
 
 from .render import PROMPT_GRACE, Renderer
 from .server import (
+    DEFAULT_KERNEL_NAME,
     EXIT_SERVER,
     EXIT_USAGE,
     KernelNames,
@@ -57,8 +54,7 @@ class SelectionError(ValueError):
     """The lines or cell asked for are not in the file."""
 
 
-@attrs.frozen
-class Selection:
+class Selection(NamedTuple):
     """The code to run and the file line it starts at (1-based)."""
 
     code: str
@@ -156,12 +152,50 @@ def parse_breakpoint(spec: str, default_file: str) -> dict[str, object]:
     return {"filename": os.path.abspath(filename or default_file), "line": int(line)}
 
 
-def _ask(prompt: str, password: bool) -> str:
+def _ask_now(prompt: str, password: bool) -> str:
     """Answer the kernel's input() or pdb prompt from this terminal."""
-    time.sleep(PROMPT_GRACE)
     if password:
+        import getpass
+
         return getpass.getpass(prompt)
     return input(prompt)
+
+
+def _ask(prompt: str, password: bool) -> str:
+    time.sleep(PROMPT_GRACE)  # see PROMPT_GRACE
+    return _ask_now(prompt, password)
+
+
+#: A kernel id as the server makes them (a UUID).
+_KERNEL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _run_quickly(
+    args: argparse.Namespace,
+    options: ServerOptions,
+    code: str,
+    metadata: dict,
+    renderer: Renderer,
+) -> int | None:
+    """The exit status, if the quick path (cellmux.terminal.quick) ran the code.
+
+    None when it could not start (a kernel this machine has not named yet, a
+    dead one, https, ``-v``, ``CELLMUX_RUN_QUICK=0``): the full client runs it.
+    """
+    if getattr(args, "verbose", False) or os.environ.get("CELLMUX_RUN_QUICK") == "0":
+        return None
+    name = args.kernel or DEFAULT_KERNEL_NAME
+    kernel_id = KernelNames(options.url).get(name)
+    if kernel_id is None and _KERNEL_ID.fullmatch(name):
+        kernel_id = name
+    if kernel_id is None:
+        return None
+    from .quick import Unavailable, run_code
+
+    try:
+        return run_code(options.url, options.token, kernel_id, code, metadata, renderer, _ask_now)
+    except Unavailable:
+        return None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -181,6 +215,11 @@ def main(args: argparse.Namespace) -> int:
     }
     if breakpoints:
         metadata["cellmux"]["breakpoints"] = breakpoints
+    status = _run_quickly(args, options, selection.code, metadata, renderer)
+    if status is not None:
+        return status
+    from cellmux.client import CellmuxError
+
     try:
         with options.client() as client:
             model = open_kernel(client, KernelNames(options.url), args.kernel)

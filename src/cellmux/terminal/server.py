@@ -19,13 +19,16 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import attrs
+# The client is imported where it is used: cellmux run's quick path
+# (cellmux.terminal.quick) needs none of it.
+if TYPE_CHECKING:
+    from cellmux.client import AsyncClient, Client, KernelModel
 
-from cellmux.client import DEFAULT_URL, AsyncClient, Client, HTTPError, KernelModel
+#: cellmux.client.DEFAULT_URL (tests/test_terminal_quick.py checks they agree).
+DEFAULT_URL = "http://127.0.0.1:8800"
 
 __all__ = [
     "DEFAULT_KERNEL_NAME",
@@ -48,8 +51,7 @@ EXIT_USAGE = 2
 EXIT_SERVER = 3
 
 
-@attrs.frozen
-class ServerOptions:
+class ServerOptions(NamedTuple):
     """Where the server is and how to authenticate."""
 
     url: str
@@ -64,9 +66,13 @@ class ServerOptions:
         return cls(url.rstrip("/"), token, getattr(args, "cafile", None))
 
     def client(self) -> Client:
+        from cellmux.client import Client
+
         return Client(self.url, token=self.token, cafile=self.cafile)
 
     def async_client(self) -> AsyncClient:
+        from cellmux.client import AsyncClient
+
         return AsyncClient(self.url, self.token, cafile=self.cafile)
 
 
@@ -135,6 +141,8 @@ class KernelNames:
         else:
             entries[name] = kernel_id
         data[self.url] = entries
+        import tempfile
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".kernels-")
         try:
@@ -148,6 +156,8 @@ class KernelNames:
 
 
 def _lookup(client: Client, kernel_id: str) -> KernelModel | None:
+    from cellmux.client import HTTPError
+
     try:
         return client.get_kernel(kernel_id)
     except HTTPError as e:
