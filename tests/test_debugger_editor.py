@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 
 import pytest
 
@@ -146,14 +145,20 @@ def test_pause_stops_a_running_cell_in_pdb_and_it_goes_on(kernel):
         return next(answers, "c")
 
     code = SPIN.replace("while True:", "while count < 300:") + "print('done', count)\n"
+    code = code.replace("count = 0\n", "count = 0\nprint('spinning', flush=True)\n")
+    spinning = threading.Event()
     result: dict = {}
-    thread = threading.Thread(
-        target=lambda: result.update(r=kernel.execute(code, on_stdin=answer, timeout=TIMEOUT))
-    )
+
+    def execute() -> None:
+        result["r"] = kernel.execute(
+            code, on_stdin=answer, on_output=lambda o: spinning.set(), timeout=TIMEOUT
+        )
+
+    thread = threading.Thread(target=execute)
     # not running: the pause does nothing and says so
     assert kernel.pause(timeout=TIMEOUT) is False
     thread.start()
-    time.sleep(1.0)  # the cell is in its loop
+    assert spinning.wait(TIMEOUT)
     assert kernel.pause(timeout=TIMEOUT) is True
     thread.join(TIMEOUT)
     execution = result["r"]
@@ -168,13 +173,13 @@ def test_pause_stops_a_running_cell_in_pdb_and_it_goes_on(kernel):
 
 def test_cellmux_pause_gives_the_prompt_to_cellmux_run(env, tmp_path):
     path = tmp_path / "spin.py"
-    path.write_text(SPIN)
+    path.write_text(SPIN.replace("count = 0\n", "count = 0\nprint('spinning', flush=True)\n"))
     terminal = Terminal(env, "run", str(path), "--kernel", "paused")
     try:
-        time.sleep(3)  # started and spinning (the first run starts the kernel)
+        terminal.expect("spinning")
         paused = cellmux(env, "pause", "--kernel", "paused", timeout=TIMEOUT)
         assert paused.returncode == 0, paused.stderr
-        terminal.expect(re.escape(f"{path}(") + r"[345]\)<module>\(\)")
+        terminal.expect(re.escape(f"{path}(") + r"[456]\)<module>\(\)")
         terminal.expect("db>")
         terminal.send("p count > 0\r")
         terminal.expect("True")
