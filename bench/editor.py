@@ -3,9 +3,12 @@
     python bench/editor.py [--runs 20]
 
 Runs ``cellmux run FILE --lines 1`` against a warm named kernel as a fresh
-process each time (as an editor's key binding does), beside ``python3 -c
-pass`` (the floor: starting any Python at all) and ``python -X importtime``'s
-view of what the command imports. Prints medians and quartiles in ms.
+process each time (as an editor's key binding does), beside ``python -c
+pass`` (the floor: starting any Python at all), the command's imports
+alone, and the same run with the quick path off (``CELLMUX_RUN_QUICK=0``:
+the asyncio client). bench/run.py runs the same measurement as its
+``editor`` stage, on the suite's cellmux server. Times are wall clock, in
+seconds in the JSON, printed in ms.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from servers import start_cellmux  # noqa: E402
+from servers import Server, start_cellmux  # noqa: E402
 
 
 def _timed(argv: list[str], env: dict[str, str]) -> float:
@@ -31,21 +35,16 @@ def _timed(argv: list[str], env: dict[str, str]) -> float:
     elapsed = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{argv} failed: {done.stderr}")
-    return elapsed * 1000
+    return elapsed
 
 
-def _summary(name: str, samples: list[float]) -> str:
-    q = statistics.quantiles(samples, n=4)
-    median = statistics.median(samples)
-    spread = f"quartiles {q[0]:.1f}-{q[2]:.1f}, n={len(samples)}"
-    return f"{name:<40} median {median:6.1f} ms  ({spread})"
+def _summary(samples: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(samples, n=10)
+    return {"p50": statistics.median(samples), "p10": q[0], "p90": q[-1], "n": len(samples)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
-    server = start_cellmux("--pool-size", "1")
+def measure(server: Server, runs: int) -> dict[str, Any]:
+    """The four timings, interleaved run by run so that load changes hit all alike."""
     with tempfile.TemporaryDirectory(prefix="cellmux-editor-bench-") as home:
         source = os.path.join(home, "edited.py")
         with open(source, "w") as f:
@@ -53,21 +52,41 @@ def main() -> None:
         env = dict(
             os.environ, CELLMUX_URL=server.url, CELLMUX_TOKEN=server.token, XDG_STATE_HOME=home
         )
+        full = dict(env, CELLMUX_RUN_QUICK="0")
         run = [sys.executable, "-m", "cellmux", "run", source, "--lines", "1", "--kernel", "bench"]
-        try:
-            _timed(run, env)  # starts and names the kernel
-            floor = [_timed([sys.executable, "-c", "pass"], env) for _ in range(args.runs)]
-            runs = [_timed(run, env) for _ in range(args.runs)]
-            imports = [
-                _timed([sys.executable, "-c", "import cellmux.cli, cellmux.terminal.run"], env)
-                for _ in range(args.runs)
-            ]
-        finally:
-            server.stop()
-            shutil.rmtree(server.workdir, ignore_errors=True)
-    print(_summary("python -c pass", floor))
-    print(_summary("python -c 'import cellmux.terminal.run'", imports))
-    print(_summary("cellmux run --lines 1 (warm kernel)", runs))
+        commands = {
+            "python -c pass": ([sys.executable, "-c", "pass"], env),
+            "imports of cellmux run": (
+                [sys.executable, "-c", "import cellmux.cli, cellmux.terminal.run"],
+                env,
+            ),
+            "cellmux run --lines 1": (run, env),
+            "cellmux run --lines 1, full client": (run, full),
+        }
+        _timed(run, env)  # starts and names the kernel
+        samples: dict[str, list[float]] = {name: [] for name in commands}
+        for _ in range(runs):
+            for name, (argv, environ) in commands.items():
+                samples[name].append(_timed(argv, environ))
+    return {name: _summary(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=20)
+    args = parser.parse_args()
+    server = start_cellmux("--pool-size", "1")
+    try:
+        results = measure(server, args.runs)
+    finally:
+        server.stop()
+        shutil.rmtree(server.workdir, ignore_errors=True)
+    print(f"load average {os.getloadavg()[0]:.1f}")
+    for name, s in results.items():
+        print(
+            f"{name:<36} p50 {s['p50'] * 1000:6.1f} ms  "
+            f"(p10 {s['p10'] * 1000:.1f}, p90 {s['p90'] * 1000:.1f}, n={s['n']})"
+        )
 
 
 if __name__ == "__main__":

@@ -250,6 +250,19 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_ms(t['lone_rtt']['p50']):.2f} ms; start p50 {_ms(t['start']['p50']):.1f} ms; "
             f"{t['memory_per_kernel_mb']:.1f} MB of RAM per kernel",
         )
+    if "editor" in r:
+        e = r["editor"]
+        add(
+            "cellmux run --lines, a one-liner, end to end, p50",
+            "ms",
+            "low",
+            _ms(e["cellmux run --lines 1"]["p50"]),
+            None,
+            floor=_ms(e["python -c pass"]["p50"]),
+            note=f"floor column: python -c pass; its imports alone "
+            f"{_ms(e['imports of cellmux run']['p50']):.0f} ms; with the full client "
+            f"(CELLMUX_RUN_QUICK=0) {_ms(e['cellmux run --lines 1, full client']['p50']):.0f} ms",
+        )
     return out
 
 

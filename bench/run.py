@@ -28,6 +28,7 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import editor  # noqa: E402
 from drivers import CellmuxConnection, FloorConnection, JupyterConnection  # noqa: E402
 from gate import regressions  # noqa: E402
 from report import write_report  # noqa: E402
@@ -59,6 +60,7 @@ REPS = {
     "thousand_kernels": 1000,
     "thousand_active": 100,
     "thousand_seconds": 20,
+    "editor_runs": 20,
 }
 STREAM_LINES = 200_000
 MESSAGE_LINES = 20_000
@@ -450,6 +452,14 @@ class Suite:
             out.setdefault(name, {})["flood"] = await self._flood(name)
         self.results["memory"] = out
 
+    # -- 8. an editor's run -------------------------------------------------------
+
+    async def bench_editor(self) -> None:
+        """cellmux run --lines of a one-liner as a new process, beside python -c pass."""
+        server = self.servers["cellmux"]
+        runs = self.reps["editor_runs"]
+        self.results["editor"] = await asyncio.to_thread(editor.measure, server, runs)
+
     async def _flood(self, name: str) -> dict[str, float]:
         """Server RSS while a kernel writes FLOOD_CHUNKS MiB at a stalled client."""
         server = self.servers[name]
@@ -630,6 +640,7 @@ STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "memory": Suite.bench_memory,
     "idle": bench_idle,
     "thousand": bench_thousand,
+    "editor": Suite.bench_editor,
 }
 
 

@@ -250,7 +250,8 @@ def test_jupyterlabs_debugger_through_the_gateway(browser, lab):
         # The bug button is enabled only for a kernel that advertises the
         # debugger (kernelspec and kernel_info) and answers it.
         bug = page.locator(".jp-DebuggerBugButton")
-        expect(bug).to_be_enabled(timeout=TIMEOUT_MS)
+        # (a jp-button custom element: to_be_enabled does not read aria-disabled)
+        expect(bug).to_have_attribute("aria-disabled", "false", timeout=TIMEOUT_MS)
         bug.click()
         expect(bug).to_have_attribute("aria-pressed", "true", timeout=TIMEOUT_MS)
         callstack = page.locator(".jp-DebuggerCallstack")
@@ -274,11 +275,11 @@ def test_jupyterlabs_debugger_through_the_gateway(browser, lab):
         expect(variables).to_contain_text("21")
 
         # one step: twice is bound
-        page.locator(".jp-DebuggerCallstack button[title^='Next']").click()
+        page.locator("jp-button[title^='Next']").first.click()
         expect(variables).to_contain_text("twice", timeout=TIMEOUT_MS)
         expect(variables).to_contain_text("42")
 
-        page.locator(".jp-DebuggerCallstack button[title^='Continue']").click()
+        page.locator("jp-button[title^='Continue']").first.click()
         expect(_output(page, 0)).to_contain_text("result 42")
         _kernel_idle(page)
         assert not errors, errors

@@ -9,8 +9,12 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cellmux.client import DEFAULT_URL
+from cellmux.protocol import Frame, JupyterSocket, decode_frame, encode_frame
+from cellmux.terminal import quick
 from cellmux.terminal import server as terminal_server
 from terminal_helpers import Terminal, cellmux, cellmux_env, delete_named_kernels
 
@@ -48,6 +52,32 @@ def _heavy(modules: set[str]) -> set[str]:
 
 def test_the_default_url_is_the_clients():
     assert terminal_server.DEFAULT_URL == DEFAULT_URL
+
+
+@given(
+    channel=st.integers(0, 65535),
+    socket=st.sampled_from(list(JupyterSocket)),
+    parts=st.lists(st.binary(max_size=300), max_size=8),
+)
+def test_the_quick_paths_frames_are_the_protocols(channel, socket, parts):
+    """quick.frame/unframe (no cellmux.protocol import) agree with framing.py."""
+    data = quick.frame(channel, int(socket), parts)
+    assert data == encode_frame(Frame(channel, tuple(parts), socket=socket))
+    assert quick.unframe(data) == (channel, parts)
+    assert decode_frame(data).parts == tuple(parts)
+
+
+@given(st.binary(max_size=70_000))
+def test_websocket_masking_round_trips(payload):
+    """What _send_frame masks, the receiving side's unmasking gives back."""
+    sent: list[bytes] = []
+    ws = quick.WebSocket.__new__(quick.WebSocket)
+    ws.sock = type("Sink", (), {"sendall": lambda self, data: sent.append(data)})()
+    ws._send_frame(0x2, payload)
+    echo = quick.WebSocket.__new__(quick.WebSocket)
+    echo.buffer = bytearray(sent[0])
+    echo.sock = None  # everything is in the buffer already
+    assert echo.receive() == payload
 
 
 def test_a_named_kernel_runs_without_the_asyncio_client(env, tmp_path):
