@@ -431,6 +431,10 @@ class _RepliesByPeer:
         self._stock = stock
         self._pump_id = pump_id
 
+    def __getattr__(self, name: str) -> Any:
+        # Everything else (socket_type, closed, …) is the pump's socket's.
+        return getattr(self._replies, name)
+
     def send_multipart(self, parts: Any, *args: Any, **kwargs: Any) -> Any:
         first = parts[0] if parts else b""
         ident = first if isinstance(first, bytes) else getattr(first, "bytes", b"")
