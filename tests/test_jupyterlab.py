@@ -243,13 +243,18 @@ def test_jupyterlabs_debugger_through_the_gateway(browser, lab):
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     try:
-        page.goto(lab.replace("analysis.ipynb", "debugged.ipynb"))
-        cell = page.locator(".jp-Notebook .jp-Cell").first
+        # reset: not the tabs an earlier test left open in the workspace
+        page.goto(lab.replace("analysis.ipynb", "debugged.ipynb") + "&reset")
+        panel = page.locator(".jp-NotebookPanel").filter(
+            has=page.locator(".cm-content", has_text="def double")
+        )
+        cell = panel.locator(".jp-Cell").first
         expect(cell).to_be_visible(timeout=60_000)
-        _kernel_idle(page)
+        idle = panel.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
+        expect(idle).to_have_count(1, timeout=TIMEOUT_MS)
         # The bug button is enabled only for a kernel that advertises the
         # debugger (kernelspec and kernel_info) and answers it.
-        bug = page.locator(".jp-DebuggerBugButton")
+        bug = panel.locator(".jp-DebuggerBugButton")
         # (a jp-button custom element: to_be_enabled does not read aria-disabled)
         expect(bug).to_have_attribute("aria-disabled", "false", timeout=TIMEOUT_MS)
         bug.click()
@@ -267,7 +272,8 @@ def test_jupyterlabs_debugger_through_the_gateway(browser, lab):
         page.mouse.click(column["x"] + column["width"] / 2, line["y"] + line["height"] / 2)
         expect(page.locator(".jp-DebuggerBreakpoint")).to_have_count(1)
 
-        _run_cell(page, 0)
+        cell.locator(".cm-content").click()
+        page.keyboard.press("Shift+Enter")
         frames = page.locator(".jp-DebuggerCallstackFrame")
         expect(frames.first).to_contain_text("double", timeout=TIMEOUT_MS)
         variables = page.locator(".jp-DebuggerVariables")
@@ -280,8 +286,8 @@ def test_jupyterlabs_debugger_through_the_gateway(browser, lab):
         expect(variables).to_contain_text("42")
 
         page.locator("jp-button[title^='Continue']").first.click()
-        expect(_output(page, 0)).to_contain_text("result 42")
-        _kernel_idle(page)
+        expect(cell.locator(".jp-OutputArea-output")).to_contain_text("result 42")
+        expect(idle).to_have_count(1, timeout=TIMEOUT_MS)
         assert not errors, errors
     finally:
         context.close()
