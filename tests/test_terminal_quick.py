@@ -20,7 +20,16 @@ from terminal_helpers import Terminal, cellmux, cellmux_env, delete_named_kernel
 
 TIMEOUT = 60
 #: What the quick path must not import (each costs tens of ms at start).
-HEAVY = ("asyncio", "websockets", "attr", "twisted", "cellmux.client", "cellmux.protocol")
+HEAVY = (
+    "asyncio",
+    "websockets",
+    "attr",
+    "twisted",
+    "logging",
+    "_hashlib",
+    "cellmux.client",
+    "cellmux.protocol",
+)
 
 
 @pytest.fixture

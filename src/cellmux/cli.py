@@ -213,11 +213,14 @@ def run_client_command(name: str, argv: list[str]) -> int:
         help="also print the client library's log (for reporting a problem)",
     )
     args = parser.parse_args(argv)
-    _client_logging(args.verbose)
+    # cellmux run's quick path imports no logging (17 ms); the command calls
+    # client_logging itself before it takes the full client.
+    if not getattr(module, "DEFERS_LOGGING", False):
+        client_logging(args.verbose)
     return module.main(args)
 
 
-def _client_logging(verbose: bool) -> None:
+def client_logging(verbose: bool) -> None:
     """Send the log (the client library's, asyncio's, websockets') to stderr with -v, else nowhere.
 
     The commands say themselves what the user needs to know; log lines such

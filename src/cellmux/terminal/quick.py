@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -57,6 +56,34 @@ class Closed(Exception):
     """The websocket closed while the code ran."""
 
 
+def _connect(host: str, port: int, timeout: float) -> socket.socket:
+    """A TCP connection; an address literal is used as is (getaddrinfo costs
+    milliseconds even for 127.0.0.1)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(timeout)
+            sock.connect((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    return socket.create_connection((host, port), timeout=timeout)
+
+
+def _sha1(data: bytes) -> bytes:
+    try:
+        # CPython's own SHA-1: hashlib would load OpenSSL (~10 ms) for 20 bytes.
+        from _sha1 import sha1
+    except ImportError:
+        from hashlib import sha1
+    return sha1(data).digest()
+
+
 class WebSocket:
     """A blocking websocket client: binary messages, pings answered, masking done."""
 
@@ -67,9 +94,7 @@ class WebSocket:
         if parts.scheme.lower() != "http" or not parts.hostname or parts.username:
             raise Unavailable(f"not a plain http URL: {url}")
         try:
-            self.sock = socket.create_connection(
-                (parts.hostname, parts.port or 80), timeout=timeout
-            )
+            self.sock = _connect(parts.hostname, parts.port or 80, timeout)
         except (OSError, ValueError) as e:
             raise Unavailable(f"cannot connect: {e}") from None
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -105,7 +130,7 @@ class WebSocket:
         status, *headers = head.decode("latin-1").split("\r\n")
         if status.split(" ")[1:2] != ["101"]:
             raise Unavailable(f"upgrade refused: {status}")  # the full client says why
-        accept = base64.b64encode(hashlib.sha1(key + _GUID).digest()).decode()
+        accept = base64.b64encode(_sha1(key + _GUID)).decode()
         fields = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in headers)}
         if fields.get("sec-websocket-accept") != accept:
             raise Unavailable("the server's upgrade answer does not match the key")

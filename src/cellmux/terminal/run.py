@@ -166,6 +166,9 @@ def _ask(prompt: str, password: bool) -> str:
     return _ask_now(prompt, password)
 
 
+#: cellmux.cli leaves the log's set-up to main(): the quick path needs none.
+DEFERS_LOGGING = True
+
 #: A kernel id as the server makes them (a UUID).
 _KERNEL_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -218,7 +221,10 @@ def main(args: argparse.Namespace) -> int:
     status = _run_quickly(args, options, selection.code, metadata, renderer)
     if status is not None:
         return status
+    from cellmux.cli import client_logging
     from cellmux.client import CellmuxError
+
+    client_logging(getattr(args, "verbose", False))
 
     try:
         with options.client() as client:
