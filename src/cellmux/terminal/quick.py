@@ -290,6 +290,10 @@ class InputEnded(Exception):
 
 
 def _username() -> str:
+    # getpass.getuser()'s own order, without importing getpass (and pwd).
+    for name in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        if os.environ.get(name):
+            return os.environ[name]
     try:
         import getpass
 

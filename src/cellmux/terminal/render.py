@@ -79,8 +79,15 @@ class Renderer:
         self.out = out
         self.err = err
         self.color = wants_color(out) if color is None else color
-        self.save_dir = save_dir or default_save_dir()
+        self._save_dir = save_dir
         self._line_open = False
+
+    @property
+    def save_dir(self) -> Path:
+        # Looked up on first use: tempfile costs cellmux run's start ~5 ms.
+        if self._save_dir is None:
+            self._save_dir = default_save_dir()
+        return self._save_dir
 
     def _write(self, stream: TextIO, text: str) -> None:
         if not self.color:
