@@ -21,7 +21,7 @@ import json
 import sys
 from typing import Any
 
-from cellmux.client import AsyncClient, CellmuxError, Message
+from cellmux.client import CellmuxError, Message
 from cellmux.protocol import Channel
 
 from .server import (
@@ -179,7 +179,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def _relay(options: ServerOptions, name: str, host: str, port: int) -> int:
-    client = AsyncClient(options.url, token=options.token)
+    client = options.async_client()
     kernel_id = KernelNames(options.url).get(name) or name
     try:
         model = await client.get_kernel(kernel_id)
