@@ -34,6 +34,8 @@ SUBSET = [
     "tests/test_stdin.py",
     "tests/test_files.py",
     "tests/test_terminal_run.py",
+    "tests/test_terminal_quick.py",
+    "tests/test_debugger.py",
     "tests/test_cli.py",
     "tests/test_hygiene.py",
 ]
