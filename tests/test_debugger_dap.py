@@ -171,3 +171,41 @@ def test_a_second_dap_client_is_told_and_turned_away(relay):
         first.request("disconnect", restart=False, terminateDebuggee=False)
     finally:
         first.close()
+
+
+def test_a_breakpoint_in_a_file_the_kernel_only_received_from_cellmux_run(relay, client):
+    """An editor's breakpoint on its own file's path stops the code that
+    cellmux run sent from that file (the source map's name), although the
+    kernel has no such file."""
+    model, port = relay
+    path = "/nowhere/on/the/kernel/analysis.py"
+    code = "a = 20\nb = 22\nc = a + b\nprint(c)\n"
+    metadata = {"cellmux": {"filename": path, "first_line": 10}}
+    with client.connect(model.id) as kernel:
+        # an earlier run sent the file's lines 10-13
+        assert kernel.execute(code, metadata=metadata, timeout=TIMEOUT).stdout == "42\n"
+        dap = DapClient(port)
+        try:
+            dap.request("initialize", clientID="vscode", adapterID="python")
+            dap.request("attach")
+            answer = dap.request(
+                "setBreakpoints", source={"path": path}, breakpoints=[{"line": 12}]
+            )
+            assert answer["body"]["breakpoints"][0]["verified"], answer
+            dap.request("configurationDone")
+            outcome: dict = {}
+            thread = threading.Thread(
+                target=lambda: outcome.update(
+                    r=kernel.execute(code, metadata=metadata, timeout=TIMEOUT)
+                )
+            )
+            thread.start()
+            stopped = dap.event("stopped")["body"]
+            top = dap.request("stackTrace", threadId=stopped["threadId"])["body"]["stackFrames"][0]
+            assert (top["source"]["path"], top["line"]) == (path, 12)
+            dap.request("continue", threadId=stopped["threadId"])
+            thread.join(TIMEOUT)
+            assert outcome["r"].stdout == "42\n"
+            dap.request("disconnect", restart=False, terminateDebuggee=False)
+        finally:
+            dap.close()

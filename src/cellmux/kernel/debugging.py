@@ -189,6 +189,40 @@ def _install_pause(kernel: Any) -> None:
     kernel.control_handlers[PAUSE_REQUEST] = pause_request
 
 
+def _sent_files_exist_for_debugpy(kernel: Any) -> None:
+    """Let debugpy set breakpoints in files the kernel only received as code.
+
+    debugpy refuses a breakpoint in a file it cannot find on disk. Code sent
+    as lines of a file (cellmux.kernel.sourcemap) runs under the client's
+    path, which the kernel's machine may not have; its lines are in
+    ``linecache`` (with no mtime: never reloaded from disk), and that is
+    where debugpy reads them. So such a name counts as existing, once debugpy
+    is loaded (on the first ``initialize``).
+    """
+    debugger = getattr(kernel, "debugger", None)
+    if debugger is None:
+        return
+    stock_start = debugger.start
+
+    def start() -> bool:
+        started = stock_start()
+        utils = sys.modules.get("pydevd_file_utils")
+        if utils is not None and not getattr(utils.exists, "cellmux_sent_files", False):
+            import linecache
+
+            stock_exists = utils.exists
+
+            def exists(filename: str) -> bool:
+                entry = linecache.cache.get(filename)
+                return stock_exists(filename) or (entry is not None and entry[1] is None)
+
+            exists.cellmux_sent_files = True  # type: ignore[attr-defined]
+            utils.exists = exists
+        return started
+
+    debugger.start = start
+
+
 def install(kernel: Any) -> None:
     """Give C{kernel} (an IPythonKernel) breakpoints by file and line, and pause.
 
@@ -196,3 +230,4 @@ def install(kernel: Any) -> None:
     """
     _install_breakpoints(kernel)
     _install_pause(kernel)
+    _sent_files_exist_for_debugpy(kernel)
