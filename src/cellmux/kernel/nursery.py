@@ -203,8 +203,14 @@ class Nursery:
     # -- commands -----------------------------------------------------------
 
     def spawn(
-        self, link: str, secret: str, endpoint: str | None = None, cwd: str | None = None
+        self,
+        link: str,
+        secret: str,
+        endpoint: str | None = None,
+        cwd: str | None = None,
+        kernel: dict[str, Any] | None = None,
     ) -> None:
+        from .adaptor import Launch, run_adaptor
         from .child import KernelOrder, run_kernel
 
         if link in self._children:
@@ -255,11 +261,16 @@ class Nursery:
             ),
         )
 
+        launch = Launch.from_dict(kernel) if kernel is not None else None
+
         def become_kernel() -> None:
             # main() pointed sys.stdout at stderr; a kernel's stdout is fd 1,
             # or ipykernel captures fd 2 twice and fd 1 output is lost.
             sys.stdout = sys.__stdout__
-            run_kernel(order)
+            if launch is None:
+                run_kernel(order)
+            else:  # another kernelspec: started cold behind the adaptor
+                run_adaptor(order, launch)
 
         try:
             pid = sandbox.fork_with_signals_reset(become_kernel)
@@ -328,7 +339,7 @@ class Nursery:
         link = getattr(command, "link", None)
         if isinstance(command, protocol.Spawn):
             work = lambda: self.spawn(  # noqa: E731
-                command.link, command.secret, command.endpoint, command.cwd
+                command.link, command.secret, command.endpoint, command.cwd, command.kernel
             )
         elif isinstance(command, protocol.Signal):
             work = lambda: self.signal(command.link, command.signal)  # noqa: E731
@@ -603,7 +614,7 @@ def _preload(modules: tuple[str, ...]) -> None:
     import IPython.core.interactiveshell  # noqa: F401
     import zmq  # noqa: F401
 
-    from . import child, flowcontrol, interrupts, memory, sourcemap, tuning  # noqa: F401
+    from . import adaptor, child, flowcontrol, interrupts, memory, sourcemap, tuning  # noqa: F401
 
     # What every kernel imports while it initialises: imported here, their
     # code and constants stay in pages shared by all kernels.

@@ -9,7 +9,12 @@ command, and every stdout line an event.
 Commands (server -> nursery)::
 
     {"cmd": "spawn", "link": hex, "secret": hex, "endpoint": "ipc://…"}
-                                          the endpoint is that kernel's own
+                                          the endpoint is that kernel's own;
+                                          optional "cwd", and "kernel": {"name",
+                                          "argv", "env", "interrupt_mode",
+                                          "resource_dir"} to start a kernelspec
+                                          through the adaptor (absent: a forked
+                                          Python kernel)
     {"cmd": "signal", "link": hex, "signal": "SIGINT"}
     {"cmd": "kill", "link": hex}          SIGTERM the group, SIGKILL after a grace
     {"cmd": "shutdown"}                   kill every kernel and exit
@@ -110,6 +115,23 @@ def _optional_text(instance: object, attribute: attrs.Attribute, value: object) 
         _text(instance, attribute, value)
 
 
+def _optional_launch(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        raise ProtocolError("nursery_bad_field", f"{attribute.name} must be an object with a name")
+    argv = value.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ProtocolError("nursery_bad_field", f"{attribute.name}.argv must list strings")
+    env = value.get("env", {})
+    if not isinstance(env, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+    ):
+        raise ProtocolError("nursery_bad_field", f"{attribute.name}.env must map strings")
+    if value.get("interrupt_mode", "signal") not in ("signal", "message"):
+        raise ProtocolError("nursery_bad_field", f"{attribute.name}.interrupt_mode is unknown")
+
+
 @attrs.frozen
 class Spawn:
     """Fork a kernel that joins the link as C{link}, proving C{secret}."""
@@ -120,6 +142,8 @@ class Spawn:
     endpoint: str | None = attrs.field(default=None, validator=_optional_text)
     #: The directory it starts in, inside the shared root (None: its own).
     cwd: str | None = attrs.field(default=None, validator=_optional_text)
+    #: A kernelspec to start cold through the adaptor (None: fork ipykernel).
+    kernel: dict[str, Any] | None = attrs.field(default=None, validator=_optional_launch)
 
 
 @attrs.frozen

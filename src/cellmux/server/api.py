@@ -202,7 +202,7 @@ class ApiResource(resource.Resource):
     async def create_kernel(self, request: server.Request) -> tuple[int, Any]:
         body = read_json_body(request, MAX_BODY)
         name = body.get("name") or DEFAULT_SPEC
-        if not isinstance(name, str) or kernelspec_model(name) is None:
+        if not isinstance(name, str) or self.manager.specs.get(name) is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no kernel spec named {name!r}")
         # A Jupyter Server with --gateway-url sends KERNEL_* variables; of
         # them only KERNEL_WORKING_DIR is applied (see docs/jupyter.md).
@@ -295,10 +295,10 @@ class ApiResource(resource.Resource):
         )
 
     async def list_kernelspecs(self, request: server.Request) -> tuple[int, Any]:
-        return HTTPStatus.OK, kernelspecs_model()
+        return HTTPStatus.OK, kernelspecs_model(self.manager.specs)
 
     async def get_kernelspec(self, request: server.Request, name: str) -> tuple[int, Any]:
-        model = kernelspec_model(name)
+        model = kernelspec_model(self.manager.specs, name)
         if model is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no kernel spec named {name!r}")
         return HTTPStatus.OK, model
@@ -325,7 +325,7 @@ class ApiResource(resource.Resource):
                 raise HTTPError(HTTPStatus.FORBIDDEN, f"kernel {kernel.id} is not one of yours")
             return kernel
         name = name or DEFAULT_SPEC
-        if kernelspec_model(name) is None:
+        if self.manager.specs.get(name) is None:
             raise SessionError(HTTPStatus.NOT_IMPLEMENTED, f"no kernel spec named {name!r}")
         cwd = self._working_dir(None, notebook_folder(path))
         return await self.creator.create(grant, name, cwd=cwd)

@@ -71,8 +71,8 @@ class ServerCounters:
     process_starts: int = 0
     process_start_failures: int = 0
     process_start_seconds: Latencies = attrs.Factory(Latencies)
-    #: Kernels handed to clients, by source ("pool", "forked"), and the time
-    #: each create took inside the server.
+    #: Kernels handed to clients, by source ("pool", "forked", "cold": another
+    #: kernelspec), and the time each create took inside the server.
     kernels_created: Counter[str] = attrs.Factory(Counter)
     create_seconds: dict[str, Latencies] = attrs.Factory(dict)
     #: Limits that refused or ended something, by kind: the sandbox's

@@ -49,6 +49,7 @@ from cellmux.protocol.jupyter import jupyter_parts
 
 from .counters import ServerCounters
 from .history import HISTORY_LENGTH, HistoryEntry, InputHistory
+from .kernelspecs import KernelSpec, KernelSpecs
 from .lifecycle import (
     RUNNING,
     Answered,
@@ -660,6 +661,8 @@ class KernelManager:
         self.workdir_root: str = ""
         #: Ids of kernels an earlier server process left behind.
         self.lost: set[str] = set()
+        #: The kernels on offer: python3 (forked) and installed kernelspecs.
+        self.specs = KernelSpecs(clock)
 
     def bind(self, nursery, router, start_nursery: Callable[[], Any] | None = None) -> None:
         """Use C{nursery} and C{router}; C{start_nursery()} makes a new
@@ -781,8 +784,9 @@ class KernelManager:
         self._refill_retry.call = None
         self.refill()
 
-    async def _spawn(self, cwd: str | None = None) -> Incarnation:
-        """Fork a kernel and wait until its link is authenticated and ready."""
+    async def _spawn(self, cwd: str | None = None, spec: KernelSpec | None = None) -> Incarnation:
+        """Fork a kernel (C{spec}: of another kernelspec, through the adaptor)
+        and wait until its link is authenticated and ready."""
         if not self._nursery_running():
             raise NurseryUnavailable(self.degraded or "the nursery is not running")
         if len(self._incarnations) >= self.config.max_kernels:
@@ -808,7 +812,10 @@ class KernelManager:
         )
         # cwd only when there is one: nurseries (and test doubles) that know
         # no working directories keep working.
-        where = {"cwd": cwd} if cwd is not None else {}
+        where: dict[str, Any] = {"cwd": cwd} if cwd is not None else {}
+        launch = spec.launch() if spec is not None else None
+        if launch is not None:
+            where["kernel"] = launch
         spawned = self.nursery.spawn(inc.link, inc.secret.hex(), endpoint, **where)
 
         def stop_waiting_for_fork(failure):
@@ -856,9 +863,12 @@ class KernelManager:
         with contextlib.suppress(ValueError):  # not in the pool
             self._pool.remove(inc)
 
-    async def _take(self, cwd: str | None = None) -> Incarnation:
+    async def _take(self, cwd: str | None = None, spec: KernelSpec | None = None) -> Incarnation:
         if self.degraded is not None:
             raise NurseryUnavailable(self.degraded)
+        if spec is not None and not spec.forked:
+            # Another kernelspec starts cold, for this kernel: no pool.
+            return await self._spawn(cwd, spec)
         if cwd is not None:
             # Pooled kernels started in their private directory: a kernel for
             # a notebook's folder is forked for it, and leaves the pool alone.
@@ -1134,21 +1144,35 @@ class KernelManager:
             raise KernelNotFound(f"no kernel {kernel_id}")
         return kernel
 
+    def _spec(self, name: str) -> KernelSpec:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KernelNotFound(f"no kernel spec named {name!r}")
+        return spec
+
     async def create(self, name: str = "python3", cwd: str | None = None) -> Kernel:
-        """A kernel; C{cwd}: the directory it starts in (not from the pool)."""
+        """A kernel of spec C{name}; C{cwd}: the directory it starts in (not
+        from the pool).
+
+        @raise KernelNotFound: if no spec is called C{name}.
+        """
         started = time.perf_counter()
-        from_pool = bool(self._pool) and cwd is None
-        inc = await self._take(cwd)
+        spec = self._spec(name)
+        from_pool = bool(self._pool) and cwd is None and spec.forked
+        inc = await self._take(cwd, spec)
         kernel = Kernel(self, str(uuid.uuid4()), name)
         kernel.cwd = cwd
         kernel.bind(inc)
         self.kernels[kernel.id] = kernel
         took = time.perf_counter() - started
-        self.counters.created("pool" if from_pool else "forked", took)
+        source = "pool" if from_pool else ("forked" if spec.forked else "cold")
+        self.counters.created(source, took)
         self.log.info(
             "kernel {id} started ({source}) in {ms:.2f} ms",
             id=kernel.id,
-            source="from the pool" if from_pool else "forked on demand",
+            source="from the pool"
+            if from_pool
+            else ("forked on demand" if spec.forked else f"{name}, started cold"),
             ms=took * 1000,
         )
         self._changed()
@@ -1173,7 +1197,8 @@ class KernelManager:
         if old is not None:
             self._kill(old)
         try:
-            inc = await self._take(kernel.cwd)
+            # The spec may have been uninstalled since: then the restart fails.
+            inc = await self._take(kernel.cwd, self._spec(kernel.name))
         except KernelError as e:
             if kernel.state is KernelState.RESTARTING:
                 lost = isinstance(e, NurseryUnavailable) or not self._nursery_running()

@@ -163,7 +163,8 @@ class ServerCollector:
         yield fork
         created = CounterMetricFamily(
             "cellmux_kernels_created",
-            "Kernels handed to clients, by source (warm pool or forked on demand).",
+            "Kernels handed to clients, by source (warm pool, forked on demand, or another "
+            "kernelspec started cold).",
             labels=["source"],
         )
         create_time = _histogram(
@@ -171,7 +172,7 @@ class ServerCollector:
             "Time the server took to create a kernel for a client, by source.",
             ["source"],
         )
-        for source in ("pool", "forked"):
+        for source in ("pool", "forked", "cold"):
             created.add_metric([source], counters.kernels_created[source])
             latencies = counters.create_seconds.get(source) or Latencies()
             _add(create_time, [source], latencies)

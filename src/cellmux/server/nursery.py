@@ -161,14 +161,21 @@ class NurseryProcess(protocol.ProcessProtocol):
         self.transport.write(wire.encode(command))
 
     def spawn(
-        self, link: str, secret: str, endpoint: str, cwd: str | None = None
+        self,
+        link: str,
+        secret: str,
+        endpoint: str,
+        cwd: str | None = None,
+        kernel: dict[str, Any] | None = None,
     ) -> defer.Deferred[int]:
         """Fork a kernel that connects to C{endpoint}, its own link endpoint,
         and starts in C{cwd} (None: its private directory); fires with its
-        pid once forked (not yet ready)."""
+        pid once forked (not yet ready). C{kernel}: a kernelspec to start
+        through the adaptor (L{cellmux.kernel.adaptor.Launch}), None for
+        a forked Python kernel."""
         d: defer.Deferred[int] = defer.Deferred()
         try:
-            self._send(wire.Spawn(link, secret, endpoint, cwd))
+            self._send(wire.Spawn(link, secret, endpoint, cwd, kernel))
         except NurseryGone as e:
             return defer.fail(e)
         self._spawning[link] = d

@@ -115,7 +115,7 @@ def build_site(
     # One creator: a named token's quota counts its kernels from every door.
     creator = KernelCreator(manager, auth)
     root.putChild(b"api", ApiResource(manager, auth, channels=jupyter_channels, creator=creator))
-    root.putChild(b"kernelspecs", KernelspecFiles(auth))
+    root.putChild(b"kernelspecs", KernelspecFiles(auth, manager.specs))
     root.putChild(b"login", LoginResource(auth))
     root.putChild(b"ws", WebSocketResource(ClientFactory(manager, auth, create=creator.create)))
     # Permalinks, kernel files and one-shot runs (docs/storage.md).

@@ -1,74 +1,66 @@
 # -*- test-case-name: tests.test_jupyter_rest -*-
 """The kernel specs cellmux offers, in Jupyter's kernelspec model, and their files.
 
-cellmux runs one kind of kernel: stock ipykernel forked from the nursery.
-Its spec has no ``argv`` a client could run: the server starts kernels.
-The logos are ipykernel's own, served from ``/kernelspecs/{name}/{file}``.
+The specs are L{cellmux.server.kernelspecs}'s: ``python3`` (stock ipykernel
+forked from the nursery) and every kernelspec installed where the server
+runs. No spec has an ``argv`` a client could run: the server starts kernels.
+The logos are each spec's own, served from ``/kernelspecs/{name}/{file}``.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import mimetypes
-from importlib import resources as _resources
+import os
 from pathlib import Path
 from typing import Any
 
 from twisted.web import resource, server
 
+from ..kernelspecs import DEFAULT_SPEC, KernelSpec, KernelSpecs
+
 __all__ = ["DEFAULT_SPEC", "KernelspecFiles", "kernelspec_model", "kernelspecs_model"]
 
-#: The one spec, and so the default.
-DEFAULT_SPEC = "python3"
-
-#: Jupyter messaging version of stock ipykernel 6.29+.
-_PROTOCOL_VERSION = "5.5"
-
-_SPECS: dict[str, dict[str, Any]] = {
-    DEFAULT_SPEC: {
-        "argv": [],
-        "display_name": "Python 3 (cellmux)",
-        "language": "python",
-        "interrupt_mode": "signal",
-        "env": {},
-        # JupyterLab offers its debugger only for specs that say so; the
-        # kernels speak the debug protocol on control (docs/jupyter.md).
-        "metadata": {"debugger": True},
-        "kernel_protocol_version": _PROTOCOL_VERSION,
-    }
-}
+#: Largest file served from a kernelspec's directory (logos are small).
+MAX_FILE = 1024 * 1024
 
 
-def _resource_dir() -> Path:
-    return Path(str(_resources.files("ipykernel") / "resources"))
-
-
-@functools.cache
-def _files(name: str) -> dict[str, Path]:
-    """The spec's resource files by file name (only what ipykernel ships)."""
-    if name not in _SPECS:
+def _files(spec: KernelSpec) -> dict[str, Path]:
+    """The spec's resource files by name: the regular files directly in its
+    directory, kernel.json aside."""
+    directory = spec.resource_dir
+    if not directory or not os.path.isdir(directory):
         return {}
-    directory = _resource_dir()
-    if not directory.is_dir():
-        return {}
-    return {p.name: p for p in directory.iterdir() if p.is_file()}
+    found = {}
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name != "kernel.json" and entry.is_file(follow_symlinks=False):
+                found[entry.name] = Path(entry.path)
+    return found
 
 
-def kernelspec_model(name: str) -> dict[str, Any] | None:
+def kernelspec_model(specs: KernelSpecs, name: str) -> dict[str, Any] | None:
     """``{"name", "spec", "resources"}`` for one spec, or None if unknown."""
-    spec = _SPECS.get(name)
+    spec = specs.get(name)
     if spec is None:
         return None
-    found = {file.rsplit(".", 1)[0]: f"/kernelspecs/{name}/{file}" for file in _files(name)}
-    return {"name": name, "spec": dict(spec), "resources": found}
+    return _model(spec)
 
 
-def kernelspecs_model() -> dict[str, Any]:
+def _model(spec: KernelSpec) -> dict[str, Any]:
+    found = {
+        file.rsplit(".", 1)[0]: f"/kernelspecs/{spec.name}/{file}"
+        for file in sorted(_files(spec))
+        if file.startswith("logo-")
+    }
+    return {"name": spec.name, "spec": spec.model(), "resources": found}
+
+
+def kernelspecs_model(specs: KernelSpecs) -> dict[str, Any]:
     """The body of ``GET /api/kernelspecs``."""
     return {
         "default": DEFAULT_SPEC,
-        "kernelspecs": {name: kernelspec_model(name) for name in _SPECS},
+        "kernelspecs": {name: _model(spec) for name, spec in specs.all().items()},
     }
 
 
@@ -83,9 +75,10 @@ class KernelspecFiles(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, auth) -> None:
+    def __init__(self, auth, specs: KernelSpecs) -> None:
         super().__init__()
         self._auth = auth
+        self._specs = specs
 
     def render_GET(self, request: server.Request) -> bytes:
         grant = self._auth.web_grant(request)
@@ -103,8 +96,9 @@ class KernelspecFiles(resource.Resource):
         name, file = segments
         # Only names listed from the directory are served: no path reaches
         # outside it, whatever the request says.
-        path = _files(name).get(file)
-        if path is None:
+        spec = self._specs.get(name)
+        path = _files(spec).get(file) if spec is not None else None
+        if path is None or path.stat().st_size > MAX_FILE:
             message = f"no file {file!r} in kernel spec {name!r}"
             return _json(request, 404, {"message": message, "reason": "Not Found"})
         kind = mimetypes.guess_type(file)[0] or "application/octet-stream"
