@@ -137,9 +137,13 @@ def rss(pid: int) -> int:
 
 
 def start_server(
-    *args: str, command: list[str] | None = None, cwd: str | None = None
+    *args: str,
+    command: list[str] | None = None,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunningServer:
-    """Start ``cellmux serve --port 0`` and wait for its URL line."""
+    """Start ``cellmux serve --port 0`` and wait for its URL line; C{env}:
+    variables to set for it beyond the test's own."""
     runtime_dir = tempfile.mkdtemp(prefix="cellmux-test-")
     _started.append(runtime_dir)
     token = secrets.token_hex(16)
@@ -158,7 +162,14 @@ def start_server(
         *args,
     ]
     log = open(log_path, "wb")  # noqa: SIM115 - the process owns it until it ends
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd)
+    process = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        cwd=cwd,
+        env=None if env is None else {**os.environ, **env},
+    )
     log.close()  # the child has its own copy
     _processes.append(process)
     lines: list[str] = []

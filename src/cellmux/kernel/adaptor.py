@@ -27,6 +27,7 @@ the kernel's own cause.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -236,10 +237,16 @@ def _write_connection_file(path: str, ports: dict[str, int], key: str, name: str
         json.dump(info, f)
 
 
-def _in_kernel_child() -> None:
+def _in_kernel_child(own_group: bool) -> None:
     """In the kernel between fork and exec: default SIGINT (the adaptor
-    handles it), and die with the adaptor."""
+    handles it), die with the adaptor, and with C{own_group}, leave the
+    adaptor's process group."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if own_group:
+        # Interrupted by message: the nursery's SIGINT must reach the
+        # adaptor alone (ipykernel answers interrupt_request by signalling
+        # its own process group, which must not be the adaptor's).
+        os.setpgid(0, 0)
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
@@ -335,7 +342,7 @@ class Adaptor(Pump):
         iopub.subscribe(b"")
         iopub.connect(f"tcp://127.0.0.1:{self._ports['iopub']}")
         hb = self._kernel_socket(zmq.DEALER, "hb")
-        self._link_socket = link
+        self._control = control
         self._authenticate(link)
         self._wait_for(shell, iopub, hb)
         link.send_multipart(self._link.ready())
@@ -414,7 +421,6 @@ class Adaptor(Pump):
     # -- relaying --------------------------------------------------------------
 
     def _relay_all(self, link, shell, control, stdin, iopub, hb) -> None:
-        self._control = control
         to_kernel = {
             JupyterSocket.SHELL: shell,
             JupyterSocket.CONTROL: control,
@@ -516,7 +522,9 @@ def _start_kernel(launch: Launch, workdir: str) -> tuple[subprocess.Popen, dict[
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        preexec_fn=_in_kernel_child,  # safe: no thread runs in this process yet
+        preexec_fn=functools.partial(
+            _in_kernel_child, launch.interrupt_mode == "message"
+        ),  # safe: no thread runs in this process yet
         close_fds=True,
     )
     return process, ports, key.encode()
