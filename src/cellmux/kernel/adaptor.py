@@ -568,8 +568,8 @@ def run_adaptor(order: Any, launch: Launch) -> None:
         try:
             adaptor.run()
         except KernelEnded as ended:
-            if not adaptor.is_ready:
-                _report(err_fd, launch, ended.status, adaptor.stderr.text())
+            # What it said last on stderr says why (bounded: STDERR_TAIL).
+            _report(err_fd, launch, ended.status, adaptor.stderr.text(), adaptor.is_ready)
             context.destroy(linger=1000)
             _exit_like(ended.status)
     except BaseException:
@@ -583,10 +583,11 @@ def _say(err_fd: int, text: str) -> None:
         os.write(err_fd, f"cellmux adaptor: {text}\n".encode(errors="replace"))
 
 
-def _report(err_fd: int, launch: Launch, status: int, tail: str) -> None:
+def _report(err_fd: int, launch: Launch, status: int, tail: str, started: bool) -> None:
     from .nursery import describe_status
 
-    text = f"kernel {launch.name!r} ended while starting ({describe_status(status)['cause']})"
+    when = "ended" if started else "ended while starting"
+    text = f"kernel {launch.name!r} {when} ({describe_status(status)['cause']})"
     if tail:
         text += ":\n" + tail
     _say(err_fd, text)
