@@ -490,8 +490,9 @@ class Adaptor(Pump):
         if delimiter is None or len(msg) < delimiter + 6:
             return
         # Replies to the adaptor's own requests (start-up nudges, interrupts)
-        # are nobody's business.
-        if self._own_session in msg[delimiter + 3].bytes and socket_ != JupyterSocket.IOPUB:
+        # and the busy/idle around them are nobody's business: a late one
+        # would show a fresh kernel busy.
+        if self._own_session in msg[delimiter + 3].bytes:
             return
         super()._to_server(msg, socket_, link)
 
