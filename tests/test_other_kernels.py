@@ -21,6 +21,7 @@ import pytest
 from cellmux.client import Client, KernelDied
 from cellmux.server.kernelspecs import REFRESH_AFTER
 from conftest import RunningServer, start_server, wait_for
+from terminal_helpers import cellmux, cellmux_env, delete_named_kernels
 from test_jupyter_rest import as_json, assert_error, http
 
 
@@ -220,3 +221,30 @@ def test_a_kernel_that_cannot_start_says_why(server, name, logged):
 def test_an_unknown_spec_is_404(server):
     body = assert_error(*http(server, "POST", "/api/kernels", {"name": "cobol"}), 404)
     assert "no kernel spec named 'cobol'" in body["message"]
+
+
+def test_cellmux_run_starts_a_kernel_of_the_spec_its_name_or_spec_names(server, tmp_path):
+    state = tmp_path / "state"
+    env = cellmux_env(server, state)
+    script = tmp_path / "hello.sh"
+    script.write_text("echo from a $(basename $0) kernel\n")
+    try:
+        first = cellmux(env, "run", str(script), "--kernel", "bash")
+        assert first.returncode == 0, first.stderr
+        assert first.stdout == "from a bash kernel\n"
+        assert "started kernel" in first.stderr and "(bash) as 'bash'" in first.stderr
+        named = cellmux(env, "run", str(script), "--kernel", "shell", "--spec", "bash")
+        assert named.returncode == 0, named.stderr
+        assert named.stdout == "from a bash kernel\n"
+        again = cellmux(env, "run", str(script), "--kernel", "shell", "--spec", "bash")
+        assert again.returncode == 0 and "started" not in again.stderr
+        wrong = cellmux(env, "run", str(script), "--kernel", "shell", "--spec", "python3")
+        assert wrong.returncode == 2
+        assert wrong.stderr.strip() == (
+            "cellmux: kernel 'shell' runs bash, not python3; name another --kernel for a new one"
+        )
+        unknown = cellmux(env, "run", str(script), "--kernel", "other", "--spec", "cobol")
+        assert unknown.returncode == 3
+        assert "no kernel spec named 'cobol'" in unknown.stderr
+    finally:
+        delete_named_kernels(server, state)

@@ -137,6 +137,10 @@ class AsyncClient:
         """Every kernel the server runs."""
         return await asyncio.to_thread(self.rest.list_kernels)
 
+    async def kernel_specs(self) -> dict[str, dict[str, Any]]:
+        """The kernel specs the server offers, by name (python3, bash, ir, …)."""
+        return await asyncio.to_thread(self.rest.kernel_specs)
+
     async def create_kernel(self, name: str | None = None) -> KernelModel:
         """Start a kernel of spec C{name} (the server's default if None)."""
         return await asyncio.to_thread(self.rest.create_kernel, name)

@@ -168,6 +168,14 @@ class RestAPI:
             raise CellmuxError(f"GET /api/kernels: expected a list, got {data!r}")
         return [KernelModel.from_json(item) for item in data]
 
+    def kernel_specs(self) -> dict[str, dict[str, Any]]:
+        """The kernel specs the server offers, by name (Jupyter's spec models)."""
+        data = self.call("GET", "/api/kernelspecs")
+        specs = data.get("kernelspecs") if isinstance(data, dict) else None
+        if not isinstance(specs, dict):
+            raise CellmuxError(f"GET /api/kernelspecs: unexpected response {data!r}")
+        return specs
+
     def create_kernel(self, name: str | None = None) -> KernelModel:
         """Start a kernel (of kernel spec C{name}, or the server's default)."""
         body = {} if name is None else {"name": name}

@@ -136,6 +136,10 @@ class Client:
         """Every kernel the server runs."""
         return self._rest.list_kernels()
 
+    def kernel_specs(self) -> dict[str, dict[str, Any]]:
+        """The kernel specs the server offers, by name (python3, bash, ir, …)."""
+        return self._rest.kernel_specs()
+
     def create_kernel(self, name: str | None = None) -> KernelModel:
         """Start a kernel of spec C{name} (the server's default if None)."""
         return self._rest.create_kernel(name)

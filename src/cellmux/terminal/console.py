@@ -35,9 +35,12 @@ from cellmux.client import AsyncKernel, CellmuxError, KernelDied
 from .render import PROMPT_GRACE, Renderer
 from .server import (
     EXIT_SERVER,
+    EXIT_USAGE,
     KernelNames,
     ServerOptions,
+    WrongSpec,
     add_server_arguments,
+    add_spec_argument,
     fail,
     open_kernel,
     state_dir,
@@ -69,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="a kernel id, or a name kept between runs (default: 'default')",
     )
+    add_spec_argument(parser)
     add_console_options(parser)
     add_server_arguments(parser)
 
@@ -267,7 +271,9 @@ def main(args: argparse.Namespace) -> int:
     options = ServerOptions.from_args(args)
     try:
         with options.client() as client:
-            model = open_kernel(client, KernelNames(options.url), args.kernel)
+            model = open_kernel(client, KernelNames(options.url), args.kernel, args.spec)
+    except WrongSpec as e:
+        return fail(str(e), EXIT_USAGE)
     except CellmuxError as e:
         return fail(str(e), EXIT_SERVER)
     return run_console(options, model.id, args.save_dir)

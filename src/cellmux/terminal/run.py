@@ -27,7 +27,9 @@ from .server import (
     EXIT_USAGE,
     KernelNames,
     ServerOptions,
+    WrongSpec,
     add_server_arguments,
+    add_spec_argument,
     fail,
     open_kernel,
 )
@@ -136,6 +138,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="[FILE:]LINE",
         help="stop in pdb at this line (of FILE, default the file run); may be repeated",
     )
+    add_spec_argument(parser)
     add_server_arguments(parser)
 
 
@@ -228,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         with options.client() as client:
-            model = open_kernel(client, KernelNames(options.url), args.kernel)
+            model = open_kernel(client, KernelNames(options.url), args.kernel, args.spec)
             with client.connect(model.id) as kernel:
                 try:
                     result = kernel.execute(
@@ -246,6 +249,8 @@ def main(args: argparse.Namespace) -> int:
                     os._exit(EXIT_INTERRUPTED)
     except EOFError:
         return fail("input ended while the code waited for it; interrupted the kernel", 1)
+    except WrongSpec as e:
+        return fail(str(e), EXIT_USAGE)
     except (CellmuxError, TimeoutError) as e:
         return fail(str(e), EXIT_SERVER)
     return 0 if result.ok else EXIT_RAISED

@@ -36,7 +36,9 @@ __all__ = [
     "EXIT_USAGE",
     "KernelNames",
     "ServerOptions",
+    "WrongSpec",
     "add_server_arguments",
+    "add_spec_argument",
     "fail",
     "find_kernel",
     "open_kernel",
@@ -175,17 +177,32 @@ def find_kernel(client: Client, names: KernelNames, spec: str) -> KernelModel | 
     return model
 
 
-def open_kernel(client: Client, names: KernelNames, spec: str | None) -> KernelModel:
+class WrongSpec(Exception):
+    """The named kernel runs another kernel spec than the one asked for
+    (not a CellmuxError: this module imports no client at import time)."""
+
+
+def open_kernel(
+    client: Client, names: KernelNames, spec: str | None, kernel_spec: str | None = None
+) -> KernelModel:
     """The kernel to use for C{spec}: found, restarted if dead, or created and named.
 
-    Notes on stderr what it did beyond finding one, so that the user learns
-    the id of a kernel made for them.
+    A new kernel is of C{kernel_spec}; without one, of the spec the name
+    itself names (``--kernel bash`` starts a bash kernel), else the
+    server's default. Notes on stderr what it did beyond finding one, so
+    that the user learns the id of a kernel made for them.
 
+    @raise WrongSpec: if the kernel found runs another spec than C{kernel_spec}.
     @raise CellmuxError: if the server cannot be reached or refuses.
     """
     name = spec or DEFAULT_KERNEL_NAME
     model = find_kernel(client, names, name)
     if model is not None:
+        if kernel_spec is not None and model.name not in (None, kernel_spec):
+            raise WrongSpec(
+                f"kernel {name!r} runs {model.name}, not {kernel_spec}; "
+                "name another --kernel for a new one"
+            )
         if model.execution_state == "dead":
             print(
                 f"cellmux: kernel {model.id} had died ({model.raw.get('reason', 'unknown')}); "
@@ -194,10 +211,22 @@ def open_kernel(client: Client, names: KernelNames, spec: str | None) -> KernelM
             )
             model = client.restart_kernel(model.id)
         return model
-    model = client.create_kernel()
+    if kernel_spec is None and spec is not None and spec in client.kernel_specs():
+        kernel_spec = spec
+    model = client.create_kernel(kernel_spec)
     names.set(name, model.id)
-    print(f"cellmux: started kernel {model.id} as {name!r}", file=sys.stderr)
+    of = "" if model.name in (None, "python3") else f" ({model.name})"
+    print(f"cellmux: started kernel {model.id}{of} as {name!r}", file=sys.stderr)
     return model
+
+
+def add_spec_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--spec",
+        metavar="SPEC",
+        help="the kernel spec (python3, bash, ir, …) of a kernel this command starts "
+        "(default: the --kernel name if a spec has it, else python3)",
+    )
 
 
 def fail(message: str, status: int = EXIT_SERVER) -> int:
