@@ -62,7 +62,10 @@ export async function startConsole(root = document.getElementById('cellmux-conso
   let capability = kernelId ? sessionStorage.getItem(`cellmux-capability:${kernelId}`) : null;
   if (!kernelId) {
     try {
-      kernelId = (await api('POST', '/api/kernels', {})).id;
+      // ?spec=NAME: a kernel of that kernel spec (the picker sends it).
+      const spec = params.get('spec');
+      kernelId = (await api('POST', '/api/kernels', spec ? { name: spec } : {})).id;
+      params.delete('spec');
     } catch (e) {
       if (e.status !== 403) {
         root.textContent = `Cannot start a kernel: ${e.message}`;
@@ -116,13 +119,15 @@ class ConsoleUI {
       permalink: el('button', { id: 'permalink' }, 'Permalink'),
     };
     this.fileInput = el('input', { type: 'file', id: 'upload-input', multiple: '', hidden: '' });
+    // The kernel spec picker: choosing one opens a new kernel of it here.
+    this.specPicker = el('select', { id: 'kernel-spec', title: 'Kernel spec: pick one for a new kernel', hidden: '' });
     this.linkBox = el('div', { id: 'links', class: 'cellmux-links' });
     this.notices = el('div', { id: 'notices', class: 'cellmux-notices' });
     this.fileList = el('ul', { id: 'files', class: 'cellmux-files' });
     this.cellBox = el('main', { id: 'cells' });
     const bar = el('header', { class: 'cellmux-bar' },
       el('strong', {}, 'cellmux'), el('span', { class: 'cellmux-kernel-label' }, 'kernel '),
-      this.state, this.transportLabel, ...Object.values(this.buttons), this.fileInput);
+      this.specPicker, this.state, this.transportLabel, ...Object.values(this.buttons), this.fileInput);
     const side = el('aside', { class: 'cellmux-side' }, el('h2', {}, 'Files'), this.fileList);
     // The bar, share links and notices stay on top together, and whatever
     // scrolls into view stops below them, never under them.
@@ -168,6 +173,7 @@ class ConsoleUI {
       }
     }
     this._showState(k.state, k.cause);
+    if (k.role === 'owner' && !this.capability) this._fillSpecPicker().catch(() => {});
     if (!this.capability) {
       api('GET', `/files/${this.kernelId}/`).then((r) => this._files(r.files || []), () => {});
     }
@@ -262,6 +268,20 @@ class ConsoleUI {
       if (value === null) return; // superseded, or the run ended
       this.memory.markAnswered(id);
       this.kernel.send(Channel.STDIN, Socket.STDIN, 'input_reply', { value, status: 'ok' }, null, msg.header);
+    });
+  }
+
+  async _fillSpecPicker() {
+    const [specs, model] = await Promise.all([
+      api('GET', '/api/kernelspecs'), api('GET', `/api/kernels/${this.kernelId}`)]);
+    for (const [name, spec] of Object.entries(specs.kernelspecs)) {
+      this.specPicker.appendChild(el('option', { value: name }, spec.spec.display_name || name));
+    }
+    this.specPicker.value = model.name;
+    this.root.dataset.spec = model.name;
+    this.specPicker.hidden = false;
+    this.specPicker.addEventListener('change', () => {
+      location.assign(`${location.pathname}?spec=${encodeURIComponent(this.specPicker.value)}`);
     });
   }
 
