@@ -263,6 +263,25 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_ms(e['imports of cellmux run']['p50']):.0f} ms; with the full client "
             f"(CELLMUX_RUN_QUICK=0) {_ms(e['cellmux run --lines 1, full client']['p50']):.0f} ms",
         )
+    if "other" in r:
+        o = r["other"]
+        kernel = o["kernel"]
+        add(
+            f"start, {kernel} kernel (cold), p50",
+            "ms",
+            "low",
+            _ms(o["start"]["cellmux"]["p50"]),
+            _ms(o["start"]["jupyter"]["p50"]),
+            note="create, attach, first cell",
+        )
+        for kind in ("reply", "idle"):
+            add(
+                f"rtt {o['code']} ({kernel}) to {kind}, p50",
+                "ms",
+                "low",
+                _ms(o["rtt"]["cellmux"][kind]["p50"]),
+                _ms(o["rtt"]["jupyter"][kind]["p50"]),
+            )
     return out
 
 

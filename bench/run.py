@@ -61,7 +61,14 @@ REPS = {
     "thousand_active": 100,
     "thousand_seconds": 20,
     "editor_runs": 20,
+    "other_start": 8,
+    "other_rtt_rounds": 3,
+    "other_rtt_per_round": 20,
 }
+#: The kernelspec of the "other" stage (a kernel that is not Python, started
+#: cold on both servers), and the code its round trips run.
+OTHER_KERNEL = "bash"
+OTHER_CODE = "echo 2"
 STREAM_LINES = 200_000
 MESSAGE_LINES = 20_000
 FANOUT_OBSERVERS = (1, 20, 100)
@@ -90,8 +97,9 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 class Suite:
-    def __init__(self, reps: dict[str, int]) -> None:
+    def __init__(self, reps: dict[str, int], other_kernel: str = OTHER_KERNEL) -> None:
         self.reps = reps
+        self.other_kernel = other_kernel
         self.servers: dict[str, Server] = {}
         self.floor: FloorKernel | None = None
         self.results: dict[str, Any] = {}
@@ -489,6 +497,98 @@ class Suite:
             "received_mb": r.stream_bytes / 2**20,
         }
 
+    # -- 9. another kernel -------------------------------------------------------
+
+    async def bench_other(self) -> None:
+        """Start and round trip of a cold kernel that is not Python, on both
+        servers (cellmux starts it behind its adaptor, without a pool)."""
+        name = self.other_kernel
+        with _kernelspec_path(name):
+            servers = {"cellmux": start_cellmux("--pool-size", "0"), "jupyter": start_jupyter()}
+        try:
+            start: dict[str, list[float]] = {n: [] for n in servers}
+            for _ in range(self.reps["other_start"]):
+                for label, server in servers.items():
+                    t0 = time.perf_counter()
+                    model = server.create_kernel(name)
+                    conn = await self.connect(label, model["id"], server)
+                    result = await conn.execute(OTHER_CODE)
+                    start[label].append(time.perf_counter() - t0)
+                    assert result.status == "ok", result
+                    await conn.close()
+                    server.delete_kernel(model["id"])
+                    await asyncio.sleep(0.3)  # let the deleted kernel go away
+            replies: dict[str, list[float]] = {n: [] for n in servers}
+            idles: dict[str, list[float]] = {n: [] for n in servers}
+            async with contextlib.AsyncExitStack() as stack:
+                conns = {}
+                for label, server in servers.items():
+                    model = server.create_kernel(name)
+                    conns[label] = await stack.enter_async_context(
+                        _closing(await self.connect(label, model["id"], server))
+                    )
+                    stack.callback(server.delete_kernel, model["id"])
+                    for _ in range(5):  # warm up
+                        await conns[label].execute(OTHER_CODE)
+                for _ in range(self.reps["other_rtt_rounds"]):
+                    for label, conn in conns.items():
+                        for _ in range(self.reps["other_rtt_per_round"]):
+                            r = await conn.execute(OTHER_CODE)
+                            replies[label].append(r.reply)
+                            idles[label].append(r.idle)
+        finally:
+            for server in servers.values():
+                server.stop()
+        self.results["other"] = {
+            "kernel": name,
+            "code": OTHER_CODE,
+            "start": {n: summary(v) for n, v in start.items()},
+            "rtt": {n: {"reply": summary(replies[n]), "idle": summary(idles[n])} for n in servers},
+        }
+
+
+@contextlib.asynccontextmanager
+async def _closing(conn):
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@contextlib.contextmanager
+def _kernelspec_path(name: str):
+    """JUPYTER_PATH for the servers started inside: bash_kernel's spec is
+    installed into a temporary directory when no kernelspec C{name} is."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if name != "bash" or name in KernelSpecManager().find_kernel_specs():
+        yield
+        return
+    import shutil
+    import subprocess
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix="bench-kernelspecs-")
+    before = os.environ.get("JUPYTER_PATH")
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "bash_kernel.install", "--prefix", directory],
+            check=True,
+            capture_output=True,
+        )
+        os.environ["JUPYTER_PATH"] = os.path.join(directory, "share", "jupyter")
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = before
+        # The servers read the spec at start and when they start a kernel:
+        # it must outlive them (removed at exit).
+        import atexit
+
+        atexit.register(shutil.rmtree, directory, True)
+
 
 def _cpu_seconds(pids: list[int]) -> float:
     """User + system CPU seconds the processes have used so far (gone ones: 0)."""
@@ -641,6 +741,7 @@ STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "idle": bench_idle,
     "thousand": bench_thousand,
     "editor": Suite.bench_editor,
+    "other": Suite.bench_other,
 }
 
 
@@ -659,6 +760,11 @@ def main() -> int:
     )
     parser.add_argument("--tolerance", type=float, default=0.25, help="noise allowed (0.25: 25 %%)")
     parser.add_argument("--no-gate", action="store_true", help="report regressions, exit 0")
+    parser.add_argument(
+        "--other-kernel",
+        default=OTHER_KERNEL,
+        help=f"the kernelspec of the 'other' stage (default {OTHER_KERNEL}; runs {OTHER_CODE!r})",
+    )
     args = parser.parse_args()
     baseline: dict[str, Any] = {}
     with contextlib.suppress(FileNotFoundError), open(args.baseline) as f:
@@ -669,7 +775,7 @@ def main() -> int:
         reps["concurrency_sessions"] = 40
         reps["concurrency_kernels"] = 4
     stages = [s for s in args.only.split(",") if s] or list(STAGES)
-    suite = Suite(reps)
+    suite = Suite(reps, args.other_kernel)
     began = time.monotonic()
     try:
         suite.start()

@@ -51,8 +51,8 @@ class Server:
         finally:
             conn.close()
 
-    def create_kernel(self) -> dict[str, Any]:
-        status, model = self.request("POST", "/api/kernels", {"name": "python3"})
+    def create_kernel(self, name: str = "python3") -> dict[str, Any]:
+        status, model = self.request("POST", "/api/kernels", {"name": name})
         if status != 201:
             raise RuntimeError(f"{self.kind}: create kernel answered {status}: {model}")
         return model
