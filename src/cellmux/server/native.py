@@ -48,8 +48,8 @@ from cellmux.protocol import (
 
 from .attachment import Attachment, Forbidden
 from .auth import Grant
-from .jupyter.kernelspecs import DEFAULT_SPEC, kernelspec_model
 from .kernels import Kernel, KernelError, KernelManager
+from .kernelspecs import DEFAULT_SPEC
 
 __all__ = [
     "CLOSE_CREATE_FAILED",
@@ -233,7 +233,7 @@ class NativeSession:
         try:
             if grant.kernel_id is not None or not grant.role.may_manage:
                 raise Forbidden("this token may not create kernels")
-            if kernelspec_model(name) is None:
+            if self.manager.specs.get(name) is None:
                 raise _UnknownSpec(f"no kernel spec named {name!r}")
             if self._create is not None:
                 kernel = await self._create(grant, name)
