@@ -2,8 +2,8 @@
 
 Real kernelspecs, installed into a directory of the test's own and found by
 the server through ``JUPYTER_PATH``; real kernels, real sockets. As root each
-kernel runs in the sandbox under its own uid (tests/test_nonroot.py reruns
-this file as ``nobody`` without one).
+kernel runs in the sandbox under its own uid; the file passes as ``nobody``
+too (run through tests/test_nonroot.py's wrapper), where kernels have none.
 """
 
 from __future__ import annotations

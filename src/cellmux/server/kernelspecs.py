@@ -169,12 +169,10 @@ class KernelSpecs:
         self,
         clock: Any,
         find: Callable[[Callable[[str, str], None]], dict[str, KernelSpec]] = discover,
-        others: bool = True,
     ) -> None:
-        """@param others: offer installed kernelspecs (False: python3 only)."""
+        """@param find: reads the installed kernelspecs (L{discover})."""
         self._clock = clock
         self._find = find
-        self._others = others
         self._python = builtin_python()
         self._specs: dict[str, KernelSpec] = {}
         self._read_at: float | None = None
@@ -187,8 +185,6 @@ class KernelSpecs:
 
     def refresh(self, force: bool = False) -> None:
         now = self._clock.seconds()
-        if not self._others:
-            return
         if not force and self._read_at is not None and now - self._read_at < REFRESH_AFTER:
             return
         self._read_at = now
