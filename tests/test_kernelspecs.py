@@ -215,6 +215,18 @@ def test_heartbeat_holds_pongs_while_the_kernel_is_silent():
     assert beat.link_ping(4, 103.1) == 4
 
 
+def test_heartbeat_silence_counts_only_while_the_kernel_is_idle():
+    # IRkernel answers its heartbeat from its main loop: not while it runs code.
+    beat = Heartbeat(stale=1.5, interval=0.5)
+    beat.started(100.0)
+    assert beat.status(busy=True, now=100.1) is None
+    assert beat.link_ping(1, 110.0) == 1  # busy for 10 s, silent: no fault
+    assert beat.status(busy=False, now=110.2) is None  # idle: the count starts afresh
+    assert beat.link_ping(2, 111.0) == 2
+    assert beat.link_ping(3, 112.0) is None  # idle and silent for 1.8 s: held
+    assert beat.status(busy=True, now=112.1) == 3  # busy again: answered
+
+
 @given(st.lists(st.tuples(st.sampled_from(["ping", "echo"]), st.floats(0, 3)), max_size=50))
 def test_heartbeat_answers_every_ping_once_the_kernel_echoes(events):
     beat = Heartbeat()

@@ -93,6 +93,26 @@ def test_r_stdin(r):
     assert result.stdout.endswith("hi Ada")
 
 
+def test_a_busy_r_kernel_stays_busy(client, r):
+    # IRkernel answers its heartbeat from its main loop, not while R runs.
+    states = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            states.append(client.get_kernel(r.kernel_id).execution_state)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert r.execute("Sys.sleep(6)", timeout=60).ok
+    finally:
+        done.set()
+        watcher.join()
+    assert "busy" in states and "unresponsive" not in states, states
+
+
 def test_r_interrupt(client, r):
     outcome = {}
     running = threading.Event()

@@ -145,10 +145,14 @@ def sign(key: bytes, parts: list) -> bytes:
 class Heartbeat:
     """Whether the kernel answers its heartbeat; which link pong to hold (no I/O).
 
-    The server pings the link every half second; the adaptor answers at once
-    while the kernel's heartbeat echoed within C{stale} seconds, and
+    The adaptor answers a server's link ping at once while the kernel's
+    heartbeat echoed within C{stale} seconds or the kernel is busy, and
     otherwise holds the pong until the next echo. The server shows a kernel
     whose pong is late ``unresponsive`` (docs/protocol.md, section 9).
+
+    Silence counts only while the kernel is idle: some kernels answer their
+    heartbeat from their main loop (IRkernel), so they cannot while they
+    run code, and that is no fault; an idle kernel must always answer.
     """
 
     stale: float = HEARTBEAT_STALE
@@ -157,6 +161,8 @@ class Heartbeat:
     next_ping: float = 0.0
     #: The link ping waiting for an echo (only the latest counts).
     held: int | None = None
+    #: Whether the kernel's last status said busy.
+    busy: bool = False
 
     def started(self, now: float) -> None:
         """The kernel answered its first request: count it alive from now."""
@@ -171,7 +177,18 @@ class Heartbeat:
         return True
 
     def alive(self, now: float) -> bool:
-        return now - self.last_echo <= self.stale
+        return self.busy or now - self.last_echo <= self.stale
+
+    def status(self, busy: bool, now: float) -> int | None:
+        """The kernel said busy or idle: the held ping to answer, if any
+        (busy needs no heartbeat; idle starts the count afresh)."""
+        was, self.busy = self.busy, busy
+        if was and not busy:
+            self.last_echo = max(self.last_echo, now)
+        if busy and self.held is not None:
+            held, self.held = self.held, None
+            return held
+        return None
 
     def link_ping(self, n: int, now: float) -> int | None:
         """The server pinged: the number to answer now, or None (held)."""
@@ -494,6 +511,13 @@ class Adaptor(Pump):
         # would show a fresh kernel busy.
         if self._own_session in msg[delimiter + 3].bytes:
             return
+        if socket_ == JupyterSocket.IOPUB and b'"status"' in msg[delimiter + 2].bytes:
+            # A byte search, as the server's: status content is tiny.
+            content = msg[delimiter + 5].bytes
+            if b'"busy"' in content or b'"idle"' in content:
+                held = self.heartbeat.status(b'"busy"' in content, time.monotonic())
+                if held is not None:
+                    link.send_multipart(self._pong(held))
         super()._to_server(msg, socket_, link)
 
     def _drain(self, link: zmq.Socket, from_kernel: dict) -> None:
