@@ -5,7 +5,9 @@ Each check talks to a kernel through the server's Jupyter websocket
 gateway mode does: a small client below gives jupyter_kernel_test the
 blocking client API it expects (``execute``, ``get_shell_msg`` …) over that
 websocket instead of ZeroMQ. python3 is cellmux's forked kernel, bash is
-bash_kernel started cold behind the adaptor.
+bash_kernel started cold behind the adaptor. The bash checks run once more
+through ``cellmux bridge`` with jupyter_client's own ZeroMQ client
+(python3's are in tests/test_bridge_kernel_test.py).
 
 Checks that cannot apply to a kernel are left out of its class, each with
 the reason in C{NOT_APPLICABLE}; C{test_what_is_left_out_really_is_missing}
@@ -28,6 +30,7 @@ from unittest import mock
 from urllib.parse import urlsplit
 
 import jupyter_kernel_test
+import pytest
 from jupyter_client.session import Session, extract_dates
 from jupyter_server.services.kernels.connection.base import (
     deserialize_msg_from_ws_v1,
@@ -35,7 +38,9 @@ from jupyter_server.services.kernels.connection.base import (
 )
 from websockets.sync.client import connect
 
+from bridge_helpers import BridgeProcess, bridge_env
 from conftest import RunningServer, start_server
+from terminal_helpers import delete_named_kernels
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
@@ -303,8 +308,7 @@ NOT_APPLICABLE = {
 }
 
 
-class TestBash(CellmuxKernelTests):
-    __test__ = True
+class _BashSamples:
     kernel_name = "bash"
     language_name = "bash"
     file_extension = ".sh"
@@ -312,8 +316,6 @@ class TestBash(CellmuxKernelTests):
     completion_samples = [{"text": "ech", "matches": {"echo"}}]
     code_generate_error = "false"
     code_display_data = [{"code": "echo '<b>t</b>' | displayHTML", "mime": "text/html"}]
-
-    install = classmethod(lambda cls: _install_bash())
 
     def test_what_is_left_out_really_is_missing(self) -> None:
         self.flush_channels()
@@ -329,5 +331,55 @@ class TestBash(CellmuxKernelTests):
         self.assertEqual(self.kc.get_shell_msg(timeout=15)["content"]["history"], [])
 
 
-for _name in NOT_APPLICABLE:
-    setattr(TestBash, _name, None)  # not collected (see NOT_APPLICABLE)
+class TestBash(_BashSamples, CellmuxKernelTests):
+    __test__ = True
+
+    install = classmethod(lambda cls: _install_bash())
+
+
+# -- the same checks through cellmux bridge (ZeroMQ on the client's side) -----
+
+
+@pytest.fixture(scope="module")
+def bridged_bash(tmp_path_factory):
+    """A jupyter_client blocking client on ``cellmux bridge bash``, on a
+    server that offers bash_kernel."""
+    env, directory = _install_bash()
+    server = start_server("--pool-size", "1", env=env)
+    state = tmp_path_factory.mktemp("bridge") / "state"
+    bridge = BridgeProcess(
+        bridge_env(server, state), "bash", state.parent / "kernel.json", "--spec", "bash"
+    )
+    kc = None
+    try:
+        bridge.wait_ready()
+        kc = bridge.client()
+        yield kc
+    finally:
+        if kc is not None:
+            kc.stop_channels()
+        bridge.finish()
+        delete_named_kernels(server, state)
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="class")
+def _bridged(request, bridged_bash):
+    request.cls.kc = bridged_bash
+
+
+@pytest.mark.usefixtures("_bridged")
+class TestBashThroughBridge(_BashSamples, jupyter_kernel_test.KernelTests):
+    @classmethod
+    def setUpClass(cls) -> None:  # the client comes from the _bridged fixture
+        pass
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        pass
+
+
+for _name in NOT_APPLICABLE:  # not collected (see NOT_APPLICABLE)
+    setattr(TestBash, _name, None)
+    setattr(TestBashThroughBridge, _name, None)

@@ -99,7 +99,9 @@ from .server import (
     EXIT_USAGE,
     KernelNames,
     ServerOptions,
+    WrongSpec,
     add_server_arguments,
+    add_spec_argument,
     fail,
     open_kernel,
 )
@@ -579,6 +581,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KERNEL",
         help="a kernel id, or a name kept between runs (started if it does not exist)",
     )
+    add_spec_argument(parser)
     files = parser.add_mutually_exclusive_group(required=True)
     files.add_argument(
         "--connection-file",
@@ -703,8 +706,10 @@ def main(args: argparse.Namespace) -> int:
         except ValueError as e:
             return fail(str(e), EXIT_USAGE)
     try:
-        model = open_kernel(options.client(), KernelNames(options.url), args.kernel)
+        model = open_kernel(options.client(), KernelNames(options.url), args.kernel, args.spec)
         return asyncio.run(_run(options, model.id, model.name or "python3", args))
+    except WrongSpec as e:
+        return fail(str(e), EXIT_USAGE)
     except CellmuxError as e:
         return fail(str(e), EXIT_SERVER)
     except OSError as e:
