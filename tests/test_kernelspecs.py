@@ -261,3 +261,22 @@ def test_the_connection_file_is_private(tmp_path):
     assert os.stat(path).st_mode & 0o777 == 0o600
     info = json.loads(path.read_text())
     assert info["ip"] == "127.0.0.1" and info["signature_scheme"] == "hmac-sha256"
+
+
+def test_what_a_kernel_must_reach_its_program_prefix_and_its_directory(tmp_path):
+    from cellmux.kernel.nursery import _reachable_for_kernels
+    from cellmux.server.kernelspecs import reached_paths
+
+    program = tmp_path / "venv" / "bin" / "python"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    spec = KernelSpec(
+        name="k", display_name="K", language="k", argv=[str(program)], resource_dir=str(tmp_path)
+    )
+    assert reached_paths(spec) == {str(tmp_path / "venv"), str(tmp_path)}
+    by_name = KernelSpec(name="k", display_name="K", language="k", argv=["python"])
+    assert reached_paths(by_name, search_path=str(program.parent)) == {str(tmp_path / "venv")}
+    assert _reachable_for_kernels(str(tmp_path))
+    for never in ("/tmp", "/", "relative/path"):  # the host's /tmp must stay out
+        assert not _reachable_for_kernels(never)

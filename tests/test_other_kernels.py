@@ -50,6 +50,22 @@ def jupyter_path(tmp_path_factory) -> str:
         (kernels / name / "kernel.json").write_text(
             json.dumps({"argv": argv, "display_name": name, "language": "none"})
         )
+    # A kernel whose program lives next to its kernel.json, under the test's
+    # /tmp: the sandbox (a private /tmp as root) must let it reach it.
+    wrapped = kernels / "wrapped"
+    wrapped.mkdir()
+    start = wrapped / "start-kernel"
+    start.write_text(f'#!/bin/sh\nexec {sys.executable} -m bash_kernel -f "$1"\n')
+    start.chmod(0o755)
+    (wrapped / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": ["{resource_dir}/start-kernel", "{connection_file}"],
+                "display_name": "Bash (wrapped)",
+                "language": "bash",
+            }
+        )
+    )
     (kernels / "broken").mkdir()
     (kernels / "broken" / "kernel.json").write_text("{not json")
     return str(prefix / "share" / "jupyter")
@@ -128,6 +144,15 @@ def test_bash_runs_code_as_a_cellmux_kernel(client, bash):
         assert int(uid) >= 200000
         net = bash.execute("cat /proc/net/dev | grep -c :", timeout=30).stdout.strip()
         assert net == "1"  # loopback only
+
+
+def test_a_kernel_whose_program_is_in_its_kernelspec_directory_starts(client):
+    model = client.create_kernel("wrapped")
+    try:
+        with client.connect(model.id) as kernel:
+            assert kernel.execute("echo wrapped", timeout=30).stdout == "wrapped\n"
+    finally:
+        client.delete_kernel(model.id)
 
 
 def test_bash_display_data(bash):

@@ -93,11 +93,16 @@ class NurseryConfig:
     kernel_env: dict[str, str] = attrs.Factory(dict)
     kill_grace: float = DEFAULT_KILL_GRACE
     sandbox: sandbox.SandboxConfig = attrs.Factory(sandbox.SandboxConfig)
+    #: Directories kernels of other kernelspecs must reach (their programs).
+    kernel_paths: tuple[str, ...] = ()
 
     @classmethod
     def from_json(cls, line: bytes) -> NurseryConfig:
         data = json.loads(line)
         data["preload"] = tuple(data.get("preload", ()))
+        data["kernel_paths"] = tuple(
+            p for p in data.get("kernel_paths", ()) if _reachable_for_kernels(p)
+        )
         data["sandbox"] = sandbox.SandboxConfig.from_dict(data.get("sandbox", {}))
         return cls(**data)
 
@@ -106,6 +111,19 @@ class NurseryConfig:
         """The directory of the ipc link socket, which kernels must reach."""
         path = self.endpoint.removeprefix("ipc://")
         return os.path.dirname(path) if path != self.endpoint else self.workdir_root
+
+
+def _reachable_for_kernels(path: str) -> bool:
+    """Whether a kernelspec's directory may be made reachable in kernels'
+    sandboxes: absolute, changed only by root or the server's user, and
+    neither a shared writable directory (/tmp) nor above one (it would bring
+    the host's /tmp back into a kernel's private one)."""
+    if not os.path.isabs(path) or not sandbox.trusted_dir(path):
+        return False
+    top = path.rstrip(os.sep) + os.sep
+    return not any(
+        shared == path or shared.startswith(top) for shared in sandbox.SHARED_WRITABLE_DIRS
+    )
 
 
 def _share_link_endpoint(endpoint: str, identity: sandbox.Identity) -> None:
@@ -254,6 +272,7 @@ class Nursery:
                     self.config.workdir_root,
                     *sandbox.interpreter_paths(),
                     *self._shared_paths(),
+                    *self.config.kernel_paths,
                 ),
                 cgroup=cgroup,
                 shared_root=settings.shared_root,
@@ -677,7 +696,7 @@ def main() -> None:
         # directories, but list nothing and enter no other kernel's directory.
         os.chmod(config.workdir_root, 0o711)
         sandbox.become_subreaper()
-        needed = [config.socket_dir, config.workdir_root, *_python_paths()]
+        needed = [config.socket_dir, config.workdir_root, *_python_paths(), *config.kernel_paths]
         if config.sandbox.shared_root:
             needed.append(config.sandbox.shared_root)
         try:

@@ -16,13 +16,14 @@ kernelspec installed while the server runs is offered without a restart.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 from twisted.logger import Logger
 
-__all__ = ["DEFAULT_SPEC", "KernelSpec", "KernelSpecs", "discover"]
+__all__ = ["DEFAULT_SPEC", "KernelSpec", "KernelSpecs", "discover", "reached_paths"]
 
 #: The server's own kernel, and the default.
 DEFAULT_SPEC = "python3"
@@ -81,6 +82,24 @@ class KernelSpec:
             "interrupt_mode": self.interrupt_mode,
             "resource_dir": self.resource_dir or "",
         }
+
+
+def reached_paths(spec: KernelSpec, search_path: str | None = None) -> set[str]:
+    """The directories a kernel of C{spec} must reach in the sandbox: its
+    kernelspec directory, and where its program lives (the prefix above a
+    ``bin`` directory, so that a virtual environment comes whole)."""
+    found = set()
+    if spec.resource_dir:
+        found.add(os.path.realpath(spec.resource_dir))
+    if spec.argv:
+        program = spec.argv[0].replace("{resource_dir}", spec.resource_dir or "")
+        located = shutil.which(program, path=search_path) if os.sep not in program else program
+        if located and os.path.isabs(located):
+            directory = os.path.dirname(os.path.realpath(located))
+            found.add(
+                os.path.dirname(directory) if os.path.basename(directory) == "bin" else directory
+            )
+    return found
 
 
 def _ipykernel_resources() -> str | None:
@@ -199,6 +218,15 @@ class KernelSpecs:
             self.refresh()
             spec = self._specs.get(name)
         return spec
+
+    def paths(self, search_path: str | None = None) -> list[str]:
+        """What kernels of the specs on offer now must reach (see
+        L{reached_paths}); the nursery makes them reachable in the sandbox."""
+        found: set[str] = set()
+        for spec in self.all().values():
+            if not spec.forked:
+                found |= reached_paths(spec, search_path)
+        return sorted(found)
 
     def all(self) -> dict[str, KernelSpec]:
         """Every spec on offer, python3 first (read again if stale)."""

@@ -272,6 +272,9 @@ class CellmuxService(service.Service):
             "kernel_env": config.kernel_environment(),
             "kill_grace": config.kill_grace,
             "sandbox": config.sandbox_settings(),
+            # Where the installed kernelspecs' programs live, to be reachable
+            # inside the sandbox (a 0700 home, a private /tmp).
+            "kernel_paths": self.manager.specs.paths(nursery_env.get("PATH")),
         }
 
         def start_nursery() -> NurseryProcess:
