@@ -178,6 +178,10 @@ def _interrupt_while_sleeping(client: Client, kernel) -> None:
     started = time.monotonic()
     thread.start()
     assert running.wait(30)  # the code runs
+    # Not at the very moment bash_kernel sends that output: a SIGINT inside
+    # ipykernel's send path can leave the kernel unable to send again (in
+    # Jupyter as here); by now it waits for the sleep.
+    time.sleep(1)
     client.interrupt_kernel(kernel.kernel_id)
     thread.join(30)
     assert not thread.is_alive()
