@@ -77,7 +77,7 @@ def server(jupyter_path) -> RunningServer:
         "--pool-size",
         "1",
         "--config",
-        config_file("idle_ping_interval = 1"),
+        config_file("idle_ping_interval = 1\nallow_request_startup = true"),
         env={"JUPYTER_PATH": jupyter_path},
     )
     yield running
@@ -253,6 +253,16 @@ def test_a_kernel_that_cannot_start_says_why(server, name, logged):
     body = assert_error(*http(server, "POST", "/api/kernels", {"name": name}), 500)
     assert "the kernel ended while starting: exit code" in body["message"]
     assert logged in server.log()
+
+
+def test_start_up_code_is_refused_for_a_kernel_that_is_not_python(server):
+    # It is Python (env, kernel_startup, public limits): it cannot apply.
+    body = assert_error(
+        *http(server, "POST", "/api/kernels", {"name": "bash", "startup": "x = 1"}), 400
+    )
+    assert "kernel spec 'bash' cannot run start-up code" in body["message"]
+    with server.client() as client:
+        assert [k for k in client.list_kernels() if k.name == "bash"] == []
 
 
 def test_an_unknown_spec_is_404(server):

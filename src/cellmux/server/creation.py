@@ -22,7 +22,13 @@ from .auth import Grant, TokenAuth
 from .kernels import Kernel, KernelError, KernelManager
 from .startup import StartupFailed, limits_code, prepare_kernel, startup_code
 
-__all__ = ["KernelCreator", "OverQuota", "StartupRefused", "forget_ended_kernels"]
+__all__ = [
+    "KernelCreator",
+    "OverQuota",
+    "StartupRefused",
+    "StartupUnsupported",
+    "forget_ended_kernels",
+]
 
 
 class OverQuota(KernelError):
@@ -36,6 +42,14 @@ class StartupRefused(KernelError):
     """The create request's own start-up code failed: the kernel is deleted."""
 
     code = "startup_failed"
+    status = HTTPStatus.BAD_REQUEST
+
+
+class StartupUnsupported(KernelError):
+    """Start-up code (env, kernel_startup, public limits) asked for a kernel
+    of another kernelspec: that code is Python, only python3 runs it."""
+
+    code = "startup_unsupported"
     status = HTTPStatus.BAD_REQUEST
 
 
@@ -139,19 +153,6 @@ class KernelCreator:
             L{StartupRefused} (400) when the request's start-up code fails,
             L{StartupBroken} (500) when the config's does; the manager's.
         """
-        user = grant.user
-        if user is not None:
-            self._check_quota(user)
-            self._pending[user] += 1
-        try:
-            kernel = await self.manager.create(name, cwd=cwd)
-        finally:
-            if user is not None:
-                self._pending[user] -= 1
-                if not self._pending[user]:
-                    del self._pending[user]
-        if user is not None:
-            self.auth.kernel_owners[kernel.id] = user
         config = self.manager.config
         limits = ""
         if public_limits:
@@ -167,6 +168,27 @@ class KernelCreator:
                 }
             )
         code = startup_code(env or {}, config.kernel_startup, startup, limits)
+        spec = self.manager.specs.get(name)
+        if code and spec is not None and not spec.forked:
+            # Refused rather than started without: limits and policy would
+            # silently not apply.
+            raise StartupUnsupported(
+                f"kernel spec {name!r} cannot run start-up code (env, kernel_startup, "
+                "public limits): only python3 kernels can"
+            )
+        user = grant.user
+        if user is not None:
+            self._check_quota(user)
+            self._pending[user] += 1
+        try:
+            kernel = await self.manager.create(name, cwd=cwd)
+        finally:
+            if user is not None:
+                self._pending[user] -= 1
+                if not self._pending[user]:
+                    del self._pending[user]
+        if user is not None:
+            self.auth.kernel_owners[kernel.id] = user
         if code:
             try:
                 await prepare_kernel(kernel, code, self.manager.clock, config.max_frame_size)
