@@ -432,9 +432,11 @@ def run_code(
     metadata: dict[str, Any],
     renderer: Any,
     ask: Callable[[str, bool], str],
+    spec: str | None = None,
 ) -> int:
     """Run C{code} on the kernel; the exit status of ``cellmux run``.
 
+    @param spec: the kernel spec the kernel must run (``--spec``), if any.
     @raise Unavailable: before anything was sent, if this path cannot run it.
     """
     ws = WebSocket(url, token)
@@ -458,6 +460,8 @@ def run_code(
             raise Unavailable(f"no welcome: {welcome.get('code')}")
         if model.get("execution_state") == "dead":
             raise Unavailable("the kernel is dead")  # the full client restarts it
+        if spec is not None and model.get("name") != spec:
+            raise Unavailable("another kernel spec")  # the full client says which
         ws.sock.settimeout(None)
         run = _Run(ws, session, renderer, ask)
         try:

@@ -199,7 +199,16 @@ def _run_quickly(
     from .quick import Unavailable, run_code
 
     try:
-        return run_code(options.url, options.token, kernel_id, code, metadata, renderer, _ask_now)
+        return run_code(
+            options.url,
+            options.token,
+            kernel_id,
+            code,
+            metadata,
+            renderer,
+            _ask_now,
+            spec=getattr(args, "spec", None),
+        )
     except Unavailable:
         return None
 
