@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -78,6 +79,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # A stopped server's directory holds nothing anyone needs (a failed
+        # start keeps its log: start_cellmux raises before it returns one).
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _free_port() -> int:
