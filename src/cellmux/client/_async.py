@@ -692,6 +692,13 @@ class AsyncKernel:
         """The is_complete_reply content (status: complete/incomplete/invalid/unknown)."""
         return (await self.request("is_complete_request", {"code": code}, timeout=timeout)).content
 
+    async def namespace(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The cellmux_namespace_reply content: the user's variables (name,
+        type, size, short repr), or a pdb session's frame, even while a cell
+        runs. C{status} is C{"unresponsive"} when the server answered for a
+        kernel whose GIL is held by C code (docs/protocol.md, section 16)."""
+        return (await self.request("cellmux_namespace_request", {}, timeout=timeout)).content
+
     async def kernel_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The kernel_info_reply content."""
         return (await self.request("kernel_info_request", {}, timeout=timeout)).content

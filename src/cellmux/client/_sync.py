@@ -401,6 +401,10 @@ class Kernel:
         """The is_complete_reply content."""
         return self._loop.run(self.async_kernel.is_complete(code, timeout=timeout))
 
+    def namespace(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """The cellmux_namespace_reply content (see L{AsyncKernel.namespace})."""
+        return self._loop.run(self.async_kernel.namespace(timeout=timeout))
+
     def kernel_info(self, *, timeout: float | None = None) -> dict[str, Any]:
         """The kernel_info_reply content."""
         return self._loop.run(self.async_kernel.kernel_info(timeout=timeout))

@@ -190,6 +190,15 @@ def run_kernel(order: KernelOrder) -> None:
         from .tuning import warm_up
 
         warm_up(app)
+        # One emission order across the kernel's sockets, kept by the pump.
+        from .introspection import IntrospectionThread
+        from .ordering import install as install_ordering
+
+        emission = install_ordering(app)
+        # complete, inspect, … answered while a cell runs.
+        IntrospectionThread(
+            app.kernel, app.context, inproc_endpoint(INPROC_PORTS["introspection"]), emission.stamp
+        ).start()
         Pump(app.context, order.endpoint, order.link_id, order.secret, os.getpid()).start()
         os.close(err_fd)
         err_fd = -1

@@ -20,6 +20,8 @@ first client never races the kernel's start.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import threading
 import time
@@ -41,6 +43,8 @@ from cellmux.protocol import (
 from cellmux.protocol.jupyter import jupyter_parts
 
 from .flowcontrol import IOPUB_QUEUE
+from .introspection import INTROSPECTION_TYPES
+from .ordering import stamp_of
 
 __all__ = ["INPROC_PORTS", "Pump"]
 
@@ -48,8 +52,17 @@ DELIMITER = b"<IDS|MSG>"
 
 #: The "ports" the kernel app binds its inproc sockets on; "replies" is
 #: the pump's own, where the main shell's replies may come straight from
-#: the main thread (cellmux.kernel.tuning, change ``replies``).
-INPROC_PORTS = {"shell": 1, "stdin": 2, "control": 3, "iopub": 4, "replies": 5}
+#: the main thread (cellmux.kernel.tuning, change ``replies``);
+#: "introspection" is the pump's own too, towards the thread that answers
+#: introspection requests while a cell runs (cellmux.kernel.introspection).
+INPROC_PORTS = {
+    "shell": 1,
+    "stdin": 2,
+    "control": 3,
+    "iopub": 4,
+    "replies": 5,
+    "introspection": 6,
+}
 
 #: ZeroMQ heartbeat on the link (runs in libzmq's I/O thread, no GIL).
 HEARTBEAT_IVL_MS = 1000
@@ -88,6 +101,70 @@ def _view(part) -> memoryview:
     return memoryview(part) if isinstance(part, bytes) else part.buffer
 
 
+def _msg_type(header: bytes) -> str:
+    try:
+        msg_type = json.loads(header).get("msg_type", "")
+    except (ValueError, AttributeError):
+        return ""
+    return msg_type if isinstance(msg_type, str) else ""
+
+
+class Reorder:
+    """Puts the messages of several sockets back in the kernel's emission order.
+
+    Each message carries its emission number (L{cellmux.kernel.ordering}),
+    taken under one lock together with queueing it: when a message numbered
+    N arrives, every message numbered below N is already queued in some
+    socket, or will never come. So when numbers are missing before the
+    lowest held message, the pump reads the other sockets on, one message
+    at a time, each until it is empty or yields a number past the missing
+    one (a socket's numbers only grow): whatever has not turned up by then
+    is lost for good and skipped.
+
+    Holds only what it read while looking for a missing number, and what
+    waits for credit: a few messages.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[tuple[int, int, int, list]] = []
+        self._arrival = itertools.count()
+        #: The number expected next (None until the first numbered message).
+        self.next: int | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self._held)
+
+    def hold(self, msg: list, socket: int) -> int | None:
+        """Keep a message read from a kernel socket; return its number."""
+        delimiter = next((i for i, f in enumerate(msg[:64]) if f.bytes == DELIMITER), None)
+        if delimiter is None or delimiter + 1 >= len(msg):
+            return None  # not a Jupyter message: dropped
+        number = stamp_of(msg[delimiter + 1])
+        # Unnumbered (no ordering installed): in arrival order, first.
+        key = -1 if number is None else number
+        heapq.heappush(self._held, (key, next(self._arrival), socket, msg))
+        return number
+
+    def lowest(self) -> int:
+        return self._held[0][0]
+
+    def missing(self) -> bool:
+        """Whether numbers are missing before the lowest held message."""
+        if not self._held or self.next is None:
+            return False
+        return self._held[0][0] > self.next
+
+    def skip(self) -> None:
+        """The missing numbers are lost: go on from the lowest held one."""
+        self.next = self._held[0][0]
+
+    def pop(self) -> tuple[int, list]:
+        number, _, socket, msg = heapq.heappop(self._held)
+        if number >= 0:
+            self.next = max(number + 1, self.next or 0)
+        return socket, msg
+
+
 def classify(header: bytes, content: memoryview) -> int:
     """The channel of a kernel message, from its header (and stream name)."""
     try:
@@ -114,6 +191,7 @@ class Pump(threading.Thread):
         self._link = KernelSideLink(link_id, secret, pid)
         self._link_id = link_id
         self._session = "cellmux-pump-" + uuid.uuid4().hex[:8]
+        self._order = Reorder()
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self._context.socket(kind)
@@ -145,11 +223,14 @@ class Pump(threading.Thread):
         replies = ctx.socket(zmq.PULL)
         replies.linger = 0
         replies.bind(inproc_endpoint(INPROC_PORTS["replies"]))
+        introspection = ctx.socket(zmq.PAIR)
+        introspection.linger = 0
+        introspection.bind(inproc_endpoint(INPROC_PORTS["introspection"]))
 
         self._authenticate(link)
         self._wait_for_kernel(shell, replies, iopub)
         link.send_multipart(self._link.ready())
-        self._relay(link, shell, control, stdin, iopub, replies)
+        self._relay(link, shell, control, stdin, iopub, replies, introspection)
 
     def _authenticate(self, link: zmq.Socket) -> None:
         link.send_multipart(self._link.hello())
@@ -180,13 +261,18 @@ class Pump(threading.Thread):
                 next_nudge = time.monotonic() + NUDGE_INTERVAL
             for sock, _ in poller.poll(int(NUDGE_INTERVAL * 1000)):
                 while sock.poll(0):
-                    sock.recv_multipart()
+                    msg = sock.recv_multipart(copy=False)
+                    # What the kernel sent before the relay starts numbers
+                    # nothing the clients will see.
+                    self._order.hold(msg, 0)
+                    while self._order:
+                        self._order.pop()
                     if sock is iopub:
                         published = True
                     else:
                         replied = True
 
-    def _relay(self, link, shell, control, stdin, iopub, replies) -> None:
+    def _relay(self, link, shell, control, stdin, iopub, replies, introspection) -> None:
         to_kernel = {
             JupyterSocket.SHELL: shell,
             JupyterSocket.CONTROL: control,
@@ -198,11 +284,14 @@ class Pump(threading.Thread):
             stdin: JupyterSocket.STDIN,
             iopub: JupyterSocket.IOPUB,
             replies: JupyterSocket.SHELL,
+            introspection: JupyterSocket.SHELL,
         }
+        self._introspection = introspection
+        self._from_kernel = from_kernel
         everything = zmq.Poller()
         # iopub first: output a kernel flushed before an input_request or a
         # reply is forwarded before it (poll reports in registration order).
-        for sock in (link, iopub, shell, replies, control, stdin):
+        for sock in (link, iopub, shell, replies, control, stdin, introspection):
             everything.register(sock, zmq.POLLIN)
         link_only = zmq.Poller()
         link_only.register(link, zmq.POLLIN)
@@ -219,7 +308,34 @@ class Pump(threading.Thread):
                     if sock is link:
                         self._from_server(msg, link, to_kernel)
                     else:
-                        self._to_server(msg, from_kernel[sock], link)
+                        self._order.hold(msg, from_kernel[sock])
+                    self._release(link)
+
+    def _release(self, link: zmq.Socket) -> None:
+        """Forward held messages in emission order, while credit lasts."""
+        order = self._order
+        while order and self._link.credit > 0:
+            if order.missing():
+                self._look_for_missing()
+                if order.missing():
+                    order.skip()
+                continue
+            socket, msg = order.pop()
+            self._to_server(msg, socket, link)
+
+    def _look_for_missing(self) -> None:
+        """Read the kernel's sockets on until the missing number turns up
+        or cannot be in any of them any more (see L{Reorder})."""
+        order = self._order
+        candidates = list(self._from_kernel)
+        while candidates and order.missing():
+            for sock in list(candidates):
+                if not sock.poll(0):
+                    candidates.remove(sock)
+                    continue
+                number = order.hold(sock.recv_multipart(copy=False), self._from_kernel[sock])
+                if number is not None and order.next is not None and number > order.next:
+                    candidates.remove(sock)
 
     def _from_server(self, msg: list, link: zmq.Socket, to_kernel: dict) -> None:
         parts = [bytes(m.buffer) if i < 5 else m for i, m in enumerate(msg)]
@@ -233,6 +349,19 @@ class Pump(threading.Thread):
         except ProtocolError:
             return  # the server never sends these; ignore rather than die
         target = to_kernel.get(socket)
+        if (
+            channel == Channel.INTROSPECTION
+            and socket == JupyterSocket.SHELL
+            and len(parts) >= 5
+            and _msg_type(parts[1]) in INTROSPECTION_TYPES
+        ):
+            # Answered at once by the introspection thread, even while a
+            # cell runs (cellmux.kernel.introspection).
+            try:
+                self._introspection.send_multipart(parts[1:], flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                pass  # no introspection thread: the shell answers, as stock
         if target is not None and len(parts) >= 5:
             target.send_multipart([DELIMITER, b"", *parts[1:]], copy=False)
 

@@ -355,10 +355,15 @@ def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
         # input_request goes out on the stdin socket, past the IOPub queue:
         # what the cell published before asking must be out first (a stock
         # flush waited for the queue even when it had no text to send).
+        # Flush first: with ``ahead`` a flush only queues the text, so the
+        # barrier must come after it, not before stock's own flushes.
         stock_input_request = kernel._input_request
 
         @functools.wraps(stock_input_request)
         def _input_request(*args: Any, **kwargs: Any) -> Any:
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:
+                    stream.flush()
             _iopub_barrier(iopub_thread)
             return stock_input_request(*args, **kwargs)
 
@@ -405,6 +410,8 @@ def _send_main_replies_to_pump(kernel: Any, context: zmq.Context) -> None:
     replies = context.socket(zmq.PUSH)
     replies.linger = 1000
     replies.connect(inproc_endpoint(INPROC_PORTS["replies"]))
+    # numbered like the kernel's own sockets (cellmux.kernel.ordering)
+    kernel.cellmux_replies_socket = replies
     stock = manager.get_subshell_to_shell_channel_socket
     to_pump = _RepliesByPeer(replies, lambda: stock(None), PUMP_ROUTING_ID)
 

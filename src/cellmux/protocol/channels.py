@@ -34,7 +34,8 @@ class Channel(enum.IntEnum):
     STDERR = 3
     #: busy/idle from the kernel; starting/dead/restarting from the server.
     STATUS = 4
-    #: complete, inspect, is_complete and history requests and replies.
+    #: complete, inspect, is_complete, history and cellmux_namespace
+    #: requests and replies (answered while a cell runs).
     INTROSPECTION = 5
     #: execute_request, execute_input, execute_reply.
     EXECUTE = 6
@@ -90,7 +91,7 @@ _BY_MSG_TYPE: dict[str, Channel] = {
     "comm_info_request": Channel.COMM,
     "comm_info_reply": Channel.COMM,
 }
-for _kind in ("complete", "inspect", "is_complete", "history"):
+for _kind in ("complete", "inspect", "is_complete", "history", "cellmux_namespace"):
     _BY_MSG_TYPE[f"{_kind}_request"] = Channel.INTROSPECTION
     _BY_MSG_TYPE[f"{_kind}_reply"] = Channel.INTROSPECTION
 

@@ -1,0 +1,96 @@
+"""One emission order for everything a kernel sends.
+
+ipykernel sends from several threads on several sockets: output and status
+from its IOPub thread, replies from the main thread (or the shell channel
+thread), prompts on stdin from the main thread, control replies from the
+control thread, introspection replies from cellmux's own thread. The pump
+reads those sockets one at a time, so without more it could forward an
+``input_request`` before the ``stream`` printed just before it, even though
+the kernel's barriers had handed that stream to the IOPub socket first.
+
+So every Jupyter message a kernel socket sends is numbered at the moment it
+enters its socket, under one lock: a number is taken and the message queued
+in one step, so a message with a higher number was always queued after
+every message with a lower one. The number travels in the signature frame
+(the kernel's session is unsigned: that frame is otherwise empty, and the
+pump strips it). The pump forwards in number order (see
+L{cellmux.kernel.pump.Reorder}).
+
+A number can be lost (a send that fails or is interrupted, a message sent
+before the pump subscribed); the pump tells a lost number from a late one
+because, thanks to the lock, a late one is already in its socket.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+__all__ = ["DELIMITER", "STAMP_SIZE", "EmissionOrder", "install", "stamp_of"]
+
+DELIMITER = b"<IDS|MSG>"
+#: Bytes of the number that replaces the (empty) signature.
+STAMP_SIZE = 8
+
+
+def stamp_of(frame: Any) -> int | None:
+    """The emission number in a signature frame, or None if it has none."""
+    data = frame if isinstance(frame, bytes) else getattr(frame, "bytes", b"")
+    if len(data) != STAMP_SIZE:
+        return None
+    return int.from_bytes(data, "big")
+
+
+class EmissionOrder:
+    """Numbers the messages of the sockets it is given, in sending order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._next = 1
+
+    def stamp(self, socket: Any) -> None:
+        """Make C{socket}'s C{send_multipart} number each Jupyter message.
+
+        Messages without the routing delimiter (none a kernel socket sends
+        to the pump) keep their frames and take no number.
+        """
+        send = socket.send_multipart
+        lock = self._lock
+
+        def send_multipart(msg_parts: Any, *args: Any, **kwargs: Any) -> Any:
+            parts = list(msg_parts)
+            at = next((i for i, p in enumerate(parts[:64]) if _is_delimiter(p)), None)
+            if at is None or at + 1 >= len(parts):
+                return send(parts, *args, **kwargs)
+            with lock:
+                parts[at + 1] = self._next.to_bytes(STAMP_SIZE, "big")
+                self._next += 1
+                return send(parts, *args, **kwargs)
+
+        socket.send_multipart = send_multipart
+
+
+def _is_delimiter(part: Any) -> bool:
+    try:
+        return len(part) == len(DELIMITER) and bytes(part) == DELIMITER
+    except TypeError:
+        return False
+
+
+def install(app: Any) -> EmissionOrder:
+    """Number what the kernel app's sockets send to the pump; call after
+    C{app.initialize()}, before the pump starts relaying."""
+    order = EmissionOrder()
+    thread = getattr(app, "iopub_thread", None)
+    sockets = [
+        getattr(thread, "socket", None),
+        app.shell_socket,
+        app.stdin_socket,
+        app.control_socket,
+        # the main shell's replies, straight to the pump (cellmux.kernel.tuning)
+        getattr(app.kernel, "cellmux_replies_socket", None),
+    ]
+    for socket in sockets:
+        if socket is not None:
+            order.stamp(socket)
+    return order
