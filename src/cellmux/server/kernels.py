@@ -49,6 +49,7 @@ from cellmux.protocol.jupyter import jupyter_parts
 
 from .counters import ServerCounters
 from .history import HISTORY_LENGTH, HistoryEntry, InputHistory
+from .introspection import UnansweredIntrospection
 from .kernelspecs import KernelSpec, KernelSpecs
 from .lifecycle import (
     RUNNING,
@@ -294,6 +295,11 @@ class Kernel:
         )
         #: Which grant owns each session id here: only it gets its prompts.
         self.session_owners = SessionOwners()
+        #: Introspection requests not answered yet: the server answers
+        #: ``unresponsive`` for a kernel whose GIL is held by C code.
+        self.unanswered = UnansweredIntrospection(
+            self._clock, lambda: manager.config.unresponsive_after, self._answer_for_kernel
+        )
         #: Automatic restarts left (no crash loops).
         self.restarts = RestartBudget(MAX_AUTO_RESTARTS, RESTART_WINDOW)
         #: Start a fresh process under this id when this one dies (the
@@ -342,6 +348,8 @@ class Kernel:
         transition = self.lifecycle.handle(event)
         if transition.publish is not None:
             self.publish(Channel.STATUS, "status", transition.publish)
+        if transition.after is KernelState.UNRESPONSIVE:
+            self.unanswered.unresponsive()
         return transition
 
     def bind(self, incarnation: Incarnation) -> None:
@@ -355,6 +363,7 @@ class Kernel:
         if old is not None:
             old.kernel = None
         self._drop_pending_input()
+        self.unanswered.clear()
         return old
 
     # -- frames to the clients ----------------------------------------------
@@ -369,6 +378,12 @@ class Kernel:
             self.unwatched_bytes += sum(map(len, parts))
         if channel == Channel.STATUS:
             self._note_status(parts[3])
+        if (
+            channel == Channel.INTROSPECTION
+            and len(parts) > 1
+            and not self.unanswered.replied(parts[1])
+        ):
+            return  # the server answered it already (unresponsive)
         if channel == Channel.STDIN:
             self._route_input(socket, parts)
             return
@@ -420,6 +435,14 @@ class Kernel:
                 self._manager.went_idle(self)
 
     # -- stdin ------------------------------------------------------------------
+
+    def _answer_for_kernel(self, request: dict[str, Any], content: dict[str, Any]) -> None:
+        """The server's reply to an introspection request, on the kernel's
+        behalf: on the shell socket, like the reply it stands in for."""
+        now = datetime.fromtimestamp(self._clock.seconds(), UTC)
+        reply_type = request["msg_type"].removesuffix("_request") + "_reply"
+        parts = jupyter_parts(reply_type, content, now=now, parent=request)
+        self._emit(Channel.INTROSPECTION, JupyterSocket.SHELL, parts, None)
 
     def _route_input(self, socket: int, parts: list) -> None:
         """An input_request goes only to the client whose request asked.
@@ -587,10 +610,20 @@ class Kernel:
         if inc is None or self.state not in RUNNING:
             raise KernelNotRunning(f"kernel is {self.state.value}")
         self.last_activity = self._clock.seconds()
+        parts = list(parts)
+        introspection = channel == Channel.INTROSPECTION and socket == JupyterSocket.SHELL
+        if (
+            introspection
+            and self.state is KernelState.UNRESPONSIVE
+            and self.unanswered.refuse(parts[0])
+        ):
+            return  # nothing in the kernel can answer now: say so at once
         try:
-            self._manager.send_to_process(inc, channel, socket, list(parts))
+            self._manager.send_to_process(inc, channel, socket, parts)
         except KernelUnreachable as e:
             raise KernelNotRunning(str(e)) from None
+        if introspection:
+            self.unanswered.sent(parts[0])
 
     def remember_input(self, session: str, header: bytes, content: bytes) -> None:
         """Keep the code of an execute_request, for clients that re-run it."""
