@@ -46,6 +46,7 @@ ROOT_ONLY = {
     "test_nonroot.py",  # likewise
     "test_browser.py",  # apt-get installs Chromium
     "test_tls_browser.py",  # likewise
+    "test_browser_busy.py",  # likewise
     "test_jupyterlab.py",  # likewise (the browser fixture)
     "test_widgets_browser.py",  # likewise
     "test_browser_reload.py",  # likewise
