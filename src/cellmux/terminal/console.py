@@ -48,8 +48,10 @@ from .server import (
 
 __all__ = ["Interrupted", "add_arguments", "add_console_options", "main", "run_console"]
 
-#: Seconds to wait for is_complete and complete replies before giving up
-#: (a busy kernel answers neither: Enter then runs the input as it is).
+#: Seconds to wait for is_complete and complete replies before giving up.
+#: A kernel answers them while a cell runs, and the server answers
+#: "unresponsive" within 2 s for one whose GIL C code holds; this only
+#: covers a lost connection (Enter then runs the input as it is).
 INTROSPECTION_TIMEOUT = 3.0
 
 
