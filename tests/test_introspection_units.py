@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -146,9 +147,18 @@ def test_a_namespace_listing_is_bounded_and_leaves_out_what_the_user_did_not_mak
         "In": [],
         "bad": Loud(),
     }
+    class Slow:
+        def __repr__(self) -> str:
+            while True:
+                pass
+
+    namespace["slow"] = Slow()
+    started = time.monotonic()
     listing = describe_namespace(namespace, hidden={"In": namespace["In"]})
+    assert time.monotonic() - started < 2
     by_name = {v["name"]: v for v in listing["variables"]}
-    assert sorted(by_name) == ["bad", "items", "text", "x"]
+    assert sorted(by_name) == ["bad", "items", "slow", "text", "x"]
+    assert by_name["slow"]["repr"] == "<repr took too long>"
     assert by_name["items"]["size"] == "100000" and by_name["items"]["type"] == "list"
     assert len(by_name["text"]["repr"]) <= 120
     assert by_name["bad"]["repr"].startswith("<Loud instance")  # a repr that raises

@@ -27,6 +27,7 @@ import pdb
 import reprlib
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -58,6 +59,11 @@ INTROSPECTION_TYPES = frozenset(
 MAX_NAMES = 1000
 #: Characters of each value's short repr in a namespace listing.
 MAX_REPR = 120
+#: Seconds one value's repr may take, and all of a listing's reprs: a
+#: user's __repr__ may loop or crawl, and the one introspection thread
+#: must not hang on it. Past the bound, the entry says so instead.
+REPR_TIMEOUT = 0.2
+LISTING_BUDGET = 1.0
 
 _EXPERIMENTAL_TYPES_KEY = "_jupyter_types_experimental"
 
@@ -99,7 +105,32 @@ def _size(value: Any) -> str | None:
     return None
 
 
-def _describe(name: str, value: Any) -> dict[str, Any]:
+class _OutOfTime(BaseException):
+    """Raised into a repr that ran out of time (a BaseException, so that
+    reprlib's ``except Exception`` does not swallow it)."""
+
+
+def _short_repr(value: Any, deadline: float) -> str:
+    """reprlib's short repr, stopped at C{deadline} if it runs Python code."""
+
+    def tracer(frame: Any, event: str, arg: Any) -> Any:
+        if time.monotonic() > deadline:
+            raise _OutOfTime
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        return _short.repr(value)
+    except _OutOfTime:
+        return "<repr took too long>"
+    except Exception as e:  # a user's __repr__ may raise anything
+        return f"<repr failed: {type(e).__name__}>"
+    finally:
+        sys.settrace(previous)
+
+
+def _describe(name: str, value: Any, deadline: float) -> dict[str, Any]:
     kind = type(value)
     entry: dict[str, Any] = {
         "name": name,
@@ -110,10 +141,11 @@ def _describe(name: str, value: Any) -> dict[str, Any]:
     size = _size(value)
     if size is not None:
         entry["size"] = size
-    try:
-        text = _short.repr(value)
-    except Exception as e:  # a user's __repr__ may raise anything
-        text = f"<repr failed: {type(e).__name__}>"
+    now = time.monotonic()
+    if now > deadline:
+        text = "<not shown: the listing's reprs took too long>"
+    else:
+        text = _short_repr(value, min(deadline, now + REPR_TIMEOUT))
     if len(text) > MAX_REPR:
         text = text[: MAX_REPR - 1] + "…"
     entry["repr"] = text
@@ -141,9 +173,12 @@ def describe_namespace(
         names.append(name)
     names.sort()
     shown = names[:MAX_NAMES]
+    deadline = time.monotonic() + LISTING_BUDGET
     return {
         "status": "ok",
-        "variables": [_describe(name, namespace[name]) for name in shown if name in namespace],
+        "variables": [
+            _describe(name, namespace[name], deadline) for name in shown if name in namespace
+        ],
         "truncated": len(names) > len(shown),
     }
 
