@@ -147,6 +147,7 @@ def test_a_namespace_listing_is_bounded_and_leaves_out_what_the_user_did_not_mak
         "In": [],
         "bad": Loud(),
     }
+
     class Slow:
         def __repr__(self) -> str:
             while True:
