@@ -166,3 +166,13 @@ def test_a_namespace_listing_is_bounded_and_leaves_out_what_the_user_did_not_mak
     assert "size" not in by_name["x"] and listing["truncated"] is False
     many = describe_namespace({f"v{n:05}": n for n in range(MAX_NAMES + 5)})
     assert len(many["variables"]) == MAX_NAMES and many["truncated"] is True
+
+
+def test_completions_start_after_what_every_match_repeats():
+    from cellmux.kernel.introspection import _shared_head
+
+    assert _shared_head(".pa", [".path", ".pardir"]) == 1
+    assert _shared_head("os.pa", ["os.path"]) == 3
+    assert _shared_head("needle_v", ["needle_value"]) == 0
+    assert _shared_head("a.b.c", ["a.b.cd", "a.x"]) == 2
+    assert _shared_head("", []) == 0

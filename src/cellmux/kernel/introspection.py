@@ -183,6 +183,19 @@ def describe_namespace(
     }
 
 
+def _shared_head(typed: str, matches: list[str]) -> int:
+    """How much of what was typed every match repeats, up to its last
+    delimiter: IPython's matchers without jedi answer ``os.pa`` with
+    ``.path`` from the dot, where a client (and jedi) expects ``path``."""
+    head = 0
+    for n, char in enumerate(typed, 1):
+        if not all(m[:n] == typed[:n] for m in matches):
+            break
+        if not (char.isalnum() or char == "_"):
+            head = n
+    return head
+
+
 class IntrospectionThread(threading.Thread):
     """Answers the introspection requests the pump hands it, one by one.
 
@@ -325,17 +338,20 @@ class IntrospectionThread(threading.Thread):
             found = list(rectify_completions(code, completer.completions(code, cursor)))
         start = found[0].start if found else cursor
         end = found[0].end if found else cursor
+        texts = [c.text for c in found]
+        skip = _shared_head(code[start:cursor], texts)
+        start += skip
         return {
             "status": "ok",
-            "matches": [c.text for c in found],
+            "matches": [text[skip:] for text in texts],
             "cursor_start": start,
             "cursor_end": end,
             "metadata": {
                 _EXPERIMENTAL_TYPES_KEY: [
                     {
-                        "start": c.start,
+                        "start": start,
                         "end": c.end,
-                        "text": c.text,
+                        "text": c.text[skip:],
                         "type": c.type,
                         "signature": c.signature,
                     }
