@@ -5,6 +5,7 @@ Against a real server, kernel and Chromium (the shared ``browser`` fixture).
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator
 
@@ -48,3 +49,23 @@ def test_tab_completes_while_a_cell_runs(browser, busy_web_server):
         assert spin.locator(".cellmux-count").inner_text() != "[2]"
         page.click("#interrupt")
         expect(state).to_have_text("idle")
+
+
+def test_tab_on_a_kernel_whose_gil_is_held_says_it_is_unresponsive(browser, busy_web_server):
+    with _console(browser, busy_web_server) as page:
+        _finished(_run(page, "import ctypes"))
+        _run(page, "ctypes.PyDLL(None).sleep(8)")  # C code holding the GIL
+        page.wait_for_timeout(500)
+        cells = _cells(page)
+        last = cells.nth(cells.count() - 1)
+        last.locator(".cm-content").click()
+        page.keyboard.insert_text("ctyp")
+        started = time.monotonic()
+        page.keyboard.press("Tab")
+        # Answered by the server: at once if it knows, else after 2 s.
+        expect(last.locator(".cellmux-inspect")).to_contain_text(
+            re.compile(r"kernel is unresponsive|did not answer within 2 s"), timeout=5000
+        )
+        assert time.monotonic() - started < 5
+        page.keyboard.press("Escape")
+        expect(last.locator(".cellmux-inspect")).to_be_hidden()

@@ -120,6 +120,8 @@ export class Cell {
     const kernel = await this._kernel();
     const code = ctx.state.doc.toString();
     const reply = await kernel.complete(code, toCodePoints(code, ctx.pos));
+    // The server answers for a kernel whose GIL C code holds (protocol.md, 16).
+    if (reply && reply.status === 'unresponsive') this._showInspector(ctx.view, reply.evalue);
     if (!reply || reply.status !== 'ok' || !reply.matches.length) return null;
     return {
       from: fromCodePoints(code, reply.cursor_start),
@@ -133,13 +135,21 @@ export class Cell {
     const kernel = await this._kernel();
     const code = view.state.doc.toString();
     const reply = await kernel.inspect(code, toCodePoints(code, view.state.selection.main.head));
+    if (reply && reply.status === 'unresponsive') { this._showInspector(view, reply.evalue); return; }
     this.inspector.replaceChildren();
     if (!reply || !reply.found) {
       this.inspector.textContent = 'no documentation found';
     } else {
       appendAnsi(this.inspector, reply.data['text/plain'] || '');
     }
+    this._showInspector(view);
+  }
+
+  // Show the inspector pane (with TEXT, if given) until Escape.
+  _showInspector(view, text) {
+    if (text !== undefined) this.inspector.textContent = text;
     this.inspector.hidden = false;
+    if (!view) return;
     const close = () => { this.inspector.hidden = true; view.dom.removeEventListener('keydown', onKey); };
     const onKey = (event) => { if (event.key === 'Escape') close(); };
     view.dom.addEventListener('keydown', onKey);
