@@ -24,13 +24,19 @@ because, thanks to the lock, a late one is already in its socket.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
+
+import zmq
 
 __all__ = ["DELIMITER", "STAMP_SIZE", "EmissionOrder", "install", "stamp_of"]
 
 DELIMITER = b"<IDS|MSG>"
 #: Bytes of the number that replaces the (empty) signature.
 STAMP_SIZE = 8
+#: Pauses between attempts to send on a full socket (seconds, doubling).
+RETRY_FIRST = 0.0005
+RETRY_MAX = 0.01
 
 
 def stamp_of(frame: Any) -> int | None:
@@ -57,15 +63,27 @@ class EmissionOrder:
         send = socket.send_multipart
         lock = self._lock
 
-        def send_multipart(msg_parts: Any, *args: Any, **kwargs: Any) -> Any:
+        def send_multipart(msg_parts: Any, flags: int = 0, *args: Any, **kwargs: Any) -> Any:
             parts = list(msg_parts)
             at = next((i for i, p in enumerate(parts[:64]) if _is_delimiter(p)), None)
             if at is None or at + 1 >= len(parts):
-                return send(parts, *args, **kwargs)
-            with lock:
-                parts[at + 1] = self._next.to_bytes(STAMP_SIZE, "big")
-                self._next += 1
-                return send(parts, *args, **kwargs)
+                return send(parts, flags, *args, **kwargs)
+            pause = RETRY_FIRST
+            while True:
+                # Never block while holding the lock: a full socket (the
+                # pump out of credit) would stop every other thread's sends,
+                # control replies and introspection answers included. A
+                # number taken by a send that could not go is a lost number.
+                with lock:
+                    parts[at + 1] = self._next.to_bytes(STAMP_SIZE, "big")
+                    self._next += 1
+                    try:
+                        return send(parts, flags | zmq.NOBLOCK, *args, **kwargs)
+                    except zmq.Again:
+                        if flags & zmq.NOBLOCK:
+                            raise
+                time.sleep(pause)  # an XPUB cannot be polled for room
+                pause = min(pause * 2, RETRY_MAX)
 
         socket.send_multipart = send_multipart
 

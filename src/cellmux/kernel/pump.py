@@ -145,9 +145,6 @@ class Reorder:
         heapq.heappush(self._held, (key, next(self._arrival), socket, msg))
         return number
 
-    def lowest(self) -> int:
-        return self._held[0][0]
-
     def missing(self) -> bool:
         """Whether numbers are missing before the lowest held message."""
         if not self._held or self.next is None:
@@ -289,8 +286,8 @@ class Pump(threading.Thread):
         self._introspection = introspection
         self._from_kernel = from_kernel
         everything = zmq.Poller()
-        # iopub first: output a kernel flushed before an input_request or a
-        # reply is forwarded before it (poll reports in registration order).
+        # The order of registration does not matter: what is read is
+        # forwarded in the kernel's emission order (Reorder).
         for sock in (link, iopub, shell, replies, control, stdin, introspection):
             everything.register(sock, zmq.POLLIN)
         link_only = zmq.Poller()

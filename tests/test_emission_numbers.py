@@ -1,0 +1,115 @@
+"""The kernel side of the emission order: numbering sends, reordering reads.
+
+Real ZeroMQ inproc sockets and threads; no kernel (test_emission_order.py
+covers kernels and transports).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import zmq
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cellmux.kernel.ordering import DELIMITER, EmissionOrder, stamp_of
+from cellmux.kernel.pump import Reorder
+
+
+def _message(body: bytes) -> list[bytes]:
+    return [DELIMITER, b"", b"{}", b"{}", b"{}", body]
+
+
+def test_sends_from_many_threads_get_unique_numbers_growing_per_socket():
+    ctx = zmq.Context()
+    order = EmissionOrder()
+    pairs = []
+    for n in range(3):
+        sender, receiver = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+        sender.bind(f"inproc://numbers-{n}")
+        receiver.connect(f"inproc://numbers-{n}")
+        order.stamp(sender)
+        pairs.append((sender, receiver))
+
+    def send_all(sender) -> None:
+        for i in range(500):
+            sender.send_multipart(_message(str(i).encode()))
+
+    threads = [threading.Thread(target=send_all, args=(s,)) for s, _ in pairs]
+    for t in threads:
+        t.start()
+    numbers = []
+    for _, receiver in pairs:
+        mine = [stamp_of(receiver.recv_multipart()[1]) for _ in range(500)]
+        assert mine == sorted(mine)
+        numbers += mine
+    for t in threads:
+        t.join()
+    assert len(set(numbers)) == 1500
+    for s, r in pairs:
+        s.close(0)
+        r.close(0)
+    ctx.term()
+
+
+def test_a_full_socket_does_not_hold_the_lock():
+    """While one socket waits for room, another thread's sends go on."""
+    ctx = zmq.Context()
+    order = EmissionOrder()
+    full, full_reader = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    full.setsockopt(zmq.SNDHWM, 1)
+    full_reader.setsockopt(zmq.RCVHWM, 1)
+    full.bind("inproc://full")
+    full_reader.connect("inproc://full")
+    free, free_reader = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    free.bind("inproc://free")
+    free_reader.connect("inproc://free")
+    order.stamp(full)
+    order.stamp(free)
+
+    def flood() -> None:
+        for i in range(6):
+            full.send_multipart(_message(b"%d" % i))  # blocks: nobody reads yet
+
+    blocked = threading.Thread(target=flood)
+    blocked.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    free.send_multipart(_message(b"free"))
+    assert time.monotonic() - started < 0.1
+    assert free_reader.recv_multipart()[-1] == b"free"
+    got = [full_reader.recv_multipart() for _ in range(6)]
+    blocked.join()
+    assert [m[-1] for m in got] == [b"%d" % i for i in range(6)]
+    numbers = [stamp_of(m[1]) for m in got]
+    assert numbers == sorted(numbers)
+    for s in (full, full_reader, free, free_reader):
+        s.close(0)
+    ctx.term()
+
+
+@given(
+    st.lists(st.integers(1, 3), min_size=1, max_size=60),
+    st.sets(st.integers(0, 59)),
+)
+def test_reorder_forwards_in_number_order_and_skips_lost_numbers(sockets, lost):
+    """Numbers dealt to sockets in emission order, some lost on the way, read
+    socket by socket: what comes out is ascending, with nothing dropped."""
+    queues: dict[int, list[int]] = {1: [], 2: [], 3: []}
+    for number, socket in enumerate(sockets):
+        if number not in lost:
+            queues[socket].append(number)
+    reorder = Reorder()
+    reorder.next = 0
+    out: list[int] = []
+    for socket, numbers in queues.items():  # one socket drained after another
+        for number in numbers:
+            reorder.hold([zmq.Frame(DELIMITER), zmq.Frame(number.to_bytes(8, "big"))], socket)
+    while reorder:
+        if reorder.missing():
+            reorder.skip()  # every socket is empty: the numbers are lost
+        _, msg = reorder.pop()
+        out.append(stamp_of(msg[1]))
+    expected = [n for n in range(len(sockets)) if n not in lost]
+    assert out == expected
