@@ -110,6 +110,7 @@ def test_introspection_is_answered_while_a_cell_runs(two_clients):
 
 def test_a_jupyter_client_completes_while_a_cell_runs(busy_server, two_clients):
     kernel_id, runner, _ = two_clients
+    client = busy_server.client()
     runner.execute("needle_value = 41")
     jupyter = JupyterClient(busy_server, kernel_id, "v1")
     thread, _ = in_background(runner, SPIN.format(seconds=6))
@@ -129,9 +130,28 @@ def test_a_jupyter_client_completes_while_a_cell_runs(busy_server, two_clients):
         ]
         assert reply["channel"] == "shell" and reply["content"]["matches"] == ["needle_value"]
         assert time.monotonic() - started < 3
+        # Jupyter clients (JupyterLab) finish a request at its idle: it comes,
+        # marked, and the server does not take it for the kernel's state.
+        [idle] = [
+            m
+            for m in jupyter.until(
+                lambda m: (
+                    m["msg_type"] == "status"
+                    and m["parent_header"].get("msg_id") == msg_id
+                    and m["content"]["execution_state"] == "idle"
+                ),
+                timeout=5,
+            )
+            if m["msg_type"] == "status"
+            and m["content"]["execution_state"] == "idle"
+            and m["parent_header"].get("msg_id") == msg_id
+        ]
+        assert idle["content"]["cellmux_introspection"] is True
+        assert client.get_kernel(kernel_id).execution_state == "busy"
     finally:
         thread.join()
         jupyter.close()
+        client.close()
 
 
 def test_inside_pdb_introspection_sees_the_current_frame(two_clients):

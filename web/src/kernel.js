@@ -116,7 +116,8 @@ export class KernelClient {
     if (frame.channel === Channel.COMM && header.msg_type !== 'comm_info_reply') { this._emit('comm', msg); return; }
     // Output an Output widget captures goes there, not to the cell.
     if (this.widgets.capture(msg)) return;
-    if (frame.channel === Channel.STATUS && header.msg_type === 'status') {
+    // An introspection request's busy/idle is not the kernel's state.
+    if (frame.channel === Channel.STATUS && header.msg_type === 'status' && !content.cellmux_introspection) {
       const s = content.execution_state;
       this._setState(s, content.cause || null);
     }

@@ -930,8 +930,8 @@ class AsyncKernel:
 
     def _receive_status(self, msg: Message) -> None:
         state = msg.content.get("execution_state")
-        if not isinstance(state, str):
-            return
+        if not isinstance(state, str) or msg.content.get("cellmux_introspection"):
+            return  # (an introspection request's status: not the kernel's state)
         self.status = state
         if state == "dead":
             self.dead_cause = str(msg.content.get("cause") or "unknown cause")

@@ -194,10 +194,14 @@ def run_kernel(order: KernelOrder) -> None:
         from .introspection import IntrospectionThread
         from .ordering import install as install_ordering
 
-        emission = install_ordering(app)
-        # complete, inspect, … answered while a cell runs.
+        emission, backlog = install_ordering(app)
+        # complete, inspect, … answered while a cell runs; a reply waits for
+        # its busy status to be sent.
         IntrospectionThread(
-            app.kernel, app.context, inproc_endpoint(INPROC_PORTS["introspection"]), emission.stamp
+            app.kernel,
+            app.context,
+            inproc_endpoint(INPROC_PORTS["introspection"]),
+            lambda socket: emission.stamp(socket, after=backlog),
         ).start()
         Pump(app.context, order.endpoint, order.link_id, order.secret, os.getpid()).start()
         os.close(err_fd)

@@ -13,10 +13,12 @@ Python code (the interpreter switches threads every few milliseconds), not
 while C code holds the GIL. The server notices that case and answers for
 the kernel (docs/protocol.md, Introspection while busy).
 
-The requests are answered in the order they arrive, one at a time; they
-publish no ``busy``/``idle`` status, because they do not change what the
-kernel is doing (a status ``idle`` after a completion would tell every
-client the running cell had ended).
+The requests are answered in the order they arrive, one at a time. Each
+publishes ``busy`` and ``idle`` with the request as parent, as Jupyter
+clients expect (JupyterLab's requests are done only at their ``idle``),
+marked ``"cellmux_introspection": true``: the server and cellmux's clients
+do not take them for the kernel's state (an ``idle`` in the middle of a
+running cell is not the cell's end).
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ __all__ = [
     "INTROSPECTION_TYPES",
     "MAX_NAMES",
     "MAX_REPR",
+    "STATUS_MARK",
     "IntrospectionThread",
     "debugged_frame",
     "describe_namespace",
 ]
 
+#: Marks the status messages of introspection requests (see above).
+STATUS_MARK = "cellmux_introspection"
 #: The request types the introspection thread answers (the rest of a
 #: client's messages go to ipykernel's shell, as before).
 INTROSPECTION_TYPES = frozenset(
@@ -231,12 +236,50 @@ class IntrospectionThread(threading.Thread):
             self._wrap_socket(socket)
         while True:
             parts = socket.recv_multipart()
+            header = self._status("busy", parts)
             try:
                 reply = self.answer(parts)
+                if reply is not None:
+                    socket.send_multipart(reply)
             except Exception:  # never let one request end the thread
-                continue
-            if reply is not None:
-                socket.send_multipart(reply)
+                pass
+            if header is not None:
+                self._status("idle", parts, header)
+
+    def _status(
+        self, state: str, parts: list[bytes], header: dict[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Publish busy or idle for a request (returns its header)."""
+        if header is None:
+            try:
+                header = json.loads(parts[0]) if parts else None
+            except ValueError:
+                return None
+            if not isinstance(header, dict):
+                return None
+        iopub = getattr(self._kernel, "iopub_socket", None)
+        if iopub is None:
+            return header
+        session = self._own_session()
+        # Scheduled on the IOPub thread (thread-safe); the reply waits for
+        # it to be sent, so busy comes first (cellmux.kernel.ordering).
+        session.send(
+            iopub,
+            "status",
+            {"execution_state": state, STATUS_MARK: True},
+            parent=header,
+            ident=b"kernel.%s.status" % session.session.encode(),
+        )
+        return header
+
+    def _own_session(self) -> Any:
+        if self._session is None:
+            from jupyter_client.session import Session
+
+            # A session of its own: Session numbers its msg_ids with a
+            # counter that is not safe to share between threads.
+            self._session = Session(key=b"", username=self._kernel.session.username)
+        return self._session
 
     def answer(self, parts: list[bytes]) -> list[bytes] | None:
         """The serialised reply (delimiter first) to one request's parts."""
@@ -262,13 +305,7 @@ class IntrospectionThread(threading.Thread):
             }
         from ipykernel.jsonutil import json_clean
 
-        if self._session is None:
-            from jupyter_client.session import Session
-
-            # A session of its own: Session numbers its msg_ids with a
-            # counter that is not safe to share between threads.
-            self._session = Session(key=b"", username=self._kernel.session.username)
-        session = self._session
+        session = self._own_session()
         parent = {"header": header}
         msg = session.msg(reply_type, json_clean(reply_content), parent=parent)
         return session.serialize(msg)

@@ -29,7 +29,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["DELIMITER", "STAMP_SIZE", "EmissionOrder", "install", "stamp_of"]
+__all__ = ["DELIMITER", "STAMP_SIZE", "EmissionOrder", "IOPubBacklog", "install", "stamp_of"]
 
 DELIMITER = b"<IDS|MSG>"
 #: Bytes of the number that replaces the (empty) signature.
@@ -37,6 +37,10 @@ STAMP_SIZE = 8
 #: Pauses between attempts to send on a full socket (seconds, doubling).
 RETRY_FIRST = 0.0005
 RETRY_MAX = 0.01
+#: Longest a reply waits for the IOPub thread to send what was published
+#: before it (as tuning's reply barrier: a wedged IOPub thread must not
+#: wedge the shell for ever).
+BARRIER_TIMEOUT = 10.0
 
 
 def stamp_of(frame: Any) -> int | None:
@@ -47,6 +51,52 @@ def stamp_of(frame: Any) -> int | None:
     return int.from_bytes(data, "big")
 
 
+class IOPubBacklog:
+    """Whether ipykernel's IOPub thread still has published work to send.
+
+    A thread publishes on IOPub by scheduling the send on the IOPub thread,
+    so a ``status: busy`` published before a reply may reach its socket
+    after the reply reached another. A reply therefore first waits for the
+    IOPub thread to finish what was scheduled before it: the order the
+    threads published in is the order the sockets see, as Jupyter clients
+    expect (busy, then the reply, then idle). Counting scheduled and
+    finished events makes the common case, nothing pending, free.
+    """
+
+    def __init__(self, iopub_thread: Any) -> None:
+        self._thread = iopub_thread
+        self._lock = threading.Lock()
+        self._scheduled = self._finished = 0
+        schedule = iopub_thread.schedule
+
+        def counted_schedule(f: Any) -> None:
+            def run() -> None:
+                try:
+                    f()
+                finally:
+                    with self._lock:
+                        self._finished += 1
+
+            with self._lock:
+                self._scheduled += 1
+            schedule(run)
+
+        iopub_thread.schedule = counted_schedule
+
+    def wait(self) -> None:
+        """Return once everything scheduled so far has run (or at once)."""
+        with self._lock:
+            pending = self._scheduled != self._finished
+        thread = getattr(self._thread, "thread", None)
+        if not pending or thread is None or not thread.is_alive():
+            return
+        if thread.ident == threading.get_ident():
+            return
+        done = threading.Event()
+        self._thread.schedule(done.set)
+        done.wait(BARRIER_TIMEOUT)
+
+
 class EmissionOrder:
     """Numbers the messages of the sockets it is given, in sending order."""
 
@@ -54,11 +104,14 @@ class EmissionOrder:
         self._lock = threading.Lock()
         self._next = 1
 
-    def stamp(self, socket: Any) -> None:
+    def stamp(self, socket: Any, after: IOPubBacklog | None = None) -> None:
         """Make C{socket}'s C{send_multipart} number each Jupyter message.
 
         Messages without the routing delimiter (none a kernel socket sends
         to the pump) keep their frames and take no number.
+
+        @param after: wait for this backlog to be sent before each message
+            (for the sockets of replies and prompts, not for IOPub itself).
         """
         send = socket.send_multipart
         lock = self._lock
@@ -68,6 +121,8 @@ class EmissionOrder:
             at = next((i for i, p in enumerate(parts[:64]) if _is_delimiter(p)), None)
             if at is None or at + 1 >= len(parts):
                 return send(parts, flags, *args, **kwargs)
+            if after is not None:
+                after.wait()
             pause = RETRY_FIRST
             while True:
                 # Never block while holding the lock: a full socket (the
@@ -95,20 +150,23 @@ def _is_delimiter(part: Any) -> bool:
         return False
 
 
-def install(app: Any) -> EmissionOrder:
+def install(app: Any) -> tuple[EmissionOrder, IOPubBacklog | None]:
     """Number what the kernel app's sockets send to the pump; call after
-    C{app.initialize()}, before the pump starts relaying."""
+    C{app.initialize()}, before the pump starts relaying. Returns the order
+    and the IOPub backlog replies wait for, for sockets made later."""
     order = EmissionOrder()
     thread = getattr(app, "iopub_thread", None)
-    sockets = [
-        getattr(thread, "socket", None),
+    backlog = IOPubBacklog(thread) if thread is not None else None
+    if thread is not None:
+        order.stamp(thread.socket)
+    replies = [
         app.shell_socket,
         app.stdin_socket,
         app.control_socket,
         # the main shell's replies, straight to the pump (cellmux.kernel.tuning)
         getattr(app.kernel, "cellmux_replies_socket", None),
     ]
-    for socket in sockets:
+    for socket in replies:
         if socket is not None:
-            order.stamp(socket)
-    return order
+            order.stamp(socket, after=backlog)
+    return order, backlog
