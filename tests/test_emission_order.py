@@ -4,7 +4,8 @@ Each cell below prints, displays, asks for input, enters pdb and ends with
 a value; every step carries a marker ``#N`` whose numbers grow with the
 order the kernel emits them in. A client must see the markers in that
 order, across stdout, displays, stdin prompts (input, getpass, pdb), the
-execute_result and the execute_reply, and the reply before the ``idle``.
+execute_result and the execute_reply, after the ``busy`` and before the
+``idle``.
 The same cells run on the native websocket, the Jupyter websocket (both
 formats) and long polling, against real kernels.
 """
@@ -62,7 +63,7 @@ def cell(steps: list[str], final: bool) -> tuple[str, list[str]]:
     if final:
         lines.append(f"'#%d' % {len(steps)}")
         expected.append(str(len(steps)))
-    return "\n".join(lines) + "\n", [*expected, "reply", "idle"]
+    return "\n".join(lines) + "\n", ["busy", *expected, "reply", "idle"]
 
 
 class Answers:
@@ -94,8 +95,8 @@ def tokens(msg_type: str, content: dict) -> list[str]:
         return [f"prompt {n}" for n in MARKER.findall(content["prompt"])]
     if msg_type == "execute_reply":
         return ["reply"]
-    if msg_type == "status" and content.get("execution_state") == "idle":
-        return ["idle"]
+    if msg_type == "status" and content.get("execution_state") in ("busy", "idle"):
+        return [content["execution_state"]]
     return []
 
 
@@ -209,10 +210,53 @@ def test_output_printed_before_a_prompt_arrives_before_it(transport):
     RUNS[name + " (print then prompt)"] = 80
 
 
-@settings(max_examples=40)
+@settings(max_examples=150)
 @given(steps=st.lists(st.sampled_from(STEPS), min_size=1, max_size=6), final=st.booleans())
 def test_every_kind_of_output_arrives_in_emission_order(transport, steps, final):
     name, run = transport
     code, expected = cell(steps, final)
     assert observed(run(code, Answers(steps))) == expected, (name, code)
     RUNS[name] = RUNS.get(name, 0) + 1
+
+
+def test_replies_to_other_requests_come_between_their_busy_and_idle(order_server, order_kernel):
+    """kernel_info, comm_info and complete: busy, reply, idle, 50 times each.
+
+    ipykernel publishes busy by handing it to its IOPub thread, and sends
+    the reply itself: the reply used to overtake the busy."""
+    with order_server.client() as client, client.connect(order_kernel) as kernel:
+        for msg_type, content in (
+            ("kernel_info_request", {}),
+            ("comm_info_request", {}),
+            ("complete_request", {"code": "pri", "cursor_pos": 3}),
+        ):
+            for n in range(50):
+                seen: list[tuple[str, dict, dict]] = []
+
+                def listener(frame, seen=seen) -> None:
+                    if frame.channel != Channel.CONTROL and len(frame.parts) >= 4:
+                        header = json.loads(frame.parts[0])
+                        parent = json.loads(frame.parts[1])
+                        seen.append((header["msg_type"], parent, json.loads(frame.parts[3])))
+
+                remove = kernel.add_listener(listener)
+                try:
+                    reply = kernel.request(msg_type, content, timeout=20)
+                    deadline = time.monotonic() + 20
+                    while not any(
+                        m[0] == "status"
+                        and m[1].get("msg_id") == reply.parent_id
+                        and m[2]["execution_state"] == "idle"
+                        for m in seen
+                    ):
+                        assert time.monotonic() < deadline, seen
+                        time.sleep(0.005)
+                finally:
+                    remove()
+                order = [
+                    m[2]["execution_state"] if m[0] == "status" else "reply"
+                    for m in seen
+                    if m[1].get("msg_id") == reply.parent_id
+                    and (m[0] == "status" or m[0].endswith("_reply"))
+                ]
+                assert order == ["busy", "reply", "idle"], (msg_type, n, order)
