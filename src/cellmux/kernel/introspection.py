@@ -336,7 +336,9 @@ class IntrospectionThread(threading.Thread):
         jedi analyses source as well as objects: a tenth of a second per
         completion while a cell holds the GIL half the time, and seconds
         for its first use. The live namespace is what the user means
-        mid-run, and IPython's own matchers complete it in milliseconds.
+        mid-run, and IPython's own matchers complete it in milliseconds;
+        jedi (ipykernel's stock completion) answers only when they find
+        nothing.
         """
         from IPython.core.completer import IPCompleter
 
@@ -373,6 +375,10 @@ class IntrospectionThread(threading.Thread):
             completer = self._completer(dict(local_ns), frame.f_globals)
         with provisionalcompleter():
             found = list(rectify_completions(code, completer.completions(code, cursor)))
+        if not found and debugged is None:
+            # Nothing live matches: what only the code's text tells (a
+            # module it imports but has not run) needs jedi, as stock does.
+            return self._kernel.do_complete(code, cursor)
         start = found[0].start if found else cursor
         end = found[0].end if found else cursor
         texts = [c.text for c in found]

@@ -131,6 +131,21 @@ def modules_listed_at_fork(module: ModuleType) -> Iterator[bool]:
     used_list_from_nursery = True
 
 
+@contextlib.contextmanager
+def _jedi_cache_in(directory: str) -> Iterator[None]:
+    try:
+        import jedi
+    except ImportError:
+        yield
+        return
+    saved = jedi.settings.cache_directory
+    jedi.settings.cache_directory = os.path.join(directory, "jedi")
+    try:
+        yield
+    finally:
+        jedi.settings.cache_directory = saved
+
+
 def warm_ipython() -> None:
     """Build a throwaway IPython shell and run one cell in it; put back
     everything a shell changes in the process. Call in the nursery only."""
@@ -152,6 +167,15 @@ def warm_ipython() -> None:
         atexit.unregister(shell.atexit_operations)
         with contextlib.redirect_stdout(io.StringIO()):
             shell.run_cell("1+1", store_history=False)
+        # jedi's first completion (parso's grammar, the stubs of builtins
+        # and os) takes seconds: made here once, its caches are every
+        # kernel's (cellmux.kernel.introspection falls back on jedi).
+        # Its disk cache goes to a directory of ours, removed below (not the
+        # server user's ~/.cache); what it keeps in memory stays.
+        from IPython.core.completer import provisionalcompleter
+
+        with provisionalcompleter(), _jedi_cache_in(ipython_dir):
+            list(shell.Completer.completions("import os; os.pa", 16))
         shell.history_manager.end_session()
     finally:
         InteractiveShell.clear_instance()
