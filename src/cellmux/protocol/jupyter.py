@@ -1,9 +1,10 @@
 # -*- test-case-name: tests.test_protocol_jupyter -*-
 """Building the few Jupyter messages the server itself sends.
 
-The server relays kernel messages as opaque bytes; it only *makes* status
-messages (starting, restarting, dead with a cause) so clients learn of
-lifecycle events in the same format as busy and idle.
+The server relays kernel messages as opaque bytes; it only *makes* a few:
+status messages (starting, restarting, dead with a cause) so clients learn
+of lifecycle events in the same format as busy and idle, notices on stderr,
+and error replies to requests it refuses.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-__all__ = ["JUPYTER_PROTOCOL_VERSION", "SERVER_SESSION", "jupyter_parts", "status_parts"]
+__all__ = ["JUPYTER_PROTOCOL_VERSION", "SERVER_SESSION", "jupyter_parts"]
 
 #: Jupyter messaging protocol version of the messages the server makes.
 JUPYTER_PROTOCOL_VERSION = "5.3"
@@ -47,8 +48,3 @@ def jupyter_parts(
         "version": JUPYTER_PROTOCOL_VERSION,
     }
     return (_dumps(header), _dumps(parent or {}), b"{}", _dumps(content))
-
-
-def status_parts(state: str, *, now: datetime, **extra: Any) -> tuple[bytes, ...]:
-    """A ``status`` message made by the server, e.g. dead with its cause."""
-    return jupyter_parts("status", {"execution_state": state, **extra}, now=now)

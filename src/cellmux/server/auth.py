@@ -361,12 +361,6 @@ class TokenAuth:
                 return found
         return self.login_grant(cookie)
 
-    def check(
-        self, authorization: str | bytes | None, query_tokens: Sequence[str | bytes] = ()
-    ) -> bool:
-        """Whether the credentials are the server token (owner of everything)."""
-        return self.grant(authorization, query_tokens) == self._owner
-
     def web_grant(self, request) -> Grant | None:
         return self.grant(
             request.getHeader(b"authorization"),
@@ -400,9 +394,6 @@ class TokenAuth:
         L{query_pairs} like every other request's (not by Autobahn's own
         parser, which reads it differently)."""
         return self.grant(headers.get("authorization"), query_tokens(target), _cookie(headers))
-
-    def check_upgrade(self, headers: Mapping[str, str], target: str | bytes) -> bool:
-        return self.upgrade_grant(headers, target) == self._owner
 
     # -- named tokens -----------------------------------------------------------
 

@@ -400,10 +400,6 @@ class Kernel:
                 client.send_frame(data)
         return data
 
-    def publish_status(self, state: str, **extra: Any) -> None:
-        """A server-made status message, numbered like kernel frames."""
-        self.publish(Channel.STATUS, "status", {"execution_state": state, **extra})
-
     def publish(
         self,
         channel: int,
