@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_origin,tests.security.test_query_tokens -*-
 """Who may do what: the server token, per-kernel share tokens, roles, origins.
 
 * The server token (printed at start) is the owner of every kernel.
