@@ -4,9 +4,8 @@
 Stock ipykernel 7 spends most of a ``1+1`` round trip waiting: six
 round trips to the IOPub thread to flush streams that hold nothing, a
 fixed 0.5 ms sleep before every execute_reply, and debug log records built
-only to be dropped by the handler. ../shared/reference/ipykernel_latency.md
-measured where the time goes; this module removes the waits that are safe
-to remove, and keeps the ordering Jupyter clients rely on:
+only to be dropped by the handler. This module removes the waits that are
+safe to remove, and keeps the ordering Jupyter clients rely on:
 
 * ``busy`` comes first and ``idle`` last for every request, and nothing a
   request printed (through ``sys.stdout``, the fd, or a subprocess) arrives
