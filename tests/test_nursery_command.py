@@ -27,14 +27,19 @@ def test_directories_others_can_write_to_are_left_out(tmp_path):
     open_to_all = tmp_path / "open"
     open_to_all.mkdir()
     os.chmod(open_to_all, 0o777)
-    someone_elses = tmp_path / "theirs"
-    someone_elses.mkdir()
-    os.chown(someone_elses, 54321, 54321)  # tests run as root
     below_open = open_to_all / "lib"
     below_open.mkdir(mode=0o755)
-    for path in (open_to_all, someone_elses, below_open):
+    for path in (open_to_all, below_open):
         assert not sandbox.trusted_dir(str(path))
         assert nursery_command(str(path)) == [sys.executable, "-I", "-m", NURSERY_MODULE]
+
+
+def test_a_directory_of_another_user_is_left_out(tmp_path):
+    someone_elses = tmp_path / "theirs"
+    someone_elses.mkdir()
+    os.chown(someone_elses, 54321, 54321)  # only root can give it away
+    assert not sandbox.trusted_dir(str(someone_elses))
+    assert nursery_command(str(someone_elses)) == [sys.executable, "-I", "-m", NURSERY_MODULE]
 
 
 def test_trusted_dirs():
