@@ -11,11 +11,8 @@ frames between them and Autobahn.
 
 from __future__ import annotations
 
-import pprint
-import struct
 from typing import Any
 
-import autobahn.websocket.protocol
 from autobahn.twisted.websocket import (
     ConnectionDeny,
     WebSocketServerFactory,
@@ -26,6 +23,15 @@ from cellmux.protocol import CLOSE_UNSUPPORTED_DATA, ProtocolError, control_fram
 
 from .attachment import Attachment
 from .auth import OriginPolicy
+from .autobahn_compat import (
+    binary_frame_header,
+    binary_sender,
+    close,
+    close_reason,
+    quiet_option_dump,
+    request_target,
+    take_over_producer,
+)
 from .kernels import KernelManager
 from .native import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, CLOSE_UNKNOWN_KERNEL, NativeSession
 from .proxy import upgrade_secure
@@ -38,49 +44,12 @@ __all__ = [
     "ClientFactory",
     "binary_frame_header",
     "client_protocol_options",
+    "close",
     "close_reason",
+    "take_over_producer",
 ]
 
-
-def close_reason(reason: str) -> bytes:
-    """A close reason that is valid UTF-8 within a close frame's 123 bytes."""
-    return reason.encode()[:120].decode(errors="ignore").encode()
-
-
-def binary_frame_header(length: int) -> bytes:
-    """The header of an unmasked, final, binary websocket frame (RFC 6455 5.2)."""
-    if length <= 125:
-        return bytes((0x82, length))
-    if length <= 0xFFFF:
-        return struct.pack("!BBH", 0x82, 126, length)
-    return struct.pack("!BBQ", 0x82, 127, length)
-
-
-class _PrettyWhenLogged:
-    """An object that is pretty-printed only if a log line shows it."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __str__(self) -> str:
-        return pprint.pformat(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self), spec)
-
-
-def _pretty_print_options_only_when_logged() -> None:
-    # On every new connection Autobahn pretty-prints its 29 options for a
-    # debug log line, whether or not debug lines are kept: 0.2 ms (more on a
-    # cold cache) before the connection can do anything. The text is the
-    # same when the line is written.
-    if callable(getattr(autobahn.websocket.protocol, "pformat", None)):
-        autobahn.websocket.protocol.pformat = _PrettyWhenLogged
-
-
-_pretty_print_options_only_when_logged()
+quiet_option_dump()
 
 
 def client_protocol_options(max_frame_size: int) -> dict[str, Any]:
@@ -102,26 +71,6 @@ def client_protocol_options(max_frame_size: int) -> dict[str, Any]:
     }
 
 
-def close(protocol: WebSocketServerProtocol, code: int, reason: str) -> None:
-    """Close with any code: Autobahn's sendClose takes only 1000 and 3000-4999."""
-    if code == 1000 or 3000 <= code <= 4999:
-        protocol.sendClose(code, close_reason(reason).decode())
-    else:
-        protocol.sendCloseFrame(code, close_reason(reason), isReply=False)
-
-
-def take_over_producer(protocol: WebSocketServerProtocol, producer: object) -> None:
-    """Make C{producer} the one a full socket buffer pauses.
-
-    twisted.web's HTTP channel registered itself as the transport's producer
-    and Autobahn took the transport over without undoing it.
-    """
-    transport = protocol.transport
-    if getattr(transport, "producer", None) is not None:
-        transport.unregisterProducer()
-    transport.registerProducer(producer, True)
-
-
 class ClientConnection(WebSocketServerProtocol):
     # No `log = Logger()` here: Autobahn's own (txaio) logger filters its
     # debug lines, which include the upgrade request's headers and so the
@@ -129,7 +78,7 @@ class ClientConnection(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
-        self._plain_frames = False
+        self._send_binary = lambda data: self.sendMessage(data, isBinary=True)
         self.attachment: Attachment | None = None
         self.native: NativeSession | None = None
 
@@ -140,7 +89,7 @@ class ClientConnection(WebSocketServerProtocol):
     # -- called from Autobahn ---------------------------------------------
 
     def onConnect(self, request) -> None:
-        grant = self.factory.auth.upgrade_grant(request.headers, self.http_request_uri)
+        grant = self.factory.auth.upgrade_grant(request.headers, request_target(self))
         if grant is None:
             raise ConnectionDeny(403, "a valid token is required")
         headers = request.headers
@@ -160,14 +109,8 @@ class ClientConnection(WebSocketServerProtocol):
         return None
 
     def onOpen(self) -> None:
-        # What the fast path in deliver() leaves out must be off for good.
-        self._plain_frames = (
-            self._perMessageCompress is None
-            and not self.maskServerFrames
-            and not self.logFrames
-            and not self.trackedTimings
-            and not self.autoFragmentSize
-        )
+        # Options are settled once the connection is open.
+        self._send_binary = binary_sender(self)
         # Small frames (a `1+1` reply) must not wait for Nagle.
         self.transport.setTcpNoDelay(True)
         take_over_producer(self, self.attachment)
@@ -188,14 +131,8 @@ class ClientConnection(WebSocketServerProtocol):
     # -- called by the Attachment (Transport) ------------------------------
 
     def deliver(self, data: bytes) -> None:
-        # The hot path of every relayed frame. Autobahn's sendMessage spends
-        # most of its time on statistics, option checks and a debug line's
-        # arguments; for the frames cellmux sends (binary, unfragmented,
-        # uncompressed, unmasked: a server's) the header is 2-10 bytes.
-        if self.state == self.STATE_OPEN and not self.send_queue and self._plain_frames:
-            self.transport.writeSequence((binary_frame_header(len(data)), data))
-        else:
-            self.sendMessage(data, isBinary=True)
+        # The hot path of every relayed frame (autobahn_compat.binary_sender).
+        self._send_binary(data)
 
     def gap(self, first: int, last: int) -> None:
         self._control("gap", first=first, last=last, missed=last - first + 1)

@@ -47,15 +47,10 @@ from cellmux.protocol.jupyter import jupyter_parts
 
 from ..attachment import Attachment
 from ..auth import OriginPolicy
+from ..autobahn_compat import close, request_target, take_over_producer
 from ..kernels import Kernel, KernelError, KernelManager, KernelState
 from ..proxy import upgrade_secure
-from ..websocket import (
-    CLOSE_FORBIDDEN,
-    CLOSE_KERNEL_GONE,
-    client_protocol_options,
-    close,
-    take_over_producer,
-)
+from ..websocket import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, client_protocol_options
 from .codec import (
     Codec,
     JupyterCodecError,
@@ -161,7 +156,7 @@ class JupyterChannels(WebSocketServerProtocol):
     # -- called from Autobahn ---------------------------------------------
 
     def onConnect(self, request) -> str | None:
-        grant = self.factory.auth.upgrade_grant(request.headers, self.http_request_uri)
+        grant = self.factory.auth.upgrade_grant(request.headers, request_target(self))
         if grant is None:
             raise ConnectionDeny(403, "a valid token is required")
         headers = request.headers
@@ -385,7 +380,7 @@ class JupyterChannels(WebSocketServerProtocol):
             self._refused += 1
         if error.header is None or close_code is not None or self._refused > MAX_REFUSED:
             code = close_code or CLOSE_PROTOCOL_ERROR
-            self.sendCloseFrame(code, error.message.encode()[:120], isReply=False)
+            close(self, code, error.message)
             return
         if not not_reading:
             self._answer_error(error)
