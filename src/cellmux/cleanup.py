@@ -115,9 +115,10 @@ def _remove(path: str, deadline: float | None, clock: Callable[[], float]) -> No
     parent = os.open(parent_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     current = -1
     try:
-        current = _enter(parent, name, top.st_dev)
-        if current is None:
+        entered = _enter(parent, name, top.st_dev)
+        if entered is None:
             return
+        current = entered
         levels = [_Level(name, _identity(current))]
         ticks = 0
         while True:
@@ -127,8 +128,8 @@ def _remove(path: str, deadline: float | None, clock: Callable[[], float]) -> No
                 with os.scandir(current) as entries:
                     for entry in entries:
                         ticks += 1
-                        late = deadline is not None and ticks % _CLOCK_EVERY == 0
-                        if late and clock() > deadline:
+                        late = ticks % _CLOCK_EVERY == 0
+                        if late and deadline is not None and clock() > deadline:
                             raise _OutOfTime
                         if entry.is_dir(follow_symlinks=False):
                             level.pending.append(entry.name)

@@ -6,7 +6,7 @@ import argparse
 import errno
 import importlib
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import cellmux
 
@@ -114,7 +114,10 @@ def serve(argv: list[str]) -> int:
     )
     # stdout stays the terminal's: the URL with the token is printed there,
     # and must never end up in the log.
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    # Any callable taking an event is an observer; the class is not declared
+    # @implementer(ILogObserver) so that importing cellmux.cli stays free of
+    # Twisted (editors run it on every keypress).
+    globalLogBeginner.beginLoggingTo([cast("ILogObserver", observer)], redirectStandardIO=False)
     service = tap.build_service(options)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

@@ -285,14 +285,15 @@ class ServerConfig:
         # every start; the warning says nothing to a cellmux operator.
         env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
         if self.kernel_python:
-            env.update(self._kernel_python_environment(env.get("PATH", os.defpath)))
+            path = env.get("PATH", os.defpath)
+            env.update(self._kernel_python_environment(self.kernel_python, path))
         env.update(self.kernel_env)
         return env
 
-    def _kernel_python_environment(self, path: str) -> dict[str, str]:
+    def _kernel_python_environment(self, kernel_python: str, path: str) -> dict[str, str]:
         # ``!pip install`` and ``!python`` in a kernel use the kernels'
         # environment, not the server's.
-        bin_dir = os.path.dirname(os.path.abspath(self.kernel_python))
+        bin_dir = os.path.dirname(os.path.abspath(kernel_python))
         env = {"PATH": os.pathsep.join([bin_dir, path])}
         venv = os.path.dirname(bin_dir)
         env["VIRTUAL_ENV"] = venv if os.path.exists(os.path.join(venv, "pyvenv.cfg")) else ""

@@ -898,7 +898,9 @@ class AsyncKernel:
             if error.fatal:
                 self._fatal = error
         if op == "gap":
-            self.gaps.append((body.get("first"), body.get("last")))
+            first, last = body.get("first"), body.get("last")
+            if isinstance(first, int) and isinstance(last, int):
+                self.gaps.append((first, last))
             log.warning("the server no longer had %s frame(s) for us", body.get("missed"))
         if op in ("ok", "pong", "error", "history") and req_id is not None:
             future = self._control_waiters.pop(req_id, None)

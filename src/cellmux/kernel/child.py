@@ -190,6 +190,8 @@ def run_kernel(order: KernelOrder) -> None:
         from .tuning import warm_up
 
         warm_up(app)
+        if app.context is None:
+            raise RuntimeError("ipykernel started without a zmq context")
         # One emission order across the kernel's sockets, kept by the pump.
         from .introspection import IntrospectionThread
         from .ordering import install as install_ordering

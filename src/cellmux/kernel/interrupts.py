@@ -63,13 +63,12 @@ class _Shield:
         if _gate is not None:
             _gate.shielded += 1
 
-    def __exit__(self, *exc_info: object) -> bool:
+    def __exit__(self, *exc_info: object) -> None:
         gate = _gate
         if gate is not None:
             gate.shielded -= 1
             if not gate.shielded and gate.depth and gate.take_held():
                 raise KeyboardInterrupt
-        return False
 
 
 shield = _Shield()

@@ -35,6 +35,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 __all__ = ["modules_listed_at_fork", "record_module_files", "warm_ipython"]
 
@@ -119,15 +120,17 @@ class _SysWithModulesAtFork:
 def modules_listed_at_fork(module: ModuleType) -> Iterator[bool]:
     """While in the block, C{module}'s ``sys.modules.copy()`` gives the
     nursery's list (if it is still true); yields whether it does."""
-    if not unchanged_since_fork() or getattr(module, "sys", None) is not sys:
+    at_fork = _at_fork
+    if at_fork is None or not unchanged_since_fork() or getattr(module, "sys", None) is not sys:
         yield False
         return
     global used_list_from_nursery
-    module.sys = _SysWithModulesAtFork(_ModulesAtFork(_at_fork[2]))
+    patched: Any = module  # its global ``sys`` is swapped for the block
+    patched.sys = _SysWithModulesAtFork(_ModulesAtFork(at_fork[2]))
     try:
         yield True
     finally:
-        module.sys = sys
+        patched.sys = sys
     used_list_from_nursery = True
 
 
@@ -176,7 +179,8 @@ def warm_ipython() -> None:
 
         with provisionalcompleter(), _jedi_cache_in(ipython_dir):
             list(shell.Completer.completions("import os; os.pa", 16))
-        shell.history_manager.end_session()
+        if shell.history_manager is not None:
+            shell.history_manager.end_session()
     finally:
         InteractiveShell.clear_instance()
         for name, value in saved_sys.items():

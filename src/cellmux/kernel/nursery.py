@@ -461,11 +461,12 @@ class Nursery:
         held until the helper has killed them all, so none is handed out
         before. Without root there are no kernel uids and nothing to do.
         """
-        if self._uids is None:
+        uids = self._uids
+        if uids is None:
             return
         first, last = self.config.sandbox.uid_range
         found = sorted(sandbox.uids_with_processes(first, last))
-        swept = [uid for uid in found if self._uids.hold(uid)]
+        swept = [uid for uid in found if uids.hold(uid)]
         if not swept:
             return
         self._warn(f"killing processes left behind by uids {swept}")
@@ -475,7 +476,7 @@ class Nursery:
                 self._warn(f"processes of uids {swept} survived; uids kept out of use")
                 return
             for uid in swept:
-                self._uids.release(uid)
+                uids.release(uid)
 
         self._releasing[sandbox.kill_all_of(swept, wait=False)] = killed
 
@@ -602,7 +603,7 @@ class Nursery:
         self._guarded("removal of old kernel directories", self.clear_leftovers)
         self.emit(protocol.Ready(os.getpid()))
         while not self._finished():
-            timeout = 0.0
+            timeout: float | None = 0.0
             with contextlib.suppress(Exception):  # a clock or /proc hiccup: poll
                 timeout = self._timeout()
             for key, _ in sel.select(timeout):

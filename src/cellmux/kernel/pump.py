@@ -72,7 +72,7 @@ PUMP_ROUTING_ID = b"cellmux-pump"
 #: How often to repeat kernel_info_request while the kernel starts.
 NUDGE_INTERVAL = 0.2
 
-_TAGS = {
+_TAGS: dict[tuple[int, int], bytes] = {
     (channel, socket): encode_tag(channel, socket)
     for channel in Channel
     for socket in JupyterSocket

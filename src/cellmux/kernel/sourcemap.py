@@ -89,7 +89,10 @@ class SourceRef:
         value = metadata[METADATA_KEY]
         if not isinstance(value, dict):
             raise SourceRefError("cellmux metadata must be an object")
-        return cls(value.get("filename"), value.get("first_line", 1))
+        filename = value.get("filename")
+        if not isinstance(filename, str):
+            raise SourceRefError("cellmux metadata: filename must be a non-empty string")
+        return cls(filename, value.get("first_line", 1))
 
 
 def shifted(code: str, ref: SourceRef) -> str:

@@ -172,8 +172,8 @@ def _patch_outstream() -> None:
             return
         stock_flush(self)
 
-    OutStream._watch_pipe_fd = _watch_pipe_fd
-    OutStream.flush = flush
+    OutStream._watch_pipe_fd = _watch_pipe_fd  # type: ignore[method-assign]  # patched on purpose
+    OutStream.flush = flush  # type: ignore[method-assign]  # patched on purpose
 
 
 def _patch_flush_counter() -> None:
@@ -191,7 +191,7 @@ def _patch_flush_counter() -> None:
             )
         stock_flush_impl(self)
 
-    OutStream._flush = _flush
+    OutStream._flush = _flush  # type: ignore[method-assign]  # patched on purpose
 
 
 def _patch_iopub_wakes() -> None:
@@ -214,8 +214,8 @@ def _patch_iopub_wakes() -> None:
         for _ in range(len(self._events)):
             self._events.popleft()()
 
-    IOPubThread.schedule = schedule
-    IOPubThread._handle_event = _handle_event
+    IOPubThread.schedule = schedule  # type: ignore[method-assign]  # patched on purpose
+    IOPubThread._handle_event = _handle_event  # type: ignore[method-assign]  # patched on purpose
     _patch_stream_events()
 
 
@@ -263,8 +263,8 @@ def _patch_stream_events() -> None:
         if not done.wait(self.flush_timeout):
             print("IOStream.flush timed out", file=sys.__stderr__)
 
-    OutStream._schedule_flush = _schedule_flush
-    OutStream.flush = flush
+    OutStream._schedule_flush = _schedule_flush  # type: ignore[method-assign]  # patched on purpose
+    OutStream.flush = flush  # type: ignore[method-assign]  # patched on purpose
 
 
 def _patch_flush_ahead() -> None:
@@ -325,7 +325,7 @@ def _patch_flush_ahead() -> None:
         if size > FLUSH_AHEAD_BYTES:
             _iopub_barrier(self.pub_thread)
 
-    OutStream.flush = flush
+    OutStream.flush = flush  # type: ignore[method-assign]  # patched on purpose
 
 
 def _iopub_barrier(iopub_thread: Any) -> None:

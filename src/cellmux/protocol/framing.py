@@ -22,7 +22,7 @@ This module does no I/O. docs/protocol.md is the normative description.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 
@@ -67,6 +67,11 @@ def _check_parts(parts: object) -> None:
         raise ProtocolError("too_many_parts", f"a frame carries at most {MAX_PARTS} parts")
 
 
+def parts_tuple(parts: Iterable[bytes]) -> tuple[bytes, ...]:
+    """A frame's parts as the tuple it keeps (the converter of L{Frame.parts})."""
+    return tuple(parts)
+
+
 @attrs.frozen
 class Frame:
     """One frame: a channel number, a Jupyter socket hint, and parts.
@@ -78,7 +83,7 @@ class Frame:
     """
 
     channel: int = attrs.field()
-    parts: tuple[bytes, ...] = attrs.field(converter=tuple)
+    parts: tuple[bytes, ...] = attrs.field(converter=parts_tuple)
     seq: int = attrs.field(default=0)
     socket: JupyterSocket = attrs.field(default=JupyterSocket.NONE, converter=JupyterSocket)
 

@@ -38,7 +38,7 @@ so that neither keeps its own copy.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 
@@ -88,7 +88,7 @@ STOP_CLEANUP_TIME = 3.0
 MAX_LINE = 1024 * 1024
 
 
-def _hex(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _hex(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str) or not value:
         raise ProtocolError("nursery_bad_field", f"{attribute.name} must be a hex string")
     try:
@@ -97,12 +97,12 @@ def _hex(_instance: object, attribute: attrs.Attribute, value: object) -> None:
         raise ProtocolError("nursery_bad_field", f"{attribute.name} is not hex") from None
 
 
-def _text(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _text(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, str):
         raise ProtocolError("nursery_bad_field", f"{attribute.name} must be a string")
 
 
-def _pid(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _pid(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if type(value) is not int or value <= 0:
         raise ProtocolError("nursery_bad_field", f"{attribute.name} must be a positive integer")
 
@@ -110,7 +110,7 @@ def _pid(_instance: object, attribute: attrs.Attribute, value: object) -> None:
 # -- commands ---------------------------------------------------------------
 
 
-def _optional_text(instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _optional_text(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         _text(instance, attribute, value)
 
@@ -168,7 +168,12 @@ class Shutdown:
 
 Command = Spawn | Signal | Kill | Shutdown
 
-_COMMANDS: dict[str, type] = {"spawn": Spawn, "signal": Signal, "kill": Kill, "shutdown": Shutdown}
+_COMMANDS: dict[str, type[Command]] = {
+    "spawn": Spawn,
+    "signal": Signal,
+    "kill": Kill,
+    "shutdown": Shutdown,
+}
 
 
 # -- events -----------------------------------------------------------------
@@ -189,7 +194,7 @@ class Spawned:
     pid: int = attrs.field(validator=_pid)
 
 
-def _exit_info(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _exit_info(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if not isinstance(value, dict) or not isinstance(value.get("cause"), str):
         raise ProtocolError("nursery_bad_field", "an exited event needs a cause")
     if any(k in value for k in ("event", "link", "pid")):
@@ -205,7 +210,7 @@ class Exited:
     info: dict[str, Any] = attrs.field(validator=_exit_info)
 
 
-def _optional_hex(instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _optional_hex(instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
         _hex(instance, attribute, value)
 
@@ -221,7 +226,12 @@ class Error:
 
 Event = Ready | Spawned | Exited | Error
 
-_EVENTS: dict[str, type] = {"ready": Ready, "spawned": Spawned, "exited": Exited, "error": Error}
+_EVENTS: dict[str, type[Event]] = {
+    "ready": Ready,
+    "spawned": Spawned,
+    "exited": Exited,
+    "error": Error,
+}
 
 
 # -- lines ------------------------------------------------------------------
@@ -259,7 +269,10 @@ def _object(line: bytes) -> dict[str, Any]:
     return data
 
 
-def _build(cls: type, fields: dict[str, Any]) -> Any:
+_Message = TypeVar("_Message", bound="Command | Event")
+
+
+def _build(cls: type[_Message], fields: dict[str, Any]) -> _Message:
     names = {a.name for a in attrs.fields(cls)}
     unknown = set(fields) - names
     if unknown:

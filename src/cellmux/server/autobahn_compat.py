@@ -122,7 +122,7 @@ def quiet_option_dump() -> bool:
     """
     if INTERNALS_KNOWN:
         autobahn.websocket.protocol.pformat = _PrettyWhenLogged  # type: ignore[assignment]
-    return autobahn.websocket.protocol.pformat is _PrettyWhenLogged  # type: ignore[comparison-overlap]
+    return autobahn.websocket.protocol.pformat is _PrettyWhenLogged
 
 
 def binary_frame_header(length: int) -> bytes:
@@ -164,7 +164,7 @@ def binary_sender(protocol: WebSocketServerProtocol) -> Callable[[bytes], None]:
 
     def send(data: bytes) -> None:
         if protocol.state == open_state and not protocol.send_queue:
-            protocol.transport.writeSequence((binary_frame_header(len(data)), data))  # type: ignore[union-attr, call-arg]
+            protocol.transport.writeSequence((binary_frame_header(len(data)), data))  # type: ignore[union-attr]
         else:
             send_message(data, isBinary=True)
 

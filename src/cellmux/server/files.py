@@ -215,7 +215,7 @@ def _open_dir(root: str, parts: list[str], *, create_as: os.stat_result | None =
                         HTTPStatus.FORBIDDEN, f"{part!r} changed into a symlink; refused"
                     ) from None
                 raise HTTPError(HTTPStatus.CONFLICT, f"a file is in the way: {part!r}") from None
-            if created:
+            if created and create_as is not None:
                 _give(child, create_as, 0o700)
             os.close(fd)
             fd = child

@@ -220,7 +220,7 @@ class GuardedFactory(protocol.Factory):
 
     def __init__(
         self,
-        wrapped: protocol.Factory,
+        wrapped: protocol.Factory[Any],
         guard: DescriptorGuard,
         clock: Any,
         refused: Callable[[str], None],

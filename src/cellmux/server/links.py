@@ -34,6 +34,7 @@ import time
 from typing import Protocol
 
 import zmq
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from txzmq import ZmqFactory
 from txzmq.router_dealer import ZmqRouterConnection
@@ -109,6 +110,8 @@ class LinkRouter(ZmqRouterConnection):
     """
 
     log = Logger()
+    #: txzmq's pending read call, if one is scheduled.
+    read_scheduled: IDelayedCall | None
     #: Messages queued per peer before sends fail (EAGAIN) instead of
     #: growing without bound; txzmq's default of 0 means unlimited.
     highWaterMark = 10000
@@ -245,8 +248,9 @@ class LinkRouter(ZmqRouterConnection):
         finally:
             self._reschedule_read()
         link = self._links.get(link_id)
-        if op == "credit" and link is not None:
-            link.granted(fields["bytes"])  # the link then holds the kernel to it
+        granted = fields.get("bytes")
+        if op == "credit" and link is not None and isinstance(granted, int):
+            link.granted(granted)  # the link then holds the kernel to it
 
     def _reschedule_read(self) -> None:
         # ZeroMQ's FD is edge-triggered: after a send, incoming messages may
@@ -261,7 +265,7 @@ class LinkRouter(ZmqRouterConnection):
         that floods never lets happen: the reactor would serve nobody else.
         """
         if self.read_scheduled is not None:
-            if not self.read_scheduled.called:
+            if self.read_scheduled.active():
                 self.read_scheduled.cancel()
             self.read_scheduled = None
         messages, size = READ_BUDGET_MESSAGES, READ_BUDGET_BYTES

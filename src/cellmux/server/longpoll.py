@@ -51,6 +51,7 @@ from .auth import Grant, OriginPolicy
 from .kernels import Kernel, KernelManager
 from .native import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, NativeSession
 from .pages import cors_headers, preflight
+from .webjson import request_args, request_body
 
 __all__ = ["POLL_HOLD", "POLL_IDLE_EXPIRY", "PollConnection", "PollResource"]
 
@@ -231,8 +232,8 @@ class PollConnection:
         if kernel is not None:
             gap, entries = kernel.replay.after(cursor)
             if gap is not None:
-                body = {"op": "gap", "first": gap.first, "last": gap.last, "missed": gap.missed}
-                frames.append(encode_frame(control_frame(**body)))
+                gap_frame = control_frame("gap", first=gap.first, last=gap.last, missed=gap.missed)
+                frames.append(encode_frame(gap_frame))
             for entry in entries:
                 next_seq = entry.seq
                 if (
@@ -349,7 +350,7 @@ class PollResource(resource.Resource):
             return preflight(request)
         if not self._origin_ok(request):
             return self._error(request, HTTPStatus.FORBIDDEN, "this origin may not connect")
-        path = [p for p in request.postpath if p]
+        path = [p for p in request.postpath or () if p]
         method = request.method
         if not path:
             if method != b"POST":
@@ -380,7 +381,7 @@ class PollResource(resource.Resource):
         cid = secrets.token_urlsafe(16)
         conn = PollConnection(cid, self.manager, grant, self._forget, create=self.create)
         self.connections[cid] = conn
-        conn.receive(request.content.read())
+        conn.receive(request_body(request).read())
         request.setResponseCode(HTTPStatus.CREATED)
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"connection": cid}).encode()
@@ -392,7 +393,7 @@ class PollResource(resource.Resource):
         if conn.closed:
             return self._error(request, HTTPStatus.GONE, "this connection is closed")
         conn.touch()
-        conn.receive(request.content.read())
+        conn.receive(request_body(request).read())
         request.setResponseCode(HTTPStatus.NO_CONTENT)
         return b""
 
@@ -401,9 +402,9 @@ class PollResource(resource.Resource):
         if isinstance(conn, bytes):
             return conn
         try:
-            seq_arg = request.args.get(b"seq", [None])[0]
+            seq_arg = request_args(request).get(b"seq", [None])[0]
             seq = None if seq_arg is None else int(seq_arg)
-            ctl = int(request.args.get(b"ctl", [b"0"])[0])
+            ctl = int(request_args(request).get(b"ctl", [b"0"])[0])
             if (seq is not None and seq < 0) or ctl < 0:
                 raise ValueError
         except ValueError:

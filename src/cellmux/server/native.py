@@ -120,7 +120,7 @@ class NativeSession:
         self._errors = 0
         self.start = 0
         # What waits for the client to read again: (bytes it holds, action).
-        self._held: deque[tuple[int, Callable[[], None]]] = deque()
+        self._held: deque[tuple[int, Callable[[], object]]] = deque()
         self._held_bytes = 0
         self._reading_paused = False
         self._flushing = False
@@ -168,7 +168,7 @@ class NativeSession:
         the bytes of the request it echoes)."""
         self._when_reading(lambda: self._send_control(op, **fields), size)
 
-    def _when_reading(self, action: Callable[[], None], size: int) -> None:
+    def _when_reading(self, action: Callable[[], object], size: int) -> None:
         if (self._flushing or not self._held) and not self.attachment.paused:
             action()  # (while flushing: a held request answering at once)
             return

@@ -105,6 +105,7 @@ class NurseryProcess(protocol.ProcessProtocol):
 
     def connectionMade(self) -> None:
         self._running = True
+        assert self.transport is not None  # connected
         self.transport.write(self._config_line)
 
     def outReceived(self, data: bytes) -> None:
@@ -158,6 +159,7 @@ class NurseryProcess(protocol.ProcessProtocol):
     def _send(self, command: wire.Command) -> None:
         if not self._running:
             raise NurseryGone("the nursery is not running")
+        assert self.transport is not None  # running
         self.transport.write(wire.encode(command))
 
     def spawn(
@@ -194,6 +196,7 @@ class NurseryProcess(protocol.ProcessProtocol):
         if self._running:
             try:
                 self._send(wire.Shutdown())
+                assert self.transport is not None  # running
                 self.transport.closeStdin()
             except (NurseryGone, error.ProcessExitedAlready):
                 pass

@@ -128,7 +128,7 @@ class _Run:
         elif msg_type == "execute_result":
             self.result = content.get("data")
         elif msg_type == "display_data":
-            self.displays.append(content.get("data"))
+            self.displays.append(content.get("data") or {})
         elif msg_type == "error":
             self.error = _error(content)
         elif msg_type == "execute_reply":

@@ -22,6 +22,7 @@ check, so the check and the kill name the same process.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -127,6 +128,10 @@ def _uid(pid: int) -> int | None:
         return None
     match = re.search(rb"\nUid:\t(\d+)", status)
     return int(match.group(1)) if match else None
+
+
+def _uid_is(pid: int, uid: int) -> bool:
+    return _uid(pid) == uid
 
 
 @attrs.frozen
@@ -237,7 +242,7 @@ def _end_session(leader: ProcessIdentity) -> int:
     for pid in _live_pids():
         st = _stat(pid)
         if pid != sid and st is not None and st.session == sid:
-            killed += _kill_checked(pid, lambda pid=pid: member(pid))
+            killed += _kill_checked(pid, functools.partial(member, pid))
     return killed
 
 
@@ -274,7 +279,7 @@ def _end_uid(uid: int) -> int:
             if not targets:
                 break
             for pid in targets:
-                killed += _kill_checked(pid, lambda pid=pid: _uid(pid) == uid)
+                killed += _kill_checked(pid, functools.partial(_uid_is, pid, uid))
             time.sleep(0.01)
     finally:
         lock.close()

@@ -164,7 +164,7 @@ class StaticResource(resource.Resource):
             request.setResponseCode(405)
             request.setHeader(b"allow", b"GET, HEAD")
             return b""
-        name = b"/".join(request.postpath).decode("utf-8", "replace")
+        name = b"/".join(request.postpath or ()).decode("utf-8", "replace")
         asset = self._assets.get(name)
         if asset is None:
             request.setResponseCode(404)

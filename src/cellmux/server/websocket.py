@@ -112,10 +112,12 @@ class ClientConnection(WebSocketServerProtocol):
         # Options are settled once the connection is open.
         self._send_binary = binary_sender(self)
         # Small frames (a `1+1` reply) must not wait for Nagle.
-        self.transport.setTcpNoDelay(True)
+        tcp: Any = self.transport  # a TCP transport: ITCPTransport, IPushProducer
+        tcp.setTcpNoDelay(True)
         take_over_producer(self, self.attachment)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        assert self.native is not None  # made in onConnect, before any message
         if not isBinary:
             error = ProtocolError("text_frame", "cellmux frames are binary", fatal=True)
             self.native.refuse(error, CLOSE_UNSUPPORTED_DATA)
@@ -148,12 +150,14 @@ class ClientConnection(WebSocketServerProtocol):
     def _pause_reading(self) -> None:
         # Too many requests wait for a client that does not read: read no
         # more of them until it does (TCP then slows the client down).
-        if self.transport is not None:
-            self.transport.pauseProducing()
+        tcp: Any = self.transport
+        if tcp is not None:
+            tcp.pauseProducing()
 
     def _resume_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.resumeProducing()
+        tcp: Any = self.transport
+        if tcp is not None:
+            tcp.resumeProducing()
 
     def _control(self, op: str, **fields: Any) -> None:
         self.sendMessage(encode_frame(control_frame(op, **fields)), isBinary=True)

@@ -125,7 +125,7 @@ def _key_bindings(kernel: AsyncKernel) -> Any:
         if text.strip():
             try:
                 reply = await kernel.is_complete(text, timeout=INTROSPECTION_TIMEOUT)
-                status, indent = reply.get("status"), str(reply.get("indent", ""))
+                status, indent = str(reply.get("status")), str(reply.get("indent", ""))
             except (CellmuxError, TimeoutError):
                 pass  # run it as it is: the kernel will say what is wrong
         if status == "incomplete":

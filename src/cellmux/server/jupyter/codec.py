@@ -42,6 +42,7 @@ from cellmux.protocol import (
     boundedjson,
     channel_for,
 )
+from cellmux.protocol.framing import parts_tuple
 
 __all__ = [
     "V1_SUBPROTOCOL",
@@ -113,7 +114,7 @@ class JupyterMessage:
     """
 
     channel: str
-    parts: tuple[bytes, ...] = attrs.field(converter=tuple)
+    parts: tuple[bytes, ...] = attrs.field(converter=parts_tuple)
 
     @property
     def buffers(self) -> tuple[bytes, ...]:
@@ -186,7 +187,7 @@ class LegacyCodec:
     fast path.
     """
 
-    subprotocol = None
+    subprotocol: str | None = None
 
     def encode(self, message: JupyterMessage) -> tuple[bytes, bool]:
         parts = message.parts
@@ -268,7 +269,7 @@ class LegacyCodec:
 class V1Codec:
     """``v1.kernel.websocket.jupyter.org``: offsets and raw parts, no JSON re-encoding."""
 
-    subprotocol = V1_SUBPROTOCOL
+    subprotocol: str | None = V1_SUBPROTOCOL
 
     def encode(self, message: JupyterMessage) -> tuple[bytes, bool]:
         _check_parts(message.parts)

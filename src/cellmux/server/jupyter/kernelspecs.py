@@ -88,7 +88,7 @@ class KernelspecFiles(resource.Resource):
             return _json(
                 request, 403, {"message": "a valid token is required", "reason": "Forbidden"}
             )
-        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        segments = [s.decode("utf-8", "replace") for s in request.postpath or ()]
         if len(segments) != 2:
             return _json(
                 request, 404, {"message": "use /kernelspecs/{name}/{file}", "reason": "Not Found"}
