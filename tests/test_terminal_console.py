@@ -96,6 +96,16 @@ def test_ctrl_c_interrupts_the_kernel_and_the_console_stays_usable(console):
     assert console.wait() == 0
 
 
+def test_lines_typed_ahead_of_the_kernels_answer_keep_their_place(console):
+    # All keys at once: each Enter's is_complete is still on its way while
+    # the next line is typed (as on a slow link), and a second Enter comes
+    # before the first one's answer. Each line still goes after its newline.
+    console.send("def f():\rreturn 6 * 7\r\r")
+    console.expect(PROMPT)
+    run(console, "f()")
+    console.expect(r"Out\[\d+\]: 42")
+
+
 def test_pdb_in_the_console(console):
     # The console indents each new line as the kernel says.
     type_block(console, ["def f():", "x = 41", "breakpoint()", "x += 1", "return x", ""])

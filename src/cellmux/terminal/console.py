@@ -110,9 +110,18 @@ def _key_bindings(kernel: AsyncKernel) -> Any:
     from prompt_toolkit.key_binding import KeyBindings
 
     bindings = KeyBindings()
+    # Enter may wait for the kernel's is_complete answer. Keys typed while
+    # it does (a slow link, typing ahead) go after that Enter's newline, and
+    # the next Enter starts from the buffer the previous one left.
+    one_enter_at_a_time = asyncio.Lock()
 
     @bindings.add("enter")
     async def enter(event: Any) -> None:
+        async with one_enter_at_a_time:
+            if not event.app.is_done:  # an earlier Enter may have run the input
+                await _enter(event)
+
+    async def _enter(event: Any) -> None:
         buffer = event.current_buffer
         if buffer.complete_state is not None and buffer.complete_state.current_completion:
             buffer.apply_completion(buffer.complete_state.current_completion)
@@ -128,7 +137,11 @@ def _key_bindings(kernel: AsyncKernel) -> Any:
                 status, indent = str(reply.get("status")), str(reply.get("indent", ""))
             except (CellmuxError, TimeoutError):
                 pass  # run it as it is: the kernel will say what is wrong
-        if status == "incomplete":
+        typed_meanwhile = buffer.text[len(text) :] if buffer.text.startswith(text) else None
+        if status == "incomplete" and typed_meanwhile:
+            buffer.text = text + "\n" + indent + typed_meanwhile
+            buffer.cursor_position = len(buffer.text)
+        elif status == "incomplete":
             buffer.insert_text("\n" + indent)
         else:
             buffer.text = text.rstrip()
