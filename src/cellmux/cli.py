@@ -103,6 +103,7 @@ def serve(argv: list[str]) -> int:
     except usage.UsageError as e:
         print(f"cellmux serve: {e} (cellmux serve --help lists the options)", file=sys.stderr)
         return EXIT_SETTINGS
+    lines: ILogObserver
     if options["server_config"].log_format == "json":
         from .logs import json_observer
 

@@ -90,4 +90,4 @@ def json_observer(stream: IO[str] | None = None) -> JSONLinesObserver:
     and may have redirected C{sys.stdout} into the log itself, so the
     process's real standard output is used.
     """
-    return JSONLinesObserver(sys.__stdout__ if stream is None else stream)
+    return JSONLinesObserver(stream if stream is not None else sys.__stdout__ or sys.stdout)

@@ -136,7 +136,7 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         try:
             config = self["server_config"] = config_from_options(self)
-            if config.tls:
+            if config.tls_cert and config.tls_key:  # config.tls
                 # A wrong file is one line and exit status 2 now, not a
                 # server that fails every handshake later.
                 certificate_options(config.tls_cert, config.tls_key)

@@ -434,6 +434,7 @@ class AsyncKernel:
         # servers too.
         version = 1 if create is None else PROTOCOL_VERSION
         target: dict[str, Any] = {"kernel": kernel_id} if create is None else {"create": create}
+        tls_option: dict[str, Any] = {"ssl": tls} if tls is not None else {}
         try:
             ws = await connect(
                 ws_url,
@@ -441,7 +442,7 @@ class AsyncKernel:
                 max_size=MAX_MESSAGE_SIZE,
                 compression=None,
                 open_timeout=timeout,
-                **({"ssl": tls} if tls is not None else {}),
+                **tls_option,
             )
         except websockets.InvalidStatus as e:
             response = e.response
@@ -635,11 +636,11 @@ class AsyncKernel:
             if len(self._comms) >= MAX_COMMS:
                 log.warning("over %d comms open: not tracking comm %s", MAX_COMMS, comm_id)
                 return
-            comm = AsyncComm(self, comm_id, target, open_message=msg)
-            self._comms[comm_id] = comm
+            opened = AsyncComm(self, comm_id, target, open_message=msg)
+            self._comms[comm_id] = opened
             handler = self._comm_targets.get(target)
             if handler is not None:
-                self._invoke(handler, comm, msg)
+                self._invoke(handler, opened, msg)
         elif kind == "comm_msg":
             comm = self._comms.get(comm_id)
             if comm is not None:

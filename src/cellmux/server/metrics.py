@@ -296,8 +296,11 @@ class MetricsResource(resource.Resource):
 
     async def _scrape(self, request: server.Request) -> None:
         manager = self._collector.manager
-        pids = {k.id: k.incarnation.pid for k in manager.kernels.values() if k.incarnation}
-        pids = {kernel: pid for kernel, pid in pids.items() if pid}
+        pids = {
+            k.id: pid
+            for k in manager.kernels.values()
+            if k.incarnation is not None and (pid := k.incarnation.pid)
+        }
         try:
             self._collector.memory = await threads.deferToThread(kernel_memory, pids)
         except Exception:  # the rest of the figures are still worth having

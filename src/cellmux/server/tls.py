@@ -66,9 +66,10 @@ def certificate_options(cert_path: str, key_path: str):
         raise ConfigError(f"the TLS key {key_path} is not a PEM private key: {e}") from None
     # cryptography's types: pyOpenSSL deprecates its own X509 and PKey.
     options = ssl.CertificateOptions(
-        privateKey=key,
-        certificate=certificates[0],
-        extraCertChain=certificates[1:],
+        # Twisted takes cryptography's types; its annotations say pyOpenSSL's.
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=certificates[0],  # type: ignore[arg-type]
+        extraCertChain=certificates[1:],  # type: ignore[arg-type]
         # Websockets upgrade from HTTP/1.1 only (Autobahn speaks no h2):
         # never let ALPN pick h2 for a browser.
         acceptableProtocols=[b"http/1.1"],
@@ -95,7 +96,9 @@ class TLSFactory(TLSMemoryBIOFactory):
     is closed before any handshake.
     """
 
-    def buildProtocol(self, addr: IAddress) -> TLSMemoryBIOProtocol | None:
+    # The wrapped factory may refuse a connection (None), which Twisted's
+    # signature for WrappingFactory.buildProtocol leaves out.
+    def buildProtocol(self, addr: IAddress | None) -> TLSMemoryBIOProtocol | None:  # type: ignore[override]
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None

@@ -663,7 +663,8 @@ async def _run(options: ServerOptions, model_id: str, name: str, args: argparse.
         ready: asyncio.Future[None] = loop.create_future()
         relay = asyncio.ensure_future(bridge.run(ready))
         stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([ready, relay], return_when=asyncio.FIRST_COMPLETED)
+        first: list[asyncio.Future[Any]] = [ready, relay]
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
         if relay.done():
             relay.result()  # the first connection failed: raise why
         if not launched:  # a launched bridge's output lands in its client's terminal
