@@ -241,7 +241,7 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _write_connection_file(path: str, ports: dict[str, int], key: str, name: str) -> None:
-    info = {f"{c}_port": ports[c] for c in _CHANNELS}
+    info: dict[str, Any] = {f"{c}_port": ports[c] for c in _CHANNELS}
     info.update(
         ip="127.0.0.1",
         transport="tcp",

@@ -180,7 +180,7 @@ def _install_pause(kernel: Any) -> None:
 
     def pause_request(stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         running = interrupts.in_cell_code()
-        if running:
+        if running and main.ident is not None:
             signal.pthread_kill(main.ident, PAUSE_SIGNAL)
         content = {"status": "ok", "running": running}
         kernel.session.send(stream, PAUSE_REPLY, content, parent, ident)

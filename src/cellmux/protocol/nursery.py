@@ -115,7 +115,7 @@ def _optional_text(instance: object, attribute: attrs.Attribute[Any], value: obj
         _text(instance, attribute, value)
 
 
-def _optional_launch(_instance: object, attribute: attrs.Attribute, value: object) -> None:
+def _optional_launch(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is None:
         return
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):

@@ -144,7 +144,7 @@ class ApiResource(resource.Resource):
         if kernel_id is None and "session_id" in params:
             kernel_id = self.sessions.get(params["session_id"]).kernel_id
         known = kernel_id is not None and kernel_id in self.manager.kernels
-        if known and not grant.covers(kernel_id):
+        if known and kernel_id is not None and not grant.covers(kernel_id):
             raise HTTPError(
                 HTTPStatus.FORBIDDEN, f"kernel {kernel_id} is not one of {grant.user}'s"
             )

@@ -443,11 +443,11 @@ class TokenAuth:
         for r in records:
             if r.kind != "login":
                 continue
-            grant = self._login_record_grant(r, share_ids)
-            if grant is None:
+            login_grant = self._login_record_grant(r, share_ids)
+            if login_grant is None:
                 stale.append(r.digest)
                 continue
-            logins.append((bytes.fromhex(r.digest), _Login(grant, r.expires, r.digest)))
+            logins.append((bytes.fromhex(r.digest), _Login(login_grant, r.expires, r.digest)))
         # What was made while loading stays; what was loaded comes first.
         shares.update(self._shares)
         self._shares = shares

@@ -78,7 +78,7 @@ def _connect(host: str, port: int, timeout: float) -> socket.socket:
 def _sha1(data: bytes) -> bytes:
     try:
         # CPython's own SHA-1: hashlib would load OpenSSL (~10 ms) for 20 bytes.
-        from _sha1 import sha1
+        from _sha1 import sha1  # type: ignore[import-not-found]  # private, no stub
     except ImportError:
         from hashlib import sha1
     return sha1(data).digest()
