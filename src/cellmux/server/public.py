@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_public_limits -*-
+# -*- test-case-name: tests.test_public_mode -*-
 """Public mode's per-address limits: kernels at once, requests per minute.
 
 No I/O: the clock is given, so the limits are tested with a fake one.
