@@ -4,6 +4,7 @@ sandboxed kernels through a real server, spoken as JupyterLab speaks it."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -143,3 +144,25 @@ def test_the_kernelspec_and_kernel_info_advertise_the_debugger(kernel, server):
     with urllib.request.urlopen(request, timeout=TIMEOUT) as r:
         spec = json.load(r)["kernelspecs"]["python3"]["spec"]
     assert spec["metadata"]["debugger"] is True
+
+
+def test_the_debuggers_cell_files_go_with_the_kernel(client):
+    # ipykernel's debugger writes each dumped cell to a file in the temporary
+    # directory. As root that is the kernel's private /tmp; without root it
+    # must not be the machine's shared /tmp, where it would outlive the kernel.
+    model = client.create_kernel()
+    with client.connect(model.id) as kernel:
+        debug = Debugging(kernel)
+        debug.start()
+        source = debug.request("dumpCell", code=CELL)["body"]["sourcePath"]
+        workdir = kernel.execute("import os; os.getcwd()").result_text.strip("'")
+        debug.request("disconnect", restart=False, terminateDebuggee=False)
+    if os.path.exists(source):  # without root: the kernel's scratch directory
+        assert source.startswith(workdir + ".tmp" + os.sep), source
+    else:  # as root: a /tmp nobody outside the kernel sees
+        assert source.startswith("/tmp/"), source
+    client.delete_kernel(model.id)
+    deadline = time.monotonic() + TIMEOUT
+    while os.path.exists(source) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(source), "the cell file outlived its kernel"

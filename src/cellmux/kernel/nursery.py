@@ -261,7 +261,7 @@ class Nursery:
             endpoint=endpoint or self.config.endpoint,
             workdir=workdir,
             cwd=self._working_dir(cwd),
-            env=dict(self.config.kernel_env),
+            env={**self._scratch_env(scratch), **self.config.kernel_env},
             sandbox=sandbox.KernelSandbox(
                 identity=identity,
                 network=settings.network,
@@ -305,6 +305,17 @@ class Nursery:
     def _shared_paths(self) -> tuple[str, ...]:
         root = self.config.sandbox.shared_root
         return (root,) if root else ()
+
+    @staticmethod
+    def _scratch_env(scratch: str) -> dict[str, str]:
+        """TMPDIR for a kernel with no private /tmp (the nursery is not root).
+
+        As root, the scratch directory is mounted on the kernel's /tmp. Without
+        root, /tmp is shared, and what a kernel leaves there (ipykernel's
+        debugger writes cell files to it) would outlive it: TMPDIR points
+        into the scratch directory instead, which goes with the kernel.
+        """
+        return {} if sandbox.privileged() else {"TMPDIR": scratch}
 
     def _working_dir(self, cwd: str | None) -> str | None:
         """The server resolved cwd inside the shared root; never trust a
