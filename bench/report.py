@@ -241,7 +241,8 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     if "thousand" in r:
         t = r["thousand"]
         add(
-            f"rtt p50 of {t['active']} active among {t['kernels']} live kernels",
+            f"rtt p50 of {t['active']} active among {t['kernels']} live kernels, "
+            "a cell a second each",
             "ms",
             "low",
             _ms(t["active_rtt"]["p50"]),
@@ -250,6 +251,15 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_ms(t['lone_rtt']['p50']):.2f} ms; start p50 {_ms(t['start']['p50']):.1f} ms; "
             f"{t['memory_per_kernel_mb']:.1f} MB of RAM per kernel",
         )
+        if "saturated_rtt" in t:
+            add(
+                f"rtt p50 of {t['active']} active kernels, back to back (saturated)",
+                "ms",
+                "low",
+                _ms(t["saturated_rtt"]["p50"]),
+                None,
+                note=f"p99 {_ms(t['saturated_rtt']['p99']):.1f} ms",
+            )
     if "editor" in r:
         e = r["editor"]
         add(
