@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
 import traceback
 
 import attrs
@@ -137,6 +138,9 @@ def _reset_process(order: KernelOrder, keep_fd: int) -> None:
         sandbox.enter(order.sandbox)
     os.environ.clear()
     os.environ.update(order.env)
+    # tempfile remembers the nursery's temporary directory (its warm-up made
+    # one); the kernel's own comes from its environment (TMPDIR, see nursery).
+    tempfile.tempdir = None
     _enter_working_dir(order)
     sys.argv = ["cellmux-kernel"]
 
