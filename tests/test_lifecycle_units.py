@@ -457,6 +457,27 @@ def test_idle_kernels_are_pinged_seldom_and_busy_ones_every_tick():
     assert pings() == 6, "idle again: back to the slow cadence"
 
 
+def test_a_cell_whose_busy_never_left_the_kernel_is_still_watched_every_tick():
+    # C code took the GIL before ipykernel's IOPub thread sent "busy": the
+    # server only knows that it sent a cell.
+    h = Harness(idle_ping_interval=10.0, unresponsive_after=2.0)
+    kernel = h.create()
+    h.clock.advance(0.5)  # the first ping, answered
+    h.router.pongs_to = None
+    h.manager.send_to_process(kernel.incarnation, Channel.EXECUTE, 1, [b"{}"] * 4)
+    for _ in range(6):
+        h.clock.advance(0.5)
+    assert kernel.state is KernelState.UNRESPONSIVE
+    # its idle ends the watch: back to the slow cadence
+    h.router.pongs_to = h.manager
+    h.manager.link_pong(kernel.incarnation.link_id, kernel.incarnation.pings_sent)
+    kernel._note_status(b'{"execution_state":"idle"}')
+    sent = len(h.router.controls)
+    for _ in range(4):
+        h.clock.advance(0.5)
+    assert len(h.router.controls) == sent
+
+
 def test_an_idle_kernel_that_stops_answering_is_unresponsive_within_the_idle_interval():
     h = Harness(idle_ping_interval=10.0, unresponsive_after=2.0)
     kernel = h.create()

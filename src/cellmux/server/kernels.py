@@ -211,6 +211,9 @@ class Incarnation:
     pings_sent: int = 0
     #: When the last ping went out, if one did.
     last_ping: float | None = None
+    #: A cell was sent that the kernel has not reported idle after: it may
+    #: hold the GIL before its ``busy`` even leaves the process.
+    awaiting: bool = False
     #: Why it failed to start, once it did.
     error: KernelError | None = None
 
@@ -428,6 +431,8 @@ class Kernel:
         if b'"busy"' in content:
             self.handle(Said(busy=True))
         elif b'"idle"' in content:
+            if self.incarnation is not None:
+                self.incarnation.awaiting = False
             was = self.handle(Said(busy=False)).before
             if was is KernelState.BUSY:
                 self._manager.went_idle(self)
@@ -721,6 +726,8 @@ class KernelManager:
 
     def send_to_process(self, inc: Incarnation, channel: int, socket: int, parts: list) -> None:
         self.router.send_to_kernel(inc.link_id, [self.tag(channel, socket), *parts])
+        if channel == Channel.EXECUTE:
+            inc.awaiting = True
         counters = self.counters
         counters.frames_to_kernels += 1
         counters.bytes_to_kernels += sum(map(len, parts))
@@ -1158,10 +1165,14 @@ class KernelManager:
 
         Only a running cell can hold the GIL for long, and only then does a
         client wait on the kernel; each ping wakes the kernel's pump, so idle
-        kernels are pinged seldom.
+        kernels are pinged seldom. A cell counts as running from the moment
+        it is sent: C code can take the GIL before the kernel's ``busy``
+        leaves the process.
         """
         kernel = inc.kernel
-        if kernel is not None and kernel.state in (KernelState.BUSY, KernelState.UNRESPONSIVE):
+        if inc.awaiting or (
+            kernel is not None and kernel.state in (KernelState.BUSY, KernelState.UNRESPONSIVE)
+        ):
             return TICK
         return self.config.idle_ping_interval
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service
-from twisted.internet import defer, endpoints, threads
+from twisted.internet import defer, endpoints, task, threads
 from twisted.logger import Logger
 from twisted.web import resource, server
 
@@ -56,6 +56,9 @@ from .websocket import ClientFactory
 
 #: Seconds between tries to load stored credentials while the database fails.
 CREDENTIALS_RETRY = 5.0
+#: Longest the server waits at start for the stored credentials before it
+#: listens anyway (a database that is down must not keep it from serving).
+CREDENTIALS_FIRST_WAIT = 5.0
 
 __all__ = ["CellmuxService", "build_site"]
 
@@ -315,9 +318,15 @@ class CellmuxService(service.Service):
             )
         self.store = open_store(self.reactor, database, state_dir, config.database_timeout)
         if self.auth.attach_store(self.store):
-            # Not awaited: a database that is down must not keep the server
-            # from serving (requests with stored credentials get 503 until then).
-            self._load_credentials()
+            # Awaited for a moment only: a database that is down or slow must
+            # not keep the server from serving (requests with stored
+            # credentials get 503 until it answers), but a healthy one is
+            # read before the first request, which then never sees that 503.
+            first = self._load_credentials()
+            timer = task.deferLater(self.reactor, CREDENTIALS_FIRST_WAIT, lambda: None)
+            await defer.DeferredList([first, timer], fireOnOneCallback=True, consumeErrors=True)
+            if not timer.called:
+                timer.cancel()
         else:
             self.log.warn(
                 "the permalink store keeps no credentials: share links, logins and "
@@ -340,9 +349,10 @@ class CellmuxService(service.Service):
         # sys.stdout is the log, so use the process's real stdout).
         print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)
 
-    def _load_credentials(self) -> None:
+    def _load_credentials(self) -> defer.Deferred:
         """Load stored shares, logins and capabilities; retry every
-        L{CREDENTIALS_RETRY} seconds while the database fails."""
+        L{CREDENTIALS_RETRY} seconds while the database fails. Fires (never
+        fails) when this attempt is over."""
         self._credentials_retry = None
 
         def loaded(count: int) -> None:
@@ -363,6 +373,7 @@ class CellmuxService(service.Service):
         d = defer.ensureDeferred(self.auth.load())
         d.addCallbacks(loaded, failed)
         d.addErrback(lambda f: self.log.failure("loading stored credentials failed", f))
+        return d
 
     def _guard_descriptors(self) -> None:
         """Raise the open files limit; refuse work before it runs out (limits.py)."""
