@@ -153,10 +153,13 @@ class Suite:
     async def bench_start(self) -> None:
         out: dict[str, Any] = {}
 
-        async def one(server: Server) -> float:
+        async def one(server: Server, jupyter_api: bool = False) -> float:
             t0 = time.perf_counter()
             model = server.create_kernel()
-            conn = await self.connect(server.kind, model["id"], server)
+            if jupyter_api:  # the Jupyter websocket, whatever the server
+                conn = await JupyterConnection.open(server.url, server.token, model["id"])
+            else:
+                conn = await self.connect(server.kind, model["id"], server)
             result = await conn.execute("1+1")
             elapsed = time.perf_counter() - t0
             assert result.status == "ok", result
@@ -170,6 +173,12 @@ class Suite:
             cellmux.wait_pool(4)
             samples.append(await one(cellmux))
         out["cellmux (warm pool)"] = summary(samples)
+
+        samples = []
+        for _ in range(self.reps["start_warm"]):
+            cellmux.wait_pool(4)
+            samples.append(await one(cellmux, jupyter_api=True))
+        out["cellmux (Jupyter API)"] = summary(samples)
 
         samples = []
         for _ in range(self.reps["start_warm"]):
