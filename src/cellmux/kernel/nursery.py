@@ -188,6 +188,12 @@ class Nursery:
         self._cgroups: sandbox.MemoryCgroups | None = None
         if sandbox.privileged():
             self._uids = sandbox.UidPool(*config.sandbox.uid_range)
+            problem = self._uids.lock_dir_problem
+            if problem:
+                self._warn(
+                    f"kernel uids are held by abstract sockets only ({problem}):"
+                    " a server in another network namespace may use the same uids"
+                )
             if limits.memory_mb:
                 self._cgroups = sandbox.MemoryCgroups.detect()
         self._next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL

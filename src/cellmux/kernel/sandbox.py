@@ -7,8 +7,9 @@ before it becomes a kernel. Nothing here touches Twisted.
 When the nursery runs as root, each kernel gets:
 
 - its own uid and gid from a configured range (no /etc/passwd entry), held
-  through an abstract unix socket named after the uid, so that two servers
-  on one machine never hand out the same uid, and every process of that uid
+  machine-wide (L{cellmux.kernel.uidhold}), so that two servers on one
+  machine never hand out the same uid, even from different network
+  namespaces, and every process of that uid
   is killed before it is handed out again;
 - a private network namespace with only loopback (unless network is allowed);
 - private mount and IPC namespaces: its own ``/tmp`` (a directory next to its
@@ -53,7 +54,7 @@ import attrs
 
 from ..cleanup import tree_usage
 from ..protocol.nursery import DEFAULT_UID_RANGE
-from . import seccomp
+from . import seccomp, uidhold
 
 __all__ = [
     "Identity",
@@ -226,12 +227,13 @@ class KernelSandbox:
 class UidPool:
     """Kernel uids from a range, each held machine-wide while in use.
 
-    A uid is held by binding the abstract unix socket ``cellmux-uid-N``: the
-    kernel frees it when the holder closes it or dies, so uids cannot leak and
-    two nurseries (even of different servers) never share one.
+    A uid is held as L{cellmux.kernel.uidhold} says (an abstract unix
+    socket and a file lock, both freed by the kernel when their holder
+    closes them or dies), so uids cannot leak and two nurseries (even of
+    different servers, in different network namespaces) never share one.
     """
 
-    def __init__(self, first: int, last: int) -> None:
+    def __init__(self, first: int, last: int, lock_dir: str = uidhold.UID_LOCK_DIR) -> None:
         if not 0 < first <= last:
             raise ValueError(f"bad kernel uid range {first}-{last}")
         self._first = first
@@ -239,7 +241,10 @@ class UidPool:
         # Start anywhere, so that nurseries started together do not all
         # contend for the first uids.
         self._next = random.randrange(self._size)
-        self._held: dict[int, socket.socket] = {}
+        self._held: dict[int, uidhold.UidHold] = {}
+        #: Why holds are by socket alone (None: socket and file lock).
+        self.lock_dir_problem = uidhold.lock_dir_problem(lock_dir)
+        self._lock_dir = None if self.lock_dir_problem else lock_dir
 
     def claim(self) -> Identity:
         """A free uid (gid alike), held until L{release}.
@@ -251,13 +256,10 @@ class UidPool:
             self._next = (self._next + 1) % self._size
             if uid in self._held:
                 continue
-            lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            try:
-                lock.bind(f"\0cellmux-uid-{uid}")
-            except OSError:
-                lock.close()
+            hold = uidhold.hold_uid(uid, self._lock_dir)
+            if hold is None:
                 continue
-            self._held[uid] = lock
+            self._held[uid] = hold
             # Leftovers of a nursery that crashed are killed by the child
             # (see enter), off the nursery's path.
             return Identity(uid, uid)
@@ -271,19 +273,16 @@ class UidPool:
         """
         if uid in self._held:
             return False
-        lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            lock.bind(f"\0cellmux-uid-{uid}")
-        except OSError:
-            lock.close()
+        hold = uidhold.hold_uid(uid, self._lock_dir)
+        if hold is None:
             return False
-        self._held[uid] = lock
+        self._held[uid] = hold
         return True
 
     def release(self, uid: int) -> None:
-        lock = self._held.pop(uid, None)
-        if lock is not None:
-            lock.close()
+        hold = self._held.pop(uid, None)
+        if hold is not None:
+            hold.close()
 
 
 def _real_uids() -> dict[int, int]:

@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import stat
 import tempfile
 import threading
@@ -42,6 +41,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from cellmux.cleanup import remove_tree
+from cellmux.kernel.uidhold import UID_LOCK_DIR, UidHold, hold_uid, lock_dir_problem
 
 __all__ = [
     "PendingRemoval",
@@ -246,18 +246,12 @@ def _end_session(leader: ProcessIdentity) -> int:
     return killed
 
 
-def _uid_lock(uid: int) -> socket.socket | None:
-    """Hold a kernel uid as the nursery does (cellmux.kernel.sandbox.UidPool).
+def _uid_lock(uid: int) -> UidHold | None:
+    """Hold a kernel uid as the nursery does (cellmux.kernel.uidhold).
 
     None if a live nursery holds it: that uid's processes are its own.
     """
-    lock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        lock.bind(f"\0cellmux-uid-{uid}")
-    except OSError:
-        lock.close()
-        return None
-    return lock
+    return hold_uid(uid, None if lock_dir_problem() else UID_LOCK_DIR)
 
 
 def _end_uid(uid: int) -> int:
