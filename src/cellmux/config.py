@@ -56,6 +56,16 @@ def _uid_range(_instance: object, attribute: attrs.Attribute, value: tuple) -> N
         raise ConfigError(f"{attribute.name} must be [first, last] uids above 0, not {value!r}")
 
 
+def _front_id(_instance: object, attribute: attrs.Attribute, value: str | None) -> None:
+    from .server.fronts import validate_front_id
+
+    if value is not None:
+        try:
+            validate_front_id(value)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 #: The formats of the server's log (``log_format``).
 LOG_FORMATS = ("text", "json")
 
@@ -188,6 +198,13 @@ class ServerConfig:
     database: str = ""
     #: Seconds one database call may take before its request gets a 503.
     database_timeout: float = attrs.field(default=5.0, validator=_positive)
+    #: This front's id among several behind one proxy (1 to 8 hex digits):
+    #: the ids it mints carry it so the proxy routes by them (docs/scaling.md,
+    #: Several fronts). None: one server alone, ids as before.
+    front_id: str | None = attrs.field(default=None, validator=_front_id)
+    #: With a front_id: seconds between re-reads of the stored credentials
+    #: (shares, logins, capabilities made or revoked on other fronts).
+    credential_refresh: float = attrs.field(default=5.0, validator=_positive)
     #: Largest request body (an upload) the server takes, in bytes; bigger
     #: bodies are dropped as they arrive and answered with 413.
     max_upload_size: int = attrs.field(default=100 * 1024 * 1024, validator=_positive)

@@ -107,6 +107,7 @@ class Options(usage.Options):
             "Comma-separated proxy addresses/networks whose X-Forwarded-* headers count.",
         ],
         ["log-format", None, None, "text or json (one JSON object per line) [default: text]."],
+        ["front-id", None, None, "This front's id behind a proxy: 1-8 hex digits (scaling.md)."],
     ]
 
     def getSynopsis(self) -> str:
@@ -161,6 +162,7 @@ def config_from_options(options: Options) -> ServerConfig:
         ("tls-cert", "tls_cert"),
         ("tls-key", "tls_key"),
         ("log-format", "log_format"),
+        ("front-id", "front_id"),
     ]:
         if options[option] is not None:
             settings[setting] = options[option]

@@ -57,7 +57,8 @@ export class KernelClient {
 
   _open(kind) {
     const Transport = kind === 'longpoll' ? LongPollTransport : WebSocketTransport;
-    const transport = new Transport(this.server, this.token);
+    // The kernel in the URL too: a proxy in front of several servers routes by it.
+    const transport = new Transport(this.server, this.token, this.kernelId);
     this.transport = transport;
     transport.onframe = (data) => this._frame(data);
     transport.onclose = (info) => this._transportClosed(transport, info);

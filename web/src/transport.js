@@ -10,10 +10,16 @@ function withToken(url, token) {
   return url + (url.includes('?') ? '&' : '?') + 'token=' + encodeURIComponent(token);
 }
 
+// The kernel the hello names, in the URL as well (?kernel=ID): a proxy in
+// front of several servers cannot read the hello, only the URL.
+function withKernel(url, kernelId) {
+  return kernelId ? url + '?kernel=' + encodeURIComponent(kernelId) : url;
+}
+
 export class WebSocketTransport {
-  constructor(base, token) {
+  constructor(base, token, kernelId) {
     this.kind = 'websocket';
-    this.url = withToken(base.replace(/^http/, 'ws') + '/ws', token);
+    this.url = withToken(withKernel(base.replace(/^http/, 'ws') + '/ws', kernelId), token);
     this.onframe = () => {};
     this.onclose = () => {};
     this.ws = null;
@@ -45,9 +51,10 @@ export class WebSocketTransport {
 }
 
 export class LongPollTransport {
-  constructor(base, token) {
+  constructor(base, token, kernelId) {
     this.kind = 'longpoll';
     this.base = base + '/poll';
+    this.kernelId = kernelId;
     this.token = token;
     this.onframe = () => {};
     this.onclose = () => {};
@@ -68,7 +75,7 @@ export class LongPollTransport {
   async open(hello) {
     let response;
     try {
-      response = await this._fetch(this.base, {
+      response = await this._fetch(withKernel(this.base, this.kernelId), {
         method: 'POST', body: packFrames([hello]),
         headers: { 'content-type': 'application/octet-stream' },
       });

@@ -200,7 +200,7 @@ class AsyncClient:
         chans = None if channels is None else sorted({int(c) for c in channels})
         return _Connecting(
             lambda: AsyncKernel.open(
-                websocket_url(self.url),
+                websocket_url(self.url, kernel_id),
                 kernel_id,
                 token=self.token,
                 tls=self.tls,

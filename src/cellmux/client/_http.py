@@ -59,16 +59,22 @@ def tls_context(cafile: str | None = None) -> ssl.SSLContext:
     return context
 
 
-def websocket_url(base_url: str) -> str:
+def websocket_url(base_url: str, kernel_id: str | None = None) -> str:
     """The websocket endpoint of the server at C{base_url} (http→ws, https→wss).
 
+    @param kernel_id: the kernel the hello will name: it goes in the URL too
+        (``?kernel=ID``), so a proxy in front of several servers can route
+        by it (docs/scaling.md, Several fronts).
     @raise ValueError: for a URL that is not http(s) or ws(s).
     """
     parts = urllib.parse.urlsplit(base_url)
     scheme = _WS_SCHEMES.get(parts.scheme.lower())
     if scheme is None or not parts.netloc:
         raise ValueError(f"not an http(s) URL: {base_url!r}")
-    return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws", "", ""))
+    query = "" if kernel_id is None else urllib.parse.urlencode({"kernel": kernel_id})
+    return urllib.parse.urlunsplit(
+        (scheme, parts.netloc, parts.path.rstrip("/") + "/ws", query, "")
+    )
 
 
 def error_from_body(status: int, phrase: str, body: bytes) -> HTTPError:

@@ -20,6 +20,7 @@ import cellmux
 
 from .auth import CredentialsUnavailable, Grant, Role, TooManyShares
 from .creation import KernelCreator
+from .fronts import front_tag
 from .jupyter.channels import channels_path_kernel
 from .jupyter.kernelspecs import DEFAULT_SPEC, kernelspec_model, kernelspecs_model
 from .jupyter.sessions import (
@@ -68,7 +69,9 @@ class ApiResource(resource.Resource):
         self.creator = creator or KernelCreator(manager, auth)
         # The Jupyter kernel websocket (it checks the token in its handshake).
         self._channels = channels
-        self.sessions = SessionTable(lambda kernel_id: kernel_id in manager.kernels)
+        self.sessions = SessionTable(
+            lambda kernel_id: kernel_id in manager.kernels, front_tag(manager.config.front_id)
+        )
         kid = r"(?P<kernel_id>[^/]+)"
         sid = r"(?P<session_id>[^/]+)"
         self._routes: list[Route] = [

@@ -25,7 +25,6 @@ import contextlib
 import os
 import secrets
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
@@ -47,6 +46,7 @@ from cellmux.protocol import (
 )
 from cellmux.protocol.jupyter import jupyter_parts
 
+from . import fronts
 from .counters import ServerCounters
 from .history import HISTORY_LENGTH, HistoryEntry, InputHistory
 from .introspection import UnansweredIntrospection
@@ -137,6 +137,13 @@ class KernelLost(KernelError):
 
     code = "kernel_lost"
     status = HTTPStatus.NOT_FOUND
+
+
+class KernelOnLostFront(KernelLost):
+    """The id names a kernel of another front, and the proxy sent the request
+    here: that front is down, and its kernels ended with it (scaling.md)."""
+
+    code = "front_gone"
 
 
 class KernelStartFailed(KernelError):
@@ -1183,6 +1190,13 @@ class KernelManager:
         if kernel is None:
             if kernel_id in self.lost:
                 raise KernelLost(f"kernel {kernel_id} was lost when its server stopped")
+            holder = fronts.tag_of(kernel_id)
+            own = fronts.front_tag(self.config.front_id)
+            if own is not None and holder is not None and holder != own:
+                raise KernelOnLostFront(
+                    f"kernel {kernel_id} was held by front {holder.lstrip('0') or '0'}, "
+                    "which is gone or unreachable; its kernels ended with it"
+                )
             raise KernelNotFound(f"no kernel {kernel_id}")
         return kernel
 
@@ -1202,7 +1216,7 @@ class KernelManager:
         spec = self._spec(name)
         from_pool = bool(self._pool) and cwd is None and spec.forked
         inc = await self._take(cwd, spec)
-        kernel = Kernel(self, str(uuid.uuid4()), name)
+        kernel = Kernel(self, fronts.mint_kernel_id(fronts.front_tag(self.config.front_id)), name)
         kernel.cwd = cwd
         kernel.bind(inc)
         self.kernels[kernel.id] = kernel

@@ -29,7 +29,6 @@ closes as a websocket would: its last frames end with a control frame
 from __future__ import annotations
 
 import json
-import secrets
 import struct
 from collections import deque
 from http import HTTPStatus
@@ -48,6 +47,7 @@ from cellmux.protocol import (
 
 from .attachment import Attachment
 from .auth import Grant, OriginPolicy
+from .fronts import front_tag, mint_token
 from .kernels import Kernel, KernelManager
 from .native import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, NativeSession
 from .pages import cors_headers, preflight
@@ -111,7 +111,15 @@ class PollConnection:
 
     log = Logger()
 
-    def __init__(self, cid: str, manager: KernelManager, grant: Grant, expire, create=None) -> None:
+    def __init__(
+        self,
+        cid: str,
+        manager: KernelManager,
+        grant: Grant,
+        expire,
+        create=None,
+        url_kernel: str | None = None,
+    ) -> None:
         self.id = cid
         self.manager = manager
         self.attachment = Attachment(manager, grant, self)
@@ -122,6 +130,7 @@ class PollConnection:
             self.close,
             replay_on_attach=False,
             create=create,
+            url_kernel=url_kernel,
         )
         self._control_seq = 0
         self._queued: deque[tuple[int, bytes]] = deque()
@@ -378,8 +387,16 @@ class PollResource(resource.Resource):
         grant = self.auth.web_grant(request)
         if grant is None:
             return self._error(request, HTTPStatus.FORBIDDEN, "a valid token is required")
-        cid = secrets.token_urlsafe(16)
-        conn = PollConnection(cid, self.manager, grant, self._forget, create=self.create)
+        cid = mint_token(front_tag(self.manager.config.front_id))
+        kernel = request_args(request).get(b"kernel")
+        conn = PollConnection(
+            cid,
+            self.manager,
+            grant,
+            self._forget,
+            create=self.create,
+            url_kernel=kernel[-1].decode("utf-8", "replace") if kernel else None,
+        )
         self.connections[cid] = conn
         conn.receive(request_body(request).read())
         request.setResponseCode(HTTPStatus.CREATED)

@@ -105,8 +105,12 @@ class NativeSession:
         pause_reading: Callable[[], None] | None = None,
         resume_reading: Callable[[], None] | None = None,
         create: Callable[[Grant, str], Awaitable[Kernel]] | None = None,
+        url_kernel: str | None = None,
     ) -> None:
         self.manager = manager
+        # The kernel the carrier's URL named (``?kernel=ID``), which a proxy
+        # routed by: the hello must name the same one (docs/scaling.md).
+        self._url_kernel = url_kernel
         # How hello.create makes a kernel for this client's grant (a named
         # token's quota, start-up code: creation.KernelCreator).
         self._create = create
@@ -221,6 +225,14 @@ class NativeSession:
         self._early_bytes += len(data)
 
     def _hello(self, hello: Hello) -> None:
+        if self._url_kernel is not None and hello.kernel != self._url_kernel:
+            named = "a new kernel" if hello.create is not None else f"kernel {hello.kernel}"
+            message = (
+                f"the URL names kernel {self._url_kernel} but the hello asks for {named}; "
+                "a proxy routes by the URL, so they must agree"
+            )
+            self.refuse(ProtocolError("kernel_mismatch", message, fatal=True))
+            return
         if hello.create is not None:
             self._early = deque()
             defer.ensureDeferred(self._create_and_attach(hello))

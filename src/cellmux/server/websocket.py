@@ -22,7 +22,7 @@ from autobahn.twisted.websocket import (
 from cellmux.protocol import CLOSE_UNSUPPORTED_DATA, ProtocolError, control_frame, encode_frame
 
 from .attachment import Attachment
-from .auth import OriginPolicy
+from .auth import OriginPolicy, query_pairs
 from .autobahn_compat import (
     binary_frame_header,
     binary_sender,
@@ -47,6 +47,7 @@ __all__ = [
     "close",
     "close_reason",
     "take_over_producer",
+    "url_kernel",
 ]
 
 quiet_option_dump()
@@ -69,6 +70,13 @@ def client_protocol_options(max_frame_size: int) -> dict[str, Any]:
         # block the reactor (Jupyter's is off too).
         "perMessageCompressionAccept": lambda offers: None,
     }
+
+
+def url_kernel(target: str | bytes) -> str | None:
+    """The kernel a request target names with ``?kernel=ID`` (the last one,
+    as twisted.web reads parameters), or None."""
+    found = [value for name, value in query_pairs(target) if name == b"kernel"]
+    return found[-1].decode("utf-8", "replace") if found else None
 
 
 class ClientConnection(WebSocketServerProtocol):
@@ -105,6 +113,7 @@ class ClientConnection(WebSocketServerProtocol):
             pause_reading=self._pause_reading,
             resume_reading=self._resume_reading,
             create=self.factory.create,
+            url_kernel=url_kernel(request_target(self)),
         )
         return None
 

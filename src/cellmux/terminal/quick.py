@@ -87,8 +87,14 @@ def _sha1(data: bytes) -> bytes:
 class WebSocket:
     """A blocking websocket client: binary messages, pings answered, masking done."""
 
-    def __init__(self, url: str, token: str | None, timeout: float = HANDSHAKE_TIMEOUT) -> None:
-        from urllib.parse import urlsplit  # pathlib imported it already
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        timeout: float = HANDSHAKE_TIMEOUT,
+        kernel_id: str | None = None,
+    ) -> None:
+        from urllib.parse import quote, urlsplit  # pathlib imported it already
 
         parts = urlsplit(url)
         if parts.scheme.lower() != "http" or not parts.hostname or parts.username:
@@ -100,7 +106,9 @@ class WebSocket:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = bytearray()
         try:
-            self._upgrade(parts.netloc, parts.path.rstrip("/") + "/ws", token)
+            # The kernel in the URL too: a proxy routes by it (scaling.md).
+            query = "" if kernel_id is None else "?kernel=" + quote(kernel_id, safe="")
+            self._upgrade(parts.netloc, parts.path.rstrip("/") + "/ws" + query, token)
         except BaseException:
             self.sock.close()
             raise
@@ -439,7 +447,7 @@ def run_code(
     @param spec: the kernel spec the kernel must run (``--spec``), if any.
     @raise Unavailable: before anything was sent, if this path cannot run it.
     """
-    ws = WebSocket(url, token)
+    ws = WebSocket(url, token, kernel_id=kernel_id)
     try:
         session = os.urandom(16).hex()
         hello = {

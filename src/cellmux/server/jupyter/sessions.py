@@ -10,11 +10,12 @@ its sessions with it.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
+
+from ..fronts import mint_kernel_id
 
 __all__ = ["Session", "SessionError", "SessionTable"]
 
@@ -85,8 +86,10 @@ class SessionTable:
         kernels that are gone are dropped whenever the table is read.
     """
 
-    def __init__(self, alive: Callable[[str], bool]) -> None:
+    def __init__(self, alive: Callable[[str], bool], tag: str | None = None) -> None:
         self._alive = alive
+        # This front's tag (server/fronts.py): session ids carry it too.
+        self._tag = tag
         self._sessions: dict[str, Session] = {}
 
     def _prune(self) -> None:
@@ -109,7 +112,7 @@ class SessionTable:
         return next((s for s in self._sessions.values() if s.path == path), None)
 
     def add(self, path: str, name: str, type: str, kernel_id: str) -> Session:
-        session = Session(str(uuid.uuid4()), path, name, type, kernel_id)
+        session = Session(mint_kernel_id(self._tag), path, name, type, kernel_id)
         self._sessions[session.id] = session
         return session
 
