@@ -314,8 +314,14 @@ class TokenAuth:
         self._store: Any = None
         #: Whether the stored credentials are in memory (True without a store).
         self.loaded = True
-        # Shares revoked before the load finished: it may have read them.
+        # Shares revoked while a read of the store was under way: it may
+        # have read them. (None: no read is under way.)
         self._revoked_while_loading: set[str] = set()
+        # Credentials this server made while a read was under way: it may
+        # not have seen them, and a refresh must not drop them.
+        self._made_while_reading: set[bytes] | None = None
+        # Logins the database could not record: only this server has them.
+        self._memory_only: set[bytes] = set()
 
     def __repr__(self) -> str:
         return "TokenAuth(<redacted>)"
@@ -423,10 +429,31 @@ class TokenAuth:
         hash) or whose share is gone are deleted instead.
         @raise StoreError: the database failed (nothing changes).
         """
+        return await self._read(replace=False)
+
+    async def refresh(self) -> int:
+        """Replace the stored credentials in memory with what the store holds
+        now: shares, logins and capabilities made or revoked by the other
+        fronts sharing the database (docs/scaling.md). What this server made
+        since the read began, and logins only memory has, stay.
+
+        @raise StoreError: the database failed (nothing changes).
+        """
+        return await self._read(replace=self.loaded)
+
+    async def _read(self, *, replace: bool) -> int:
         if self._store is None:
             self.loaded = True
             return 0
-        records = await self._store.load_credentials(self._now())
+        self._made_while_reading = set()
+        if self.loaded:
+            self._revoked_while_loading = set()
+        try:
+            records = await self._store.load_credentials(self._now())
+        except BaseException:
+            self._made_while_reading = None
+            raise
+        made, self._made_while_reading = self._made_while_reading, None
         stale: list[str] = []
         shares: dict[bytes, tuple[Share, Grant]] = {}
         revoked, self._revoked_while_loading = self._revoked_while_loading, set()
@@ -449,10 +476,15 @@ class TokenAuth:
                 continue
             logins.append((bytes.fromhex(r.digest), _Login(login_grant, r.expires, r.digest)))
         # What was made while loading stays; what was loaded comes first.
-        shares.update(self._shares)
+        # A refresh keeps only that of what memory had (the rest is what the
+        # database held before: it may have been revoked since).
+        keep_share = (lambda d: d in made) if replace else (lambda d: True)
+        shares.update((d, v) for d, v in self._shares.items() if keep_share(d))
         self._shares = shares
+        self._memory_only &= self._logins.keys()
+        kept = self._memory_only | made
         merged = OrderedDict(logins[-MAX_LOGINS:])
-        merged.update(self._logins)
+        merged.update((d, v) for d, v in self._logins.items() if not replace or d in kept)
         self._logins = merged
         self._trim_logins()
         self.loaded = True
@@ -474,6 +506,10 @@ class TokenAuth:
         if r.principal != self._owner_principal or role is not Role.OWNER:
             return None
         return self._owner
+
+    def _made(self, digest: bytes) -> None:
+        if self._made_while_reading is not None:
+            self._made_while_reading.add(digest)
 
     def _background(self, d: Any, what: str) -> None:
         def failed(failure) -> None:
@@ -530,6 +566,9 @@ class TokenAuth:
             self.log.warn("a login is kept in memory only: {error}", error=e)
             lasting = False
         self._logins[digest] = _Login(grant, expires, digest.hex())
+        self._made(digest)
+        if not lasting:
+            self._memory_only.add(digest)
         self._trim_logins()
         return value, lasting and self._store is not None
 
@@ -609,6 +648,7 @@ class TokenAuth:
         )
         grant = Grant(role, kernel_id, share.id, anonymous=kind == "capability")
         self._shares[digest] = (share, grant)
+        self._made(digest)
         return share, token
 
     def shares(self, kernel_id: str) -> list[Share]:
@@ -616,7 +656,7 @@ class TokenAuth:
 
     def _forget_share(self, kernel_id: str, share_id: str) -> Share | None:
         """Memory only: the share and the logins made with it."""
-        if not self.loaded:
+        if not self.loaded or self._made_while_reading is not None:
             self._revoked_while_loading.add(share_id)
         found = None
         for key, (share, _grant) in list(self._shares.items()):

@@ -169,6 +169,9 @@ class CellmuxService(service.Service):
             login_lifetime=config.login_lifetime,
         )
         self._credentials_retry = None
+        # With a front_id: re-read the stored credentials (docs/scaling.md).
+        self._credentials_refresh: task.LoopingCall | None = None
+        self._refresh_failing = False
         self._forget_ended = None
         self._token = token
         self.manager = KernelManager(reactor, config)
@@ -327,6 +330,8 @@ class CellmuxService(service.Service):
             await defer.DeferredList([first, timer], fireOnOneCallback=True, consumeErrors=True)
             if not timer.called:
                 timer.cancel()
+            if config.front_id is not None:
+                self._start_credentials_refresh()
         else:
             self.log.warn(
                 "the permalink store keeps no credentials: share links, logins and "
@@ -374,6 +379,35 @@ class CellmuxService(service.Service):
         d.addCallbacks(loaded, failed)
         d.addErrback(lambda f: self.log.failure("loading stored credentials failed", f))
         return d
+
+    def _start_credentials_refresh(self) -> None:
+        """Re-read the shared credentials every C{credential_refresh} seconds:
+        other fronts make and revoke them in the same database."""
+        loop = task.LoopingCall(lambda: defer.ensureDeferred(self._refresh_credentials()))
+        loop.clock = self.reactor
+        self._credentials_refresh = loop
+        done = loop.start(self.config.credential_refresh, now=False)
+        done.addErrback(lambda f: self.log.failure("re-reading credentials stopped", f))
+
+    async def _refresh_credentials(self) -> None:
+        if not self.auth.loaded:
+            return  # the first load (and its retries) is still under way
+        try:
+            await self.auth.refresh()
+        except StoreError as e:
+            # Keep what memory has; say so once, not every few seconds.
+            if not self._refresh_failing:
+                self.log.warn(
+                    "cannot re-read stored credentials ({error}); keeping those in memory, "
+                    "retrying every {s:g} s",
+                    error=e,
+                    s=self.config.credential_refresh,
+                )
+            self._refresh_failing = True
+            return
+        if self._refresh_failing:
+            self.log.info("re-reading stored credentials works again")
+        self._refresh_failing = False
 
     def _guard_descriptors(self) -> None:
         """Raise the open files limit; refuse work before it runs out (limits.py)."""
@@ -444,6 +478,8 @@ class CellmuxService(service.Service):
             self.manager.change_listeners.remove(self._forget_ended)
         if self._credentials_retry is not None and self._credentials_retry.active():
             self._credentials_retry.cancel()
+        if self._credentials_refresh is not None and self._credentials_refresh.running:
+            self._credentials_refresh.stop()
         if self._listening is not None:
             await self._listening.stopListening()
         self.manager.stop()
