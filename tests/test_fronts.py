@@ -16,16 +16,19 @@ import threading
 import time
 import types
 import urllib.parse
+import uuid
 
 import pytest
 
 from cellmux.client import CellmuxError, Client, ServerError
+from cellmux.protocol import Channel, control_frame, encode_frame
 from cellmux.server.auth import COOKIE_NAME
 from cellmux.server.fronts import front_tag, tag_of
 from conftest import RunningServer, start_server, wait_for
 from db_fixtures import PostgresCluster, free_port
 from haproxy_fixtures import HAProxy
 from test_jupyter_ws import JupyterClient
+from test_longpoll import Poller, _pack, _request, control, jmsg, replied
 
 TAGS = {"F1": front_tag("f1"), "F2": front_tag("f2")}
 #: The documented bound (credential_refresh's default) and room for load.
@@ -180,6 +183,44 @@ def test_a_native_session_resumes_through_the_proxy(fleet):
                     assert kernel.execute("print(x + 1)").stdout == "42\n"
                 # The resumed connection caught up with what it missed.
                 assert any(b"while away" in part for part in seen)
+        finally:
+            for kernel_id in kernel_ids:
+                client.delete_kernel(kernel_id)
+
+
+class RoutedPoller(Poller):
+    """test_longpoll's poller, opening with ``POST /poll?kernel=ID`` as the
+    browser does, so that the proxy routes the open too."""
+
+    def __init__(self, server, kernel_id: str) -> None:
+        self.server = server
+        self.session = uuid.uuid4().hex
+        hello = {"op": "hello", "version": 1, "kernel": kernel_id, "session": self.session}
+        status, _, data = _request(
+            server, "POST", f"/poll?kernel={kernel_id}", _pack(encode_frame(control_frame(**hello)))
+        )
+        assert status == 201, data
+        self.id = json.loads(data)["connection"]
+        self.seq = None
+        self.ctl = 0
+
+
+def test_long_polling_reaches_the_kernels_front_through_the_proxy(fleet):
+    proxy = types.SimpleNamespace(url=fleet.url(), token=fleet.token)
+    with fleet.client() as client:
+        kernel_ids = [client.create_kernel().id for _ in range(2)]
+        try:
+            assert {front_of(k) for k in kernel_ids} == set(TAGS)
+            for kernel_id in kernel_ids:
+                poller = RoutedPoller(proxy, kernel_id)
+                # Its connection id carries the front's tag: polls follow it.
+                assert tag_of(poller.id) == tag_of(kernel_id)
+                assert control(poller.poll()[0])["kernel"]["id"] == kernel_id
+                msg_id = poller.execute("print('polled')")
+                frames = poller.until(replied(msg_id))
+                out = [jmsg(f)[2]["text"] for f in frames if f.channel == Channel.STDOUT]
+                assert out == ["polled\n"]
+                assert _request(proxy, "DELETE", f"/poll/{poller.id}")[0] == 204
         finally:
             for kernel_id in kernel_ids:
                 client.delete_kernel(kernel_id)
