@@ -52,6 +52,7 @@ ROOT_ONLY = {
     "test_browser_reload.py",  # likewise
     "test_public_browser.py",  # likewise
     "test_browser_kernel_picker.py",  # likewise
+    "test_fronts_browser.py",  # likewise
     "test_store_postgres.py",  # apt-get installs PostgreSQL, runs it as postgres
     "test_other_kernels_r.py",  # apt-get installs R and IRkernel
     "test_link_isolation.py",  # kernels' own uids, setresuid
