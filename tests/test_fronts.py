@@ -24,13 +24,15 @@ from cellmux.client import CellmuxError, Client, ServerError
 from cellmux.protocol import Channel, control_frame, encode_frame
 from cellmux.server.auth import COOKIE_NAME
 from cellmux.server.fronts import front_tag, tag_of
-from conftest import RunningServer, start_server, wait_for
+from conftest import RunningServer, config_file, start_server, wait_for
 from db_fixtures import PostgresCluster, free_port
 from haproxy_fixtures import HAProxy
 from test_jupyter_ws import JupyterClient
 from test_longpoll import Poller, _pack, _request, control, jmsg, replied
 
 TAGS = {"F1": front_tag("f1"), "F2": front_tag("f2")}
+#: The first kernel uid of each front.
+UID_RANGES = {"F1": 410000, "F2": 420000}
 #: The documented bound (credential_refresh's default) and room for load.
 REFRESH_BOUND = 5.0 + 5.0
 
@@ -77,8 +79,13 @@ class Fleet:
             raise
 
     def start_front(self, name: str) -> RunningServer:
+        # Fronts on one machine need uid ranges of their own (as root, a
+        # front that ends its kernels ends every process of their uids),
+        # away from the default range other servers use.
+        first = UID_RANGES[name]
+        config = config_file(f"kernel_uid_range = [{first}, {first + 9999}]")
         self.fronts[name] = start_server(
-            *("--front-id", name.lower(), "--database", self.postgres.url),
+            *("--front-id", name.lower(), "--database", self.postgres.url, "--config", config),
             *("--token", self.token, "--port", str(self.ports[name]), "--pool-size", "1"),
             *("--trusted-proxies", "127.0.0.1"),
         )
@@ -342,9 +349,11 @@ def test_a_killed_front_takes_only_its_own_kernels_and_is_named_on_reconnect(fle
         for thread in threads:
             thread.start()
         time.sleep(1.5)
+        killed = time.monotonic()
         fleet.fronts["F1"].process.kill()  # SIGKILL
-        for thread in threads:
-            thread.join(60)
+        threads[1].join(60)
+        told_client = time.monotonic() - killed
+        threads[0].join(60)
         # The dead front's client was told; the other's saw every line.
         assert isinstance(outcome["doomed"], CellmuxError), outcome
         assert outcome["survivor"] == "".join(f"{i}\n" for i in range(40))
@@ -359,6 +368,10 @@ def test_a_killed_front_takes_only_its_own_kernels_and_is_named_on_reconnect(fle
             return body if status == 404 else None
 
         body = wait_for(told, timeout=15, interval=0.2)
+        print(
+            f"f1 killed: its client was told after {told_client:.1f} s, "
+            f"a reconnect got front_gone after {time.monotonic() - killed:.1f} s"
+        )
         assert body["message"] == (
             f"kernel {doomed} was held by front f1, which is gone or unreachable; "
             "its kernels ended with it"
