@@ -19,6 +19,7 @@ import urllib.parse
 import uuid
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from cellmux.client import CellmuxError, Client, ServerError
 from cellmux.protocol import Channel, control_frame, encode_frame
@@ -380,6 +381,12 @@ def test_a_killed_front_takes_only_its_own_kernels_and_is_named_on_reconnect(fle
             pass
         assert refused.value.code == "front_gone"
         assert "held by front f1" in str(refused.value)
+        # The Jupyter websocket of that kernel is refused with the reason too.
+        proxy = types.SimpleNamespace(url=fleet.url(), token=fleet.token)
+        with pytest.raises(InvalidStatus) as denied:
+            JupyterClient(proxy, doomed, "v1")
+        assert denied.value.response.status_code == 404
+        assert "held by front f1" in denied.value.response.reason_phrase
         # New kernels go to the front that remains; its kernel still runs.
         for _ in range(3):
             made = client.create_kernel().id
