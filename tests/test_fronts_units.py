@@ -229,3 +229,32 @@ def test_a_database_that_is_down_changes_nothing_and_memory_only_logins_stay():
     run(b.refresh())
     assert b.grant_for_token(share_token) is not None
     assert b.login_grant(kept_cookie) is not None  # only memory has it: kept
+
+
+def test_a_front_re_reads_every_credential_refresh_seconds_and_says_once_when_it_cannot():
+    from twisted.logger import capturedLogs
+
+    from cellmux.server.service import CellmuxService
+
+    rows, (a, _) = two_fronts()
+    clock = task.Clock()
+    service = CellmuxService(ServerConfig(front_id="f2", credential_refresh=5.0), "t", clock)
+    service.auth.attach_store(rows)
+    run(service.auth.load())
+    service._start_credentials_refresh()
+    _, share_token = run(a.share("000000f1-k", Role.OBSERVER))
+    clock.advance(4.9)
+    assert service.auth.grant_for_token(share_token) is None
+    clock.advance(0.1)
+    assert service.auth.grant_for_token(share_token) is not None
+    rows.down = True
+    with capturedLogs() as logged:
+        for _ in range(5):
+            clock.advance(5.0)
+    assert [e["log_format"][:31] for e in logged] == ["cannot re-read stored credentia"]
+    assert service.auth.grant_for_token(share_token) is not None  # kept
+    rows.down = False
+    with capturedLogs() as logged:
+        clock.advance(5.0)
+    assert [e["log_format"] for e in logged] == ["re-reading stored credentials works again"]
+    service._credentials_refresh.stop()
