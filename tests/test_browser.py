@@ -322,7 +322,7 @@ def test_read_only_link_sees_output_but_cannot_run(browser, web_server):
     with _console(browser, web_server) as owner:
         owner.click("#share-observer")
         link = owner.locator("#share-observer-link").input_value()
-        assert "/login?token=" in link
+        assert "/login?kernel=" in link and "&token=" in link
         context = browser.new_context()
         context.set_default_timeout(TIMEOUT_MS)
         viewer = context.new_page()

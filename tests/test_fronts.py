@@ -266,6 +266,11 @@ def test_permalinks_shares_and_logins_work_on_any_front_and_after_restarts(fleet
         kernel = client.create_kernel()
         kept = client.share_kernel(kernel.id, "collaborator")
         revoked = client.share_kernel(kernel.id, "observer")
+    # The share's link names its kernel: through the proxy it logs in at
+    # once (on the kernel's front), before any other front knows the share.
+    for _ in range(4):
+        status, headers, body = request(fleet.url(), "GET", kept["url"])
+        assert status == 302 and COOKIE_NAME in headers["set-cookie"], body
     # A permalink made through f1 opens through f2.
     status, _, made = request(
         fleet.url("F1"), "POST", "/permalink", token(fleet.token), {"code": "print('kept')"}

@@ -338,7 +338,8 @@ class ConsoleUI {
     try {
       const share = await api('POST', `/api/kernels/${this.kernelId}/shares`, { role });
       const next = `/?kernel=${this.kernelId}`;
-      const url = `${location.origin}/login?token=${encodeURIComponent(share.token)}&next=${encodeURIComponent(next)}`;
+      // kernel= lets a proxy send the login to the kernel's front (scaling.md).
+      const url = `${location.origin}/login?kernel=${this.kernelId}&token=${encodeURIComponent(share.token)}&next=${encodeURIComponent(next)}`;
       this._showLink(`share-${role}`, role === 'observer' ? 'Read-only link' : 'Collaborator link', url);
     } catch (e) {
       this._notice(`cannot share: ${e.message}`);

@@ -261,7 +261,9 @@ class ApiResource(resource.Resource):
                 f"expires_in must be seconds, above 0 and at most {MAX_SHARE_LIFETIME}",
             )
         share, token = await self.auth.share(kernel.id, Role(role), expires_in=expires_in)
-        url = f"/login?token={token}&next=/%3Fkernel%3D{kernel.id}"
+        # kernel= first: a proxy in front of several fronts sends the login
+        # to the kernel's front, which made the share (docs/scaling.md).
+        url = f"/login?kernel={kernel.id}&token={token}&next=/%3Fkernel%3D{kernel.id}"
         return HTTPStatus.CREATED, {**share.to_json(), "token": token, "url": url}
 
     def _kernel_or_lost(self, request: server.Request, kernel_id: str):

@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.security.test_login_csrf -*-
 """``/login``: trade a token for a browser login cookie.
 
-``GET /login?token=T&next=/path`` (what a share link points at) or
+``GET /login?token=T&next=/path`` (what a share link points at, with
+``kernel=ID`` first for a proxy to route by; ignored here) or
 ``POST /login`` with ``Authorization: token T`` sets an HttpOnly,
 SameSite=Strict cookie standing for the token's grant, then redirects to
 ``next`` (only paths on this server: no open redirect) or answers JSON.
@@ -179,6 +180,8 @@ class LoginResource(resource.Resource):
     ) -> bytes:
         """Ask before logging in: the button POSTs from this origin."""
         query = {b"confirm": b"1", b"next": _safe_next(params.get(b"next"))}
+        if b"kernel" in params:  # a share link's: the proxy routes the POST by it
+            query = {b"kernel": params[b"kernel"], **query}
         token = query_tokens(request.uri)
         if token:
             query[b"token"] = token[0]
