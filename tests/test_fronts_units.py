@@ -20,7 +20,8 @@ from cellmux.config import ConfigError, ServerConfig
 from cellmux.interfaces import ICredentialStore
 from cellmux.server.auth import Role, TokenAuth
 from cellmux.server.fronts import (
-    ROUTE_PATTERN,
+    PATH_PATTERN,
+    ROUTED_PARAMETER,
     front_tag,
     mint_kernel_id,
     mint_token,
@@ -78,6 +79,7 @@ TARGETS = [
     "/poll?kernel={k}",
     "/poll/{c}?seq=3&ctl=1",
     "/api/sessions/{j}",
+    "/login?kernel={k}&token={t}&next=/%3Fkernel%3D{k}",
 ]
 
 
@@ -113,8 +115,24 @@ def test_requests_that_name_no_id_go_to_any_front(target):
 def test_the_committed_haproxy_config_uses_the_same_rule():
     path = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "haproxy.cfg")
     with open(path) as f:
-        acls = re.findall(r"^\s*acl names_(\w+) url_reg (\S+)$", f.read(), re.MULTILINE)
-    assert acls == [(f, ROUTE_PATTERN.format(tag=front_tag(f))) for f in ("f1", "f2")]
+        acls = re.findall(r"^\s*acl names_(\w+) (.+)$", f.read(), re.MULTILINE)
+    expected = []
+    for front in ("f1", "f2"):
+        tag = front_tag(front)
+        expected.append((front, "path_reg " + PATH_PATTERN.format(tag=tag)))
+        expected.append((front, f"url_param({ROUTED_PARAMETER}) -m beg {tag}-"))
+    assert acls == expected
+
+
+@given(st.from_regex(r"[A-Za-z0-9_-]{32}", fullmatch=True), randoms)
+def test_no_token_passes_for_a_tag(share_token, random):
+    # Even a token made to look like another front's tag routes nowhere.
+    for value in (share_token, front_tag("f2") + "-" + share_token):
+        for target in (f"/ws?token={value}", f"/login?token={value}&next=/", "/?x=" + value):
+            assert route(target, [front_tag("f1"), front_tag("f2")]) is None
+    kernel_id = mint_kernel_id(front_tag("f1"), random)
+    forged = f"/ws?kernel={kernel_id}&token={front_tag('f2')}-{share_token}"
+    assert route(forged, [front_tag("f2"), front_tag("f1")]) == front_tag("f1")
 
 
 # -- re-reading the credentials other fronts store ------------------------------

@@ -17,9 +17,11 @@ The tag is the ``front_id`` setting (1 to 8 hex digits) padded to 8 with
 leading zeros. Without a ``front_id`` (one server alone) ids are plain
 random UUIDs, as before.
 
-The proxy's rule is L{ROUTE_PATTERN}: a request goes to front F when its
-path or query holds ``TAG-`` right after a ``/`` or a ``=``. L{route} is
-that rule in Python, for the property tests. No I/O here.
+The proxy's rule (L{route}, and docs/haproxy.cfg's ACLs): a request goes
+to front F when its path is ``/api/kernels/``, ``/api/sessions/``,
+``/files/`` or ``/poll/`` followed by ``TAG-`` (L{PATH_PATTERN}), or its
+first ``kernel`` query parameter starts with ``TAG-``. Nothing else is
+looked at, so no token or cookie can pass for a tag. No I/O here.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from collections.abc import Iterable
 
 __all__ = [
     "FRONT_ID_PATTERN",
-    "ROUTE_PATTERN",
+    "PATH_PATTERN",
+    "ROUTED_PARAMETER",
     "TAG_LENGTH",
     "front_tag",
     "mint_kernel_id",
@@ -45,9 +48,11 @@ __all__ = [
 FRONT_ID_PATTERN = re.compile(r"[0-9a-f]{1,8}")
 #: Hex digits of a tag (the first group of a UUID).
 TAG_LENGTH = 8
-#: The proxy's rule for one front, with ``{tag}`` to fill in: its tag and a
-#: ``-`` right after a ``/`` or ``=`` anywhere in the request target.
-ROUTE_PATTERN = "[/=]{tag}-"
+#: The proxy's path rule for one front, with ``{tag}`` to fill in: the
+#: paths whose next segment is an id a front minted.
+PATH_PATTERN = "^/(api/kernels|api/sessions|files|poll)/{tag}-"
+#: The query parameter that names a kernel (``/ws``, ``/poll``, ``/login``).
+ROUTED_PARAMETER = "kernel"
 
 _TAGGED = re.compile(r"([0-9a-f]{8})-")
 
@@ -91,9 +96,20 @@ def tag_of(identifier: str) -> str | None:
 
 
 def route(target: str, tags: Iterable[str]) -> str | None:
-    """The tag whose front the proxy sends C{target} to (the first that
-    matches, in the order of C{tags}), or None: any front (round robin)."""
+    """The tag whose front the proxy sends C{target} (a raw request target)
+    to, the first that matches in the order of C{tags}, or None: any front
+    (round robin). As HAProxy reads it: the path undecoded, and the first
+    ``kernel`` parameter of the query."""
+    path, _, query = target.partition("?")
+    named = None
+    for item in query.split("&"):
+        name, equals, value = item.partition("=")
+        if equals and name == ROUTED_PARAMETER:
+            named = value
+            break
     for tag in tags:
-        if re.search(ROUTE_PATTERN.format(tag=re.escape(tag)), target):
+        if re.search(PATH_PATTERN.format(tag=re.escape(tag)), path):
+            return tag
+        if named is not None and named.startswith(tag + "-"):
             return tag
     return None

@@ -52,6 +52,7 @@ from .kernels import Kernel, KernelManager
 from .native import CLOSE_FORBIDDEN, CLOSE_KERNEL_GONE, NativeSession
 from .pages import cors_headers, preflight
 from .webjson import request_args, request_body
+from .websocket import url_kernel
 
 __all__ = ["POLL_HOLD", "POLL_IDLE_EXPIRY", "PollConnection", "PollResource"]
 
@@ -388,14 +389,13 @@ class PollResource(resource.Resource):
         if grant is None:
             return self._error(request, HTTPStatus.FORBIDDEN, "a valid token is required")
         cid = mint_token(front_tag(self.manager.config.front_id))
-        kernel = request_args(request).get(b"kernel")
         conn = PollConnection(
             cid,
             self.manager,
             grant,
             self._forget,
             create=self.create,
-            url_kernel=kernel[-1].decode("utf-8", "replace") if kernel else None,
+            url_kernel=url_kernel(request.uri),
         )
         self.connections[cid] = conn
         conn.receive(request_body(request).read())

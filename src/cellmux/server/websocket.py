@@ -73,10 +73,10 @@ def client_protocol_options(max_frame_size: int) -> dict[str, Any]:
 
 
 def url_kernel(target: str | bytes) -> str | None:
-    """The kernel a request target names with ``?kernel=ID`` (the last one,
-    as twisted.web reads parameters), or None."""
+    """The kernel a request target names with ``?kernel=ID``, or None: the
+    first one, which is the one HAProxy routes by (``url_param``)."""
     found = [value for name, value in query_pairs(target) if name == b"kernel"]
-    return found[-1].decode("utf-8", "replace") if found else None
+    return found[0].decode("utf-8", "replace") if found else None
 
 
 class ClientConnection(WebSocketServerProtocol):
