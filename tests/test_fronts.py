@@ -8,6 +8,7 @@ The tests share one fleet and run in file order: the last one kills a front.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import re
@@ -67,6 +68,7 @@ class Fleet:
         self.postgres = PostgresCluster.create()
         self.ports = {name: free_port() for name in TAGS}
         self.fronts: dict[str, RunningServer] = {}
+        self.configs: dict[str, str] = {}
         self.proxy: HAProxy | None = None
         try:
             for name in TAGS:
@@ -85,6 +87,7 @@ class Fleet:
         # away from the default range other servers use.
         first = UID_RANGES[name]
         config = config_file(f"kernel_uid_range = [{first}, {first + 9999}]")
+        self.configs[name] = config
         self.fronts[name] = start_server(
             *("--front-id", name.lower(), "--database", self.postgres.url, "--config", config),
             *("--token", self.token, "--port", str(self.ports[name]), "--pool-size", "1"),
@@ -321,6 +324,45 @@ def test_permalinks_shares_and_logins_work_on_any_front_and_after_restarts(fleet
             request(fleet.url(name), "GET", f"/api/kernels/{kernel.id}", token(revoked["token"]))[0]
             == 403
         )
+
+
+def test_a_named_token_added_to_the_fronts_configs_works_on_both_within_the_bound(fleet):
+    alice = secrets.token_hex(16)
+    table = (
+        "\n[tokens.alice]\n"
+        f'token_hash = "sha256:{hashlib.sha256(alice.encode()).hexdigest()}"\nmax_kernels = 2\n'
+    )
+    originals = {}
+    for name, path in fleet.configs.items():
+        with open(path) as f:
+            originals[name] = f.read()
+    assert request(fleet.url(), "GET", "/api/kernels", token(alice))[0] == 403
+
+    def answers(status: int) -> bool:
+        return all(
+            request(fleet.url(name), "GET", "/api/kernels", token(alice))[0] == status
+            for name in TAGS
+        )
+
+    try:
+        for path in fleet.configs.values():  # as config management would
+            with open(path, "a") as f:
+                f.write(table)
+        started = time.monotonic()
+        wait_for(lambda: answers(200), REFRESH_BOUND, 0.2)
+        print(f"a named token worked on both fronts after {time.monotonic() - started:.1f} s")
+        with Client(fleet.url(), token=alice) as client:
+            made = client.create_kernel().id
+            assert [k.id for k in client.list_kernels()] in ([made], [])  # per front
+            with client.connect(made) as kernel:
+                assert kernel.execute("print('alice')").stdout == "alice\n"
+            client.delete_kernel(made)
+    finally:
+        for name, path in fleet.configs.items():
+            with open(path, "w") as f:
+                f.write(originals[name])
+    # Removed from the configs: it stops on both within the bound.
+    wait_for(lambda: answers(403), REFRESH_BOUND, 0.2)
 
 
 def test_a_killed_front_takes_only_its_own_kernels_and_is_named_on_reconnect(fleet):

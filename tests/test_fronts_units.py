@@ -4,6 +4,7 @@ a front re-reads the credentials other fronts store (docs/scaling.md)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import uuid
@@ -276,3 +277,28 @@ def test_a_front_re_reads_every_credential_refresh_seconds_and_says_once_when_it
         clock.advance(5.0)
     assert [e["log_format"] for e in logged] == ["re-reading stored credentials works again"]
     service._credentials_refresh.stop()
+
+
+def _user(name: str, token: str, max_kernels: int = 10):
+    from cellmux.server.auth import NamedToken
+
+    return NamedToken(name, hashlib.sha256(token.encode()).digest(), max_kernels)
+
+
+def test_named_tokens_replaced_from_a_re_read_config_take_effect_at_once():
+    auth = TokenAuth("owner-token", [_user("alice", "a-token")])
+    alice_cookie, _ = run(auth.login(auth.grant_for_token("a-token")))
+    assert not auth.replace_users([_user("alice", "a-token")])  # nothing changed
+    # bob is added, alice's quota changes: her login keeps working.
+    assert auth.replace_users([_user("alice", "a-token", 3), _user("bob", "b-token")])
+    assert auth.grant_for_token("b-token").user == "bob"
+    assert auth.user("alice").max_kernels == 3
+    assert auth.login_grant(alice_cookie).user == "alice"
+    # alice gets a new token: the old one and its login stop.
+    assert auth.replace_users([_user("alice", "a-new"), _user("bob", "b-token")])
+    assert auth.grant_for_token("a-token") is None
+    assert auth.login_grant(alice_cookie) is None
+    assert auth.grant_for_token("a-new").user == "alice"
+    # bob is removed.
+    assert auth.replace_users([_user("alice", "a-new")])
+    assert auth.grant_for_token("b-token") is None

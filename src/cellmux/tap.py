@@ -188,7 +188,9 @@ def build_service(options: Options) -> CellmuxService:
     # Kernels of a server without root share its uid: nothing of the token
     # may stay readable in /proc (security.md, "Without root").
     scrub_token(token)
-    return CellmuxService(config, token)
+    # With a front_id the server re-reads the file's [tokens] (scaling.md).
+    path = options["config"]
+    return CellmuxService(config, token, config_path=os.path.abspath(path) if path else None)
 
 
 def makeService(options: Options) -> CellmuxService:

@@ -304,10 +304,8 @@ class TokenAuth:
         #: kernel id -> the named token that created it
         self.kernel_owners: dict[str, str] = {}
         self._users: dict[bytes, tuple[NamedToken, Grant]] = {}
-        for user in users:
-            grant = Grant(Role.OWNER, user=user.name, owners=self.kernel_owners)
-            self._users[user.digest] = (user, grant)
-        self._users_by_name = {u.name: u for u, _ in self._users.values()}
+        self._users_by_name: dict[str, NamedToken] = {}
+        self._set_users(users)
         self._shares: dict[bytes, tuple[Share, Grant]] = {}
         # login cookie digest -> login, oldest first (bounded: MAX_LOGINS)
         self._logins: OrderedDict[bytes, _Login] = OrderedDict()
@@ -403,6 +401,34 @@ class TokenAuth:
 
     # -- named tokens -----------------------------------------------------------
 
+    def _set_users(self, users: Iterable[NamedToken]) -> None:
+        self._users = {
+            u.digest: (u, Grant(Role.OWNER, user=u.name, owners=self.kernel_owners)) for u in users
+        }
+        self._users_by_name = {u.name: u for u, _ in self._users.values()}
+
+    def replace_users(self, users: Iterable[NamedToken]) -> bool:
+        """Take a new set of named tokens (the config file was re-read);
+        whether anything changed. A token that is gone or has a new hash
+        stops working at once, and so do the logins made with it; the
+        kernels a user owns stay theirs."""
+        users = list(users)
+        before = {u.name: (u.digest, u.max_kernels) for u in self._users_by_name.values()}
+        after = {u.name: (u.digest, u.max_kernels) for u in users}
+        if before == after:
+            return False
+        self._set_users(users)
+        for key, login in list(self._logins.items()):
+            name = login.grant.user
+            if name is None:
+                continue
+            user = self._users_by_name.get(name)
+            if user is None or before.get(name, (None,))[0] != user.digest:
+                self.logout_digest(key)
+            else:  # the same token: its grant now carries the new quota's user
+                self._logins[key] = attrs.evolve(login, grant=self._users[user.digest][1])
+        return True
+
     def user(self, name: str) -> NamedToken | None:
         return self._users_by_name.get(name)
 
@@ -413,6 +439,11 @@ class TokenAuth:
         return [k for k, u in self.kernel_owners.items() if u == name]
 
     # -- the store ----------------------------------------------------------------
+
+    @property
+    def keeps_credentials(self) -> bool:
+        """Whether a store keeps the credentials (L{attach_store})."""
+        return self._store is not None
 
     def attach_store(self, store: Any) -> bool:
         """Keep credentials in C{store} from now on, if it can; whether it can."""
@@ -595,7 +626,11 @@ class TokenAuth:
         """Forget a login cookie (it was replaced by another, or expired)."""
         if not cookie:
             return
-        login = self._logins.pop(_digest(cookie), None)
+        self.logout_digest(_digest(cookie))
+
+    def logout_digest(self, digest: bytes) -> None:
+        """Forget the login whose cookie has this digest."""
+        login = self._logins.pop(digest, None)
         if login is not None and self._store is not None:
             self._background(self._store.delete_credentials(digest=login.key), "a login")
 

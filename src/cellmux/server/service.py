@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 import cellmux
-from cellmux.config import ServerConfig, named_tokens
+from cellmux.config import ConfigError, ServerConfig, load_config_file, named_tokens
 
 from .api import ApiResource
 from .auth import NamedToken, TokenAuth, redact_tokens
@@ -155,7 +155,9 @@ class CellmuxService(service.Service):
 
     log = Logger()
 
-    def __init__(self, config: ServerConfig, token: str, reactor=None) -> None:
+    def __init__(
+        self, config: ServerConfig, token: str, reactor=None, config_path: str | None = None
+    ) -> None:
         if reactor is None:
             from twisted.internet import reactor as _reactor
 
@@ -172,6 +174,9 @@ class CellmuxService(service.Service):
         # With a front_id: re-read the stored credentials (docs/scaling.md).
         self._credentials_refresh: task.LoopingCall | None = None
         self._refresh_failing = False
+        # The config file, whose [tokens] a front re-reads with the credentials.
+        self._config_path = config_path
+        self._tokens_failing = False
         self._forget_ended = None
         self._token = token
         self.manager = KernelManager(reactor, config)
@@ -330,13 +335,13 @@ class CellmuxService(service.Service):
             await defer.DeferredList([first, timer], fireOnOneCallback=True, consumeErrors=True)
             if not timer.called:
                 timer.cancel()
-            if config.front_id is not None:
-                self._start_credentials_refresh()
         else:
             self.log.warn(
                 "the permalink store keeps no credentials: share links, logins and "
                 "capabilities last until the server stops"
             )
+        if config.front_id is not None:
+            self._start_credentials_refresh()
         site = build_site(self.manager, self.auth, self.store, self._refusal_logs)
         self._forget_ended = forget_ended_kernels(self.manager, self.auth)
         factory = GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
@@ -390,8 +395,10 @@ class CellmuxService(service.Service):
         done.addErrback(lambda f: self.log.failure("re-reading credentials stopped", f))
 
     async def _refresh_credentials(self) -> None:
-        if not self.auth.loaded:
-            return  # the first load (and its retries) is still under way
+        if self._config_path is not None:
+            await self._reload_named_tokens(self._config_path)
+        if not self.auth.keeps_credentials or not self.auth.loaded:
+            return  # no store, or the first load (and its retries) is under way
         try:
             await self.auth.refresh()
         except StoreError as e:
@@ -408,6 +415,30 @@ class CellmuxService(service.Service):
         if self._refresh_failing:
             self.log.info("re-reading stored credentials works again")
         self._refresh_failing = False
+
+    async def _reload_named_tokens(self, path: str) -> None:
+        """Take the config file's [tokens] again: a named token added,
+        removed or changed there works (or stops) without a restart."""
+        try:
+            settings = await threads.deferToThread(load_config_file, path)
+            users = named_tokens(settings.get("tokens", {}))
+        except ConfigError as e:
+            if not self._tokens_failing:
+                self.log.warn(
+                    "cannot re-read named tokens ({error}); keeping those in memory",
+                    error=e,
+                )
+            self._tokens_failing = True
+            return
+        if self._tokens_failing:
+            self.log.info("re-reading named tokens works again")
+        self._tokens_failing = False
+        if self.auth.replace_users(NamedToken(t.name, t.digest, t.max_kernels) for t in users):
+            self.log.info(
+                "named tokens re-read from {path}: {names}",
+                path=path,
+                names=", ".join(t.name for t in users) or "none",
+            )
 
     def _guard_descriptors(self) -> None:
         """Raise the open files limit; refuse work before it runs out (limits.py)."""
