@@ -221,17 +221,21 @@ def test_a_refresh_brings_in_what_another_front_made_and_drops_what_it_revoked()
 def test_what_a_front_makes_or_revokes_while_it_reads_is_not_undone_by_the_read():
     rows, (_, b) = two_fronts()
     old, old_token = run(b.share("000000f2-k", Role.OBSERVER))
+    cookie, _ = run(b.login(b.grant_for_token("owner-token")))
     hold = rows.hold = defer.Deferred()
-    reading = defer.ensureDeferred(b.refresh())  # its rows: only the old share
+    reading = defer.ensureDeferred(b.refresh())  # its rows: the old share, the login
     _, made_token = run(b.share("000000f2-k", Role.OBSERVER))
     run(b.revoke("000000f2-k", old.id))
-    hold.callback(None)  # the read ends with what it read before both
+    b.logout(cookie)
+    hold.callback(None)  # the read ends with what it read before all three
     assert reading.called
     assert b.grant_for_token(made_token) is not None
     assert b.grant_for_token(old_token) is None
+    assert b.login_grant(cookie) is None
     run(b.refresh())
     assert b.grant_for_token(made_token) is not None
     assert b.grant_for_token(old_token) is None
+    assert b.login_grant(cookie) is None
 
 
 def test_a_database_that_is_down_changes_nothing_and_memory_only_logins_stay():

@@ -313,11 +313,14 @@ class TokenAuth:
         #: Whether the stored credentials are in memory (True without a store).
         self.loaded = True
         # Shares revoked while a read of the store was under way: it may
-        # have read them. (None: no read is under way.)
+        # have read them.
         self._revoked_while_loading: set[str] = set()
         # Credentials this server made while a read was under way: it may
-        # not have seen them, and a refresh must not drop them.
+        # not have seen them, and a refresh must not drop them. (None: no
+        # read is under way.)
         self._made_while_reading: set[bytes] | None = None
+        # Logins forgotten while a read was under way: it may have read them.
+        self._dropped_while_reading: set[bytes] = set()
         # Logins the database could not record: only this server has them.
         self._memory_only: set[bytes] = set()
 
@@ -477,6 +480,7 @@ class TokenAuth:
             self.loaded = True
             return 0
         self._made_while_reading = set()
+        self._dropped_while_reading = set()
         if self.loaded:
             self._revoked_while_loading = set()
         try:
@@ -505,6 +509,8 @@ class TokenAuth:
             if login_grant is None:
                 stale.append(r.digest)
                 continue
+            if bytes.fromhex(r.digest) in self._dropped_while_reading:
+                continue  # logged out here after the read saw it
             logins.append((bytes.fromhex(r.digest), _Login(login_grant, r.expires, r.digest)))
         # What was made while loading stays; what was loaded comes first.
         # A refresh keeps only that of what memory had (the rest is what the
@@ -630,6 +636,8 @@ class TokenAuth:
 
     def logout_digest(self, digest: bytes) -> None:
         """Forget the login whose cookie has this digest."""
+        if self._made_while_reading is not None:
+            self._dropped_while_reading.add(digest)
         login = self._logins.pop(digest, None)
         if login is not None and self._store is not None:
             self._background(self._store.delete_credentials(digest=login.key), "a login")
