@@ -29,8 +29,10 @@ from cellmux.server.fronts import front_tag, tag_of
 from conftest import RunningServer, config_file, start_server, wait_for
 from db_fixtures import PostgresCluster, free_port
 from haproxy_fixtures import HAProxy
+from terminal_helpers import cellmux_env
 from test_jupyter_ws import JupyterClient
 from test_longpoll import Poller, _pack, _request, control, jmsg, replied
+from test_terminal_quick import _heavy, _imported
 
 TAGS = {"F1": front_tag("f1"), "F2": front_tag("f2")}
 #: The first kernel uid of each front.
@@ -232,6 +234,26 @@ def test_long_polling_reaches_the_kernels_front_through_the_proxy(fleet):
                 out = [jmsg(f)[2]["text"] for f in frames if f.channel == Channel.STDOUT]
                 assert out == ["polled\n"]
                 assert _request(proxy, "DELETE", f"/poll/{poller.id}")[0] == 204
+        finally:
+            for kernel_id in kernel_ids:
+                client.delete_kernel(kernel_id)
+
+
+def test_cellmux_run_reaches_kernels_of_both_fronts_through_the_proxy(fleet, tmp_path):
+    proxy = types.SimpleNamespace(url=fleet.url(), token=fleet.token)
+    env = cellmux_env(proxy, tmp_path / "state")
+    source = tmp_path / "lines.py"
+    source.write_text("print('ran here')\n")
+    with fleet.client() as client:
+        kernel_ids = [client.create_kernel().id for _ in range(2)]
+        try:
+            assert {front_of(k) for k in kernel_ids} == set(TAGS)
+            for kernel_id in kernel_ids:
+                for _ in range(2):  # twice: round robin would miss one
+                    done, modules = _imported(env, "run", str(source), "--kernel", kernel_id)
+                    assert (done.returncode, done.stdout) == (0, "ran here\n"), done.stderr
+                    # by the quick path, not a fallback to the full client
+                    assert not _heavy(modules), sorted(_heavy(modules))
         finally:
             for kernel_id in kernel_ids:
                 client.delete_kernel(kernel_id)
