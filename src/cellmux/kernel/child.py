@@ -209,7 +209,14 @@ def run_kernel(order: KernelOrder) -> None:
             inproc_endpoint(INPROC_PORTS["introspection"]),
             lambda socket: emission.stamp(socket, after=backlog),
         ).start()
-        Pump(app.context, order.endpoint, order.link_id, order.secret, os.getpid()).start()
+        Pump(
+            app.context,
+            order.endpoint,
+            order.link_id,
+            order.secret,
+            os.getpid(),
+            made_room=emission.made_room,
+        ).start()
         os.close(err_fd)
         err_fd = -1
         app.start()

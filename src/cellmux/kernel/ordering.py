@@ -16,15 +16,24 @@ every message with a lower one. The number travels in the signature frame
 pump strips it). The pump forwards in number order (see
 L{cellmux.kernel.pump.Reorder}).
 
-A number can be lost (a send that fails or is interrupted, a message sent
-before the pump subscribed); the pump tells a lost number from a late one
-because, thanks to the lock, a late one is already in its socket.
+A number can be lost (a send that is interrupted, a message sent before
+the pump subscribed); the pump tells a lost number from a late one
+because, thanks to the lock, a late one is already in its socket. A send
+that finds its socket full gives its number back (nothing else took one
+while it held the lock): under a flood the IOPub socket is full most of
+the time, and each lost number costs the pump a search of every socket.
+
+A full socket never blocks while the lock is held (every other thread's
+sends would wait for the slowest client). Its sender waits outside the
+lock until a reader says it took messages out (L{EmissionOrder.made_room},
+called by the pump), then tries again: an XPUB cannot be polled for room,
+and sleeping for it instead (as this module once did, 0.5 to 10 ms a
+time) halved a kernel's output rate under load.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import zmq
@@ -34,8 +43,10 @@ __all__ = ["DELIMITER", "STAMP_SIZE", "EmissionOrder", "IOPubBacklog", "install"
 DELIMITER = b"<IDS|MSG>"
 #: Bytes of the number that replaces the (empty) signature.
 STAMP_SIZE = 8
-#: Pauses between attempts to send on a full socket (seconds, doubling).
-RETRY_FIRST = 0.0005
+#: How long a sender waits for a reader's word before it tries a full
+#: socket again anyway (seconds, doubling from the first to the most): a
+#: safety net, the pump says when it has read.
+RETRY_FIRST = 0.001
 RETRY_MAX = 0.01
 #: Longest a reply waits for the IOPub thread to send what was published
 #: before it (as tuning's reply barrier: a wedged IOPub thread must not
@@ -103,6 +114,15 @@ class EmissionOrder:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._next = 1
+        # Set by readers when they took messages out; cleared by a sender
+        # that found its socket full, before it tries once more.
+        self._room = threading.Event()
+
+    def made_room(self) -> None:
+        """Tell senders waiting for a full socket that a reader took some
+        messages out (cheap when no one waits: the flag is already set)."""
+        if not self._room.is_set():
+            self._room.set()
 
     def stamp(self, socket: Any, after: IOPubBacklog | None = None) -> None:
         """Make C{socket}'s C{send_multipart} number each Jupyter message.
@@ -115,6 +135,7 @@ class EmissionOrder:
         """
         send = socket.send_multipart
         lock = self._lock
+        room = self._room
 
         def send_multipart(msg_parts: Any, flags: int = 0, *args: Any, **kwargs: Any) -> Any:
             parts = list(msg_parts)
@@ -123,22 +144,42 @@ class EmissionOrder:
                 return send(parts, flags, *args, **kwargs)
             if after is not None:
                 after.wait()
+            cleared = retry = False
             pause = RETRY_FIRST
             while True:
+                if retry:
+                    # libzmq looks at the reader's "room again" command at
+                    # most once a millisecond in a non-blocking send; asking
+                    # for the socket's events processes it now.
+                    socket.getsockopt(zmq.EVENTS)
+                retry = True
                 # Never block while holding the lock: a full socket (the
                 # pump out of credit) would stop every other thread's sends,
-                # control replies and introspection answers included. A
-                # number taken by a send that could not go is a lost number.
+                # control replies and introspection answers included.
                 with lock:
-                    parts[at + 1] = self._next.to_bytes(STAMP_SIZE, "big")
-                    self._next += 1
+                    number = self._next
+                    parts[at + 1] = number.to_bytes(STAMP_SIZE, "big")
+                    full = False
                     try:
                         return send(parts, flags | zmq.NOBLOCK, *args, **kwargs)
                     except zmq.Again:
+                        # Nothing was queued and no one else took a number
+                        # meanwhile: this one is still next, not lost.
+                        full = True
                         if flags & zmq.NOBLOCK:
                             raise
-                time.sleep(pause)  # an XPUB cannot be polled for room
+                    finally:
+                        if not full:
+                            self._next = number + 1
+                if not cleared:
+                    # A read between the failure and the clear would go
+                    # unnoticed by the wait: try once more after it.
+                    room.clear()
+                    cleared = True
+                    continue
+                room.wait(pause)
                 pause = min(pause * 2, RETRY_MAX)
+                cleared = False
 
         socket.send_multipart = send_multipart
 

@@ -26,6 +26,7 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import zmq
@@ -180,9 +181,19 @@ class Pump(threading.Thread):
     """
 
     def __init__(
-        self, context: zmq.Context, endpoint: str, link_id: bytes, secret: bytes, pid: int
+        self,
+        context: zmq.Context,
+        endpoint: str,
+        link_id: bytes,
+        secret: bytes,
+        pid: int,
+        made_room: Callable[[], None] = lambda: None,
     ) -> None:
+        """@param made_room: called after the pump took messages out of the
+        kernel's sockets, to wake senders waiting for a full one
+        (L{cellmux.kernel.ordering.EmissionOrder.made_room})."""
         super().__init__(name="cellmux-pump", daemon=True)
+        self._made_room = made_room
         self._context = context
         self._endpoint = endpoint
         self._link = KernelSideLink(link_id, secret, pid)
@@ -307,6 +318,8 @@ class Pump(threading.Thread):
                     else:
                         self._order.hold(msg, from_kernel[sock])
                     self._release(link)
+                if sock is not link:
+                    self._made_room()
 
     def _release(self, link: zmq.Socket) -> None:
         """Forward held messages in emission order, while credit lasts."""
@@ -331,6 +344,7 @@ class Pump(threading.Thread):
                     candidates.remove(sock)
                     continue
                 number = order.hold(sock.recv_multipart(copy=False), self._from_kernel[sock])
+                self._made_room()
                 if number is not None and order.next is not None and number > order.next:
                     candidates.remove(sock)
 
