@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
 
-__all__ = ["modules_listed_at_fork", "record_module_files", "warm_ipython"]
+__all__ = ["fill_allocator_holes", "modules_listed_at_fork", "record_module_files", "warm_ipython"]
 
 
 class _ModuleFile:
@@ -196,3 +196,63 @@ def warm_ipython() -> None:
             os.environ.update(saved_environ)
         sys.path[:] = saved_path
         shutil.rmtree(ipython_dir, ignore_errors=True)
+
+
+#: What fill_allocator_holes allocated: kept for the nursery's life, never
+#: touched again (bytes and floats hold no references and are not tracked
+#: by the GC), so their pages stay shared with every kernel.
+_hole_fillers: list[object] = []
+
+#: Bytes of a bytes object's header (sys.getsizeof(b"")).
+_BYTES_HEADER = sys.getsizeof(b"")
+
+
+def _free_blocks_by_size() -> dict[int, int]:
+    """Block size -> free blocks in pymalloc's partly used pools (from
+    sys._debugmallocstats, which writes to file descriptor 2)."""
+    with tempfile.TemporaryFile() as out:
+        saved = os.dup(2)
+        try:
+            sys.stderr.flush()
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    free: dict[int, int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        # class, size, pools, blocks in use, available blocks
+        if len(fields) == 5 and all(f.isdigit() for f in fields):
+            free[int(fields[1])] = int(fields[4])
+    return free
+
+
+def fill_allocator_holes() -> int:
+    """Fill the free blocks of the nursery's partly used allocator pools;
+    how many blocks were filled. Call in the nursery, last before forking.
+
+    Warming up (jedi's first completion above all) frees many objects and
+    leaves holes in pages of preloaded objects. pymalloc hands out those
+    holes first, so a kernel's first allocations would land on hundreds of
+    shared pages and copy each one (+2.5 MB of private memory per kernel
+    for jedi's warm-up alone). Filled here with inert objects, the holes
+    cost the nursery their blocks once, and a kernel's allocations go to
+    fresh pools of its own instead.
+    """
+    if not hasattr(sys, "_debugmallocstats"):
+        return 0  # not CPython's allocator: nothing known to fill
+    filled = 0
+    for _ in range(2):  # the first pass's own allocations make a few more
+        for size, count in _free_blocks_by_size().items():
+            length = size - _BYTES_HEADER
+            if length >= 0:
+                _hole_fillers.extend(bytes(length) for _ in range(count))
+            elif size == 32:  # a float takes 24 bytes, in the 32-byte class
+                _hole_fillers.extend(float(i) + 0.5 for i in range(count))
+            else:
+                continue
+            filled += count
+    return filled

@@ -671,6 +671,9 @@ def _preload(modules: tuple[str, ...]) -> None:
     # kernels do not touch (and copy) those pages when they collect.
     gc.collect()
     memory.record_module_files()
+    # Last: what a kernel allocates must not land in holes the warm-up left
+    # on shared pages (copying each page it lands on).
+    memory.fill_allocator_holes()
     gc.freeze()
 
 
