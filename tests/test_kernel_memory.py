@@ -142,3 +142,14 @@ print(holes > 50_000, filled >= holes, left < holes // 20)
 def test_kernels_are_forked_with_the_allocator_holes_filled(kernel):
     result = kernel.execute("import cellmux.kernel.memory as m\nprint(len(m._hole_fillers) > 1000)")
     assert result.stdout.strip() == "True"
+
+
+def test_an_idle_kernel_imports_nothing_the_nursery_did_not(kernel):
+    # An import after the fork costs ~0.9 MB of private memory (the import
+    # machinery writes to objects on many shared pages): every module a
+    # kernel needs to start and run a cell is preloaded.
+    result = kernel.execute(
+        "import sys, cellmux.kernel.memory as m\n"
+        "print(list(sys.modules)[m._at_fork[0]:], m.unchanged_since_fork())"
+    )
+    assert result.stdout.strip() == "[] True"

@@ -651,7 +651,19 @@ def _preload(modules: tuple[str, ...]) -> None:
     import IPython.core.interactiveshell  # noqa: F401
     import zmq  # noqa: F401
 
-    from . import adaptor, child, flowcontrol, interrupts, memory, sourcemap, tuning  # noqa: F401
+    from . import (  # noqa: F401
+        adaptor,
+        child,
+        debugging,
+        flowcontrol,
+        interrupts,
+        introspection,
+        memory,
+        ordering,
+        pump,
+        sourcemap,
+        tuning,
+    )
 
     # What every kernel imports while it initialises: imported here, their
     # code and constants stay in pages shared by all kernels.
