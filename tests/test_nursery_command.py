@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import sys
 
+import pytest
+
+import cellmux
 from cellmux.kernel import sandbox
 from cellmux.protocol.nursery import NURSERY_MODULE
-from cellmux.server.nursery import nursery_command
+from cellmux.server.nursery import UntrustedSourceTree, nursery_command
 
 
 def test_an_installed_cellmux_needs_no_path():
@@ -54,3 +57,22 @@ def test_kernels_are_shown_no_import_directory_of_the_working_directory(tmp_path
     monkeypatch.setattr(sys, "path", ["", ".", str(tmp_path / "missing"), *sys.path])
     assert all(not p.startswith(str(tmp_path)) for p in sandbox.interpreter_paths())
     assert "" not in sandbox.interpreter_paths()
+
+
+def test_a_server_run_from_a_tree_others_can_write_to_does_not_start(tmp_path, monkeypatch):
+    # Left out of the nursery's path, the tree would be replaced there by
+    # whatever cellmux the interpreter has installed: another version,
+    # silently. The server says so and does not start.
+    open_to_all = tmp_path / "open"
+    (open_to_all / "cellmux").mkdir(parents=True)
+    os.chmod(open_to_all, 0o777)
+    monkeypatch.setattr(cellmux, "__file__", str(open_to_all / "cellmux" / "__init__.py"))
+    with pytest.raises(UntrustedSourceTree, match="chmod -R go-w"):
+        nursery_command("")
+    # Another interpreter (kernel_python) never takes the server's tree.
+    assert nursery_command("", python="/usr/bin/python3") == [
+        "/usr/bin/python3",
+        "-I",
+        "-m",
+        NURSERY_MODULE,
+    ]

@@ -29,7 +29,13 @@ from ..kernel.sandbox import trusted_dir
 from ..protocol import nursery as wire
 from ..protocol.errors import ProtocolError
 
-__all__ = ["NurseryGone", "NurseryOwner", "NurseryProcess", "nursery_command"]
+__all__ = [
+    "NurseryGone",
+    "NurseryOwner",
+    "NurseryProcess",
+    "UntrustedSourceTree",
+    "nursery_command",
+]
 
 #: Runs the nursery with extra import directories (given as arguments)
 #: ahead of the interpreter's own; still isolated (``-I``).
@@ -40,6 +46,15 @@ _BOOTSTRAP = (
 
 class NurseryGone(Exception):
     """The nursery process is not running."""
+
+
+class UntrustedSourceTree(Exception):
+    """The server runs cellmux from a tree others may write to.
+
+    The nursery (root's, when the server is root's) will not import from
+    it; it would then run whatever other cellmux the interpreter has
+    installed, a different version from the server's, silently.
+    """
 
 
 class NurseryOwner(Protocol):
@@ -220,6 +235,8 @@ def nursery_command(pythonpath: str = "", python: str | None = None) -> list[str
     Only directories that root or the server's user alone can change are
     passed (L{trusted_dir}); others are left out with a warning in the log,
     and so is anything relative (such as the server's working directory).
+    The server's own source tree is the exception: left out, the nursery
+    would run another cellmux, so L{UntrustedSourceTree} is raised instead.
 
     On another interpreter (C{python}, the kernel_python setting) only
     C{pythonpath} is added: the server's own tree stays out of it.
@@ -235,6 +252,13 @@ def nursery_command(pythonpath: str = "", python: str | None = None) -> list[str
             continue
         if trusted_dir(path):
             extra.append(path)
+        elif path == package_root:
+            raise UntrustedSourceTree(
+                f"cellmux is imported from {path}, which others may write to: the"
+                " nursery will not import from it (nor run another cellmux than"
+                " the server's). Make it writable by its owner only"
+                " (chmod -R go-w), or install cellmux"
+            )
         else:
             NurseryProcess.log.warn(
                 "not importing from {path} in the nursery: others may write to it", path=path

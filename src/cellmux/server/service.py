@@ -34,7 +34,7 @@ from .links import LinkRouter
 from .login import LoginResource
 from .longpoll import PollResource
 from .metrics import MetricsResource, ServerCollector
-from .nursery import NurseryProcess
+from .nursery import NurseryProcess, UntrustedSourceTree
 from .oneshot import OneShotResource
 from .orphans import (
     RecordKeeper,
@@ -200,7 +200,7 @@ class CellmuxService(service.Service):
         d.addErrback(self._start_failed)
 
     def _start_failed(self, failure) -> None:
-        if failure.check(KernelPythonError):  # a setting to fix, not a bug
+        if failure.check(KernelPythonError, UntrustedSourceTree):  # to fix, not a bug
             self.log.error("cellmux could not start: {error}", error=failure.value)
         else:
             self.log.failure("cellmux could not start", failure)
