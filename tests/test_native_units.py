@@ -100,6 +100,35 @@ def test_more_frames_before_welcome_than_the_bound_is_a_fatal_error():
     assert h.router.sent == []
 
 
+def test_after_a_fatal_error_every_further_frame_is_dropped_silently():
+    # The carrier's close takes a moment; a client that keeps sending until
+    # then must not get an error back for each frame (nor reach any kernel).
+    h = Harness()
+    native, carrier = session_on(h)
+    native.receive(create_hello())
+    for i in range(MAX_EARLY_FRAMES + 1):
+        native.receive(execute(str(i)))
+    assert [c["code"] for c in carrier.controls] == ["too_early"]
+    for i in range(5):
+        native.receive(execute(f"after {i}"))
+    native.receive(b"not a frame at all")
+    native.receive(encode_frame(control_frame("ping", id="r")))
+    h.make_ready()
+    assert [c["code"] for c in carrier.controls] == ["too_early"], carrier.controls
+    assert len(carrier.closed) == 1
+    assert h.router.sent == []
+
+
+def test_after_an_unknown_kernel_further_frames_get_no_answer():
+    h = Harness()
+    native, carrier = session_on(h)
+    native.receive(encode_frame(control_frame("hello", version=2, session="s1", kernel="nope")))
+    native.receive(execute("1"))
+    native.receive(encode_frame(control_frame("ping", id="r")))
+    assert [c["op"] for c in carrier.controls] == ["error"], carrier.controls
+    assert carrier.controls[0]["fatal"] and len(carrier.closed) == 1
+
+
 def test_an_observer_may_not_create():
     h = Harness()
     native, carrier = session_on(h, Role.OBSERVER)

@@ -141,7 +141,10 @@ class NativeSession:
         self._early = None
 
     def receive(self, data: bytes) -> None:
-        """Handle one frame from the client."""
+        """Handle one frame from the client (none once the session is closed:
+        frames still in flight after a fatal error get no answer each)."""
+        if self._closed:
+            return
         if self._early is not None:
             self._wait_for_kernel(data)
             return
@@ -213,6 +216,12 @@ class NativeSession:
             self._closed = True  # a kernel still being made for it is not wanted
             self._close(close_code, error.message)
 
+    def _fatal(self, code: str, message: str, close_code: int) -> None:
+        """Tell the client why, close, and hear nothing more from it."""
+        self._send_control("error", code=code, message=message, fatal=True)
+        self._closed = True
+        self._close(close_code, message)
+
     def _wait_for_kernel(self, data: bytes) -> None:
         early = self._early
         assert early is not None
@@ -258,8 +267,7 @@ class NativeSession:
                 "unknown_kernel_spec": CLOSE_UNKNOWN_KERNEL,
             }.get(e.code, CLOSE_CREATE_FAILED)
             if not self._closed:
-                self._send_control("error", code=e.code, message=str(e), fatal=True)
-                self._close(close_code, str(e))
+                self._fatal(e.code, str(e), close_code)
             return
         if self._closed:
             self.manager.delete(kernel, "its client left before it was ready")
@@ -277,15 +285,12 @@ class NativeSession:
             self._welcome(hello, kernel)
             return
         if not attachment.grant.covers(hello.kernel):
-            message = "this token is for another kernel"
-            self._send_control("error", code="forbidden", message=message, fatal=True)
-            self._close(CLOSE_FORBIDDEN, message)
+            self._fatal("forbidden", "this token is for another kernel", CLOSE_FORBIDDEN)
             return
         try:
             kernel = self.manager.get(hello.kernel)
         except KernelError as e:
-            self._send_control("error", code=e.code, message=str(e), fatal=True)
-            self._close(CLOSE_UNKNOWN_KERNEL, str(e))
+            self._fatal(e.code, str(e), CLOSE_UNKNOWN_KERNEL)
             return
         self._welcome(hello, kernel)
 
