@@ -38,9 +38,8 @@ from jupyter_server.services.kernels.connection.base import (
 )
 from websockets.sync.client import connect
 
-from bridge_helpers import BridgeProcess, bridge_env
 from conftest import RunningServer, start_server
-from terminal_helpers import delete_named_kernels
+from kernel_test_samples import OnTheBridge, PythonSamples, bridged_client
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
@@ -226,34 +225,8 @@ class CellmuxKernelTests(jupyter_kernel_test.KernelTests):
         cls.km = _KernelManager(server, model.id, cleanup)
 
 
-class TestPython3(CellmuxKernelTests):
+class TestPython3(PythonSamples, CellmuxKernelTests):
     __test__ = True
-    kernel_name = "python3"
-    language_name = "python"
-    file_extension = ".py"
-    code_hello_world = "print('hello, world')"
-    code_stderr = "import sys; print('test', file=sys.stderr)"
-    completion_samples = [{"text": "zi", "matches": {"zip"}}]
-    complete_code_samples = ["1", "print('hello, world')", "def f(x):\n  return x*2\n\n\n"]
-    incomplete_code_samples = ["print('''hello", "def f(x):\n  x*2"]
-    invalid_code_samples = ["import = 7q"]
-    code_page_something = "print?"
-    code_generate_error = "raise ValueError('no good')"
-    code_execute_result = [
-        {"code": "1+2+3", "result": "6"},
-        {"code": "[n*n for n in range(1, 4)]", "result": "[1, 4, 9]"},
-    ]
-    code_display_data = [
-        {
-            "code": "from IPython.display import HTML, display; display(HTML('<b>t</b>'))",
-            "mime": "text/html",
-        },
-        {
-            "code": "from IPython.display import Math, display; display(Math('\\\\frac{1}{2}'))",
-            "mime": "text/latex",
-        },
-    ]
-    code_history_pattern = "1?2*"
     supported_history_operations = ("tail", "range", "search")
 
     def test_history(self) -> None:
@@ -281,9 +254,6 @@ class TestPython3(CellmuxKernelTests):
             return
         with unittest.TestCase.subTest(self, **params):
             yield
-
-    code_inspect_sample = "zip"
-    code_clear_output = "from IPython.display import clear_output; clear_output()"
 
 
 def _install_bash() -> tuple[dict[str, str], str]:
@@ -346,20 +316,12 @@ def bridged_bash(tmp_path_factory):
     server that offers bash_kernel."""
     env, directory = _install_bash()
     server = start_server("--pool-size", "1", env=env)
-    state = tmp_path_factory.mktemp("bridge") / "state"
-    bridge = BridgeProcess(
-        bridge_env(server, state), "bash", state.parent / "kernel.json", "--spec", "bash"
-    )
-    kc = None
     try:
-        bridge.wait_ready()
-        kc = bridge.client()
-        yield kc
+        with bridged_client(
+            server, tmp_path_factory.mktemp("bridge"), "bash", "--spec", "bash"
+        ) as kc:
+            yield kc
     finally:
-        if kc is not None:
-            kc.stop_channels()
-        bridge.finish()
-        delete_named_kernels(server, state)
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
@@ -370,14 +332,8 @@ def _bridged(request, bridged_bash):
 
 
 @pytest.mark.usefixtures("_bridged")
-class TestBashThroughBridge(_BashSamples, jupyter_kernel_test.KernelTests):
-    @classmethod
-    def setUpClass(cls) -> None:  # the client comes from the _bridged fixture
-        pass
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        pass
+class TestBashThroughBridge(OnTheBridge, _BashSamples, jupyter_kernel_test.KernelTests):
+    pass
 
 
 for _name in NOT_APPLICABLE:  # not collected (see NOT_APPLICABLE)
