@@ -13,7 +13,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from cellmux.protocol import Frame, JupyterSocket
 
@@ -244,11 +244,40 @@ class Client:
         self.close()
 
 
+class _ReadThrough(Generic[T]):
+    """A read-only attribute that is the wrapped async object's attribute of
+    the same name (the object its class's C{_wrapped} names), read at each
+    access: the loop thread keeps it current."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> _ReadThrough[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type) -> T: ...
+
+    def __get__(self, instance: object, owner: type) -> T | _ReadThrough[T]:
+        if instance is None:
+            return self
+        wrapped = getattr(instance, owner._wrapped)  # type: ignore[attr-defined]
+        value: T = getattr(wrapped, self._name)
+        return value
+
+    def __set__(self, instance: object, value: object) -> None:
+        # As a property without a setter: not an instance attribute that
+        # would hide the live value.
+        raise AttributeError(f"{self._name} is read-only")
+
+
 class Kernel:
     """A blocking handle on one attached kernel (wraps an L{AsyncKernel}).
 
     Get one from L{Client.connect}; use it as a context manager to close it.
     """
+
+    _wrapped = "async_kernel"
 
     def __init__(
         self, kernel: AsyncKernel, loop: _LoopThread, forget: Callable[[Kernel], None]
@@ -259,37 +288,14 @@ class Kernel:
 
     # -- state (read from the loop thread's latest view) ------------------------
 
-    @property
-    def kernel_id(self) -> str:
-        return self.async_kernel.kernel_id
-
-    @property
-    def session(self) -> str:
-        return self.async_kernel.session
-
-    @property
-    def model(self) -> KernelModel | None:
-        return self.async_kernel.model
-
-    @property
-    def last_seq(self) -> int:
-        return self.async_kernel.last_seq
-
-    @property
-    def status(self) -> str | None:
-        return self.async_kernel.status
-
-    @property
-    def dead_cause(self) -> str | None:
-        return self.async_kernel.dead_cause
-
-    @property
-    def channels(self) -> frozenset[int] | None:
-        return self.async_kernel.channels
-
-    @property
-    def closed(self) -> bool:
-        return self.async_kernel.closed
+    kernel_id = _ReadThrough[str]()
+    session = _ReadThrough[str]()
+    model = _ReadThrough[KernelModel | None]()
+    last_seq = _ReadThrough[int]()
+    status = _ReadThrough[str | None]()
+    dead_cause = _ReadThrough[str | None]()
+    channels = _ReadThrough[frozenset[int] | None]()
+    closed = _ReadThrough[bool]()
 
     @property
     def on_status(self) -> StatusHandler | None:
@@ -487,6 +493,8 @@ class Comm:
     """A blocking handle on an L{AsyncComm}: the same comm, driven from any
     thread; handlers run in the client's loop thread."""
 
+    _wrapped = "async_comm"
+
     def __init__(self, comm: AsyncComm, loop: _LoopThread) -> None:
         self.async_comm = comm
         self._loop = loop
@@ -500,21 +508,10 @@ class Comm:
     def __hash__(self) -> int:
         return hash(self.async_comm)
 
-    @property
-    def comm_id(self) -> str:
-        return self.async_comm.comm_id
-
-    @property
-    def target_name(self) -> str:
-        return self.async_comm.target_name
-
-    @property
-    def open_message(self) -> Message | None:
-        return self.async_comm.open_message
-
-    @property
-    def closed(self) -> bool:
-        return self.async_comm.closed
+    comm_id = _ReadThrough[str]()
+    target_name = _ReadThrough[str]()
+    open_message = _ReadThrough[Message | None]()
+    closed = _ReadThrough[bool]()
 
     def send(
         self,
