@@ -214,10 +214,12 @@ def _sent_files_exist_for_debugpy(kernel: Any) -> None:
 
             def exists(filename: str) -> bool:
                 entry = linecache.cache.get(filename)
-                return stock_exists(filename) or (entry is not None and entry[1] is None)
+                # A sent cell's entry has no mtime (a lazy entry is a 1-tuple).
+                sent = entry is not None and len(entry) == 4 and entry[1] is None
+                return stock_exists(filename) or sent
 
             exists.cellmux_sent_files = True  # type: ignore[attr-defined]
-            utils.exists = exists
+            utils.exists = exists  # type: ignore[attr-defined]
         return started
 
     debugger.start = start

@@ -122,7 +122,7 @@ class ApiResource(resource.Resource):
                 raise HTTPError(HTTPStatus.FORBIDDEN, "a share token may only read its own kernel")
             if grant.user is not None:
                 self._check_user(grant, params)
-            request.cellmux_grant = grant
+            request.cellmux_grant = grant  # type: ignore[attr-defined]
             status, body = await handler(request, **params)
         except HTTPError as e:
             status, body = e.status, error_body(e.status, e.message)
@@ -154,7 +154,8 @@ class ApiResource(resource.Resource):
 
     @staticmethod
     def _grant(request: server.Request) -> Grant:
-        return request.cellmux_grant
+        grant: Grant = request.cellmux_grant  # type: ignore[attr-defined]
+        return grant
 
     def _share_may(self, handler: Handler, params: dict[str, str], grant: Grant) -> bool:
         """What a share token (one kernel, not the owner of all) may call."""

@@ -16,6 +16,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .attachment import Forbidden
 from .auth import Grant, TokenAuth
@@ -114,11 +115,14 @@ class KernelCreator:
             d = defer.ensureDeferred(
                 prepare_kernel(kernel, code, self.manager.clock, self.manager.config.max_frame_size)
             )
-            d.addErrback(
-                lambda f, kid=kernel_id: self.log.warn(
-                    "kernel {id}: start-up after a restart failed: {error}", id=kid, error=f.value
-                )
-            )
+            d.addErrback(self._startup_after_restart_failed, kernel_id)
+
+    def _startup_after_restart_failed(self, failure: Failure, kernel_id: str) -> None:
+        self.log.warn(
+            "kernel {id}: start-up after a restart failed: {error}",
+            id=kernel_id,
+            error=failure.value,
+        )
 
     def user_kernels(self, user: str) -> list[str]:
         return self.auth.user_kernels(user, lambda k: k in self.manager.kernels)

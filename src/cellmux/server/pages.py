@@ -35,6 +35,7 @@ import cellmux
 
 from .auth import CredentialsUnavailable, Grant, OriginPolicy, Role, query_pairs
 from .creation import KernelCreator
+from .kernels import Kernel
 from .login import from_another_site
 from .proxy import client_address
 from .public import AddressLimits, LimitExceeded, idle_kernels
@@ -336,14 +337,14 @@ class EmbedKernels(resource.Resource):
 
     async def _create(self, request: server.Request, grant) -> bytes:
         if grant is not None:
-            kernel = await self._creator.create(grant)
-            request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
-            return self._json(request, 201, self._creator.describe(kernel))
+            made = await self._creator.create(grant)
+            request.setHeader(b"location", f"/api/kernels/{made.id}".encode())
+            return self._json(request, 201, self._creator.describe(made))
         # Behind a trusted proxy, the address it forwarded (operations.md).
         address = client_address(request) or "unknown"
         self.limits.request(address)
         place = self.limits.reserve_kernel(address, lambda k: k in self._manager.kernels)
-        kernel = None
+        kernel: Kernel | None = None
         try:
             kernel = await self._creator.create(Grant(Role.COLLABORATOR), public_limits=True)
             capability, token = await self._auth.share(

@@ -396,7 +396,6 @@ class ThreadedSQLStore:
 
     def delete_credentials(
         self,
-        *,
         digest: str | None = None,
         kernel_id: str | None = None,
         share_id: str | None = None,
