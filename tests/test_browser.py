@@ -17,8 +17,6 @@ import functools
 import http.server
 import json
 import re
-import shutil
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -57,25 +55,41 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def embed_site() -> Iterator[tuple[str, Path]]:
-    """A second origin: a plain web server for pages with embedded cells."""
-    directory = Path(tempfile.mkdtemp(prefix="cellmux-embed-"))
+@contextlib.contextmanager
+def other_origin(directory: Path) -> Iterator[str]:
+    """A second origin, its URL: a plain web server for the pages in
+    C{directory} (pages that embed cells)."""
     handler = functools.partial(_Quiet, directory=str(directory))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", directory
-    httpd.shutdown()
-    shutil.rmtree(directory, ignore_errors=True)
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def start_server_for(
+    origin: str, directory: Path, pool_size: int, config: str = "", name: str = "cellmux.toml"
+) -> RunningServer:
+    """A server whose cells C{origin}'s pages may embed; its config file,
+    C{name} in C{directory}, has C{config} besides."""
+    path = directory / name
+    # A TOML literal string: the regex's backslashes stay as they are.
+    path.write_text(f"allow_origins = ['{re.escape(origin)}']\n{config}")
+    return start_server("--pool-size", str(pool_size), "--config", str(path))
+
+
+@pytest.fixture(scope="module")
+def embed_site(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    directory = tmp_path_factory.mktemp("embed")
+    with other_origin(directory) as origin:
+        yield origin, directory
 
 
 @pytest.fixture(scope="module")
 def web_server(embed_site) -> Iterator[RunningServer]:
-    origin, directory = embed_site
-    config = directory / "cellmux.toml"
-    # A TOML literal string: the regex's backslashes stay as they are.
-    config.write_text(f"allow_origins = ['{re.escape(origin)}']\n")
-    running = start_server("--pool-size", "2", "--config", str(config))
+    running = start_server_for(*embed_site, pool_size=2)
     yield running
     running.stop()
 

@@ -7,13 +7,7 @@ appears in no page and no answer the visitor gets."""
 from __future__ import annotations
 
 import contextlib
-import functools
-import http.server
 import json
-import re
-import shutil
-import tempfile
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,37 +15,24 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from conftest import start_server
+from test_browser import other_origin as serve_other_origin
+from test_browser import start_server_for
 
 TIMEOUT_MS = 30_000
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def other_origin() -> Iterator[tuple[str, Path]]:
+def other_origin(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """A second origin: a plain web server for the page that embeds cells."""
-    directory = Path(tempfile.mkdtemp(prefix="cellmux-public-"))
-    handler = functools.partial(_Quiet, directory=str(directory))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", directory
-    httpd.shutdown()
-    httpd.server_close()
-    shutil.rmtree(directory, ignore_errors=True)
+    directory = tmp_path_factory.mktemp("public")
+    with serve_other_origin(directory) as origin:
+        yield origin, directory
 
 
 @pytest.fixture(scope="module")
 def public_server(other_origin):
-    origin, directory = other_origin
-    config = directory / "cellmux.toml"
-    config.write_text(
-        f"public = true\nallow_origins = ['{re.escape(origin)}']\npublic_kernels_per_address = 3\n"
-    )
-    running = start_server("--pool-size", "2", "--config", str(config))
+    config = "public = true\npublic_kernels_per_address = 3\n"
+    running = start_server_for(*other_origin, pool_size=2, config=config)
     yield running
     running.stop()
 
@@ -165,10 +146,7 @@ def test_an_anonymous_visitor_runs_cells_and_a_permalink_within_the_limits(
 @pytest.fixture(scope="module")
 def private_server(other_origin):
     """Not in public mode, but admitting the other origin."""
-    origin, directory = other_origin
-    config = directory / "private.toml"
-    config.write_text(f"allow_origins = ['{re.escape(origin)}']\n")
-    running = start_server("--pool-size", "1", "--config", str(config))
+    running = start_server_for(*other_origin, pool_size=1, name="private.toml")
     yield running
     running.stop()
 

@@ -9,45 +9,30 @@ widget HTML must stay out of the page's origin.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import re
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
-from conftest import RunningServer, start_server
-from test_browser import TIMEOUT_MS, _console, _finished, _run
+from conftest import RunningServer
+from test_browser import TIMEOUT_MS, _console, _finished, _run, other_origin, start_server_for
 
 expect.set_options(timeout=TIMEOUT_MS)
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
 def other_site(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """Another origin, serving a page with embedded cells."""
     directory = tmp_path_factory.mktemp("widget-embed")
-    handler = functools.partial(_Quiet, directory=str(directory))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", directory
-    httpd.shutdown()
-    httpd.server_close()
+    with other_origin(directory) as origin:
+        yield origin, directory
 
 
 @pytest.fixture(scope="module")
 def widget_server(other_site) -> Iterator[RunningServer]:
-    origin, directory = other_site
-    config = directory / "cellmux.toml"
-    config.write_text(f"allow_origins = ['{re.escape(origin)}']\n")
-    running = start_server("--pool-size", "1", "--config", str(config))
+    running = start_server_for(*other_site, pool_size=1)
     yield running
     running.stop()
 
