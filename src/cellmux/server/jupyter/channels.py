@@ -153,6 +153,23 @@ class JupyterChannels(WebSocketServerProtocol):
     def manager(self) -> KernelManager:
         return self.factory.manager
 
+    # What onConnect found: every callback after it may rely on these.
+
+    @property
+    def _joined(self) -> Attachment:
+        assert self.attachment is not None, "onConnect admitted this client"
+        return self.attachment
+
+    @property
+    def _codec(self) -> Codec:
+        assert self.codec is not None, "onConnect chose the codec"
+        return self.codec
+
+    @property
+    def _the_kernel(self) -> Kernel:
+        assert self._kernel is not None, "onConnect found the kernel"
+        return self._kernel
+
     # -- called from Autobahn ---------------------------------------------
 
     def onConnect(self, request) -> str | None:
@@ -181,26 +198,26 @@ class JupyterChannels(WebSocketServerProtocol):
         return self.codec.subprotocol
 
     def onOpen(self) -> None:
-        self.transport.setTcpNoDelay(True)
-        take_over_producer(self, self.attachment)
-        kernel = self._kernel
+        self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
+        attachment, kernel = self._joined, self._the_kernel
+        take_over_producer(self, attachment)
         if kernel.id not in self.manager.kernels:  # shut down during the handshake
             self.gone("shut down")
             return
         session = self.session_id or uuid.uuid4().hex
         # The same session again resumes after what it was last sent.
         cursor = self.factory.cursor(kernel.id, self.session_id)
-        if self.factory.auto_restart and self.attachment.grant.role.may_execute:
+        if self.factory.auto_restart and attachment.grant.role.may_execute:
             # Jupyter clients give a dead kernel up; a stock server restarts
             # it. (An observer only watching changes nothing.)
             kernel.auto_restart = True
-        self.attachment.attach(kernel, session, cursor=cursor)
-        if self.attachment.owns_session:  # not another credential's session
+        attachment.attach(kernel, session, cursor=cursor)
+        if attachment.owns_session:  # not another credential's session
             self._own_sessions.add(session)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
-            message = self.codec.decode(payload, isBinary)
+            message = self._codec.decode(payload, isBinary)
             bound = to_kernel(message)
         except JupyterCodecError as e:
             self._refuse(e, close_code=CLOSE_UNSUPPORTED_DATA if e.code == "text_frame" else None)
@@ -218,19 +235,19 @@ class JupyterChannels(WebSocketServerProtocol):
                 session in self._own_sessions
                 or (
                     len(self._own_sessions) < MAX_CLIENT_SESSIONS
-                    and self.attachment.claim_session(session)
+                    and self._joined.claim_session(session)
                 )
             )
         )
         if claimed and bound.socket is JupyterSocket.SHELL:
             # before sending: the input history records the request's session
-            self.attachment.adopt_session(session)
+            self._joined.adopt_session(session)  # type: ignore[arg-type]
         if bound.header.get("msg_type") == "execute_request":
             self._last_execute = bound.header
         claimed_session = session if claimed else None
         self._release_held()
-        restarting = self._held or self._kernel.state is KernelState.RESTARTING
-        if restarting and self.attachment.grant.role.may_execute:
+        restarting = self._held or self._the_kernel.state is KernelState.RESTARTING
+        if restarting and self._joined.grant.role.may_execute:
             # JupyterLab asks for kernel_info as soon as it reconnects after
             # a restart: the new kernel answers it, as on a stock server.
             size = sum(map(len, bound.parts))
@@ -244,7 +261,7 @@ class JupyterChannels(WebSocketServerProtocol):
         """Relay, or refuse with the reason; a claimed session becomes this
         client's once the kernel took a message with it."""
         try:
-            self.attachment.send(bound.channel, bound.socket, bound.parts)
+            self._joined.send(bound.channel, bound.socket, bound.parts)
         except KernelError as e:
             self._refuse(JupyterCodecError(e.code, str(e), bound.header), count=False)
             return
@@ -254,9 +271,9 @@ class JupyterChannels(WebSocketServerProtocol):
     def _release_held(self) -> None:
         """Once the restart is over, send what waited for it (or refuse it,
         if the kernel did not come back)."""
-        if not self._held or self._kernel.state is KernelState.RESTARTING:
+        if not self._held or self._the_kernel.state is KernelState.RESTARTING:
             return
-        if self.attachment.kernel is None:  # the client left, or the kernel did
+        if self._joined.kernel is None:  # the client left, or the kernel did
             self._held, self._held_bytes = [], 0
             return
         held, self._held, self._held_bytes = self._held, [], 0
@@ -293,7 +310,7 @@ class JupyterChannels(WebSocketServerProtocol):
             return
         try:
             message = JupyterMessage(channel_name(frame.socket), frame.parts)
-            payload, binary = self.codec.encode(message)
+            payload, binary = self._codec.encode(message)
         except (JupyterCodecError, ValueError) as e:
             # Only a kernel makes such a message; its other output still flows.
             self.factory.log.warn(
@@ -312,7 +329,7 @@ class JupyterChannels(WebSocketServerProtocol):
         translation = self._statuses.translate(content)
         now = datetime.fromtimestamp(self.manager.clock.seconds(), UTC)
         # A kernel shut down on purpose needs no explanation in a cell.
-        if translation.notice is not None and self._kernel.id in self.manager.kernels:
+        if translation.notice is not None and self._the_kernel.id in self.manager.kernels:
             parts = jupyter_parts(
                 "stream",
                 {"name": "stderr", "text": translation.notice},
@@ -383,10 +400,9 @@ class JupyterChannels(WebSocketServerProtocol):
             close(self, code, error.message)
             return
         if not not_reading:
-            self._answer_error(error)
+            self._answer_error(error, error.header)
 
-    def _answer_error(self, error: JupyterCodecError) -> None:
-        header = error.header
+    def _answer_error(self, error: JupyterCodecError, header: dict[str, Any]) -> None:
         msg_type = str(header.get("msg_type", ""))[:_ECHOED_FIELD_CHARS]
         now = datetime.fromtimestamp(self.manager.clock.seconds(), UTC)
         text = f"cellmux refused {msg_type or 'a message'}: {error.message}"
@@ -416,7 +432,7 @@ class JupyterChannels(WebSocketServerProtocol):
 
     def send_frame_unnumbered(self, socket: JupyterSocket, parts: tuple[bytes, ...]) -> None:
         """A server-made message for this client only (seq 0: not in the replay log)."""
-        payload, binary = self.codec.encode(JupyterMessage(channel_name(socket), parts))
+        payload, binary = self._codec.encode(JupyterMessage(channel_name(socket), parts))
         self.sendMessage(payload, isBinary=binary)
 
 
@@ -453,4 +469,5 @@ class JupyterChannelsFactory(WebSocketServerFactory):
         """The last seq sent to this session of this kernel, if it was here before."""
         if not session_id:
             return None
-        return self._cursors.get(kernel_id, {}).get(session_id)
+        sessions = self._cursors.get(kernel_id)
+        return None if sessions is None else sessions.get(session_id)
