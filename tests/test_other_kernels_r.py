@@ -6,14 +6,16 @@ Root only: apt-get installs R and IRkernel, whose kernelspec lands in
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
-from cellmux.client import Client, KernelDied
+from cellmux.client import Client, Kernel, KernelDied
 from conftest import start_server
 
 IR_SPEC = "/usr/share/jupyter/kernels/ir/kernel.json"
@@ -52,12 +54,29 @@ def client(server):
         yield c
 
 
-@pytest.fixture
-def r(client: Client, irkernel: str):
+@contextlib.contextmanager
+def _r_kernel(client: Client, irkernel: str) -> Iterator[Kernel]:
     model = client.create_kernel(irkernel)
-    with client.connect(model.id) as k:
+    try:
+        with client.connect(model.id) as k:
+            yield k
+    finally:
+        client.delete_kernel(model.id)
+
+
+@pytest.fixture(scope="module")
+def r(client: Client, irkernel: str) -> Iterator[Kernel]:
+    """One R kernel for the tests that leave it as they found it: R starts
+    cold (no nursery), several seconds each."""
+    with _r_kernel(client, irkernel) as k:
         yield k
-    client.delete_kernel(model.id)
+
+
+@pytest.fixture
+def fresh_r(client: Client, irkernel: str) -> Iterator[Kernel]:
+    """An R kernel of its own, for a test that restarts or kills it."""
+    with _r_kernel(client, irkernel) as k:
+        yield k
 
 
 def test_r_is_offered_and_runs_code(client, r):
@@ -138,7 +157,8 @@ def test_r_interrupt(client, r):
     assert shown(r.execute("1 + 1", timeout=60)) == ["[1] 2"]
 
 
-def test_r_restart_and_death(client, r):
+def test_r_restart_and_death(client, fresh_r):
+    r = fresh_r
     assert r.execute("x <- 5", timeout=60).ok
     r.restart(timeout=90)
     assert shown(r.execute('exists("x")', timeout=60)) == ["[1] FALSE"]
