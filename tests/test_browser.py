@@ -461,7 +461,9 @@ def test_embedded_linked_cells_share_a_kernel(browser, web_server, embed_site):
         # A cell without the key has its own kernel, and no editor shown; this
         # one long-polls, across origins (CORS for an allowed origin).
         expect(page.locator("#alone .cellmux-input")).to_be_hidden()
-        page.evaluate("alone.run()")
+        # Not awaited: the expect below bounds the wait (an awaited run that
+        # never ends would hang the test until pytest's timeout).
+        page.evaluate("() => { alone.run(); }")
         expect(page.locator("#alone .cellmux-stdout")).to_have_text("False\n")
     finally:
         context.close()

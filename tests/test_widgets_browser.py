@@ -190,7 +190,9 @@ s</div>
         frame.locator(".noUi-handle").click()
         page.keyboard.press("ArrowRight")
         expect(frame.locator(".widget-readout")).to_have_text("3")
-        page.evaluate("check.run()")
+        # Not awaited: the expect below bounds the wait (an awaited run that
+        # never ends would hang the test until pytest's timeout).
+        page.evaluate("() => { check.run(); }")
         expect(page.locator("#check .cellmux-stdout")).to_have_text("kernel sees 3\n")
     finally:
         context.close()
