@@ -246,6 +246,39 @@ def kernel(client: Client):
         client.delete_kernel(model.id)
 
 
+@pytest.fixture(scope="session")
+def kernel_venv(tmp_path_factory) -> str:
+    """A venv with what kernels need and a tiny local package, and no
+    cellmux: its python (tests/test_kernel_python.py, test_jupyterlab.py;
+    made once a run, it takes a pip install)."""
+    from cellmux.server.kernelpython import INSTALL
+
+    root = tmp_path_factory.mktemp("kernel-env")
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    package = root / "onlyinkernels"
+    (package / "onlyinkernels").mkdir(parents=True)
+    (package / "onlyinkernels" / "__init__.py").write_text("ANSWER = 'from the kernel venv'\n")
+    (package / "pyproject.toml").write_text(
+        "[build-system]\n"
+        'requires = ["setuptools"]\n'
+        'build-backend = "setuptools.build_meta"\n'
+        "[project]\n"
+        'name = "onlyinkernels"\n'
+        'version = "1.0"\n'
+    )
+    python = str(venv / "bin" / "python")
+    # Not the server's PYTHONPATH (a dev tree): the kernel venv stands alone.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", *INSTALL.split(), str(package)],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    return python
+
+
 # Kernel processes share these two cores with hypothesis: a slow draw is
 # load, not a slow strategy, so neither the deadline nor that check apply.
 settings.register_profile("cellmux", deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -27,7 +27,6 @@ from playwright.sync_api import Page, expect
 
 from conftest import RunningServer, start_server
 from test_jupyter_gateway import _free_port
-from test_kernel_python import kernel_venv  # noqa: F401 - a fixture
 
 TIMEOUT_MS = 30_000
 START_TIMEOUT = 90
@@ -82,7 +81,7 @@ def notebooks(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def cellmux(tmp_path_factory, notebooks, kernel_venv) -> Iterator[RunningServer]:  # noqa: F811
+def cellmux(tmp_path_factory, notebooks, kernel_venv) -> Iterator[RunningServer]:
     config = tmp_path_factory.mktemp("cellmux-config") / "cellmux.toml"
     config.write_text(
         f"shared_root = {notebooks!r}\nkernel_python = {kernel_venv!r}\npool_size = 1\n"

@@ -7,11 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-import textwrap
 
-import pytest
-
-from cellmux.server.kernelpython import INSTALL
 from conftest import start_server
 
 
@@ -19,39 +15,6 @@ def _write_config(tmp_path, text: str) -> str:
     path = tmp_path / "cellmux.toml"
     path.write_text(text)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def kernel_venv(tmp_path_factory):
-    """A venv with what kernels need and a tiny local package, and no cellmux."""
-    root = tmp_path_factory.mktemp("kernel-env")
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    package = root / "onlyinkernels"
-    (package / "onlyinkernels").mkdir(parents=True)
-    (package / "onlyinkernels" / "__init__.py").write_text("ANSWER = 'from the kernel venv'\n")
-    (package / "pyproject.toml").write_text(
-        textwrap.dedent(
-            """\
-            [build-system]
-            requires = ["setuptools"]
-            build-backend = "setuptools.build_meta"
-            [project]
-            name = "onlyinkernels"
-            version = "1.0"
-            """
-        )
-    )
-    python = str(venv / "bin" / "python")
-    # Not the server's PYTHONPATH (a dev tree): the kernel venv stands alone.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    subprocess.run(
-        [python, "-m", "pip", "install", "-q", *INSTALL.split(), str(package)],
-        check=True,
-        capture_output=True,
-        env=env,
-    )
-    return python
 
 
 def test_kernels_run_on_the_configured_interpreter(tmp_path, kernel_venv):
