@@ -22,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cellmux.protocol import Channel, JupyterSocket
-from conftest import start_server
 from test_jupyter_ws import JupyterClient
 from test_longpoll import Poller
 
@@ -166,10 +165,9 @@ def observed(messages: list[tuple[str, dict, dict]]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def order_server():
-    running = start_server("--pool-size", "1")
-    yield running
-    running.stop()
+def order_server(server):
+    """The run's shared server: one kernel of its own is all these tests need."""
+    return server
 
 
 @pytest.fixture(scope="module")
