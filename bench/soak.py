@@ -17,6 +17,7 @@ tests/chaos/test_records_soak.py runs a short version in CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -135,17 +136,41 @@ class _Server:
         self.log.close()
 
 
-def _quiesce(base: Path, pool_size: int, timeout: float = 10.0) -> None:
-    """Wait until only the pool's kernels have directories.
+def _link_listeners(pid: int, links: Path) -> int:
+    """How many kernel link endpoints (listening unix sockets under
+    C{links}, their files removed or not) the process C{pid} has open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    with open(f"/proc/{pid}/net/unix") as table:
+        next(table)  # Num RefCount Protocol Flags Type St Inode Path
+        for line in table:
+            fields = line.split()
+            listening = int(fields[3], 16) & 0x10000  # __SO_ACCEPTCON
+            if listening and fields[6] in inodes and len(fields) > 7:
+                count += fields[7].startswith(str(links))
+    return count
+
+
+def _quiesce(base: Path, pool_size: int, server: int, timeout: float = 10.0) -> None:
+    """Wait until only the pool's kernels have directories and link endpoints.
 
     Deleted kernels are still being reaped for a moment, and each holds a
-    few descriptors in the nursery (its uid's lock, its cgroup): a sample
-    taken then would count them.
+    few descriptors in the nursery (its uid's lock, its cgroup) and one in
+    the server (its link endpoint, which ZeroMQ's I/O thread unbinds a
+    little after the server asked): a sample taken then would count them.
     """
     kernels = base / "rt" / "kernels"
+    links = base / "rt" / "links"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(os.listdir(kernels)) == 2 * pool_size:  # each has a .tmp too
+        if len(os.listdir(kernels)) == 2 * pool_size and (  # each has a .tmp too
+            _link_listeners(server, links) == pool_size
+        ):
             time.sleep(0.2)  # the pool kernel's fds settle after its start
             return
         time.sleep(0.05)
@@ -197,7 +222,7 @@ def soak(cycles: int, restarts: int, base: Path, pool_size: int = 1) -> dict[str
                 sessions.add(int(model["pid"]))
                 server.call("DELETE", f"/api/kernels/{model['id']}")
                 if i + 1 == warmup or i + 1 == per_lifetime:
-                    _quiesce(base, pool_size)
+                    _quiesce(base, pool_size, server.process.pid)
                     samples["server"].append(sample(server.process.pid))
                     samples["nursery"].append(sample(server.nursery))
         finally:
