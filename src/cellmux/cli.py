@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 from typing import TYPE_CHECKING, cast
 
@@ -141,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, _module) in CLIENT_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
     commands.add_parser("token", help="make a named token (cellmux token new NAME)", add_help=False)
+    commands.add_parser(
+        "host", help="run kernels for front servers (cellmux host --help)", add_help=False
+    )
+    commands.add_parser(
+        "keys", help="make a CURVE key pair (cellmux keys new NAME --dir DIR)", add_help=False
+    )
     # A command's arguments are its own: only what comes before it is ours
     # (argparse would otherwise take abbreviations such as --ver from them).
     if argv and argv[0] == "serve":
@@ -149,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_client_command(argv[0], argv[1:])
     if argv and argv[0] == "token":
         return token_command(argv[1:])
+    if argv and argv[0] == "host":
+        return host_command(argv[1:])
+    if argv and argv[0] == "keys":
+        return keys_command(argv[1:])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -246,3 +257,137 @@ def client_logging(verbose: bool) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def keys_command(argv: list[str]) -> int:
+    """``cellmux keys new NAME --dir DIR``: a CURVE key pair for a front or a
+    kernel host (docs/scaling.md): DIR/NAME.key (public) and
+    DIR/NAME.key_secret (secret, mode 0600)."""
+    import re
+
+    parser = argparse.ArgumentParser(
+        prog="cellmux keys",
+        description="Make a ZeroMQ CURVE key pair for a front server or a kernel host.",
+    )
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    new = actions.add_parser("new", help="a fresh key pair")
+    new.add_argument("name", help="the pair's name (letters, digits, ., - and _)")
+    new.add_argument("--dir", required=True, help="where to write NAME.key and NAME.key_secret")
+    args = parser.parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", args.name):
+        print(f"cellmux keys: bad name {args.name!r}", file=sys.stderr)
+        return EXIT_SETTINGS
+    import zmq.auth
+
+    os.makedirs(args.dir, mode=0o700, exist_ok=True)
+    public = os.path.join(args.dir, f"{args.name}.key")
+    secret = os.path.join(args.dir, f"{args.name}.key_secret")
+    if os.path.exists(public) or os.path.exists(secret):
+        print(f"cellmux keys: {args.name} exists in {args.dir}; not replaced", file=sys.stderr)
+        return EXIT_SETTINGS
+    # The secret file is created 0600 from the start: no window where others may read it.
+    old_umask = os.umask(0o077)
+    try:
+        zmq.auth.create_certificates(args.dir, args.name)
+    finally:
+        os.umask(old_umask)
+    os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
+    print(f"public key (give to the other side): {public}")
+    print(f"secret key (keep here, mode 0600):   {secret}")
+    return 0
+
+
+def host_command(argv: list[str]) -> int:
+    """``cellmux host``: run kernels for front servers (docs/scaling.md)."""
+    import socket
+
+    parser = argparse.ArgumentParser(
+        prog="cellmux host",
+        description="Run a nursery on this machine for cellmux front servers, linked over "
+        "TCP with ZeroMQ CURVE (docs/scaling.md, Kernel hosts).",
+    )
+    parser.add_argument(
+        "--front",
+        action="append",
+        required=True,
+        help="a front's hosts_listen endpoint (tcp://ADDR:PORT); repeat for several fronts",
+    )
+    parser.add_argument("--front-key", required=True, help="the fronts' public key file")
+    parser.add_argument(
+        "--key", required=True, help="this host's secret key file (NAME.key_secret)"
+    )
+    parser.add_argument("--name", default=None, help="this host's name [default: the host name]")
+    parser.add_argument("--label", action="append", default=[], help="a label; repeatable")
+    parser.add_argument("--max-kernels", type=int, default=None, help="most kernels at once")
+    parser.add_argument("--config", "-c", default=None, help="a cellmux TOML config file")
+    parser.add_argument("--runtime-dir", default=None, help="where kernel links and dirs go")
+    parser.add_argument(
+        "--host-timeout", type=float, default=None, help="seconds before a silent front is lost"
+    )
+    args = parser.parse_args(argv)
+
+    import zmq.auth
+
+    from .config import ConfigError, ServerConfig, load_config_file
+    from .protocol.hostlink import valid_name
+
+    try:
+        settings_ = load_config_file(args.config) if args.config else {}
+        if args.runtime_dir is not None:
+            settings_["runtime_dir"] = args.runtime_dir
+        if args.max_kernels is not None:
+            settings_["max_kernels"] = args.max_kernels
+        if args.host_timeout is not None:
+            settings_["host_timeout"] = args.host_timeout
+        config = ServerConfig(**settings_)
+        name = args.name or socket.gethostname().split(".")[0]
+        for value in [name, *args.label]:
+            if not valid_name(value):
+                raise ConfigError(f"{value!r} is not a host name or label (letters, digits, ._-)")
+        for front in args.front:
+            if not front.startswith("tcp://"):
+                raise ConfigError(f"--front must be a tcp:// endpoint, not {front!r}")
+        try:
+            front_key, _ = zmq.auth.load_certificate(args.front_key)
+            public, secret = zmq.auth.load_certificate(args.key)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read a key file: {e}") from None
+        if not secret:
+            raise ConfigError(f"{args.key} holds no secret key (give NAME.key_secret)")
+    except (ConfigError, TypeError) as e:
+        print(f"cellmux host: {e}", file=sys.stderr)
+        return EXIT_SETTINGS
+
+    from twisted.internet import reactor
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    from .host.service import HostService, HostSettings
+
+    observer = FilteringLogObserver(
+        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.info)]
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    host = HostService(
+        config,
+        HostSettings(
+            name=name,
+            labels=tuple(args.label),
+            fronts=tuple(args.front),
+            front_key=front_key,
+            public_key=public,
+            secret_key=secret,
+            max_kernels=config.max_kernels,
+            timeout=config.host_timeout,
+        ),
+    )
+    reactor.callWhenRunning(host.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", host.stopService)
+    reactor.run()
+    return EXIT_START_FAILED if host.start_failed else 0

@@ -263,9 +263,33 @@ class ServerConfig:
         default="text", validator=lambda _i, _a, v: _one_of(v, "log_format", LOG_FORMATS)
     )
 
+    #: Kernel hosts (docs/scaling.md): the ZeroMQ endpoint ``cellmux host``
+    #: processes connect to, e.g. ``tcp://0.0.0.0:8801`` (empty: none).
+    hosts_listen: str = ""
+    #: The front's CURVE secret key file (``cellmux keys new``).
+    hosts_secret_key: str | None = None
+    #: Directory of the authorised hosts' public key files (``*.key``).
+    hosts_authorized_dir: str | None = attrs.field(default=None, validator=_optional_directory)
+    #: Whether this server runs kernels itself, besides its hosts.
+    local_kernels: bool = True
+    #: Seconds without a heartbeat after which a kernel host is lost.
+    host_timeout: float = attrs.field(default=3.0, validator=_positive)
+
     def __attrs_post_init__(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("TLS needs both tls_cert and tls_key (--tls-cert and --tls-key)")
+        if self.hosts_listen:
+            if not self.hosts_listen.startswith("tcp://"):
+                raise ConfigError(
+                    f"hosts_listen must be a tcp:// endpoint, not {self.hosts_listen!r}"
+                )
+            if not self.hosts_secret_key or not self.hosts_authorized_dir:
+                raise ConfigError(
+                    "hosts_listen needs hosts_secret_key and hosts_authorized_dir "
+                    "(--hosts-secret-key, --hosts-authorized-dir)"
+                )
+        elif not self.local_kernels:
+            raise ConfigError("local_kernels = false needs kernel hosts (hosts_listen)")
 
     @property
     def tls(self) -> bool:

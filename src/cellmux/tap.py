@@ -108,6 +108,19 @@ class Options(usage.Options):
         ],
         ["log-format", None, None, "text or json (one JSON object per line) [default: text]."],
         ["front-id", None, None, "This front's id behind a proxy: 1-8 hex digits (scaling.md)."],
+        ["hosts-listen", None, None, "ZeroMQ endpoint kernel hosts connect to (tcp://ADDR:PORT)."],
+        ["hosts-secret-key", None, None, "This front's secret key file (cellmux keys new)."],
+        ["hosts-authorized-dir", None, None, "Directory of authorised hosts' public keys."],
+        [
+            "host-timeout",
+            None,
+            None,
+            "Seconds without a heartbeat before a kernel host is lost [default: 3].",
+            _number("host-timeout", float, "a number of seconds", 0),
+        ],
+    ]
+    optFlags = [
+        ["no-local-kernels", None, "Run kernels only on kernel hosts, none on this server."],
     ]
 
     def getSynopsis(self) -> str:
@@ -163,6 +176,10 @@ def config_from_options(options: Options) -> ServerConfig:
         ("tls-key", "tls_key"),
         ("log-format", "log_format"),
         ("front-id", "front_id"),
+        ("hosts-listen", "hosts_listen"),
+        ("hosts-secret-key", "hosts_secret_key"),
+        ("hosts-authorized-dir", "hosts_authorized_dir"),
+        ("host-timeout", "host_timeout"),
     ]:
         if options[option] is not None:
             settings[setting] = options[option]
@@ -170,6 +187,8 @@ def config_from_options(options: Options) -> ServerConfig:
         settings["trusted_proxies"] = _split(options["trusted-proxies"])
     if not settings.get("metrics_token") and os.environ.get("CELLMUX_METRICS_TOKEN"):
         settings["metrics_token"] = os.environ["CELLMUX_METRICS_TOKEN"]
+    if options["no-local-kernels"]:
+        settings["local_kernels"] = False
     if options["preload"]:
         settings["preload"] = [m.strip() for m in options["preload"].split(",") if m.strip()]
     return ServerConfig(**settings)

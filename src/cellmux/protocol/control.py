@@ -27,6 +27,7 @@ from . import boundedjson
 from .channels import CLIENT_SENDABLE, Channel, JupyterSocket, is_known_channel
 from .errors import ProtocolError
 from .framing import Frame
+from .hostlink import valid_name
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -107,6 +108,8 @@ class CreateOrder:
     """
 
     name: str | None = None
+    #: Run it on a kernel host with this label (docs/scaling.md).
+    host_label: str | None = None
 
     @classmethod
     def from_body(cls, value: object) -> CreateOrder:
@@ -117,7 +120,10 @@ class CreateOrder:
             raise ProtocolError(
                 "bad_hello", f"create.name must be a string of 1-{MAX_SPEC_NAME} chars", fatal=True
             )
-        return cls(name)
+        label = value.get("host_label")
+        if label is not None and not valid_name(label):
+            raise ProtocolError("bad_hello", "create.host_label must be a host label", fatal=True)
+        return cls(name, label)
 
 
 @attrs.frozen

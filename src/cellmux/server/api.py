@@ -18,6 +18,7 @@ from twisted.web import resource, server
 
 import cellmux
 
+from ..protocol.hostlink import valid_name
 from .auth import CredentialsUnavailable, Grant, Role, TooManyShares
 from .creation import KernelCreator
 from .fronts import front_tag
@@ -220,6 +221,9 @@ class ApiResource(resource.Resource):
         path = body.get("path")
         if path is not None and not isinstance(path, str):
             raise HTTPError(HTTPStatus.BAD_REQUEST, "path must be a string")
+        host_label = body.get("host_label")
+        if host_label is not None and not valid_name(host_label):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "host_label must be a host label")
         config = self.manager.config
         chosen = allowed_env(env, config.kernel_env_allow)
         startup = request_startup(body, config.allow_request_startup)
@@ -229,6 +233,7 @@ class ApiResource(resource.Resource):
             cwd=self._working_dir(env, path),
             env=chosen,
             startup=startup,
+            host_label=host_label,
         )
         request.setHeader(b"location", f"/api/kernels/{kernel.id}".encode())
         return HTTPStatus.CREATED, self.creator.describe(kernel)

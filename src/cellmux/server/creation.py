@@ -147,12 +147,14 @@ class KernelCreator:
         env: Mapping[str, str] | None = None,
         startup: str = "",
         public_limits: bool = False,
+        host_label: str | None = None,
     ) -> Kernel:
         """A new kernel for C{grant}, prepared and ready for its first cell.
 
         @param env: variables to set (already checked against the allow-list).
         @param startup: the request's own start-up code (already allowed).
         @param public_limits: lower its limits to the public_limit_* settings.
+        @param host_label: run it on a kernel host with this label.
         @raise KernelError: L{OverQuota} (429) over a named token's quota;
             L{StartupRefused} (400) when the request's start-up code fails,
             L{StartupBroken} (500) when the config's does; the manager's.
@@ -185,7 +187,7 @@ class KernelCreator:
             self._check_quota(user)
             self._pending[user] += 1
         try:
-            kernel = await self.manager.create(name, cwd=cwd)
+            kernel = await self.manager.create(name, cwd=cwd, host_label=host_label)
         finally:
             if user is not None:
                 self._pending[user] -= 1

@@ -181,6 +181,13 @@ class NurseryUnavailable(KernelError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 
 
+class NoKernelHost(KernelError):
+    """No live kernel host (with the label asked for) can take a kernel."""
+
+    code = "no_kernel_host"
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
 def credit_window(replay_bytes: int) -> int:
     """Link credit per kernel: at most half the replay log, so that what a
     kernel may send after its writer stopped reading still fits in it."""
@@ -223,6 +230,8 @@ class Incarnation:
     awaiting: bool = False
     #: Why it failed to start, once it did.
     error: KernelError | None = None
+    #: The kernel host it runs on (None: this server's own nursery).
+    host: str | None = None
 
     @property
     def link(self) -> str:
@@ -318,6 +327,10 @@ class Kernel:
         #: The directory each of its processes starts in (None: a private
         #: one of its own; see cellmux.server.jupyter.workdirs).
         self.cwd: str | None = None
+        #: The host label its creator asked for (restarts keep to it), and
+        #: the host its last process ran on (None: this server).
+        self.host_label: str | None = None
+        self.host: str | None = None
 
     @property
     def state(self) -> KernelState:
@@ -338,6 +351,8 @@ class Kernel:
             "execution_state": "dead" if state is KernelState.ENDED else state.value,
             "connections": len(self.clients),
             "pid": self.incarnation.pid if self.incarnation else None,
+            # The kernel host it runs on (None: the server itself).
+            "host": self.incarnation.host if self.incarnation else self.host,
         }
         if self.cause is not None:
             model["reason"] = self.cause
@@ -367,6 +382,7 @@ class Kernel:
         self.handle(Bound())
         incarnation.kernel = self
         self.incarnation = incarnation
+        self.host = incarnation.host
 
     def unbind(self) -> Incarnation | None:
         old, self.incarnation = self.incarnation, None
@@ -664,6 +680,8 @@ class KernelManager:
         self.started_at = clock.seconds()
         self.nursery = None
         self.router = None
+        #: The kernel hosts' router (server/hosts.py); None: no remote hosts.
+        self.hosts = None
         #: Bytes of link credit a kernel may hold (docs/protocol.md).
         self.credit_window = credit_window(config.replay_bytes)
         #: Running totals for /metrics (plain ints; server/counters.py).
@@ -732,7 +750,7 @@ class KernelManager:
     # -- KernelHost -------------------------------------------------------------
 
     def send_to_process(self, inc: Incarnation, channel: int, socket: int, parts: list) -> None:
-        self.router.send_to_kernel(inc.link_id, [self.tag(channel, socket), *parts])
+        self._links_of(inc).send_to_kernel(inc.link_id, [self.tag(channel, socket), *parts])
         if channel == Channel.EXECUTE:
             inc.awaiting = True
         counters = self.counters
@@ -779,11 +797,13 @@ class KernelManager:
         """
         if self._stopping or not self._nursery_running() or self._refill_retry.active():
             return
+        if not self.config.local_kernels:
+            return  # the pool is this server's own kernels
         now = self.clock.seconds()
         wanted = self.demand.wanted(now) - len(self._pool) - self._warming
         if self._start_backoff.failures:
             wanted = min(wanted, 1 - self._warming)  # while starts fail, one probe at a time
-        room = self.config.max_kernels - len(self._incarnations)
+        room = self.config.max_kernels - self._local_count()
         for _ in range(max(0, min(wanted, room))):
             self._warming += 1
             d = defer.ensureDeferred(self._spawn())
@@ -829,12 +849,17 @@ class KernelManager:
         self._refill_retry.call = None
         self.refill()
 
-    async def _spawn(self, cwd: str | None = None, spec: KernelSpec | None = None) -> Incarnation:
-        """Fork a kernel (C{spec}: of another kernelspec, through the adaptor)
-        and wait until its link is authenticated and ready."""
+    async def _spawn(
+        self, cwd: str | None = None, spec: KernelSpec | None = None, host: str | None = None
+    ) -> Incarnation:
+        """Fork a kernel (C{spec}: of another kernelspec, through the adaptor;
+        C{host}: on that kernel host, not here) and wait until its link is
+        authenticated and ready."""
+        if host is not None:
+            return await self._spawn_remote(host)
         if not self._nursery_running():
             raise NurseryUnavailable(self.degraded or "the nursery is not running")
-        if len(self._incarnations) >= self.config.max_kernels:
+        if self._local_count() >= self.config.max_kernels:
             self.counters.limits_hit["max_kernels"] += 1
             raise TooManyKernels(f"at most {self.config.max_kernels} kernels")
         full = disk_full(self.workdir_root) if self.workdir_root else None
@@ -843,7 +868,6 @@ class KernelManager:
             raise RuntimeDiskFull(f"cannot start a kernel: {full}; try again later")
         inc = Incarnation(secrets.token_bytes(16), secrets.token_bytes(32))
         inc.credit = self.credit_window
-        forked_at = self.clock.seconds()
         try:
             endpoint = self.router.expect(inc.link_id, inc.secret)
         except LinkUnavailable as e:  # short of descriptors: 503, not a crash
@@ -851,6 +875,20 @@ class KernelManager:
                 self.counters.limits_hit["open_files"] += 1
             raise (OutOfDescriptors if e.busy else KernelStartFailed)(str(e)) from None
         inc.workdir = os.path.join(self.workdir_root, inc.link)
+        return await self._started(inc, endpoint, cwd, spec)
+
+    async def _spawn_remote(self, host: str) -> Incarnation:
+        """Fork a Python kernel on kernel host C{host}; its link comes
+        through that host's relay (server/hosts.py)."""
+        inc = Incarnation(secrets.token_bytes(16), secrets.token_bytes(32), host=host)
+        inc.credit = self.credit_window
+        self.hosts.expect(host, inc.link_id, inc.secret)
+        return await self._started(inc, None, None, None)
+
+    async def _started(
+        self, inc: Incarnation, endpoint: str | None, cwd: str | None, spec: KernelSpec | None
+    ) -> Incarnation:
+        forked_at = self.clock.seconds()
         self._incarnations[inc.link_id] = inc
         inc.timeout = self.clock.callLater(
             self.config.kernel_start_timeout, self._start_timed_out, inc
@@ -861,7 +899,7 @@ class KernelManager:
         launch = spec.launch() if spec is not None else None
         if launch is not None:
             where["kernel"] = launch
-        spawned = self.nursery.spawn(inc.link, inc.secret.hex(), endpoint, **where)
+        spawned = self._nursery_of(inc).spawn(inc.link, inc.secret.hex(), endpoint, **where)
 
         def stop_waiting_for_fork(failure):
             # The start timed out before the nursery even answered.
@@ -877,7 +915,7 @@ class KernelManager:
             inc.ready.addErrback(lambda _: None)  # reported through the raise below
             if inc.error is not None:  # it timed out first: that is the reason
                 raise inc.error from None
-            if not self._nursery_running():
+            if inc.host is None and not self._nursery_running():
                 raise NurseryUnavailable(self.degraded or "the nursery is not running") from None
             raise KernelStartFailed(f"could not fork a kernel: {e}") from None
         self._changed()  # a new process: the server record names it
@@ -894,21 +932,25 @@ class KernelManager:
         inc.timeout = None
         if not inc.ready.called:
             self.log.error("kernel {link} did not start in time; killing it", link=inc.link)
-            self.nursery.kill(inc.link)
+            self._nursery_of(inc).kill(inc.link)
             self._discard(inc)
             inc.error = KernelStartFailed("the kernel did not start in time")
             inc.ready.errback(inc.error)
 
     def _discard(self, inc: Incarnation) -> None:
         self._incarnations.pop(inc.link_id, None)
-        self.router.forget(inc.link_id)
+        self._links_of(inc).forget(inc.link_id)
         if inc.timeout is not None and inc.timeout.active():
             inc.timeout.cancel()
         inc.timeout = None
         with contextlib.suppress(ValueError):  # not in the pool
             self._pool.remove(inc)
 
-    async def _take(self, cwd: str | None = None, spec: KernelSpec | None = None) -> Incarnation:
+    async def _take(
+        self, cwd: str | None = None, spec: KernelSpec | None = None, host: str | None = None
+    ) -> Incarnation:
+        if host is not None:
+            return await self._spawn(host=host)  # no pool on the front for a host's kernels
         if self.degraded is not None:
             raise NurseryUnavailable(self.degraded)
         if spec is not None and not spec.forked:
@@ -934,7 +976,58 @@ class KernelManager:
     def _kill(self, inc: Incarnation) -> None:
         # Best effort: a nursery that is gone took its kernels with it.
         with contextlib.suppress(Exception):
-            self.nursery.kill(inc.link)
+            self._nursery_of(inc).kill(inc.link)
+
+    # -- where each process runs: here, or on a kernel host ---------------------
+
+    def _nursery_of(self, inc: Incarnation):
+        return self.nursery if inc.host is None else self.hosts.nursery(inc.host)
+
+    def _links_of(self, inc: Incarnation):
+        return self.router if inc.host is None else self.hosts
+
+    def _local_count(self) -> int:
+        return sum(1 for inc in self._incarnations.values() if inc.host is None)
+
+    def _place(self, spec: KernelSpec, cwd: str | None, label: str | None) -> str | None:
+        """Where a new process of a kernel runs: a kernel host's name, or
+        None for this server (docs/scaling.md, placement).
+
+        @raise NoKernelHost: if nothing can take it.
+        """
+        local = self.config.local_kernels
+        if self.hosts is None or not spec.forked or cwd is not None:
+            # Hosts run only forked Python kernels in their own directories.
+            if label is not None:
+                raise NoKernelHost(
+                    "no kernel host can take it (this server has none)"
+                    if self.hosts is None
+                    else "kernel hosts run only python3 kernels in their own directory"
+                )
+            if not local:
+                raise NoKernelHost("this server runs no kernels itself, and hosts cannot")
+            return None
+        local_free = None
+        if local and label is None:
+            local_free = self.config.max_kernels - self._local_count() + len(self._pool)
+            if self.degraded is not None:
+                local_free = None
+        from .hosts import HostUnavailable
+
+        try:
+            return self.hosts.place(label, local_free)
+        except HostUnavailable as e:
+            if local and label is None and self.degraded is None:
+                return None  # full everywhere: say so the usual way (too_many_kernels)
+            raise NoKernelHost(str(e)) from None
+
+    def host_lost(self, name: str, cause: str) -> None:
+        """A kernel host was lost: its kernels died (cause C{cause})."""
+        for inc in [i for i in self._incarnations.values() if i.host == name]:
+            self.kernel_exited(inc.link, inc.pid or 0, {"cause": cause})
+
+    def host_admitted(self, name: str) -> None:
+        self._changed()
 
     # -- NurseryOwner and LinkSink ------------------------------------------------
 
@@ -985,7 +1078,7 @@ class KernelManager:
     def _grant(self, inc: Incarnation) -> None:
         grant = self.credit_window - inc.credit
         inc.credit = self.credit_window
-        self.router.send_control(inc.link_id, "credit", bytes=grant)
+        self._links_of(inc).send_control(inc.link_id, "credit", bytes=grant)
 
     def kernel_exited(self, link: str, pid: int, info: dict[str, Any]) -> None:
         inc = self._incarnations.get(bytes.fromhex(link))
@@ -1026,8 +1119,11 @@ class KernelManager:
         d.addErrback(lambda f: self.log.failure("automatic restart failed", f))
 
     def processes(self) -> dict[str, int]:
-        """Link id -> pid of every kernel process, pooled and starting ones too."""
-        return {inc.link: inc.pid for inc in self._incarnations.values() if inc.pid}
+        """Link id -> pid of every kernel process, pooled and starting ones too
+        (this server's own: a kernel host's pids are that machine's)."""
+        return {
+            inc.link: inc.pid for inc in self._incarnations.values() if inc.pid and inc.host is None
+        }
 
     # -- the nursery ---------------------------------------------------------------
 
@@ -1050,7 +1146,7 @@ class KernelManager:
             delay=delay,
         )
         self._pool.clear()
-        lost = list(self._incarnations.values())
+        lost = [inc for inc in self._incarnations.values() if inc.host is None]
         for inc in lost:
             self.kernel_exited(inc.link, inc.pid or 0, {"cause": "nursery lost"})
         # The nursery removes a kernel's directories when it reaps it; this
@@ -1141,7 +1237,7 @@ class KernelManager:
                     inc.pings_sent += 1
                     inc.ping = (inc.pings_sent, now)
                     inc.last_ping = now
-                    self.router.send_control(inc.link_id, "ping", n=inc.pings_sent)
+                    self._links_of(inc).send_control(inc.link_id, "ping", n=inc.pings_sent)
             elif now - inc.ping[1] > config.unresponsive_after:
                 kernel = inc.kernel
                 if kernel is not None and kernel.state in (KernelState.IDLE, KernelState.BUSY):
@@ -1206,26 +1302,33 @@ class KernelManager:
             raise KernelNotFound(f"no kernel spec named {name!r}")
         return spec
 
-    async def create(self, name: str = "python3", cwd: str | None = None) -> Kernel:
+    async def create(
+        self, name: str = "python3", cwd: str | None = None, host_label: str | None = None
+    ) -> Kernel:
         """A kernel of spec C{name}; C{cwd}: the directory it starts in (not
-        from the pool).
+        from the pool); C{host_label}: run it on a kernel host with that label.
 
         @raise KernelNotFound: if no spec is called C{name}.
+        @raise NoKernelHost: if no live host (with that label) can take it.
         """
         started = time.perf_counter()
         spec = self._spec(name)
-        from_pool = bool(self._pool) and cwd is None and spec.forked
-        inc = await self._take(cwd, spec)
+        host = self._place(spec, cwd, host_label)
+        from_pool = bool(self._pool) and cwd is None and spec.forked and host is None
+        inc = await self._take(cwd, spec, host)
         kernel = Kernel(self, fronts.mint_kernel_id(fronts.front_tag(self.config.front_id)), name)
         kernel.cwd = cwd
+        kernel.host_label = host_label
         kernel.bind(inc)
         self.kernels[kernel.id] = kernel
         took = time.perf_counter() - started
         source = "pool" if from_pool else ("forked" if spec.forked else "cold")
+        where = f" on host {host}" if host is not None else ""
         self.counters.created(source, took)
         self.log.info(
-            "kernel {id} started ({source}) in {ms:.2f} ms",
+            "kernel {id} started ({source}){where} in {ms:.2f} ms",
             id=kernel.id,
+            where=where,
             source="from the pool"
             if from_pool
             else ("forked on demand" if spec.forked else f"{name}, started cold"),
@@ -1238,13 +1341,16 @@ class KernelManager:
         inc = kernel.incarnation
         if inc is None:
             raise KernelNotRunning(f"kernel is {kernel.state.value}")
-        if not self._nursery_running():
-            raise NurseryUnavailable(self.degraded or "the nursery is not running")
-        self.nursery.signal(inc.link, "SIGINT")
+        nursery = self._nursery_of(inc)
+        if not getattr(nursery, "running", True):
+            raise NurseryUnavailable(self.degraded or "the kernel's nursery is not running")
+        nursery.signal(inc.link, "SIGINT")
         kernel.input_interrupted()
 
     async def restart(self, kernel: Kernel) -> Kernel:
-        if self.degraded is not None:
+        spec = self.specs.get(kernel.name)  # None: uninstalled; the restart fails below
+        host = self._place(spec, kernel.cwd, kernel.host_label) if spec is not None else None
+        if host is None and self.degraded is not None:
             raise NurseryUnavailable(self.degraded)
         if not kernel.lifecycle.accepts(RestartBegun()):
             raise KernelNotRunning(f"kernel is {kernel.state.value}")
@@ -1254,7 +1360,7 @@ class KernelManager:
             self._kill(old)
         try:
             # The spec may have been uninstalled since: then the restart fails.
-            inc = await self._take(kernel.cwd, self._spec(kernel.name))
+            inc = await self._take(kernel.cwd, self._spec(kernel.name), host)
         except KernelError as e:
             if kernel.state is KernelState.RESTARTING:
                 lost = isinstance(e, NurseryUnavailable) or not self._nursery_running()

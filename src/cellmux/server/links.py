@@ -54,7 +54,15 @@ from cellmux.protocol import (
 from .limits import DescriptorGuard
 from .refusals import Line, RefusalLog
 
-__all__ = ["KernelUnreachable", "LinkRouter", "LinkSink", "LinkUnavailable"]
+__all__ = [
+    "BoundedReads",
+    "KernelUnreachable",
+    "LinkChecks",
+    "LinkDoors",
+    "LinkRouter",
+    "LinkSink",
+    "LinkUnavailable",
+]
 
 #: Most messages, and bytes, read from the ROUTER in one reactor turn (at
 #: least one message is always read, however large).
@@ -100,7 +108,256 @@ class LinkSink(Protocol):
     def link_violation(self, link_id: bytes, code: str, message: str) -> None: ...
 
 
-class LinkRouter(ZmqRouterConnection):
+class LinkDoors:
+    """One ipc endpoint per kernel process, each behind its own "door".
+
+    The door is a directory only that kernel's uid may enter (as root the
+    nursery gives it the kernel's gid, mode 0710); the first message on the
+    link removes it, so nothing is left on the file system to connect to.
+    Shared by the server's L{LinkRouter} and a kernel host's relay
+    (L{cellmux.host.relay}), which bind on their own ROUTER sockets.
+
+    @param socket: the ROUTER socket the endpoints are bound on.
+    @param links_dir: where the per-kernel endpoints are made (mode 0700, or
+        0711 as root); a crashed predecessor's leftovers are removed.
+    @param guard: when given, a kernel endpoint is opened only while the
+        process has file descriptors to spare.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        socket: zmq.Socket,
+        links_dir: str,
+        refusals: RefusalLog,
+        guard: DescriptorGuard | None = None,
+    ) -> None:
+        longest = len(os.path.join(links_dir, "0" * 32, SOCKET_NAME).encode())
+        if longest > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"the runtime directory's path is too long for kernel link sockets "
+                f"({longest} > {MAX_SOCKET_PATH} bytes): choose a shorter runtime_dir"
+            )
+        self._socket = socket
+        self._links_dir = links_dir
+        self._refusals = refusals
+        self._guard = guard
+        #: link id -> its endpoint, bound until the link is forgotten
+        self._endpoints: dict[bytes, str] = {}
+        #: link id -> its endpoint's directory, while it can be connected to
+        self._doors: dict[bytes, str] = {}
+        os.makedirs(links_dir, mode=0o700, exist_ok=True)
+        for stale in os.listdir(links_dir):  # a crashed server's, in a kept runtime_dir
+            remove_tree(os.path.join(links_dir, stale), deadline=time.monotonic() + 1.0)
+
+    def __len__(self) -> int:
+        """Kernel processes with an endpoint (starting or running)."""
+        return len(self._endpoints)
+
+    def open(self, link_id: bytes) -> str:
+        """Bind a new endpoint for one kernel process; its address.
+
+        @raise LinkUnavailable: if short of file descriptors or the endpoint
+            cannot be made.
+        """
+        if self._guard is not None and not self._guard.may_start_kernel(len(self._doors)):
+            free = self._guard.free()
+            self._refusals.note(KERNEL_STARTS, f"{free} descriptors free")
+            raise LinkUnavailable(
+                f"the server is near its open files limit ({self._guard.limit - free} of "
+                f"{self._guard.limit} in use); try again later",
+                busy=True,
+            )
+        door = os.path.join(self._links_dir, link_id.hex())
+        endpoint = "ipc://" + os.path.join(door, SOCKET_NAME)
+        try:
+            os.mkdir(door, 0o700)
+            self._socket.bind(endpoint)
+        except (OSError, zmq.ZMQError) as e:
+            shutil.rmtree(door, ignore_errors=True)
+            busy = getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE)
+            raise LinkUnavailable(f"cannot open a kernel link: {e}", busy=busy) from None
+        self._endpoints[link_id] = endpoint
+        self._doors[link_id] = door
+        return endpoint
+
+    def first_message(self, link_id: bytes) -> None:
+        """A message came from C{link_id}: close its door if still open."""
+        if self._doors:
+            self.close_door(link_id)
+
+    def close(self, link_id: bytes) -> None:
+        """Close the link's door and unbind its endpoint (ends its connection)."""
+        self.close_door(link_id)
+        endpoint = self._endpoints.pop(link_id, None)
+        if endpoint is not None and not self._socket.closed:
+            try:
+                self._socket.unbind(endpoint)
+            except zmq.ZMQError as e:
+                self.log.warn("kernel link {link}: unbind: {error}", link=link_id.hex(), error=e)
+
+    def close_door(self, link_id: bytes) -> None:
+        """Remove the endpoint's socket file: nobody can connect any more.
+
+        Must not raise: it runs for every first message of a link.
+        """
+        door = self._doors.pop(link_id, None)
+        if door is None:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(door, SOCKET_NAME))  # what matters: nothing to connect to
+        # Without root a kernel could have filled the directory: bounded
+        # removal; a leftover goes with the runtime directory.
+        removed = remove_tree(door, deadline=time.monotonic() + DOOR_REMOVAL_SECONDS)
+        if not removed:
+            self.log.warn("link endpoint {door} left: {why}", door=door, why=removed.reason)
+
+    def shutdown(self) -> None:
+        for link_id in list(self._endpoints):
+            self.close_door(link_id)
+        self._endpoints.clear()
+
+
+class LinkChecks:
+    """The per-link checks (L{ServerLink}) and what passes them, for any
+    transport: the local ROUTER, or a kernel host's relay.
+
+    @param reply: sends a link's handshake replies and controls,
+        C{reply(link_id, parts)}; never blocks, drops when it cannot send.
+    """
+
+    def __init__(
+        self,
+        sink: LinkSink,
+        refusals: RefusalLog,
+        max_size: int,
+        credit: int = DEFAULT_LINK_CREDIT,
+    ) -> None:
+        self._sink = sink
+        self._refusals = refusals
+        self._links: dict[bytes, ServerLink] = {}
+        self._max_size = max_size
+        # The credit each kernel starts with; the sink grants the rest.
+        self._credit = credit
+
+    def __contains__(self, link_id: bytes) -> bool:
+        return link_id in self._links
+
+    def admit(self, link_id: bytes, secret: bytes) -> None:
+        self._links[link_id] = ServerLink(
+            link_id, secret, secrets.token_bytes(16), max_size=self._max_size, credit=self._credit
+        )
+
+    def drop(self, link_id: bytes) -> None:
+        self._links.pop(link_id, None)
+
+    def ready(self, link_id: bytes) -> bool:
+        link = self._links.get(link_id)
+        return link is not None and link.ready
+
+    def granted(self, link_id: bytes, op: str, fields: dict) -> None:
+        """A control went to the kernel: a credit grant then binds the link."""
+        link = self._links.get(link_id)
+        granted = fields.get("bytes")
+        if op == "credit" and link is not None and isinstance(granted, int):
+            link.granted(granted)  # the link then holds the kernel to it
+
+    def receive(self, link_id: bytes, parts: list, reply) -> bool:
+        """Check one message from C{link_id} and pass on what it means;
+        False if no such link is expected (the caller notes that)."""
+        link = self._links.get(link_id)
+        if link is None:
+            return False
+        try:
+            event = link.receive(parts)
+        except ProtocolError as e:
+            source = LINK_SOURCE + link_id.hex()
+            refused = self._refusals.note(
+                source, f"{e.code}: {e.message}", kind=LINK_SOURCE.strip()
+            )
+            if refused and link.ready:
+                self._sink.link_violation(link_id, e.code, e.message)
+            return True
+        sink = self._sink
+        if isinstance(event, KernelFrame):
+            sink.kernel_message(link_id, event.channel, event.socket, parts[1:])
+        elif isinstance(event, LinkPong):
+            sink.link_pong(link_id, event.n)
+        elif isinstance(event, Reply):
+            reply(link_id, event.parts)
+        elif isinstance(event, LinkReady):
+            sink.link_ready(link_id, event.pid)
+        return True
+
+    def refusal_line(self, line: Line, seconds: float) -> None:
+        """Tell a running kernel's clients about its refused messages."""
+        if not line.source.startswith(LINK_SOURCE):
+            return
+        link_id = bytes.fromhex(line.source.removeprefix(LINK_SOURCE))
+        link = self._links.get(link_id)
+        if link is not None and link.ready:
+            code, _, message = line.detail.partition(": ")
+            self._sink.link_violation(
+                link_id, code, f"{line.count} more like it in {seconds:.0f} s, the last: {message}"
+            )
+
+
+class BoundedReads:
+    """txzmq reading in bounded batches, for a ROUTER or DEALER connection.
+
+    txzmq's own doRead reads until the socket is empty, which a peer that
+    floods never lets happen: the reactor would serve nobody else. Each
+    reactor turn reads at most L{READ_BUDGET_MESSAGES} messages or
+    L{READ_BUDGET_BYTES} bytes; L{messageReceived} must not raise.
+    """
+
+    factory: ZmqFactory | None
+    socket: zmq.Socket
+    read_scheduled: IDelayedCall | None
+    log = Logger()
+
+    def messageReceived(self, message: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def _reschedule_read(self) -> None:
+        # ZeroMQ's FD is edge-triggered: after a send, incoming messages may
+        # be pending without the FD becoming readable again.
+        if self.read_scheduled is None and self.factory is not None:
+            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
+
+    def doRead(self) -> None:
+        """Read a bounded batch of messages, then give the reactor back."""
+        if self.read_scheduled is not None:
+            if self.read_scheduled.active():
+                self.read_scheduled.cancel()
+            self.read_scheduled = None
+        messages, size = READ_BUDGET_MESSAGES, READ_BUDGET_BYTES
+        while self.factory is not None:
+            sock = self.socket
+            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+                return
+            if messages <= 0 or size <= 0:
+                # More is waiting, but the FD will not say so again: come
+                # back after the reactor's next poll.
+                self._reschedule_read()
+                return
+            try:
+                message = self._receive(sock)
+            except zmq.Again:
+                continue
+            messages -= 1
+            size -= sum(map(len, message))
+            try:
+                self.messageReceived(message)
+            except Exception:
+                self.log.failure("{kind} message handling failed", kind=type(self).__name__)
+
+    def _receive(self, sock: zmq.Socket) -> list:
+        return sock.recv_multipart(zmq.NOBLOCK)
+
+
+class LinkRouter(BoundedReads, ZmqRouterConnection):
     """The server's single ROUTER socket, with one endpoint per kernel process.
 
     @param links_dir: where the per-kernel endpoints are made (the server's
@@ -125,24 +382,8 @@ class LinkRouter(ZmqRouterConnection):
         credit: int = DEFAULT_LINK_CREDIT,
         guard: DescriptorGuard | None = None,
     ) -> None:
-        longest = len(os.path.join(links_dir, "0" * 32, SOCKET_NAME).encode())
-        if longest > MAX_SOCKET_PATH:
-            raise ValueError(
-                f"the runtime directory's path is too long for kernel link sockets "
-                f"({longest} > {MAX_SOCKET_PATH} bytes): choose a shorter runtime_dir"
-            )
-        self._sink = sink
-        self._links: dict[bytes, ServerLink] = {}
-        #: link id -> its endpoint, bound until the link is forgotten
-        self._endpoints: dict[bytes, str] = {}
-        #: link id -> its endpoint's directory, while it can be connected to
-        self._doors: dict[bytes, str] = {}
-        self._max_size = max_size
-        # The credit each kernel starts with; the sink grants the rest.
-        self._credit = credit
-        self._links_dir = links_dir
-        self._guard = guard
         self.refusals = RefusalLog(factory.reactor, self._refusal_line)
+        self._checks = LinkChecks(sink, self.refusals, max_size, credit)
         super().__init__(factory)
         sock = self.socket
         # Options first: libzmq applies them to connections made after the
@@ -156,14 +397,16 @@ class LinkRouter(ZmqRouterConnection):
         # times out on a connection whose input is paused by a full queue,
         # which a flooding peer that then disconnects causes at will. A
         # kernel's death is known from the nursery, a hung one from pings.
-        os.makedirs(links_dir, mode=0o700, exist_ok=True)
-        for stale in os.listdir(links_dir):  # a crashed server's, in a kept runtime_dir
-            remove_tree(os.path.join(links_dir, stale), deadline=time.monotonic() + 1.0)
+        try:
+            self._doors = LinkDoors(sock, links_dir, self.refusals, guard)
+        except Exception:
+            self.shutdown()
+            raise
 
     @property
     def link_count(self) -> int:
         """Kernel processes with an endpoint (starting or running)."""
-        return len(self._endpoints)
+        return len(self._doors)
 
     def expect(self, link_id: bytes, secret: bytes) -> str:
         """Admit a link id whose kernel holds C{secret}; its endpoint.
@@ -173,64 +416,22 @@ class LinkRouter(ZmqRouterConnection):
         @raise LinkUnavailable: if the server is short of file descriptors
             or the endpoint cannot be made.
         """
-        if self._guard is not None and not self._guard.may_start_kernel(len(self._doors)):
-            free = self._guard.free()
-            self.refusals.note(KERNEL_STARTS, f"{free} descriptors free")
-            raise LinkUnavailable(
-                f"the server is near its open files limit ({self._guard.limit - free} of "
-                f"{self._guard.limit} in use); try again later",
-                busy=True,
-            )
-        door = os.path.join(self._links_dir, link_id.hex())
-        endpoint = "ipc://" + os.path.join(door, SOCKET_NAME)
-        try:
-            os.mkdir(door, 0o700)
-            self.socket.bind(endpoint)
-        except (OSError, zmq.ZMQError) as e:
-            shutil.rmtree(door, ignore_errors=True)
-            busy = getattr(e, "errno", None) in (errno.EMFILE, errno.ENFILE)
-            raise LinkUnavailable(f"cannot open a kernel link: {e}", busy=busy) from None
-        self._endpoints[link_id] = endpoint
-        self._doors[link_id] = door
-        self._links[link_id] = ServerLink(
-            link_id, secret, secrets.token_bytes(16), max_size=self._max_size, credit=self._credit
-        )
+        endpoint = self._doors.open(link_id)
+        self._checks.admit(link_id, secret)
         return endpoint
 
     def forget(self, link_id: bytes) -> None:
         """Refuse anything more from this link id; close its endpoint."""
-        self._links.pop(link_id, None)
-        self._close_door(link_id)
-        endpoint = self._endpoints.pop(link_id, None)
-        if endpoint is not None and self.socket is not None:
-            try:
-                self.socket.unbind(endpoint)  # also ends its connection
-            except zmq.ZMQError as e:
-                self.log.warn("kernel link {link}: unbind: {error}", link=link_id.hex(), error=e)
-
-    def _close_door(self, link_id: bytes) -> None:
-        """Remove the endpoint's socket file: nobody can connect any more.
-
-        Must not raise: it runs for every first message of a link.
-        """
-        door = self._doors.pop(link_id, None)
-        if door is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(door, SOCKET_NAME))  # what matters: nothing to connect to
-        # Without root a kernel could have filled the directory: bounded
-        # removal; a leftover goes with the runtime directory.
-        removed = remove_tree(door, deadline=time.monotonic() + DOOR_REMOVAL_SECONDS)
-        if not removed:
-            self.log.warn("link endpoint {door} left: {why}", door=door, why=removed.reason)
+        self._checks.drop(link_id)
+        if self.socket is not None:
+            self._doors.close(link_id)
 
     def send_to_kernel(self, link_id: bytes, parts: list) -> None:
         """Send ``[tag, *jupyter parts]`` to one kernel.
 
         @raise KernelUnreachable: if the link is not connected or is full.
         """
-        link = self._links.get(link_id)
-        if link is None or not link.ready:
+        if not self._checks.ready(link_id):
             raise KernelUnreachable("kernel link is not ready")
         try:
             self.socket.send_multipart([link_id, *parts], zmq.NOBLOCK, copy=False)
@@ -247,76 +448,21 @@ class LinkRouter(ZmqRouterConnection):
             return  # the kernel is gone or full; its exit is reported elsewhere
         finally:
             self._reschedule_read()
-        link = self._links.get(link_id)
-        granted = fields.get("bytes")
-        if op == "credit" and link is not None and isinstance(granted, int):
-            link.granted(granted)  # the link then holds the kernel to it
+        self._checks.granted(link_id, op, fields)
 
-    def _reschedule_read(self) -> None:
-        # ZeroMQ's FD is edge-triggered: after a send, incoming messages may
-        # be pending without the FD becoming readable again.
-        if self.read_scheduled is None and self.factory is not None:
-            self.read_scheduled = self.factory.reactor.callLater(0, self.doRead)
-
-    def doRead(self) -> None:
-        """Read a bounded batch of messages, then give the reactor back.
-
-        txzmq's own doRead reads until the socket is empty, which a kernel
-        that floods never lets happen: the reactor would serve nobody else.
-        """
-        if self.read_scheduled is not None:
-            if self.read_scheduled.active():
-                self.read_scheduled.cancel()
-            self.read_scheduled = None
-        messages, size = READ_BUDGET_MESSAGES, READ_BUDGET_BYTES
-        while self.factory is not None:
-            sock = self.socket
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
-                return
-            if messages <= 0 or size <= 0:
-                # More is waiting, but the FD will not say so again: come
-                # back after the reactor's next poll.
-                self._reschedule_read()
-                return
-            try:
-                message = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                continue
-            messages -= 1
-            size -= sum(map(len, message))
-            try:
-                self.messageReceived(message)
-            except Exception:
-                self.log.failure("kernel link message handling failed")
+    def _reply(self, link_id: bytes, parts: list) -> None:
+        try:
+            self.socket.send_multipart([link_id, *parts], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            self.log.warn("kernel link {link}: {error}", link=link_id.hex(), error=e.strerror)
 
     def messageReceived(self, message: list[bytes]) -> None:
         link_id = message[0]
-        link = self._links.get(link_id)
-        if link is None:
+        if link_id not in self._checks:
             self.refusals.note(UNKNOWN_LINKS, link_id[:16].hex())
             return
-        if self._doors:  # the link's first message: close its endpoint
-            self._close_door(link_id)
-        parts = message[1:]
-        try:
-            event = link.receive(parts)
-        except ProtocolError as e:
-            source = LINK_SOURCE + link_id.hex()
-            refused = self.refusals.note(source, f"{e.code}: {e.message}", kind=LINK_SOURCE.strip())
-            if refused and link.ready:
-                self._sink.link_violation(link_id, e.code, e.message)
-            return
-        if isinstance(event, KernelFrame):
-            self._sink.kernel_message(link_id, event.channel, event.socket, parts[1:])
-        elif isinstance(event, LinkPong):
-            self._sink.link_pong(link_id, event.n)
-        elif isinstance(event, Reply):
-            try:
-                self.socket.send_multipart([link_id, *event.parts], zmq.NOBLOCK)
-            except zmq.ZMQError as e:
-                self.log.warn("kernel link {link}: {error}", link=link_id.hex(), error=e.strerror)
-        elif isinstance(event, LinkReady):
-            self._sink.link_ready(link_id, event.pid)
+        self._doors.first_message(link_id)  # the link's first message closes its door
+        self._checks.receive(link_id, message[1:], self._reply)
 
     def _refusal_line(self, line: Line) -> None:
         """Log one aggregated line; tell a running kernel's clients too."""
@@ -331,19 +477,11 @@ class LinkRouter(ZmqRouterConnection):
             seconds=seconds,
             detail=line.detail,
         )
-        if not line.source.startswith(LINK_SOURCE):
-            return
-        link_id = bytes.fromhex(line.source.removeprefix(LINK_SOURCE))
-        link = self._links.get(link_id)
-        if link is not None and link.ready:
-            code, _, message = line.detail.partition(": ")
-            self._sink.link_violation(
-                link_id, code, f"{line.count} more like it in {seconds:.0f} s, the last: {message}"
-            )
+        self._checks.refusal_line(line, seconds)
 
     def shutdown(self) -> None:
         self.refusals.stop()
-        for link_id in list(self._endpoints):
-            self._close_door(link_id)
-        self._endpoints.clear()
+        doors = getattr(self, "_doors", None)
+        if doors is not None:
+            doors.shutdown()
         super().shutdown()

@@ -299,7 +299,10 @@ class MetricsResource(resource.Resource):
         pids = {
             k.id: pid
             for k in manager.kernels.values()
-            if k.incarnation is not None and (pid := k.incarnation.pid)
+            # A kernel host's pids are that machine's: not read here.
+            if k.incarnation is not None
+            and k.incarnation.host is None
+            and (pid := k.incarnation.pid)
         }
         try:
             self._collector.memory = await threads.deferToThread(kernel_memory, pids)

@@ -251,15 +251,17 @@ class NativeSession:
     async def _create_and_attach(self, hello: Hello) -> None:
         grant = self.attachment.grant
         name = (hello.create.name if hello.create else None) or DEFAULT_SPEC
+        label = hello.create.host_label if hello.create else None
         try:
             if grant.kernel_id is not None or not grant.role.may_manage:
                 raise Forbidden("this token may not create kernels")
             if self.manager.specs.get(name) is None:
                 raise _UnknownSpec(f"no kernel spec named {name!r}")
             if self._create is not None:
-                kernel = await self._create(grant, name)
+                where = {"host_label": label} if label is not None else {}
+                kernel = await self._create(grant, name, **where)
             else:
-                kernel = await self.manager.create(name)
+                kernel = await self.manager.create(name, host_label=label)
         except KernelError as e:
             self._early = None
             close_code = {

@@ -35,6 +35,7 @@ __all__ = [
     "NurseryProcess",
     "UntrustedSourceTree",
     "nursery_command",
+    "nursery_settings",
 ]
 
 #: Runs the nursery with extra import directories (given as arguments)
@@ -267,3 +268,24 @@ def nursery_command(pythonpath: str = "", python: str | None = None) -> list[str
     if not extra:
         return [python, "-I", "-m", wire.NURSERY_MODULE]
     return [python, "-I", "-c", _BOOTSTRAP, *extra]
+
+
+def nursery_settings(config: Any, runtime_dir: str, kernel_paths: list[str]) -> dict[str, Any]:
+    """The nursery's configuration line for a server (or a kernel host)
+    whose runtime directory is C{runtime_dir}; C{config} a ServerConfig.
+
+    Kernel link endpoints are made in ``RUNTIME_DIR/links``, working
+    directories in ``RUNTIME_DIR/kernels``.
+    """
+    return {
+        # Each spawn names its kernel's own endpoint; this one is never
+        # bound: its directory, the runtime directory, is what kernels
+        # must reach (bound back whole into a private /tmp).
+        "endpoint": "ipc://" + os.path.join(runtime_dir, "links"),
+        "workdir_root": os.path.join(runtime_dir, "kernels"),
+        "preload": list(config.preload),
+        "kernel_env": config.kernel_environment(),
+        "kill_grace": config.kill_grace,
+        "sandbox": config.sandbox_settings(),
+        "kernel_paths": kernel_paths,
+    }

@@ -34,7 +34,7 @@ from .links import LinkRouter
 from .login import LoginResource
 from .longpoll import PollResource
 from .metrics import MetricsResource, ServerCollector
-from .nursery import NurseryProcess, UntrustedSourceTree
+from .nursery import NurseryProcess, UntrustedSourceTree, nursery_settings
 from .oneshot import OneShotResource
 from .orphans import (
     RecordKeeper,
@@ -185,6 +185,9 @@ class CellmuxService(service.Service):
         self._owns_runtime_dir = False
         self._listening = None
         self._router = None
+        #: Kernel hosts' router and its ZAP handler (None: no hosts_listen).
+        self._hosts = None
+        self._zap = None
         self._zmq = None
         self._guard: DescriptorGuard | None = None
         self._refusals: RefusalLog | None = None
@@ -200,7 +203,7 @@ class CellmuxService(service.Service):
         d.addErrback(self._start_failed)
 
     def _start_failed(self, failure) -> None:
-        if failure.check(KernelPythonError, UntrustedSourceTree):  # to fix, not a bug
+        if failure.check(KernelPythonError, UntrustedSourceTree, ConfigError):  # to fix
             self.log.error("cellmux could not start: {error}", error=failure.value)
         else:
             self.log.failure("cellmux could not start", failure)
@@ -273,20 +276,13 @@ class CellmuxService(service.Service):
             await check_kernel_python(config.kernel_python, nursery_env)
         elif "PYTHONPATH" in os.environ:  # so the nursery finds cellmux in a dev tree
             nursery_env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        nursery_config = {
-            # Each spawn names its kernel's own endpoint; this one is never
-            # bound: its directory, the runtime directory, is what kernels
-            # must reach (bound back whole into a private /tmp).
-            "endpoint": "ipc://" + links_dir,
-            "workdir_root": os.path.join(self._runtime_dir, "kernels"),
-            "preload": list(config.preload),
-            "kernel_env": config.kernel_environment(),
-            "kill_grace": config.kill_grace,
-            "sandbox": config.sandbox_settings(),
+        nursery_config = nursery_settings(
+            config,
+            self._runtime_dir,
             # Where the installed kernelspecs' programs live, to be reachable
             # inside the sandbox (a 0700 home, a private /tmp).
-            "kernel_paths": self.manager.specs.paths(nursery_env.get("PATH")),
-        }
+            self.manager.specs.paths(nursery_env.get("PATH")),
+        )
 
         def start_nursery() -> NurseryProcess:
             # Also how the manager replaces a nursery that was lost.
@@ -302,6 +298,8 @@ class CellmuxService(service.Service):
 
         start_nursery()
         self.manager.bind(self.nursery, self._router, start_nursery)
+        if config.hosts_listen:
+            self._listen_for_hosts()
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
         self._record = RecordKeeper(
             self.reactor, record, self._kernel_pids, AFTER_RESPONSE, self.manager.processes
@@ -358,6 +356,40 @@ class CellmuxService(service.Service):
         # The token goes to the terminal, never into the log (under twistd,
         # sys.stdout is the log, so use the process's real stdout).
         print(f"cellmux is serving at {base}?token={self._token}", file=sys.__stdout__, flush=True)
+
+    def _listen_for_hosts(self) -> None:
+        """Kernel hosts' TCP ROUTER, CURVE with keys from the authorised
+        directory (docs/scaling.md)."""
+        import zmq.auth
+
+        from .hosts import HostRouter
+        from .zap import AuthorisedKeys, ZapHandler
+
+        config = self.config
+        assert config.hosts_secret_key and config.hosts_authorized_dir  # config checks
+        try:
+            _public, secret = zmq.auth.load_certificate(config.hosts_secret_key)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read hosts_secret_key: {e}") from None
+        if not secret:
+            raise ConfigError(
+                f"hosts_secret_key {config.hosts_secret_key} holds no secret key "
+                "(give the NAME.key_secret file)"
+            )
+        # The ZAP handler first: the ROUTER refuses every host until it answers.
+        self._zap = ZapHandler(self._zmq, AuthorisedKeys(config.hosts_authorized_dir))
+        self._hosts = HostRouter(
+            self._zmq,
+            config.hosts_listen,
+            secret,
+            self.manager,
+            self.manager,
+            config.max_frame_size,
+            config.host_timeout,
+            credit=credit_window(config.replay_bytes),
+        )
+        self.manager.hosts = self._hosts
+        self.log.info("kernel hosts may connect at {endpoint}", endpoint=self._hosts.endpoint)
 
     def _load_credentials(self) -> defer.Deferred:
         """Load stored shares, logins and capabilities; retry every
@@ -500,7 +532,7 @@ class CellmuxService(service.Service):
         return {
             k.id: k.incarnation.pid
             for k in self.manager.kernels.values()
-            if k.incarnation is not None and k.incarnation.pid
+            if k.incarnation is not None and k.incarnation.pid and k.incarnation.host is None
         }
 
     async def _stop(self) -> None:
@@ -530,6 +562,10 @@ class CellmuxService(service.Service):
             finally:
                 if timeout.active():
                     timeout.cancel()
+        if self._hosts is not None:
+            self._hosts.shutdown()
+        if self._zap is not None:
+            self._zap.shutdown()
         if self._router is not None:
             self._router.shutdown()
         if self._refusals is not None:

@@ -1,0 +1,322 @@
+"""The ``cellmux host`` process: a nursery, its kernels' links, the fronts.
+
+The host runs the usual nursery (L{cellmux.server.nursery.NurseryProcess},
+the same sandbox, limits and uids as a single server), binds each kernel's
+own ipc endpoint (L{KernelRelay}), and carries out what its fronts ask
+(spawn, signal, kill), each over its own L{FrontLink}. A kernel belongs to
+the front that asked for it; only that front may reach it.
+
+Liveness: every second the host says hello (until welcomed) or beats (its
+kernels, capacity and free memory) to each front. A front heard from for
+no longer than C{timeout} seconds is lost: the host kills the kernels it
+ran for it (the front reported them dead already) and says hello again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.internet import defer, task, threads
+from twisted.logger import Logger
+
+from ..config import ServerConfig
+from ..protocol import hostlink
+from ..protocol import nursery as wire
+from ..server.links import LinkUnavailable
+from ..server.nursery import NurseryGone, NurseryProcess, nursery_settings
+from ..server.runtimedir import make_private_runtime_dir, prepare_runtime_dir, remove_owned
+from .relay import FrontLink, KernelRelay
+
+__all__ = ["HostService", "HostSettings", "available_memory"]
+
+#: Seconds between hellos or beats to each front, and liveness checks.
+BEAT_INTERVAL = 1.0
+#: Seconds before a lost nursery is started again.
+NURSERY_RESTART_DELAY = 1.0
+
+
+def available_memory() -> int:
+    """Bytes of memory available (MemAvailable), 0 if unknown."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+@attrs.frozen
+class HostSettings:
+    """What ``cellmux host`` is told on its command line."""
+
+    name: str
+    labels: tuple[str, ...]
+    fronts: tuple[str, ...]
+    front_key: bytes
+    public_key: bytes
+    secret_key: bytes
+    max_kernels: int
+    timeout: float = 3.0
+
+
+class HostService(service.Service):
+    """A kernel host: nursery, kernel relay, one link per front."""
+
+    log = Logger()
+
+    def __init__(self, config: ServerConfig, settings: HostSettings, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.reactor = reactor
+        self.config = config
+        self.settings = settings
+        #: Chosen at random per process: a front that sees a new epoch knows
+        #: this process's predecessor (and its kernels) are gone.
+        self.epoch = secrets.randbits(62)
+        self.nursery: NurseryProcess | None = None
+        self.relay: KernelRelay | None = None
+        self.fronts: list[FrontLink] = []
+        #: link id -> the front it belongs to (every kernel process we run)
+        self._kernels: dict[bytes, FrontLink] = {}
+        self._runtime_dir: str | None = None
+        self._owns_runtime_dir = False
+        self._ticker: task.LoopingCall | None = None
+        self._nursery_restart = None
+        self._stopping = False
+        self.start_failed = False
+        self._zmq = None
+        self._nursery_args: tuple[dict[str, Any], dict[str, str]] | None = None
+
+    # -- start and stop -------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.ensureDeferred(self._start())
+        d.addErrback(self._start_failed)
+
+    def _start_failed(self, failure) -> None:
+        self.log.failure("cellmux host could not start", failure)
+        self.start_failed = True
+        if self.reactor.running:
+            self.reactor.stop()
+        else:
+            self.reactor.callWhenRunning(self.reactor.stop)
+
+    async def _start(self) -> None:
+        from txzmq import ZmqFactory
+
+        config = self.config
+        if config.runtime_dir:
+            prepare_runtime_dir(config.runtime_dir)
+            self._runtime_dir = config.runtime_dir
+        else:
+            self._runtime_dir = make_private_runtime_dir()
+            self._owns_runtime_dir = True
+        links_dir = os.path.join(self._runtime_dir, "links")
+        self._zmq = ZmqFactory()
+        self.relay = KernelRelay(self._zmq, links_dir, self, config.max_frame_size)
+        if os.geteuid() == 0:
+            # As on a server: kernels pass through to their own endpoint.
+            os.chmod(self._runtime_dir, 0o711)
+            os.chmod(links_dir, 0o711)
+        else:
+            self.log.warn(
+                "cellmux host is not running as root: kernels run as its own user, "
+                "with rlimits only (docs/security.md)"
+            )
+        env = config.kernel_environment()
+        if "PYTHONPATH" in os.environ:  # a development tree
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+        self._nursery_args = (nursery_settings(config, self._runtime_dir, []), env)
+        self._start_nursery()
+        assert self.nursery is not None
+        await self.nursery.ready
+        s = self.settings
+        for endpoint in s.fronts:
+            self.fronts.append(
+                FrontLink(
+                    self._zmq,
+                    endpoint,
+                    s.front_key,
+                    s.public_key,
+                    s.secret_key,
+                    self.relay,
+                    self,
+                    s.timeout,
+                    config.max_frame_size,
+                )
+            )
+        self._ticker = task.LoopingCall(self.tick)
+        self._ticker.clock = self.reactor
+        self._ticker.start(BEAT_INTERVAL, now=True)
+        self.log.info(
+            "cellmux host {name} runs up to {n} kernels for {fronts}",
+            name=s.name,
+            n=s.max_kernels,
+            fronts=", ".join(s.fronts),
+        )
+        print(f"cellmux host {s.name} is running", file=sys.__stdout__, flush=True)
+
+    def _start_nursery(self) -> None:
+        assert self._nursery_args is not None
+        settings, env = self._nursery_args
+        self.nursery = NurseryProcess.start(
+            self.reactor, self, settings, env, python=self.config.kernel_python
+        )
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        self._stopping = True
+        if self._ticker is not None and self._ticker.running:
+            self._ticker.stop()
+        if self._nursery_restart is not None and self._nursery_restart.active():
+            self._nursery_restart.cancel()
+        if self.nursery is not None:
+            ended = self.nursery.shutdown()
+            timeout = self.reactor.callLater(self.config.kill_grace + 5, ended.cancel)
+            try:
+                await ended
+            except defer.CancelledError:
+                self.log.error("the nursery did not stop in time")
+            finally:
+                if timeout.active():
+                    timeout.cancel()
+        for front in self.fronts:
+            front.shutdown()
+        if self.relay is not None:
+            self.relay.shutdown()
+        if self._owns_runtime_dir and self._runtime_dir:
+            await threads.deferToThread(remove_owned, self._runtime_dir)
+
+    # -- RelayOwner -----------------------------------------------------------------
+
+    def front_of(self, link_id: bytes) -> FrontLink | None:
+        return self._kernels.get(link_id)
+
+    def front_control(self, front: FrontLink, message: hostlink.FrontMessage) -> None:
+        if isinstance(message, hostlink.Welcome):
+            if not front.welcomed:
+                self.log.info("front {front} welcomed this host", front=front.address)
+            front.welcomed = True
+            keep = {bytes.fromhex(link) for link in message.keep}
+            # What the front no longer knows must not linger.
+            for link_id, owner in list(self._kernels.items()):
+                if owner is front and link_id not in keep:
+                    self._kill(link_id)
+        elif isinstance(message, hostlink.Who):
+            if front.welcomed:
+                self.log.info(
+                    "front {front} does not know this host: hello again", front=front.address
+                )
+            self._front_lost(front, "it asked who we are")
+            front.send_control(self._hello())
+        elif isinstance(message, hostlink.NurseryCommand):
+            if not front.welcomed:
+                return
+            self._command(front, message.command)
+
+    def _command(self, front: FrontLink, command: wire.Command) -> None:
+        if isinstance(command, wire.Spawn):
+            self._spawn(front, command)
+            return
+        link_id = bytes.fromhex(command.link)
+        if self._kernels.get(link_id) is not front:
+            return  # not its kernel, or one that ended
+        if isinstance(command, wire.Signal):
+            with contextlib.suppress(NurseryGone):
+                self.nursery.signal(command.link, command.signal)
+        elif isinstance(command, wire.Kill):
+            self._kill(link_id)
+
+    def _spawn(self, front: FrontLink, spawn: wire.Spawn) -> None:
+        def refuse(message: str) -> None:
+            front.send_control(hostlink.NurseryEvent(wire.Error(message, spawn.link)))
+
+        link_id = bytes.fromhex(spawn.link)
+        if len(link_id) != hostlink.LINK_ID_SIZE or link_id in self._kernels:
+            return refuse("bad or duplicate link id")
+        if spawn.cwd is not None or spawn.kernel is not None or spawn.endpoint is not None:
+            return refuse("a kernel host runs only forked Python kernels in their own directory")
+        if len(self._kernels) >= self.settings.max_kernels:
+            return refuse(f"this host runs at most {self.settings.max_kernels} kernels")
+        if self.nursery is None or not self.nursery.running:
+            return refuse("this host's nursery is not running")
+        assert self.relay is not None
+        try:
+            endpoint = self.relay.doors.open(link_id)
+        except LinkUnavailable as e:
+            return refuse(str(e))
+        self._kernels[link_id] = front
+        d = self.nursery.spawn(spawn.link, spawn.secret, endpoint)
+
+        def spawned(pid: int) -> None:
+            front.send_control(hostlink.NurseryEvent(wire.Spawned(spawn.link, pid)))
+
+        def failed(failure) -> None:
+            if self._kernels.get(link_id) is front:
+                del self._kernels[link_id]
+                self.relay.doors.close(link_id)
+            refuse(f"could not fork a kernel: {failure.value}")
+
+        d.addCallbacks(spawned, failed)
+
+    def _kill(self, link_id: bytes) -> None:
+        if self.nursery is not None:
+            with contextlib.suppress(NurseryGone):
+                self.nursery.kill(link_id.hex())
+
+    # -- NurseryOwner ---------------------------------------------------------------
+
+    def kernel_exited(self, link: str, pid: int, info: dict[str, Any]) -> None:
+        link_id = bytes.fromhex(link)
+        front = self._kernels.pop(link_id, None)
+        if self.relay is not None:
+            self.relay.doors.close(link_id)
+        if front is not None and front.welcomed:
+            front.send_control(hostlink.NurseryEvent(wire.Exited(link, pid or 1, info)))
+
+    def nursery_lost(self, reason: str) -> None:
+        if self._stopping:
+            return
+        self.log.error("the nursery was lost ({reason}); its kernels died with it", reason=reason)
+        for link_id in list(self._kernels):
+            self.kernel_exited(link_id.hex(), 0, {"cause": "nursery lost"})
+        self._nursery_restart = self.reactor.callLater(NURSERY_RESTART_DELAY, self._start_nursery)
+
+    # -- liveness -------------------------------------------------------------------
+
+    def _hello(self) -> hostlink.Hello:
+        s = self.settings
+        return hostlink.Hello(s.name, s.labels, s.max_kernels, self.epoch)
+
+    def tick(self) -> None:
+        now = self.reactor.seconds()
+        beat = hostlink.Beat(len(self._kernels), self.settings.max_kernels, available_memory())
+        for front in self.fronts:
+            if front.welcomed and now - front.last_heard > self.settings.timeout:
+                self._front_lost(front, f"nothing heard for {now - front.last_heard:.1f} s")
+            front.send_control(beat if front.welcomed else self._hello())
+
+    def _front_lost(self, front: FrontLink, why: str) -> None:
+        """The front reported our kernels dead: end them, say hello again."""
+        if front.welcomed:
+            self.log.warn(
+                "front {front} lost ({why}); ending its kernels", front=front.address, why=why
+            )
+        front.welcomed = False
+        for link_id, owner in list(self._kernels.items()):
+            if owner is front:
+                self._kill(link_id)
