@@ -18,11 +18,11 @@ import os
 
 import zmq
 import zmq.auth
-from zmq.utils import z85
 from twisted.internet import task
 from twisted.logger import Logger
 from txzmq import ZmqFactory
 from txzmq.connection import ZmqConnection
+from zmq.utils import z85
 
 from .links import BoundedReads
 from .refusals import Line, RefusalLog

@@ -1,0 +1,255 @@
+"""Kernel hosts (docs/scaling.md): a front ``cellmux serve`` and ``cellmux
+host`` processes on 127.0.0.1, linked over TCP with ZeroMQ CURVE, keys made
+by ``cellmux keys``. Real processes, real kernels, real sockets.
+
+As root the hosts' kernels run under their own uids, as on a single server;
+without root they run as the test's user (the same test covers both).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import attrs
+import pytest
+from conftest import RunningServer, start_server, wait_for
+
+from cellmux.client import Client, HTTPError
+
+HOST_TIMEOUT = "2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_keys(directory: str, name: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "cellmux", "keys", "new", name, "--dir", directory],
+        check=True,
+        capture_output=True,
+    )
+
+
+@attrs.define
+class Host:
+    """A ``cellmux host`` process started by a test."""
+
+    name: str
+    argv: list[str]
+    workdir: str
+    process: subprocess.Popen | None = None
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.workdir, "host.log")
+
+    def start(self) -> Host:
+        runtime = os.path.join(self.workdir, "rt")
+        shutil.rmtree(runtime, ignore_errors=True)  # a SIGKILLed host's
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [*self.argv, "--runtime-dir", runtime],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        return self
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGCONT)
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@attrs.define
+class Cluster:
+    front: RunningServer
+    keys: str
+    authorised: str
+    endpoint: str
+    base: str
+    hosts: dict[str, Host] = attrs.Factory(dict)
+
+    def host(
+        self, name: str, labels: tuple[str, ...] = (), max_kernels: int = 4, key: str | None = None
+    ) -> Host:
+        workdir = tempfile.mkdtemp(prefix="h", dir=self.base)
+        argv = [sys.executable, "-m", "cellmux", "host", "--front", self.endpoint]
+        argv += ["--front-key", os.path.join(self.keys, "front.key")]
+        argv += ["--key", os.path.join(self.keys, f"{key or name}.key_secret")]
+        argv += ["--name", name, "--max-kernels", str(max_kernels), "--host-timeout", HOST_TIMEOUT]
+        for label in labels:
+            argv += ["--label", label]
+        host = self.hosts[name] = Host(name, argv, workdir).start()
+        return host
+
+    def admitted(self, name: str, times: int = 1) -> bool:
+        return self.front.log().count(f"kernel host {name} admitted") >= times
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    # Short paths: kernel link sockets live under each host's runtime dir.
+    base = tempfile.mkdtemp(prefix="hosts")
+    keys = os.path.join(base, "keys")
+    authorised = os.path.join(base, "authorised")
+    os.makedirs(authorised)
+    for name in ("front", "a", "b", "stranger"):
+        make_keys(keys, name)
+    for name in ("a", "b"):
+        shutil.copy(os.path.join(keys, f"{name}.key"), authorised)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    front = start_server(
+        "--pool-size",
+        "0",
+        "--no-local-kernels",
+        "--hosts-listen",
+        endpoint,
+        "--hosts-secret-key",
+        os.path.join(keys, "front.key_secret"),
+        "--hosts-authorized-dir",
+        authorised,
+        "--host-timeout",
+        HOST_TIMEOUT,
+    )
+    running = Cluster(front, keys, authorised, endpoint, base)
+    try:
+        yield running
+    finally:
+        for host in running.hosts.values():
+            host.stop()
+        front.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def create_on(front: RunningServer, label: str) -> tuple[int, dict]:
+    """POST /api/kernels with a host label: (status, body)."""
+    request = urllib.request.Request(
+        front.url + "api/kernels",
+        data=json.dumps({"name": "python3", "host_label": label}).encode(),
+        headers={"Authorization": f"token {front.token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def round_trip(kernel, code: str = "1+1") -> float:
+    started = time.perf_counter()
+    assert kernel.execute(code, timeout=10).result_text == "2"
+    return time.perf_counter() - started
+
+
+def test_remote_kernels_placement_loss_and_return(cluster: Cluster) -> None:
+    a = cluster.host("a", labels=("gpu",))
+    b = cluster.host("b")
+    wait_for(lambda: cluster.admitted("a") and cluster.admitted("b"), timeout=60)
+    with cluster.front.client() as client:
+        # Placement by free capacity: two kernels, one on each host.
+        first, second = client.create_kernel(), client.create_kernel()
+        hosts = {client.get_kernel(k.id).raw["host"] for k in (first, second)}
+        assert hosts == {"a", "b"}
+        # A label picks the labelled host, however full it is compared to b.
+        labelled = [create_on(cluster.front, "gpu") for _ in range(2)]
+        assert [(status, body["host"]) for status, body in labelled] == [(201, "a")] * 2
+        status, body = create_on(cluster.front, "tpu")
+        assert status == 503 and "tpu" in body["message"], body
+
+        on_a = first.id if client.get_kernel(first.id).raw["host"] == "a" else second.id
+        on_b = second.id if on_a == first.id else first.id
+        with client.connect(on_a) as ka, client.connect(on_b) as kb:
+            # Code, input() and interrupt on a remote kernel.
+            result = ka.execute("import os; print(os.getpid() != %d)" % os.getpid(), timeout=20)
+            assert result.stdout == "True\n"
+            asked = ka.execute("print(input('q? ') * 2)", on_stdin=lambda p, pw: "ab", timeout=20)
+            assert asked.stdout == "abab\n"
+            interrupted = threading.Timer(1.0, ka.interrupt)
+            interrupted.start()
+            result = ka.execute("import time; time.sleep(30)", timeout=20)
+            interrupted.join()
+            assert result.error is not None and result.error.ename == "KeyboardInterrupt"
+            assert round_trip(kb) < 2
+
+            # A stopped host never stalls the other host's kernels.
+            b.signal(signal.SIGSTOP)
+            try:
+                slowest = max(round_trip(ka) for _ in range(20))
+                assert slowest < 1.0, slowest
+                wait_for(lambda: kb.status == "dead", timeout=15)
+                assert kb.dead_cause == "host lost"
+                assert max(round_trip(ka) for _ in range(5)) < 1.0
+            finally:
+                b.signal(signal.SIGCONT)
+            # Woken, b hears it is unknown, says hello again and is back.
+            wait_for(lambda: cluster.admitted("b", 2), timeout=20)
+
+            # A killed host: its kernels' clients are told within seconds;
+            # the other host's kernel answers all along.
+            a.signal(signal.SIGKILL)
+            killed = time.monotonic()
+            wait_for(lambda: ka.status == "dead", timeout=15)
+            assert ka.dead_cause == "host lost"
+            assert time.monotonic() - killed < 2 * float(HOST_TIMEOUT) + 2
+        assert client.get_kernel(on_a).raw["execution_state"] == "dead"
+
+        # Nothing can take a gpu kernel now; b takes the rest.
+        status, body = create_on(cluster.front, "gpu")
+        assert status == 503 and "gpu" in body["message"], body
+        fresh = client.create_kernel()
+        assert client.get_kernel(fresh.id).raw["host"] == "b"
+        with client.connect(fresh.id) as kernel:
+            assert round_trip(kernel) < 2
+
+        # The killed host comes back (a new process: a new epoch) and is used.
+        a.start()
+        wait_for(lambda: cluster.admitted("a", 2), timeout=60)
+        status, back = create_on(cluster.front, "gpu")
+        assert (status, back["host"]) == (201, "a")
+        with client.connect(back["id"]) as kernel:
+            assert round_trip(kernel) < 2
+
+
+def test_unlisted_key_is_refused(cluster: Cluster) -> None:
+    stranger = cluster.host("stranger")
+    wait_for(lambda: "kernel host key" in cluster.front.log(), timeout=60)
+    log = cluster.front.log()
+    assert "not authorised" in log
+    assert "kernel host stranger admitted" not in log
+    time.sleep(3)  # it keeps trying: one line per 10 s, not one per attempt
+    assert cluster.front.log().count("not authorised") <= 2
+    assert "welcomed" not in stranger.log()
+    with cluster.front.client() as client, pytest.raises(HTTPError) as refused:
+        client.create_kernel()
+    assert refused.value.status == 503
