@@ -24,9 +24,9 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
-from conftest import RunningServer, start_server, wait_for
 
-from cellmux.client import Client, HTTPError
+from cellmux.client import HTTPError
+from conftest import RunningServer, start_server, wait_for
 
 HOST_TIMEOUT = "2"
 
@@ -191,7 +191,7 @@ def test_remote_kernels_placement_loss_and_return(cluster: Cluster) -> None:
         on_b = second.id if on_a == first.id else first.id
         with client.connect(on_a) as ka, client.connect(on_b) as kb:
             # Code, input() and interrupt on a remote kernel.
-            result = ka.execute("import os; print(os.getpid() != %d)" % os.getpid(), timeout=20)
+            result = ka.execute(f"import os; print(os.getpid() != {os.getpid()})", timeout=20)
             assert result.stdout == "True\n"
             asked = ka.execute("print(input('q? ') * 2)", on_stdin=lambda p, pw: "ab", timeout=20)
             assert asked.stdout == "abab\n"

@@ -141,7 +141,7 @@ class LinkDoors:
             )
         self._socket = socket
         self._links_dir = links_dir
-        self._refusals = refusals
+        self.refusals = refusals
         self._guard = guard
         #: link id -> its endpoint, bound until the link is forgotten
         self._endpoints: dict[bytes, str] = {}
@@ -163,7 +163,7 @@ class LinkDoors:
         """
         if self._guard is not None and not self._guard.may_start_kernel(len(self._doors)):
             free = self._guard.free()
-            self._refusals.note(KERNEL_STARTS, f"{free} descriptors free")
+            self.refusals.note(KERNEL_STARTS, f"{free} descriptors free")
             raise LinkUnavailable(
                 f"the server is near its open files limit ({self._guard.limit - free} of "
                 f"{self._guard.limit} in use); try again later",
@@ -235,7 +235,7 @@ class LinkChecks:
         credit: int = DEFAULT_LINK_CREDIT,
     ) -> None:
         self._sink = sink
-        self._refusals = refusals
+        self.refusals = refusals
         self._links: dict[bytes, ServerLink] = {}
         self._max_size = max_size
         # The credit each kernel starts with; the sink grants the rest.
@@ -273,9 +273,7 @@ class LinkChecks:
             event = link.receive(parts)
         except ProtocolError as e:
             source = LINK_SOURCE + link_id.hex()
-            refused = self._refusals.note(
-                source, f"{e.code}: {e.message}", kind=LINK_SOURCE.strip()
-            )
+            refused = self.refusals.note(source, f"{e.code}: {e.message}", kind=LINK_SOURCE.strip())
             if refused and link.ready:
                 self._sink.link_violation(link_id, e.code, e.message)
             return True
@@ -402,6 +400,18 @@ class LinkRouter(BoundedReads, ZmqRouterConnection):
         except Exception:
             self.shutdown()
             raise
+
+    @property
+    def refusals(self) -> RefusalLog:
+        """Where refused traffic is counted and logged (tests replace it)."""
+        return self._refusals
+
+    @refusals.setter
+    def refusals(self, log: RefusalLog) -> None:
+        self._refusals = log
+        for part in (getattr(self, "_doors", None), getattr(self, "_checks", None)):
+            if part is not None:
+                part.refusals = log
 
     @property
     def link_count(self) -> int:
