@@ -1,0 +1,132 @@
+"""The front's registry of kernel hosts, driven by a Clock: timeouts,
+placement by free capacity and label, epochs, keys."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+
+from cellmux.protocol.hostlink import Beat, Hello
+from cellmux.server.hosts import HOST_LOST, HostRegistry, HostUnavailable
+
+
+class Lost(list):
+    def __call__(self, name: str, cause: str) -> None:
+        self.append((name, cause))
+
+
+def registry(timeout: float = 3.0) -> tuple[Clock, HostRegistry, Lost]:
+    clock, lost = Clock(), Lost()
+    return clock, HostRegistry(clock, timeout, lost), lost
+
+
+def hello(name="a", labels=(), max_kernels=4, epoch=1) -> Hello:
+    return Hello(name, labels, max_kernels, epoch)
+
+
+def nobody(name: str) -> int:
+    return 0
+
+
+def test_a_silent_host_is_lost_after_the_timeout_and_only_then() -> None:
+    clock, hosts, lost = registry(timeout=3.0)
+    hosts.hello(b"id-a", b"key-a", hello("a"))
+    hosts.hello(b"id-b", b"key-b", hello("b"))
+    for _ in range(5):  # b beats every second; a says nothing
+        clock.advance(1.0)
+        hosts.beat(b"id-b", Beat(0, 4))
+        hosts.check()
+        if lost:
+            break
+    assert lost == [("a", HOST_LOST)]
+    assert clock.seconds() == 4.0  # > 3 s of silence, checked each second
+    assert [h.name for h in hosts.live()] == ["b"]
+    assert hosts.by_identity(b"id-a") is None
+    # Traffic from a lost host's connection proves nothing: it must say hello.
+    assert hosts.seen(b"id-a") is None
+    assert hosts.beat(b"id-a", Beat(0, 4)) is None
+    hosts.check()
+    assert lost == [("a", HOST_LOST)]  # reported once
+
+
+def test_a_returning_host_is_taken_back_fresh() -> None:
+    clock, hosts, lost = registry()
+    hosts.hello(b"id-1", b"key", hello("a", epoch=7))
+    clock.advance(5)
+    hosts.check()
+    assert lost == [("a", HOST_LOST)]
+    # The same process on a new connection after it was lost: its kernels
+    # were reported dead, so it starts fresh (and kills them).
+    admission = hosts.hello(b"id-2", b"key", hello("a", epoch=7))
+    assert admission.refused is None and admission.fresh
+    assert hosts.by_identity(b"id-2").live
+
+
+def test_a_reconnection_within_the_timeout_keeps_the_kernels() -> None:
+    clock, hosts, lost = registry()
+    hosts.hello(b"id-1", b"key", hello("a", epoch=7))
+    clock.advance(1)
+    admission = hosts.hello(b"id-2", b"key", hello("a", epoch=7))
+    assert not admission.fresh
+    assert lost == []
+    assert hosts.by_identity(b"id-1") is None  # the old connection speaks no more
+
+
+def test_a_new_epoch_means_the_old_process_and_its_kernels_are_gone() -> None:
+    clock, hosts, lost = registry()
+    hosts.hello(b"id-1", b"key", hello("a", epoch=1))
+    clock.advance(1)
+    admission = hosts.hello(b"id-2", b"key", hello("a", epoch=2))
+    assert admission.fresh
+    assert lost == [("a", HOST_LOST)]
+    assert hosts.hosts["a"].live
+
+
+def test_a_live_name_cannot_be_taken_by_another_key() -> None:
+    clock, hosts, lost = registry()
+    hosts.hello(b"id-1", b"key-1", hello("a"))
+    refused = hosts.hello(b"id-2", b"key-2", hello("a", epoch=2))
+    assert refused.host is None and "another key" in refused.refused
+    assert lost == []
+    # Once the first is lost (key rotation: restarted with a new key), it may.
+    clock.advance(4)
+    hosts.check()
+    assert hosts.hello(b"id-2", b"key-2", hello("a", epoch=2)).refused is None
+
+
+def test_placement_prefers_the_most_free_capacity() -> None:
+    clock, hosts, lost = registry()
+    hosts.hello(b"id-a", b"ka", hello("a", max_kernels=4))
+    hosts.hello(b"id-b", b"kb", hello("b", max_kernels=8))
+    assert hosts.place(None, None, nobody) == "b"
+    hosts.beat(b"id-b", Beat(running=6, max_kernels=8))
+    assert hosts.place(None, None, nobody) == "a"
+    # The front's own count counts when the host's report lags behind.
+    assert hosts.place(None, None, lambda name: 4 if name == "a" else 0) == "b"
+    # The front itself on a tie or better; not when it has no room.
+    assert hosts.place(None, 4, nobody) is None
+    assert hosts.place(None, 0, nobody) == "a"
+
+
+def test_placement_by_label() -> None:
+    clock, hosts, lost = registry()
+    hosts.hello(b"id-a", b"ka", hello("a", labels=("gpu",), max_kernels=2))
+    hosts.hello(b"id-b", b"kb", hello("b", max_kernels=50))
+    assert hosts.place("gpu", None, nobody) == "a"
+    with pytest.raises(HostUnavailable, match="tpu"):
+        hosts.place("tpu", None, nobody)
+    hosts.beat(b"id-a", Beat(running=2, max_kernels=2))
+    with pytest.raises(HostUnavailable, match="full"):
+        hosts.place("gpu", None, nobody)
+    clock.advance(4)
+    hosts.beat(b"id-b", Beat(0, 50))
+    hosts.check()  # a is lost: no gpu host at all
+    with pytest.raises(HostUnavailable, match="no live kernel host has the label"):
+        hosts.place("gpu", None, nobody)
+
+
+def test_nothing_to_place_on() -> None:
+    clock, hosts, lost = registry()
+    with pytest.raises(HostUnavailable):
+        hosts.place(None, None, nobody)
+    assert hosts.place(None, 1, nobody) is None
