@@ -416,6 +416,11 @@ class FilesResource(JSONEndpoint):
 
     def _workdir(self, kernel_id: str) -> tuple[Kernel, str]:
         kernel = self.manager.get(kernel_id)
+        if kernel.host is not None:
+            # Its directory is on that machine (docs/scaling.md, Kernel hosts).
+            raise KernelNotRunning(
+                f"kernel runs on kernel host {kernel.host}: its files are not served here"
+            )
         workdir = kernel.workdir
         if not workdir or not os.path.isdir(workdir):
             raise KernelNotRunning(f"kernel is {kernel.state.value}: no working directory")
