@@ -130,7 +130,7 @@ def cluster() -> Iterator[Cluster]:
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     front = start_server(
         "--pool-size",
-        "0",
+        "1",
         "--no-local-kernels",
         "--hosts-listen",
         endpoint,
@@ -166,6 +166,21 @@ def create_on(front: RunningServer, label: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def get_json(front: RunningServer, path: str) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        front.url + path, headers={"Authorization": f"token {front.token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def server_status(front: RunningServer) -> dict:
+    return get_json(front, "api/status")[1]
+
+
 def round_trip(kernel, code: str = "1+1") -> float:
     started = time.perf_counter()
     assert kernel.execute(code, timeout=10).result_text == "2"
@@ -176,11 +191,16 @@ def test_remote_kernels_placement_loss_and_return(cluster: Cluster) -> None:
     a = cluster.host("a", labels=("gpu",))
     b = cluster.host("b")
     wait_for(lambda: cluster.admitted("a") and cluster.admitted("b"), timeout=60)
+    wait_for(
+        lambda: [h["pool"] for h in server_status(cluster.front)["hosts"]] == [1, 1], timeout=60
+    )
     with cluster.front.client() as client:
         # Placement by free capacity: two kernels, one on each host.
         first, second = client.create_kernel(), client.create_kernel()
         hosts = {client.get_kernel(k.id).raw["host"] for k in (first, second)}
         assert hosts == {"a", "b"}
+        # Each host keeps pool_size kernels warm: both came from its pool.
+        assert cluster.front.log().count("started (from the pool) on host") == 2
         # A label picks the labelled host, however full it is compared to b.
         labelled = [create_on(cluster.front, "gpu") for _ in range(2)]
         assert [(status, body["host"]) for status, body in labelled] == [(201, "a")] * 2
@@ -201,6 +221,9 @@ def test_remote_kernels_placement_loss_and_return(cluster: Cluster) -> None:
             interrupted.join()
             assert result.error is not None and result.error.ename == "KeyboardInterrupt"
             assert round_trip(kb) < 2
+            # Its files are on its host: a clear answer, not a wrong directory.
+            status, body = get_json(cluster.front, f"files/{on_a}/")
+            assert status == 409 and "kernel host a" in body["message"], body
 
             # A stopped host never stalls the other host's kernels.
             b.signal(signal.SIGSTOP)
@@ -236,7 +259,7 @@ def test_remote_kernels_placement_loss_and_return(cluster: Cluster) -> None:
         a.start()
         wait_for(lambda: cluster.admitted("a", 2), timeout=60)
         status, back = create_on(cluster.front, "gpu")
-        assert (status, back["host"]) == (201, "a")
+        assert (status, back.get("host")) == (201, "a"), back
         with client.connect(back["id"]) as kernel:
             assert round_trip(kernel) < 2
 

@@ -52,6 +52,7 @@ def test_a_silent_host_is_lost_after_the_timeout_and_only_then() -> None:
 def test_a_returning_host_is_taken_back_fresh() -> None:
     clock, hosts, lost = registry()
     hosts.hello(b"id-1", b"key", hello("a", epoch=7))
+    hosts.beat(b"id-1", Beat(running=4, max_kernels=4))
     clock.advance(5)
     hosts.check()
     assert lost == [("a", HOST_LOST)]
@@ -60,6 +61,8 @@ def test_a_returning_host_is_taken_back_fresh() -> None:
     admission = hosts.hello(b"id-2", b"key", hello("a", epoch=7))
     assert admission.refused is None and admission.fresh
     assert hosts.by_identity(b"id-2").live
+    # What it reported before was its dead kernels: it has room again.
+    assert hosts.place(None, None, nobody) == "a"
 
 
 def test_a_reconnection_within_the_timeout_keeps_the_kernels() -> None:

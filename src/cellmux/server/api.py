@@ -184,8 +184,10 @@ class ApiResource(resource.Resource):
         last = max((k.last_activity for k in kernels), default=manager.started_at)
         health = manager.health()
         ok = health["state"] == "ok"
+        hosts = manager.host_models()
         return HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, {
             **health,
+            **({"hosts": hosts} if hosts is not None else {}),
             "started": iso_timestamp(manager.started_at),
             "last_activity": iso_timestamp(last),
             "connections": sum(len(k.clients) for k in kernels),

@@ -156,6 +156,8 @@ class HostRegistry:
         host.identity, host.key = identity, key
         host.labels, host.max_kernels, host.epoch = hello.labels, hello.max_kernels, hello.epoch
         host.last_seen, host.live = now, True
+        if fresh:  # what it last reported was its kernels: gone
+            host.running = host.mem_available = 0
         self._by_identity[identity] = host
         return Admission(host, fresh=fresh)
 
@@ -190,7 +192,11 @@ class HostRegistry:
         return [h for h in self.hosts.values() if h.live]
 
     def place(
-        self, label: str | None, local_free: int | None, placed: Callable[[str], int]
+        self,
+        label: str | None,
+        local_free: int | None,
+        placed: Callable[[str], int],
+        pooled: Callable[[str], int] = lambda name: 0,
     ) -> str | None:
         """Where a new kernel goes: a live host's name, or None for the
         front itself; the one with the most free capacity (the front
@@ -200,6 +206,7 @@ class HostRegistry:
             runs no kernels, or C{label} rules it out).
         @param placed: kernels of this front on a host (counted along with
             what the host last reported, which may lag a second).
+        @param pooled: of those, the ready pool kernels (free to take).
         @raise HostUnavailable: if nothing can take it.
         """
         best: tuple[int, str | None] | None = None
@@ -208,7 +215,7 @@ class HostRegistry:
         for host in self.live():
             if label is not None and label not in host.labels:
                 continue
-            free = host.max_kernels - max(host.running, placed(host.name))
+            free = host.max_kernels - max(host.running, placed(host.name)) + pooled(host.name)
             if free > 0 and (best is None or free > best[0]):
                 best = (free, host.name)
         if best is not None:
@@ -328,12 +335,18 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
     def placed(self, name: str) -> int:
         return sum(1 for host in self._placed.values() if host == name)
 
-    def place(self, label: str | None, local_free: int | None) -> str | None:
+    def place(
+        self,
+        label: str | None,
+        local_free: int | None,
+        pooled: Callable[[str], int] = lambda name: 0,
+    ) -> str | None:
         """The host a new kernel goes to (None: the front itself).
 
+        @param pooled: the ready pool kernels on a host (free to take).
         @raise HostUnavailable: if none can take it.
         """
-        return self.registry.place(label, local_free, self.placed)
+        return self.registry.place(label, local_free, self.placed, pooled)
 
     def host_of(self, link_id: bytes) -> str | None:
         return self._placed.get(link_id)

@@ -25,7 +25,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -106,6 +106,8 @@ AFTER_RESPONSE = 0.005
 #: refills while kernels keep failing to start: 0.5 s doubling to 30 s.
 #: A nursery that ran this long before it died starts the count afresh.
 BACKOFF_FIRST = 0.5
+#: Seconds before a kernel host whose pool kernel failed to start is tried again.
+HOST_POOL_RETRY = 5.0
 BACKOFF_CAP = 30.0
 NURSERY_STABLE_AFTER = 30.0
 
@@ -689,6 +691,12 @@ class KernelManager:
         self._incarnations: dict[bytes, Incarnation] = {}
         self._pool: deque[Incarnation] = deque()
         self._warming = 0
+        #: Ready kernels waiting on each kernel host (pool_size per live
+        #: host), the ones warming there, and when a host whose pool kernels
+        #: failed to start may be tried again.
+        self._host_pools: dict[str, deque[Incarnation]] = {}
+        self._host_warming: Counter[str] = Counter()
+        self._host_retry: dict[str, float] = {}
         #: How many ready kernels to keep: pool_size, more while creates come fast.
         self.demand = PoolDemand(
             config.pool_size, config.pool_max, idle_after=config.pool_idle_shrink
@@ -795,6 +803,7 @@ class KernelManager:
         Does nothing while a back-off after failed starts runs (however
         often it is called: a kernel that exits at start calls it too).
         """
+        self._refill_hosts()
         if self._stopping or not self._nursery_running() or self._refill_retry.active():
             return
         if not self.config.local_kernels:
@@ -844,6 +853,44 @@ class KernelManager:
             )
         self._refill_retry.cancel()
         self._refill_retry.call = self.clock.callLater(delay, self._retry_refill)
+
+    def _refill_hosts(self) -> None:
+        """Keep pool_size ready kernels on each live kernel host."""
+        hosts = self.hosts
+        if self._stopping or hosts is None:
+            return
+        now = self.clock.seconds()
+        for host in hosts.registry.live():
+            name = host.name
+            if self._host_retry.get(name, 0.0) > now:
+                continue
+            pool = self._host_pools.setdefault(name, deque())
+            wanted = self.config.pool_size - len(pool) - self._host_warming[name]
+            room = host.max_kernels - max(host.running, hosts.placed(name))
+            for _ in range(max(0, min(wanted, room))):
+                self._host_warming[name] += 1
+                d = defer.ensureDeferred(self._spawn(host=name))
+                d.addCallbacks(
+                    self._host_pooled,
+                    self._host_pool_failed,
+                    callbackArgs=(name,),
+                    errbackArgs=(name,),
+                )
+
+    def _host_pooled(self, inc: Incarnation, name: str) -> None:
+        self._host_warming[name] -= 1
+        if inc.link_id in self._incarnations:
+            self._host_pools.setdefault(name, deque()).append(inc)
+
+    def _host_pool_failed(self, failure, name: str) -> None:
+        self._host_warming[name] -= 1
+        if self._stopping:
+            return
+        # Tried again by a later refill (each tick) once this has passed.
+        self._host_retry[name] = self.clock.seconds() + HOST_POOL_RETRY
+        self.log.warn(
+            "warming a pool kernel on host {name} failed: {why}", name=name, why=failure.value
+        )
 
     def _retry_refill(self) -> None:
         self._refill_retry.call = None
@@ -944,13 +991,21 @@ class KernelManager:
             inc.timeout.cancel()
         inc.timeout = None
         with contextlib.suppress(ValueError):  # not in the pool
-            self._pool.remove(inc)
+            if inc.host is None:
+                self._pool.remove(inc)
+            else:
+                self._host_pools.get(inc.host, deque()).remove(inc)
 
     async def _take(
         self, cwd: str | None = None, spec: KernelSpec | None = None, host: str | None = None
     ) -> Incarnation:
         if host is not None:
-            return await self._spawn(host=host)  # no pool on the front for a host's kernels
+            pool = self._host_pools.get(host)
+            if not pool:
+                return await self._spawn(host=host)
+            inc = pool.popleft()
+            self.clock.callLater(AFTER_RESPONSE, self.refill)  # its replacement, after the answer
+            return inc
         if self.degraded is not None:
             raise NurseryUnavailable(self.degraded)
         if spec is not None and not spec.forked:
@@ -1015,7 +1070,9 @@ class KernelManager:
         from .hosts import HostUnavailable
 
         try:
-            return self.hosts.place(label, local_free)
+            return self.hosts.place(
+                label, local_free, pooled=lambda name: len(self._host_pools.get(name, ()))
+            )
         except HostUnavailable as e:
             if local and label is None and self.degraded is None:
                 return None  # full everywhere: say so the usual way (too_many_kernels)
@@ -1026,8 +1083,19 @@ class KernelManager:
         for inc in [i for i in self._incarnations.values() if i.host == name]:
             self.kernel_exited(inc.link, inc.pid or 0, {"cause": cause})
 
+    def host_models(self) -> list[dict[str, Any]] | None:
+        """The kernel hosts for /api/status (None: this server has none)."""
+        if self.hosts is None:
+            return None
+        return [
+            {**model, "pool": len(self._host_pools.get(model["name"], ()))}
+            for model in self.hosts.models()
+        ]
+
     def host_admitted(self, name: str) -> None:
+        self._host_retry.pop(name, None)
         self._changed()
+        self.refill()
 
     # -- NurseryOwner and LinkSink ------------------------------------------------
 
@@ -1243,6 +1311,7 @@ class KernelManager:
                 if kernel is not None and kernel.state in (KernelState.IDLE, KernelState.BUSY):
                     kernel.handle(Silent())
         self._shrink_pool(now)
+        self._refill_hosts()
         for kernel in list(self.kernels.values()):
             if config.max_lifetime and now - kernel.created > config.max_lifetime:
                 self.delete(kernel, f"lifetime limit ({config.max_lifetime:g} s)")
@@ -1314,7 +1383,10 @@ class KernelManager:
         started = time.perf_counter()
         spec = self._spec(name)
         host = self._place(spec, cwd, host_label)
-        from_pool = bool(self._pool) and cwd is None and spec.forked and host is None
+        if host is None:
+            from_pool = bool(self._pool) and cwd is None and spec.forked
+        else:
+            from_pool = bool(self._host_pools.get(host))
         inc = await self._take(cwd, spec, host)
         kernel = Kernel(self, fronts.mint_kernel_id(fronts.front_tag(self.config.front_id)), name)
         kernel.cwd = cwd
@@ -1401,3 +1473,6 @@ class KernelManager:
         self._nursery_timeout.cancel()
         for kernel in list(self.kernels.values()):
             self.delete(kernel, "server shutting down")
+        for pool in self._host_pools.values():
+            for inc in pool:
+                self._kill(inc)  # a host would end them only once it misses us
