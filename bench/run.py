@@ -64,6 +64,9 @@ REPS = {
     "other_start": 8,
     "other_rtt_rounds": 3,
     "other_rtt_per_round": 20,
+    "hosts_start": 30,
+    "hosts_rtt_rounds": 5,
+    "hosts_rtt_per_round": 40,
 }
 #: The kernelspec of the "other" stage (a kernel that is not Python, started
 #: cold on both servers), and the code its round trips run.
@@ -750,6 +753,113 @@ async def bench_thousand(suite: Suite) -> None:
     suite.results["thousand"] = out
 
 
+@contextlib.contextmanager
+def _front_with_host(pool: int):
+    """A front with no kernels of its own and one ``cellmux host`` on
+    loopback (CURVE, keys made here), its pool warm: (front, host process)."""
+    import subprocess
+    import tempfile
+
+    import zmq.auth
+    from servers import _free_port
+
+    keys = tempfile.mkdtemp(prefix="cellmux-bench-keys-")
+    front = host = None
+    try:
+        for name in ("front", "host1"):
+            zmq.auth.create_certificates(keys, name)
+        authorised = os.path.join(keys, "authorised")
+        os.mkdir(authorised)
+        os.link(os.path.join(keys, "host1.key"), os.path.join(authorised, "host1.key"))
+        endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        front = start_cellmux(
+            *("--pool-size", str(pool), "--no-local-kernels", "--hosts-listen", endpoint),
+            *("--hosts-secret-key", os.path.join(keys, "front.key_secret")),
+            *("--hosts-authorized-dir", authorised),
+        )
+        host = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "cellmux", "host", "--front", endpoint, "--name", "host1"),
+                *("--front-key", os.path.join(keys, "front.key")),
+                *("--key", os.path.join(keys, "host1.key_secret")),
+                *("--runtime-dir", os.path.join(keys, "rt"), "--max-kernels", "100"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(os.path.join(keys, "host.log"), "wb"),  # noqa: SIM115 - the child's
+        )
+        _wait_host_pool(front, pool)
+        yield front, host
+    finally:
+        if host is not None:
+            host.terminate()
+            host.wait(30)
+        if front is not None:
+            front.stop()
+        import shutil
+
+        shutil.rmtree(keys, ignore_errors=True)
+
+
+def _wait_host_pool(front: Server, ready: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        hosts = front.request("GET", "/api/status")[1].get("hosts") or []
+        if hosts and hosts[0]["pool"] >= ready:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the kernel host's pool did not fill: {hosts}")
+        time.sleep(0.05)
+
+
+async def bench_hosts(suite: Suite) -> None:
+    """Kernel hosts: warm start and 1+1 round trips through a ``cellmux
+    host`` on loopback (TCP + CURVE, one relay hop), next to a local kernel
+    of the suite's cellmux (docs/scaling.md)."""
+    local = suite.servers["cellmux"]
+    out: dict[str, Any] = {}
+    with _front_with_host(pool=4) as (front, _host):
+
+        async def start(server: Server, wait) -> float:
+            wait()
+            t0 = time.perf_counter()
+            model = server.create_kernel()
+            conn = await suite.connect("cellmux", model["id"], server)
+            result = await conn.execute("1+1", timeout=OUTPUT_TIMEOUT)
+            elapsed = time.perf_counter() - t0
+            assert result.status == "ok", result
+            await conn.close()
+            server.delete_kernel(model["id"])
+            return elapsed
+
+        starts: dict[str, list[float]] = {"local": [], "remote": []}
+        for _ in range(suite.reps["hosts_start"]):  # alternating: same load on both
+            starts["local"].append(await start(local, lambda: local.wait_pool(4)))
+            starts["remote"].append(await start(front, lambda: _wait_host_pool(front, 4)))
+        out["start (warm pool)"] = {k: summary(v) for k, v in starts.items()}
+
+        replies: dict[str, list[float]] = {"local": [], "remote": []}
+        models = {"local": local.create_kernel(), "remote": front.create_kernel()}
+        servers = {"local": local, "remote": front}
+        conns = {k: await suite.connect("cellmux", m["id"], servers[k]) for k, m in models.items()}
+        try:
+            for conn in conns.values():
+                for _ in range(10):  # warm up
+                    await conn.execute("1+1", timeout=OUTPUT_TIMEOUT)
+            for _ in range(suite.reps["hosts_rtt_rounds"]):
+                for name, conn in conns.items():
+                    for _ in range(suite.reps["hosts_rtt_per_round"]):
+                        r = await conn.execute("1+1", timeout=OUTPUT_TIMEOUT)
+                        if r.timed_out:
+                            raise RuntimeError(f"{name}: 1+1 got no reply")
+                        replies[name].append(r.reply)
+        finally:
+            for name, conn in conns.items():
+                await conn.close()
+                servers[name].delete_kernel(models[name]["id"])
+        out["rtt 1+1 (reply)"] = {k: summary(v) for k, v in replies.items()}
+    suite.results["hosts"] = out
+
+
 STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "start": Suite.bench_start,
     "rtt": Suite.bench_rtt,
@@ -762,6 +872,7 @@ STAGES: dict[str, Callable[[Suite], Awaitable[None]]] = {
     "thousand": bench_thousand,
     "editor": Suite.bench_editor,
     "other": Suite.bench_other,
+    "hosts": bench_hosts,
 }
 
 

@@ -98,7 +98,7 @@ def test_a_live_name_cannot_be_taken_by_another_key() -> None:
 
 
 def test_placement_prefers_the_most_free_capacity() -> None:
-    clock, hosts, lost = registry()
+    _clock, hosts, _lost = registry()
     hosts.hello(b"id-a", b"ka", hello("a", max_kernels=4))
     hosts.hello(b"id-b", b"kb", hello("b", max_kernels=8))
     assert hosts.place(None, None, nobody) == "b"
@@ -112,7 +112,7 @@ def test_placement_prefers_the_most_free_capacity() -> None:
 
 
 def test_placement_by_label() -> None:
-    clock, hosts, lost = registry()
+    clock, hosts, _lost = registry()
     hosts.hello(b"id-a", b"ka", hello("a", labels=("gpu",), max_kernels=2))
     hosts.hello(b"id-b", b"kb", hello("b", max_kernels=50))
     assert hosts.place("gpu", None, nobody) == "a"
@@ -129,7 +129,7 @@ def test_placement_by_label() -> None:
 
 
 def test_nothing_to_place_on() -> None:
-    clock, hosts, lost = registry()
+    _clock, hosts, _lost = registry()
     with pytest.raises(HostUnavailable):
         hosts.place(None, None, nobody)
     assert hosts.place(None, 1, nobody) is None

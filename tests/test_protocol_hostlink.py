@@ -4,6 +4,7 @@ size bounds hold."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from cellmux.protocol import ProtocolError, hostlink
 from cellmux.protocol import nursery as wire
+from cellmux.protocol.control import CreateOrder
 
 names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", fullmatch=True)
 counts = st.integers(min_value=0, max_value=2**40)
@@ -61,10 +63,8 @@ def test_front_messages_round_trip(message) -> None:
 @given(st.lists(st.binary(max_size=200), max_size=5))
 def test_garbage_is_a_protocol_error(frames) -> None:
     for decode in (hostlink.decode_from_host, hostlink.decode_from_front):
-        try:
+        with contextlib.suppress(ProtocolError):
             decode(frames)
-        except ProtocolError:
-            pass
 
 
 @given(
@@ -77,10 +77,8 @@ def test_garbage_is_a_protocol_error(frames) -> None:
 def test_bad_fields_are_protocol_errors(kind, body) -> None:
     frames = [b"", kind, json.dumps(body).encode()]
     for decode in (hostlink.decode_from_host, hostlink.decode_from_front):
-        try:
+        with contextlib.suppress(ProtocolError):
             decode(frames)
-        except ProtocolError:
-            pass
 
 
 def test_a_front_may_not_shut_a_host_down() -> None:
@@ -103,3 +101,11 @@ def test_bounds() -> None:
         hostlink.Beat(-1, 1)
     with pytest.raises(ProtocolError):
         hostlink.Beat(True, 1)  # a bool is not a count
+
+
+def test_a_native_create_may_ask_for_a_host_label() -> None:
+    assert CreateOrder.from_body({"host_label": "gpu"}) == CreateOrder(None, "gpu")
+    assert CreateOrder.from_body({"name": "python3"}).host_label is None
+    for bad in ("", "a b", "x" * 65, 7):
+        with pytest.raises(ProtocolError):
+            CreateOrder.from_body({"host_label": bad})

@@ -494,9 +494,10 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
         with contextlib.suppress(NurseryGone):
             self._send_control(identity, hostlink.Welcome(tuple(keep)), name)
         self.log.info(
-            "kernel host {name} {how} (labels {labels}, {n} kernels at most)",
+            "kernel host {name} {how} (key {key}, labels {labels}, {n} kernels at most)",
             name=name,
             how="admitted" if admission.fresh else "reconnected",
+            key=key.decode(errors="replace"),
             labels=",".join(hello.labels) or "none",
             n=hello.max_kernels,
         )
