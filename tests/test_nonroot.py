@@ -27,7 +27,7 @@ from conftest import _run
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Representative and quick: the wire protocol, executing code, stdin,
-#: files, the terminal client and the command line's errors.
+#: files, the terminal client, the command line's errors and kernel hosts.
 SUBSET = [
     "tests/test_protocol_framing.py",
     "tests/test_execute.py",
@@ -38,6 +38,8 @@ SUBSET = [
     "tests/test_debugger.py",
     "tests/test_cli.py",
     "tests/test_hygiene.py",
+    # A front and two kernel hosts, kernels as the hosts' user.
+    "tests/test_hosts.py",
 ]
 
 WRAPPER = """
