@@ -247,12 +247,19 @@ def test_remote_kernels_placement_loss_and_return(cluster: Cluster) -> None:
             wait_for(lambda: not os.path.exists(f"/proc/{b_pid}"), timeout=20)
 
             # A killed host: its kernels' clients are told within seconds;
-            # the other host's kernel answers all along.
-            a.signal(signal.SIGKILL)
-            killed = time.monotonic()
-            wait_for(lambda: ka.status == "dead", timeout=15)
-            assert ka.dead_cause == "host lost"
-            assert time.monotonic() - killed < 2 * float(HOST_TIMEOUT) + 2
+            # a kernel on the other host answers all along.
+            on_b2 = client.create_kernel().id
+            assert client.get_kernel(on_b2).raw["host"] == "b"
+            with client.connect(on_b2) as kb2:
+                assert round_trip(kb2) < 2
+                a.signal(signal.SIGKILL)
+                killed = time.monotonic()
+                while ka.status != "dead":
+                    assert round_trip(kb2) < 1.0
+                    assert time.monotonic() - killed < 15, "the lost host went unnoticed"
+                assert ka.dead_cause == "host lost"
+                assert time.monotonic() - killed < 2 * float(HOST_TIMEOUT) + 2
+                assert round_trip(kb2) < 1.0
         assert client.get_kernel(on_a).raw["execution_state"] == "dead"
 
         # Nothing can take a gpu kernel now; b takes the rest.
