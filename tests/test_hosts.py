@@ -8,6 +8,7 @@ without root they run as the test's user (the same test covers both).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,9 +25,13 @@ from collections.abc import Iterator
 
 import attrs
 import pytest
+import zmq
 import zmq.auth
 
 from cellmux.client import HTTPError
+from cellmux.protocol.channels import Channel, JupyterSocket
+from cellmux.protocol.framing import encode_tag
+from cellmux.protocol.hostlink import Hello, encode
 from conftest import RunningServer, start_server, wait_for
 
 HOST_TIMEOUT = "2"
@@ -291,3 +296,71 @@ def test_unlisted_key_is_refused(cluster: Cluster) -> None:
     with cluster.front.client() as client, pytest.raises(HTTPError) as refused:
         client.create_kernel()
     assert refused.value.status == 503
+    # Its key authorised (key rotation's first step), it gets in on its own.
+    shutil.copy(os.path.join(cluster.keys, "stranger.key"), cluster.authorised)
+    wait_for(lambda: cluster.admitted("stranger"), timeout=30)
+
+
+def rogue_dealer(cluster: Cluster, key_name: str) -> zmq.Socket:
+    """A raw CURVE DEALER with an authorised key, speaking for itself."""
+    public, secret = zmq.auth.load_certificate(os.path.join(cluster.keys, f"{key_name}.key_secret"))
+    front_key, _ = zmq.auth.load_certificate(os.path.join(cluster.keys, "front.key"))
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger = 0
+    sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = front_key, public, secret
+    sock.connect(cluster.endpoint)
+    return sock
+
+
+def test_a_host_speaks_only_for_its_own_kernels(cluster: Cluster) -> None:
+    a = cluster.host("a")
+    wait_for(lambda: cluster.admitted("a"), timeout=60)
+    # "rogue" holds an authorised key: it may connect, never speak for a.
+    shutil.copy(os.path.join(cluster.keys, "stranger.key"), cluster.authorised)
+    rogue = rogue_dealer(cluster, "stranger")
+    try:
+        with cluster.front.client() as client:
+            kernel_id = client.create_kernel().id
+            kernels_dir = os.path.join(a.workdir, "rt", "kernels")
+            links = [n for n in os.listdir(kernels_dir) if len(n) == 32 and "." not in n]
+            with client.connect(kernel_id) as kernel:
+                seen: list[bytes] = []
+                kernel.add_listener(lambda frame: seen.append(b"".join(frame.parts)))
+                assert round_trip(kernel) < 2
+
+                def hello(name: str) -> None:
+                    # Never blocking: until its key is admitted it has no peer.
+                    with contextlib.suppress(zmq.Again):
+                        rogue.send_multipart(encode(Hello(name, (), 4, 99)), zmq.NOBLOCK)
+
+                # Its name is a's while a lives: refused (the key does not match).
+                wait_for(lambda: "stranger.key" in str(os.listdir(cluster.authorised)))
+                deadline = time.monotonic() + 30
+                while "is in use by another key" not in cluster.front.log():
+                    # Until the front re-read its authorised keys; libzmq
+                    # does not retry a refused handshake by itself.
+                    rogue.disconnect(cluster.endpoint)
+                    rogue.connect(cluster.endpoint)
+                    for _ in range(4):
+                        hello("a")
+                        time.sleep(0.25)
+                    assert time.monotonic() < deadline, cluster.front.log()[-2000:]
+                # Under a name of its own it is admitted, then forges a's
+                # kernel's output with every link id on a: all dropped.
+                hello("rogue")
+                wait_for(lambda: cluster.admitted("rogue"), timeout=20)
+                stream = [
+                    json.dumps({"msg_type": "stream", "msg_id": "x"}).encode(),
+                    b"{}",
+                    b"{}",
+                    json.dumps({"name": "stdout", "text": "FORGED"}).encode(),
+                ]
+                tag = encode_tag(Channel.STDOUT, JupyterSocket.IOPUB)
+                for link in links:
+                    rogue.send_multipart([bytes.fromhex(link), tag, *stream], zmq.NOBLOCK)
+                wait_for(lambda: "kernel host rogue: refused" in cluster.front.log(), timeout=20)
+                assert round_trip(kernel) < 2
+                assert not any(b"FORGED" in parts for parts in seen)
+                assert "kernel host a lost" not in cluster.front.log()
+    finally:
+        rogue.close()

@@ -14,6 +14,7 @@ Sends never block: a full queue (HWM) drops that message and counts it
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import zmq
@@ -115,6 +116,8 @@ class FrontLink(BoundedReads, ZmqDealerConnection):
         #: Whether the front answered our hello (until it is lost).
         self.welcomed = False
         self.last_heard = factory.reactor.seconds()
+        #: When the current connection attempt began (see L{reconnect}).
+        self.connected_at = factory.reactor.seconds()
         #: Messages dropped because the front's queue was full or it was away.
         self.dropped = 0
         super().__init__(factory)
@@ -132,6 +135,15 @@ class FrontLink(BoundedReads, ZmqDealerConnection):
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.MAXMSGSIZE, max_size + 64)
         sock.connect(endpoint)
+
+    def reconnect(self) -> None:
+        """Connect afresh. libzmq does not retry a connection whose CURVE
+        handshake was refused (a key not yet authorised, a front restarted
+        with another key): only a new connect does."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.socket.disconnect(self.address)
+        self.socket.connect(self.address)
+        self.connected_at = self.factory.reactor.seconds() if self.factory else 0.0
 
     def send(self, message: list) -> bool:
         try:

@@ -37,6 +37,8 @@ __all__ = ["HostService", "HostSettings", "available_memory"]
 
 #: Seconds between hellos or beats to each front, and liveness checks.
 BEAT_INTERVAL = 1.0
+#: Seconds without a welcome before a front is connected to afresh.
+RECONNECT_AFTER = 5.0
 #: Seconds before a lost nursery is started again.
 NURSERY_RESTART_DELAY = 1.0
 
@@ -308,6 +310,8 @@ class HostService(service.Service):
         for front in self.fronts:
             if front.welcomed and now - front.last_heard > self.settings.timeout:
                 self._front_lost(front, f"nothing heard for {now - front.last_heard:.1f} s")
+            if not front.welcomed and now - front.connected_at > RECONNECT_AFTER:
+                front.reconnect()  # a refused handshake is never retried by libzmq
             front.send_control(beat if front.welcomed else self._hello())
 
     def _front_lost(self, front: FrontLink, why: str) -> None:
