@@ -65,14 +65,26 @@ def test_a_returning_host_is_taken_back_fresh() -> None:
     assert hosts.place(None, None, nobody) == "a"
 
 
-def test_a_reconnection_within_the_timeout_keeps_the_kernels() -> None:
+def test_a_hello_again_on_the_same_connection_keeps_the_kernels() -> None:
+    clock, hosts, lost = registry()
+    hosts.hello(b"id-1", b"key", hello("a", epoch=7))
+    clock.advance(1)
+    admission = hosts.hello(b"id-1", b"key", hello("a", epoch=7))  # its welcome was lost
+    assert not admission.fresh
+    assert lost == []
+
+
+def test_a_new_connection_of_the_same_process_ends_its_kernels() -> None:
+    # The host ends a front's kernels when it loses that front's connection
+    # (and says hello anew): the front reports them dead, not alive forever.
     clock, hosts, lost = registry()
     hosts.hello(b"id-1", b"key", hello("a", epoch=7))
     clock.advance(1)
     admission = hosts.hello(b"id-2", b"key", hello("a", epoch=7))
-    assert not admission.fresh
-    assert lost == []
+    assert admission.fresh
+    assert lost == [("a", HOST_LOST)]
     assert hosts.by_identity(b"id-1") is None  # the old connection speaks no more
+    assert hosts.by_identity(b"id-2").live
 
 
 def test_a_new_epoch_means_the_old_process_and_its_kernels_are_gone() -> None:

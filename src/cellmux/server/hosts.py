@@ -147,11 +147,13 @@ class HostRegistry:
         if host.live and host.key != key:
             return Admission(None, f"host name {hello.name!r} is in use by another key")
         fresh = True
-        if host.live and host.epoch != hello.epoch:
-            # A new process under the same name: the old one's kernels are gone.
+        if host.live and (host.epoch != hello.epoch or host.identity != identity):
+            # A new process under the same name, or the same one on a new
+            # connection (which it makes after losing the old one, and then
+            # ends the kernels it ran for us): the old kernels are gone.
             self._lose(host, HOST_LOST)
-        elif host.live and host.epoch == hello.epoch:
-            fresh = False  # the same process on a new connection: its kernels live on
+        elif host.live:
+            fresh = False  # a hello again on the same connection (a lost welcome)
         self._by_identity.pop(host.identity, None)
         host.identity, host.key = identity, key
         host.labels, host.max_kernels, host.epoch = hello.labels, hello.max_kernels, hello.epoch
