@@ -134,27 +134,22 @@ def cluster() -> Iterator[Cluster]:
     for name in ("a", "b"):
         shutil.copy(os.path.join(keys, f"{name}.key"), authorised)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    front = start_server(
-        "--pool-size",
-        "1",
-        "--no-local-kernels",
-        "--hosts-listen",
-        endpoint,
-        "--hosts-secret-key",
-        os.path.join(keys, "front.key_secret"),
-        "--hosts-authorized-dir",
-        authorised,
-        "--host-timeout",
-        HOST_TIMEOUT,
-    )
-    running = Cluster(front, keys, authorised, endpoint, base)
+    running = Cluster(start_front(keys, authorised, endpoint), keys, authorised, endpoint, base)
     try:
         yield running
     finally:
         for host in running.hosts.values():
             host.stop()
-        front.stop()
+        running.front.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def start_front(keys: str, authorised: str, endpoint: str) -> RunningServer:
+    return start_server(
+        *("--pool-size", "1", "--no-local-kernels", "--hosts-listen", endpoint),
+        *("--hosts-secret-key", os.path.join(keys, "front.key_secret")),
+        *("--hosts-authorized-dir", authorised, "--host-timeout", HOST_TIMEOUT),
+    )
 
 
 def create_on(front: RunningServer, label: str) -> tuple[int, dict]:
@@ -364,3 +359,23 @@ def test_a_host_speaks_only_for_its_own_kernels(cluster: Cluster) -> None:
                 assert "kernel host a lost" not in cluster.front.log()
     finally:
         rogue.close()
+
+
+def test_hosts_follow_a_restarted_front(cluster: Cluster) -> None:
+    a = cluster.host("a")
+    wait_for(lambda: cluster.admitted("a"), timeout=60)
+    with cluster.front.client() as client:
+        old = client.create_kernel()
+        pid = client.get_kernel(old.id).pid
+    cluster.front.stop()
+    # A new front on the same endpoint: the host's beats reach a stranger,
+    # which asks who it is; it ends the old front's kernels and says hello.
+    cluster.front = start_front(cluster.keys, cluster.authorised, cluster.endpoint)
+    wait_for(lambda: cluster.admitted("a"), timeout=30)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=20)
+    with cluster.front.client() as client:
+        kernel_id = client.create_kernel().id
+        assert client.get_kernel(kernel_id).raw["host"] == "a"
+        with client.connect(kernel_id) as kernel:
+            assert round_trip(kernel) < 2
+    assert a.process.poll() is None
