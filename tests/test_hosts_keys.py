@@ -121,3 +121,31 @@ def test_a_front_without_a_readable_secret_key_does_not_start(tmp_path) -> None:
     )
     assert result.returncode != 0
     assert "holds no secret key" in result.stderr
+
+
+def test_cellmux_host_says_what_is_wrong_with_its_settings(tmp_path) -> None:
+    zmq.auth.create_certificates(str(tmp_path), "front")
+    zmq.auth.create_certificates(str(tmp_path), "h")
+    good = [
+        *("--front", "tcp://127.0.0.1:9", "--front-key", str(tmp_path / "front.key")),
+        *("--key", str(tmp_path / "h.key_secret"), "--name", "h"),
+    ]
+
+    def host(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "cellmux", "host", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for args, why in [
+        ([*good[:-2], "--name", "no spaces"], "not a host name"),
+        ([*good, "--label", "../x"], "not a host name or label"),
+        (["--front", "ipc:///x", *good[2:]], "tcp://"),
+        ([*good[:4], "--key", str(tmp_path / "h.key"), *good[6:]], "holds no secret key"),
+        ([*good[:4], "--key", str(tmp_path / "missing"), *good[6:]], "cannot read a key file"),
+    ]:
+        result = host(*args)
+        assert result.returncode == EXIT_SETTINGS, (args, result.stderr)
+        assert why in result.stderr, (args, result.stderr)
