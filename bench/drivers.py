@@ -171,7 +171,9 @@ class CellmuxConnection(_WebsocketConnection):
         max_queue: int | None = None,
     ) -> CellmuxConnection:
         self = cls(session)
-        url = base_url.replace("http", "ws", 1).rstrip("/") + "/ws"
+        # The kernel in the URL too, as cellmux's clients name it for a
+        # proxy that routes by kernel (docs/scaling.md).
+        url = base_url.replace("http", "ws", 1).rstrip("/") + f"/ws?kernel={kernel_id}"
         self.ws = await connect(
             url,
             additional_headers={"Authorization": f"token {token}"},

@@ -52,6 +52,14 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 _ms(s["cellmux (one round trip)"]["p50"]),
                 jup,
             )
+        if "cellmux (Jupyter API)" in s:
+            add(
+                "start through the Jupyter API (POST, websocket, 1+1), p50",
+                "ms",
+                "low",
+                _ms(s["cellmux (Jupyter API)"]["p50"]),
+                jup,
+            )
         add("start, empty pool, p50", "ms", "low", _ms(s["cellmux (empty pool)"]["p50"]), jup)
         if "cellmux (5 creates/s)" in s:
             add(
@@ -273,6 +281,23 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_ms(e['imports of cellmux run']['p50']):.0f} ms; with the full client "
             f"(CELLMUX_RUN_QUICK=0) {_ms(e['cellmux run --lines 1, full client']['p50']):.0f} ms",
         )
+    if "hosts" in r:
+        h = r["hosts"]
+        for key, label in (("start (warm pool)", "start"), ("rtt 1+1 (reply)", "rtt 1+1 to reply")):
+            for where in ("remote", "remote via HAProxy"):
+                if where not in h[key]:
+                    continue
+                local = _ms(h[key]["local"]["p50"])
+                there = _ms(h[key][where]["p50"])
+                add(
+                    f"{label}, kernel on a host{' through HAProxy' if 'HAProxy' in where else ''}"
+                    ", p50",
+                    "ms",
+                    "low",
+                    there,
+                    None,
+                    note=f"a local kernel in the same run: {local:.2f} ms ({there - local:+.2f})",
+                )
     if "other" in r:
         o = r["other"]
         kernel = o["kernel"]

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import psutil
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -756,15 +757,20 @@ async def bench_thousand(suite: Suite) -> None:
 @contextlib.contextmanager
 def _front_with_host(pool: int):
     """A front with no kernels of its own and one ``cellmux host`` on
-    loopback (CURVE, keys made here), its pool warm: (front, host process)."""
+    loopback (CURVE, keys made here), its pool warm, and HAProxy running
+    the committed docs/haproxy.cfg in front of it: (front, the front as
+    reached through HAProxy, host process)."""
     import subprocess
     import tempfile
 
     import zmq.auth
     from servers import _free_port
 
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "tests"))
+    from haproxy_fixtures import HAProxy  # installs Debian's haproxy if missing
+
     keys = tempfile.mkdtemp(prefix="cellmux-bench-keys-")
-    front = host = None
+    front = host = proxy = None
     try:
         for name in ("front", "host1"):
             zmq.auth.create_certificates(keys, name)
@@ -774,6 +780,7 @@ def _front_with_host(pool: int):
         endpoint = f"tcp://127.0.0.1:{_free_port()}"
         front = start_cellmux(
             *("--pool-size", str(pool), "--no-local-kernels", "--hosts-listen", endpoint),
+            *("--front-id", "f1"),
             *("--hosts-secret-key", os.path.join(keys, "front.key_secret")),
             *("--hosts-authorized-dir", authorised),
         )
@@ -788,8 +795,13 @@ def _front_with_host(pool: int):
             stderr=open(os.path.join(keys, "host.log"), "wb"),  # noqa: SIM115 - the child's
         )
         _wait_host_pool(front, pool)
-        yield front, host
+        address = front.url.split("//", 1)[1].rstrip("/")
+        # The config routes two fronts: both are this one here.
+        proxy = HAProxy.start(_free_port(), {"F1": address, "F2": address})
+        yield front, attrs.evolve(front, url=proxy.url), host
     finally:
+        if proxy is not None:
+            proxy.stop()
         if host is not None:
             host.terminate()
             host.wait(30)
@@ -817,7 +829,7 @@ async def bench_hosts(suite: Suite) -> None:
     of the suite's cellmux (docs/scaling.md)."""
     local = suite.servers["cellmux"]
     out: dict[str, Any] = {}
-    with _front_with_host(pool=4) as (front, _host):
+    with _front_with_host(pool=4) as (front, proxied, _host):
 
         async def start(server: Server, wait) -> float:
             wait()
@@ -831,15 +843,18 @@ async def bench_hosts(suite: Suite) -> None:
             server.delete_kernel(model["id"])
             return elapsed
 
-        starts: dict[str, list[float]] = {"local": [], "remote": []}
-        for _ in range(suite.reps["hosts_start"]):  # alternating: same load on both
+        starts: dict[str, list[float]] = {"local": [], "remote": [], "remote via HAProxy": []}
+        for _ in range(suite.reps["hosts_start"]):  # alternating: same load on all
             starts["local"].append(await start(local, lambda: local.wait_pool(4)))
             starts["remote"].append(await start(front, lambda: _wait_host_pool(front, 4)))
+            starts["remote via HAProxy"].append(
+                await start(proxied, lambda: _wait_host_pool(front, 4))
+            )
         out["start (warm pool)"] = {k: summary(v) for k, v in starts.items()}
 
-        replies: dict[str, list[float]] = {"local": [], "remote": []}
-        models = {"local": local.create_kernel(), "remote": front.create_kernel()}
-        servers = {"local": local, "remote": front}
+        servers = {"local": local, "remote": front, "remote via HAProxy": proxied}
+        replies: dict[str, list[float]] = {name: [] for name in servers}
+        models = {name: server.create_kernel() for name, server in servers.items()}
         conns = {k: await suite.connect("cellmux", m["id"], servers[k]) for k, m in models.items()}
         try:
             for conn in conns.values():
