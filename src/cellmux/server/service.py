@@ -203,7 +203,7 @@ class CellmuxService(service.Service):
         d.addErrback(self._start_failed)
 
     def _start_failed(self, failure) -> None:
-        if failure.check(KernelPythonError, UntrustedSourceTree, ConfigError):  # to fix
+        if failure.check(KernelPythonError, UntrustedSourceTree):  # to fix, not a bug
             self.log.error("cellmux could not start: {error}", error=failure.value)
         else:
             self.log.failure("cellmux could not start", failure)
