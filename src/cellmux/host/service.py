@@ -234,12 +234,15 @@ class HostService(service.Service):
         if isinstance(command, wire.Spawn):
             self._spawn(front, command)
             return
+        if isinstance(command, wire.Shutdown):
+            return  # a front may not (hostlink refuses it on the wire)
         link_id = bytes.fromhex(command.link)
         if self._kernels.get(link_id) is not front:
             return  # not its kernel, or one that ended
         if isinstance(command, wire.Signal):
-            with contextlib.suppress(NurseryGone):
-                self.nursery.signal(command.link, command.signal)
+            if self.nursery is not None:
+                with contextlib.suppress(NurseryGone):
+                    self.nursery.signal(command.link, command.signal)
         elif isinstance(command, wire.Kill):
             self._kill(link_id)
 
@@ -270,7 +273,8 @@ class HostService(service.Service):
         def failed(failure) -> None:
             if self._kernels.get(link_id) is front:
                 del self._kernels[link_id]
-                self.relay.doors.close(link_id)
+                if self.relay is not None:
+                    self.relay.doors.close(link_id)
             refuse(f"could not fork a kernel: {failure.value}")
 
         d.addCallbacks(spawned, failed)

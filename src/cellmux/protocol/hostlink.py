@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
+from attrs import AttrsInstance
 
 from . import nursery as wire
 from .errors import ProtocolError
@@ -187,8 +188,8 @@ def encode(message: HostMessage | FrontMessage) -> list[bytes]:
         body = wire.encode(message.event).rstrip(b"\n")
     else:
         fields = attrs.asdict(message, recurse=False)
-        body = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()})
-        body = body.encode()
+        text = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()})
+        body = text.encode()
     return [b"", message.kind, body]
 
 
@@ -207,7 +208,10 @@ def _body(frames: list[bytes], limit: int) -> dict[str, Any]:
     return value
 
 
-def _build(cls: type, fields: dict[str, Any]) -> Any:
+_Message = TypeVar("_Message", bound=AttrsInstance)
+
+
+def _build(cls: type[_Message], fields: dict[str, Any]) -> _Message:
     names = {a.name for a in attrs.fields(cls)}
     if not set(fields) <= names:
         raise ProtocolError("bad_host_message", f"unknown fields in {cls.__name__.lower()}")

@@ -428,7 +428,7 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
         message = [f.bytes for f in frames]
         if len(message) > 1 and message[1] == b"" and len(message) > 2 and message[2] == b"hello":
             try:
-                self._hello_key = (frames[0].get("User-Id") or "").encode()
+                self._hello_key = str(frames[0].get("User-Id") or "").encode()
             except zmq.ZMQError:
                 self._hello_key = b""
         return message

@@ -333,7 +333,7 @@ class BoundedReads:
         messages, size = READ_BUDGET_MESSAGES, READ_BUDGET_BYTES
         while self.factory is not None:
             sock = self.socket
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not int(sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return
             if messages <= 0 or size <= 0:
                 # More is waiting, but the FD will not say so again: come
