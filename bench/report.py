@@ -368,6 +368,17 @@ def table(doc: dict[str, Any]) -> str:
         f"jupyter_server {doc['versions']['jupyter_server']}; load average before "
         f"{m['load_before'][0]:.2f}; the run took {doc['seconds']:.0f} s.\n\n"
     )
+    measured = doc.get("measured", {})
+    older = sorted({when for when in measured.values() if when != doc["when"]})
+    if older:
+        meta += (
+            "Stages kept from earlier runs: "
+            + "; ".join(
+                f"{', '.join(s for s, w in measured.items() if w == when)} (run {when})"
+                for when in older
+            )
+            + ".\n\n"
+        )
     errors = doc["results"].get("errors", {})
     if errors:
         meta += (

@@ -907,14 +907,22 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.25, help="noise allowed (0.25: 25 %%)")
     parser.add_argument("--no-gate", action="store_true", help="report regressions, exit 0")
     parser.add_argument(
+        "--keep-others",
+        action="store_true",
+        help="with --only: keep the baseline's results of the stages not run (each stage"
+        " records when it was measured)",
+    )
+    parser.add_argument(
         "--other-kernel",
         default=OTHER_KERNEL,
         help=f"the kernelspec of the 'other' stage (default {OTHER_KERNEL}; runs {OTHER_CODE!r})",
     )
     args = parser.parse_args()
     baseline: dict[str, Any] = {}
+    baseline_doc: dict[str, Any] = {}
     with contextlib.suppress(FileNotFoundError), open(args.baseline) as f:
-        baseline = json.load(f).get("results", {})  # read before --json overwrites it
+        baseline_doc = json.load(f)  # read before --json overwrites it
+        baseline = baseline_doc.get("results", {})
     reps = dict(REPS)
     if args.quick:
         reps = {k: max(1, v // 4) for k, v in reps.items()}
@@ -938,8 +946,19 @@ def main() -> int:
     import ipykernel
     import jupyter_server
 
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    results = suite.results
+    measured = dict.fromkeys(results, now)
+    if args.keep_others:
+        old_when = baseline_doc.get("measured") or dict.fromkeys(
+            baseline, baseline_doc.get("when", "?")
+        )
+        kept = {k: v for k, v in baseline.items() if k not in results and k != "errors"}
+        results = {**kept, **results}
+        measured = {**{k: old_when.get(k, "?") for k in kept}, **measured}
     doc = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "when": now,
+        "measured": measured,
         "label": args.label,
         "machine": {
             "cpus": os.cpu_count(),
@@ -953,7 +972,7 @@ def main() -> int:
         },
         "reps": reps,
         "seconds": time.monotonic() - began,
-        "results": suite.results,
+        "results": results,
     }
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)
