@@ -65,6 +65,9 @@ ROOT_ONLY = {
     "test_records_soak.py",  # likewise
     "test_hostile_cleanup.py",  # the sandbox hides the server's cwd
     "test_link_descriptors.py",  # reads the (non-dumpable) server's /proc/PID/fd
+    "test_netns_harness.py",  # network namespaces, veths, setns
+    "test_netns_fronts.py",  # likewise, and apt-get installs HAProxy
+    "test_netns_scaling.py",  # likewise, and PostgreSQL
 }
 #: Single tests that need root in modules that otherwise do not.
 ROOT_ONLY_TESTS = {
