@@ -431,16 +431,30 @@ def ensure_haproxy() -> str:
     return found
 
 
-def start_haproxy(topology: Topology, role: str, config: str) -> Process:
-    """HAProxy in the foreground (``-db``) on machine C{role} with C{config}'s text."""
+def start_haproxy(
+    topology: Topology,
+    role: str,
+    config: str,
+    *,
+    env: dict[str, str] | None = None,
+) -> Process:
+    """HAProxy in the foreground (``-db``) on machine C{role}.
+
+    @param config: the path of a config file, or a config's text.
+    @param env: variables the config reads (``"${NAME}"``).
+    """
     binary = ensure_haproxy()
-    path = topology.path(f"{role}.cfg")
-    with open(path, "w") as f:
-        f.write(config)
-    check = subprocess.run([binary, "-c", "-f", path], capture_output=True, text=True)
+    if "\n" in config:
+        path = topology.path(f"{role}.cfg")
+        with open(path, "w") as f:
+            f.write(config)
+    else:
+        path = config
+    full_env = {**os.environ, **(env or {})}
+    check = subprocess.run([binary, "-c", "-f", path], capture_output=True, text=True, env=full_env)
     if check.returncode != 0:
         raise RuntimeError(f"haproxy refuses its config: {check.stdout}{check.stderr}")
-    return topology.spawn(role, [binary, "-db", "-f", path], name=role)
+    return topology.spawn(role, [binary, "-db", "-f", path], name=role, env=env)
 
 
 @attrs.define
