@@ -71,6 +71,23 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def _apt_install(package: str) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        ["apt-get", "install", "-y", "--no-install-recommends", package],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def ensure_iproute2() -> None:
+    """The ``ip`` command, installed with apt-get when missing."""
+    if shutil.which("ip") is None:
+        _apt_install("iproute2")
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
     if check and result.returncode != 0:
@@ -218,6 +235,7 @@ class Topology:
         """A new, empty lan (after sweeping what killed runs left)."""
         if os.geteuid() != 0:
             raise RuntimeError("network namespaces need root")
+        ensure_iproute2()
         sweep_leftovers()
         run = f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         directory = tempfile.mkdtemp(prefix="cellmux-nn-")
@@ -417,14 +435,7 @@ def ensure_haproxy() -> str:
     )
     if found:
         return found
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", "haproxy"],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    _apt_install("haproxy")
     found = shutil.which("haproxy") or "/usr/sbin/haproxy"
     if not os.path.exists(found):
         raise RuntimeError("apt-get installed haproxy but its binary is not found")
