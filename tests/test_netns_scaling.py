@@ -301,8 +301,9 @@ def test_hosts_and_fronts_lost_on_simulated_machines() -> None:
             # A reconnect through HAProxy (once its checks marked front 2
             # down) reaches front 1, which says why the kernel is gone.
             for s in lost:
-                code = await reconnect_code(client, s.tracked.kernel.kernel_id)
-                assert code == "front_gone", code
+                code, message = await reconnect_error(client, s.tracked.kernel.kernel_id)
+                assert code == "front_gone", (code, message)
+                assert "f2" in message, message
             timings["front_gone answered"] = time.monotonic() - at
             gone = {s.tracked.uid for s in lost}
             await until(lambda: not processes_of(gone), 15, "front2's kernels ended")
@@ -345,19 +346,19 @@ async def until_both_fronts(client: AsyncClient) -> None:
         await client.delete_kernel(model.id)
 
 
-async def reconnect_code(client: AsyncClient, kernel_id: str) -> str:
-    """The error code a reconnect to C{kernel_id} through HAProxy gets,
-    once HAProxy no longer sends it to the dead front (503 until then)."""
+async def reconnect_error(client: AsyncClient, kernel_id: str) -> tuple[str, str]:
+    """The error a reconnect to C{kernel_id} through HAProxy gets, once
+    HAProxy no longer sends it to the dead front (503 until then)."""
     deadline = time.monotonic() + 15
     while True:
         try:
             kernel = await client.connect(kernel_id, timeout=10)
         except ServerError as e:
-            return e.code
+            return e.code, e.message
         except CellmuxError:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
             continue
         await kernel.close()
-        return "attached"
+        return "attached", ""
