@@ -150,6 +150,71 @@ def test_the_haproxy_config_map_is_docs_haproxy_cfg() -> None:
         assert config_map("cellmux-haproxy")["haproxy.cfg"] == f.read()
 
 
+#: The Kubernetes API model of each kind the manifests hold.
+MODELS = {
+    ("v1", "Namespace"): "V1Namespace",
+    ("v1", "ConfigMap"): "V1ConfigMap",
+    ("v1", "Secret"): "V1Secret",
+    ("v1", "Service"): "V1Service",
+    ("apps/v1", "Deployment"): "V1Deployment",
+    ("apps/v1", "DaemonSet"): "V1DaemonSet",
+    ("apps/v1", "StatefulSet"): "V1StatefulSet",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "V1NetworkPolicy",
+}
+PRIMITIVES = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+
+
+def unknown_fields(value: Any, type_name: str, path: str) -> list[str]:
+    """Where C{value} does not fit the Kubernetes API type C{type_name}
+    (the official client's models: every field's name and type)."""
+    import kubernetes.client
+
+    if type_name.startswith("List["):
+        if not isinstance(value, list):
+            return [f"{path}: not a list"]
+        inner = type_name[len("List[") : -1]
+        return [e for i, v in enumerate(value) for e in unknown_fields(v, inner, f"{path}[{i}]")]
+    if type_name.startswith("Dict["):
+        if not isinstance(value, dict):
+            return [f"{path}: not a mapping"]
+        inner = type_name[len("Dict[") : -1].split(", ", 1)[1]
+        return [e for k, v in value.items() for e in unknown_fields(v, inner, f"{path}.{k}")]
+    if type_name in PRIMITIVES:
+        ok = isinstance(value, PRIMITIVES[type_name]) and not (
+            type_name == "int" and isinstance(value, bool)
+        )
+        return [] if ok else [f"{path}: {value!r} is not {type_name}"]
+    model = getattr(kubernetes.client, type_name)
+    if not isinstance(value, dict):
+        return [f"{path}: not a {type_name}"]
+    fields = {json_name: attr for attr, json_name in model.attribute_map.items()}
+    errors = []
+    for key, item in value.items():
+        if key not in fields:
+            errors.append(f"{path}.{key}: {type_name} has no such field")
+        else:
+            errors += unknown_fields(item, model.openapi_types[fields[key]], f"{path}.{key}")
+    return errors
+
+
+def test_every_field_is_one_the_kubernetes_api_has() -> None:
+    for doc in documents():
+        model = MODELS[(doc["apiVersion"], doc["kind"])]
+        assert unknown_fields(doc, model, f"{doc['kind']}/{doc['metadata']['name']}") == []
+
+
+def test_a_misspelt_field_is_found() -> None:
+    (daemonset,) = [w for w in workloads() if w["kind"] == "DaemonSet"]
+    container = daemonset["spec"]["template"]["spec"]["containers"][0]
+    container["securityContext"]["appArmourProfile"] = {"type": "Unconfined"}
+    container["ports"] = [{"containerPort": "8800"}]
+    assert unknown_fields(daemonset, "V1DaemonSet", "ds") == [
+        "ds.spec.template.spec.containers[0].securityContext.appArmourProfile: "
+        "V1SecurityContext has no such field",
+        "ds.spec.template.spec.containers[0].ports[0].containerPort: '8800' is not int",
+    ]
+
+
 # -- names the code must have -----------------------------------------------------
 
 
