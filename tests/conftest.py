@@ -77,7 +77,7 @@ ROOT_ONLY_TESTS = {
     "test_as_root_what_escaped_a_kernels_session_is_found_by_its_uid",  # kernel uids
     "test_a_directory_of_another_user_is_left_out",  # chown
     "test_a_uid_held_here_cannot_be_held_from_another_network_namespace",  # unshare
-    "test_the_hosts_capabilities_are_enough_for_the_sandbox",  # setpriv, kernel uids
+    "test_fronts_and_hosts_work_with_exactly_the_manifests_privileges",  # setpriv, mounts
 }
 #: The run's private temporary directory's name starts with this. Short:
 #: runtime directories under it (tmp_path's too) must leave room for kernel

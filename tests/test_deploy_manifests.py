@@ -6,7 +6,8 @@ CELLMUX_* variable must be read by the code (or, for HAProxy, by
 docs/haproxy.cfg); each TOML file of the config map is loaded as its
 container sees it (its own mounts only) by the code that loads it; paths
 must be mounted where they are used; the HAProxy config is
-docs/haproxy.cfg. So a renamed option or setting fails here.
+docs/haproxy.cfg; every field is one the Kubernetes API has. So a renamed
+option or setting fails here.
 
 The hosts' capabilities are checked for real (root only): a ``cellmux
 host`` runs with exactly the DaemonSet's capability set (``setpriv``), for a
@@ -20,6 +21,7 @@ import glob
 import os
 import pathlib
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -31,7 +33,8 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import start_server, wait_for
+from cellmux.client import Client
+from conftest import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
@@ -427,61 +430,120 @@ def _processes_of(uid: int) -> list[int]:
     return found
 
 
-def test_the_hosts_capabilities_are_enough_for_the_sandbox(tmp_path) -> None:
-    """A ``cellmux host`` with only the DaemonSet's capabilities (setpriv
-    drops the rest from its bounding set) runs kernels that are isolated as
-    docs/security.md says, and ends what they leave."""
+#: Runs a command as the fronts' Deployment says (its uid and gid, no
+#: capability, no_new_privs), where that uid can reach this interpreter
+#: (maybe under a mode 0700 /root: a private mount namespace shows the way
+#: to it, as the nursery does for kernels).
+AS_THE_FRONT = """
+import os, sys
+from cellmux.kernel import sandbox
+paths = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+         *[p for p in sys.path if os.path.isabs(p)]]
+sandbox.expose_to_kernels(paths)
+uid, gid, *argv = sys.argv[1:]
+os.execvp("setpriv", ["setpriv", "--reuid", uid, "--regid", gid, "--clear-groups",
+                      "--bounding-set", "-all", "--inh-caps", "-all", "--no-new-privs",
+                      sys.executable, "-m", "cellmux", *argv])
+"""
+
+
+def _start(argv: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def test_fronts_and_hosts_work_with_exactly_the_manifests_privileges(short_path) -> None:
+    """A front run as the fronts' Deployment says (non-root, no capability)
+    and a ``cellmux host`` with only the DaemonSet's capabilities (setpriv
+    drops the rest from its bounding set): the host's kernels are isolated
+    as docs/security.md says, and what they leave is ended and removed."""
+    (front_spec,) = [
+        w["spec"]["template"]["spec"] for w in workloads() if w["metadata"]["name"].endswith("f1")
+    ]
+    front_user = front_spec["securityContext"]
+    front_context = front_spec["containers"][0]["securityContext"]
+    assert front_user["runAsNonRoot"] and front_context["capabilities"]["drop"] == ["ALL"]
+    assert front_context["allowPrivilegeEscalation"] is False  # hence --no-new-privs
     (daemonset,) = [w for w in workloads() if w["kind"] == "DaemonSet"]
     (container,) = daemonset["spec"]["template"]["spec"]["containers"]
     context = container["securityContext"]
     assert context["capabilities"]["drop"] == ["ALL"] and context["runAsUser"] == 0
-    added = context["capabilities"]["add"]
     assert not context.get("privileged")
+    added = context["capabilities"]["add"]
     bounding = "-all," + ",".join(f"+{name.lower()}" for name in added)
 
-    keys = tmp_path / "keys"
-    authorized = tmp_path / "authorized"
-    authorized.mkdir()
+    # As the pods see their volumes: Secrets root-owned, group fsGroup, the
+    # Secret's defaultMode; emptyDirs writable by all.
+    base = short_path
+    os.chmod(base, 0o711)
+    keys = base / "keys"
     for name in ("front", "host"):
         subprocess.run(
             [sys.executable, "-m", "cellmux", "keys", "new", name, "--dir", str(keys)],
             check=True,
             capture_output=True,
         )
+    os.chmod(keys, 0o755)
+    front_secret = front_spec["volumes"]
+    (mode,) = [v["secret"]["defaultMode"] for v in front_secret if "secret" in v]
+    os.chown(keys / "front.key_secret", 0, front_user["fsGroup"])
+    os.chmod(keys / "front.key_secret", mode)
+    authorized = base / "authorized"
+    authorized.mkdir(mode=0o755)
     shutil.copy(keys / "host.key", authorized)
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    front = start_server(
-        "--no-local-kernels",
-        "--pool-size",
-        "0",
-        "--hosts-listen",
-        endpoint,
-        "--hosts-secret-key",
-        str(keys / "front.key_secret"),
-        "--hosts-authorized-dir",
-        str(authorized),
-    )
-    config = tmp_path / "host.toml"
+    for name in ("frt", "fst", "hrt"):
+        (base / name).mkdir()
+        os.chmod(base / name, 0o777)
+    token = secrets.token_hex(16)
+    port, hosts_port = _free_port(), _free_port()
+    endpoint = f"tcp://127.0.0.1:{hosts_port}"
+    front = _start(
+        [sys.executable, "-c", AS_THE_FRONT, str(front_user["runAsUser"]),
+         str(front_user["runAsGroup"]), "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--token", token, "--no-local-kernels", "--pool-size", "0",
+         "--hosts-listen", endpoint, "--hosts-secret-key", str(keys / "front.key_secret"),
+         "--hosts-authorized-dir", str(authorized),
+         "--runtime-dir", str(base / "frt"), "--state-dir", str(base / "fst")],
+        base / "front.log",
+    )  # fmt: skip
+    config = base / "host.toml"
     config.write_text(f"kernel_uid_range = [{PRIVATE_UIDS[0]}, {PRIVATE_UIDS[1]}]\n")
-    runtime = tmp_path / "rt"
-    with open(tmp_path / "host.log", "wb") as log:
-        host = subprocess.Popen(
-            ["setpriv", "--bounding-set", bounding, "--inh-caps", "-all",
-             sys.executable, "-m", "cellmux", "host", "--front", endpoint,
-             "--front-key", str(keys / "front.key"), "--key", str(keys / "host.key_secret"),
-             "--name", "capped", "--config", str(config), "--runtime-dir", str(runtime)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+    runtime = base / "hrt"
+    host = _start(
+        ["setpriv", "--bounding-set", bounding, "--inh-caps", "-all",
+         sys.executable, "-m", "cellmux", "host", "--front", endpoint,
+         "--front-key", str(keys / "front.key"), "--key", str(keys / "host.key_secret"),
+         "--name", "capped", "--config", str(config), "--runtime-dir", str(runtime)],
+        base / "host.log",
+    )  # fmt: skip
     try:
-        wait_for(lambda: "kernel host capped admitted" in front.log(), timeout=60)
+
+        def admitted() -> bool:
+            for process, name in ((front, "front"), (host, "host")):
+                assert process.poll() is None, (base / f"{name}.log").read_text()
+            return "kernel host capped admitted" in (base / "front.log").read_text()
+
+        wait_for(admitted, timeout=60)
+        with open(f"/proc/{front.pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+        assert status["Uid"].split()[0] == str(front_user["runAsUser"])
+        assert int(status["CapBnd"], 16) == 0 and int(status["NoNewPrivs"]) == 1
         with open(f"/proc/{host.pid}/status") as f:
             status = dict(line.split(":", 1) for line in f)
         expected = sum(1 << CAPABILITIES[name] for name in added)
         assert int(status["CapBnd"], 16) == expected
         assert int(status["CapEff"], 16) == expected
 
-        with front.client() as client, client.start() as kernel:
+        with Client(f"http://127.0.0.1:{port}", token) as client, client.start() as kernel:
             probe = kernel.execute(
                 "import os, socket, subprocess\n"
                 "print(os.getuid(), os.getgid(), os.getgroups())\n"
@@ -506,10 +568,5 @@ def test_the_hosts_capabilities_are_enough_for_the_sandbox(tmp_path) -> None:
         wait_for(lambda: not _processes_of(uid), timeout=20)
         wait_for(lambda: not os.listdir(runtime / "kernels"), timeout=20)
     finally:
-        host.terminate()
-        try:
-            host.wait(20)
-        except subprocess.TimeoutExpired:
-            host.kill()
-            host.wait()
-        front.stop()
+        _stop(host)
+        _stop(front)
