@@ -51,7 +51,9 @@ MAX_CREATES = 16
 #: nursery's hold on a uid (an abstract socket) is per network namespace.
 UID_BASE = 330000
 UID_SPAN = 100
-LINES = 250
+#: Lines each streaming cell prints, one every 20 ms: 8 s, longer than the
+#: longest wait for a loss to be told, so the survivors stream through it.
+LINES = 400
 STREAM = (
     "import time\n"
     f"for i in range({LINES}):\n"
