@@ -73,7 +73,10 @@ class Stream:
     error: BaseException | None = None
     status: str | None = None
 
+    kinds: set[str] = attrs.Factory(set)
+
     def take(self, output) -> None:
+        self.kinds.add(output.kind)
         if output.kind == "stdout":
             self.numbers += [int(n) for n in re.findall(r"line (\d+)", output.content)]
 
@@ -160,6 +163,7 @@ def test_cutting_one_servers_link_leaves_the_other_servers_clients_untouched() -
                 assert s.error is None, s.error
                 assert s.status == "ok"
                 assert s.numbers == list(range(LINES)), "lost or reordered output"
+                assert s.kinds == {"stdout"} and s.kernel.gaps == []
                 assert not s.kernel.closed and s.kernel.dead_cause is None
                 assert s.ended_at > told_at
             for s in lost:
