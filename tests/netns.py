@@ -54,7 +54,8 @@ from typing import Any, TypeVar
 
 import attrs
 
-from db_fixtures import PostgresCluster, ensure_postgres
+from db_fixtures import _APT_LOCK, PostgresCluster, ensure_postgres
+from haproxy_fixtures import ensure_haproxy
 
 T = TypeVar("T")
 
@@ -84,8 +85,9 @@ def _apt_install(package: str) -> None:
 
 def ensure_iproute2() -> None:
     """The ``ip`` command, installed with apt-get when missing."""
-    if shutil.which("ip") is None:
-        _apt_install("iproute2")
+    with _APT_LOCK:
+        if shutil.which("ip") is None:
+            _apt_install("iproute2")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -426,20 +428,6 @@ def start_cellmux(
     if ready is not None:
         process.wait_for_log(ready)
     return process
-
-
-def ensure_haproxy() -> str:
-    """Debian's haproxy binary, installed with apt-get when missing."""
-    found = shutil.which("haproxy") or (
-        "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
-    )
-    if found:
-        return found
-    _apt_install("haproxy")
-    found = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not os.path.exists(found):
-        raise RuntimeError("apt-get installed haproxy but its binary is not found")
-    return found
 
 
 def start_haproxy(
