@@ -50,8 +50,8 @@ HOSTS = ("hosta", "hostb", "hostc")
 RETURN_WINDOW = 20.0
 #: Kernels the test may create before every front has one on every host.
 MAX_CREATES = 16
-#: Each host's kernels get uids of their own range: the machine is one, and a
-#: nursery's hold on a uid (an abstract socket) is per network namespace.
+#: Each host's kernels get uids of their own range, as on separate machines
+#: (a nursery's hold on a uid is machine-wide: tests/security/test_uid_hold.py).
 UID_BASE = 330000
 UID_SPAN = 100
 #: Lines each streaming cell prints, one every 20 ms: 8 s, longer than the
