@@ -145,3 +145,30 @@ def test_nothing_to_place_on() -> None:
     with pytest.raises(HostUnavailable):
         hosts.place(None, None, nobody)
     assert hosts.place(None, 1, nobody) is None
+
+
+def test_an_older_hello_delivered_late_changes_nothing() -> None:
+    # Hellos queued while a link was down arrive after the newer one that
+    # got the host back: acting on one would end the kernels placed since.
+    clock, hosts, lost = registry()
+    first = Hello("a", (), 4, 7, seq=3)
+    assert hosts.hello(b"id-old", b"key", first).host is not None
+    clock.advance(5)
+    hosts.check()
+    assert lost == [("a", HOST_LOST)]
+    newer = hosts.hello(b"id-new", b"key", Hello("a", (), 4, 7, seq=5))
+    assert newer.host is not None and newer.fresh
+    for seq, identity in ((4, b"id-old"), (4, b"id-new"), (3, b"id-old")):
+        late = hosts.hello(identity, b"key", Hello("a", (), 4, 7, seq=seq))
+        assert late.stale and late.host is None and late.refused is None
+    assert lost == [("a", HOST_LOST)]  # not lost again
+    assert hosts.by_identity(b"id-new") is newer.host
+    # A beat of an older session proves the connection alive, changes
+    # nothing it reports.
+    hosts.beat(b"id-new", Beat(running=3, max_kernels=9, seq=3))
+    assert (newer.host.running, newer.host.max_kernels) == (0, 4)
+    hosts.beat(b"id-new", Beat(running=3, max_kernels=9, seq=5))
+    assert (newer.host.running, newer.host.max_kernels) == (3, 9)
+    # A new process (another epoch) counts its hellos from 1 again.
+    restarted = hosts.hello(b"id-3", b"key", Hello("a", (), 4, 8, seq=1))
+    assert restarted.host is not None and not restarted.stale

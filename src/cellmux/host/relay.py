@@ -115,6 +115,9 @@ class FrontLink(BoundedReads, ZmqDealerConnection):
         self.refusals = RefusalLog(factory.reactor, self._refusal_line)
         #: Whether the front answered our hello (until it is lost).
         self.welcomed = False
+        #: The seq of our last hello, and of the one the front welcomed.
+        self.hello_seq = 0
+        self.session = 0
         self.last_heard = factory.reactor.seconds()
         #: When the current connection attempt began (see L{reconnect}).
         self.connected_at = factory.reactor.seconds()

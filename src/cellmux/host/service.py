@@ -210,21 +210,23 @@ class HostService(service.Service):
 
     def front_control(self, front: FrontLink, message: hostlink.FrontMessage) -> None:
         if isinstance(message, hostlink.Welcome):
+            if message.seq != front.hello_seq:
+                return  # the answer to an older hello, delivered late
             if not front.welcomed:
                 self.log.info("front {front} welcomed this host", front=front.address)
             front.welcomed = True
+            front.session = message.seq
             keep = {bytes.fromhex(link) for link in message.keep}
             # What the front no longer knows must not linger.
             for link_id, owner in list(self._kernels.items()):
                 if owner is front and link_id not in keep:
                     self._kill(link_id)
         elif isinstance(message, hostlink.Who):
-            if front.welcomed:
-                self.log.info(
-                    "front {front} does not know this host: hello again", front=front.address
-                )
+            if not front.welcomed or message.seq != front.session:
+                return  # saying hello already, or about an older session
+            self.log.info("front {front} does not know this host: hello again", front=front.address)
             self._front_lost(front, "it asked who we are")
-            front.send_control(self._hello())
+            front.send_control(self._hello(front))
         elif isinstance(message, hostlink.NurseryCommand):
             if not front.welcomed:
                 return
@@ -304,19 +306,21 @@ class HostService(service.Service):
 
     # -- liveness -------------------------------------------------------------------
 
-    def _hello(self) -> hostlink.Hello:
+    def _hello(self, front: FrontLink) -> hostlink.Hello:
         s = self.settings
-        return hostlink.Hello(s.name, s.labels, s.max_kernels, self.epoch)
+        front.hello_seq += 1
+        return hostlink.Hello(s.name, s.labels, s.max_kernels, self.epoch, seq=front.hello_seq)
 
     def tick(self) -> None:
         now = self.reactor.seconds()
-        beat = hostlink.Beat(len(self._kernels), self.settings.max_kernels, available_memory())
+        running, memory = len(self._kernels), available_memory()
         for front in self.fronts:
+            beat = hostlink.Beat(running, self.settings.max_kernels, memory, front.session)
             if front.welcomed and now - front.last_heard > self.settings.timeout:
                 self._front_lost(front, f"nothing heard for {now - front.last_heard:.1f} s")
             if not front.welcomed and now - front.connected_at > RECONNECT_AFTER:
                 front.reconnect()  # a refused handshake is never retried by libzmq
-            front.send_control(beat if front.welcomed else self._hello())
+            front.send_control(beat if front.welcomed else self._hello(front))
 
     def _front_lost(self, front: FrontLink, why: str) -> None:
         """The front reported our kernels dead: end them, say hello again."""

@@ -124,6 +124,10 @@ class Hello:
     #: process, whose predecessor's kernels are gone.
     epoch: int = attrs.field(validator=_count)
     version: int = attrs.field(default=HOSTLINK_VERSION, validator=_count)
+    #: Counts this host process's hellos to this front (from 1). Answers
+    #: echo it, so that one queued while the link was down and delivered
+    #: late is told from a current one (see L{Welcome}, L{Who}).
+    seq: int = attrs.field(default=0, validator=_count)
     kind = b"hello"
 
 
@@ -135,6 +139,8 @@ class Beat:
     max_kernels: int = attrs.field(validator=_count)
     #: Bytes of memory available on the host (MemAvailable), 0 if unknown.
     mem_available: int = attrs.field(default=0, validator=_count)
+    #: The seq of the hello the front welcomed (the session it beats for).
+    seq: int = attrs.field(default=0, validator=_count)
     kind = b"beat"
 
 
@@ -143,6 +149,9 @@ class Welcome:
     """The front admits the host; kernels not in C{keep} are to be killed."""
 
     keep: tuple[str, ...] = attrs.field(converter=_tuple, validator=_links)
+    #: The seq of the hello it answers: a host ignores a welcome to an
+    #: older hello.
+    seq: int = attrs.field(default=0, validator=_count)
     kind = b"welcome"
 
 
@@ -157,6 +166,9 @@ class FrontBeat:
 class Who:
     """The front does not know this connection: the host says hello again."""
 
+    #: The seq of the beat it answers: a host ignores a who about a session
+    #: older than its current one.
+    seq: int = attrs.field(default=0, validator=_count)
     kind = b"who"
 
 
@@ -261,6 +273,5 @@ def decode_from_front(frames: list[bytes]) -> FrontMessage:
         _build(FrontBeat, _body(frames, MAX_CONTROL))
         return FrontBeat()
     if kind == b"who":
-        _build(Who, _body(frames, MAX_CONTROL))
-        return Who()
+        return _build(Who, _body(frames, MAX_CONTROL))
     raise ProtocolError("bad_host_message", f"unknown control kind {kind[:32]!r}")

@@ -87,6 +87,8 @@ class RemoteHost:
     max_kernels: int
     epoch: int
     last_seen: float
+    #: The seq of the hello it was admitted by (its hellos count up).
+    hello_seq: int = 0
     running: int = 0
     mem_available: int = 0
     live: bool = True
@@ -111,6 +113,9 @@ class Admission:
     refused: str | None = None
     #: The host's kernels known before are gone (a new epoch, or it was lost).
     fresh: bool = True
+    #: An old hello delivered late (queued while the link was down): it is
+    #: ignored, and left unanswered.
+    stale: bool = False
 
 
 class HostRegistry:
@@ -139,13 +144,24 @@ class HostRegistry:
             if len(self.hosts) >= MAX_HOSTS:
                 return Admission(None, f"more than {MAX_HOSTS} hosts")
             host = RemoteHost(
-                hello.name, identity, key, hello.labels, hello.max_kernels, hello.epoch, now
+                hello.name,
+                identity,
+                key,
+                hello.labels,
+                hello.max_kernels,
+                hello.epoch,
+                now,
+                hello_seq=hello.seq,
             )
             self.hosts[hello.name] = host
             self._by_identity[identity] = host
             return Admission(host)
         if host.live and host.key != key:
             return Admission(None, f"host name {hello.name!r} is in use by another key")
+        if host.epoch == hello.epoch and hello.seq < host.hello_seq:
+            # The same process's older hello, delivered late: acting on it
+            # would lose the kernels placed since the newer one.
+            return Admission(None, stale=True)
         fresh = True
         if host.live and (host.epoch != hello.epoch or host.identity != identity):
             # A new process under the same name, or the same one on a new
@@ -157,6 +173,7 @@ class HostRegistry:
         self._by_identity.pop(host.identity, None)
         host.identity, host.key = identity, key
         host.labels, host.max_kernels, host.epoch = hello.labels, hello.max_kernels, hello.epoch
+        host.hello_seq = hello.seq
         host.last_seen, host.live = now, True
         if fresh:  # what it last reported was its kernels: gone
             host.running = host.mem_available = 0
@@ -166,7 +183,7 @@ class HostRegistry:
     def beat(self, identity: bytes, beat: hostlink.Beat) -> RemoteHost | None:
         """A heartbeat; None if no live host is on that connection."""
         host = self.seen(identity)
-        if host is not None:
+        if host is not None and beat.seq == host.hello_seq:
             host.running, host.max_kernels = beat.running, beat.max_kernels
             host.mem_available = beat.mem_available
         return host
@@ -469,19 +486,23 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
             key, self._hello_key = getattr(self, "_hello_key", b""), b""
             self._hello(identity, key, message)
             return
+        seq = 0
         if isinstance(message, hostlink.Beat):
             host = self.registry.beat(identity, message)
+            seq = message.seq
         else:
             host = self.registry.seen(identity)
         if host is None:
             with contextlib.suppress(NurseryGone):
-                self._send_control(identity, hostlink.Who())
+                self._send_control(identity, hostlink.Who(seq))
             return
         if isinstance(message, hostlink.NurseryEvent):
             self._event(host, message.event)
 
     def _hello(self, identity: bytes, key: bytes, hello: hostlink.Hello) -> None:
         admission = self.registry.hello(identity, key, hello)
+        if admission.stale:
+            return
         if admission.host is None:
             self.refusals.note(
                 HOST_SOURCE + hello.name, f"hello refused: {admission.refused}", kind="kernel hosts"
@@ -494,7 +515,7 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
             else [link.hex() for link, host in self._placed.items() if host == name]
         )
         with contextlib.suppress(NurseryGone):
-            self._send_control(identity, hostlink.Welcome(tuple(keep)), name)
+            self._send_control(identity, hostlink.Welcome(tuple(keep), hello.seq), name)
         self.log.info(
             "kernel host {name} {how} (key {key}, labels {labels}, {n} kernels at most)",
             name=name,
