@@ -194,6 +194,7 @@ class ApiResource(resource.Resource):
             "kernels": len(kernels),
             "pool": {
                 "ready": manager.pooled,
+                "starting": manager.warming,
                 "size": manager.config.pool_size,
                 "failed_starts": manager.failed_starts,
                 "last_error": manager.start_error,

@@ -690,6 +690,9 @@ class KernelManager:
         self.counters = ServerCounters()
         self._incarnations: dict[bytes, Incarnation] = {}
         self._pool: deque[Incarnation] = deque()
+        # Creates waiting for a pool kernel that is still starting, when those
+        # are what holds the max_kernels limit (never more than are warming).
+        self._pool_waiters: deque[defer.Deferred[Incarnation]] = deque()
         self._warming = 0
         #: Ready kernels waiting on each kernel host (pool_size per live
         #: host), the ones warming there, and when a host whose pool kernels
@@ -794,6 +797,11 @@ class KernelManager:
     def pooled(self) -> int:
         return len(self._pool)
 
+    @property
+    def warming(self) -> int:
+        """Pool kernels of this server still starting."""
+        return self._warming
+
     def _nursery_running(self) -> bool:
         return self.nursery is not None and getattr(self.nursery, "running", True)
 
@@ -818,6 +826,13 @@ class KernelManager:
             d = defer.ensureDeferred(self._spawn())
             d.addCallbacks(self._pooled, self._pool_failed, callbackArgs=(now,))
 
+    def _fail_extra_waiters(self) -> None:
+        """Creates waiting for more pool kernels than are still starting
+        are refused as a create at the limit is."""
+        while len(self._pool_waiters) > self._warming:
+            waiter = self._pool_waiters.pop()
+            waiter.errback(TooManyKernels(f"at most {self.config.max_kernels} kernels"))
+
     def _pooled(self, inc: Incarnation, forked_at: float | None = None) -> None:
         self._warming -= 1
         if forked_at is not None:
@@ -828,11 +843,16 @@ class KernelManager:
         self.start_error = None
         self.failed_starts = 0
         if inc.link_id in self._incarnations:
-            self._pool.append(inc)
+            if self._pool_waiters:
+                self._pool_waiters.popleft().callback(inc)
+            else:
+                self._pool.append(inc)
+        self._fail_extra_waiters()
         self.refill()  # after a probe that worked, fork the rest
 
     def _pool_failed(self, failure) -> None:
         self._warming -= 1
+        self._fail_extra_waiters()
         if self._stopping or not self._nursery_running():
             return  # a lost nursery is reported (and retried) on its own
         message = str(failure.value)
@@ -1018,6 +1038,14 @@ class KernelManager:
         self.demand.took(self.clock.seconds())
         if self._pool:
             inc = self._pool.popleft()
+        elif self._local_count() >= self.config.max_kernels and self._warming > len(
+            self._pool_waiters
+        ):
+            # Only pool kernels still starting fill the limit: one of them is
+            # this client's, not a refusal.
+            waiter: defer.Deferred[Incarnation] = defer.Deferred(self._pool_waiters.remove)
+            self._pool_waiters.append(waiter)
+            inc = await waiter
         else:
             inc = await self._spawn()
         # Fork the replacement once the caller's response is out (Twisted
