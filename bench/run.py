@@ -674,9 +674,13 @@ async def bench_idle(suite: Suite) -> None:
     suite.results["idle"] = out
 
 
-async def _rtt_loop(conn, seconds: float, out: list[float], period: float = 0.0) -> None:
+async def _rtt_loop(
+    conn, seconds: float, out: list[float], period: float = 0.0, phase: float = 0.0
+) -> None:
     """Run ``1+1`` on one connection for C{seconds}: back to back, or one
-    cell every C{period} seconds (a user at work, not a load generator)."""
+    cell every C{period} seconds (a user at work, not a load generator),
+    the first after C{phase} seconds."""
+    await asyncio.sleep(phase)
     start = time.perf_counter()
     end = start + seconds
     n = 0
@@ -727,9 +731,16 @@ async def bench_thousand(suite: Suite) -> None:
             psutil.Process(pid).memory_full_info().uss / 2**20 for pid in sample
         )
         # Each active kernel runs a cell a second (100 cells/s in all: about
-        # half of what two cores can run), and once back to back (saturated).
+        # half of what two cores can run), their users not in step (phases
+        # spread over the second: 100 cells sent at the same instant measure
+        # the queue behind them), and once back to back (saturated).
         busy: list[float] = []
-        await asyncio.gather(*(_rtt_loop(c, seconds, busy, period=1.0) for c in conns))
+        await asyncio.gather(
+            *(
+                _rtt_loop(c, seconds, busy, period=1.0, phase=i / len(conns))
+                for i, c in enumerate(conns)
+            )
+        )
         out["active_rtt"] = summary(busy)
         saturated: list[float] = []
         await asyncio.gather(*(_rtt_loop(c, seconds / 2, saturated) for c in conns))
