@@ -109,3 +109,87 @@ def test_a_native_create_may_ask_for_a_host_label() -> None:
     for bad in ("", "a b", "x" * 65, 7):
         with pytest.raises(ProtocolError):
             CreateOrder.from_body({"host_label": bad})
+
+
+# -- file transfers (/files of a kernel on a host) ---------------------------------
+
+file_texts = st.text(max_size=hostlink.MAX_FILE_TEXT)
+file_messages = st.one_of(
+    st.builds(
+        hostlink.FileChunk,
+        counts,
+        counts,
+        st.booleans(),
+        st.binary(max_size=300) | st.just(b"x" * hostlink.MAX_FILE_CHUNK),
+    ),
+    st.builds(hostlink.FileAck, counts, counts),
+    st.builds(hostlink.FileCancel, counts, file_texts),
+)
+file_requests = st.builds(
+    hostlink.FileRequest,
+    counts,
+    st.sampled_from(hostlink.FILE_OPS),
+    links,
+    file_texts,
+    counts,
+    counts,
+)
+file_replies = st.builds(
+    hostlink.FileReply,
+    counts,
+    st.integers(min_value=100, max_value=599),
+    file_texts,
+    file_texts,
+    counts,
+    counts,
+)
+
+
+@given(file_messages | file_replies)
+def test_file_messages_from_a_host_round_trip(message) -> None:
+    frames = hostlink.encode(message)
+    assert frames[0] == b""
+    assert hostlink.decode_from_host(frames) == message
+
+
+@given(file_messages | file_requests)
+def test_file_messages_from_a_front_round_trip(message) -> None:
+    frames = hostlink.encode(message)
+    assert frames[0] == b""
+    assert hostlink.decode_from_front(frames) == message
+
+
+@given(
+    st.sampled_from([b"file", b"file_reply", b"file_data", b"file_ack", b"file_cancel"]),
+    st.dictionaries(
+        st.sampled_from(["id", "op", "link", "name", "status", "seq", "last", "size", "x"]),
+        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=70)),
+    ),
+    st.lists(st.binary(max_size=50), max_size=2),
+)
+def test_bad_file_messages_are_protocol_errors(kind, body, extra) -> None:
+    frames = [b"", kind, json.dumps(body).encode(), *extra]
+    for decode in (hostlink.decode_from_host, hostlink.decode_from_front):
+        with contextlib.suppress(ProtocolError):
+            decode(frames)
+
+
+def test_file_bounds() -> None:
+    with pytest.raises(ProtocolError):  # one chunk at most MAX_FILE_CHUNK
+        hostlink.decode_from_host(
+            [b"", b"file_data", b'{"id": 1, "seq": 0, "last": true}', b"x" * (256 * 1024 + 1)]
+        )
+    with pytest.raises(ProtocolError):
+        hostlink.decode_from_front([b"", b"file_data", b'{"id": 1, "seq": 0, "last": 1}', b""])
+    with pytest.raises(ProtocolError):  # only list, get, put
+        hostlink.FileRequest(1, "delete", "0" * 32)
+    with pytest.raises(ProtocolError):
+        hostlink.FileRequest(1, "get", "../" * 11)
+    with pytest.raises(ProtocolError):
+        hostlink.FileRequest(1, "get", "0" * 32, "x" * (hostlink.MAX_FILE_TEXT + 1))
+    with pytest.raises(ProtocolError):
+        hostlink.FileReply(1, 700)
+    with pytest.raises(ProtocolError):  # a host may not ask the front for files
+        hostlink.decode_from_host(hostlink.encode(hostlink.FileRequest(1, "get", "0" * 32)))
+    with pytest.raises(ProtocolError):
+        hostlink.decode_from_front(hostlink.encode(hostlink.FileReply(1, 200)))

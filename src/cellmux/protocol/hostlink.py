@@ -26,6 +26,19 @@ front -> host::
     who      {}                        "I do not know you": say hello again
     command  a nursery command line (spawn, signal, kill)
 
+File transfers (``/files`` of a kernel on the host; docs/scaling.md)::
+
+    file         front -> host  {"id", "op": list|get|put, "link", "name",
+                                 "quota", "size"}   one request
+    file_reply   host -> front  {"id", "status", "message", "name", "size",
+                                 "mtime"}   its answer (HTTP status); a
+                 200 for list or get is followed by the data
+    file_data    both ways, 4 frames: [b"", b"file_data", {"id", "seq",
+                 "last"}, bytes]   at most L{MAX_FILE_CHUNK} bytes a chunk
+    file_ack     both ways  {"id", "seq"}   chunk C{seq} was used: at most
+                 L{FILE_WINDOW} chunks of a transfer are ever unacknowledged
+    file_cancel  both ways  {"id", "reason"}   the transfer is abandoned
+
 Sizes are bounded: a control body is at most L{MAX_CONTROL} bytes (a
 nursery line at most its own MAX_LINE), a host name at most
 L{MAX_NAME} characters, at most L{MAX_LABELS} labels of L{MAX_NAME}.
@@ -44,12 +57,19 @@ from . import nursery as wire
 from .errors import ProtocolError
 
 __all__ = [
+    "FILE_WINDOW",
     "HOSTLINK_VERSION",
     "LINK_ID_SIZE",
     "MAX_CONTROL",
+    "MAX_FILE_CHUNK",
     "MAX_LABELS",
     "MAX_NAME",
     "Beat",
+    "FileAck",
+    "FileCancel",
+    "FileChunk",
+    "FileReply",
+    "FileRequest",
     "FrontBeat",
     "Hello",
     "NurseryCommand",
@@ -71,6 +91,14 @@ MAX_NAME = 64
 MAX_LABELS = 32
 #: Most links a welcome may name (a host's kernels for one front).
 MAX_KEEP = 100_000
+#: Bytes of file data in one ``file_data`` message.
+MAX_FILE_CHUNK = 256 * 1024
+#: Chunks of one transfer sent and not yet acknowledged, at most.
+FILE_WINDOW = 4
+#: The operations a ``file`` request may ask for.
+FILE_OPS = ("list", "get", "put")
+#: Longest file name (in characters) or message in a file message.
+MAX_FILE_TEXT = 4096
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 
@@ -107,6 +135,21 @@ def _links(_instance: object, attribute: attrs.Attribute[Any], value: object) ->
         )
     ):
         raise ProtocolError("bad_host_message", "keep must be a list of link ids")
+
+
+def _text(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or len(value) > MAX_FILE_TEXT:
+        raise ProtocolError("bad_host_message", f"{attribute.name} must be a short string")
+
+
+def _op(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value not in FILE_OPS:
+        raise ProtocolError("bad_host_message", f"op must be one of {', '.join(FILE_OPS)}")
+
+
+def _link(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or re.fullmatch(r"[0-9a-f]{32}", value) is None:
+        raise ProtocolError("bad_host_message", f"{attribute.name} must be a link id")
 
 
 def _tuple(value: object) -> object:
@@ -188,12 +231,89 @@ class NurseryEvent:
     kind = b"event"
 
 
-HostMessage = Hello | Beat | NurseryEvent
-FrontMessage = Welcome | FrontBeat | Who | NurseryCommand
+@attrs.frozen
+class FileRequest:
+    """The front asks for a kernel's files: a listing, a file, or to store one
+    (whose C{size} bytes follow as L{FileChunk}s)."""
+
+    id: int = attrs.field(validator=_count)
+    op: str = attrs.field(validator=_op)
+    link: str = attrs.field(validator=_link)
+    name: str = attrs.field(default="", validator=_text)
+    #: Most bytes the kernel's directory may hold (put; 0: the host's own).
+    quota: int = attrs.field(default=0, validator=_count)
+    size: int = attrs.field(default=0, validator=_count)
+    kind = b"file"
+
+
+def _status(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 100 <= value <= 599:
+        raise ProtocolError("bad_host_message", "status must be an HTTP status")
+
+
+@attrs.frozen
+class FileReply:
+    """The host's answer to a L{FileRequest}: an HTTP status; for a 200 to
+    list or get, C{size} bytes follow as L{FileChunk}s."""
+
+    id: int = attrs.field(validator=_count)
+    status: int = attrs.field(validator=_status)
+    message: str = attrs.field(default="", validator=_text)
+    name: str = attrs.field(default="", validator=_text)
+    size: int = attrs.field(default=0, validator=_count)
+    mtime: int = attrs.field(default=0, validator=_count)
+    kind = b"file_reply"
+
+
+def _chunk(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bytes) or len(value) > MAX_FILE_CHUNK:
+        raise ProtocolError("bad_host_message", f"file data over {MAX_FILE_CHUNK} bytes")
+
+
+def _bool(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, bool):
+        raise ProtocolError("bad_host_message", f"{attribute.name} must be true or false")
+
+
+@attrs.frozen
+class FileChunk:
+    """Chunk C{seq} (from 0) of a transfer's data; C{last} ends it."""
+
+    id: int = attrs.field(validator=_count)
+    seq: int = attrs.field(validator=_count)
+    last: bool = attrs.field(validator=_bool)
+    data: bytes = attrs.field(validator=_chunk)
+    kind = b"file_data"
+
+
+@attrs.frozen
+class FileAck:
+    """Chunk C{seq} of a transfer was used: the sender may send one more."""
+
+    id: int = attrs.field(validator=_count)
+    seq: int = attrs.field(validator=_count)
+    kind = b"file_ack"
+
+
+@attrs.frozen
+class FileCancel:
+    """The transfer is abandoned (its client left, it timed out, it failed)."""
+
+    id: int = attrs.field(validator=_count)
+    reason: str = attrs.field(default="", validator=_text)
+    kind = b"file_cancel"
+
+
+FileMessage = FileChunk | FileAck | FileCancel
+HostMessage = Hello | Beat | NurseryEvent | FileReply | FileMessage
+FrontMessage = Welcome | FrontBeat | Who | NurseryCommand | FileRequest | FileMessage
 
 
 def encode(message: HostMessage | FrontMessage) -> list[bytes]:
     """The frames of a control message."""
+    if isinstance(message, FileChunk):
+        header = json.dumps({"id": message.id, "seq": message.seq, "last": message.last})
+        return [b"", message.kind, header.encode(), message.data]
     if isinstance(message, NurseryCommand):
         body = wire.encode(message.command).rstrip(b"\n")
     elif isinstance(message, NurseryEvent):
@@ -235,6 +355,22 @@ def _build(cls: type[_Message], fields: dict[str, Any]) -> _Message:
         ) from None
 
 
+def _file_message(kind: bytes, frames: list[bytes]) -> FileMessage | None:
+    """A message of a transfer's data, either way (None: another kind)."""
+    if kind == b"file_data":
+        if len(frames) != 4:
+            raise ProtocolError("bad_host_message", "file data is [empty, kind, header, data]")
+        fields = _body(frames[:3], MAX_CONTROL)
+        if set(fields) != {"id", "seq", "last"}:
+            raise ProtocolError("bad_host_message", "bad file data header")
+        return FileChunk(fields["id"], fields["seq"], fields["last"], frames[3])
+    if kind == b"file_ack":
+        return _build(FileAck, _body(frames, MAX_CONTROL))
+    if kind == b"file_cancel":
+        return _build(FileCancel, _body(frames, MAX_CONTROL))
+    return None
+
+
 def decode_from_host(frames: list[bytes]) -> HostMessage:
     """Parse a host's control message (C{frames[0] == b""}).
 
@@ -250,6 +386,11 @@ def decode_from_host(frames: list[bytes]) -> HostMessage:
         return _build(Hello, _body(frames, MAX_CONTROL))
     if kind == b"beat":
         return _build(Beat, _body(frames, MAX_CONTROL))
+    if kind == b"file_reply":
+        return _build(FileReply, _body(frames, MAX_CONTROL))
+    message = _file_message(kind, frames)
+    if message is not None:
+        return message
     raise ProtocolError("bad_host_message", f"unknown control kind {kind[:32]!r}")
 
 
@@ -274,4 +415,9 @@ def decode_from_front(frames: list[bytes]) -> FrontMessage:
         return FrontBeat()
     if kind == b"who":
         return _build(Who, _body(frames, MAX_CONTROL))
+    if kind == b"file":
+        return _build(FileRequest, _body(frames, MAX_CONTROL))
+    message = _file_message(kind, frames)
+    if message is not None:
+        return message
     raise ProtocolError("bad_host_message", f"unknown control kind {kind[:32]!r}")
