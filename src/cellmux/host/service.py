@@ -31,6 +31,7 @@ from ..protocol import nursery as wire
 from ..server.links import LinkUnavailable
 from ..server.nursery import NurseryGone, NurseryProcess, nursery_settings
 from ..server.runtimedir import make_private_runtime_dir, prepare_runtime_dir, remove_owned
+from .files import HostFiles
 from .relay import FrontLink, KernelRelay
 
 __all__ = ["HostService", "HostSettings", "available_memory"]
@@ -98,6 +99,8 @@ class HostService(service.Service):
         self.start_failed = False
         self._zmq = None
         self._nursery_args: tuple[dict[str, Any], dict[str, str]] | None = None
+        #: /files of this host's kernels, for the front that owns each.
+        self.files = HostFiles(reactor, self._workdir_of, config.kernel_quota)
 
     # -- start and stop -------------------------------------------------------------
 
@@ -196,6 +199,7 @@ class HostService(service.Service):
             finally:
                 if timeout.active():
                     timeout.cancel()
+        self.files.shutdown()
         for front in self.fronts:
             front.shutdown()
         if self.relay is not None:
@@ -231,6 +235,14 @@ class HostService(service.Service):
             if not front.welcomed:
                 return
             self._command(front, message.command)
+        elif isinstance(message, hostlink.FileRequest | hostlink.FileMessage) and front.welcomed:
+            self.files.receive(front, message)
+
+    def _workdir_of(self, front: Any, link: str) -> str | None:
+        """The directory of that front's kernel C{link} (None: not its own)."""
+        if self._kernels.get(bytes.fromhex(link)) is not front or self._nursery_args is None:
+            return None
+        return os.path.join(self._nursery_args[0]["workdir_root"], link)
 
     def _command(self, front: FrontLink, command: wire.Command) -> None:
         if isinstance(command, wire.Spawn):
@@ -329,6 +341,7 @@ class HostService(service.Service):
                 "front {front} lost ({why}); ending its kernels", front=front.address, why=why
             )
         front.welcomed = False
+        self.files.front_lost(front)
         for link_id, owner in list(self._kernels.items()):
             if owner is front:
                 self._kill(link_id)

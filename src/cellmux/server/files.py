@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
-from twisted.internet import threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.protocols.basic import FileSender
 from twisted.web import server
@@ -320,6 +320,25 @@ def _iso(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9, UTC).isoformat()
 
 
+def _where(kernel: Kernel) -> str | None:
+    """What tells one process's directory from another's: its path here,
+    or its host and link (None while no process runs)."""
+    inc = kernel.incarnation
+    if inc is None:
+        return None
+    if inc.host is not None:
+        return f"{inc.host}:{inc.link}"
+    return inc.workdir or None
+
+
+def _scan_of(manager: KernelManager, kernel: Kernel) -> Any:
+    """A Deferred scan of the kernel's directory, here or on its host."""
+    inc = kernel.incarnation
+    if inc is not None and inc.host is not None:
+        return defer.ensureDeferred(manager.hosts.files.listing(inc.host, inc.link))
+    return threads.deferToThread(scan, inc.workdir)
+
+
 class FileNotices:
     """After each execution, tells a kernel's clients which files are new or
     changed, on the files channel.
@@ -342,14 +361,20 @@ class FileNotices:
         if kernel.id in self._scanning:
             self._scanning[kernel.id] = True
             return
-        workdir = kernel.workdir
+        workdir = _where(kernel)
         if not workdir:
             return
         self._scanning[kernel.id] = False
-        d = threads.deferToThread(scan, workdir)
+        d = _scan_of(self.manager, kernel)
         d.addCallback(self._compare, kernel, workdir)
-        d.addErrback(lambda f: self.log.failure("scanning {dir} failed", f, dir=workdir))
+        d.addErrback(self._scan_failed, workdir)
         d.addBoth(self._scanned, kernel)
+
+    def _scan_failed(self, failure: Any, workdir: str) -> None:
+        if failure.check(HTTPError):  # a kernel host's answer: no traceback
+            self.log.warn("scanning {dir} failed: {e}", dir=workdir, e=failure.value.message)
+            return
+        self.log.failure("scanning {dir} failed", failure, dir=workdir)
 
     def _scanned(self, _result: Any, kernel: Kernel) -> None:
         again = self._scanning.pop(kernel.id, False)
@@ -363,7 +388,7 @@ class FileNotices:
             old = {}
         for gone in [k for k in self._snapshots if k not in self.manager.kernels]:
             del self._snapshots[gone]
-        if kernel.id not in self.manager.kernels or kernel.workdir != workdir:
+        if kernel.id not in self.manager.kernels or _where(kernel) != workdir:
             return  # deleted or restarted while scanning
         self._snapshots[kernel.id] = (workdir, snapshot)
         new = [n for n in snapshot if n not in old]
@@ -414,13 +439,21 @@ class FilesResource(JSONEndpoint):
             ],
         )
 
+    def _remote(self, kernel_id: str) -> tuple[Kernel, str, str] | None:
+        """(kernel, host, link) of a kernel running on a kernel host, whose
+        directory is on that machine (docs/scaling.md, Kernel hosts)."""
+        kernel = self.manager.get(kernel_id)
+        inc = kernel.incarnation
+        if inc is None or inc.host is None:
+            if kernel.host is not None:
+                raise KernelNotRunning(f"kernel is {kernel.state.value}: no working directory")
+            return None
+        if self.manager.hosts is None:
+            raise KernelNotRunning(f"kernel runs on kernel host {inc.host}, unknown here")
+        return kernel, inc.host, inc.link
+
     def _workdir(self, kernel_id: str) -> tuple[Kernel, str]:
         kernel = self.manager.get(kernel_id)
-        if kernel.host is not None:
-            # Its directory is on that machine (docs/scaling.md, Kernel hosts).
-            raise KernelNotRunning(
-                f"kernel runs on kernel host {kernel.host}: its files are not served here"
-            )
         workdir = kernel.workdir
         if not workdir or not os.path.isdir(workdir):
             raise KernelNotRunning(f"kernel is {kernel.state.value}: no working directory")
@@ -435,8 +468,13 @@ class FilesResource(JSONEndpoint):
         return name, split_name(name)
 
     async def list_files(self, request: server.Request, kernel_id: str) -> tuple[int, Any]:
-        _kernel, workdir = self._workdir(kernel_id)
-        snapshot, truncated = await threads.deferToThread(scan, workdir)
+        remote = self._remote(kernel_id)
+        if remote is not None:
+            _kernel, host, link = remote
+            snapshot, truncated = await self.manager.hosts.files.listing(host, link)
+        else:
+            _kernel, workdir = self._workdir(kernel_id)
+            snapshot, truncated = await threads.deferToThread(scan, workdir)
         files = [
             {"name": name, "size": size, "modified": _iso(mtime)}
             for name, (size, mtime) in sorted(snapshot.items())
@@ -445,8 +483,16 @@ class FilesResource(JSONEndpoint):
 
     async def upload(self, request: server.Request, kernel_id: str, name: str) -> tuple[int, Any]:
         name, parts = self._name(name)
-        kernel, workdir = self._workdir(kernel_id)
         quota = self.manager.config.kernel_quota
+        remote = self._remote(kernel_id)
+        if remote is not None:
+            kernel, host, link = remote
+            where = _where(kernel)
+            stored = await self.manager.hosts.files.upload(host, link, name, request.content, quota)
+            if where is not None:
+                self.notices.uploaded(kernel, where, stored.name, stored.size, stored.mtime)
+            return HTTPStatus.CREATED, {"name": "/".join(parts), "size": stored.size}
+        kernel, workdir = self._workdir(kernel_id)
         try:
             real_name, size, mtime = await threads.deferToThread(
                 _store_upload, workdir, parts, request.content, quota
@@ -462,19 +508,58 @@ class FilesResource(JSONEndpoint):
         self.notices.uploaded(kernel, workdir, real_name, size, mtime)
         return HTTPStatus.CREATED, {"name": "/".join(parts), "size": size}
 
-    async def download(self, request: server.Request, kernel_id: str, name: str) -> Any:
-        name, parts = self._name(name)
-        _kernel, workdir = self._workdir(kernel_id)
-        fd = open_inside(workdir, _inside_parts(workdir, parts))
-        st = os.fstat(fd)
-        f = os.fdopen(fd, "rb")
+    @staticmethod
+    def _download_headers(request: server.Request, name: str, size: int) -> None:
         request.setResponseCode(HTTPStatus.OK)
         request.setHeader(b"content-type", b"application/octet-stream")
-        request.setHeader(b"content-length", str(st.st_size).encode())
+        request.setHeader(b"content-length", str(size).encode())
         request.setHeader(b"content-disposition", _content_disposition(name))
         request.setHeader(b"x-content-type-options", b"nosniff")
         request.setHeader(b"content-security-policy", b"sandbox; default-src 'none'")
         request.setHeader(b"cache-control", b"no-store")
+
+    async def _download_remote(
+        self, request: server.Request, name: str, host: str, link: str
+    ) -> Any:
+        def start(size: int) -> server.Request | None:
+            self._download_headers(request, name, size)
+            if request.method == b"HEAD":
+                return None
+            return request
+
+        started = await self.manager.hosts.files.download(host, link, name, start)
+        if started is None:  # HEAD
+            request.finish()
+            return NOT_DONE
+        _transfer, complete = started
+        try:
+            await complete
+        except Exception as e:
+            # The status is out: cut the response short, so the client sees
+            # fewer bytes than Content-Length rather than a whole file.
+            self.log.warn(
+                "download of {name} from {host} cut short: {e}", name=name, host=host, e=e
+            )
+            request.unregisterProducer()
+            if not request._disconnected and request.channel is not None:
+                request.channel.transport.abortConnection()
+            return NOT_DONE
+        request.unregisterProducer()
+        if not request._disconnected and not request.finished:
+            request.finish()
+        return NOT_DONE
+
+    async def download(self, request: server.Request, kernel_id: str, name: str) -> Any:
+        name, parts = self._name(name)
+        remote = self._remote(kernel_id)
+        if remote is not None:
+            _kernel, host, link = remote
+            return await self._download_remote(request, name, host, link)
+        _kernel, workdir = self._workdir(kernel_id)
+        fd = open_inside(workdir, _inside_parts(workdir, parts))
+        st = os.fstat(fd)
+        f = os.fdopen(fd, "rb")
+        self._download_headers(request, name, st.st_size)
         if request.method == b"HEAD":
             f.close()
             request.finish()

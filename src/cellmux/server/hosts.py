@@ -37,6 +37,7 @@ from ..protocol import nursery as wire
 from .links import BoundedReads, KernelUnreachable, LinkChecks, LinkSink
 from .nursery import NurseryGone
 from .refusals import Line, RefusalLog
+from .remotefiles import RemoteFiles
 from .zap import ZAP_DOMAIN
 
 __all__ = [
@@ -331,6 +332,8 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
         #: link id -> the name of the host it was spawned on
         self._placed: dict[bytes, str] = {}
         self._nurseries: dict[str, RemoteNursery] = {}
+        #: /files of remote kernels, relayed to their hosts (server/remotefiles.py)
+        self.files = RemoteFiles(self, clock)
         super().__init__(factory)
         sock = self.socket
         public = zmq.curve_public(secret_key)
@@ -429,6 +432,16 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
             raise NurseryGone(f"kernel host {name} is not connected")
         self._send_control(host.identity, hostlink.NurseryCommand(command), name)
 
+    def send_file_message(self, name: str, message: Any) -> None:
+        """A file transfer's message to host C{name} (server/remotefiles.py).
+
+        @raise NurseryGone: if the host is not live or its queue is full.
+        """
+        host = self.registry.hosts.get(name)
+        if host is None or not host.live:
+            raise NurseryGone(f"kernel host {name} is not connected")
+        self._send_control(host.identity, message, name)
+
     def _send_control(self, identity: bytes, message: Any, name: str = "?") -> None:
         try:
             self.socket.send_multipart([identity, *hostlink.encode(message)], zmq.NOBLOCK)
@@ -498,6 +511,8 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
             return
         if isinstance(message, hostlink.NurseryEvent):
             self._event(host, message.event)
+        elif isinstance(message, hostlink.FileReply | hostlink.FileMessage):
+            self.files.receive(host.name, message)
 
     def _hello(self, identity: bytes, key: bytes, hello: hostlink.Hello) -> None:
         admission = self.registry.hello(identity, key, hello)
@@ -555,6 +570,7 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
         nursery = self._nurseries.get(name)
         if nursery is not None:
             nursery.lost(cause)
+        self.files.host_lost(name, cause)
         self._owner.host_lost(name, cause)
 
     def _refusal_line(self, line: Line) -> None:
