@@ -124,6 +124,14 @@ class Cluster:
 
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
+    with running_cluster() as running:
+        yield running
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[Cluster]:
+    """A front and its keys (test_hosts_files uses it too); hosts added by
+    L{Cluster.host} are stopped with it."""
     # Short paths: kernel link sockets live under each host's runtime dir.
     base = tempfile.mkdtemp(prefix="hosts")
     keys = os.path.join(base, "keys")

@@ -9,13 +9,21 @@ import http.client
 import signal
 import time
 import urllib.parse
+from collections.abc import Iterator
+
+import pytest
 
 from conftest import wait_for
 from test_files import _file_notices, request
-from test_hosts import Cluster, server_status
-from test_hosts import cluster as cluster_fixture  # noqa: F401 (pytest finds it as "cluster")
+from test_hosts import Cluster, running_cluster, server_status
 
 MiB = 1024 * 1024
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    with running_cluster() as running:
+        yield running
 
 
 def on_host(cluster: Cluster, name: str = "a"):
