@@ -129,7 +129,7 @@ def cluster() -> Iterator[Cluster]:
 
 
 @contextlib.contextmanager
-def running_cluster() -> Iterator[Cluster]:
+def running_cluster(*front_args: str) -> Iterator[Cluster]:
     """A front and its keys (test_hosts_files uses it too); hosts added by
     L{Cluster.host} are stopped with it."""
     # Short paths: kernel link sockets live under each host's runtime dir.
@@ -142,7 +142,8 @@ def running_cluster() -> Iterator[Cluster]:
     for name in ("a", "b"):
         shutil.copy(os.path.join(keys, f"{name}.key"), authorised)
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    running = Cluster(start_front(keys, authorised, endpoint), keys, authorised, endpoint, base)
+    front = start_front(keys, authorised, endpoint, *front_args)
+    running = Cluster(front, keys, authorised, endpoint, base)
     try:
         yield running
     finally:
@@ -152,8 +153,9 @@ def running_cluster() -> Iterator[Cluster]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def start_front(keys: str, authorised: str, endpoint: str) -> RunningServer:
+def start_front(keys: str, authorised: str, endpoint: str, *more: str) -> RunningServer:
     return start_server(
+        *more,
         *("--pool-size", "1", "--no-local-kernels", "--hosts-listen", endpoint),
         *("--hosts-secret-key", os.path.join(keys, "front.key_secret")),
         *("--hosts-authorized-dir", authorised, "--host-timeout", HOST_TIMEOUT),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import signal
 import time
 import urllib.parse
@@ -135,3 +136,63 @@ def test_a_host_killed_mid_download_cuts_it_short(cluster: Cluster) -> None:
         # The kernel is gone with its host: a clear answer, not a hang.
         status, answer, _ = request(front, "GET", f"/files/{model.id}/big.bin")
         assert status == 409 and "dead" in answer["message"], answer
+
+
+def _memory(pid: int) -> dict[str, int]:
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) * 1024
+    return values
+
+
+QUOTA = 48 * MiB
+
+
+@pytest.fixture
+def quota_cluster() -> Iterator[Cluster]:
+    with running_cluster("--kernel-quota", str(QUOTA), "--max-upload-size", str(64 * MiB)) as c:
+        yield c
+
+
+def test_big_files_stream_through_and_the_quota_holds(quota_cluster: Cluster, tmp_path) -> None:
+    host = on_host(quota_cluster)
+    front = quota_cluster.front
+    source = tmp_path / "big.bin"
+    digest = hashlib.sha256()
+    with open(source, "wb") as f:
+        for _ in range(40):
+            block = os.urandom(MiB)
+            digest.update(block)
+            f.write(block)
+    assert host.process is not None
+    pids = {"front": front.process.pid, "host": host.process.pid}
+    before = {who: _memory(pid) for who, pid in pids.items()}
+    with front.client() as client:
+        model = client.create_kernel()
+        path = f"/files/{model.id}/"
+        with open(source, "rb") as f:
+            status, body, _ = request(front, "PUT", path + "big.bin", f)
+        assert (status, body["size"]) == (201, 40 * MiB), body
+        with client.connect(model.id) as kernel:
+            result = kernel.execute(
+                "import hashlib; hashlib.sha256(open('big.bin', 'rb').read()).hexdigest()",
+                timeout=60,
+            )
+            assert result.result_text == repr(digest.hexdigest())
+        received = hashlib.sha256()
+        status, _, _ = request(front, "GET", path + "big.bin", stream_to=received.update)
+        assert status == 200 and received.hexdigest() == digest.hexdigest()
+        after = {who: _memory(pid) for who, pid in pids.items()}
+        grown = {who: after[who]["VmHWM"] - before[who]["VmHWM"] for who in pids}
+        print(f"peak memory grown by {grown} for 40 MiB each way")
+        # Neither ever held the file whole (the peak counts every moment).
+        assert all(value < 20 * MiB for value in grown.values()), grown
+
+        # The quota, as for a local kernel: 40 MiB used, 10 more refused.
+        status, answer, _ = request(front, "PUT", path + "more.bin", b"x" * (10 * MiB))
+        assert status == 413 and "quota" in answer["message"], answer
+        status, listing, _ = request(front, "GET", path)
+        assert [f["name"] for f in listing["files"]] == ["big.bin"]

@@ -136,7 +136,8 @@ class FrontLink(BoundedReads, ZmqDealerConnection):
         sock.setsockopt(zmq.HEARTBEAT_TTL, int(timeout * 1000))
         sock.setsockopt(zmq.RECONNECT_IVL, 500)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        sock.setsockopt(zmq.MAXMSGSIZE, max_size + 64)
+        # A kernel's frame and its link id, or a file chunk (/files).
+        sock.setsockopt(zmq.MAXMSGSIZE, max(max_size, hostlink.MAX_FILE_CHUNK) + 64)
         sock.connect(endpoint)
 
     def reconnect(self) -> None:

@@ -344,8 +344,9 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
         sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
         sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        # A host's frame is at most a kernel's frame plus the link id.
-        sock.setsockopt(zmq.MAXMSGSIZE, max_size + 64)
+        # A host's frame is at most a kernel's frame plus the link id, or a
+        # file chunk (kernel frames are checked against max_size after).
+        sock.setsockopt(zmq.MAXMSGSIZE, max(max_size, hostlink.MAX_FILE_CHUNK) + 64)
         sock.bind(endpoint)
         self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._beats = task.LoopingCall(self._beat)
