@@ -522,14 +522,17 @@ class FilesResource(JSONEndpoint):
         self, request: server.Request, name: str, host: str, link: str
     ) -> Any:
         def start(size: int) -> server.Request | None:
+            if request._disconnected:  # it left while the host answered
+                return None
             self._download_headers(request, name, size)
             if request.method == b"HEAD":
                 return None
             return request
 
         started = await self.manager.hosts.files.download(host, link, name, start)
-        if started is None:  # HEAD
-            request.finish()
+        if started is None:  # HEAD, or nobody to send it to
+            if not request._disconnected:
+                request.finish()
             return NOT_DONE
         _transfer, complete = started
         try:

@@ -300,14 +300,14 @@ class RemoteFiles:
             transfer.reply.errback(error)
         elif transfer.on_lost is not None:
             transfer.on_lost(error)
-        room, transfer.room = transfer.room, None
-        if room is not None:
-            room.callback(None)
 
     def _end(self, transfer: _Transfer) -> None:
         transfer.done = True
         self._transfers.pop(transfer.id, None)
         self._stop_timer(transfer)
+        room, transfer.room = transfer.room, None
+        if room is not None:  # an upload's sender waiting for acks: it stops
+            room.callback(None)
 
     def _start_timer(self, transfer: _Transfer) -> None:
         self._stop_timer(transfer)
