@@ -76,14 +76,21 @@ class HostFiles:
     @param workdir_of: the working directory of a kernel of that front by
         link id (None: no such kernel of that front).
     @param quota: the host's own per-kernel quota (a front's may be lower).
+    @param in_thread: runs a blocking call, giving a Deferred.
     """
 
     log = Logger()
 
     def __init__(
-        self, reactor: Any, workdir_of: Callable[[FrontPeer, str], str | None], quota: int
+        self,
+        reactor: Any,
+        workdir_of: Callable[[FrontPeer, str], str | None],
+        quota: int,
+        in_thread: Callable[..., Any] = threads.deferToThread,
     ) -> None:
         self.reactor = reactor
+        #: Runs blocking file system work (a thread; tests run it in line).
+        self._in_thread = in_thread
         self._workdir_of = workdir_of
         self.quota = quota
         self._transfers: dict[tuple[int, int], _Transfer] = {}
@@ -142,7 +149,7 @@ class HostFiles:
             except HTTPError as e:
                 self._fail(transfer, e.status, e.message)
             return  # its chunks follow
-        d = threads.deferToThread(self._open, workdir, request)
+        d = self._in_thread(self._open, workdir, request)
         d.addCallbacks(self._opened, self._failed, (transfer,), None, (transfer,))
         d.addErrback(self._bug, transfer)
 
@@ -181,9 +188,7 @@ class HostFiles:
         if transfer.sent > 0 and transfer.remaining <= 0:
             return  # all sent; the last ack ends it
         transfer.reading = True
-        d = threads.deferToThread(
-            transfer.source.read, min(hostlink.MAX_FILE_CHUNK, transfer.remaining)
-        )
+        d = self._in_thread(transfer.source.read, min(hostlink.MAX_FILE_CHUNK, transfer.remaining))
         d.addCallbacks(self._read, self._failed, (transfer,), None, (transfer,))
         d.addErrback(self._bug, transfer)
 
@@ -227,7 +232,7 @@ class HostFiles:
             return
         chunk = transfer.pending.popleft()
         transfer.writing = True
-        d = threads.deferToThread(self._spool, transfer, chunk.data)
+        d = self._in_thread(self._spool, transfer, chunk.data)
         d.addCallbacks(self._written, self._failed, (transfer, chunk), None, (transfer,))
         d.addErrback(self._bug, transfer)
 
@@ -252,7 +257,7 @@ class HostFiles:
         request = transfer.request
         quota = min(request.quota, self.quota) if request.quota else self.quota
         transfer.writing = True  # the spool is in use until it is stored
-        d = threads.deferToThread(self._store, workdir, request, transfer, quota)
+        d = self._in_thread(self._store, workdir, request, transfer, quota)
         d.addCallbacks(self._stored, self._failed, (transfer,), None, (transfer,))
         d.addErrback(self._bug, transfer)
 
