@@ -42,6 +42,7 @@ from twisted.web import server
 from cellmux.protocol import Channel
 
 from .kernels import Kernel, KernelManager, KernelNotRunning
+from .remotefiles import RemoteFiles
 from .webjson import NOT_DONE, HTTPError, JSONEndpoint, Route
 
 __all__ = [
@@ -331,11 +332,21 @@ def _where(kernel: Kernel) -> str | None:
     return inc.workdir or None
 
 
+def _remote_files(manager: KernelManager) -> RemoteFiles:
+    """The relay of files on kernel hosts (a kernel runs on one only when
+    the server has them)."""
+    if manager.hosts is None:
+        raise HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, "this server has no kernel hosts")
+    return manager.hosts.files
+
+
 def _scan_of(manager: KernelManager, kernel: Kernel) -> Any:
     """A Deferred scan of the kernel's directory, here or on its host."""
     inc = kernel.incarnation
     if inc is not None and inc.host is not None:
-        return defer.ensureDeferred(manager.hosts.files.listing(inc.host, inc.link))
+        return defer.ensureDeferred(_remote_files(manager).listing(inc.host, inc.link))
+    if inc is None or not inc.workdir:
+        return defer.fail(RuntimeError("the kernel has no process"))
     return threads.deferToThread(scan, inc.workdir)
 
 
@@ -471,7 +482,7 @@ class FilesResource(JSONEndpoint):
         remote = self._remote(kernel_id)
         if remote is not None:
             _kernel, host, link = remote
-            snapshot, truncated = await self.manager.hosts.files.listing(host, link)
+            snapshot, truncated = await _remote_files(self.manager).listing(host, link)
         else:
             _kernel, workdir = self._workdir(kernel_id)
             snapshot, truncated = await threads.deferToThread(scan, workdir)
@@ -488,7 +499,10 @@ class FilesResource(JSONEndpoint):
         if remote is not None:
             kernel, host, link = remote
             where = _where(kernel)
-            stored = await self.manager.hosts.files.upload(host, link, name, request.content, quota)
+            content = request.content
+            if content is None:  # twisted.web sets it for every request it hands on
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "the upload has no body")
+            stored = await _remote_files(self.manager).upload(host, link, name, content, quota)
             if where is not None:
                 self.notices.uploaded(kernel, where, stored.name, stored.size, stored.mtime)
             return HTTPStatus.CREATED, {"name": "/".join(parts), "size": stored.size}
@@ -529,7 +543,7 @@ class FilesResource(JSONEndpoint):
                 return None
             return request
 
-        started = await self.manager.hosts.files.download(host, link, name, start)
+        started = await _remote_files(self.manager).download(host, link, name, start)
         if started is None:  # HEAD, or nobody to send it to
             if not request._disconnected:
                 request.finish()
@@ -544,8 +558,9 @@ class FilesResource(JSONEndpoint):
                 "download of {name} from {host} cut short: {e}", name=name, host=host, e=e
             )
             request.unregisterProducer()
-            if not request._disconnected and request.channel is not None:
-                request.channel.transport.abortConnection()
+            transport = request.channel.transport if request.channel is not None else None
+            if not request._disconnected and transport is not None:
+                transport.abortConnection()  # type: ignore[attr-defined]  # a TCP transport
             return NOT_DONE
         request.unregisterProducer()
         if not request._disconnected and not request.finished:

@@ -29,7 +29,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.internet import defer, task, threads
@@ -73,6 +73,9 @@ from .pooldemand import PoolDemand
 from .replay import Entry, ReplayLog
 from .runtimedir import disk_full
 from .stdin import MAX_PROMPT_BYTES, PendingInput, PendingPrompts, SessionOwners, cut_prompt
+
+if TYPE_CHECKING:
+    from .hosts import HostRouter
 
 __all__ = [
     "HISTORY_LENGTH",
@@ -683,7 +686,7 @@ class KernelManager:
         self.nursery = None
         self.router = None
         #: The kernel hosts' router (server/hosts.py); None: no remote hosts.
-        self.hosts = None
+        self.hosts: HostRouter | None = None
         #: Bytes of link credit a kernel may hold (docs/protocol.md).
         self.credit_window = credit_window(config.replay_bytes)
         #: Running totals for /metrics (plain ints; server/counters.py).

@@ -17,6 +17,7 @@ way is cut short: its client sees fewer bytes than Content-Length).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from collections.abc import Callable
@@ -40,6 +41,11 @@ MAX_REQUESTS = 8
 REPLY_TIMEOUT = 30.0
 #: Bytes of a listing's answer (10 000 names of up to 4 KiB, and more).
 MAX_LISTING = 48 * 1024 * 1024
+
+
+def _fail_once(d: defer.Deferred[Any], error: TransferLost) -> None:
+    if not d.called:
+        d.errback(error)
 
 
 class HostSender(Protocol):
@@ -125,7 +131,7 @@ class RemoteFiles:
                 finished.callback(None)
 
         transfer.on_chunk = chunk
-        transfer.on_lost = lambda e: finished.called or finished.errback(e)
+        transfer.on_lost = functools.partial(_fail_once, finished)
         try:
             await self._answer(transfer)
             try:
@@ -215,7 +221,7 @@ class RemoteFiles:
                     complete.errback(TransferLost("the file shrank while it was sent"))
 
         transfer.on_chunk = chunk
-        transfer.on_lost = lambda e: complete.called or complete.errback(e)
+        transfer.on_lost = functools.partial(_fail_once, complete)
         request.registerProducer(transfer, True)
         return transfer, complete
 
