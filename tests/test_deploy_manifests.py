@@ -447,9 +447,12 @@ os.execvp("setpriv", ["setpriv", "--reuid", uid, "--regid", gid, "--clear-groups
 """
 
 
-def _start(argv: list[str], log_path: pathlib.Path) -> subprocess.Popen:
+def _start(
+    argv: list[str], log_path: pathlib.Path, tmp: pathlib.Path | None = None
+) -> subprocess.Popen:
+    env = None if tmp is None else {**os.environ, "TMPDIR": str(tmp)}
     with open(log_path, "wb") as log:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -500,7 +503,10 @@ def test_fronts_and_hosts_work_with_exactly_the_manifests_privileges(short_path)
     authorized = base / "authorized"
     authorized.mkdir(mode=0o755)
     shutil.copy(keys / "host.key", authorized)
-    for name in ("frt", "fst", "hrt"):
+    # ftmp: the front's TMPDIR. Its uid cannot write the test's HOME, so
+    # IPython (imported for the kernel specs) makes itself a directory in
+    # the temporary directory, and never removes it.
+    for name in ("frt", "fst", "hrt", "ftmp"):
         (base / name).mkdir()
         os.chmod(base / name, 0o777)
     token = secrets.token_hex(16)
@@ -514,6 +520,7 @@ def test_fronts_and_hosts_work_with_exactly_the_manifests_privileges(short_path)
          "--hosts-authorized-dir", str(authorized),
          "--runtime-dir", str(base / "frt"), "--state-dir", str(base / "fst")],
         base / "front.log",
+        tmp=base / "ftmp",
     )  # fmt: skip
     config = base / "host.toml"
     config.write_text(f"kernel_uid_range = [{PRIVATE_UIDS[0]}, {PRIVATE_UIDS[1]}]\n")
