@@ -24,7 +24,7 @@ from txzmq.router_dealer import ZmqDealerConnection, ZmqRouterConnection
 
 from ..protocol import ProtocolError, hostlink
 from ..server.links import BoundedReads, LinkDoors
-from ..server.refusals import Line, RefusalLog
+from ..server.refusals import Line, RefusalLog, warn_line
 
 __all__ = ["FrontLink", "KernelRelay", "RelayOwner"]
 
@@ -78,12 +78,7 @@ class KernelRelay(BoundedReads, ZmqRouterConnection):
         front.send(message)
 
     def _refusal_line(self, line: Line) -> None:
-        self.log.warn(
-            "{source}: refused {count} (last: {detail})",
-            source=line.source,
-            count=line.count,
-            detail=line.detail,
-        )
+        warn_line(self.log, line, self.factory.reactor.seconds() if self.factory else line.since)
 
     def shutdown(self) -> None:
         self.refusals.stop()
@@ -178,12 +173,7 @@ class FrontLink(BoundedReads, ZmqDealerConnection):
         self._relay.send(message)
 
     def _refusal_line(self, line: Line) -> None:
-        self.log.warn(
-            "{source}: refused {count} (last: {detail})",
-            source=line.source,
-            count=line.count,
-            detail=line.detail,
-        )
+        warn_line(self.log, line, self.factory.reactor.seconds() if self.factory else line.since)
 
     def shutdown(self) -> None:
         self.refusals.stop()

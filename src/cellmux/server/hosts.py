@@ -36,7 +36,7 @@ from ..protocol import DEFAULT_LINK_CREDIT, ProtocolError, hostlink, link_contro
 from ..protocol import nursery as wire
 from .links import BoundedReads, KernelUnreachable, LinkChecks, LinkSink
 from .nursery import NurseryGone
-from .refusals import Line, RefusalLog
+from .refusals import Line, RefusalLog, warn_line
 from .remotefiles import RemoteFiles
 from .zap import ZAP_DOMAIN
 
@@ -575,18 +575,10 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
         self._owner.host_lost(name, cause)
 
     def _refusal_line(self, line: Line) -> None:
-        if line.count == 1:
-            self.log.warn("{source}: refused ({detail})", source=line.source, detail=line.detail)
-            return
-        seconds = self.factory.reactor.seconds() - line.since if self.factory else 0.0
-        self.log.warn(
-            "{source}: refused {count} more in {seconds:.0f} s (last: {detail})",
-            source=line.source,
-            count=line.count,
-            seconds=seconds,
-            detail=line.detail,
-        )
-        self._checks.refusal_line(line, seconds)
+        now = self.factory.reactor.seconds() if self.factory else line.since
+        seconds = warn_line(self.log, line, now)
+        if line.count > 1:
+            self._checks.refusal_line(line, seconds)
 
     def models(self) -> list[dict[str, Any]]:
         return [host.model() for host in self.registry.hosts.values()]

@@ -52,7 +52,7 @@ from cellmux.protocol import (
 )
 
 from .limits import DescriptorGuard
-from .refusals import Line, RefusalLog
+from .refusals import Line, RefusalLog, warn_line
 
 __all__ = [
     "BoundedReads",
@@ -476,18 +476,10 @@ class LinkRouter(BoundedReads, ZmqRouterConnection):
 
     def _refusal_line(self, line: Line) -> None:
         """Log one aggregated line; tell a running kernel's clients too."""
-        if line.count == 1:
-            self.log.warn("{source}: refused ({detail})", source=line.source, detail=line.detail)
-            return
-        seconds = self.factory.reactor.seconds() - line.since if self.factory else 0.0
-        self.log.warn(
-            "{source}: refused {count} more in {seconds:.0f} s (last: {detail})",
-            source=line.source,
-            count=line.count,
-            seconds=seconds,
-            detail=line.detail,
-        )
-        self._checks.refusal_line(line, seconds)
+        now = self.factory.reactor.seconds() if self.factory else line.since
+        seconds = warn_line(self.log, line, now)
+        if line.count > 1:
+            self._checks.refusal_line(line, seconds)
 
     def shutdown(self) -> None:
         self.refusals.stop()

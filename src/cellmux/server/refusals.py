@@ -20,7 +20,15 @@ from typing import Any
 
 import attrs
 
-__all__ = ["INTERVAL", "MAX_SOURCES", "OTHER_SOURCES", "Line", "RefusalLog", "RefusalTally"]
+__all__ = [
+    "INTERVAL",
+    "MAX_SOURCES",
+    "OTHER_SOURCES",
+    "Line",
+    "RefusalLog",
+    "RefusalTally",
+    "warn_line",
+]
 
 #: Seconds between two lines about the same source.
 INTERVAL = 10.0
@@ -39,6 +47,24 @@ class Line:
     since: float
     #: What the last refusal was about (the newest reason wins).
     detail: str
+
+
+def warn_line(log: Any, line: Line, now: float) -> float:
+    """Log C{line} on C{log} (a twisted Logger) as every refusal log does:
+    a source's first refusal alone, later ones counted over the seconds
+    since; returns those seconds (0 for a first refusal)."""
+    if line.count == 1:
+        log.warn("{source}: refused ({detail})", source=line.source, detail=line.detail)
+        return 0.0
+    seconds = now - line.since
+    log.warn(
+        "{source}: refused {count} more in {seconds:.0f} s (last: {detail})",
+        source=line.source,
+        count=line.count,
+        seconds=seconds,
+        detail=line.detail,
+    )
+    return seconds
 
 
 @attrs.define

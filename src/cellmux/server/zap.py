@@ -25,7 +25,7 @@ from txzmq.connection import ZmqConnection
 from zmq.utils import z85
 
 from .links import BoundedReads
-from .refusals import Line, RefusalLog
+from .refusals import Line, RefusalLog, warn_line
 
 __all__ = ["ZAP_DOMAIN", "ZAP_ENDPOINT", "AuthorisedKeys", "ZapHandler"]
 
@@ -133,15 +133,7 @@ class ZapHandler(BoundedReads, ZmqConnection):
         return [b"1.0", request_id, b"200", b"OK", key, b""]
 
     def _refusal_line(self, line: Line) -> None:
-        if line.count == 1:
-            self.log.warn("{source}: refused ({detail})", source=line.source, detail=line.detail)
-        else:
-            self.log.warn(
-                "{source}: refused {count} more (last: {detail})",
-                source=line.source,
-                count=line.count,
-                detail=line.detail,
-            )
+        warn_line(self.log, line, self.factory.reactor.seconds() if self.factory else line.since)
 
     def shutdown(self) -> None:
         if self._reload.running:
