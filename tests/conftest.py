@@ -36,6 +36,7 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, settings
 
+import apt_packages
 from cellmux.client import Client
 
 #: Modules whose every test needs root (marked ``root`` at collection).
@@ -334,16 +335,7 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's Chromium, installed with apt-get when it is missing."""
-    if not os.path.exists(CHROMIUM):
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
-            check=True,
-            capture_output=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    assert os.path.exists(CHROMIUM)
-    return CHROMIUM
+    return apt_packages.ensure("chromium", lambda: CHROMIUM if os.path.exists(CHROMIUM) else None)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,7 @@ import time
 
 import attrs
 
-_APT_LOCK = threading.Lock()
+import apt_packages
 
 
 def _pg_bin_dir() -> str | None:
@@ -42,22 +42,7 @@ def _pg_bin_dir() -> str | None:
 
 def ensure_postgres() -> str:
     """The directory of initdb and pg_ctl, installing PostgreSQL if needed."""
-    with _APT_LOCK:
-        found = _pg_bin_dir()
-        if found:
-            return found
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "postgresql"],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        found = _pg_bin_dir()
-        if not found:
-            raise RuntimeError("apt-get installed postgresql but initdb/pg_ctl are not found")
-        return found
+    return apt_packages.ensure("postgresql", _pg_bin_dir)
 
 
 def free_port() -> int:

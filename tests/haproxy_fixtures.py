@@ -16,32 +16,22 @@ import time
 
 import attrs
 
-from db_fixtures import _APT_LOCK
+import apt_packages
 
 #: The committed config the tests run.
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "haproxy.cfg")
 
 
+def _haproxy_binary() -> str | None:
+    found = shutil.which("haproxy")
+    if found is None and os.path.exists("/usr/sbin/haproxy"):
+        found = "/usr/sbin/haproxy"  # off a non-root user's PATH
+    return found
+
+
 def ensure_haproxy() -> str:
     """The haproxy binary, installing Debian's package if needed."""
-    with _APT_LOCK:
-        found = shutil.which("haproxy") or (
-            "/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None
-        )
-        if found:
-            return found
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "haproxy"],
-            check=True,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        found = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        if not os.path.exists(found):
-            raise RuntimeError("apt-get installed haproxy but it is not found")
-        return found
+    return apt_packages.ensure("haproxy", _haproxy_binary)
 
 
 @attrs.define

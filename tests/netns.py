@@ -54,7 +54,8 @@ from typing import Any, TypeVar
 
 import attrs
 
-from db_fixtures import _APT_LOCK, PostgresCluster, ensure_postgres
+import apt_packages
+from db_fixtures import PostgresCluster, ensure_postgres
 from haproxy_fixtures import ensure_haproxy
 
 T = TypeVar("T")
@@ -72,22 +73,9 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _apt_install(package: str) -> None:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update"], check=True, env=env, stdout=subprocess.DEVNULL)
-    subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", package],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-
-
 def ensure_iproute2() -> None:
     """The ``ip`` command, installed with apt-get when missing."""
-    with _APT_LOCK:
-        if shutil.which("ip") is None:
-            _apt_install("iproute2")
+    apt_packages.ensure("iproute2", lambda: shutil.which("ip"))
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+import apt_packages
 from cellmux.client import Client, Kernel, KernelDied
 from conftest import start_server
 
@@ -29,15 +29,7 @@ def shown(result) -> list[str]:
 @pytest.fixture(scope="module")
 def irkernel() -> str:
     """Debian's IRkernel, installed with apt-get when it is missing."""
-    if not os.path.exists(IR_SPEC):
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True)
-        subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", "r-cran-irkernel"],
-            check=True,
-            capture_output=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
-    assert os.path.exists(IR_SPEC)
+    apt_packages.ensure("r-cran-irkernel", lambda: IR_SPEC if os.path.exists(IR_SPEC) else None)
     return "ir"
 
 
