@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import re
 import secrets
 import threading
 import time
 import types
-import urllib.parse
 import uuid
 
 import pytest
@@ -29,6 +27,7 @@ from cellmux.server.fronts import front_tag, tag_of
 from conftest import RunningServer, config_file, start_server, wait_for
 from db_fixtures import PostgresCluster, free_port
 from haproxy_fixtures import HAProxy
+from http_helpers import request, token
 from terminal_helpers import cellmux_env
 from test_jupyter_ws import JupyterClient
 from test_longpoll import Poller, _pack, _request, control, jmsg, replied
@@ -39,27 +38,6 @@ TAGS = {"F1": front_tag("f1"), "F2": front_tag("f2")}
 UID_RANGES = {"F1": 410000, "F2": 420000}
 #: The documented bound (credential_refresh's default) and room for load.
 REFRESH_BOUND = 5.0 + 5.0
-
-
-def request(url: str, method: str, target: str, headers=None, body=None):
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, target, body=data, headers=headers or {})
-        response = conn.getresponse()
-        raw = response.read()
-        try:
-            decoded = json.loads(raw) if raw else None
-        except ValueError:
-            decoded = raw
-        return response.status, response.headers, decoded
-    finally:
-        conn.close()
-
-
-def token(value: str) -> dict[str, str]:
-    return {"Authorization": f"token {value}"}
 
 
 class Fleet:

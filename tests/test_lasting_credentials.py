@@ -4,37 +4,14 @@ that is down costs a clear error for that request and nothing else."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import re
 import secrets
 import sqlite3
-import urllib.parse
 
 from cellmux.server.auth import COOKIE_NAME
 from conftest import start_server, wait_for
-
-
-def request(server, method: str, target: str, headers=None, body=None):
-    parts = urllib.parse.urlsplit(server.url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        conn.request(method, target, body=data, headers=headers or {})
-        response = conn.getresponse()
-        raw = response.read()
-        try:
-            decoded = json.loads(raw) if raw else None
-        except ValueError:
-            decoded = raw
-        return response.status, response.headers, decoded
-    finally:
-        conn.close()
-
-
-def token(value: str) -> dict[str, str]:
-    return {"Authorization": f"token {value}"}
+from http_helpers import request, token
 
 
 def cookie(value: str) -> dict[str, str]:
@@ -43,7 +20,7 @@ def cookie(value: str) -> dict[str, str]:
 
 def login(server, credential: str) -> tuple[str, dict]:
     """POST /login with a token; the cookie it set and the answer."""
-    status, headers, body = request(server, "POST", "/login", token(credential))
+    status, headers, body = request(server.url, "POST", "/login", token(credential))
     assert status == 200, body
     set_cookie = headers.get("set-cookie")
     match = re.match(rf"{COOKIE_NAME}=([^;]+)", set_cookie)
@@ -66,12 +43,12 @@ def test_shares_and_logins_outlive_a_restart_and_revocations_are_immediate(tmp_p
         share_cookie, _ = login(first, kept["token"])
         revoked_cookie, _ = login(first, revoked["token"])
         for credential in (token(kept["token"]), cookie(share_cookie), token(revoked["token"])):
-            assert request(first, "GET", f"/api/kernels/{kernel.id}", credential)[0] == 200
+            assert request(first.url, "GET", f"/api/kernels/{kernel.id}", credential)[0] == 200
 
         # Revoking ends the share and the logins made with it at once.
         client.revoke_share(kernel.id, revoked["id"])
         for credential in (token(revoked["token"]), cookie(revoked_cookie)):
-            status, _, body = request(first, "GET", f"/api/kernels/{kernel.id}", credential)
+            status, _, body = request(first.url, "GET", f"/api/kernels/{kernel.id}", credential)
             assert status == 403, body
         assert [s["id"] for s in client.list_shares(kernel.id)] == [kept["id"]]
     finally:
@@ -85,21 +62,21 @@ def test_shares_and_logins_outlive_a_restart_and_revocations_are_immediate(tmp_p
     second = start_server("--database", database, "--token", owner)
     try:
         wait_for(lambda: "loaded 3 stored credential(s)" in second.log(), timeout=15)
-        status, _, body = request(second, "GET", "/api/kernels", cookie(owner_cookie))
+        status, _, body = request(second.url, "GET", "/api/kernels", cookie(owner_cookie))
         assert status == 200 and body == []
         # The share still authenticates: its kernel is gone with the old server.
         for credential in (token(kept["token"]), cookie(share_cookie)):
-            status, _, body = request(second, "GET", f"/api/kernels/{kernel.id}", credential)
+            status, _, body = request(second.url, "GET", f"/api/kernels/{kernel.id}", credential)
             assert status == 404, body
         # The revoked share stays revoked.
         for credential in (token(revoked["token"]), cookie(revoked_cookie)):
-            status, _, body = request(second, "GET", f"/api/kernels/{kernel.id}", credential)
+            status, _, body = request(second.url, "GET", f"/api/kernels/{kernel.id}", credential)
             assert status == 403, body
         # The owner may still list and revoke the shares of a kernel that is gone.
         client = second.client()
         assert [s["id"] for s in client.list_shares(kernel.id)] == [kept["id"]]
         client.revoke_share(kernel.id, kept["id"])
-        assert request(second, "GET", "/api/", cookie(share_cookie))[0] == 403
+        assert request(second.url, "GET", "/api/", cookie(share_cookie))[0] == 403
     finally:
         second.stop()
 
@@ -107,8 +84,8 @@ def test_shares_and_logins_outlive_a_restart_and_revocations_are_immediate(tmp_p
     third = start_server("--database", database)
     try:
         wait_for(lambda: "stored credential(s)" in third.log(), timeout=15)
-        assert request(third, "GET", "/api/kernels", cookie(owner_cookie))[0] == 403
-        assert request(third, "GET", "/api/", cookie(share_cookie))[0] == 403
+        assert request(third.url, "GET", "/api/kernels", cookie(owner_cookie))[0] == 403
+        assert request(third.url, "GET", "/api/", cookie(share_cookie))[0] == 403
     finally:
         third.stop()
     with sqlite3.connect(database) as conn:
@@ -125,7 +102,7 @@ def test_a_database_that_is_down_costs_a_clear_error_and_the_server_recovers(tmp
         client = server.client()
         kernel = client.create_kernel()  # kernels do not need the database
         status, _, body = request(
-            server,
+            server.url,
             "POST",
             f"/api/kernels/{kernel.id}/shares",
             token(server.token) | {"Content-Type": "application/json"},
@@ -134,18 +111,20 @@ def test_a_database_that_is_down_costs_a_clear_error_and_the_server_recovers(tmp
         assert status == 503, body
         assert "credential database is unavailable" in body["message"]
         # A cookie the server cannot check yet: 503, not a misleading 403.
-        status, _, body = request(server, "GET", "/api/kernels", cookie("some-stored-login"))
+        status, _, body = request(server.url, "GET", "/api/kernels", cookie("some-stored-login"))
         assert status == 503 and "try again" in body["message"]
         # Logging in still works, for as long as this server runs.
         owner_cookie, answer = login(server, server.token)
         assert answer["lasting"] is False and "Max-Age" not in answer["set-cookie"]
-        assert request(server, "GET", "/api/kernels", cookie(owner_cookie))[0] == 200
+        assert request(server.url, "GET", "/api/kernels", cookie(owner_cookie))[0] == 200
 
         os.mkdir(missing)  # the database comes back
         wait_for(lambda: "loaded 0 stored credential(s)" in server.log(), timeout=20)
         share = client.share_kernel(kernel.id, "observer")
-        assert request(server, "GET", f"/api/kernels/{kernel.id}", token(share["token"]))[0] == 200
-        assert request(server, "GET", "/api/kernels", cookie("some-stored-login"))[0] == 403
+        assert (
+            request(server.url, "GET", f"/api/kernels/{kernel.id}", token(share["token"]))[0] == 200
+        )
+        assert request(server.url, "GET", "/api/kernels", cookie("some-stored-login"))[0] == 403
         client.delete_kernel(kernel.id)
         assert server.alive()
     finally:
@@ -168,6 +147,6 @@ def test_a_kernel_shut_down_by_its_client_takes_its_shares_along(tmp_path):
                 return conn.execute("SELECT COUNT(*) FROM credentials").fetchone() == (0,)
 
         wait_for(forgotten, timeout=15)
-        assert request(server, "GET", "/api/", token(share["token"]))[0] == 403
+        assert request(server.url, "GET", "/api/", token(share["token"]))[0] == 403
     finally:
         server.stop()

@@ -5,10 +5,8 @@ limits, within per-address limits that answer 429 with a clear message."""
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import time
-import urllib.parse
 import uuid
 
 import pytest
@@ -24,25 +22,14 @@ from cellmux.protocol import (
     parse_control,
 )
 from conftest import config_file, start_server, wait_for
+from http_helpers import request
 
 ORIGIN = "http://embed.example"
 
 
-def request(server, method: str, target: str, headers=None):
-    parts = urllib.parse.urlsplit(server.url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    try:
-        conn.request(method, target, headers=headers or {})
-        response = conn.getresponse()
-        raw = response.read()
-        return response.status, response.headers, json.loads(raw) if raw else None
-    finally:
-        conn.close()
-
-
 def mint(server):
     """What an embedding page on ORIGIN asks for: no credentials at all."""
-    return request(server, "POST", "/embed/kernels", {"Origin": ORIGIN})
+    return request(server.url, "POST", "/embed/kernels", {"Origin": ORIGIN})
 
 
 def hello_answer(server, token: str, kernel_id: str) -> dict:
@@ -133,7 +120,7 @@ def test_a_visitor_gets_one_kernel_within_the_limits_and_never_the_owner_token(p
 
 
 def test_without_public_mode_an_anonymous_visitor_gets_403(server):
-    status, _, body = request(server, "POST", "/embed/kernels")
+    status, _, body = request(server.url, "POST", "/embed/kernels")
     assert status == 403 and body["message"] == "a valid token is required"
 
 
@@ -177,11 +164,13 @@ public_kernels_per_address = 1
     try:
         made = []
         for client in ("203.0.113.7", "203.0.113.8"):
-            status, _, body = request(server, "POST", "/embed/kernels", {"X-Forwarded-For": client})
+            status, _, body = request(
+                server.url, "POST", "/embed/kernels", {"X-Forwarded-For": client}
+            )
             assert status == 201, body
             made.append(body["id"])
         status, _, body = request(
-            server, "POST", "/embed/kernels", {"X-Forwarded-For": "203.0.113.7"}
+            server.url, "POST", "/embed/kernels", {"X-Forwarded-For": "203.0.113.7"}
         )
         assert status == 429 and "already has 1 kernel(s)" in body["message"]
         for kernel_id in made:
