@@ -54,6 +54,28 @@ class CellResult:
     def lines(self) -> list[str]:
         return "".join(self.stdout).splitlines()
 
+    def take(self, header: bytes, content: bytes, elapsed: float, want_reply: bool) -> bool:
+        """Count one message of the request, C{elapsed} seconds after it
+        was sent; True once its reply (if C{want_reply}) and idle are in."""
+        self.messages += 1
+        self.last = elapsed
+        msg_type = json.loads(header)["msg_type"]
+        if self.reply and msg_type not in ("status", "execute_input"):
+            self.reply_overtook = True
+        if msg_type == "stream":
+            body = json.loads(content)
+            self.stream_messages += 1
+            self.stream_bytes += len(content)
+            if body["name"] == "stdout":
+                self.stdout.append(body["text"])
+        elif msg_type == "status":
+            if json.loads(content)["execution_state"] == "idle":
+                self.idle = elapsed
+        elif msg_type == "execute_reply" and want_reply:
+            self.reply = elapsed
+            self.status = json.loads(content)["status"]
+        return bool(self.idle) and (bool(self.reply) or not want_reply)
+
 
 def _header(msg_type: str, session: str, msg_id: str) -> dict[str, Any]:
     return {
@@ -112,10 +134,8 @@ class _WebsocketConnection:
         self, msg_id: str, start: float, want_reply: bool, timeout: float | None
     ) -> CellResult:
         result = CellResult()
-        got_reply = not want_reply
-        got_idle = False
         deadline = None if timeout is None else start + timeout
-        while not (got_reply and got_idle):
+        while True:
             left = None if deadline is None else deadline - time.perf_counter()
             try:
                 raw = await asyncio.wait_for(self.ws.recv(), left)
@@ -129,26 +149,8 @@ class _WebsocketConnection:
             if json.loads(parent).get("msg_id") != msg_id:
                 result.stray += 1
                 continue
-            result.messages += 1
-            result.last = time.perf_counter() - start
-            msg_type = json.loads(header)["msg_type"]
-            if got_reply and want_reply and msg_type not in ("status", "execute_input"):
-                result.reply_overtook = True
-            if msg_type == "stream":
-                body = json.loads(content)
-                result.stream_messages += 1
-                result.stream_bytes += len(content)
-                if body["name"] == "stdout":
-                    result.stdout.append(body["text"])
-            elif msg_type == "status":
-                if json.loads(content)["execution_state"] == "idle":
-                    result.idle = time.perf_counter() - start
-                    got_idle = True
-            elif msg_type == "execute_reply" and want_reply:
-                result.reply = time.perf_counter() - start
-                result.status = json.loads(content)["status"]
-                got_reply = True
-        return result
+            if result.take(header, content, time.perf_counter() - start, want_reply):
+                return result
 
     def _encode_execute(self, code: str, msg_id: str) -> bytes:
         raise NotImplementedError
@@ -355,9 +357,8 @@ class FloorConnection:
         start = time.perf_counter()
         self.session_obj.send(self.shell, msg)
         result = CellResult()
-        got_reply = got_idle = False
         deadline = None if timeout is None else start + timeout
-        while not (got_reply and got_idle):
+        while True:
             left = None if deadline is None else deadline - time.perf_counter()
             try:
                 msg = await asyncio.wait_for(self._queue.get(), left)
@@ -368,23 +369,5 @@ class FloorConnection:
             if json.loads(parent).get("msg_id") != msg_id:
                 result.stray += 1
                 continue
-            result.messages += 1
-            result.last = time.perf_counter() - start
-            msg_type = json.loads(header)["msg_type"]
-            if got_reply and msg_type not in ("status", "execute_input"):
-                result.reply_overtook = True
-            if msg_type == "stream":
-                body = json.loads(content)
-                result.stream_messages += 1
-                result.stream_bytes += len(content)
-                if body["name"] == "stdout":
-                    result.stdout.append(body["text"])
-            elif msg_type == "status":
-                if json.loads(content)["execution_state"] == "idle":
-                    result.idle = time.perf_counter() - start
-                    got_idle = True
-            elif msg_type == "execute_reply":
-                result.reply = time.perf_counter() - start
-                result.status = json.loads(content)["status"]
-                got_reply = True
-        return result
+            if result.take(header, content, time.perf_counter() - start, True):
+                return result
