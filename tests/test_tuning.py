@@ -163,3 +163,63 @@ def test_interrupting_a_flushing_loop_leaves_output_working(kernel):
     assert lines == [str(i) for i in range(len(lines))]
     after = kernel.execute("for j in range(100): print('after', j, flush=True)")
     assert after.stdout == "".join(f"after {j}\n" for j in range(100))
+
+
+def test_reply_comes_after_output_and_before_idle(kernel):
+    # The pump forwards in emission order: the whole sequence is ordered,
+    # the reply included, though it leaves on another socket than iopub.
+    frames = []
+    kernel.add_listener(frames.append)
+    for code in ["1+1", "print('x')", "display(1)\n2"] * (RUNS // 2):
+        frames.clear()
+        result = kernel.execute(code)
+        types = _message_types(frames, result.msg_id)
+        assert types[:2] == ["status", "execute_input"], types
+        assert types[-2:] == ["execute_reply", "status"], types
+
+
+def test_main_thread_does_not_wait_for_the_iopub_thread_to_reply(kernel):
+    """``fifo``: the reply is queued behind the cell's output instead of the
+    main thread waiting for the IOPub thread to send that output; a slow
+    IOPub thread delays the reply, not the kernel's next request."""
+    frames = []
+    kernel.add_listener(frames.append)
+    first = kernel.execute(
+        "import asyncio, time\n"
+        "_marks = {}\n"
+        "get_ipython().kernel.iopub_thread.schedule(lambda: time.sleep(1.0))\n"
+        "display('behind the slow event')\n"
+        "_marks['end'] = time.monotonic()\n"
+        "asyncio.get_event_loop().call_soon(\n"
+        "    lambda: _marks.__setitem__('free', time.monotonic()))\n"
+        "pass\n"
+    )
+    assert first.ok
+    types = _message_types(frames, first.msg_id)
+    assert types[-3:] == ["display_data", "execute_reply", "status"], types
+    waited = float(kernel.execute("_marks['free'] - _marks['end']").result_text)
+    # With the reply barrier the main thread sat out the whole second.
+    assert waited < 0.5
+
+
+def test_a_cell_is_transformed_once(kernel):
+    # ipykernel transforms a cell, then IPython's run_cell did it again.
+    setup = kernel.execute(
+        "_transforms = []\n"
+        "def _count(lines):\n"
+        "    _transforms.append(''.join(lines))\n"
+        "    return lines\n"
+        "get_ipython().input_transformers_cleanup.append(_count)"
+    )
+    assert setup.ok
+    for code in ["1+1", "x = 3", "y = x * 2\nhere = %pwd", "async def f(): return 1\nawait f()"]:
+        assert kernel.execute("_transforms.clear()").ok
+        result = kernel.execute(code)
+        assert result.ok, result.error
+        count = kernel.execute("len(_transforms)").result_text
+        # the clear() cell and the counting cell are counted too
+        assert count == "2", (code, count)
+    assert kernel.execute("(x, y)").result_text == "(3, 6)"
+    # A cell run by the user's own code is transformed, as any other.
+    ran = kernel.execute("get_ipython().run_cell('z = 7')\nz")
+    assert ran.result_text == "7"

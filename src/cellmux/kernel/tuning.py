@@ -38,6 +38,14 @@ The changes, each measured in docs/benchmarks.md:
 7. The main shell's replies go from the main thread straight to the pump
    instead of through ipykernel's shell-channel thread (see
    L{_send_main_replies_to_pump}); needs ``sleep``'s reply barrier.
+8. Those replies are queued on the IOPub thread behind the cell's output
+   instead of the main thread waiting for that thread to send it (the
+   reply barrier): the queue is FIFO, so the order is the same and the main
+   thread is free at once (``fifo``, with ``replies``; see L{_RepliesByPeer}).
+9. A cell is transformed once: ipykernel transforms it to decide whether to
+   run it as a coroutine, then IPython's ``run_cell`` transforms the same
+   string again; and ipykernel's check of ``run_cell``'s signature is made
+   once, not per cell (``once``; see L{_transform_once}).
 
 The patches change classes inside the forked kernel process only (never in
 the nursery, which is their parent), and must be installed before
@@ -46,7 +54,7 @@ the nursery, which is their parent), and must be installed before
 The kernel environment variable ``CELLMUX_KERNEL_TUNING`` picks the changes:
 unset or ``all`` for all of them, ``none`` for stock ipykernel, or a comma
 list of ``sleep``, ``flush``, ``wakes``, ``log``, ``warm``, ``ahead``,
-``replies`` (the benchmarks measure each one this way; an operator can turn
+``replies``, ``fifo``, ``once`` (the benchmarks measure each one this way; an operator can turn
 one off through ``kernel_env``).
 """
 
@@ -70,7 +78,7 @@ import zmq
 __all__ = ["CHANGES", "IN_FLIGHT_WAIT", "STREAM_PAUSE", "install", "selected", "warm_up"]
 
 #: The changes this module can make, by the names CELLMUX_KERNEL_TUNING uses.
-CHANGES = ("sleep", "flush", "wakes", "log", "warm", "ahead", "replies")
+CHANGES = ("sleep", "flush", "wakes", "log", "warm", "ahead", "replies", "fifo", "once")
 
 #: Longest a flush waits for fd output that the watcher thread is still
 #: moving (stock waits for none; a process writing faster than this is not
@@ -291,8 +299,6 @@ def _patch_flush_ahead() -> None:
         # In the IOPub thread: its socket is ours to use directly.
         thread = self.pub_thread
         target = thread.socket if thread.thread.ident == threading.get_ident() else thread
-        # Counted like stock flushes with text (the pause before the reply).
-        thread._cellmux_stream_flushes = getattr(thread, "_cellmux_stream_flushes", 0) + 1
         for frozen_parent, buffer in buffers.items():
             text, parent = buffer.getvalue(), dict(frozen_parent)
             buffer.close()
@@ -321,6 +327,11 @@ def _patch_flush_ahead() -> None:
             with self._buffer_lock:
                 buffers, self._buffers = self._buffers, defaultdict(StringIO)
             size = sum(buffer.tell() for buffer in buffers.values())
+            if size:
+                # Counted like stock flushes with text (the pause before the
+                # reply), here, so that the main thread sees it at once.
+                thread = self.pub_thread
+                thread._cellmux_stream_flushes = getattr(thread, "_cellmux_stream_flushes", 0) + 1
             self.pub_thread.schedule(functools.partial(_send, self, buffers))
         if size > FLUSH_AHEAD_BYTES:
             _iopub_barrier(self.pub_thread)
@@ -367,29 +378,96 @@ def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
             return stock_input_request(*args, **kwargs)
 
         kernel._input_request = _input_request
+    once = _transform_once(kernel) if "once" in changes else None
     if "sleep" not in changes:
         return
+    queued = False
     if "replies" in changes:
-        _send_main_replies_to_pump(kernel, app.context)
+        queued = _send_main_replies_to_pump(kernel, app.context, queued="fifo" in changes)
     stock_do_execute = kernel.do_execute
 
     @functools.wraps(stock_do_execute)
     async def do_execute(*args: Any, **kwargs: Any) -> Any:
         before = getattr(iopub_thread, "_cellmux_stream_flushes", 0)
-        reply = await stock_do_execute(*args, **kwargs)
+        try:
+            reply = await stock_do_execute(*args, **kwargs)
+        finally:
+            if once is not None:
+                once.forget()
         # Stock flushes again after this returns; those calls are then cheap.
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
-        _iopub_barrier(iopub_thread)
-        if getattr(iopub_thread, "_cellmux_stream_flushes", 0) != before:
+        printed = getattr(iopub_thread, "_cellmux_stream_flushes", 0) != before
+        # A queued reply is behind the cell's output in the IOPub thread's
+        # FIFO queue already: the barrier is needed only for the pause.
+        if not queued or printed:
+            _iopub_barrier(iopub_thread)
+        if printed:
             time.sleep(STREAM_PAUSE)
         return reply
 
     kernel.do_execute = do_execute
 
 
-def _send_main_replies_to_pump(kernel: Any, context: zmq.Context) -> None:
+class _TransformOnce:
+    """The main shell's ``transform_cell``, run once per execute_request.
+
+    ipykernel's do_execute transforms the cell (to pass the result to
+    ``should_run_async``), and when the cell is not a coroutine it calls
+    ``shell.run_cell(code)``, whose ``_run_cell`` transforms the very same
+    string again. The first result is kept, for that exact string object,
+    until the request ends (L{forget}); any other string, a cell run by the
+    user's own code included, is transformed as usual. A transform that
+    raised is not kept: the second call raises again, as stock.
+    """
+
+    def __init__(self, transform: Any) -> None:
+        self._transform = transform
+        self._raw: str | None = None
+        self._transformed: str | None = None
+
+    def __call__(self, raw_cell: str) -> str:
+        if raw_cell is self._raw and self._transformed is not None:
+            transformed = self._transformed
+            self.forget()  # two calls per request: the second is the last
+            return transformed
+        transformed = self._transform(raw_cell)
+        self._raw, self._transformed = raw_cell, transformed
+        return transformed
+
+    def forget(self) -> None:
+        self._raw = self._transformed = None
+
+
+def _transform_once(kernel: Any) -> _TransformOnce | None:
+    """Transform each cell once, and check run_cell's signature once."""
+    shell = getattr(kernel, "shell", None)
+    if shell is None:
+        return None
+    once = _TransformOnce(shell.transform_cell)
+    # An instance attribute, as cellmux.kernel.sourcemap and debugging
+    # wrap it (they are installed later and call this one).
+    shell.transform_cell = once
+    from ipykernel import ipkernel
+
+    stock_accepts = ipkernel._accepts_parameters
+    known: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    @functools.wraps(stock_accepts)
+    def accepts_parameters(meth: Any, param_names: list[str]) -> Any:
+        # inspect.signature on every cell, for a method that never changes
+        # while it is the same function (a wrapper set later is a new key).
+        key = (getattr(meth, "__func__", meth), tuple(param_names))
+        if key not in known:
+            known[key] = stock_accepts(meth, param_names)
+        return dict(known[key])
+
+    ipkernel._accepts_parameters = accepts_parameters
+    return once
+
+
+def _send_main_replies_to_pump(kernel: Any, context: zmq.Context, queued: bool = False) -> bool:
     """Send the main shell's replies straight to the pump.
 
     ipykernel 7 hands each reply of the main shell to its shell-channel
@@ -399,12 +477,17 @@ def _send_main_replies_to_pump(kernel: Any, context: zmq.Context) -> None:
     The pump drains iopub before replies, and the reply barrier (``sleep``)
     has handed the request's output to the IOPub socket before the reply is
     sent, so a reply still comes after its output.
+
+    @param queued: send those replies from the IOPub thread, queued behind
+        what the request published (``fifo``), so that the main thread need
+        not wait for that thread before it replies.
+    @return: whether replies are queued so.
     """
     from .pump import INPROC_PORTS, PUMP_ROUTING_ID, inproc_endpoint
 
     thread = getattr(kernel, "shell_channel_thread", None)
     if thread is None or not getattr(kernel, "_supports_kernel_subshells", False):
-        return  # ipykernel 6: replies go out on the shell socket directly
+        return False  # ipykernel 6: replies go out on the shell socket directly
     manager = thread.manager  # made on first use, in this (the main) thread
     replies = context.socket(zmq.PUSH)
     replies.linger = 1000
@@ -412,13 +495,15 @@ def _send_main_replies_to_pump(kernel: Any, context: zmq.Context) -> None:
     # numbered like the kernel's own sockets (cellmux.kernel.ordering)
     kernel.cellmux_replies_socket = replies
     stock = manager.get_subshell_to_shell_channel_socket
-    to_pump = _RepliesByPeer(replies, lambda: stock(None), PUMP_ROUTING_ID)
+    iopub_thread = kernel.iopub_thread if queued else None
+    to_pump = _RepliesByPeer(replies, lambda: stock(None), PUMP_ROUTING_ID, iopub_thread)
 
     @functools.wraps(stock)
     def reply_socket(subshell_id: str | None) -> Any:
         return to_pump if subshell_id is None else stock(subshell_id)
 
     manager.get_subshell_to_shell_channel_socket = reply_socket
+    return queued
 
 
 class _RepliesByPeer:
@@ -430,12 +515,20 @@ class _RepliesByPeer:
     debugpy) and blocks the control thread until its reply comes back on
     that socket. Sent to the pump, that reply went to the server instead and
     the ``debug_request`` never got its ``debug_reply``.
+
+    Given the IOPub thread, the pump's replies are sent from there, queued
+    behind everything published before them (the queue is FIFO): the order
+    the reply barrier kept, without the main thread waiting for it. Only
+    that thread then uses the socket (zmq sockets are not thread-safe).
     """
 
-    def __init__(self, replies: zmq.Socket, stock: Any, pump_id: bytes) -> None:
+    def __init__(
+        self, replies: zmq.Socket, stock: Any, pump_id: bytes, iopub_thread: Any = None
+    ) -> None:
         self._replies = replies
         self._stock = stock
         self._pump_id = pump_id
+        self._iopub_thread = iopub_thread
 
     def __getattr__(self, name: str) -> Any:
         # Everything else (socket_type, closed, …) is the pump's socket's.
@@ -445,7 +538,13 @@ class _RepliesByPeer:
         first = parts[0] if parts else b""
         ident = first if isinstance(first, bytes) else getattr(first, "bytes", b"")
         if ident == self._pump_id:
-            return self._replies.send_multipart(parts, *args, **kwargs)
+            if self._iopub_thread is None:
+                return self._replies.send_multipart(parts, *args, **kwargs)
+            # Looked up per call: cellmux.kernel.ordering counts what is
+            # scheduled (its own barrier for the other sockets' replies).
+            send = functools.partial(self._replies.send_multipart, list(parts), *args, **kwargs)
+            self._iopub_thread.schedule(send)
+            return None
         return self._stock().send_multipart(parts, *args, **kwargs)
 
 
