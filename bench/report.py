@@ -93,6 +93,18 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 floor,
                 note=f"overhead over floor: cellmux {cm - floor:+.2f}, jupyter {jp - floor:+.2f}",
             )
+        if "cellmux (Jupyter websocket)" in t:
+            ws = t["cellmux (Jupyter websocket)"]
+            add(
+                "rtt 1+1 to reply through the Jupyter websocket, p50",
+                "ms",
+                "low",
+                _ms(ws["reply"]["p50"]),
+                _ms(t["jupyter"]["reply"]["p50"]),
+                _ms(t["jupyter-nolimit"]["reply"]["p50"]),
+                floor=_ms(t["floor"]["reply"]["p50"]),
+                note=f"idle p50 {_ms(ws['idle']['p50']):.2f} ms",
+            )
         add(
             "rtt 1+1 to reply, p99",
             "ms",

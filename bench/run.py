@@ -131,8 +131,11 @@ class Suite:
         return await cls.open(server.url, server.token, kernel_id, max_queue=max_queue)
 
     @contextlib.asynccontextmanager
-    async def kernel_conn(self, name: str):
-        """A fresh kernel on target C{name}, attached, warmed by one cell."""
+    async def kernel_conn(self, name: str, jupyter_api: bool = False):
+        """A fresh kernel on target C{name}, attached, warmed by one cell.
+
+        @param jupyter_api: attach through the Jupyter websocket
+            (``/api/kernels/ID/channels``) whatever the server."""
         if name == "floor":
             conn = FloorConnection(self.floor.info)
             await conn.start()
@@ -143,7 +146,10 @@ class Suite:
             return
         server = self.servers[name]
         model = server.create_kernel()
-        conn = await self.connect(name, model["id"])
+        if jupyter_api:
+            conn = await JupyterConnection.open(server.url, server.token, model["id"])
+        else:
+            conn = await self.connect(name, model["id"])
         conn.kernel_id = model["id"]
         try:
             await conn.execute("0")
@@ -236,11 +242,21 @@ class Suite:
     # -- 2. rtt ----------------------------------------------------------------
 
     async def bench_rtt(self) -> None:
-        names = ["cellmux", "jupyter", "jupyter-nolimit", "floor"]
+        # cellmux twice: its own protocol, and the Jupyter websocket that
+        # Jupyter clients use (the same server, another kernel).
+        jupyter_ws = "cellmux (Jupyter websocket)"
+        names = ["cellmux", jupyter_ws, "jupyter", "jupyter-nolimit", "floor"]
         replies: dict[str, list[float]] = {n: [] for n in names}
         idles: dict[str, list[float]] = {n: [] for n in names}
         async with contextlib.AsyncExitStack() as stack:
-            conns = {n: await stack.enter_async_context(self.kernel_conn(n)) for n in names}
+            conns = {
+                n: await stack.enter_async_context(
+                    self.kernel_conn("cellmux", jupyter_api=True)
+                    if n == jupyter_ws
+                    else self.kernel_conn(n)
+                )
+                for n in names
+            }
             for conn in conns.values():
                 for _ in range(10):  # warm up
                     await conn.execute("1+1")
