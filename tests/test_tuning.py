@@ -42,9 +42,11 @@ def test_warm_up_ran_and_left_no_trace(kernel):
     result = kernel.execute(
         "ip = get_ipython()\n"
         "print('formatters' in ip.display_formatter._trait_values)\n"
+        "print(ip.kernel.cellmux_warm_up)\n"
         "print(repr(_), repr(__), Out, len(In), repr(_i), [k for k in dir() if k[1:].isdigit()])"
     )
-    assert result.stdout.splitlines() == ["True", "'' '' {} 2 '' []"]
+    # The whole request path ran, not only IPython's run_cell.
+    assert result.stdout.splitlines() == ["True", "execute_request", "'' '' {} 2 '' []"]
     assert result.execution_count == 1
     second = kernel.execute("6 * 7")
     assert (second.result_text, second.execution_count) == ("42", 2)

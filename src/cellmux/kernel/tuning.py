@@ -32,7 +32,8 @@ The changes, each measured in docs/benchmarks.md:
 5. One throwaway ``1+1`` runs before the kernel is handed out (see
    L{warm_up}), so a client's first cell does not pay for what IPython and
    ipykernel do only once: the display formatters are created on the first
-   display, the main thread's IOPub wake-up socket on its first publish.
+   display, the main thread's IOPub wake-up socket on its first publish;
+   it runs through ipykernel's execute_request, as a client's cell does.
 6. ``flush()`` queues the text it takes for the IOPub thread instead of
    waiting for a thread round trip (see L{_patch_flush_ahead}).
 7. The main shell's replies go from the main thread straight to the pump
@@ -586,7 +587,10 @@ def warm_up(app: Any, changes: frozenset[str] | None = None) -> None:
     Call after C{app.initialize()} and before anything subscribes to IOPub:
     with no subscriber, the cell's messages go nowhere. The cell is not
     stored in the history and does not count (C{store_history=False}); the
-    display hook's traces (C{_}, C{_N}, C{Out}) are taken back.
+    display hook's traces (C{_}, C{_N}, C{Out}) are taken back. It runs as
+    an execute_request through the kernel (its reply discarded), so that
+    the whole request path is warm, not only IPython's (the kernel's
+    C{cellmux_warm_up} says which ran: ``execute_request`` or ``run_cell``).
     """
     if changes is None:
         changes = selected(os.environ.get("CELLMUX_KERNEL_TUNING"))
@@ -595,7 +599,13 @@ def warm_up(app: Any, changes: frozenset[str] | None = None) -> None:
         return
     user_ns, hidden = dict(shell.user_ns), dict(shell.user_ns_hidden)
     outputs = dict(shell.user_ns.get("_oh", {}))
-    shell.run_cell("1+1", store_history=False, silent=False)
+    kernel = getattr(app, "kernel", None)
+    if kernel is None or not _warm_request(kernel):
+        shell.run_cell("1+1", store_history=False, silent=False)
+        if kernel is not None:
+            kernel.cellmux_warm_up = "run_cell"
+    else:
+        kernel.cellmux_warm_up = "execute_request"
     shell.user_ns.clear()
     shell.user_ns.update(user_ns)
     shell.user_ns_hidden.clear()
@@ -605,3 +615,39 @@ def warm_up(app: Any, changes: frozenset[str] | None = None) -> None:
         user_ns["_oh"].update(outputs)
     hook = shell.displayhook
     hook._ = hook.__ = hook.___ = ""
+
+
+class _Discarded:
+    """Where the warm-up's reply goes: nowhere."""
+
+    def send_multipart(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _warm_request(kernel: Any) -> bool:
+    """Run one ``1+1`` through the kernel's execute_request, as a client's
+    would run, so that its first-time costs (ipykernel's request path, the
+    reply's serialisation, the pages the fork shares with the nursery
+    touched by that path) are not the client's. The coroutine is driven by
+    hand: for a cell like this one nothing in it waits on the event loop,
+    which is not running yet. Returns False if it could not run so."""
+    parent = kernel.session.msg(
+        "execute_request",
+        {
+            "code": "1+1",
+            "silent": False,
+            "store_history": False,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": False,
+        },
+    )
+    coro = kernel.execute_request(_Discarded(), [b"cellmux-warm-up"], parent)
+    try:
+        coro.send(None)
+    except StopIteration:
+        return True
+    except Exception:
+        return False
+    coro.close()  # it waited for something: leave it to the loop's first cell
+    return False
