@@ -42,7 +42,8 @@ The changes, each measured in docs/benchmarks.md:
 8. Those replies are queued on the IOPub thread behind the cell's output
    instead of the main thread waiting for that thread to send it (the
    reply barrier): the queue is FIFO, so the order is the same and the main
-   thread is free at once (``fifo``, with ``replies``; see L{_RepliesByPeer}).
+   thread is free at once; stock's pause before the reply of a cell that
+   printed goes too (``fifo``, with ``replies``; see L{_RepliesByPeer}).
 9. A cell is transformed once: ipykernel transforms it to decide whether to
    run it as a coroutine, then IPython's ``run_cell`` transforms the same
    string again; and ipykernel's check of ``run_cell``'s signature is made
@@ -384,7 +385,10 @@ def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
         return
     queued = False
     if "replies" in changes:
-        queued = _send_main_replies_to_pump(kernel, app.context, queued="fifo" in changes)
+        # Without ``flush``, a flush does not wait for fd output in flight:
+        # the barrier and pause stay (queued replies or not).
+        fifo = "fifo" in changes and "flush" in changes
+        queued = _send_main_replies_to_pump(kernel, app.context, queued=fifo)
     stock_do_execute = kernel.do_execute
 
     @functools.wraps(stock_do_execute)
@@ -399,12 +403,14 @@ def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
-        printed = getattr(iopub_thread, "_cellmux_stream_flushes", 0) != before
-        # A queued reply is behind the cell's output in the IOPub thread's
-        # FIFO queue already: the barrier is needed only for the pause.
-        if not queued or printed:
-            _iopub_barrier(iopub_thread)
-        if printed:
+        if queued:
+            # The reply will be queued behind all of the cell's output (the
+            # flushes above took what was buffered or in flight on the fd)
+            # and numbered after it (cellmux.kernel.ordering): neither the
+            # barrier nor stock's pause for late stream text is needed.
+            return reply
+        _iopub_barrier(iopub_thread)
+        if getattr(iopub_thread, "_cellmux_stream_flushes", 0) != before:
             time.sleep(STREAM_PAUSE)
         return reply
 
