@@ -153,3 +153,130 @@ def test_an_idle_kernel_imports_nothing_the_nursery_did_not(kernel):
         "print(list(sys.modules)[m._at_fork[0]:], m.unchanged_since_fork())"
     )
     assert result.stdout.strip() == "[] True"
+
+
+def _in_fresh_interpreter(script: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_code_a_child_ran_is_named_in_first_call_order(tmp_path):
+    # In a fork, the ids are the parent's own code objects; code the child
+    # did not run (never_called) is not named, nor is the parent's own.
+    script = """
+import threading
+from cellmux.kernel import memory
+def first(): return second() + 1
+def second(): return 1
+def in_a_thread(): return 2
+def never_called(): return 3
+def work():
+    first()
+    t = threading.Thread(target=in_a_thread)
+    t.start(); t.join()
+order = memory.code_run_by(work)
+where = {id(f.__code__): f.__name__ for f in (first, second, in_a_thread, never_called)}
+print([where[i] for i in order if i in where])
+"""
+    done = _in_fresh_interpreter(script, tmp_path)
+    assert done.stdout.strip() == "['first', 'second', 'in_a_thread']", done.stderr
+
+
+def test_a_failed_or_stuck_rehearsal_raises_and_leaves_no_child(tmp_path):
+    script = """
+import os, time
+from cellmux.kernel import memory
+for work, timeout in ((lambda: 1 / 0, 30), (lambda: time.sleep(60), 0.5)):
+    try:
+        memory.code_run_by(work, timeout=timeout)
+    except RuntimeError as e:
+        print(str(e).split(" (")[0])
+try:
+    os.waitpid(-1, os.WNOHANG)
+except ChildProcessError:
+    print("no child left")
+"""
+    done = _in_fresh_interpreter(script, tmp_path)
+    assert done.stdout.splitlines() == [
+        "the rehearsal failed",
+        "the rehearsal took more than 0.5 s",
+        "no child left",
+    ], done.stderr
+
+
+def test_gathered_code_is_copied_together_and_still_runs(tmp_path):
+    # Each function the rehearsal ran gets a copy of its code, made one
+    # after the other; closures and comprehensions made later (from the
+    # enclosing code's constants) use the copies too; the rest is left.
+    script = """
+import gc
+from cellmux.kernel import memory
+def adder(n):
+    def add(x):
+        return x + n
+    return add
+def squares(k):
+    return [i * i for i in range(k)]
+def never_called():
+    return "untouched"
+def work():
+    adder(1)(2)
+    squares(3)
+functions = (adder, squares, never_called)
+old = {f.__name__: f.__code__ for f in functions}
+order = memory.code_run_by(work)
+gc.collect()
+count = memory.gather_code(order)
+new = {f.__name__: f.__code__ for f in functions}
+closure = adder(5)
+print(count >= 4, new["adder"] is not old["adder"], new["squares"] is not old["squares"],
+      new["never_called"] is old["never_called"])
+print(closure(1), squares(4), never_called())
+ids = {id(c) for c in memory._gathered_code}
+print(id(closure.__code__) in ids, new["adder"] == old["adder"])
+"""
+    done = _in_fresh_interpreter(script, tmp_path)
+    assert done.stdout.splitlines() == [
+        "True True True True",
+        "6 [0, 1, 4, 9] untouched",
+        "True True",
+    ], done.stderr
+
+
+def test_gathered_code_fills_few_pages(tmp_path):
+    # The code a child runs is scattered among code it does not run (as a
+    # module's functions are, used or not); copied together after the
+    # allocator's holes are filled, it fills few pages of its own.
+    script = """
+import sys
+from cellmux.kernel import memory
+functions = []
+for i in range(600):
+    names = {}
+    exec(f"def f{i}(x):\\n    return x + {i}\\n", names)
+    functions.append(names[f"f{i}"])
+run = functions[::4]
+def pages(codes):
+    return len({a // 4096 for c in codes for a in (id(c), id(c) + sys.getsizeof(c) - 1)})
+before = pages(f.__code__ for f in run)
+order = memory.code_run_by(lambda: [f(1) for f in run])
+memory.fill_allocator_holes()
+memory.gather_code(order)
+after = pages(f.__code__ for f in run)
+print(before > 20, after * 2 < before, [f(1) for f in run[:3]])
+"""
+    done = _in_fresh_interpreter(script, tmp_path)
+    assert done.stdout.strip() == "True True [1, 5, 9]", (done.stdout, done.stderr)
+
+
+def test_kernels_run_the_code_the_nursery_gathered(kernel):
+    # The nursery rehearsed a kernel's start and first cells: the code of
+    # the request handlers every kernel runs was copied together for them.
+    result = kernel.execute(
+        "import cellmux.kernel.memory as m, ipykernel.ipkernel as k, cellmux.kernel.pump as p\n"
+        "ids = {id(c) for c in m._gathered_code}\n"
+        "print(len(ids) > 500, id(k.IPythonKernel.do_execute.__code__) in ids,"
+        " id(p.Pump._relay.__code__) in ids)"
+    )
+    assert result.stdout.strip() == "True True True"

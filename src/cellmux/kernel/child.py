@@ -8,11 +8,14 @@ sockets bind on ``inproc`` endpoints that only the pump can reach).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 import tempfile
+import threading
 import traceback
+from datetime import UTC, datetime
 
 import attrs
 import ipykernel.ipkernel
@@ -23,7 +26,7 @@ from . import memory, sandbox
 from .flowcontrol import prepare_iopub_socket
 from .pump import INPROC_PORTS, Pump, inproc_endpoint
 
-__all__ = ["CellmuxKernelApp", "KernelOrder", "run_kernel"]
+__all__ = ["CellmuxKernelApp", "KernelOrder", "rehearse_start", "run_kernel"]
 
 _SITE_DIRS = frozenset({"site-packages", "dist-packages"})
 
@@ -145,55 +148,147 @@ def _reset_process(order: KernelOrder, keep_fd: int) -> None:
     sys.argv = ["cellmux-kernel"]
 
 
+def _start_app() -> CellmuxKernelApp:
+    """ipykernel's app, initialised and tuned, its warm-up cell run: what
+    every kernel does before it meets the server."""
+    app = CellmuxKernelApp.instance(
+        shell_port=INPROC_PORTS["shell"],
+        stdin_port=INPROC_PORTS["stdin"],
+        control_port=INPROC_PORTS["control"],
+        iopub_port=INPROC_PORTS["iopub"],
+        ip="cellmux",
+    )
+    # Each kernel keeps its history in memory: no shared SQLite file
+    # between kernels (the server keeps each session's inputs).
+    app.config.HistoryManager.hist_file = ":memory:"
+    # Unsigned session: the inproc sockets are reachable only from this
+    # process, and the link itself is authenticated by the handshake.
+    app.config.Session.key = b""
+    # Latency changes (docs/benchmarks.md); before initialize, which
+    # creates the output streams they patch.
+    from .tuning import install as install_tuning
+
+    install_tuning(app)
+    app.initialize(argv=[])
+    from .flowcontrol import install as install_flowcontrol
+
+    install_flowcontrol(app)
+    # Code sent as lines of a file keeps that file's name and line numbers.
+    from .sourcemap import install as install_sourcemap
+
+    install_sourcemap(app.kernel)
+    # Ctrl-C between execute_input and the cell's code still gets a reply.
+    from .interrupts import install as install_interrupts
+
+    install_interrupts(app.kernel)
+    # Breakpoints by file and line, and pause, for editors (after the
+    # interrupt gate, which tells when a cell's code runs).
+    from .debugging import install as install_debugging
+
+    install_debugging(app.kernel)
+    # debugpy (imported by ipykernel) replaces breakpoint() with a hook
+    # that does nothing unless a debug adapter is attached; clients of
+    # cellmux expect breakpoint() to open pdb over stdin instead.
+    sys.breakpointhook = sys.__breakpointhook__
+    # Last, before the pump subscribes to IOPub: its output goes nowhere.
+    from .tuning import warm_up
+
+    warm_up(app)
+    return app
+
+
+#: The cells a rehearsal runs (see L{rehearse_start}): what a new kernel's
+#: first user is likely to run, a value and some output.
+REHEARSAL_CELLS = ("0", "print(1)")
+#: Longest a rehearsal waits for one message from its kernel.
+REHEARSAL_WAIT_MS = 20_000
+
+
+def rehearse_start(scratch: str, env: dict[str, str]) -> None:
+    """Be a kernel for a moment: start as L{run_kernel} does, meet a stand-in
+    server (in this process), run L{REHEARSAL_CELLS}, stop. Runs in a
+    child the nursery forks for the purpose (L{memory.code_run_by}): what
+    it runs tells the nursery which code every kernel runs. Everything it
+    writes goes to C{scratch}; it talks to nothing outside this process.
+    """
+    import zmq
+
+    from ..protocol import Channel, JupyterSocket, encode_tag, link_control
+    from ..protocol.jupyter import jupyter_parts
+    from .introspection import IntrospectionThread
+    from .ordering import install as install_ordering
+
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    sys.stdout = sys.__stdout__
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ["TMPDIR"] = scratch
+    # Not sandboxed (as root: root): it runs no file of anyone's, and
+    # IPython would run this one at its start.
+    os.environ.pop("PYTHONSTARTUP", None)
+    tempfile.tempdir = None
+    os.chdir(scratch)
+    sys.argv = ["cellmux-kernel"]
+    app = _start_app()
+    context = app.context
+    if context is None:
+        raise RuntimeError("ipykernel started without a zmq context")
+    emission, backlog = install_ordering(app)
+    IntrospectionThread(
+        app.kernel,
+        context,
+        inproc_endpoint(INPROC_PORTS["introspection"]),
+        lambda socket: emission.stamp(socket, after=backlog),
+    ).start()
+    server = context.socket(zmq.ROUTER)
+    server.linger = 0
+    server.rcvtimeo = REHEARSAL_WAIT_MS
+    endpoint = "inproc://cellmux-rehearsal-link"
+    server.bind(endpoint)
+    link_id = os.urandom(16)
+    Pump(context, endpoint, link_id, b"", os.getpid(), made_room=emission.made_room).start()
+    failed: list[BaseException] = []
+
+    def stand_in_server() -> None:
+        # The server's side, the least of it: accept, one ping, the cells.
+        try:
+            server.recv_multipart()  # hello
+            server.send_multipart([link_id, *link_control("accepted", credit=1 << 30)])
+            server.recv_multipart()  # ready
+            server.send_multipart([link_id, *link_control("ping", n=1)])
+            server.recv_multipart()  # pong
+            for code in REHEARSAL_CELLS:
+                content = {"code": code, "silent": False, "store_history": True}
+                content.update(user_expressions={}, allow_stdin=False, stop_on_error=True)
+                parts = jupyter_parts("execute_request", content, now=datetime.now(UTC))
+                tag = encode_tag(Channel.EXECUTE, JupyterSocket.SHELL)
+                server.send_multipart([link_id, tag, *parts])
+                replied = idle = False
+                while not (replied and idle):
+                    header = json.loads(server.recv_multipart()[2])
+                    replied = replied or header.get("msg_type") == "execute_reply"
+                    idle = replied and header.get("msg_type") == "status"
+        except BaseException as e:
+            failed.append(e)
+        finally:
+            app.io_loop.add_callback(app.io_loop.stop)
+
+    threading.Thread(target=stand_in_server, name="cellmux-rehearsal", daemon=True).start()
+    app.start()
+    if failed:
+        raise RuntimeError(f"the rehearsal's stand-in server failed: {failed[0]!r}")
+
+
 def run_kernel(order: KernelOrder) -> None:
     """Become a kernel. Never returns: the process exits at the end."""
     err_fd = os.dup(2)  # where start-up failures are reported (nursery log)
     code = 0
     try:
         _reset_process(order, err_fd)
-        app = CellmuxKernelApp.instance(
-            shell_port=INPROC_PORTS["shell"],
-            stdin_port=INPROC_PORTS["stdin"],
-            control_port=INPROC_PORTS["control"],
-            iopub_port=INPROC_PORTS["iopub"],
-            ip="cellmux",
-        )
-        # Each kernel keeps its history in memory: no shared SQLite file
-        # between kernels (the server keeps each session's inputs).
-        app.config.HistoryManager.hist_file = ":memory:"
-        # Unsigned session: the inproc sockets are reachable only from this
-        # process, and the link itself is authenticated by the handshake.
-        app.config.Session.key = b""
-        # Latency changes (docs/benchmarks.md); before initialize, which
-        # creates the output streams they patch.
-        from .tuning import install as install_tuning
-
-        install_tuning(app)
-        app.initialize(argv=[])
-        from .flowcontrol import install as install_flowcontrol
-
-        install_flowcontrol(app)
-        # Code sent as lines of a file keeps that file's name and line numbers.
-        from .sourcemap import install as install_sourcemap
-
-        install_sourcemap(app.kernel)
-        # Ctrl-C between execute_input and the cell's code still gets a reply.
-        from .interrupts import install as install_interrupts
-
-        install_interrupts(app.kernel)
-        # Breakpoints by file and line, and pause, for editors (after the
-        # interrupt gate, which tells when a cell's code runs).
-        from .debugging import install as install_debugging
-
-        install_debugging(app.kernel)
-        # debugpy (imported by ipykernel) replaces breakpoint() with a hook
-        # that does nothing unless a debug adapter is attached; clients of
-        # cellmux expect breakpoint() to open pdb over stdin instead.
-        sys.breakpointhook = sys.__breakpointhook__
-        # Last, before the pump subscribes to IOPub: its output goes nowhere.
-        from .tuning import warm_up
-
-        warm_up(app)
+        app = _start_app()
         if app.context is None:
             raise RuntimeError("ipykernel started without a zmq context")
         # One emission order across the kernel's sockets, kept by the pump.

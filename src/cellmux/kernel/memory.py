@@ -25,19 +25,32 @@ Built once in the nursery, they are shared instead of made in every kernel.
 
 from __future__ import annotations
 
+import array
 import atexit
 import builtins
 import contextlib
+import gc
 import io
 import os
+import select
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Iterator
-from types import ModuleType
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import CodeType, FunctionType, ModuleType
 from typing import Any
 
-__all__ = ["fill_allocator_holes", "modules_listed_at_fork", "record_module_files", "warm_ipython"]
+__all__ = [
+    "code_run_by",
+    "fill_allocator_holes",
+    "gather_code",
+    "modules_listed_at_fork",
+    "record_module_files",
+    "warm_ipython",
+]
 
 
 class _ModuleFile:
@@ -256,3 +269,121 @@ def fill_allocator_holes() -> int:
                 continue
             filled += count
     return filled
+
+
+#: Longest the nursery waits for a rehearsal (L{code_run_by}) to finish.
+REHEARSAL_TIME = 60.0
+
+
+def code_run_by(work: Callable[[], object], timeout: float = REHEARSAL_TIME) -> list[int]:
+    """Run C{work} in a forked child under a profiler; the ids of the code
+    objects it ran (in every thread), in the order of their first call.
+
+    A fork has the same addresses as its parent, so the ids name the
+    parent's own code objects. Raises L{RuntimeError} if the child fails,
+    or takes more than C{timeout} seconds (it is killed).
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        code = 70
+        try:
+            os.close(read_end)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            seen: dict[int, None] = {}
+
+            def profile(frame: Any, event: str, arg: object) -> None:
+                if event == "call":
+                    seen.setdefault(id(frame.f_code), None)
+
+            threading.setprofile(profile)
+            sys.setprofile(profile)
+            work()
+            sys.setprofile(None)
+            threading.setprofile(None)
+            data = array.array("q", list(seen)).tobytes()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(write_end, view) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise RuntimeError(f"the rehearsal took more than {timeout:g} s")
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        _, status = os.waitpid(pid, 0)
+    if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
+        raise RuntimeError(f"the rehearsal failed (wait status {status})")
+    ids = array.array("q")
+    ids.frombytes(b"".join(chunks))
+    return ids.tolist()
+
+
+#: Code objects replaced by L{gather_code}: kept, untouched, so that their
+#: memory is never handed out again (a kernel's allocations landing there
+#: would copy shared pages).
+_replaced_code: list[CodeType] = []
+#: Their copies, in the order they were made.
+_gathered_code: list[CodeType] = []
+
+
+def gather_code(order: Sequence[int]) -> int:
+    """Give the functions whose code objects have the ids in C{order} new
+    copies of them, made one after another in that order; how many.
+
+    Python 3.11 writes to a code object every time its function is called
+    (a reference count) and as it specialises its bytecode: each function
+    a kernel runs copies the page its code object sits on, shared with
+    code no kernel runs. Made together, the code every kernel runs fills
+    few pages of its own. Call in the nursery, after the warm-ups.
+    """
+    wanted = {code_id: rank for rank, code_id in enumerate(order)}
+    users: dict[int, list[FunctionType]] = {}
+    codes: dict[int, CodeType] = {}
+    for thing in gc.get_objects():
+        if type(thing) is FunctionType:
+            users.setdefault(id(thing.__code__), []).append(thing)
+            codes[id(thing.__code__)] = thing.__code__
+    # Code made into functions only when its enclosing function runs
+    # (closures, lambdas, comprehensions) is reached through co_consts.
+    stack = list(codes.values())
+    while stack:
+        for const in stack.pop().co_consts:
+            if type(const) is CodeType and id(const) not in codes:
+                codes[id(const)] = const
+                stack.append(const)
+    copies: dict[int, CodeType] = {}
+
+    def copy(code: CodeType) -> CodeType:
+        made = copies.get(id(code))
+        if made is None:
+            consts = code.co_consts
+            if any(type(c) is CodeType and id(c) in wanted for c in consts):
+                consts = tuple(
+                    copy(c) if type(c) is CodeType and id(c) in wanted else c for c in consts
+                )
+            made = copies[id(code)] = code.replace(co_consts=consts)
+            _replaced_code.append(code)
+            _gathered_code.append(made)
+        return made
+
+    for code_id in order:
+        if code_id in codes:
+            copy(codes[code_id])
+    for code_id, made in copies.items():
+        for function in users.get(code_id, ()):
+            function.__code__ = made
+    return len(copies)

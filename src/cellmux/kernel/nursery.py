@@ -32,6 +32,7 @@ import importlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import sys
 import time
@@ -42,7 +43,7 @@ import attrs
 
 from ..protocol import nursery as protocol
 from ..protocol.errors import ProtocolError
-from . import sandbox
+from . import memory, sandbox
 from .reclaim import reclaim
 
 __all__ = ["Nursery", "NurseryConfig", "describe_status", "main"]
@@ -645,7 +646,7 @@ class Nursery:
             self.reap()
 
 
-def _preload(modules: tuple[str, ...]) -> None:
+def _preload(modules: tuple[str, ...], config: NurseryConfig | None = None) -> None:
     import ipykernel.ipkernel
     import ipykernel.kernelapp  # noqa: F401
     import IPython.core.interactiveshell  # noqa: F401
@@ -683,10 +684,33 @@ def _preload(modules: tuple[str, ...]) -> None:
     # kernels do not touch (and copy) those pages when they collect.
     gc.collect()
     memory.record_module_files()
+    if config is not None:
+        # The copies go to fresh pages, not to holes between shared objects.
+        memory.fill_allocator_holes()
+        _gather_kernel_code(config)
     # Last: what a kernel allocates must not land in holes the warm-up left
     # on shared pages (copying each page it lands on).
     memory.fill_allocator_holes()
     gc.freeze()
+
+
+def _gather_kernel_code(config: NurseryConfig) -> None:
+    """Put the code objects every kernel runs on pages of their own.
+
+    A child rehearses a kernel's start (L{child.rehearse_start}) under a
+    profiler; the code it ran is copied together (L{memory.gather_code}).
+    """
+    from .child import rehearse_start
+
+    scratch = os.path.join(config.workdir_root, "rehearsal")
+    try:
+        os.makedirs(scratch, mode=0o700)
+        env = dict(config.kernel_env)
+        memory.gather_code(memory.code_run_by(lambda: rehearse_start(scratch, env)))
+    except Exception as e:  # a saving, not a need
+        sandbox.warn(f"gathering kernels' code skipped: {e!r}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _python_paths() -> list[str]:
@@ -743,7 +767,7 @@ def main() -> None:
             ) from None
         for warning in warnings:
             sandbox.warn(warning)
-    _preload(config.preload)
+    _preload(config.preload, config)
     Nursery(config, commands, events).run()
 
 
