@@ -140,8 +140,11 @@ print(holes > 50_000, filled >= holes, left < holes // 20)
 
 
 def test_kernels_are_forked_with_the_allocator_holes_filled(kernel):
-    result = kernel.execute("import cellmux.kernel.memory as m\nprint(len(m._hole_fillers) > 1000)")
-    assert result.stdout.strip() == "True"
+    result = kernel.execute(
+        "import cellmux.kernel.memory as m\n"
+        "print(len(m._hole_fillers) > 1000, len(m._malloc_fillers) > 100)"
+    )
+    assert result.stdout.strip() == "True True"
 
 
 def test_an_idle_kernel_imports_nothing_the_nursery_did_not(kernel):
@@ -280,3 +283,26 @@ def test_kernels_run_the_code_the_nursery_gathered(kernel):
         " id(p.Pump._relay.__code__) in ids)"
     )
     assert result.stdout.strip() == "True True True"
+
+
+def test_filling_the_malloc_holes_sends_new_blocks_to_the_heap_top(tmp_path):
+    # In a fresh interpreter, as in the nursery: blocks freed between live
+    # ones (over 512 bytes: glibc's, not pymalloc's) would take a kernel's
+    # next allocations, each on a page shared with the nursery.
+    script = """
+import ctypes
+from cellmux.kernel import memory
+libc = ctypes.CDLL(None)
+libc.sbrk.restype = ctypes.c_void_p
+kept = [bytearray(3000) for _ in range(3000)]
+del kept[::2]
+end_before = libc.sbrk(0)
+filled = memory.fill_malloc_holes()
+after = [bytearray(3000) for _ in range(50)]
+# A bytearray's buffer is its own malloc'd block; id() is the object.
+addresses = [ctypes.addressof((ctypes.c_char * 1).from_buffer(b)) for b in after]
+below = sum(a < end_before - 4 * 1024 * 1024 for a in addresses)
+print(filled > 1500 * 3000, below)
+"""
+    done = _in_fresh_interpreter(script, tmp_path)
+    assert done.stdout.strip() == "True 0", (done.stdout, done.stderr)

@@ -218,6 +218,7 @@ def rehearse_start(scratch: str, env: dict[str, str]) -> None:
     from .introspection import IntrospectionThread
     from .ordering import install as install_ordering
 
+    _die_with_parent()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)

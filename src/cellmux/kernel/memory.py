@@ -46,6 +46,7 @@ from typing import Any
 __all__ = [
     "code_run_by",
     "fill_allocator_holes",
+    "fill_malloc_holes",
     "gather_code",
     "modules_listed_at_fork",
     "record_module_files",
@@ -387,3 +388,50 @@ def gather_code(order: Sequence[int]) -> int:
         for function in users.get(code_id, ()):
             function.__code__ = made
     return len(copies)
+
+
+#: Blocks fill_malloc_holes took from glibc's heap: never freed.
+_malloc_fillers: list[int] = []
+
+
+def fill_malloc_holes() -> int:
+    """Take the free chunks of glibc's main heap below its top chunk; how
+    many bytes. Call in the nursery (single-threaded), last before forking.
+
+    What a kernel mallocs (blocks over 512 bytes, SQLite's, libzmq's)
+    would otherwise be carved from chunks freed between the nursery's live
+    ones, copying a shared page for each, and every split or merge writes
+    the headers of the neighbouring chunks too.
+    """
+    try:
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            # glibc's struct mallinfo2: ten size_t fields, keepcost last.
+            _fields_ = [(f"field{i}", ctypes.c_size_t) for i in range(9)] + [
+                ("keepcost", ctypes.c_size_t)
+            ]
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        malloc, free, sbrk, mallinfo2 = libc.malloc, libc.free, libc.sbrk, libc.mallinfo2
+    except (OSError, AttributeError):
+        return 0  # not glibc
+    malloc.restype = ctypes.c_void_p
+    malloc.argtypes = [ctypes.c_size_t]
+    free.argtypes = [ctypes.c_void_p]
+    sbrk.restype = ctypes.c_void_p
+    sbrk.argtypes = [ctypes.c_ssize_t]
+    mallinfo2.restype = MallInfo2
+    taken = 0
+    for size in (1 << 16, 1 << 14, 1 << 12, *range(1024, 0, -16)):
+        top = (sbrk(0) or 0) - mallinfo2().keepcost
+        while True:
+            block = malloc(size)
+            if not block:
+                break
+            if block >= top:  # from the top chunk (or mmap): no hole left
+                free(block)
+                break
+            _malloc_fillers.append(block)
+            taken += size
+    return taken

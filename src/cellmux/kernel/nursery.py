@@ -687,10 +687,12 @@ def _preload(modules: tuple[str, ...], config: NurseryConfig | None = None) -> N
     if config is not None:
         # The copies go to fresh pages, not to holes between shared objects.
         memory.fill_allocator_holes()
+        memory.fill_malloc_holes()
         _gather_kernel_code(config)
     # Last: what a kernel allocates must not land in holes the warm-up left
     # on shared pages (copying each page it lands on).
     memory.fill_allocator_holes()
+    memory.fill_malloc_holes()
     gc.freeze()
 
 
