@@ -306,3 +306,23 @@ print(filled > 1500 * 3000, below)
 """
     done = _in_fresh_interpreter(script, tmp_path)
     assert done.stdout.strip() == "True 0", (done.stdout, done.stderr)
+
+
+def test_a_failed_rehearsal_costs_the_nursery_only_the_saving(tmp_path):
+    # The gathering is a saving, not a need: a rehearsal that fails is
+    # logged, its directory removed, and no code is replaced.
+    script = """
+import os
+from cellmux.kernel import child, memory, nursery
+def broken(scratch, env):
+    open(os.path.join(scratch, "left"), "w").close()
+    raise RuntimeError("no kernel today")
+child.rehearse_start = broken
+root = os.path.abspath("kernels")
+os.mkdir(root)
+nursery._gather_kernel_code(nursery.NurseryConfig(endpoint="ipc://x", workdir_root=root))
+print(os.listdir(root), memory._gathered_code)
+"""
+    done = _in_fresh_interpreter(script, tmp_path)
+    assert done.stdout.strip() == "[] []", (done.stdout, done.stderr)
+    assert "gathering kernels' code skipped: RuntimeError('the rehearsal failed" in done.stderr
