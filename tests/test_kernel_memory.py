@@ -326,3 +326,41 @@ print(os.listdir(root), memory._gathered_code)
     done = _in_fresh_interpreter(script, tmp_path)
     assert done.stdout.strip() == "[] []", (done.stdout, done.stderr)
     assert "gathering kernels' code skipped: RuntimeError('the rehearsal failed" in done.stderr
+
+
+def test_the_rehearsal_runs_no_startup_or_configuration_file_the_environment_names(tmp_path):
+    # Unsandboxed (as root: root), the rehearsal must not run files that
+    # the kernels' environment points IPython and Jupyter at. The same
+    # rehearsal with those variables kept runs all three (the test's check).
+    script = """
+import os
+from cellmux.kernel import child, memory, nursery
+here = os.getcwd()
+def touching(name):
+    return f"open({os.path.join(here, name)!r}, 'w').close()\\n"
+os.makedirs("ipython/profile_default/startup")
+open("startup.py", "w").write(touching("ran-pythonstartup"))
+open("ipython/profile_default/ipython_kernel_config.py", "w").write(touching("ran-config"))
+open("ipython/profile_default/startup/00.py", "w").write(touching("ran-ipython-startup"))
+env = {
+    "HOME": ".",
+    "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+    "PYTHONSTARTUP": os.path.abspath("startup.py"),
+    "IPYTHONDIR": os.path.abspath("ipython"),
+}
+nursery._preload(())
+for unset in ((), child._REHEARSAL_UNSET):
+    child._REHEARSAL_UNSET = unset
+    os.makedirs("scratch")
+    ran = memory.code_run_by(lambda: child.rehearse_start(os.path.abspath("scratch"), env))
+    print(len(ran) > 500, sorted(name for name in os.listdir(".") if name.startswith("ran-")))
+    for name in os.listdir("."):
+        if name.startswith("ran-"):
+            os.remove(name)
+    import shutil; shutil.rmtree("scratch")
+"""
+    done = _in_fresh_interpreter(script, tmp_path)
+    assert done.stdout.splitlines() == [
+        "True ['ran-config', 'ran-ipython-startup', 'ran-pythonstartup']",
+        "True []",
+    ], (done.stdout, done.stderr[-3000:])

@@ -202,6 +202,8 @@ def _start_app() -> CellmuxKernelApp:
 REHEARSAL_CELLS = ("0", "print(1)")
 #: Longest a rehearsal waits for one message from its kernel.
 REHEARSAL_WAIT_MS = 20_000
+#: Kernel environment variables a rehearsal goes without (see there).
+_REHEARSAL_UNSET = ("PYTHONSTARTUP", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_CONFIG_PATH")
 
 
 def rehearse_start(scratch: str, env: dict[str, str]) -> None:
@@ -227,9 +229,11 @@ def rehearse_start(scratch: str, env: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.environ["TMPDIR"] = scratch
-    # Not sandboxed (as root: root): it runs no file of anyone's, and
-    # IPython would run this one at its start.
-    os.environ.pop("PYTHONSTARTUP", None)
+    # Not sandboxed (as root: root), so it runs no file that settings of
+    # the kernels' environment point at: IPython and Jupyter would run
+    # these (configuration files are Python) at their start.
+    for name in _REHEARSAL_UNSET:
+        os.environ.pop(name, None)
     tempfile.tempdir = None
     os.chdir(scratch)
     sys.argv = ["cellmux-kernel"]
