@@ -10,17 +10,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cellmux.protocol import (
+    BUNDLE_TAG,
     DEFAULT_MAX_FRAME_SIZE,
     LINK_VERSION,
     Channel,
     JupyterSocket,
+    KernelBundle,
     KernelFrame,
     KernelSideLink,
     LinkReady,
     ProtocolError,
     Reply,
     ServerLink,
+    bundle_bytes,
     encode_tag,
+    frame_bytes,
     link_control,
     link_mac,
 )
@@ -412,7 +416,7 @@ def test_fresh_link_raises_only_protocol_error(inputs: list[list[bytes]]) -> Non
                 assert_refused_forever(link)
                 return
         else:
-            assert isinstance(event, (Reply, LinkReady, KernelFrame))
+            assert isinstance(event, (Reply, LinkReady, KernelFrame, KernelBundle))
 
 
 @given(st.lists(messages | link_controls, min_size=1, max_size=4))
@@ -429,9 +433,10 @@ def test_ready_link_raises_only_protocol_error(inputs: list[list[bytes]]) -> Non
                 "bad_socket",
                 "forbidden_channel",
                 "frame_too_large",
+                "bad_bundle",
             }
         else:
-            if isinstance(event, LinkPong):
+            if isinstance(event, (LinkPong, KernelBundle)):
                 continue
             assert isinstance(event, KernelFrame)
             assert (event.channel, event.socket) == (
@@ -486,3 +491,108 @@ def test_kernel_frames_are_checked() -> None:
     big = kernel_message(Channel.STDOUT, parts=[*JUPYTER_PARTS[:3], b"x" * 300])
     refuse(pair.server, big, "frame_too_large")
     assert pair.server.receive(kernel_message(16)) == KernelFrame(16, JupyterSocket.IOPUB)
+
+
+# --- bundles: several messages in one link message -----------------------------------
+
+data_channels = st.sampled_from(
+    [c for c in Channel if c not in (Channel.CONTROL, Channel.FILES)]
+) | st.integers(16, 0xFFFF)
+kernel_sockets = st.sampled_from(
+    [JupyterSocket.SHELL, JupyterSocket.IOPUB, JupyterSocket.STDIN, JupyterSocket.CONTROL]
+)
+jupyter_parts = st.lists(st.binary(max_size=30), min_size=4, max_size=7)
+bundled = st.lists(st.tuples(data_channels, kernel_sockets, jupyter_parts), min_size=1, max_size=8)
+
+
+@given(bundled)
+def test_a_bundle_is_its_messages_one_by_one(messages: list[tuple[int, int, list[bytes]]]) -> None:
+    """The server gets from a bundle exactly the messages, in order, that it
+    would get sent one by one, and the kernel's credit goes down the same."""
+    one_by_one, bundled_pair = Pair(), Pair()
+    one_by_one.handshake()
+    bundled_pair.handshake()
+    for channel, socket, parts in messages:
+        assert one_by_one.server.receive([encode_tag(channel, socket), *parts]) == KernelFrame(
+            channel, socket
+        )
+    event = bundled_pair.server.receive([BUNDLE_TAG, bundle_bytes(messages)])
+    assert event == KernelBundle([(c, s, list(p)) for c, s, p in messages])
+    assert bundled_pair.server.credit_left == one_by_one.server.credit_left
+
+
+def test_a_bundled_message_is_laid_out_as_a_websocket_frame() -> None:
+    """Each message in a bundle is a client frame with seq 0 (protocol.md)."""
+    first = (Channel.STDOUT, JupyterSocket.IOPUB, JUPYTER_PARTS)
+    second = (Channel.STATUS, JupyterSocket.IOPUB, [*JUPYTER_PARTS, b"buffer"])
+    assert bundle_bytes([first, second]) == frame_bytes(*first[:2], 0, first[2]) + frame_bytes(
+        *second[:2], 0, second[2]
+    )
+
+
+def _bundle(*messages: tuple[int, int, list[bytes]]) -> bytes:
+    return bundle_bytes(list(messages))
+
+
+GOOD = (Channel.STDOUT, JupyterSocket.IOPUB, JUPYTER_PARTS)
+
+
+@pytest.mark.parametrize(
+    "parts, code",
+    [
+        ([BUNDLE_TAG], "bad_bundle"),
+        ([BUNDLE_TAG, _bundle(GOOD), b"more"], "bad_bundle"),
+        ([BUNDLE_TAG, b""], "bad_bundle"),
+        ([BUNDLE_TAG, _bundle(GOOD)[:-1]], "bad_bundle"),
+        ([BUNDLE_TAG, _bundle(GOOD) + b"\x00" * 5], "bad_bundle"),
+        ([BUNDLE_TAG, _bundle(GOOD)[:20]], "bad_bundle"),
+        (
+            [BUNDLE_TAG, frame_bytes(Channel.STDOUT, JupyterSocket.IOPUB, 7, JUPYTER_PARTS)],
+            "bad_bundle",
+        ),
+        (
+            [BUNDLE_TAG, _bundle(GOOD, (Channel.FILES, JupyterSocket.IOPUB, JUPYTER_PARTS))],
+            "forbidden_channel",
+        ),
+        (
+            [BUNDLE_TAG, _bundle(GOOD, (Channel.CONTROL, JupyterSocket.IOPUB, JUPYTER_PARTS))],
+            "forbidden_channel",
+        ),
+        (
+            [BUNDLE_TAG, _bundle((Channel.STDOUT, JupyterSocket.NONE, JUPYTER_PARTS), GOOD)],
+            "bad_socket",
+        ),
+        ([BUNDLE_TAG, _bundle(GOOD, (Channel.STDOUT, 9, JUPYTER_PARTS))], "bad_socket"),
+        (
+            [BUNDLE_TAG, _bundle(GOOD, (Channel.STDOUT, JupyterSocket.IOPUB, JUPYTER_PARTS[:3]))],
+            "bad_message",
+        ),
+    ],
+)
+def test_a_bad_bundle_is_dropped_whole_and_keeps_the_link(parts: list[bytes], code: str) -> None:
+    """Nothing of a bundle that breaks a rule is relayed (a pump never makes
+    one, so nothing a real kernel sent is lost), and the link goes on."""
+    pair = Pair()
+    pair.handshake()
+    credit = pair.server.credit_left
+    refuse(pair.server, parts, code)
+    assert pair.server.credit_left == credit
+    assert pair.server.ready
+    assert pair.server.receive([BUNDLE_TAG, _bundle(GOOD, GOOD)]) == KernelBundle([GOOD, GOOD])
+
+
+def test_a_bundle_is_held_to_the_credit_and_the_frame_size() -> None:
+    """Credit is spent message by message inside a bundle: a kernel cannot
+    hide an overdraft in one; each message is held to max_size as if alone."""
+    pair = Pair()
+    pair.server = ServerLink(LINK_ID, SECRET, NONCE, credit=100, max_size=200)
+    pair.handshake()
+    big = (Channel.STDOUT, JupyterSocket.IOPUB, [*JUPYTER_PARTS[:3], b"x" * 300])
+    refuse(pair.server, [BUNDLE_TAG, _bundle(GOOD, big)], "frame_too_large")
+    payload = sum(map(len, JUPYTER_PARTS))  # 54 bytes: the sixth takes 100 below -200
+    refuse(pair.server, [BUNDLE_TAG, _bundle(*[GOOD] * 6)], "over_credit")
+    assert pair.server.receive([BUNDLE_TAG, _bundle(*[GOOD] * 5)]) == KernelBundle([GOOD] * 5)
+    pair.server.granted(5 * payload)
+    assert pair.server.credit_left == 100
+    assert pair.server.receive([BUNDLE_TAG, _bundle(GOOD, GOOD)]) == KernelBundle([GOOD, GOOD])
+    assert pair.server.credit_left == 100 - 2 * payload

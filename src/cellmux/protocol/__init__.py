@@ -39,19 +39,23 @@ from .framing import (
     frame_bytes,
 )
 from .link import (
+    BUNDLE_TAG,
     DEFAULT_LINK_CREDIT,
     LINK_VERSION,
+    KernelBundle,
     KernelFrame,
     KernelSideLink,
     LinkPong,
     LinkReady,
     Reply,
     ServerLink,
+    bundle_bytes,
     link_control,
     link_mac,
 )
 
 __all__ = [
+    "BUNDLE_TAG",
     "CLIENT_SENDABLE",
     "CLOSE_PROTOCOL_ERROR",
     "CLOSE_UNSUPPORTED_DATA",
@@ -70,6 +74,7 @@ __all__ = [
     "Frame",
     "Hello",
     "JupyterSocket",
+    "KernelBundle",
     "KernelFrame",
     "KernelSideLink",
     "LinkPong",
@@ -79,6 +84,7 @@ __all__ = [
     "Request",
     "ServerLink",
     "ServerSideHandshake",
+    "bundle_bytes",
     "channel_for",
     "control_frame",
     "decode_frame",

@@ -42,6 +42,7 @@ from txzmq.router_dealer import ZmqRouterConnection
 from cellmux.cleanup import remove_tree
 from cellmux.protocol import (
     DEFAULT_LINK_CREDIT,
+    KernelBundle,
     KernelFrame,
     LinkPong,
     LinkReady,
@@ -280,6 +281,9 @@ class LinkChecks:
         sink = self._sink
         if isinstance(event, KernelFrame):
             sink.kernel_message(link_id, event.channel, event.socket, parts[1:])
+        elif isinstance(event, KernelBundle):
+            for channel, socket, message in event.messages:
+                sink.kernel_message(link_id, channel, socket, message)
         elif isinstance(event, LinkPong):
             sink.link_pong(link_id, event.n)
         elif isinstance(event, Reply):
