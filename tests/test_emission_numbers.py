@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cellmux.kernel import ordering
-from cellmux.kernel.flowcontrol import IOPUB_QUEUE, prepare_iopub_socket
+from cellmux.kernel.flowcontrol import IOPUB_QUEUE, IOPUB_QUEUE_BYTES, prepare_iopub_socket
 from cellmux.kernel.ordering import DELIMITER, EmissionOrder, stamp_of
 from cellmux.kernel.pump import Reorder
 
@@ -181,6 +181,77 @@ def test_a_sender_waiting_for_room_goes_on_when_the_reader_made_some(ctx, monkey
         _drain(sub, sender, 45)
     assert got[-1][-1] == b"one more"
     assert [stamp_of(m[1]) for m in got] == list(range(1, 2 * IOPUB_QUEUE + 2))
+
+
+def _taken(frames: list[bytes]) -> int:
+    return sum(map(len, frames))
+
+
+def test_the_iopub_queue_is_bounded_in_bytes_too(ctx, monkeypatch):
+    """Large messages wait for the pump once IOPUB_QUEUE_BYTES are queued,
+    long before the queue's message count is reached; the pump's word of
+    the bytes it took lets the sender go on at once. Counting starts with
+    the pump's first word (what was sent before the subscription was live
+    may have been dropped: it would be counted for ever)."""
+    monkeypatch.setattr(ordering, "RETRY_FIRST", 20.0)
+    monkeypatch.setattr(ordering, "RETRY_MAX", 20.0)
+    order = EmissionOrder()
+    pub, sub = _iopub_pair(ctx, "bytes")
+    order.stamp(pub, bounded=True)
+    big = b"x" * (IOPUB_QUEUE_BYTES // 4)  # three and their frames fit, not four
+    pub.send_multipart(_message(big))
+    pub.send_multipart(_message(big))
+    assert order.queued == 0  # not counting yet
+    order.made_room(_taken(sub.recv_multipart()))
+    order.made_room(_taken(sub.recv_multipart()))
+    assert order.queued == 0
+    sent: list[int] = []
+
+    def flood() -> None:
+        for i in range(4):
+            pub.send_multipart(_message(big))
+            sent.append(i)
+
+    sender = threading.Thread(target=flood, daemon=True)
+    sender.start()
+    got = []
+    try:
+        time.sleep(0.3)
+        assert IOPUB_QUEUE > 4  # the count has room: the bytes hold it back
+        assert sent == [0, 1, 2]
+        assert 3 * len(big) < order.queued <= IOPUB_QUEUE_BYTES
+        got.append(sub.recv_multipart())
+        order.made_room(_taken(got[-1]))
+        deadline = time.monotonic() + 5
+        while len(sent) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sent == [0, 1, 2, 3], "the sender slept on although the reader made room"
+        got += [sub.recv_multipart() for _ in range(3)]
+        for frames in got[1:]:
+            order.made_room(_taken(frames))
+        assert order.queued == 0
+    finally:
+        _drain(sub, sender, 45)
+    assert [stamp_of(m[1]) for m in got] == [3, 4, 5, 6]
+
+
+def test_one_message_larger_than_the_byte_bound_goes_alone(ctx):
+    """A message over IOPUB_QUEUE_BYTES is not stuck: it goes once nothing
+    else is queued."""
+    order = EmissionOrder()
+    pub, sub = _iopub_pair(ctx, "huge")
+    order.stamp(pub, bounded=True)
+    pub.send_multipart(_message(b"start"))
+    order.made_room(_taken(sub.recv_multipart()))
+    huge = b"y" * (2 * IOPUB_QUEUE_BYTES)
+    pub.send_multipart(_message(huge), flags=zmq.NOBLOCK)
+    with pytest.raises(zmq.Again):  # a second one waits for the first
+        pub.send_multipart(_message(b"small"), flags=zmq.NOBLOCK)
+    frames = sub.recv_multipart()
+    assert frames[-1] == huge
+    order.made_room(_taken(frames))
+    pub.send_multipart(_message(b"small"), flags=zmq.NOBLOCK)
+    assert sub.recv_multipart()[-1] == b"small"
 
 
 @given(

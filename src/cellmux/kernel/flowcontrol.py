@@ -8,8 +8,12 @@ its queue is full. cellmux wants neither loss nor unbounded memory, so:
   credit, see cellmux.protocol.link) blocks the IOPub thread instead of
   dropping. ZeroMQ counts that queue in messages, not bytes, and ipykernel
   sends all text buffered since its last flush as one message, so the
-  queue is kept to IOPUB_QUEUE messages on each side: otherwise a thousand
-  large messages would pile up in the kernel before anything blocks;
+  queue is kept to IOPUB_QUEUE messages on each side, and to
+  IOPUB_QUEUE_BYTES bytes in all by the emission order's count
+  (cellmux.kernel.ordering): otherwise a thousand large messages would pile
+  up in the kernel before anything blocks, while a flood of one-line
+  messages needs a queue long enough not to wait for the pump every few
+  lines;
 * stdout/stderr flush synchronously after every OUTPUT_BUDGET characters,
   so print() waits for that blocked thread rather than buffering forever;
 * IPython 9's per-cell copy of everything a cell prints (``_tee``, kept in
@@ -26,13 +30,18 @@ import threading
 
 import zmq
 
-__all__ = ["OUTPUT_BUDGET", "install", "prepare_iopub_socket"]
+__all__ = ["IOPUB_QUEUE", "IOPUB_QUEUE_BYTES", "OUTPUT_BUDGET", "install", "prepare_iopub_socket"]
 
 #: Characters a stream may buffer before a write waits for the flush.
 OUTPUT_BUDGET = 1024 * 1024
 #: Messages the iopub queue holds on each side of the inproc pipe (the pump
-#: sets the same on its SUB socket): a few flushes, a few MiB at most.
-IOPUB_QUEUE = 4
+#: sets the same on its SUB socket). Each hand-off between the IOPub thread
+#: and the pump costs both a wake-up: 4 made a flood of flushed lines pay
+#: one every few lines.
+IOPUB_QUEUE = 32
+#: Bytes the iopub queue holds in all, however many messages (one message
+#: alone may be larger: it goes when the queue is empty).
+IOPUB_QUEUE_BYTES = 1024 * 1024
 
 
 def _sent(stream) -> None:

@@ -29,6 +29,16 @@ lock until a reader says it took messages out (L{EmissionOrder.made_room},
 called by the pump), then tries again: an XPUB cannot be polled for room,
 and sleeping for it instead (as this module once did, 0.5 to 10 ms a
 time) halved a kernel's output rate under load.
+
+The IOPub socket is also bounded in bytes (L{IOPubBacklog} aside): ZeroMQ
+counts its queue in messages, and a queue long enough for a flood of
+one-line messages to flow without a thread hand-off every few lines would
+hold a great deal of large ones. So the sender counts the bytes it queued
+and the pump the bytes it took out (C{made_room(taken)}); a send that would
+take what is queued past L{cellmux.kernel.flowcontrol.IOPUB_QUEUE_BYTES}
+waits as for a full socket (one message alone always goes). Counting starts
+with the pump's first word of bytes taken: from then on the subscription is
+live and nothing sent is dropped, so every byte counted is taken out again.
 """
 
 from __future__ import annotations
@@ -37,6 +47,8 @@ import threading
 from typing import Any
 
 import zmq
+
+from .flowcontrol import IOPUB_QUEUE_BYTES
 
 __all__ = ["DELIMITER", "STAMP_SIZE", "EmissionOrder", "IOPubBacklog", "install", "stamp_of"]
 
@@ -117,14 +129,29 @@ class EmissionOrder:
         # Set by readers when they took messages out; cleared by a sender
         # that found its socket full, before it tries once more.
         self._room = threading.Event()
+        #: Bytes sent on the IOPub socket and not yet taken out by the
+        #: pump, counted once the pump first said what it took (None before).
+        self._queued: int | None = None
 
-    def made_room(self) -> None:
+    def made_room(self, taken: int = 0) -> None:
         """Tell senders waiting for a full socket that a reader took some
-        messages out (cheap when no one waits: the flag is already set)."""
+        messages out (cheap when no one waits: the flag is already set).
+
+        @param taken: bytes the reader took out of the IOPub socket (all
+            its frames); the first such word starts the byte count.
+        """
+        if taken:
+            with self._lock:
+                self._queued = max(0, (self._queued or 0) - taken)
         if not self._room.is_set():
             self._room.set()
 
-    def stamp(self, socket: Any, after: IOPubBacklog | None = None) -> None:
+    @property
+    def queued(self) -> int:
+        """Bytes counted as waiting in the IOPub socket (0 before counting)."""
+        return self._queued or 0
+
+    def stamp(self, socket: Any, after: IOPubBacklog | None = None, bounded: bool = False) -> None:
         """Make C{socket}'s C{send_multipart} number each Jupyter message.
 
         Messages without the routing delimiter (none a kernel socket sends
@@ -132,6 +159,8 @@ class EmissionOrder:
 
         @param after: wait for this backlog to be sent before each message
             (for the sockets of replies and prompts, not for IOPub itself).
+        @param bounded: count its bytes against IOPUB_QUEUE_BYTES (for the
+            IOPub socket, the one the pump reports C{taken} bytes of).
         """
         send = socket.send_multipart
         lock = self._lock
@@ -144,6 +173,7 @@ class EmissionOrder:
                 return send(parts, flags, *args, **kwargs)
             if after is not None:
                 after.wait()
+            size = sum(map(_nbytes, parts)) if bounded else 0
             cleared = retry = False
             pause = RETRY_FIRST
             while True:
@@ -159,9 +189,15 @@ class EmissionOrder:
                 with lock:
                     number = self._next
                     parts[at + 1] = number.to_bytes(STAMP_SIZE, "big")
-                    full = False
+                    queued = self._queued
+                    full = bool(size and queued and queued + size > IOPUB_QUEUE_BYTES)
                     try:
-                        return send(parts, flags | zmq.NOBLOCK, *args, **kwargs)
+                        if full:
+                            raise zmq.Again()
+                        sent = send(parts, flags | zmq.NOBLOCK, *args, **kwargs)
+                        if size and queued is not None:
+                            self._queued = queued + size
+                        return sent
                     except zmq.Again:
                         # Nothing was queued and no one else took a number
                         # meanwhile: this one is still next, not lost.
@@ -184,6 +220,11 @@ class EmissionOrder:
         socket.send_multipart = send_multipart
 
 
+def _nbytes(part: Any) -> int:
+    """Bytes ZeroMQ sends for one frame (what the reader's len() gives)."""
+    return len(part) if type(part) is bytes else memoryview(part).nbytes
+
+
 def _is_delimiter(part: Any) -> bool:
     try:
         return len(part) == len(DELIMITER) and bytes(part) == DELIMITER
@@ -199,7 +240,7 @@ def install(app: Any) -> tuple[EmissionOrder, IOPubBacklog | None]:
     thread = getattr(app, "iopub_thread", None)
     backlog = IOPubBacklog(thread) if thread is not None else None
     if thread is not None:
-        order.stamp(thread.socket)
+        order.stamp(thread.socket, bounded=True)
     replies = [
         app.shell_socket,
         app.stdin_socket,

@@ -8,7 +8,11 @@ and moves messages between the two sides:
 
 * kernel -> server: strip the routing delimiter and signature (the inproc
   session is unsigned: nothing outside this process can reach it), tag the
-  message with its channel number and the socket it came from, send.
+  message with its channel number and the socket it came from, send. The
+  small messages read in one pass over the kernel's sockets go as one
+  *bundle* (see :mod:`cellmux.protocol.link`): one ZeroMQ message instead
+  of one per ``print(..., flush=True)`` under a flood, for the pump and the
+  server alike.
 * server -> kernel: the tag says which ipykernel socket the message goes to;
   add the delimiter and an empty signature, send.
 
@@ -32,11 +36,13 @@ from datetime import UTC, datetime
 import zmq
 
 from cellmux.protocol import (
+    BUNDLE_TAG,
     HEADER_SIZE,
     Channel,
     JupyterSocket,
     KernelSideLink,
     ProtocolError,
+    bundle_bytes,
     channel_for,
     decode_tag,
     encode_tag,
@@ -72,6 +78,13 @@ HEARTBEAT_TIMEOUT_MS = 5000
 PUMP_ROUTING_ID = b"cellmux-pump"
 #: How often to repeat kernel_info_request while the kernel starts.
 NUDGE_INTERVAL = 0.2
+#: Messages up to this many bytes go into bundles (copied once into the
+#: bundle); larger ones are sent alone, uncopied.
+BUNDLE_MESSAGE_MAX = 16 * 1024
+#: A bundle is sent once it holds this many bytes or messages, or at the
+#: end of the pass over the kernel's sockets, whichever comes first.
+BUNDLE_MAX_BYTES = 256 * 1024
+BUNDLE_MAX_MESSAGES = 256
 
 _TAGS: dict[tuple[int, int], bytes] = {
     (channel, socket): encode_tag(channel, socket)
@@ -187,10 +200,11 @@ class Pump(threading.Thread):
         link_id: bytes,
         secret: bytes,
         pid: int,
-        made_room: Callable[[], None] = lambda: None,
+        made_room: Callable[[int], None] = lambda taken: None,
     ) -> None:
         """@param made_room: called after the pump took messages out of the
-        kernel's sockets, to wake senders waiting for a full one
+        kernel's sockets, with the bytes (all frames) taken out of the iopub
+        one, to wake senders waiting for a full one
         (L{cellmux.kernel.ordering.EmissionOrder.made_room})."""
         super().__init__(name="cellmux-pump", daemon=True)
         self._made_room = made_room
@@ -200,6 +214,10 @@ class Pump(threading.Thread):
         self._link_id = link_id
         self._session = "cellmux-pump-" + uuid.uuid4().hex[:8]
         self._order = Reorder()
+        #: Small messages waiting to go as one bundle, (channel, socket,
+        #: parts) each, and their bytes: at most BUNDLE_MAX_* of them.
+        self._bundle: list[tuple[int, int, list]] = []
+        self._bundle_size = 0
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
         s = self._context.socket(kind)
@@ -277,6 +295,7 @@ class Pump(threading.Thread):
                         self._order.pop()
                     if sock is iopub:
                         published = True
+                        self._made_room(sum(map(len, msg)))
                     else:
                         replied = True
 
@@ -296,6 +315,7 @@ class Pump(threading.Thread):
         }
         self._introspection = introspection
         self._from_kernel = from_kernel
+        self._iopub = iopub
         everything = zmq.Poller()
         # The order of registration does not matter: what is read is
         # forwarded in the kernel's emission order (Reorder).
@@ -303,6 +323,7 @@ class Pump(threading.Thread):
             everything.register(sock, zmq.POLLIN)
         link_only = zmq.Poller()
         link_only.register(link, zmq.POLLIN)
+        events, pollin = zmq.EVENTS, zmq.POLLIN
         while True:
             # Out of credit: stop reading the kernel's sockets. Its iopub
             # queue fills, its IOPub thread blocks (XPUB_NODROP), and its
@@ -311,15 +332,21 @@ class Pump(threading.Thread):
             for sock, _ in poller.poll():
                 # Drain what is there (edge-triggered readiness must not
                 # leave messages behind), but only while credit lasts.
-                while sock.poll(0) and (sock is link or self._link.credit > 0):
+                # (EVENTS, not sock.poll(0): that builds a poller each time.)
+                taken = 0
+                while sock.getsockopt(events) & pollin and (sock is link or self._link.credit > 0):
                     msg = sock.recv_multipart(copy=False)
                     if sock is link:
                         self._from_server(msg, link, to_kernel)
                     else:
+                        if sock is iopub:
+                            taken += sum(map(len, msg))
                         self._order.hold(msg, from_kernel[sock])
                     self._release(link)
                 if sock is not link:
-                    self._made_room()
+                    self._made_room(taken)
+            # What this pass read goes now, before the pump sleeps again.
+            self._send_bundle(link)
 
     def _release(self, link: zmq.Socket) -> None:
         """Forward held messages in emission order, while credit lasts."""
@@ -343,8 +370,9 @@ class Pump(threading.Thread):
                 if not sock.poll(0):
                     candidates.remove(sock)
                     continue
-                number = order.hold(sock.recv_multipart(copy=False), self._from_kernel[sock])
-                self._made_room()
+                msg = sock.recv_multipart(copy=False)
+                number = order.hold(msg, self._from_kernel[sock])
+                self._made_room(sum(map(len, msg)) if sock is self._iopub else 0)
                 if number is not None and order.next is not None and number > order.next:
                     candidates.remove(sock)
 
@@ -388,8 +416,29 @@ class Pump(threading.Thread):
             body = self._too_large(body, size)
             socket = JupyterSocket.IOPUB
         channel = classify(body[0] if isinstance(body[0], bytes) else body[0].bytes, _view(body[3]))
-        self._link.credit -= sum(map(len, body))
-        link.send_multipart([_TAGS[(channel, socket)], *body], copy=False)
+        size = sum(map(len, body))
+        self._link.credit -= size
+        if size > BUNDLE_MESSAGE_MAX:
+            self._send_bundle(link)  # what was read before it goes first
+            link.send_multipart([_TAGS[(channel, socket)], *body], copy=False)
+            return
+        self._bundle.append((channel, socket, body))
+        self._bundle_size += size
+        if self._bundle_size >= BUNDLE_MAX_BYTES or len(self._bundle) >= BUNDLE_MAX_MESSAGES:
+            self._send_bundle(link)
+
+    def _send_bundle(self, link: zmq.Socket) -> None:
+        """Send the small messages waiting: one alone as itself, several as
+        one bundle (the same messages in the same order to the server)."""
+        bundle = self._bundle
+        if not bundle:
+            return
+        self._bundle, self._bundle_size = [], 0
+        if len(bundle) == 1:
+            channel, socket, body = bundle[0]
+            link.send_multipart([_TAGS[(channel, socket)], *body], copy=False)
+            return
+        link.send_multipart([BUNDLE_TAG, bundle_bytes(bundle)], copy=False)
 
     def _too_large(self, body: list, size: int) -> list[bytes]:
         """A stderr note, for the same cell, in place of a message too big to send.
