@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+import orjson
 import zmq
 
 from cellmux.protocol import (
@@ -179,7 +180,7 @@ class Reorder:
 def classify(header: bytes, content: memoryview) -> int:
     """The channel of a kernel message, from its header (and stream name)."""
     try:
-        msg_type = json.loads(header).get("msg_type", "")
+        msg_type = orjson.loads(header).get("msg_type", "")
     except (ValueError, AttributeError):
         return Channel.KERNEL
     stream = _stream_name(content) if msg_type == "stream" else None
@@ -323,7 +324,7 @@ class Pump(threading.Thread):
             everything.register(sock, zmq.POLLIN)
         link_only = zmq.Poller()
         link_only.register(link, zmq.POLLIN)
-        events, pollin = zmq.EVENTS, zmq.POLLIN
+        noblock = zmq.NOBLOCK
         while True:
             # Out of credit: stop reading the kernel's sockets. Its iopub
             # queue fills, its IOPub thread blocks (XPUB_NODROP), and its
@@ -332,10 +333,14 @@ class Pump(threading.Thread):
             for sock, _ in poller.poll():
                 # Drain what is there (edge-triggered readiness must not
                 # leave messages behind), but only while credit lasts.
-                # (EVENTS, not sock.poll(0): that builds a poller each time.)
+                # (Until EAGAIN: sock.poll(0) builds a poller, and EVENTS an
+                # enum, for every message.)
                 taken = 0
-                while sock.getsockopt(events) & pollin and (sock is link or self._link.credit > 0):
-                    msg = sock.recv_multipart(copy=False)
+                while sock is link or self._link.credit > 0:
+                    try:
+                        msg = sock.recv_multipart(noblock, copy=False)
+                    except zmq.Again:
+                        break
                     if sock is link:
                         self._from_server(msg, link, to_kernel)
                     else:
