@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -57,3 +59,25 @@ def test_gap_plus_entries_account_for_every_frame_after_the_cursor(sizes, budget
     seqs = [e.seq for e in entries]
     missed = list(range(gap.first, gap.last + 1)) if gap else []
     assert missed + seqs == list(range(cursor + 1, len(sizes) + 1))
+
+
+def _catch_up_seconds(log: ReplayLog, behind: int) -> float:
+    """Best of five: 200 catch-ups of a client C{behind} frames behind."""
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter()
+        for _ in range(200):
+            list(log.after(log.last_seq - behind)[1])
+        best = min(best, time.perf_counter() - began)
+    return best
+
+
+def test_a_client_a_few_frames_behind_costs_those_frames_not_the_log():
+    """Catching up costs what is missing, not the log's length: a deque
+    walked from its left paid the whole log (up to replay_bytes of
+    one-line frames, tens of thousands) on every resume of every client,
+    which a thousand observers of a printing kernel do all the time."""
+    short, long = ReplayLog(10**9), ReplayLog(10**9)
+    fill(short, [1] * 1_000)
+    fill(long, [1] * 200_000)
+    assert _catch_up_seconds(long, 3) < 10 * _catch_up_seconds(short, 3)

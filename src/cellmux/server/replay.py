@@ -103,4 +103,13 @@ class ReplayLog:
             self._counters.missed_frames += gap.missed
         # Entries are in seq order with no holes, so the start is an offset.
         start = max(0, cursor + 1 - first)
-        return gap, itertools.islice(self._entries, start, None)
+        entries = self._entries
+        missing = len(entries) - start
+        if missing < start:
+            # A deque is walked from an end: from the right, a client a few
+            # frames behind costs those frames, not the whole log (which a
+            # thousand clients catching up would pay again and again).
+            tail = list(itertools.islice(reversed(entries), missing))
+            tail.reverse()
+            return gap, iter(tail)
+        return gap, itertools.islice(entries, start, None)
