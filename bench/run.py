@@ -51,6 +51,9 @@ REPS = {
     # Runs of the 20-observer cases, pooled: one run's CPU time is a few
     # 10 ms clock ticks, too coarse to compare 20 against 20 + 20 kernels.
     "fanout_runs": 3,
+    # Lines of the cell the observers in processes of their own watch (1,000
+    # of them get a frame per line each).
+    "fanout_spread_lines": 500,
     "concurrency_kernels": 20,
     "concurrency_sessions": 200,
     "concurrency_cells": 5,
@@ -76,6 +79,12 @@ OTHER_CODE = "echo 2"
 STREAM_LINES = 200_000
 MESSAGE_LINES = 20_000
 FANOUT_OBSERVERS = (1, 20, 100)
+#: More observer counts, cellmux only; from FANOUT_SPREAD_FROM on, the
+#: observers are bench/observers.py processes (FANOUT_PROCESSES of them), so
+#: that the bench's own client loop is not what limits the delivery.
+FANOUT_CELLMUX_ONLY = (10, 1000)
+FANOUT_SPREAD_FROM = 1000
+FANOUT_PROCESSES = 4
 FLOOD_CHUNKS = 64  # MiB the kernel writes at a client that does not read
 BUDGET_BYTES = 24 * 1024**3
 #: Seconds an output cell may take before the run records it as hung.
@@ -335,7 +344,17 @@ class Suite:
         out: dict[str, Any] = {}
         extra = self.reps["fanout_extra_kernels"]
         for name in ["cellmux", "jupyter", "jupyter-nolimit"]:
-            out[name] = {str(n): await self._fanout(name, n) for n in FANOUT_OBSERVERS}
+            counts = sorted(
+                {*FANOUT_OBSERVERS, *(FANOUT_CELLMUX_ONLY if name == "cellmux" else ())}
+            )
+            out[name] = {
+                str(n): await (
+                    self._fanout_spread(name, n)
+                    if n >= FANOUT_SPREAD_FROM
+                    else self._fanout(name, n)
+                )
+                for n in counts
+            }
             if name == "jupyter-nolimit":
                 continue
             # The same 20 observers while other kernels, each with a client,
@@ -402,6 +421,69 @@ class Suite:
             "timed_out": timed_out,
             "observers_complete": sum(s.lines() == expected for s in seen),
             "lines_min": min(len(s.lines()) for s in seen),
+        }
+
+    async def _fanout_spread(self, name: str, n: int) -> dict[str, Any]:
+        """C{n} observers in FANOUT_PROCESSES processes of bench/observers.py
+        (raw websocket clients that decode almost nothing), one run."""
+        lines = self.reps["fanout_spread_lines"]
+        code = f"for i in range({lines}): print(i, flush=True)"
+        server = self.servers[name]
+        proc = psutil.Process(server.process.pid)
+        script = os.path.join(HERE, "observers.py")
+        shares = [
+            n // FANOUT_PROCESSES + (i < n % FANOUT_PROCESSES) for i in range(FANOUT_PROCESSES)
+        ]
+        async with self.kernel_conn(name) as conn:
+            msg_id = os.urandom(8).hex()
+            args = [server.url, server.token, conn.kernel_id]
+            workers = [
+                await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    script,
+                    *args,
+                    str(k),
+                    msg_id,
+                    str(lines),
+                    stdout=asyncio.subprocess.PIPE,
+                )
+                for k in shares
+                if k
+            ]
+            try:
+                for w in workers:
+                    assert w.stdout is not None
+                    ready = await asyncio.wait_for(w.stdout.readline(), OUTPUT_TIMEOUT)
+                    if ready.strip() != b"ready":
+                        raise RuntimeError("an observer process could not attach its observers")
+                await asyncio.sleep(0.5)
+                cpu0 = sum(proc.cpu_times()[:2])
+                start = time.time()
+                mine = await conn.execute(code, msg_id, OUTPUT_TIMEOUT)
+                reports = []
+                for w in workers:
+                    assert w.stdout is not None
+                    line = await asyncio.wait_for(w.stdout.readline(), OUTPUT_TIMEOUT)
+                    reports.append(json.loads(line))
+                cpu = sum(proc.cpu_times()[:2]) - cpu0
+            finally:
+                for w in workers:
+                    if w.returncode is None:
+                        with contextlib.suppress(ProcessLookupError):
+                            w.kill()
+                    await w.wait()
+        frames = mine.messages + sum(r["frames"] for r in reports)
+        return {
+            "runs": 1,
+            "seconds_to_last": max(r["last_idle"] for r in reports) - start,
+            "frames": frames,
+            "server_cpu_s": cpu,
+            "server_us_per_frame": cpu / frames * 1e6,
+            "timed_out": int(mine.timed_out),
+            "observers_complete": sum(r["complete"] for r in reports),
+            "lines_min": lines if sum(r["complete"] for r in reports) == n else 0,
+            "lines": lines,
+            "processes": len(workers),
         }
 
     # -- 6. concurrency --------------------------------------------------------
