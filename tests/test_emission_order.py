@@ -208,6 +208,20 @@ def test_output_printed_before_a_prompt_arrives_before_it(transport):
     RUNS[name + " (print then prompt)"] = 80
 
 
+def test_a_flood_of_small_and_large_outputs_keeps_its_order(transport):
+    """The pump sends what it read in one pass as one bundle, but a message
+    over 16 KiB alone, after the bundle of what came before it: lines and
+    large outputs mixed, flushed one by one, arrive in the order printed,
+    every one of them."""
+    name, run = transport
+    code = (
+        "for i in range(600):\n"
+        "    print('#%d' % i + ('x' * 40000 if i % 47 == 0 else ''), flush=True)\n"
+    )
+    expected = ["busy", *map(str, range(600)), "reply", "idle"]
+    assert observed(run(code, Answers([]))) == expected, name
+
+
 @settings(max_examples=150)
 @given(steps=st.lists(st.sampled_from(STEPS), min_size=1, max_size=6), final=st.booleans())
 def test_every_kind_of_output_arrives_in_emission_order(transport, steps, final):
