@@ -273,9 +273,9 @@ def rehearse_start(scratch: str, env: dict[str, str]) -> None:
                 server.send_multipart([link_id, tag, *parts])
                 replied = idle = False
                 while not (replied and idle):
-                    header = json.loads(server.recv_multipart()[2])
-                    replied = replied or header.get("msg_type") == "execute_reply"
-                    idle = replied and header.get("msg_type") == "status"
+                    for msg_type in _message_types(server.recv_multipart()[1:]):
+                        replied = replied or msg_type == "execute_reply"
+                        idle = replied and msg_type == "status"
         except BaseException as e:
             failed.append(e)
         finally:
@@ -285,6 +285,15 @@ def rehearse_start(scratch: str, env: dict[str, str]) -> None:
     app.start()
     if failed:
         raise RuntimeError(f"the rehearsal's stand-in server failed: {failed[0]!r}")
+
+
+def _message_types(parts: list[bytes]) -> list[str]:
+    """The msg_type of each Jupyter message in a link message from the
+    pump: one message, or a bundle of several."""
+    from ..protocol import BUNDLE_TAG, split_bundle
+
+    messages = split_bundle(parts[1]) if parts[0] == BUNDLE_TAG else [(0, 0, parts[1:])]
+    return [json.loads(message[0]).get("msg_type", "") for _, _, message in messages]
 
 
 def run_kernel(order: KernelOrder) -> None:

@@ -52,6 +52,7 @@ from .link import (
     bundle_bytes,
     link_control,
     link_mac,
+    split_bundle,
 )
 
 __all__ = [
@@ -97,4 +98,5 @@ __all__ = [
     "link_control",
     "link_mac",
     "parse_control",
+    "split_bundle",
 ]

@@ -71,6 +71,7 @@ __all__ = [
     "bundle_bytes",
     "link_control",
     "link_mac",
+    "split_bundle",
 ]
 
 LINK_VERSION = 1
@@ -98,6 +99,38 @@ def bundle_bytes(messages: Sequence[tuple[int, int, Sequence[Any]]]) -> bytes:
         append(struct.pack(f">{n}I", *map(len, parts)))
         pieces.extend(parts)
     return b"".join(pieces)
+
+
+def split_bundle(data: bytes) -> list[tuple[int, int, list[bytes]]]:
+    """The (channel, socket, parts) messages of a bundle's one part, as laid
+    out by L{bundle_bytes}; only its layout is checked (L{ServerLink}
+    checks each message against the rules as well)."""
+    end = len(data)
+    view = memoryview(data)
+    messages: list[tuple[int, int, list[bytes]]] = []
+    offset = 0
+    while offset < end:
+        if end - offset < HEADER_SIZE:
+            raise ProtocolError("bad_bundle", "a bundle ends inside a frame header")
+        channel, socket, flags, seq, nparts = _FRAME_HEAD.unpack_from(data, offset)
+        if flags or seq or nparts > MAX_PARTS:
+            raise ProtocolError("bad_bundle", "a bundled frame has flags, a seq or too many parts")
+        offset += HEADER_SIZE
+        table_end = offset + 4 * nparts
+        if table_end > end:
+            raise ProtocolError("bad_bundle", "a bundle ends inside a length table")
+        lengths = struct.unpack_from(f">{nparts}I", data, offset)
+        if table_end + sum(lengths) > end:
+            raise ProtocolError("bad_bundle", "a bundle ends inside a message")
+        message = []
+        offset = table_end
+        for length in lengths:
+            message.append(bytes(view[offset : offset + length]))
+            offset += length
+        messages.append((channel, socket, message))
+    if not messages:
+        raise ProtocolError("bad_bundle", "an empty bundle")
+    return messages
 
 
 def link_mac(secret: bytes, link_id: bytes, nonce: bytes) -> str:
@@ -272,38 +305,10 @@ class ServerLink:
         bundles what it would not send alone, so a bad one is hostile)."""
         if len(parts) != 2:
             raise ProtocolError("bad_bundle", "a bundle is its tag and one part")
-        data = parts[1]
-        end = len(data)
-        view = memoryview(data)
-        unpack_head = _FRAME_HEAD.unpack_from
-        messages: list[tuple[int, int, list[bytes]]] = []
-        offset = 0
+        messages = split_bundle(parts[1])
         spent = 0
-        while offset < end:
-            if end - offset < HEADER_SIZE:
-                raise ProtocolError("bad_bundle", "a bundle ends inside a frame header")
-            channel, socket, flags, seq, nparts = unpack_head(data, offset)
-            if flags or seq or nparts > MAX_PARTS:
-                raise ProtocolError(
-                    "bad_bundle", "a bundled frame has flags, a seq or too many parts"
-                )
-            offset += HEADER_SIZE
-            table_end = offset + 4 * nparts
-            if table_end > end:
-                raise ProtocolError("bad_bundle", "a bundle ends inside a length table")
-            lengths = struct.unpack_from(f">{nparts}I", data, offset)
-            payload = sum(lengths)
-            if table_end + payload > end:
-                raise ProtocolError("bad_bundle", "a bundle ends inside a message")
-            spent += self._check(channel, socket, nparts, payload, spent)
-            message = []
-            offset = table_end
-            for length in lengths:
-                message.append(bytes(view[offset : offset + length]))
-                offset += length
-            messages.append((channel, socket, message))
-        if not messages:
-            raise ProtocolError("bad_bundle", "an empty bundle")
+        for channel, socket, message in messages:
+            spent += self._check(channel, socket, len(message), sum(map(len, message)), spent)
         self.credit_left -= spent
         return KernelBundle(messages)
 
