@@ -50,7 +50,7 @@ from cellmux.protocol import Channel, JupyterSocket, ProtocolError, decode_tag
 from cellmux.protocol.jupyter import jupyter_parts
 from cellmux.protocol.link import link_control
 
-from .pump import DELIMITER, HEARTBEAT_IVL_MS, HEARTBEAT_TIMEOUT_MS, PUMP_ROUTING_ID, Pump
+from .pump import DELIMITER, PUMP_ROUTING_ID, Pump
 
 __all__ = [
     "CONNECTION_FILE",
@@ -345,9 +345,7 @@ class Adaptor(Pump):
         link = ctx.socket(zmq.DEALER)
         link.routing_id = self._link_id
         link.linger = 2000
-        link.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        link.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        link.connect(self._endpoint)
+        link.connect(self._endpoint)  # no ZMTP heartbeat, as the pump's
         shell = self._kernel_socket(zmq.DEALER, "shell")
         # Nudges must not pile up for a kernel that has not bound yet.
         shell.setsockopt(zmq.IMMEDIATE, 1)

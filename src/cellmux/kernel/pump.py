@@ -72,9 +72,6 @@ INPROC_PORTS = {
     "introspection": 6,
 }
 
-#: ZeroMQ heartbeat on the link (runs in libzmq's I/O thread, no GIL).
-HEARTBEAT_IVL_MS = 1000
-HEARTBEAT_TIMEOUT_MS = 5000
 #: Routing id of the pump's shell, control and stdin sockets.
 PUMP_ROUTING_ID = b"cellmux-pump"
 #: How often to repeat kernel_info_request while the kernel starts.
@@ -234,8 +231,9 @@ class Pump(threading.Thread):
         link = ctx.socket(zmq.DEALER)
         link.routing_id = self._link_id
         link.linger = 2000
-        link.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        link.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        # No ZMTP heartbeat: the link is a local socket (a dead server
+        # closes it, and the nursery then ends the kernel), and a ping a
+        # second woke both processes' I/O threads for every idle kernel.
         link.connect(self._endpoint)
         shell = self._socket(zmq.DEALER, inproc_endpoint(INPROC_PORTS["shell"]))
         control = self._socket(zmq.DEALER, inproc_endpoint(INPROC_PORTS["control"]))

@@ -394,10 +394,10 @@ class LinkRouter(BoundedReads, ZmqRouterConnection):
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         # No single ZeroMQ frame may exceed what one cellmux frame may hold.
         sock.setsockopt(zmq.MAXMSGSIZE, max_size)
-        # No ZMTP heartbeat of the server's own (the pump's heartbeats are
-        # still answered): libzmq 4.3.5 aborts the process when a heartbeat
-        # times out on a connection whose input is paused by a full queue,
-        # which a flooding peer that then disconnects causes at will. A
+        # No ZMTP heartbeat (the pumps set none either): libzmq 4.3.5
+        # aborts the process when a heartbeat times out on a connection
+        # whose input is paused by a full queue, which a flooding peer
+        # that then disconnects causes at will. A
         # kernel's death is known from the nursery, a hung one from pings.
         try:
             self._doors = LinkDoors(sock, links_dir, self.refusals, guard)
