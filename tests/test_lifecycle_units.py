@@ -771,6 +771,7 @@ class FakeHost:
     sent: list = attrs.Factory(list)
     credit_checks: int = 0
     idle: list = attrs.Factory(list)
+    watched: list = attrs.Factory(list)
 
     def send_to_process(self, inc, channel: int, socket: int, parts: list) -> None:
         self.sent.append((inc.link, channel, socket, parts))
@@ -780,6 +781,9 @@ class FakeHost:
 
     def went_idle(self, kernel) -> None:
         self.idle.append(kernel.id)
+
+    def watch(self, inc) -> None:
+        self.watched.append(inc.link)
 
 
 def test_a_kernel_needs_only_its_narrow_host():
@@ -797,6 +801,7 @@ def test_a_kernel_needs_only_its_narrow_host():
             Channel.STATUS, 2, [b"{}", b"{}", b"{}", b'{"execution_state": ' + state + b"}"]
         )
     assert host.idle == ["k1"]
+    assert host.watched == [inc.link], "busy: its link is watched on every tick"
     kernel.unbind()
     kernel.handle(Exited("SIGKILL"))
     with pytest.raises(KernelNotRunning, match="kernel is dead"):

@@ -15,7 +15,9 @@ a kernel usually only takes one from the pool. Twice a second it pings
 the link of every busy kernel (one that cannot answer holds the GIL), idle
 ones only every C{idle_ping_interval} so that a thousand idle kernels cost
 next to nothing, and ends kernels that outlived their idle timeout or
-lifetime. It restarts a lost nursery
+lifetime. A tick looks only at what is due (L{cellmux.server.liveness}):
+busy kernels and pings waiting for an answer, the idle ones whose ping is
+due, the kernels whose cull time may have come; not at every kernel. It restarts a lost nursery
 with back-off, and backs off when kernels keep failing to start.
 """
 
@@ -69,6 +71,7 @@ from .lifecycle import (
     Transition,
 )
 from .links import KernelUnreachable, LinkUnavailable
+from .liveness import DueQueue, WatchSet
 from .pooldemand import PoolDemand
 from .replay import Entry, ReplayLog
 from .runtimedir import disk_full
@@ -97,6 +100,8 @@ __all__ = [
     "iso_timestamp",
 ]
 
+#: States in which a kernel's link is pinged on every tick.
+WATCHED = frozenset({KernelState.BUSY, KernelState.UNRESPONSIVE})
 #: Seconds between link pings and culling checks.
 TICK = 0.5
 #: Automatic restarts allowed within RESTART_WINDOW seconds (no crash loops).
@@ -237,6 +242,9 @@ class Incarnation:
     error: KernelError | None = None
     #: The kernel host it runs on (None: this server's own nursery).
     host: str | None = None
+    #: When its next idle ping is due, while it is off the tick's watch
+    #: (entries of the manager's queue with another time are stale).
+    idle_ping_due: float | None = None
 
     @property
     def link(self) -> str:
@@ -285,6 +293,9 @@ class KernelHost(Protocol):
 
     def went_idle(self, kernel: Kernel) -> None:
         """The kernel finished a request (busy to idle)."""
+
+    def watch(self, inc: Incarnation) -> None:
+        """Look at C{inc}'s liveness on every tick again (it went busy)."""
 
 
 class Kernel:
@@ -380,6 +391,8 @@ class Kernel:
             self.publish(Channel.STATUS, "status", transition.publish)
         if transition.after is KernelState.UNRESPONSIVE:
             self.unanswered.unresponsive()
+        if transition.after in WATCHED and self.incarnation is not None:
+            self._manager.watch(self.incarnation)
         return transition
 
     def bind(self, incarnation: Incarnation) -> None:
@@ -710,6 +723,14 @@ class KernelManager:
         self._stopping = False
         self._tags: dict[tuple[int, int], bytes] = {}
         self._ticker: task.LoopingCall | None = None
+        #: Ready processes each tick looks at: new ones (pinged at once),
+        #: those with a cell or a ping out, busy or unresponsive ones; the
+        #: others wait in _idle_pings for their next ping (one entry each,
+        #: plus stale ones: at most one per idle_ping_interval / TICK).
+        self._link_watch: WatchSet[Incarnation] = WatchSet()
+        self._idle_pings: DueQueue[Incarnation] = DueQueue()
+        #: When each kernel may next be culled (one entry per kernel).
+        self._cull_checks: DueQueue[Kernel] = DueQueue()
         #: Pending refill while kernel starts keep failing.
         self._refill_retry = _Timer()
         self._start_backoff = Backoff(BACKOFF_FIRST, BACKOFF_CAP)
@@ -767,6 +788,7 @@ class KernelManager:
         self._links_of(inc).send_to_kernel(inc.link_id, [self.tag(channel, socket), *parts])
         if channel == Channel.EXECUTE:
             inc.awaiting = True
+            self.watch(inc)
         counters = self.counters
         counters.frames_to_kernels += 1
         counters.bytes_to_kernels += sum(map(len, parts))
@@ -777,6 +799,10 @@ class KernelManager:
                 listener(kernel)
             except Exception:
                 self.log.failure("idle listener {listener!r} failed", listener=listener)
+
+    def watch(self, inc: Incarnation) -> None:
+        if inc.ready.called and self._incarnations.get(inc.link_id) is inc:
+            self._link_watch.add(inc)
 
     def grant_credit(self, kernel: Kernel) -> None:
         inc = kernel.incarnation
@@ -1009,6 +1035,7 @@ class KernelManager:
 
     def _discard(self, inc: Incarnation) -> None:
         self._incarnations.pop(inc.link_id, None)
+        self._link_watch.discard(inc)  # its idle ping entry is skipped when due
         self._links_of(inc).forget(inc.link_id)
         if inc.timeout is not None and inc.timeout.active():
             inc.timeout.cancel()
@@ -1138,6 +1165,7 @@ class KernelManager:
             inc.timeout.cancel()
         inc.timeout = None
         self._changed()  # it runs as its own uid now: recorded with it
+        self._link_watch.add(inc)  # pinged on the next tick
         inc.ready.callback(inc)
 
     def kernel_message(self, link_id: bytes, channel: int, socket: int, parts: list) -> None:
@@ -1327,23 +1355,46 @@ class KernelManager:
 
     def tick(self) -> None:
         now = self.clock.seconds()
-        config = self.config
-        for inc in list(self._incarnations.values()):
-            if not inc.ready.called:
-                continue
-            if inc.ping is None:
-                if inc.last_ping is None or now - inc.last_ping >= self._ping_interval(inc):
+        self._check_links(now)
+        self._shrink_pool(now)
+        self._refill_hosts()
+        self._cull(now)
+
+    def _check_links(self, now: float) -> None:
+        """Ping the watched links whose ping is due, mark silent ones; an
+        idle link whose ping was answered leaves the watch until its next."""
+        watch = self._link_watch
+        for due, inc in self._idle_pings.pop_due(now):
+            if inc.idle_ping_due == due:  # else stale: it was watched since
+                inc.idle_ping_due = None
+                self.watch(inc)
+        unresponsive_after = self.config.unresponsive_after
+        for inc in watch.snapshot():
+            if self._incarnations.get(inc.link_id) is not inc:
+                watch.discard(inc)
+            elif inc.ping is None:
+                interval = self._ping_interval(inc)
+                if inc.last_ping is None or now - inc.last_ping >= interval:
                     inc.pings_sent += 1
                     inc.ping = (inc.pings_sent, now)
                     inc.last_ping = now
                     self._links_of(inc).send_control(inc.link_id, "ping", n=inc.pings_sent)
-            elif now - inc.ping[1] > config.unresponsive_after:
+                elif interval > TICK:
+                    watch.discard(inc)
+                    inc.idle_ping_due = inc.last_ping + interval
+                    self._idle_pings.push(inc.idle_ping_due, inc)
+            elif now - inc.ping[1] > unresponsive_after:
                 kernel = inc.kernel
                 if kernel is not None and kernel.state in (KernelState.IDLE, KernelState.BUSY):
                     kernel.handle(Silent())
-        self._shrink_pool(now)
-        self._refill_hosts()
-        for kernel in list(self.kernels.values()):
+
+    def _cull(self, now: float) -> None:
+        """End the kernels past their lifetime or idle timeout."""
+        config = self.config
+        again: list[Kernel] = []
+        for _, kernel in self._cull_checks.pop_due(now):
+            if self.kernels.get(kernel.id) is not kernel:
+                continue  # ended meanwhile
             if config.max_lifetime and now - kernel.created > config.max_lifetime:
                 self.delete(kernel, f"lifetime limit ({config.max_lifetime:g} s)")
             elif (
@@ -1353,6 +1404,31 @@ class KernelManager:
                 and now - kernel.last_activity > config.idle_timeout
             ):
                 self.delete(kernel, f"idle timeout ({config.idle_timeout:g} s)")
+            else:
+                again.append(kernel)
+        for kernel in again:  # after the loop: one due now is looked at next tick
+            self._schedule_cull(kernel, now)
+
+    def _schedule_cull(self, kernel: Kernel, now: float) -> None:
+        """Queue C{kernel}'s next cull check, never later than it may be due.
+
+        A client attached now cannot leave before C{now}, and its leaving
+        restarts the idle clock: so not before C{now + idle_timeout}. A
+        kernel busy with nobody attached may go idle on any tick, with an
+        idle clock that ran meanwhile: looked at on the next tick.
+        """
+        config = self.config
+        due = kernel.created + config.max_lifetime if config.max_lifetime else None
+        if config.idle_timeout:
+            if kernel.clients:
+                idle_due = now + config.idle_timeout
+            elif kernel.state not in (KernelState.IDLE, KernelState.DEAD):
+                idle_due = now
+            else:
+                idle_due = kernel.last_activity + config.idle_timeout
+            due = idle_due if due is None else min(due, idle_due)
+        if due is not None:
+            self._cull_checks.push(due, kernel)
 
     def _shrink_pool(self, now: float) -> None:
         """Demand has gone: end one extra ready kernel per tick, down to pool_size."""
@@ -1424,6 +1500,7 @@ class KernelManager:
         kernel.host_label = host_label
         kernel.bind(inc)
         self.kernels[kernel.id] = kernel
+        self._schedule_cull(kernel, self.clock.seconds())
         took = time.perf_counter() - started
         source = "pool" if from_pool else ("forked" if spec.forked else "cold")
         where = f" on host {host}" if host is not None else ""
