@@ -21,6 +21,7 @@ from twisted.web import resource, server
 import cellmux
 from cellmux.config import ConfigError, ServerConfig, load_config_file, named_tokens
 
+from . import heap
 from .api import ApiResource
 from .auth import NamedToken, TokenAuth, redact_tokens
 from .creation import KernelCreator, forget_ended_kernels
@@ -346,6 +347,7 @@ class CellmuxService(service.Service):
         if tls is not None:
             factory = TLSFactory(tls, False, factory)
         self._listening = await listen.listen(factory)
+        heap.settle()  # start-up is over: its objects leave the collector's passes
         port = self._listening.getHost().port
         host = f"[{config.host}]" if ":" in config.host else config.host
         base = f"{'https' if tls is not None else 'http'}://{host}:{port}/"
