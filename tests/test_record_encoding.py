@@ -1,0 +1,41 @@
+"""The server record is rewritten on every change: with a thousand kernels,
+only what changed is encoded again, and the file says what it said before
+(real files in tmp_path; the processes' identities are given, not read)."""
+
+from __future__ import annotations
+
+import json
+
+from cellmux.server import orphans
+from cellmux.server.orphans import ProcessIdentity, ServerRecord
+
+
+def test_a_rewrite_encodes_only_the_changed_entries_and_reads_back_whole(tmp_path, monkeypatch):
+    record = ServerRecord(str(tmp_path / "state"), str(tmp_path / "rt"))
+    n = 1000
+    processes = {f"{i:032x}": 100_000 + i for i in range(n)}
+    kernels = {f"k{i}": 100_000 + i for i in range(0, n, 2)}  # the others are pooled
+    for link, pid in processes.items():
+        record._identities[link] = ProcessIdentity(pid, 12_345, "boot", 2_000 + pid)
+    record.write(kernels, processes)
+    encoded: list[int] = []
+    real = ProcessIdentity.to_json
+    monkeypatch.setattr(
+        ProcessIdentity, "to_json", lambda self: encoded.append(self.pid) or real(self)
+    )
+    kernels["k1"] = 100_001  # a pooled process is taken by a kernel
+    del processes[f"{998:032x}"]  # a kernel ended
+    record.write(kernels, processes)
+    kernel_processes = [pid for pid in encoded if pid >= 100_000]  # not the server's own
+    assert kernel_processes == [100_001], "was: every entry, on every write"
+    data = json.loads(record.path.read_text())
+    assert data["kernels"] == sorted(kernels)
+    by_link = {e["link"]: e for e in data["processes"]}
+    assert set(by_link) == set(processes)
+    assert by_link[f"{1:032x}"] == {
+        "link": f"{1:032x}",
+        "kernel": "k1",
+        **ProcessIdentity(100_001, 12_345, "boot", 102_001).to_json(),
+    }
+    assert by_link[f"{2:032x}"]["kernel"] == "k2" and by_link[f"{3:032x}"]["kernel"] is None
+    assert data["version"] == orphans.RECORD_VERSION
