@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import glob
 import json
 import os
 import platform
@@ -711,19 +712,39 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
+def _wakeups(pids: list[int]) -> int:
+    """Times the threads of the processes went to sleep so far (voluntary
+    context switches of every thread: /proc/PID/status has the first's)."""
+    total = 0
+    for pid in pids:
+        for status in glob.glob(f"/proc/{pid}/task/*/status"):
+            with contextlib.suppress(OSError), open(status) as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches"):
+                        total += int(line.split()[1])
+    return total
+
+
 async def _idle_cost(server_pid: int, kernel_pids: list[int], seconds: float) -> dict[str, float]:
-    """Percent of one core the server and each idle kernel use over C{seconds}."""
+    """Percent of one core the server and each idle kernel use over
+    C{seconds}, and how often they wake (a load-insensitive figure: psutil's
+    CPU times move in 10 ms ticks)."""
     await asyncio.sleep(3)  # let start-up work settle
     server0, kernels0 = _cpu_seconds([server_pid]), _cpu_seconds(kernel_pids)
+    wakes0, kernel_wakes0 = _wakeups([server_pid]), _wakeups(kernel_pids)
     t0 = time.perf_counter()
     await asyncio.sleep(seconds)
     elapsed = time.perf_counter() - t0
     server1, kernels1 = _cpu_seconds([server_pid]), _cpu_seconds(kernel_pids)
+    wakes1, kernel_wakes1 = _wakeups([server_pid]), _wakeups(kernel_pids)
+    per = max(1, len(kernel_pids))
     return {
         "kernels": len(kernel_pids),
         "seconds": elapsed,
         "server_pct": 100 * (server1 - server0) / elapsed,
-        "per_kernel_pct": 100 * (kernels1 - kernels0) / elapsed / max(1, len(kernel_pids)),
+        "per_kernel_pct": 100 * (kernels1 - kernels0) / elapsed / per,
+        "server_wakeups_per_s": (wakes1 - wakes0) / elapsed,
+        "kernel_wakeups_per_s": (kernel_wakes1 - kernel_wakes0) / elapsed / per,
     }
 
 
@@ -794,7 +815,17 @@ async def _rtt_loop(
 
 async def bench_thousand(suite: Suite) -> None:
     """A thousand live kernels, a tenth of them running cells: their round
-    trip beside a lone kernel's, start time, and memory per kernel."""
+    trip beside a lone kernel's, start time, memory per kernel, and the
+    server's cost while all of them are idle.
+
+    Like with like: ``lone_rtt`` is a lone kernel paced as the active ones
+    are, a cell a second (a kernel that sat idle for a second pays cold
+    caches and wake-ups a kernel run back to back does not);
+    ``lone_rtt_back_to_back`` is the same kernel back to back. Both are
+    measured in the same server before the others exist, and once more
+    (``lone_rtt_among``, paced) with all of them alive and idle: what the
+    idle ones cost an active kernel, without the other active ones.
+    """
     n, active, seconds = (
         suite.reps["thousand_kernels"],
         suite.reps["thousand_active"],
@@ -807,9 +838,12 @@ async def bench_thousand(suite: Suite) -> None:
     try:
         available0 = psutil.virtual_memory().available
         lone: list[float] = []
+        lone_b2b: list[float] = []
         async with suite.kernel_conn("cellmux-1000") as conn:
-            await _rtt_loop(conn, 5, lone)
+            await _rtt_loop(conn, 5, lone_b2b)
+            await _rtt_loop(conn, seconds, lone, period=1.0)
         out["lone_rtt"] = summary(lone)
+        out["lone_rtt_back_to_back"] = summary(lone_b2b)
         t0 = time.perf_counter()
         for _ in range(n):
             models.append(server.create_kernel())
@@ -828,6 +862,13 @@ async def bench_thousand(suite: Suite) -> None:
         out["uss_mb"] = statistics.fmean(
             psutil.Process(pid).memory_full_info().uss / 2**20 for pid in sample
         )
+        # All of them idle (the active ones attached): the server's cost,
+        # then one kernel paced among them.
+        out["idle"] = await _idle_cost(server.process.pid, sample, seconds)
+        out["idle"]["kernels"] = n  # per-kernel figures: of the sampled ones
+        among: list[float] = []
+        await _rtt_loop(conns[0], seconds, among, period=1.0)
+        out["lone_rtt_among"] = summary(among)
         # Each active kernel runs a cell a second (100 cells/s in all: about
         # half of what two cores can run), their users not in step (phases
         # spread over the second: 100 cells sent at the same instant measure
