@@ -31,7 +31,7 @@ import zmq.auth
 from cellmux.client import HTTPError
 from cellmux.protocol.channels import Channel, JupyterSocket
 from cellmux.protocol.framing import encode_tag
-from cellmux.protocol.hostlink import Hello, encode
+from cellmux.protocol.hostlink import Beat, Hello, encode
 from conftest import RunningServer, start_server, wait_for
 
 HOST_TIMEOUT = "2"
@@ -352,8 +352,11 @@ def test_a_host_speaks_only_for_its_own_kernels(cluster: Cluster) -> None:
                         time.sleep(0.25)
                     assert time.monotonic() < deadline, cluster.front.log()[-2000:]
                 # Under a name of its own it is admitted, then forges a's
-                # kernel's output with every link id on a: all dropped.
+                # kernel's output with every link id on a: all dropped. (A
+                # host is admitted once it beats for its hello: no welcome
+                # is read here, the beat just follows.)
                 hello("rogue")
+                rogue.send_multipart(encode(Beat(0, 4)), zmq.NOBLOCK)
                 wait_for(lambda: cluster.admitted("rogue"), timeout=20)
                 stream = [
                     json.dumps({"msg_type": "stream", "msg_id": "x"}).encode(),

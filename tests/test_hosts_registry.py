@@ -1,5 +1,6 @@
 """The front's registry of kernel hosts, driven by a Clock: timeouts,
-placement by free capacity and label, epochs, keys."""
+placement by free capacity and label, epochs, keys, and the two steps of
+taking a host (back): its hello, then its beat for that hello."""
 
 from __future__ import annotations
 
@@ -15,13 +16,22 @@ class Lost(list):
         self.append((name, cause))
 
 
-def registry(timeout: float = 3.0) -> tuple[Clock, HostRegistry, Lost]:
+def registry(
+    timeout: float = 3.0, ready: list[str] | None = None
+) -> tuple[Clock, HostRegistry, Lost]:
     clock, lost = Clock(), Lost()
-    return clock, HostRegistry(clock, timeout, lost), lost
+    on_ready = (lambda host: ready.append(host.name)) if ready is not None else (lambda host: None)
+    return clock, HostRegistry(clock, timeout, lost, on_ready), lost
 
 
 def hello(name="a", labels=(), max_kernels=4, epoch=1) -> Hello:
     return Hello(name, labels, max_kernels, epoch)
+
+
+def join(hosts: HostRegistry, identity: bytes, key: bytes, said: Hello) -> None:
+    """A host's hello, and its first beat once welcomed (what makes it ready)."""
+    assert hosts.hello(identity, key, said).host is not None
+    hosts.beat(identity, Beat(0, said.max_kernels, seq=said.seq))
 
 
 def nobody(name: str) -> int:
@@ -61,6 +71,7 @@ def test_a_returning_host_is_taken_back_fresh() -> None:
     admission = hosts.hello(b"id-2", b"key", hello("a", epoch=7))
     assert admission.refused is None and admission.fresh
     assert hosts.by_identity(b"id-2").live
+    hosts.beat(b"id-2", Beat(running=0, max_kernels=4))
     # What it reported before was its dead kernels: it has room again.
     assert hosts.place(None, None, nobody) == "a"
 
@@ -111,8 +122,8 @@ def test_a_live_name_cannot_be_taken_by_another_key() -> None:
 
 def test_placement_prefers_the_most_free_capacity() -> None:
     _clock, hosts, _lost = registry()
-    hosts.hello(b"id-a", b"ka", hello("a", max_kernels=4))
-    hosts.hello(b"id-b", b"kb", hello("b", max_kernels=8))
+    join(hosts, b"id-a", b"ka", hello("a", max_kernels=4))
+    join(hosts, b"id-b", b"kb", hello("b", max_kernels=8))
     assert hosts.place(None, None, nobody) == "b"
     hosts.beat(b"id-b", Beat(running=6, max_kernels=8))
     assert hosts.place(None, None, nobody) == "a"
@@ -125,8 +136,8 @@ def test_placement_prefers_the_most_free_capacity() -> None:
 
 def test_placement_by_label() -> None:
     clock, hosts, _lost = registry()
-    hosts.hello(b"id-a", b"ka", hello("a", labels=("gpu",), max_kernels=2))
-    hosts.hello(b"id-b", b"kb", hello("b", max_kernels=50))
+    join(hosts, b"id-a", b"ka", hello("a", labels=("gpu",), max_kernels=2))
+    join(hosts, b"id-b", b"kb", hello("b", max_kernels=50))
     assert hosts.place("gpu", None, nobody) == "a"
     with pytest.raises(HostUnavailable, match="tpu"):
         hosts.place("tpu", None, nobody)
@@ -172,3 +183,65 @@ def test_an_older_hello_delivered_late_changes_nothing() -> None:
     # A new process (another epoch) counts its hellos from 1 again.
     restarted = hosts.hello(b"id-3", b"key", Hello("a", (), 4, 8, seq=1))
     assert restarted.host is not None and not restarted.stale
+
+
+def test_a_host_takes_kernels_only_after_its_beat_for_the_hello() -> None:
+    ready: list[str] = []
+    _clock, hosts, lost = registry(ready=ready)
+    admission = hosts.hello(b"id-1", b"key", Hello("a", (), 4, 7, seq=2))
+    assert admission.host is not None and admission.fresh
+    assert not admission.host.ready and admission.host.model()["live"] is False
+    with pytest.raises(HostUnavailable):
+        hosts.place(None, None, nobody)
+    assert hosts.place(None, 1, nobody) is None  # the front itself, meanwhile
+    # A beat of an older session (queued before this hello) proves nothing.
+    hosts.beat(b"id-1", Beat(0, 4, seq=1))
+    assert ready == [] and hosts.live() == []
+    hosts.beat(b"id-1", Beat(1, 4, seq=2))
+    assert ready == ["a"] and hosts.place(None, None, nobody) == "a"
+    assert admission.host.model()["live"] is True
+    hosts.beat(b"id-1", Beat(1, 4, seq=2))
+    assert ready == ["a"]  # told once
+    # A hello again on the same connection (its welcome was lost) keeps it
+    # ready: the connection works, and its kernels are kept.
+    again = hosts.hello(b"id-1", b"key", Hello("a", (), 4, 7, seq=3))
+    assert not again.fresh and again.host is not None and again.host.ready
+    assert lost == [] and ready == ["a"]
+
+
+def test_a_late_hello_from_a_connection_that_is_gone_takes_no_kernels() -> None:
+    # The race left in issue 17: the link is cut; the host's hellos queued
+    # in the old TCP connection arrive when it comes back, before the new
+    # connection's. The welcome to that old connection goes nowhere, so no
+    # beat for it ever comes: nothing is placed there, and the new
+    # connection's hello takes the host back.
+    ready: list[str] = []
+    clock, hosts, lost = registry(timeout=2.0, ready=ready)
+    join(hosts, b"id-old", b"key", Hello("a", (), 4, 7, seq=1))
+    assert ready == ["a"]
+    clock.advance(3)
+    hosts.check()
+    assert lost == [("a", HOST_LOST)]
+    late = hosts.hello(b"id-old", b"key", Hello("a", (), 4, 7, seq=3))
+    assert late.host is not None and late.fresh and not late.stale
+    hosts.beat(b"id-old", Beat(2, 4, seq=1))  # the old session's beat, late too
+    with pytest.raises(HostUnavailable):
+        hosts.place(None, None, nobody)
+    assert ready == ["a"]
+    clock.advance(0.5)
+    newer = hosts.hello(b"id-new", b"key", Hello("a", (), 4, 7, seq=4))
+    assert newer.host is not None and newer.fresh
+    assert hosts.by_identity(b"id-old") is None
+    with pytest.raises(HostUnavailable):
+        hosts.place(None, None, nobody)
+    hosts.beat(b"id-new", Beat(0, 4, seq=4))
+    assert ready == ["a", "a"] and hosts.place(None, None, nobody) == "a"
+    assert hosts.hosts["a"].identity == b"id-new"
+    # If no newer hello came at all, the unconfirmed one is lost in time.
+    clock.advance(3)
+    hosts.check()
+    late = hosts.hello(b"id-gone", b"key", Hello("a", (), 4, 7, seq=9))
+    assert late.host is not None
+    clock.advance(3)
+    hosts.check()
+    assert hosts.live() == [] and not hosts.hosts["a"].live

@@ -7,7 +7,8 @@ own ipc endpoint (L{KernelRelay}), and carries out what its fronts ask
 the front that asked for it; only that front may reach it.
 
 Liveness: every second the host says hello (until welcomed) or beats (its
-kernels, capacity and free memory) to each front. A front heard from for
+kernels, capacity and free memory) to each front, and it beats at once
+when welcomed: the front places kernels on it only after that beat. A front heard from for
 no longer than C{timeout} seconds is lost: the host kills the kernels it
 ran for it (the front reported them dead already) and says hello again.
 """
@@ -225,6 +226,10 @@ class HostService(service.Service):
             for link_id, owner in list(self._kernels.items()):
                 if owner is front and link_id not in keep:
                     self._kill(link_id)
+            # At once, not at the next tick: the front places nothing here
+            # until it has a beat for this hello (it proves the welcome
+            # came over a connection that works both ways).
+            front.send_control(self._beat(front))
         elif isinstance(message, hostlink.Who):
             if not front.welcomed or message.seq != front.session:
                 return  # saying hello already, or about an older session
@@ -323,11 +328,16 @@ class HostService(service.Service):
         front.hello_seq += 1
         return hostlink.Hello(s.name, s.labels, s.max_kernels, self.epoch, seq=front.hello_seq)
 
+    def _beat(self, front: FrontLink, memory: int | None = None) -> hostlink.Beat:
+        if memory is None:
+            memory = available_memory()
+        return hostlink.Beat(len(self._kernels), self.settings.max_kernels, memory, front.session)
+
     def tick(self) -> None:
         now = self.reactor.seconds()
-        running, memory = len(self._kernels), available_memory()
+        memory = available_memory()
         for front in self.fronts:
-            beat = hostlink.Beat(running, self.settings.max_kernels, memory, front.session)
+            beat = self._beat(front, memory)
             if front.welcomed and now - front.last_heard > self.settings.timeout:
                 self._front_lost(front, f"nothing heard for {now - front.last_heard:.1f} s")
             if not front.welcomed and now - front.connected_at > RECONNECT_AFTER:

@@ -14,7 +14,10 @@ Control kinds, host -> front::
 
     hello  {"name", "labels": [..], "max_kernels", "epoch", "version"}
            sent every second until the front answers ``welcome``
-    beat   {"running", "max_kernels", "mem_available"}   every second
+    beat   {"running", "max_kernels", "mem_available", "seq"}   every
+           second once welcomed, and at once on a welcome: the front
+           places kernels on a host only after its beat for the hello
+           it welcomed
     event  a nursery event line (cellmux.protocol.nursery: spawned,
            exited, error) about one of this front's kernels
 

@@ -5,7 +5,13 @@ Three parts, one job each:
 
 * L{HostRegistry}: which hosts are live, their capacity and labels, their
   epochs; placement; a host lost after C{timeout} seconds of silence. No
-  I/O: driven by a clock and by what L{HostRouter} hears.
+  I/O: driven by a clock and by what L{HostRouter} hears. A host is taken
+  back in two steps: its hello admits it on that connection, and its first
+  beat for that hello (which it sends once it has the front's welcome)
+  makes it ready; only ready hosts take kernels. A hello delivered late
+  from a connection that is gone (queued in TCP while the link was cut)
+  is admitted, but never answered with such a beat, so nothing is placed
+  on a connection that cannot carry it.
 * L{HostRouter}: the one TCP ROUTER (CURVE server, keys checked by
   L{cellmux.server.zap}) all hosts connect to. Kernel traffic is checked by
   the same L{LinkChecks} as local links once the router has checked that the
@@ -93,12 +99,20 @@ class RemoteHost:
     running: int = 0
     mem_available: int = 0
     live: bool = True
+    #: It beat for the hello it was admitted by: the welcome reached it on
+    #: this connection, and its beats come back on it. Only then is it
+    #: placed on.
+    ready: bool = False
+
+    @property
+    def usable(self) -> bool:
+        return self.live and self.ready
 
     def model(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "labels": list(self.labels),
-            "live": self.live,
+            "live": self.usable,
             "max_kernels": self.max_kernels,
             "running": self.running,
             "mem_available": self.mem_available,
@@ -124,12 +138,21 @@ class HostRegistry:
 
     @param on_lost: called with (name, cause) when a live host is lost
         (silent too long, or replaced by a new process of it).
+    @param on_ready: called with the host when an admitted host becomes
+        ready (its first beat for the hello it was admitted by).
     """
 
-    def __init__(self, clock, timeout: float, on_lost: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        clock,
+        timeout: float,
+        on_lost: Callable[[str, str], None],
+        on_ready: Callable[[RemoteHost], None] = lambda host: None,
+    ) -> None:
         self.clock = clock
         self.timeout = timeout
         self._on_lost = on_lost
+        self._on_ready = on_ready
         self.hosts: dict[str, RemoteHost] = {}
         self._by_identity: dict[bytes, RemoteHost] = {}
 
@@ -178,6 +201,9 @@ class HostRegistry:
         host.last_seen, host.live = now, True
         if fresh:  # what it last reported was its kernels: gone
             host.running = host.mem_available = 0
+            # Until it beats for this hello: a late hello from a connection
+            # that is gone gets here too, and its welcome goes nowhere.
+            host.ready = False
         self._by_identity[identity] = host
         return Admission(host, fresh=fresh)
 
@@ -187,6 +213,9 @@ class HostRegistry:
         if host is not None and beat.seq == host.hello_seq:
             host.running, host.max_kernels = beat.running, beat.max_kernels
             host.mem_available = beat.mem_available
+            if not host.ready:
+                host.ready = True
+                self._on_ready(host)
         return host
 
     def seen(self, identity: bytes) -> RemoteHost | None:
@@ -209,6 +238,11 @@ class HostRegistry:
         self._on_lost(host.name, cause)
 
     def live(self) -> list[RemoteHost]:
+        """The hosts kernels may be placed on (live and ready)."""
+        return [h for h in self.hosts.values() if h.usable]
+
+    def connected(self) -> list[RemoteHost]:
+        """The live hosts, ready or not (the front beats to each)."""
         return [h for h in self.hosts.values() if h.live]
 
     def place(
@@ -328,7 +362,7 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
         self._owner = owner
         self.refusals = RefusalLog(clock, self._refusal_line)
         self._checks = LinkChecks(sink, self.refusals, max_size, credit)
-        self.registry = HostRegistry(clock, timeout, self._host_lost)
+        self.registry = HostRegistry(clock, timeout, self._host_lost, self._host_ready)
         #: link id -> the name of the host it was spawned on
         self._placed: dict[bytes, str] = {}
         self._nurseries: dict[str, RemoteNursery] = {}
@@ -532,15 +566,23 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
         )
         with contextlib.suppress(NurseryGone):
             self._send_control(identity, hostlink.Welcome(tuple(keep), hello.seq), name)
+        if admission.host.ready:  # a hello again on a connection that works
+            self._announce(admission.host, "reconnected")
+
+    def _host_ready(self, host: RemoteHost) -> None:
+        # Its beat for the hello we welcomed: both ways work on this connection.
+        self._announce(host, "admitted")
+
+    def _announce(self, host: RemoteHost, how: str) -> None:
         self.log.info(
             "kernel host {name} {how} (key {key}, labels {labels}, {n} kernels at most)",
-            name=name,
-            how="admitted" if admission.fresh else "reconnected",
-            key=key.decode(errors="replace"),
-            labels=",".join(hello.labels) or "none",
-            n=hello.max_kernels,
+            name=host.name,
+            how=how,
+            key=host.key.decode(errors="replace"),
+            labels=",".join(host.labels) or "none",
+            n=host.max_kernels,
         )
-        self._owner.host_admitted(name)
+        self._owner.host_admitted(host.name)
 
     def _event(self, host: RemoteHost, event: wire.Event) -> None:
         link = getattr(event, "link", None)
@@ -560,14 +602,22 @@ class HostRouter(BoundedReads, ZmqRouterConnection):
 
     def _beat(self) -> None:
         self.registry.check()
-        for host in self.registry.live():
+        for host in self.registry.connected():
             with contextlib.suppress(NurseryGone):
                 self._send_control(host.identity, hostlink.FrontBeat(), host.name)
 
     def _host_lost(self, name: str, cause: str) -> None:
-        self.log.warn(
-            "kernel host {name} lost ({cause}); its kernels are dead", name=name, cause=cause
-        )
+        host = self.registry.hosts.get(name)
+        if host is not None and not host.ready:
+            # Admitted by a hello but never beat for it (a late hello from a
+            # connection that is gone): no kernel was placed there.
+            self.log.info(
+                "kernel host {name}: its hello was not confirmed ({cause})", name=name, cause=cause
+            )
+        else:
+            self.log.warn(
+                "kernel host {name} lost ({cause}); its kernels are dead", name=name, cause=cause
+            )
         nursery = self._nurseries.get(name)
         if nursery is not None:
             nursery.lost(cause)
