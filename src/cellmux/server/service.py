@@ -151,6 +151,30 @@ def build_site(
     return site
 
 
+def private_ipython_dir(runtime_dir: str) -> str | None:
+    """Where IPython keeps its files in this process (C{IPYTHONDIR}), if the
+    default will not do; None to leave it be.
+
+    IPython (imported to read the installed kernelspecs) uses
+    C{~/.ipython}; if that cannot be made or written (a service user whose
+    HOME is not its own) it makes a C{tempfile.mkdtemp()} directory each
+    time it looks, and never removes it. Then it gets one in the runtime
+    directory, removed with it. A C{IPYTHONDIR} the user set is kept, and
+    so is a usable C{~/.ipython} (kernelspecs may be installed in it).
+    Kernels never see this: their environment is scrubbed, and their HOME
+    is their own directory.
+    """
+    if os.environ.get("IPYTHONDIR"):
+        return None
+    default = os.path.join(os.path.expanduser("~"), ".ipython")
+    if os.path.isdir(default):
+        if os.access(default, os.W_OK):
+            return None
+    elif os.access(os.path.dirname(default), os.W_OK):
+        return None
+    return os.path.join(runtime_dir, "ipython")
+
+
 class CellmuxService(service.Service):
     """The whole server. Its public URL is printed once it listens."""
 
@@ -239,6 +263,9 @@ class CellmuxService(service.Service):
         else:
             self._runtime_dir = make_private_runtime_dir()
             self._owns_runtime_dir = True
+        ipython_dir = private_ipython_dir(self._runtime_dir)
+        if ipython_dir is not None:
+            os.environ["IPYTHONDIR"] = ipython_dir
         record = ServerRecord(state_dir, self._runtime_dir, owns_runtime_dir=self._owns_runtime_dir)
         # Recorded before anything is made in it, so a crash from here on
         # leaves nothing the next start does not know of.
