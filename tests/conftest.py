@@ -5,8 +5,9 @@ What a run leaves behind: nothing. The whole run works in a private
 temporary directory (``TMPDIR``, so servers, kernels and pytest's
 ``tmp_path`` use it too) that is removed at the end; an entry a test left
 in it, a server still running, and, where ``CI`` is set (only there is no
-one else's run at work), a new ``cellmux-*`` entry in the system temp dir
-or a change to the source tree's ``git status`` fail the run. ``CELLMUX_TEST_KEEP_TMP=1`` keeps the
+one else's run at work), any new entry in the system temp dir (whatever
+its name: IPython's ``tmpXXXX`` fallback made one per server start) or a
+change to the source tree's ``git status`` fail the run. ``CELLMUX_TEST_KEEP_TMP=1`` keeps the
 directory to look at.
 
 Root: tests that need it (their own uids, namespaces, cgroups, apt-get
@@ -25,6 +26,7 @@ import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -384,7 +386,8 @@ def pytest_configure(config: pytest.Config) -> None:
     _run.update(
         private=private,
         system_tmp=system_tmp,
-        before=set(_cellmux_entries(system_tmp)),
+        before=set(_entries(system_tmp)),
+        started_at=time.time(),
         tree=_tree_status() if os.environ.get("CI") else None,
     )
     os.environ["TMPDIR"] = private
@@ -410,11 +413,29 @@ def _tree_status() -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def _cellmux_entries(directory: str) -> list[str]:
+def _entries(directory: str) -> list[str]:
     try:
-        return [n for n in os.listdir(directory) if n.startswith("cellmux-")]
+        return os.listdir(directory)
     except OSError:
         return []
+
+
+def _new_entries(directory: str, before: set[str], since: float, own: str) -> list[str]:
+    """Entries of C{directory} this run made and left (with owner and
+    kind, to say whose they are): not there C{before}, not the run's own
+    C{own}, and not older than the run (an older entry that was moved or
+    briefly missing is not ours)."""
+    found = []
+    for name in sorted(set(_entries(directory)) - before - {own}):
+        try:
+            st = os.lstat(os.path.join(directory, name))
+        except OSError:
+            continue  # gone by now: nothing left
+        if st.st_mtime < since and st.st_ctime < since:
+            continue
+        kind = "dir" if stat.S_ISDIR(st.st_mode) else "file"
+        found.append(f"{name} ({kind}, uid {st.st_uid})")
+    return found
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -484,10 +505,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if leftovers:
         problems.append(f"left in the temporary directory {private}: {leftovers}")
     if os.environ.get("CI"):
+        # The whole listing, not only cellmux-* names: what a server's
+        # libraries make there counts too (CI runs nothing else beside us).
         system_tmp = str(_run["system_tmp"])
-        new = set(_cellmux_entries(system_tmp)) - _run["before"] - {os.path.basename(private)}
+        before, since = _run["before"], _run["started_at"]
+        assert isinstance(before, set) and isinstance(since, float)
+        new = _new_entries(system_tmp, before, since - 1.0, os.path.basename(private))
         if new:
-            problems.append(f"left in {system_tmp}: {sorted(new)}")
+            problems.append(f"left in {system_tmp}: {new}")
         if _run["tree"] is not None and _tree_status() != _run["tree"]:
             problems.append(f"changed the source tree (git status):\n{_tree_status()}")
     if os.environ.get("CELLMUX_TEST_KEEP_TMP"):
