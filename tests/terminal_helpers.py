@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -61,8 +62,17 @@ class Terminal:
     """
 
     def __init__(
-        self, env: dict[str, str], *args: str, timeout: float = 60, module: str = "cellmux"
+        self,
+        env: dict[str, str],
+        *args: str,
+        timeout: float = 60,
+        module: str = "cellmux",
+        sigint_ignored: bool = False,
     ) -> None:
+        # What a terminal's shell gives a command: SIGINT as default, whatever
+        # the test run inherited (a background job of a script has it
+        # ignored); C{sigint_ignored} starts it the other way on purpose.
+        sigint = signal.SIG_IGN if sigint_ignored else signal.SIG_DFL
         self.child = pexpect.spawn(
             sys.executable,
             ["-m", module, *args],
@@ -71,6 +81,7 @@ class Terminal:
             codec_errors="replace",
             dimensions=(40, 120),
             timeout=timeout,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
         )
         self.timeout = timeout
         self.raw = ""

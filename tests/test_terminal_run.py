@@ -252,6 +252,26 @@ def test_ctrl_c_interrupts_the_kernel(env, tmp_path):
     assert (done.returncode, done.stdout) == (0, "free\n")
 
 
+def test_ctrl_c_interrupts_the_kernel_when_started_with_sigint_ignored(env, tmp_path):
+    # As a script's background job (or a CI runner's) starts it: Python then
+    # raises no KeyboardInterrupt, and Ctrl-C in the terminal did nothing
+    # (the kernel spun on; the Ctrl-C tests hung so in one CI run). The full
+    # client first (a new name), then the quick path (a known one).
+    path = write(tmp_path, "spin.py", "print('spinning', flush=True)\nwhile True: pass\n")
+    for _path in ("full", "quick"):
+        terminal = Terminal(env, "run", str(path), "--kernel", "spin-ign", sigint_ignored=True)
+        try:
+            terminal.expect("spinning")
+            terminal.send("\x03")
+            terminal.expect("interrupted the kernel", timeout=30)
+            assert terminal.wait() == 130
+        finally:
+            terminal.close()
+    after = write(tmp_path, "after.py", "print('free')\n")
+    done = cellmux(env, "run", str(after), "--kernel", "spin-ign", timeout=30)
+    assert (done.returncode, done.stdout) == (0, "free\n")
+
+
 def test_input_at_end_of_file_says_one_thing_and_no_log_line(env, tmp_path):
     # stdin is /dev/null: input() meets end of file. The user sees the
     # command's own message, not the client library's log.

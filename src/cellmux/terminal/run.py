@@ -213,7 +213,31 @@ def _run_quickly(
         return None
 
 
+def take_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt here even if SIGINT came ignored.
+
+    A command started by a shell without job control in the background (a
+    script's ``cmd &``, a CI runner) inherits SIGINT ignored, and Python then
+    installs no handler: Ctrl-C in this command's terminal did nothing, and
+    the kernel kept running (the test suite hung so in one CI run). When
+    standard input is a terminal whose foreground process group is ours,
+    Ctrl-C typed there is meant for us: take it back.
+    """
+    import signal
+
+    try:
+        if (
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            and os.isatty(0)
+            and os.tcgetpgrp(0) == os.getpgrp()
+        ):
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    except OSError:
+        pass  # no terminal after all: leave it as it came
+
+
 def main(args: argparse.Namespace) -> int:
+    take_ctrl_c()
     try:
         with open(args.file, encoding="utf-8") as f:
             text = f.read()
