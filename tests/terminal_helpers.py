@@ -67,12 +67,18 @@ class Terminal:
         *args: str,
         timeout: float = 60,
         module: str = "cellmux",
-        sigint_ignored: bool = False,
+        sigint: str = "default",
     ) -> None:
-        # What a terminal's shell gives a command: SIGINT as default, whatever
-        # the test run inherited (a background job of a script has it
-        # ignored); C{sigint_ignored} starts it the other way on purpose.
-        sigint = signal.SIG_IGN if sigint_ignored else signal.SIG_DFL
+        """@param sigint: how the command gets SIGINT: C{"default"}, as a
+        terminal's shell gives it (whatever the test run inherited), or
+        C{"ignored"} or C{"blocked"}, as a background job of a script (or a
+        process forked with the signal masked) may."""
+
+        def preexec() -> None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN if sigint == "ignored" else signal.SIG_DFL)
+            how = signal.SIG_BLOCK if sigint == "blocked" else signal.SIG_UNBLOCK
+            signal.pthread_sigmask(how, {signal.SIGINT})
+
         self.child = pexpect.spawn(
             sys.executable,
             ["-m", module, *args],
@@ -81,7 +87,7 @@ class Terminal:
             codec_errors="replace",
             dimensions=(40, 120),
             timeout=timeout,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
+            preexec_fn=preexec,
         )
         self.timeout = timeout
         self.raw = ""

@@ -252,14 +252,16 @@ def test_ctrl_c_interrupts_the_kernel(env, tmp_path):
     assert (done.returncode, done.stdout) == (0, "free\n")
 
 
-def test_ctrl_c_interrupts_the_kernel_when_started_with_sigint_ignored(env, tmp_path):
-    # As a script's background job (or a CI runner's) starts it: Python then
-    # raises no KeyboardInterrupt, and Ctrl-C in the terminal did nothing
-    # (the kernel spun on; the Ctrl-C tests hung so in one CI run). The full
-    # client first (a new name), then the quick path (a known one).
+@pytest.mark.parametrize("sigint", ["ignored", "blocked"])
+def test_ctrl_c_interrupts_the_kernel_when_sigint_came_ignored_or_blocked(env, tmp_path, sigint):
+    # As a script's background job (or a CI runner's) starts it, or with
+    # the signal masked by whoever forked it: Python then raises no
+    # KeyboardInterrupt, and Ctrl-C in the terminal did nothing (the kernel
+    # spun on; the Ctrl-C tests hung so in one CI run). The full client
+    # first (a new name), then the quick path (a known one).
     path = write(tmp_path, "spin.py", "print('spinning', flush=True)\nwhile True: pass\n")
     for _path in ("full", "quick"):
-        terminal = Terminal(env, "run", str(path), "--kernel", "spin-ign", sigint_ignored=True)
+        terminal = Terminal(env, "run", str(path), "--kernel", f"spin-{sigint}", sigint=sigint)
         try:
             terminal.expect("spinning")
             terminal.send("\x03")
@@ -268,7 +270,7 @@ def test_ctrl_c_interrupts_the_kernel_when_started_with_sigint_ignored(env, tmp_
         finally:
             terminal.close()
     after = write(tmp_path, "after.py", "print('free')\n")
-    done = cellmux(env, "run", str(after), "--kernel", "spin-ign", timeout=30)
+    done = cellmux(env, "run", str(after), "--kernel", f"spin-{sigint}", timeout=30)
     assert (done.returncode, done.stdout) == (0, "free\n")
 
 

@@ -214,26 +214,29 @@ def _run_quickly(
 
 
 def take_ctrl_c() -> None:
-    """Make Ctrl-C raise KeyboardInterrupt here even if SIGINT came ignored.
+    """Make Ctrl-C raise KeyboardInterrupt here even if SIGINT came ignored
+    or blocked.
 
     A command started by a shell without job control in the background (a
     script's ``cmd &``, a CI runner) inherits SIGINT ignored, and Python then
-    installs no handler: Ctrl-C in this command's terminal did nothing, and
-    the kernel kept running (the test suite hung so in one CI run). When
-    standard input is a terminal whose foreground process group is ours,
-    Ctrl-C typed there is meant for us: take it back.
+    installs no handler; a process can also inherit it blocked (the signal
+    mask survives fork and exec). Either way Ctrl-C in this command's
+    terminal did nothing, and the kernel kept running (the test suite hung so
+    in one CI run). When standard input is a terminal whose foreground
+    process group is ours, Ctrl-C typed there is meant for us: take it back.
+    Called before any thread starts (threads inherit the mask).
     """
     import signal
 
     try:
-        if (
-            signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            and os.isatty(0)
-            and os.tcgetpgrp(0) == os.getpgrp()
-        ):
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if not (os.isatty(0) and os.tcgetpgrp(0) == os.getpgrp()):
+            return
     except OSError:
-        pass  # no terminal after all: leave it as it came
+        return  # no terminal after all: leave SIGINT as it came
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def main(args: argparse.Namespace) -> int:
