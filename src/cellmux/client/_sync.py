@@ -34,11 +34,19 @@ class _LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._main, name="cellmux-client", daemon=True)
+        running = threading.Event()
+        self.thread = threading.Thread(
+            target=self._main, args=(running,), name="cellmux-client", daemon=True
+        )
         self.thread.start()
+        # Until the loop runs, run() would take it for closed (and stop()
+        # would close it under the thread): a loaded machine got there first.
+        while not running.wait(0.1) and self.thread.is_alive():
+            pass
 
-    def _main(self) -> None:
+    def _main(self, running: threading.Event) -> None:
         asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(running.set)
         self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
