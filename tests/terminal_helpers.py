@@ -172,3 +172,18 @@ def delete_named_kernels(server, state_dir: Path) -> None:
             for kernel_id in names.values():
                 with contextlib.suppress(Exception):
                     client.delete_kernel(kernel_id)
+
+
+def wait_until_idle(server, state_dir: Path, name: str, timeout: float = 30) -> None:
+    """Wait until the kernel named C{name} went idle: after ``cellmux run``
+    left on Ctrl-C, the interrupt may not have reached the kernel yet, and a
+    request sent before it does is aborted with the interrupted one (the
+    kernel's stop_on_error), which is not what a test of the next run means."""
+    data = json.loads((state_dir / "cellmux" / "kernels.json").read_text())
+    kernel_id = next(names[name] for names in data.values() if name in names)
+    deadline = time.monotonic() + timeout
+    with server.client() as client:
+        while client.get_kernel(kernel_id).execution_state != "idle":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"kernel {name} not idle within {timeout} s")
+            time.sleep(0.1)

@@ -16,7 +16,13 @@ from cellmux.client import DEFAULT_URL
 from cellmux.protocol import Frame, JupyterSocket, decode_frame, encode_frame
 from cellmux.terminal import quick
 from cellmux.terminal import server as terminal_server
-from terminal_helpers import Terminal, cellmux, cellmux_env, delete_named_kernels
+from terminal_helpers import (
+    Terminal,
+    cellmux,
+    cellmux_env,
+    delete_named_kernels,
+    wait_until_idle,
+)
 
 TIMEOUT = 60
 #: What the quick path must not import (each costs tens of ms at start).
@@ -140,7 +146,7 @@ def test_the_quick_path_reports_as_the_full_client_does(env, tmp_path):
     assert "ZeroDivisionError" in raised.stderr and raised.stdout == "out\n"
 
 
-def test_input_pdb_and_ctrl_c_on_the_quick_path(env, tmp_path):
+def test_input_pdb_and_ctrl_c_on_the_quick_path(env, tmp_path, server):
     warm = tmp_path / "warm.py"
     warm.write_text("pass\n")
     assert cellmux(env, "run", str(warm), "--kernel", "term").returncode == 0
@@ -172,6 +178,7 @@ def test_input_pdb_and_ctrl_c_on_the_quick_path(env, tmp_path):
         assert terminal.wait() == 130
     finally:
         terminal.close()
+    wait_until_idle(server, tmp_path / "state", "term")
     after = cellmux(env, "run", str(warm), "--kernel", "term", timeout=TIMEOUT)
     assert after.returncode == 0
     # input at end of file: one line, exit 1, the kernel interrupted

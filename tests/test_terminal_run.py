@@ -11,7 +11,13 @@ import pytest
 
 from cellmux.kernel.sourcemap import SourceFiles, SourceRef, SourceRefError, shifted
 from cellmux.terminal.run import SelectionError, select
-from terminal_helpers import Terminal, cellmux, cellmux_env, delete_named_kernels
+from terminal_helpers import (
+    Terminal,
+    cellmux,
+    cellmux_env,
+    delete_named_kernels,
+    wait_until_idle,
+)
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -236,7 +242,7 @@ def test_breakpoint_stops_at_the_file_line_and_pdb_works_in_a_terminal(env, tmp_
         terminal.close()
 
 
-def test_ctrl_c_interrupts_the_kernel(env, tmp_path):
+def test_ctrl_c_interrupts_the_kernel(env, tmp_path, server):
     path = write(tmp_path, "spin.py", "print('spinning', flush=True)\nwhile True: pass\n")
     terminal = Terminal(env, "run", str(path), "--kernel", "spin")
     try:
@@ -246,14 +252,17 @@ def test_ctrl_c_interrupts_the_kernel(env, tmp_path):
         assert terminal.wait() == 130
     finally:
         terminal.close()
-    # The kernel stopped spinning: the next run is served at once.
+    # The kernel stopped spinning: it goes idle, and the next run is served at once.
+    wait_until_idle(server, tmp_path / "state", "spin")
     after = write(tmp_path, "after.py", "print('free')\n")
     done = cellmux(env, "run", str(after), "--kernel", "spin", timeout=30)
     assert (done.returncode, done.stdout) == (0, "free\n")
 
 
 @pytest.mark.parametrize("sigint", ["ignored", "blocked"])
-def test_ctrl_c_interrupts_the_kernel_when_sigint_came_ignored_or_blocked(env, tmp_path, sigint):
+def test_ctrl_c_interrupts_the_kernel_when_sigint_came_ignored_or_blocked(
+    env, tmp_path, server, sigint
+):
     # As a script's background job (or a CI runner's) starts it, or with
     # the signal masked by whoever forked it: Python then raises no
     # KeyboardInterrupt, and Ctrl-C in the terminal did nothing (the kernel
@@ -269,6 +278,7 @@ def test_ctrl_c_interrupts_the_kernel_when_sigint_came_ignored_or_blocked(env, t
             assert terminal.wait() == 130
         finally:
             terminal.close()
+        wait_until_idle(server, tmp_path / "state", f"spin-{sigint}")
     after = write(tmp_path, "after.py", "print('free')\n")
     done = cellmux(env, "run", str(after), "--kernel", f"spin-{sigint}", timeout=30)
     assert (done.returncode, done.stdout) == (0, "free\n")
