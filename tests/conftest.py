@@ -38,7 +38,6 @@ import attrs
 import pytest
 from hypothesis import HealthCheck, settings
 
-import apt_packages
 from cellmux.client import Client
 
 #: Modules whose every test needs root (marked ``root`` at collection).
@@ -337,6 +336,10 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's Chromium, installed with apt-get when it is missing."""
+    # Imported here: test_hygiene runs this conftest.py alone, without the
+    # helper modules beside it.
+    import apt_packages
+
     return apt_packages.ensure("chromium", lambda: CHROMIUM if os.path.exists(CHROMIUM) else None)
 
 
