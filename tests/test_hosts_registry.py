@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from cellmux.protocol.hostlink import Beat, Hello
+from cellmux.protocol.hostlink import HOSTLINK_VERSION, Beat, Hello
 from cellmux.server.hosts import HOST_LOST, HostRegistry, HostUnavailable
 
 
@@ -245,3 +245,20 @@ def test_a_late_hello_from_a_connection_that_is_gone_takes_no_kernels() -> None:
     clock.advance(3)
     hosts.check()
     assert hosts.live() == [] and not hosts.hosts["a"].live
+
+
+def test_a_host_newer_than_the_front_is_refused_and_older_ones_are_taken() -> None:
+    # A newer host may send link traffic this front cannot read (version 2
+    # brought bundles): refused at its hello, with what to do.
+    _, hosts, _ = registry()
+    newer = Hello("a", (), 4, 1, version=HOSTLINK_VERSION + 1)
+    admission = hosts.hello(b"id-a", b"key", newer)
+    assert admission.host is None
+    assert admission.refused == (
+        f"it speaks host link version {HOSTLINK_VERSION + 1}, this front"
+        f" {HOSTLINK_VERSION}: upgrade the fronts first"
+    )
+    assert hosts.live() == []
+    join(hosts, b"id-b", b"key-b", Hello("b", (), 4, 1, version=1))
+    join(hosts, b"id-c", b"key-c", hello("c"))
+    assert sorted(h.name for h in hosts.live()) == ["b", "c"]

@@ -85,7 +85,10 @@ __all__ = [
     "valid_name",
 ]
 
-HOSTLINK_VERSION = 1
+#: 2: a kernel's link traffic may hold bundles (protocol.md, section 12),
+#: which a front of version 1 refuses message by message. A front admits
+#: hosts of its version or older, so fronts are upgraded first.
+HOSTLINK_VERSION = 2
 #: Bytes of a kernel link id: what tells link traffic from control.
 LINK_ID_SIZE = 16
 #: Longest JSON body of a control message other than a nursery line.

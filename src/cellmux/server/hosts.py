@@ -162,6 +162,13 @@ class HostRegistry:
         return host if host is not None and host.live else None
 
     def hello(self, identity: bytes, key: bytes, hello: hostlink.Hello) -> Admission:
+        if hello.version > hostlink.HOSTLINK_VERSION:
+            # Newer hosts may send what this front cannot read.
+            return Admission(
+                None,
+                f"it speaks host link version {hello.version}, this front"
+                f" {hostlink.HOSTLINK_VERSION}: upgrade the fronts first",
+            )
         now = self.clock.seconds()
         host = self.hosts.get(hello.name)
         if host is None:
