@@ -23,10 +23,26 @@ from websockets.asyncio.client import ClientConnection, connect
 from cellmux.protocol import Channel, JupyterSocket, control_frame, decode_frame, encode_frame
 from cellmux.protocol.framing import frame_bytes
 
-__all__ = ["CellResult", "CellmuxConnection", "FloorConnection", "JupyterConnection"]
+__all__ = [
+    "CellResult",
+    "CellmuxConnection",
+    "FloorConnection",
+    "JupyterConnection",
+    "StalledRequest",
+]
 
 _CELLMUX_HEADER = struct.Struct(">HBBQI")
 _JUPYTER_V1 = "v1.kernel.websocket.jupyter.org"
+
+
+#: A request given no timeout fails after this long without its reply and
+#: idle (L{StalledRequest}): a kernel that stopped answering must fail its
+#: stage, not hang the whole run.
+STALL_LIMIT = 300.0
+
+
+class StalledRequest(Exception):
+    """No reply and idle within L{STALL_LIMIT}."""
 
 
 @attrs.define
@@ -134,12 +150,14 @@ class _WebsocketConnection:
         self, msg_id: str, start: float, want_reply: bool, timeout: float | None
     ) -> CellResult:
         result = CellResult()
-        deadline = None if timeout is None else start + timeout
+        deadline = start + (STALL_LIMIT if timeout is None else timeout)
         while True:
-            left = None if deadline is None else deadline - time.perf_counter()
+            left = deadline - time.perf_counter()
             try:
                 raw = await asyncio.wait_for(self.ws.recv(), left)
             except TimeoutError:
+                if timeout is None:
+                    raise StalledRequest(f"{msg_id}: no reply, idle in {STALL_LIMIT} s") from None
                 result.timed_out = True
                 return result
             decoded = self._decode(raw)
@@ -357,12 +375,14 @@ class FloorConnection:
         start = time.perf_counter()
         self.session_obj.send(self.shell, msg)
         result = CellResult()
-        deadline = None if timeout is None else start + timeout
+        deadline = start + (STALL_LIMIT if timeout is None else timeout)
         while True:
-            left = None if deadline is None else deadline - time.perf_counter()
+            left = deadline - time.perf_counter()
             try:
                 msg = await asyncio.wait_for(self._queue.get(), left)
             except TimeoutError:
+                if timeout is None:
+                    raise StalledRequest(f"{msg_id}: no reply, idle in {STALL_LIMIT} s") from None
                 result.timed_out = True
                 return result
             header, parent, content = self._split(msg)

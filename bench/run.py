@@ -615,6 +615,14 @@ class Suite:
         """Start and round trip of a cold kernel that is not Python, on both
         servers (cellmux starts it behind its adaptor, without a pool)."""
         name = self.other_kernel
+
+        async def run(label: str, conn) -> Any:
+            # A stage must fail, not hang, when a kernel stops answering.
+            result = await conn.execute(OTHER_CODE, timeout=OUTPUT_TIMEOUT)
+            if result.timed_out:
+                raise RuntimeError(f"{label}: no answer to {OTHER_CODE!r} in {OUTPUT_TIMEOUT} s")
+            return result
+
         with _kernelspec_path(name):
             servers = {"cellmux": start_cellmux("--pool-size", "0"), "jupyter": start_jupyter()}
         try:
@@ -624,7 +632,7 @@ class Suite:
                     t0 = time.perf_counter()
                     model = server.create_kernel(name)
                     conn = await self.connect(label, model["id"], server)
-                    result = await conn.execute(OTHER_CODE)
+                    result = await run(label, conn)
                     start[label].append(time.perf_counter() - t0)
                     assert result.status == "ok", result
                     await conn.close()
@@ -641,11 +649,11 @@ class Suite:
                     )
                     stack.callback(server.delete_kernel, model["id"])
                     for _ in range(5):  # warm up
-                        await conns[label].execute(OTHER_CODE)
+                        await run(label, conns[label])
                 for _ in range(self.reps["other_rtt_rounds"]):
                     for label, conn in conns.items():
                         for _ in range(self.reps["other_rtt_per_round"]):
-                            r = await conn.execute(OTHER_CODE)
+                            r = await run(label, conn)
                             replies[label].append(r.reply)
                             idles[label].append(r.idle)
         finally:

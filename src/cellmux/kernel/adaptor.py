@@ -473,6 +473,8 @@ class Adaptor(Pump):
                                 link.send_multipart(self._pong(held))
                         else:
                             self._to_server(msg, from_kernel[sock], link)
+                # The pump's _to_server bundles what one pass read: send it.
+                self._send_bundle(link)
         except KernelEnded:
             self._drain(link, from_kernel)
             raise
@@ -521,6 +523,7 @@ class Adaptor(Pump):
     def _drain(self, link: zmq.Socket, from_kernel: dict) -> None:
         """Forward what the ended kernel sent last (a shutdown_reply, its
         final output), within credit and L{DRAIN_TIME}."""
+        self._send_bundle(link)  # what the last pass read
         deadline = time.monotonic() + DRAIN_TIME
         while time.monotonic() < deadline and self._link.credit > 0:
             moved = False
@@ -528,6 +531,7 @@ class Adaptor(Pump):
                 while sock.poll(0) and self._link.credit > 0:
                     self._to_server(sock.recv_multipart(copy=False), which, link)
                     moved = True
+            self._send_bundle(link)
             if not moved:
                 time.sleep(0.02)
 
