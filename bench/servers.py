@@ -64,9 +64,15 @@ class Server:
     def pool_ready(self) -> int:
         return self.request("GET", "/api/status")[1]["pool"]["ready"]
 
+    def pool_settled(self, ready: int) -> bool:
+        """At least C{ready} kernels pooled, and none still starting: a
+        start measured then shares the machine with no refilling."""
+        pool = self.request("GET", "/api/status")[1]["pool"]
+        return pool["ready"] >= ready and not pool.get("starting")
+
     def wait_pool(self, ready: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while self.pool_ready() < ready:
+        while not self.pool_settled(ready):
             if time.monotonic() > deadline:
                 raise RuntimeError("the warm pool did not refill")
             time.sleep(0.05)
