@@ -32,8 +32,8 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
-import orjson
 import zmq
 
 from cellmux.protocol import (
@@ -53,6 +53,14 @@ from cellmux.protocol.jupyter import jupyter_parts
 from .flowcontrol import IOPUB_QUEUE
 from .introspection import INTROSPECTION_TYPES
 from .ordering import stamp_of
+
+try:  # faster; a kernel_python need not have it (only ipykernel, attrs, pyseccomp)
+    import orjson
+
+    _loads_json: Callable[..., Any] = orjson.loads
+except ImportError:
+    _loads_json = json.loads
+
 
 __all__ = ["INPROC_PORTS", "Pump"]
 
@@ -177,7 +185,7 @@ class Reorder:
 def classify(header: bytes, content: memoryview) -> int:
     """The channel of a kernel message, from its header (and stream name)."""
     try:
-        msg_type = orjson.loads(header).get("msg_type", "")
+        msg_type = _loads_json(header).get("msg_type", "")
     except (ValueError, AttributeError):
         return Channel.KERNEL
     stream = _stream_name(content) if msg_type == "stream" else None
