@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,9 +38,10 @@ async def measure(variants: list[str], rounds: int, per_round: int) -> dict:
     servers = {}
     conns = {}
     floor = FloorKernel.start()
+    configs = tempfile.mkdtemp(prefix="cellmux-ab-")
     try:
-        for v in variants:
-            path = os.path.join(tempfile.mkdtemp(prefix="cellmux-ab-"), "config.toml")
+        for i, v in enumerate(variants):
+            path = os.path.join(configs, f"{i}.toml")
             with open(path, "w") as f:
                 f.write(f'[cellmux]\nkernel_env = {{CELLMUX_KERNEL_TUNING = "{v}"}}\n')
             servers[v] = start_cellmux("--pool-size", "1", "--config", path)
@@ -86,6 +88,7 @@ async def measure(variants: list[str], rounds: int, per_round: int) -> dict:
         for server in servers.values():
             server.stop()
         floor.stop()
+        shutil.rmtree(configs, ignore_errors=True)
     out = {}
     for name in names:
         out[name] = {
