@@ -19,32 +19,14 @@ import json
 import struct
 import sys
 import time
-import uuid
 
-from websockets.asyncio.client import connect
+from drivers import CellmuxConnection
 
-from cellmux.protocol import Channel, control_frame, decode_frame, encode_frame
+from cellmux.protocol import Channel
 
 _HEADER = struct.Struct(">HBBQI")
 #: Connections opened at once (a burst of 1,000 overflows the listen backlog).
 CONNECT_AT_ONCE = 50
-
-
-async def _open(url: str, token: str, kernel_id: str):
-    ws = await connect(
-        url,
-        additional_headers={"Authorization": f"token {token}"},
-        max_size=None,
-        compression=None,
-        max_queue=None,
-        open_timeout=120,
-    )
-    hello = control_frame("hello", version=1, kernel=kernel_id, session=uuid.uuid4().hex)
-    await ws.send(encode_frame(hello))
-    welcome = json.loads(decode_frame(await ws.recv()).parts[0])
-    if welcome["op"] != "welcome":
-        raise RuntimeError(f"cellmux refused the hello: {welcome}")
-    return ws
 
 
 async def _observe(ws, msg_id: bytes, expected: list[str]) -> tuple[int, bool, float]:
@@ -67,11 +49,13 @@ async def _observe(ws, msg_id: bytes, expected: list[str]) -> tuple[int, bool, f
 
 async def main() -> None:
     url, token, kernel_id, count, msg_id, lines = sys.argv[1:7]
-    ws_url = url.replace("http", "ws", 1).rstrip("/") + f"/ws?kernel={kernel_id}"
     connections = []
     for first in range(0, int(count), CONNECT_AT_ONCE):
         batch = range(first, min(int(count), first + CONNECT_AT_ONCE))
-        connections += await asyncio.gather(*(_open(ws_url, token, kernel_id) for _ in batch))
+        opened = await asyncio.gather(
+            *(CellmuxConnection.open(url, token, kernel_id) for _ in batch)
+        )
+        connections += [conn.ws for conn in opened]
     print("ready", flush=True)
     expected = [str(i) for i in range(int(lines))]
     needle = msg_id.encode()  # random: only the request's messages carry it
