@@ -259,6 +259,34 @@ def test_ctrl_c_interrupts_the_kernel(env, tmp_path, server):
     assert (done.returncode, done.stdout) == (0, "free\n")
 
 
+@pytest.mark.parametrize("path", ["quick", "full"])
+def test_a_run_right_after_an_interrupt_runs(env, tmp_path, server, path):
+    # An interrupted cell ends in an error, and ipykernel then aborts the
+    # requests that reach it before it has finished with that error. A run
+    # started at once (an editor's next key press) was such a request: it
+    # exited 1 and printed nothing. Its code never ran, so the command sends
+    # it again.
+    spin = write(tmp_path, "spin.py", "print('spinning', flush=True)\nwhile True: pass\n")
+    after = write(tmp_path, "after.py", "print('free')\n")
+    quick = {"quick": "1", "full": "0"}[path]
+    ask = write(tmp_path, "ask.py", "input('name? ')\n")
+    for attempt in range(3):
+        terminal = Terminal(env, "run", str(spin), "--kernel", "again")
+        try:
+            terminal.expect("spinning")
+            terminal.send("\x03")
+            terminal.expect("interrupted the kernel")
+            assert terminal.wait() == 130
+        finally:
+            terminal.close()
+        done = cellmux({**env, "CELLMUX_RUN_QUICK": quick}, "run", str(after), "--kernel", "again")
+        assert (done.returncode, done.stdout, done.stderr) == (0, "free\n", ""), attempt
+        # Input that ends interrupts the kernel too.
+        assert cellmux(env, "run", str(ask), "--kernel", "again").returncode == 1
+        done = cellmux({**env, "CELLMUX_RUN_QUICK": quick}, "run", str(after), "--kernel", "again")
+        assert (done.returncode, done.stdout, done.stderr) == (0, "free\n", ""), attempt
+
+
 @pytest.mark.parametrize("sigint", ["ignored", "blocked"])
 def test_ctrl_c_interrupts_the_kernel_when_sigint_came_ignored_or_blocked(
     env, tmp_path, server, sigint

@@ -45,6 +45,16 @@ _FRAME_HEAD = struct.Struct(">HBBQI")
 _CONTROL, _STATUS, _EXECUTE, _STDIN = 0, 4, 6, 1
 _SHELL, _STDIN_SOCKET = 1, 3
 _PROTOCOL_VERSION = 1
+#: How many times a request the kernel aborted is sent: ipykernel aborts
+#: what reaches it while it is still ending a request that failed (after an
+#: interrupt, or input that ended), and an aborted request's code never ran,
+#: so sending it again is safe. The pause grows with each try.
+ABORTED_TRIES = 3
+ABORTED_PAUSE = 0.05
+ABORTED_MESSAGE = (
+    "the kernel aborted the request {tries} times (it was still ending"
+    " an earlier request that failed); the code did not run"
+)
 _JUPYTER_VERSION = "5.3"
 
 
@@ -471,10 +481,17 @@ def run_code(
         if spec is not None and model.get("name") != spec:
             raise Unavailable("another kernel spec")  # the full client says which
         ws.sock.settimeout(None)
-        run = _Run(ws, session, renderer, ask)
         try:
-            run.execute(code, metadata)
-            return 0 if run.until_done() else 1
+            for tried in range(1, ABORTED_TRIES + 1):
+                run = _Run(ws, session, renderer, ask)
+                run.execute(code, metadata)
+                if run.until_done():
+                    return 0
+                if run.status != "aborted":
+                    return 1
+                time.sleep(ABORTED_PAUSE * tried)
+            print(f"cellmux: {ABORTED_MESSAGE.format(tries=ABORTED_TRIES)}", file=sys.stderr)
+            return 1
         except KeyboardInterrupt:
             run.interrupt()
             renderer.line("cellmux: interrupted the kernel", sys.stderr)

@@ -20,6 +20,7 @@ import sys
 import time
 from typing import NamedTuple
 
+from .quick import ABORTED_MESSAGE, ABORTED_PAUSE, ABORTED_TRIES
 from .render import PROMPT_GRACE, Renderer
 from .server import (
     DEFAULT_KERNEL_NAME,
@@ -270,12 +271,18 @@ def main(args: argparse.Namespace) -> int:
             model = open_kernel(client, KernelNames(options.url), args.kernel, args.spec)
             with client.connect(model.id) as kernel:
                 try:
-                    result = kernel.execute(
-                        selection.code,
-                        on_output=renderer.output,
-                        on_stdin=_ask,
-                        metadata=metadata,
-                    )
+                    for tried in range(1, ABORTED_TRIES + 1):
+                        result = kernel.execute(
+                            selection.code,
+                            on_output=renderer.output,
+                            on_stdin=_ask,
+                            metadata=metadata,
+                        )
+                        if result.status != "aborted":
+                            break
+                        time.sleep(ABORTED_PAUSE * tried)
+                    else:
+                        return fail(ABORTED_MESSAGE.format(tries=ABORTED_TRIES), EXIT_RAISED)
                 except KeyboardInterrupt:
                     client.interrupt_kernel(model.id)
                     renderer.line("cellmux: interrupted the kernel", sys.stderr)
