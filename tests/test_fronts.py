@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import secrets
+import signal
 import threading
 import time
 import types
@@ -363,6 +364,54 @@ def test_a_named_token_added_to_the_fronts_configs_works_on_both_within_the_boun
                 f.write(originals[name])
     # Removed from the configs: it stops on both within the bound.
     wait_for(lambda: answers(403), REFRESH_BOUND, 0.2)
+
+
+def test_the_clients_of_a_front_that_stopped_answering_are_disconnected(fleet):
+    # A front that hangs (stopped, or cut off by the network) closes
+    # nothing: without on-marked-down shutdown-sessions its clients' tunnels
+    # stayed open, silent, for HAProxy's tunnel timeout (an hour).
+    with fleet.client() as client:
+        kernel_id = client.create_kernel().id
+        while front_of(kernel_id) != "F2":
+            client.delete_kernel(kernel_id)
+            kernel_id = client.create_kernel().id
+        outcome: dict[str, object] = {}
+
+        def waits() -> None:
+            with fleet.client() as own, own.connect(kernel_id) as kernel:
+                try:
+                    kernel.execute("import time; time.sleep(90)", timeout=90)
+                    outcome["end"] = "finished"
+                except CellmuxError as e:
+                    outcome["end"] = e
+                outcome["at"] = time.monotonic()
+
+        thread = threading.Thread(target=waits)
+        thread.start()
+        front = fleet.fronts["F2"].process
+        time.sleep(1.5)
+        stopped = time.monotonic()
+        front.send_signal(signal.SIGSTOP)
+        try:
+            thread.join(30)
+        finally:
+            front.send_signal(signal.SIGCONT)
+        assert not thread.is_alive(), "the client was still connected 30 s later"
+        assert isinstance(outcome["end"], CellmuxError), outcome
+        print(f"f2 stopped: its client was disconnected after {outcome['at'] - stopped:.1f} s")
+        # Answering again, it is marked up and serves its kernel.
+        fleet.wait_until_up()
+        with client.connect(kernel_id, timeout=30) as kernel:
+            kernel.interrupt()
+            # The kernel aborts what reaches it while it ends the
+            # interrupted cell; the code of an aborted request never ran.
+            for _ in range(3):
+                result = kernel.execute("print('back')", timeout=60)
+                if result.status != "aborted":
+                    break
+                time.sleep(0.1)
+            assert (result.status, result.stdout) == ("ok", "back\n")
+        client.delete_kernel(kernel_id)
 
 
 def test_a_killed_front_takes_only_its_own_kernels_and_is_named_on_reconnect(fleet):
