@@ -529,7 +529,8 @@ def test_fronts_and_hosts_work_with_exactly_the_manifests_privileges(short_path)
         ["setpriv", "--bounding-set", bounding, "--inh-caps", "-all",
          sys.executable, "-m", "cellmux", "host", "--front", endpoint,
          "--front-key", str(keys / "front.key"), "--key", str(keys / "host.key_secret"),
-         "--name", "capped", "--config", str(config), "--runtime-dir", str(runtime)],
+         "--name", "capped", "--config", str(config), "--runtime-dir", str(runtime),
+         "--state-dir", str(base / "hstate")],
         base / "host.log",
     )  # fmt: skip
     try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -64,12 +65,17 @@ class Host:
     def log_path(self) -> str:
         return os.path.join(self.workdir, "host.log")
 
-    def start(self) -> Host:
-        runtime = os.path.join(self.workdir, "rt")
-        shutil.rmtree(runtime, ignore_errors=True)  # a SIGKILLed host's
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.workdir, "state")
+
+    def start(self, *, private_runtime_dir: bool = False) -> Host:
+        # Its own runtime directory, which the next start takes over, or one
+        # it makes itself in the system's temporary directory.
+        runtime = [] if private_runtime_dir else ["--runtime-dir", os.path.join(self.workdir, "rt")]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [*self.argv, "--runtime-dir", runtime],
+                [*self.argv, *runtime, "--state-dir", self.state_dir],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
             )
@@ -106,7 +112,13 @@ class Cluster:
     hosts: dict[str, Host] = attrs.Factory(dict)
 
     def host(
-        self, name: str, labels: tuple[str, ...] = (), max_kernels: int = 4, key: str | None = None
+        self,
+        name: str,
+        labels: tuple[str, ...] = (),
+        max_kernels: int = 4,
+        key: str | None = None,
+        private_runtime_dir: bool = False,
+        config: str | None = None,
     ) -> Host:
         workdir = tempfile.mkdtemp(prefix="h", dir=self.base)
         argv = [sys.executable, "-m", "cellmux", "host", "--front", self.endpoint]
@@ -115,7 +127,10 @@ class Cluster:
         argv += ["--name", name, "--max-kernels", str(max_kernels), "--host-timeout", HOST_TIMEOUT]
         for label in labels:
             argv += ["--label", label]
-        host = self.hosts[name] = Host(name, argv, workdir).start()
+        if config is not None:
+            argv += ["--config", config]
+        host = Host(name, argv, workdir).start(private_runtime_dir=private_runtime_dir)
+        self.hosts[name] = host
         return host
 
     def admitted(self, name: str, times: int = 1) -> bool:
@@ -288,6 +303,101 @@ def test_remote_kernels_placement_loss_and_return(cluster: Cluster) -> None:
         assert (status, back.get("host")) == (201, "a"), back
         with client.connect(back["id"]) as kernel:
             assert round_trip(kernel) < 2
+
+
+def _pids_with_argument(argument: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if argument.encode() in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _own_uids(cluster: Cluster) -> str:
+    """A config with kernel uids no other server on this machine uses: a
+    nursery that takes a uid first ends whatever still runs under it."""
+    path = os.path.join(cluster.base, "own-uids.toml")
+    with open(path, "w") as f:
+        f.write("kernel_uid_range = [430000, 439999]\n")
+    return path
+
+
+def test_the_next_start_ends_what_a_killed_host_left(cluster: Cluster) -> None:
+    # A killed host (SIGKILL, the OOM killer) cleans up nothing: what its
+    # kernels started runs on, and its own runtime directory stays in the
+    # temporary directory. The next host with its state directory ends and
+    # removes them, as a server's next start does after a crash.
+    a = cluster.host("a", private_runtime_dir=True, config=_own_uids(cluster))
+    wait_for(lambda: cluster.admitted("a"), timeout=60)
+    marker = f"1000.{secrets.randbelow(10**9)}"
+    with cluster.front.client() as client:
+        kernel = client.create_kernel()
+        with client.connect(kernel.id) as k:
+            started = k.execute(
+                "import subprocess\n"
+                f"subprocess.Popen(['sleep', '{marker}'], start_new_session=True)",
+                timeout=20,
+            )
+            assert started.status == "ok", started.error
+        escapee = wait_for(lambda: _pids_with_argument(marker), timeout=30)[0]
+        (record,) = os.listdir(os.path.join(a.state_dir, "servers"))
+        with open(os.path.join(a.state_dir, "servers", record)) as f:
+            written = json.load(f)
+        runtime, nursery = written["runtime_dir"], written["nursery"]["pid"]
+        assert runtime.startswith(tempfile.gettempdir()) and os.path.isdir(runtime)
+
+        # All of it killed at once, as the OOM killer or a kill of the whole
+        # group does (a nursery that outlives its host for a moment ends its
+        # kernels' processes itself): stopped, it cannot.
+        os.kill(nursery, signal.SIGSTOP)
+        a.signal(signal.SIGKILL)
+        assert a.process is not None
+        a.process.wait(10)
+        os.kill(nursery, signal.SIGKILL)
+        time.sleep(1)  # the kernel dies with its nursery; the escapee does not
+        assert _pids_with_argument(marker) == [escapee]
+        assert os.path.isdir(runtime)
+
+        a.start(private_runtime_dir=True)
+        wait_for(lambda: not _pids_with_argument(marker), timeout=30)
+        wait_for(lambda: not os.path.exists(runtime), timeout=30)
+        wait_for(lambda: cluster.admitted("a", 2), timeout=60)
+        (newer,) = os.listdir(os.path.join(a.state_dir, "servers"))
+        assert newer != record
+    # Stopped cleanly, it leaves no record and no directory.
+    with open(os.path.join(a.state_dir, "servers", newer)) as f:
+        runtime = json.load(f)["runtime_dir"]
+    a.stop()
+    assert os.listdir(os.path.join(a.state_dir, "servers")) == []
+    assert not os.path.exists(runtime)
+
+
+def test_a_lost_nursery_s_leftovers_are_ended_at_once(cluster: Cluster) -> None:
+    # The kernels die with their nursery; what they started does not.
+    a = cluster.host("a", config=_own_uids(cluster))
+    wait_for(lambda: cluster.admitted("a"), timeout=60)
+    marker = f"1000.{secrets.randbelow(10**9)}"
+    with cluster.front.client() as client:
+        kernel = client.create_kernel()
+        with client.connect(kernel.id) as k:
+            started = k.execute(
+                "import subprocess\n"
+                f"subprocess.Popen(['sleep', '{marker}'], start_new_session=True)",
+                timeout=20,
+            )
+            assert started.status == "ok", started.error
+        wait_for(lambda: _pids_with_argument(marker), timeout=30)
+        (record,) = os.listdir(os.path.join(a.state_dir, "servers"))
+        with open(os.path.join(a.state_dir, "servers", record)) as f:
+            nursery = json.load(f)["nursery"]["pid"]
+        os.kill(nursery, signal.SIGKILL)
+        wait_for(lambda: not _pids_with_argument(marker), timeout=30)
+        wait_for(lambda: "process(es) the lost nursery's kernels left" in a.log(), 30)
 
 
 def test_unlisted_key_is_refused(cluster: Cluster) -> None:

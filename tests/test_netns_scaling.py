@@ -193,6 +193,7 @@ def build(topo: netns.Topology) -> Fleet:
             f.write(f"kernel_uid_range = [{first}, {last}]\n")
         argv = ["--config", config, "--name", host, "--max-kernels", "8"]
         argv += ["--host-timeout", str(HOST_TIMEOUT), "--runtime-dir", topo.path(f"{host}-rt")]
+        argv += ["--state-dir", topo.path(f"{host}-state")]
         argv += ["--front-key", os.path.join(keys, "front.key")]
         argv += ["--key", os.path.join(keys, f"{host}.key_secret")]
         for role in FRONTS:

@@ -323,6 +323,12 @@ def host_command(argv: list[str]) -> int:
     parser.add_argument("--config", "-c", default=None, help="a cellmux TOML config file")
     parser.add_argument("--runtime-dir", default=None, help="where kernel links and dirs go")
     parser.add_argument(
+        "--state-dir",
+        default=None,
+        help="where the host's record goes, for the next start to clean up after a crash "
+        "[default: $XDG_STATE_HOME/cellmux]",
+    )
+    parser.add_argument(
         "--host-timeout", type=float, default=None, help="seconds before a silent front is lost"
     )
     args = parser.parse_args(argv)
@@ -336,6 +342,8 @@ def host_command(argv: list[str]) -> int:
         settings_ = load_config_file(args.config) if args.config else {}
         if args.runtime_dir is not None:
             settings_["runtime_dir"] = args.runtime_dir
+        if args.state_dir is not None:
+            settings_["state_dir"] = args.state_dir
         if args.max_kernels is not None:
             settings_["max_kernels"] = args.max_kernels
         if args.host_timeout is not None:

@@ -11,6 +11,12 @@ kernels, capacity and free memory) to each front, and it beats at once
 when welcomed: the front places kernels on it only after that beat. A front heard from for
 no longer than C{timeout} seconds is lost: the host kills the kernels it
 ran for it (the front reported them dead already) and says hello again.
+
+Crashes: like a server, the host keeps a record of its nursery and kernel
+processes and its runtime directory in its state directory
+(L{cellmux.server.orphans}). A host that was killed left what its kernels
+started running and its runtime directory on disk; the next host (or
+server) started with the same state directory ends and removes them.
 """
 
 from __future__ import annotations
@@ -31,6 +37,14 @@ from ..protocol import hostlink
 from ..protocol import nursery as wire
 from ..server.links import LinkUnavailable
 from ..server.nursery import NurseryGone, NurseryProcess, nursery_settings
+from ..server.orphans import (
+    RecordKeeper,
+    ServerRecord,
+    default_state_dir,
+    end_leftovers,
+    finish_removals,
+    reap_orphans,
+)
 from ..server.runtimedir import make_private_runtime_dir, prepare_runtime_dir, remove_owned
 from .files import HostFiles
 from .relay import FrontLink, KernelRelay
@@ -43,6 +57,8 @@ BEAT_INTERVAL = 1.0
 RECONNECT_AFTER = 5.0
 #: Seconds before a lost nursery is started again.
 NURSERY_RESTART_DELAY = 1.0
+#: Seconds after a change before the record is written (changes coalesce).
+RECORD_DELAY = 0.05
 
 
 def available_memory() -> int:
@@ -94,6 +110,10 @@ class HostService(service.Service):
         self._kernels: dict[bytes, FrontLink] = {}
         self._runtime_dir: str | None = None
         self._owns_runtime_dir = False
+        self._record: RecordKeeper | None = None
+        self._server_record: ServerRecord | None = None
+        #: link id (hex) -> pid of every kernel process, for the record
+        self._pids: dict[str, int] = {}
         self._ticker: task.LoopingCall | None = None
         self._nursery_restart = None
         self._stopping = False
@@ -122,12 +142,30 @@ class HostService(service.Service):
         from txzmq import ZmqFactory
 
         config = self.config
+        # Before anything else: end what a killed predecessor left.
+        state_dir = config.state_dir or default_state_dir()
+        sweep = await threads.deferToThread(
+            reap_orphans, state_dir, uid_range=config.kernel_uid_range, remove_files=False
+        )
+        if sweep.pending:
+            removing = threads.deferToThread(finish_removals, sweep.pending)
+            removing.addErrback(lambda f: self.log.failure("removing leftovers failed", f))
         if config.runtime_dir:
-            prepare_runtime_dir(config.runtime_dir)
+            prepare_runtime_dir(config.runtime_dir, sweep.busy_runtime_dirs)
             self._runtime_dir = config.runtime_dir
         else:
             self._runtime_dir = make_private_runtime_dir()
             self._owns_runtime_dir = True
+        record = ServerRecord(state_dir, self._runtime_dir, owns_runtime_dir=self._owns_runtime_dir)
+        # Recorded before anything is made in it.
+        try:
+            await threads.deferToThread(record.write, {}, {})
+        except OSError as e:  # a full state disk: run anyway, keep trying
+            self.log.warn("cannot write the host record: {error}", error=e)
+        self._server_record = record
+        self._record = RecordKeeper(
+            self.reactor, record, dict, RECORD_DELAY, lambda: dict(self._pids)
+        )
         links_dir = os.path.join(self._runtime_dir, "links")
         self._zmq = ZmqFactory()
         self.relay = KernelRelay(self._zmq, links_dir, self, config.max_frame_size)
@@ -179,6 +217,10 @@ class HostService(service.Service):
         self.nursery = NurseryProcess.start(
             self.reactor, self, settings, env, python=self.config.kernel_python
         )
+        transport = self.nursery.transport
+        if self._server_record is not None and self._record is not None and transport is not None:
+            self._server_record.nursery_pid = transport.pid
+            self._record.changed()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -190,6 +232,7 @@ class HostService(service.Service):
             self._ticker.stop()
         if self._nursery_restart is not None and self._nursery_restart.active():
             self._nursery_restart.cancel()
+        nursery_stopped = True
         if self.nursery is not None:
             ended = self.nursery.shutdown()
             timeout = self.reactor.callLater(self.config.kill_grace + 5, ended.cancel)
@@ -197,6 +240,7 @@ class HostService(service.Service):
                 await ended
             except defer.CancelledError:
                 self.log.error("the nursery did not stop in time")
+                nursery_stopped = False
             finally:
                 if timeout.active():
                     timeout.cancel()
@@ -205,8 +249,12 @@ class HostService(service.Service):
             front.shutdown()
         if self.relay is not None:
             self.relay.shutdown()
-        if self._owns_runtime_dir and self._runtime_dir:
-            await threads.deferToThread(remove_owned, self._runtime_dir)
+        removed = nursery_stopped
+        if removed and self._owns_runtime_dir and self._runtime_dir:
+            removed = bool(await threads.deferToThread(remove_owned, self._runtime_dir))
+        if self._record is not None:
+            # What could not be removed stays recorded for the next start.
+            await self._record.close(remove=removed)
 
     # -- RelayOwner -----------------------------------------------------------------
 
@@ -287,6 +335,9 @@ class HostService(service.Service):
         d = self.nursery.spawn(spawn.link, spawn.secret, endpoint)
 
         def spawned(pid: int) -> None:
+            self._pids[spawn.link] = pid
+            if self._record is not None:
+                self._record.changed()
             front.send_control(hostlink.NurseryEvent(wire.Spawned(spawn.link, pid)))
 
         def failed(failure) -> None:
@@ -307,6 +358,8 @@ class HostService(service.Service):
 
     def kernel_exited(self, link: str, pid: int, info: dict[str, Any]) -> None:
         link_id = bytes.fromhex(link)
+        if self._pids.pop(link, None) is not None and self._record is not None:
+            self._record.changed()
         front = self._kernels.pop(link_id, None)
         if self.relay is not None:
             self.relay.doors.close(link_id)
@@ -317,9 +370,24 @@ class HostService(service.Service):
         if self._stopping:
             return
         self.log.error("the nursery was lost ({reason}); its kernels died with it", reason=reason)
+        self._end_leftovers()
         for link_id in list(self._kernels):
             self.kernel_exited(link_id.hex(), 0, {"cause": "nursery lost"})
         self._nursery_restart = self.reactor.callLater(NURSERY_RESTART_DELAY, self._start_nursery)
+
+    def _end_leftovers(self) -> None:
+        """End what the lost nursery's kernels started, remove their directories."""
+        if self._server_record is None or self._runtime_dir is None:
+            return
+        kernels = self._server_record.kernel_identities()  # before the record forgets them
+        kernels_dir = os.path.join(self._runtime_dir, "kernels")
+        d = threads.deferToThread(end_leftovers, kernels, kernels_dir, self.config.kernel_uid_range)
+        d.addCallback(
+            lambda killed: self.log.warn(
+                "ended {killed} process(es) the lost nursery's kernels left", killed=killed
+            )
+        )
+        d.addErrback(lambda f: self.log.failure("cleaning up after the nursery failed", f))
 
     # -- liveness -------------------------------------------------------------------
 
