@@ -161,6 +161,23 @@ class Terminal:
         self.child.close()
 
 
+#: A file whose run prints one line and then spins until interrupted.
+SPIN = "print('spinning', flush=True)\nwhile True: pass\n"
+
+
+def interrupt_a_spinning_run(env: dict[str, str], path: Path, kernel: str, **options) -> None:
+    """Run C{path} (L{SPIN}) on the kernel named C{kernel} in a terminal and
+    press Ctrl-C once it spins: the command says so and exits 130."""
+    terminal = Terminal(env, "run", str(path), "--kernel", kernel, **options)
+    try:
+        terminal.expect("spinning")
+        terminal.send("\x03")
+        terminal.expect("interrupted the kernel", timeout=30)
+        assert terminal.wait() == 130
+    finally:
+        terminal.close()
+
+
 def delete_named_kernels(server, state_dir: Path) -> None:
     """Shut down the kernels the commands created under names in C{state_dir}."""
     try:

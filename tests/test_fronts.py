@@ -366,6 +366,28 @@ def test_a_named_token_added_to_the_fronts_configs_works_on_both_within_the_boun
     wait_for(lambda: answers(403), REFRESH_BOUND, 0.2)
 
 
+def sleeping_client(fleet, kernel_id: str, seconds: float) -> tuple[threading.Thread, dict]:
+    """A client of C{kernel_id}, in a thread, running a cell that sleeps.
+
+    Its outcome: C{"end"}, "finished" or the CellmuxError that ended the
+    cell; C{"at"}, when (monotonic).
+    """
+    outcome: dict[str, object] = {}
+
+    def waits() -> None:
+        with fleet.client() as own, own.connect(kernel_id) as kernel:
+            try:
+                kernel.execute(f"import time; time.sleep({seconds})", timeout=seconds)
+                outcome["end"] = "finished"
+            except CellmuxError as e:
+                outcome["end"] = e
+            outcome["at"] = time.monotonic()
+
+    thread = threading.Thread(target=waits)
+    thread.start()
+    return thread, outcome
+
+
 def test_the_clients_of_a_front_that_stopped_answering_are_disconnected(fleet):
     # A front that hangs (stopped, or cut off by the network) closes
     # nothing: without on-marked-down shutdown-sessions its clients' tunnels
@@ -375,19 +397,7 @@ def test_the_clients_of_a_front_that_stopped_answering_are_disconnected(fleet):
         while front_of(kernel_id) != "F2":
             client.delete_kernel(kernel_id)
             kernel_id = client.create_kernel().id
-        outcome: dict[str, object] = {}
-
-        def waits() -> None:
-            with fleet.client() as own, own.connect(kernel_id) as kernel:
-                try:
-                    kernel.execute("import time; time.sleep(90)", timeout=90)
-                    outcome["end"] = "finished"
-                except CellmuxError as e:
-                    outcome["end"] = e
-                outcome["at"] = time.monotonic()
-
-        thread = threading.Thread(target=waits)
-        thread.start()
+        thread, outcome = sleeping_client(fleet, kernel_id, 90)
         front = fleet.fronts["F2"].process
         time.sleep(1.5)
         stopped = time.monotonic()
@@ -434,25 +444,17 @@ def test_a_killed_front_takes_only_its_own_kernels_and_is_named_on_reconnect(fle
                 code = "import time\nfor i in range(40):\n    print(i)\n    time.sleep(0.1)"
                 outcome["survivor"] = kernel.execute(code, timeout=60).stdout
 
-        def doomed_runs() -> None:
-            with fleet.client() as own, own.connect(doomed) as kernel:
-                try:
-                    kernel.execute("import time; time.sleep(60)", timeout=60)
-                    outcome["doomed"] = "finished"
-                except CellmuxError as e:
-                    outcome["doomed"] = e
-
-        threads = [threading.Thread(target=f) for f in (survivor_counts, doomed_runs)]
-        for thread in threads:
-            thread.start()
+        counting = threading.Thread(target=survivor_counts)
+        counting.start()
+        sleeping, doomed_outcome = sleeping_client(fleet, doomed, 60)
         time.sleep(1.5)
         killed = time.monotonic()
         fleet.fronts["F1"].process.kill()  # SIGKILL
-        threads[1].join(60)
+        sleeping.join(60)
         told_client = time.monotonic() - killed
-        threads[0].join(60)
+        counting.join(60)
         # The dead front's client was told; the other's saw every line.
-        assert isinstance(outcome["doomed"], CellmuxError), outcome
+        assert isinstance(doomed_outcome["end"], CellmuxError), doomed_outcome
         assert outcome["survivor"] == "".join(f"{i}\n" for i in range(40))
         # Its nursery (and so its kernels) ended with it.
         wait_for(lambda: not _alive(nursery), timeout=15)

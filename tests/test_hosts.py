@@ -327,13 +327,9 @@ def _own_uids(cluster: Cluster) -> str:
     return path
 
 
-def test_the_next_start_ends_what_a_killed_host_left(cluster: Cluster) -> None:
-    # A killed host (SIGKILL, the OOM killer) cleans up nothing: what its
-    # kernels started runs on, and its own runtime directory stays in the
-    # temporary directory. The next host with its state directory ends and
-    # removes them, as a server's next start does after a crash.
-    a = cluster.host("a", private_runtime_dir=True, config=_own_uids(cluster))
-    wait_for(lambda: cluster.admitted("a"), timeout=60)
+def _escapee_on(cluster: Cluster) -> str:
+    """A kernel that started a process in a session of its own and then
+    ended: returns the argument that finds it (L{_pids_with_argument})."""
     marker = f"1000.{secrets.randbelow(10**9)}"
     with cluster.front.client() as client:
         kernel = client.create_kernel()
@@ -344,34 +340,50 @@ def test_the_next_start_ends_what_a_killed_host_left(cluster: Cluster) -> None:
                 timeout=20,
             )
             assert started.status == "ok", started.error
-        escapee = wait_for(lambda: _pids_with_argument(marker), timeout=30)[0]
-        (record,) = os.listdir(os.path.join(a.state_dir, "servers"))
-        with open(os.path.join(a.state_dir, "servers", record)) as f:
-            written = json.load(f)
-        runtime, nursery = written["runtime_dir"], written["nursery"]["pid"]
-        assert runtime.startswith(tempfile.gettempdir()) and os.path.isdir(runtime)
+    wait_for(lambda: _pids_with_argument(marker), timeout=30)
+    return marker
 
-        # All of it killed at once, as the OOM killer or a kill of the whole
-        # group does (a nursery that outlives its host for a moment ends its
-        # kernels' processes itself): stopped, it cannot.
-        os.kill(nursery, signal.SIGSTOP)
-        a.signal(signal.SIGKILL)
-        assert a.process is not None
-        a.process.wait(10)
-        os.kill(nursery, signal.SIGKILL)
-        time.sleep(1)  # the kernel dies with its nursery; the escapee does not
-        assert _pids_with_argument(marker) == [escapee]
-        assert os.path.isdir(runtime)
 
-        a.start(private_runtime_dir=True)
-        wait_for(lambda: not _pids_with_argument(marker), timeout=30)
-        wait_for(lambda: not os.path.exists(runtime), timeout=30)
-        wait_for(lambda: cluster.admitted("a", 2), timeout=60)
-        (newer,) = os.listdir(os.path.join(a.state_dir, "servers"))
-        assert newer != record
+def _record_of(host: Host) -> tuple[str, dict]:
+    """The name and contents of the host's one record in its state directory."""
+    (name,) = os.listdir(os.path.join(host.state_dir, "servers"))
+    with open(os.path.join(host.state_dir, "servers", name)) as f:
+        return name, json.load(f)
+
+
+def test_the_next_start_ends_what_a_killed_host_left(cluster: Cluster) -> None:
+    # A killed host (SIGKILL, the OOM killer) cleans up nothing: what its
+    # kernels started runs on, and its own runtime directory stays in the
+    # temporary directory. The next host with its state directory ends and
+    # removes them, as a server's next start does after a crash.
+    a = cluster.host("a", private_runtime_dir=True, config=_own_uids(cluster))
+    wait_for(lambda: cluster.admitted("a"), timeout=60)
+    marker = _escapee_on(cluster)
+    escapees = _pids_with_argument(marker)
+    record, written = _record_of(a)
+    runtime, nursery = written["runtime_dir"], written["nursery"]["pid"]
+    assert runtime.startswith(tempfile.gettempdir()) and os.path.isdir(runtime)
+
+    # All of it killed at once, as the OOM killer or a kill of the whole
+    # group does (a nursery that outlives its host for a moment ends its
+    # kernels' processes itself): stopped, it cannot.
+    os.kill(nursery, signal.SIGSTOP)
+    a.signal(signal.SIGKILL)
+    assert a.process is not None
+    a.process.wait(10)
+    os.kill(nursery, signal.SIGKILL)
+    time.sleep(1)  # the kernel dies with its nursery; the escapee does not
+    assert _pids_with_argument(marker) == escapees
+    assert os.path.isdir(runtime)
+
+    a.start(private_runtime_dir=True)
+    wait_for(lambda: not _pids_with_argument(marker), timeout=30)
+    wait_for(lambda: not os.path.exists(runtime), timeout=30)
+    wait_for(lambda: cluster.admitted("a", 2), timeout=60)
+    newer, written = _record_of(a)
+    assert newer != record
     # Stopped cleanly, it leaves no record and no directory.
-    with open(os.path.join(a.state_dir, "servers", newer)) as f:
-        runtime = json.load(f)["runtime_dir"]
+    runtime = written["runtime_dir"]
     a.stop()
     assert os.listdir(os.path.join(a.state_dir, "servers")) == []
     assert not os.path.exists(runtime)
@@ -381,23 +393,10 @@ def test_a_lost_nursery_s_leftovers_are_ended_at_once(cluster: Cluster) -> None:
     # The kernels die with their nursery; what they started does not.
     a = cluster.host("a", config=_own_uids(cluster))
     wait_for(lambda: cluster.admitted("a"), timeout=60)
-    marker = f"1000.{secrets.randbelow(10**9)}"
-    with cluster.front.client() as client:
-        kernel = client.create_kernel()
-        with client.connect(kernel.id) as k:
-            started = k.execute(
-                "import subprocess\n"
-                f"subprocess.Popen(['sleep', '{marker}'], start_new_session=True)",
-                timeout=20,
-            )
-            assert started.status == "ok", started.error
-        wait_for(lambda: _pids_with_argument(marker), timeout=30)
-        (record,) = os.listdir(os.path.join(a.state_dir, "servers"))
-        with open(os.path.join(a.state_dir, "servers", record)) as f:
-            nursery = json.load(f)["nursery"]["pid"]
-        os.kill(nursery, signal.SIGKILL)
-        wait_for(lambda: not _pids_with_argument(marker), timeout=30)
-        wait_for(lambda: "process(es) the lost nursery's kernels left" in a.log(), 30)
+    marker = _escapee_on(cluster)
+    os.kill(_record_of(a)[1]["nursery"]["pid"], signal.SIGKILL)
+    wait_for(lambda: not _pids_with_argument(marker), timeout=30)
+    wait_for(lambda: "process(es) its kernels left" in a.log(), 30)
 
 
 def test_unlisted_key_is_refused(cluster: Cluster) -> None:

@@ -17,10 +17,12 @@ from cellmux.protocol import Frame, JupyterSocket, decode_frame, encode_frame
 from cellmux.terminal import quick
 from cellmux.terminal import server as terminal_server
 from terminal_helpers import (
+    SPIN,
     Terminal,
     cellmux,
     cellmux_env,
     delete_named_kernels,
+    interrupt_a_spinning_run,
     wait_until_idle,
 )
 
@@ -169,15 +171,8 @@ def test_input_pdb_and_ctrl_c_on_the_quick_path(env, tmp_path, server):
     finally:
         terminal.close()
     spin = tmp_path / "spin.py"
-    spin.write_text("print('spinning', flush=True)\nwhile True: pass\n")
-    terminal = Terminal(env, "run", str(spin), "--kernel", "term")
-    try:
-        terminal.expect("spinning")
-        terminal.send("\x03")
-        terminal.expect("interrupted the kernel")
-        assert terminal.wait() == 130
-    finally:
-        terminal.close()
+    spin.write_text(SPIN)
+    interrupt_a_spinning_run(env, spin, "term")
     wait_until_idle(server, tmp_path / "state", "term")
     after = cellmux(env, "run", str(warm), "--kernel", "term", timeout=TIMEOUT)
     assert after.returncode == 0

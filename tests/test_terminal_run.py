@@ -12,10 +12,12 @@ import pytest
 from cellmux.kernel.sourcemap import SourceFiles, SourceRef, SourceRefError, shifted
 from cellmux.terminal.run import SelectionError, select
 from terminal_helpers import (
+    SPIN,
     Terminal,
     cellmux,
     cellmux_env,
     delete_named_kernels,
+    interrupt_a_spinning_run,
     wait_until_idle,
 )
 
@@ -243,15 +245,7 @@ def test_breakpoint_stops_at_the_file_line_and_pdb_works_in_a_terminal(env, tmp_
 
 
 def test_ctrl_c_interrupts_the_kernel(env, tmp_path, server):
-    path = write(tmp_path, "spin.py", "print('spinning', flush=True)\nwhile True: pass\n")
-    terminal = Terminal(env, "run", str(path), "--kernel", "spin")
-    try:
-        terminal.expect("spinning")
-        terminal.send("\x03")
-        terminal.expect("interrupted the kernel")
-        assert terminal.wait() == 130
-    finally:
-        terminal.close()
+    interrupt_a_spinning_run(env, write(tmp_path, "spin.py", SPIN), "spin")
     # The kernel stopped spinning: it goes idle, and the next run is served at once.
     wait_until_idle(server, tmp_path / "state", "spin")
     after = write(tmp_path, "after.py", "print('free')\n")
@@ -266,19 +260,12 @@ def test_a_run_right_after_an_interrupt_runs(env, tmp_path, server, path):
     # started at once (an editor's next key press) was such a request: it
     # exited 1 and printed nothing. Its code never ran, so the command sends
     # it again.
-    spin = write(tmp_path, "spin.py", "print('spinning', flush=True)\nwhile True: pass\n")
+    spin = write(tmp_path, "spin.py", SPIN)
     after = write(tmp_path, "after.py", "print('free')\n")
     quick = {"quick": "1", "full": "0"}[path]
     ask = write(tmp_path, "ask.py", "input('name? ')\n")
     for attempt in range(3):
-        terminal = Terminal(env, "run", str(spin), "--kernel", "again")
-        try:
-            terminal.expect("spinning")
-            terminal.send("\x03")
-            terminal.expect("interrupted the kernel")
-            assert terminal.wait() == 130
-        finally:
-            terminal.close()
+        interrupt_a_spinning_run(env, spin, "again")
         done = cellmux({**env, "CELLMUX_RUN_QUICK": quick}, "run", str(after), "--kernel", "again")
         assert (done.returncode, done.stdout, done.stderr) == (0, "free\n", ""), attempt
         # Input that ends interrupts the kernel too.
@@ -296,16 +283,9 @@ def test_ctrl_c_interrupts_the_kernel_when_sigint_came_ignored_or_blocked(
     # KeyboardInterrupt, and Ctrl-C in the terminal did nothing (the kernel
     # spun on; the Ctrl-C tests hung so in one CI run). The full client
     # first (a new name), then the quick path (a known one).
-    path = write(tmp_path, "spin.py", "print('spinning', flush=True)\nwhile True: pass\n")
+    path = write(tmp_path, "spin.py", SPIN)
     for _path in ("full", "quick"):
-        terminal = Terminal(env, "run", str(path), "--kernel", f"spin-{sigint}", sigint=sigint)
-        try:
-            terminal.expect("spinning")
-            terminal.send("\x03")
-            terminal.expect("interrupted the kernel", timeout=30)
-            assert terminal.wait() == 130
-        finally:
-            terminal.close()
+        interrupt_a_spinning_run(env, path, f"spin-{sigint}", sigint=sigint)
         wait_until_idle(server, tmp_path / "state", f"spin-{sigint}")
     after = write(tmp_path, "after.py", "print('free')\n")
     done = cellmux(env, "run", str(after), "--kernel", f"spin-{sigint}", timeout=30)

@@ -41,7 +41,7 @@ from ..server.orphans import (
     RecordKeeper,
     ServerRecord,
     default_state_dir,
-    end_leftovers,
+    end_leftovers_of,
     finish_removals,
     reap_orphans,
 )
@@ -379,15 +379,7 @@ class HostService(service.Service):
         """End what the lost nursery's kernels started, remove their directories."""
         if self._server_record is None or self._runtime_dir is None:
             return
-        kernels = self._server_record.kernel_identities()  # before the record forgets them
-        kernels_dir = os.path.join(self._runtime_dir, "kernels")
-        d = threads.deferToThread(end_leftovers, kernels, kernels_dir, self.config.kernel_uid_range)
-        d.addCallback(
-            lambda killed: self.log.warn(
-                "ended {killed} process(es) the lost nursery's kernels left", killed=killed
-            )
-        )
-        d.addErrback(lambda f: self.log.failure("cleaning up after the nursery failed", f))
+        end_leftovers_of(self._server_record, self._runtime_dir, self.config.kernel_uid_range)
 
     # -- liveness -------------------------------------------------------------------
 

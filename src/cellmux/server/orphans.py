@@ -52,6 +52,7 @@ __all__ = [
     "default_state_dir",
     "end_kernel_processes",
     "end_leftovers",
+    "end_leftovers_of",
     "finish_removals",
     "reap_orphans",
 ]
@@ -517,6 +518,25 @@ class RecordKeeper:
             await self._writing
         if remove:
             self._record.remove()
+
+
+def end_leftovers_of(
+    record: ServerRecord, runtime_dir: str, uid_range: tuple[int, int] | None
+) -> defer.Deferred:
+    """L{end_leftovers} in a thread for the kernels C{record} last named,
+    which died with their nursery; logs what it did and never fails."""
+    kernels = record.kernel_identities()  # before the record forgets them
+    kernels_dir = os.path.join(runtime_dir, "kernels")
+    d = threads.deferToThread(end_leftovers, kernels, kernels_dir, uid_range)
+    d.addCallback(
+        lambda killed: log.warn(
+            "the nursery died: ended {killed} process(es) its kernels left, removed "
+            "their directories",
+            killed=killed,
+        )
+    )
+    d.addErrback(lambda f: log.failure("cleaning up after the nursery failed", f))
+    return d
 
 
 def end_leftovers(

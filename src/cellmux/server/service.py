@@ -41,7 +41,7 @@ from .orphans import (
     RecordKeeper,
     ServerRecord,
     default_state_dir,
-    end_leftovers,
+    end_leftovers_of,
     finish_removals,
     reap_orphans,
 )
@@ -545,17 +545,8 @@ class CellmuxService(service.Service):
         """A nursery that died took its kernels along, not what they started."""
         if not self.running:
             return  # a stop: the nursery cleaned up after its kernels
-        kernels = record.kernel_identities()  # before the record forgets them
-        kernels_dir = os.path.join(self._runtime_dir, "kernels")
-        d = threads.deferToThread(end_leftovers, kernels, kernels_dir, self.config.kernel_uid_range)
-        d.addCallback(
-            lambda killed: self.log.warn(
-                "the nursery died: ended {killed} process(es) its kernels left, removed "
-                "their directories",
-                killed=killed,
-            )
-        )
-        d.addErrback(lambda f: self.log.failure("cleaning up after the nursery failed", f))
+        assert self._runtime_dir is not None
+        end_leftovers_of(record, self._runtime_dir, self.config.kernel_uid_range)
 
     def _kernel_pids(self) -> dict[str, int]:
         return {
