@@ -399,6 +399,45 @@ def test_a_lost_nursery_s_leftovers_are_ended_at_once(cluster: Cluster) -> None:
     wait_for(lambda: "process(es) its kernels left" in a.log(), 30)
 
 
+def test_fronts_with_keys_of_their_own(cluster: Cluster) -> None:
+    # Each front its own key pair, each pinned by the host for its front:
+    # a front's stolen secret key then speaks for that front only.
+    make_keys(cluster.keys, "front2")
+    endpoint2 = f"tcp://127.0.0.1:{free_port()}"
+    front2 = start_server(
+        *("--pool-size", "1", "--no-local-kernels", "--hosts-listen", endpoint2),
+        *("--hosts-secret-key", os.path.join(cluster.keys, "front2.key_secret")),
+        *("--hosts-authorized-dir", cluster.authorised, "--host-timeout", HOST_TIMEOUT),
+    )
+    try:
+        keys = {name: os.path.join(cluster.keys, f"{name}.key") for name in ("front", "front2")}
+
+        def host(name: str, first_key: str, second_key: str) -> Host:
+            workdir = tempfile.mkdtemp(prefix="h", dir=cluster.base)
+            argv = [sys.executable, "-m", "cellmux", "host", "--name", name]
+            argv += ["--front", cluster.endpoint, "--front-key", keys[first_key]]
+            argv += ["--front", endpoint2, "--front-key", keys[second_key]]
+            argv += ["--key", os.path.join(cluster.keys, f"{name}.key_secret")]
+            argv += ["--host-timeout", HOST_TIMEOUT]
+            cluster.hosts[name] = Host(name, argv, workdir).start()
+            return cluster.hosts[name]
+
+        host("a", "front", "front2")
+        wait_for(lambda: cluster.admitted("a"), timeout=60)
+        wait_for(lambda: "kernel host a admitted" in front2.log(), timeout=60)
+        with front2.client() as client:
+            kernel = client.create_kernel()
+            with client.connect(kernel.id) as k:
+                assert round_trip(k) < 2
+        # Keys swapped: the host talks to neither front.
+        b = host("b", "front2", "front")
+        time.sleep(5)
+        assert not cluster.admitted("b") and "kernel host b admitted" not in front2.log()
+        assert "welcomed" not in b.log()
+    finally:
+        front2.stop()
+
+
 def test_unlisted_key_is_refused(cluster: Cluster) -> None:
     stranger = cluster.host("stranger")
     wait_for(lambda: "kernel host key" in cluster.front.log(), timeout=60)

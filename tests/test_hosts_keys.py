@@ -145,6 +145,7 @@ def test_cellmux_host_says_what_is_wrong_with_its_settings(tmp_path) -> None:
         (["--front", "ipc:///x", *good[2:]], "tcp://"),
         ([*good[:4], "--key", str(tmp_path / "h.key"), *good[6:]], "holds no secret key"),
         ([*good[:4], "--key", str(tmp_path / "missing"), *good[6:]], "cannot read a key file"),
+        ([*good, "--front-key", good[3]], "one --front-key for all fronts or one per --front"),
     ]:
         result = host(*args)
         assert result.returncode == EXIT_SETTINGS, (args, result.stderr)

@@ -313,7 +313,12 @@ def host_command(argv: list[str]) -> int:
         required=True,
         help="a front's hosts_listen endpoint (tcp://ADDR:PORT); repeat for several fronts",
     )
-    parser.add_argument("--front-key", required=True, help="the fronts' public key file")
+    parser.add_argument(
+        "--front-key",
+        action="append",
+        required=True,
+        help="a front's public key file: one for all fronts, or one per --front, in the same order",
+    )
     parser.add_argument(
         "--key", required=True, help="this host's secret key file (NAME.key_secret)"
     )
@@ -356,8 +361,13 @@ def host_command(argv: list[str]) -> int:
         for front in args.front:
             if not front.startswith("tcp://"):
                 raise ConfigError(f"--front must be a tcp:// endpoint, not {front!r}")
+        if len(args.front_key) not in (1, len(args.front)):
+            raise ConfigError(
+                f"give one --front-key for all fronts or one per --front, in the same order "
+                f"({len(args.front)} fronts, {len(args.front_key)} keys)"
+            )
         try:
-            front_key, _ = zmq.auth.load_certificate(args.front_key)
+            front_keys = [zmq.auth.load_certificate(path)[0] for path in args.front_key]
             public, secret = zmq.auth.load_certificate(args.key)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read a key file: {e}") from None
@@ -388,7 +398,7 @@ def host_command(argv: list[str]) -> int:
             name=name,
             labels=tuple(args.label),
             fronts=tuple(args.front),
-            front_key=front_key,
+            front_keys=tuple(front_keys * len(args.front) if len(front_keys) == 1 else front_keys),
             public_key=public,
             secret_key=secret,
             max_kernels=config.max_kernels,

@@ -80,7 +80,8 @@ class HostSettings:
     name: str
     labels: tuple[str, ...]
     fronts: tuple[str, ...]
-    front_key: bytes
+    #: each front's public key (pinned), in the order of C{fronts}
+    front_keys: tuple[bytes, ...]
     public_key: bytes
     secret_key: bytes
     max_kernels: int
@@ -186,12 +187,12 @@ class HostService(service.Service):
         assert self.nursery is not None
         await self.nursery.ready
         s = self.settings
-        for endpoint in s.fronts:
+        for endpoint, front_key in zip(s.fronts, s.front_keys, strict=True):
             self.fronts.append(
                 FrontLink(
                     self._zmq,
                     endpoint,
-                    s.front_key,
+                    front_key,
                     s.public_key,
                     s.secret_key,
                     self.relay,
