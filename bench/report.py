@@ -280,6 +280,41 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 None,
                 note=f"p99 {_ms(t['saturated_rtt']['p99']):.1f} ms",
             )
+        if "lone_rtt_back_to_back" in t:
+            add(
+                "rtt p50 of a lone kernel, back to back (before the others start)",
+                "ms",
+                "low",
+                _ms(t["lone_rtt_back_to_back"]["p50"]),
+                None,
+                note=f"p99 {_ms(t['lone_rtt_back_to_back']['p99']):.1f} ms; paced at a cell "
+                f"a second: p50 {_ms(t['lone_rtt']['p50']):.2f} ms, "
+                f"p99 {_ms(t['lone_rtt']['p99']):.1f} ms",
+            )
+        if "lone_rtt_among" in t:
+            add(
+                f"rtt p50 of a lone kernel among {t['kernels']} idle ones, a cell a second",
+                "ms",
+                "low",
+                _ms(t["lone_rtt_among"]["p50"]),
+                None,
+                note=f"p90 {_ms(t['lone_rtt_among']['p90']):.1f} ms, "
+                f"p99 {_ms(t['lone_rtt_among']['p99']):.1f} ms "
+                f"({t['lone_rtt_among']['n']} cells); alone: "
+                f"p50 {_ms(t['lone_rtt']['p50']):.2f} ms",
+            )
+        if "idle" in t:
+            idle = t["idle"]
+            add(
+                f"server CPU with {idle['kernels']} idle kernels",
+                "% of a core",
+                "low",
+                idle["server_pct"],
+                None,
+                note=f"{idle['server_wakeups_per_s']:.0f} server wake-ups a second; per idle "
+                f"kernel {idle['per_kernel_pct']:.3f} % of a core, "
+                f"{idle['kernel_wakeups_per_s']:.2f} wake-ups a second",
+            )
     if "editor" in r:
         e = r["editor"]
         add(
