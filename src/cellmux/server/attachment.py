@@ -138,8 +138,10 @@ class Attachment:
         owns (or may claim) that session; whether it did."""
         if not self.claim_session(session):
             return False
-        self.session = session
+        before, self.session = self.session, session
         self.owns_session = True
+        if self.kernel is not None and before != session:
+            self.kernel.session_moved(self, before)
         return True
 
     def detach(self) -> None:

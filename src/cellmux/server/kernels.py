@@ -312,6 +312,10 @@ class Kernel:
         self.lifecycle = Lifecycle()
         self.incarnation: Incarnation | None = None
         self.clients: set[ClientSink] = set()
+        #: The attached clients by the session they declared (each client
+        #: in one set): an attach or detach looks at its own session's only,
+        #: not at every client (a thousand observers came in O(N^2)).
+        self._by_session: dict[str, set[ClientSink]] = {}
         self.seq = 0
         self.replay = ReplayLog(manager.config.replay_bytes, getattr(manager, "counters", None))
         self.created = self._clock.seconds()
@@ -516,7 +520,8 @@ class Kernel:
 
     def _wait_for_session(self, session: str) -> None:
         """Start the reconnect timeout unless a client that may answer is attached."""
-        if not any(c.session == session and c.wants(Channel.STDIN) for c in self.clients):
+        same = self._by_session.get(session, ())
+        if not any(c.wants(Channel.STDIN) for c in same):
             self.prompts.wait(session)
 
     def input_answered(self, session: str) -> None:
@@ -571,6 +576,7 @@ class Kernel:
         if cursor is not None:
             self.replay_to(client, cursor)
         self.clients.add(client)
+        self._by_session.setdefault(client.session, set()).add(client)
         self._watched()
         # Only a client that may answer (its role, and its grant owns the
         # session) stops the prompt's timeout or is shown the prompt.
@@ -610,8 +616,28 @@ class Kernel:
         self.uncongested(client)
         if not self.clients:
             self.last_activity = self._clock.seconds()  # the idle clock starts now
-        if not any(c.session == client.session for c in self.clients):
-            self._wait_for_session(client.session)
+        same = self._by_session.get(client.session)
+        if same is not None:
+            same.discard(client)
+            if same:
+                return  # another client of the session is still here
+            del self._by_session[client.session]
+        self.prompts.wait(client.session)
+
+    def session_moved(self, client: ClientSink, before: str) -> None:
+        """C{client} declared another session (it was C{before})."""
+        same = self._by_session.get(before)
+        if same is not None:
+            same.discard(client)
+            if not same:
+                del self._by_session[before]
+        if client in self.clients:
+            self._by_session.setdefault(client.session, set()).add(client)
+
+    def forget_clients(self) -> None:
+        """The kernel ended: nobody is attached any more."""
+        self.clients.clear()
+        self._by_session.clear()
 
     def revoke(self, share_id: str) -> None:
         """Cut off the clients that came in with a revoked share."""
@@ -1567,7 +1593,7 @@ class KernelManager:
             self._kill(old)
         for client in list(kernel.clients):
             client.kernel_gone(reason)
-        kernel.clients.clear()
+        kernel.forget_clients()
         self.log.info("kernel {id} ended: {reason}", id=kernel.id, reason=reason)
         self._changed()
 
