@@ -38,6 +38,7 @@ import cellmux
 from .auth import TokenAuth, query_tokens
 from .counters import Latencies
 from .kernels import KernelManager, KernelState
+from .stalls import IterationClock
 from .webjson import error_body
 
 __all__ = ["LIMIT_KINDS", "MetricsResource", "ServerCollector", "kernel_memory"]
@@ -88,8 +89,11 @@ class ServerCollector:
         manager: KernelManager,
         refusal_logs: Callable[[], dict[str, Any]] = dict,
         started: float | None = None,
+        reactor_busy: IterationClock | None = None,
     ) -> None:
         self.manager = manager
+        #: The reactor's busy time per iteration (None: not measured).
+        self.reactor_busy = reactor_busy
         self.refusal_logs = refusal_logs
         self.started = time.time() if started is None else started
         #: Memory per kernel id from the last /proc read (set before each scrape).
@@ -254,6 +258,15 @@ class ServerCollector:
             for kind, n in sorted(log.totals.items()):
                 refusals.add_metric([_kind(kind)], n)
         yield refusals
+
+        if self.reactor_busy is not None:
+            busy = HistogramMetricFamily(
+                "cellmux_reactor_busy_seconds",
+                "Time the reactor thread ran between two polls: every client and kernel "
+                "waits that long when it arrives at the wrong moment.",
+            )
+            _add(busy, [], self.reactor_busy.busy)
+            yield busy
 
 
 class MetricsResource(resource.Resource):

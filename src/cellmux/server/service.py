@@ -50,6 +50,7 @@ from .permalinks import PermalinkResource
 from .proxy import TrustedProxies, client_address, forwarding_request_factory
 from .refusals import Line, RefusalLog
 from .runtimedir import make_private_runtime_dir, prepare_runtime_dir, remove_owned
+from .stalls import IterationClock, ReactorStalls
 from .store import DEFAULT_DATABASE, StoreError, adopt_old_default_database, open_store
 from .tls import TLSFactory, certificate_options, hsts_header
 from .webjson import bounded_request_factory
@@ -110,10 +111,11 @@ def build_site(
     auth: TokenAuth,
     store=None,
     refusal_logs: Callable[[], dict[str, RefusalLog | None]] = dict,
+    reactor_busy: IterationClock | None = None,
 ) -> server.Site:
     config = manager.config
     root = _Root()
-    collector = ServerCollector(manager, refusal_logs)
+    collector = ServerCollector(manager, refusal_logs, reactor_busy=reactor_busy)
     root.putChild(b"metrics", MetricsResource(collector, auth, config.metrics_token))
     jupyter_channels = WebSocketResource(JupyterChannelsFactory(manager, auth))
     # One creator: a named token's quota counts its kernels from every door.
@@ -205,6 +207,8 @@ class CellmuxService(service.Service):
         self._forget_ended = None
         self._token = token
         self.manager = KernelManager(reactor, config)
+        #: The reactor's busy times between polls (/metrics; CELLMUX_STALL_LOG).
+        self.stalls = ReactorStalls.from_environment(reactor)
         self.store = None
         self._runtime_dir: str | None = None
         self._owns_runtime_dir = False
@@ -368,7 +372,10 @@ class CellmuxService(service.Service):
             )
         if config.front_id is not None:
             self._start_credentials_refresh()
-        site = build_site(self.manager, self.auth, self.store, self._refusal_logs)
+        self.stalls.install()
+        site = build_site(
+            self.manager, self.auth, self.store, self._refusal_logs, self.stalls.clock
+        )
         self._forget_ended = forget_ended_kernels(self.manager, self.auth)
         factory = GuardedFactory(site, self._guard, self.reactor, self._refused_connection)
         if tls is not None:
@@ -600,4 +607,5 @@ class CellmuxService(service.Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        self.stalls.uninstall()
         return defer.ensureDeferred(self._stop())
