@@ -96,13 +96,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_cellmux(*args: str) -> Server:
+def start_cellmux(*args: str, own_session: bool = False) -> Server:
+    """A cellmux server; with C{own_session}, leading a session of its own
+    as under systemd (its server_nice then applies: server/priority.py)."""
     workdir = tempfile.mkdtemp(prefix="cellmux-bench-")
     token = secrets.token_hex(16)
     argv = [sys.executable, "-m", "cellmux", "serve", "--port", "0", "--token", token]
     argv += ["--runtime-dir", os.path.join(workdir, "rt"), *args]
     log = open(os.path.join(workdir, "server.log"), "wb")  # noqa: SIM115 - owned by the process
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=own_session
+    )
     found: dict[str, str] = {}
     event = threading.Event()
 

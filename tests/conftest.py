@@ -73,6 +73,7 @@ ROOT_ONLY = {
 }
 #: Single tests that need root in modules that otherwise do not.
 ROOT_ONLY_TESTS = {
+    "test_a_server_leading_its_session_runs_first_and_its_kernels_do_not",  # CAP_SYS_NICE
     "test_kill_all_of_reaches_processes_that_left_the_group",  # setresuid
     "test_a_tree_that_cannot_be_removed_is_moved_out_of_reach",  # chown, mounts
     "test_a_tree_that_can_neither_be_removed_nor_moved_says_so",  # likewise

@@ -45,6 +45,11 @@ def _not_negative(_instance: object, attribute: attrs.Attribute, value: float) -
         raise ConfigError(f"{attribute.name} must not be negative, not {value!r}")
 
 
+def _nice(_instance: object, attribute: attrs.Attribute, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not -20 <= value <= 19:
+        raise ConfigError(f"{attribute.name} must be an integer from -20 to 19, not {value!r}")
+
+
 def _optional_directory(_instance: object, attribute: attrs.Attribute, value: str | None) -> None:
     if value is not None and not (isinstance(value, str) and os.path.isdir(value)):
         raise ConfigError(f"{attribute.name} must be an existing directory, not {value!r}")
@@ -135,6 +140,9 @@ class ServerConfig:
     #: Seconds between link pings of an idle kernel (busy ones are pinged
     #: twice a second): each ping wakes the kernel, so idle ones rest.
     idle_ping_interval: float = attrs.field(default=10.0, validator=_positive)
+    #: Nice value of the server's autogroup when it leads its session
+    #: (server/priority.py): the reactor gets a core before the kernels.
+    server_nice: int = attrs.field(default=-10, validator=_nice)
     #: Seconds a kernel with no client attached may stay idle before it is
     #: ended (0: never).
     idle_timeout: float = attrs.field(default=3600.0, validator=_not_negative)

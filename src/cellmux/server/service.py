@@ -47,6 +47,7 @@ from .orphans import (
 )
 from .pages import EmbedKernels, FaviconResource, PageResource, StaticResource, load_assets
 from .permalinks import PermalinkResource
+from .priority import raise_priority
 from .proxy import TrustedProxies, client_address, forwarding_request_factory
 from .refusals import Line, RefusalLog
 from .runtimedir import make_private_runtime_dir, prepare_runtime_dir, remove_owned
@@ -249,6 +250,8 @@ class CellmuxService(service.Service):
 
         config = self.config
         self._guard_descriptors()
+        priority = raise_priority(config.server_nice)
+        self.log.info("server priority: {reason}", reason=priority.reason)
         # Before anything else: end what a crashed predecessor left running
         # (in a thread: it reads /proc and may remove large trees).
         state_dir = config.state_dir or default_state_dir()
