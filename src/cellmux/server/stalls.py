@@ -117,6 +117,15 @@ class IterationClock:
         )
 
 
+def _census(kinds: int = 8) -> str:
+    """What a full collection walks: the oldest generation's objects, the
+    most common types first (O(objects): only after a logged full pass)."""
+    objects = gc.get_objects(generation=2)
+    by_type = Counter(type(o).__qualname__ for o in objects)
+    top = ", ".join(f"{name} {n}" for name, n in by_type.most_common(kinds))
+    return f"{len(objects)} objects in the oldest generation: {top}"
+
+
 class _TimedPoller:
     """Stands in for the reactor's poller: times what runs between polls."""
 
@@ -230,6 +239,8 @@ class ReactorStalls:
 
     def _report(self, stall: Stall) -> None:
         collections = ", ".join(f"gen {g} {s * 1000:.1f} ms" for g, s in stall.gc) or "none"
+        if any(g == 2 for g, _ in stall.gc):
+            collections += f" ({_census()})"
         stacks = "\n".join(f"  [{n} samples]\n{s}" for n, s in stall.stacks) or "  (none sampled)"
         self.log.warn(
             "reactor stall: busy {wall:.1f} ms, reactor thread CPU {cpu:.1f} ms, "
