@@ -73,7 +73,7 @@ from .lifecycle import (
 from .links import KernelUnreachable, LinkUnavailable
 from .liveness import DueQueue, WatchSet
 from .pooldemand import PoolDemand
-from .replay import Entry, ReplayLog
+from .replay import ReplayLog
 from .runtimedir import disk_full
 from .stdin import MAX_PROMPT_BYTES, PendingInput, PendingPrompts, SessionOwners, cut_prompt
 
@@ -442,7 +442,7 @@ class Kernel:
     ) -> bytes:
         self.seq += 1
         data = frame_bytes(channel, socket, self.seq, parts)
-        self.replay.append(Entry(self.seq, channel, data, session))
+        self.replay.add(self.seq, channel, data, session)
         for client in list(self.clients):
             if (session is None or client.session == session) and client.wants(channel):
                 client.send_frame(data)

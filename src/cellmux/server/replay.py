@@ -7,6 +7,13 @@ everything after the last seq it has; if that is no longer in the log it
 first learns exactly how many frames it missed (a gap).
 
 No I/O: this is a bounded deque with a byte budget.
+
+The log keeps each frame as a plain tuple, not an L{Entry}: the garbage
+collector stops tracking a tuple of ints, bytes and strings at its first
+pass, while every instance of a class stays tracked, and a full pass walks
+every tracked object: the replay logs of a thousand kernels were the
+largest population it walked (a third of the objects with 250 kernels).
+L{Entry} objects are made only for what is read back.
 """
 
 from __future__ import annotations
@@ -23,6 +30,10 @@ __all__ = ["DEFAULT_REPLAY_BYTES", "Entry", "Gap", "ReplayLog"]
 #: Default budget per kernel. A page reload after a burst of output should
 #: find it all; a thousand idle kernels should not hold gigabytes.
 DEFAULT_REPLAY_BYTES = 8 * 1024 * 1024
+
+#: One logged frame as the log keeps it: (seq, channel, data, session).
+Data = bytes  # ReplayLog.bytes (a property) hides the builtin in its body
+Frame = tuple[int, int, Data, str | None]
 
 
 @attrs.frozen
@@ -62,7 +73,8 @@ class ReplayLog:
         self.max_bytes = max_bytes
         #: Where gaps are counted (a ServerCounters), if anywhere.
         self._counters = counters
-        self._entries: deque[Entry] = deque()
+        #: (seq, channel, data, session) per frame: see the module docstring.
+        self._entries: deque[Frame] = deque()
         self._bytes = 0
         self._last_seq = 0
 
@@ -77,16 +89,20 @@ class ReplayLog:
     @property
     def first_seq(self) -> int:
         """Seq of the oldest frame kept (last_seq + 1 when empty)."""
-        return self._entries[0].seq if self._entries else self._last_seq + 1
+        return self._entries[0][0] if self._entries else self._last_seq + 1
 
     def append(self, entry: Entry) -> None:
-        if entry.seq <= self._last_seq:
-            raise ValueError(f"seq {entry.seq} after {self._last_seq}: the log is ordered")
-        self._entries.append(entry)
-        self._bytes += len(entry.data)
-        self._last_seq = entry.seq
+        self.add(entry.seq, entry.channel, entry.data, entry.session)
+
+    def add(self, seq: int, channel: int, data: Data, session: str | None = None) -> None:
+        """Log one frame (what L{append} does, without an L{Entry})."""
+        if seq <= self._last_seq:
+            raise ValueError(f"seq {seq} after {self._last_seq}: the log is ordered")
+        self._entries.append((seq, channel, data, session))
+        self._bytes += len(data)
+        self._last_seq = seq
         while self._bytes > self.max_bytes and len(self._entries) > 1:
-            self._bytes -= len(self._entries.popleft().data)
+            self._bytes -= len(self._entries.popleft()[2])
 
     def after(self, cursor: int) -> tuple[Gap | None, Iterator[Entry]]:
         """What a client that has seen up to C{cursor} is missing.
@@ -111,5 +127,5 @@ class ReplayLog:
             # thousand clients catching up would pay again and again).
             tail = list(itertools.islice(reversed(entries), missing))
             tail.reverse()
-            return gap, iter(tail)
-        return gap, itertools.islice(entries, start, None)
+            return gap, itertools.starmap(Entry, tail)
+        return gap, itertools.starmap(Entry, itertools.islice(entries, start, None))
