@@ -9,6 +9,9 @@ cells run. Those objects live as long as the process: L{settle} moves them
 out of every later pass (C{gc.freeze}), so a pass walks only what came
 since: 200 objects, and about 50 more per kernel.
 
+What kernels add is kept small the same way: their replay logs hold plain
+tuples, which the collector stops tracking (server/replay.py).
+
 The price: a reference cycle among frozen objects that later becomes
 garbage is never collected. Only start-up objects are frozen, once.
 """
