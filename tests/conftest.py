@@ -81,6 +81,7 @@ ROOT_ONLY_TESTS = {
     "test_a_directory_of_another_user_is_left_out",  # chown
     "test_a_uid_held_here_cannot_be_held_from_another_network_namespace",  # unshare
     "test_fronts_and_hosts_work_with_exactly_the_manifests_privileges",  # setpriv, mounts
+    "test_ksm_merges_what_kernels_have_alike_and_their_private_memory_falls",  # /sys/kernel/mm/ksm
 }
 #: The run's private temporary directory's name starts with this. Short:
 #: runtime directories under it (tmp_path's too) must leave room for kernel

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import types
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from cellmux.kernel import memory
+from conftest import RunningServer, config_file, start_server, wait_for
+
+KSM = "/sys/kernel/mm/ksm"
 
 
 @pytest.fixture
@@ -364,3 +370,131 @@ for unset in ((), child._REHEARSAL_UNSET):
         "True ['ran-config', 'ran-ipython-startup', 'ran-pythonstartup']",
         "True []",
     ], (done.stdout, done.stderr[-3000:])
+
+
+# -- same-page merging (KSM), the operator's opt-in ---------------------------
+
+
+def _uss(pid: int) -> int:
+    """Bytes of memory only this process maps (its private pages)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        fields = dict(line.split(":", 1) for line in f.read().splitlines()[1:])
+    return sum(int(fields[name].split()[0]) * 1024 for name in ("Private_Clean", "Private_Dirty"))
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _ksm_stat(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/ksm_stat") as f:
+        return dict(line.replace(":", "").split(None, 1) for line in f.read().splitlines())
+
+
+def test_offering_pages_one_mapping_at_a_time(tmp_path):
+    # Without CAP_SYS_RESOURCE (a kernel after its sandbox, a nursery not
+    # run as root) the process offers the mappings it has, by madvise.
+    script = """
+from cellmux.kernel import memory
+def stat():
+    lines = open("/proc/self/ksm_stat").read().splitlines()
+    return {k.rstrip(":"): v for k, v in (line.split(None, 1) for line in lines)}
+before = stat()
+how = memory.offer_pages_for_merging(whole_process=False)
+after = stat()
+print(before["ksm_mergeable"], before["ksm_merge_any"], how, after["ksm_mergeable"],
+      after["ksm_merge_any"])
+"""
+    done = _in_fresh_interpreter(script, tmp_path)
+    assert done.stdout.strip() == "no no mappings yes no", (done.stdout, done.stderr)
+
+
+def test_kernels_offer_no_page_for_merging_unless_the_operator_says_so(server):
+    # Merged pages are a timing channel between kernels (security.md).
+    with server.client() as client:
+        model = client.create_kernel()
+        try:
+            pid = client.get_kernel(model.id).pid
+            stat = _ksm_stat(pid)
+            assert (stat["ksm_merge_any"], stat["ksm_mergeable"]) == ("no", "no")
+        finally:
+            client.delete_kernel(model.id)
+
+
+def test_with_kernel_page_merging_kernels_offer_their_pages_and_the_nursery_does_not():
+    running = start_server(
+        "--pool-size", "1", "--config", config_file("kernel_page_merging = true")
+    )
+    try:
+        with running.client() as client:
+            model = client.create_kernel()
+            with client.connect(model.id) as kernel:
+                assert kernel.execute("1 + 1").result_text == "2"
+            kernel_pid = client.get_kernel(model.id).pid
+            nursery_pid = _parent(kernel_pid)
+            stat = _ksm_stat(kernel_pid)
+            # As root, the whole process (prctl, before the sandbox drops the
+            # capability it needs); otherwise its mappings, one by one.
+            whole = "yes" if os.geteuid() == 0 else "no"
+            assert (stat["ksm_merge_any"], stat["ksm_mergeable"]) == (whole, "yes")
+            nursery = _ksm_stat(nursery_pid)
+            assert (nursery["ksm_merge_any"], nursery["ksm_mergeable"]) == ("no", "no")
+        if not memory.page_merging_running():
+            assert "the kernel's KSM daemon is not running" in running.log()
+    finally:
+        running.stop()
+
+
+def _merging_server() -> RunningServer:
+    return start_server("--pool-size", "1", "--config", config_file("kernel_page_merging = true"))
+
+
+@contextlib.contextmanager
+def _ksm_running(pages_to_scan: int) -> Iterator[None]:
+    """ksmd on, scanning fast; its settings put back whatever happens."""
+    names = ("run", "pages_to_scan", "sleep_millisecs")
+    saved = {name: Path(KSM, name).read_text() for name in names}
+    try:
+        Path(KSM, "pages_to_scan").write_text(str(pages_to_scan))
+        Path(KSM, "sleep_millisecs").write_text("10")
+        Path(KSM, "run").write_text("1")
+        yield
+    finally:
+        for name in ("pages_to_scan", "sleep_millisecs", "run"):
+            Path(KSM, name).write_text(saved[name])
+
+
+def test_ksm_merges_what_kernels_have_alike_and_their_private_memory_falls():
+    # The figures (docs/benchmarks.md): about 14 MB of private memory per
+    # idle kernel, of which about 70 % is byte-identical across kernels.
+    running = start_server(
+        "--pool-size", "1", "--config", config_file("kernel_page_merging = true")
+    )
+    try:
+        with running.client() as client:
+            pids = []
+            for _ in range(3):
+                model = client.create_kernel()
+                with client.connect(model.id) as kernel:
+                    assert kernel.execute("print(1 + 1)").stdout == "2\n"
+                pids.append(client.get_kernel(model.id).pid)
+            before = [_uss(pid) for pid in pids]
+            with _ksm_running(pages_to_scan=5000):
+                # Two full scans: pages are merged on the second they are seen alike.
+                scans = int(Path(KSM, "full_scans").read_text()) + 3
+                wait_for(
+                    lambda: int(Path(KSM, "full_scans").read_text()) >= scans,
+                    timeout=240,
+                    interval=0.5,
+                )
+                after = [_uss(pid) for pid in pids]
+                nursery = _ksm_stat(_parent(pids[0]))
+            assert all(a < b * 0.6 for a, b in zip(after, before, strict=True)), (before, after)
+            assert nursery["ksm_merging_pages"] == "0"
+            # Merged kernels still run, and their writes get their own copies.
+            model = client.list_kernels()[0]
+            with client.connect(model.id) as kernel:
+                assert kernel.execute("x = [1] * 1000; sum(x)").result_text == "1000"
+    finally:
+        running.stop()

@@ -162,6 +162,10 @@ class ServerConfig:
     state_dir: str | None = None
     #: Extra environment variables for every kernel.
     kernel_env: dict[str, str] = attrs.Factory(dict)
+    #: Offer Python kernels' memory to the kernel's same-page merging (KSM):
+    #: less memory per kernel, at the cost of a timing channel between
+    #: kernels (docs/security.md); the operator also turns ksmd on.
+    kernel_page_merging: bool = False
     #: A directory every kernel sees (e.g. the notebooks' folder), in which a
     #: Jupyter client's working directory is honoured (None: kernels start
     #: in their private directories whatever the client asks).

@@ -48,6 +48,8 @@ class KernelOrder:
     cwd: str | None = None
     #: The identity, namespaces and limits to enter (None: none at all).
     sandbox: sandbox.KernelSandbox | None = None
+    #: Offer the kernel's pages to KSM (the operator's ``kernel_page_merging``).
+    merge_pages: bool = False
 
 
 class CellmuxKernelApp(IPKernelApp):
@@ -124,8 +126,9 @@ def _enter_working_dir(order: KernelOrder) -> None:
         sys.path.insert(index, "")
 
 
-def _reset_process(order: KernelOrder, keep_fd: int) -> None:
-    """Detach from the nursery: session, signals, fds, environment, cwd."""
+def _reset_process(order: KernelOrder, keep_fd: int) -> str:
+    """Detach from the nursery: session, signals, fds, environment, cwd;
+    how the kernel's pages were offered for merging ("": not)."""
     # Signal handlers were reset before anything else ran in this process
     # (see sandbox.fork_with_signals_reset).
     os.setsid()
@@ -137,6 +140,8 @@ def _reset_process(order: KernelOrder, keep_fd: int) -> None:
     # Inherit nothing but stdio: the nursery's command pipes stay with it.
     os.closerange(3, keep_fd)
     os.closerange(keep_fd + 1, 65536)
+    # While a root nursery's child may still offer all its memory at once.
+    merging = memory.offer_pages_for_merging() if order.merge_pages else ""
     if order.sandbox is not None:  # last thing done as the nursery's user
         sandbox.enter(order.sandbox)
     os.environ.clear()
@@ -146,6 +151,7 @@ def _reset_process(order: KernelOrder, keep_fd: int) -> None:
     tempfile.tempdir = None
     _enter_working_dir(order)
     sys.argv = ["cellmux-kernel"]
+    return merging
 
 
 def _start_app() -> CellmuxKernelApp:
@@ -301,8 +307,10 @@ def run_kernel(order: KernelOrder) -> None:
     err_fd = os.dup(2)  # where start-up failures are reported (nursery log)
     code = 0
     try:
-        _reset_process(order, err_fd)
+        merging = _reset_process(order, err_fd)
         app = _start_app()
+        if merging == "mappings":  # offered one by one: those made since too
+            memory.offer_pages_for_merging(whole_process=False)
         if app.context is None:
             raise RuntimeError("ipykernel started without a zmq context")
         # One emission order across the kernel's sockets, kept by the pump.

@@ -96,6 +96,9 @@ class NurseryConfig:
     sandbox: sandbox.SandboxConfig = attrs.Factory(sandbox.SandboxConfig)
     #: Directories kernels of other kernelspecs must reach (their programs).
     kernel_paths: tuple[str, ...] = ()
+    #: Offer Python kernels' pages to KSM (``kernel_page_merging``; see
+    #: L{memory.offer_pages_for_merging}).
+    merge_pages: bool = False
 
     @classmethod
     def from_json(cls, line: bytes) -> NurseryConfig:
@@ -285,6 +288,7 @@ class Nursery:
                 shared_root=settings.shared_root,
                 shared_writable=settings.shared_root_writable,
             ),
+            merge_pages=self.config.merge_pages,
         )
 
         launch = Launch.from_dict(kernel) if kernel is not None else None
@@ -769,6 +773,11 @@ def main() -> None:
             ) from None
         for warning in warnings:
             sandbox.warn(warning)
+    if config.merge_pages and not memory.page_merging_running():
+        sandbox.warn(
+            "kernel_page_merging is on but the kernel's KSM daemon is not running"
+            f" ({memory.KSM_RUN} is not 1): no page will be merged"
+        )
     _preload(config.preload, config)
     Nursery(config, commands, events).run()
 

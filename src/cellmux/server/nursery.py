@@ -288,4 +288,5 @@ def nursery_settings(config: Any, runtime_dir: str, kernel_paths: list[str]) -> 
         "kill_grace": config.kill_grace,
         "sandbox": config.sandbox_settings(),
         "kernel_paths": kernel_paths,
+        "merge_pages": config.kernel_page_merging,
     }
