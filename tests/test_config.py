@@ -42,6 +42,10 @@ def test_a_missing_or_broken_file_is_a_config_error(tmp_path, text):
         ({"kernel_uid_range": [5, 4]}, "kernel_uid_range must be [first, last] uids above 0"),
         ({"kernel_uid_range": [0, 4]}, "kernel_uid_range must be [first, last] uids above 0"),
         ({"shared_root": "/no/such/dir"}, "shared_root must be an existing directory"),
+        (
+            {"public": True, "kernel_page_merging": True},
+            "kernel_page_merging cannot be on in public mode",
+        ),
     ],
 )
 def test_values_the_server_cannot_use_are_refused_with_the_settings_name(setting, message):

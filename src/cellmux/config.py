@@ -302,6 +302,11 @@ class ServerConfig:
                 )
         elif not self.local_kernels:
             raise ConfigError("local_kernels = false needs kernel hosts (hosts_listen)")
+        if self.public and self.kernel_page_merging:
+            # Strangers' kernels could probe each other's memory by timing.
+            raise ConfigError(
+                "kernel_page_merging cannot be on in public mode (docs/security.md, Page merging)"
+            )
 
     @property
     def tls(self) -> bool:
