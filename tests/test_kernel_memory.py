@@ -123,6 +123,37 @@ print("same")
     assert done.stdout.strip() == "same", done.stderr
 
 
+def test_a_nursery_killed_while_warming_ipython_leaves_nothing_in_the_temporary_directory(
+    tmp_path,
+):
+    # The server stopped while its nursery warmed up: PR_SET_DEATHSIG kills
+    # the nursery on the spot. What it made is in the kernels' root (in the
+    # runtime directory, which the server removes), not in /tmp.
+    script = """
+import os, sys
+from IPython.core.interactiveshell import InteractiveShell
+from cellmux.kernel import memory
+def killed(*args, **kwargs):
+    os._exit(9)
+InteractiveShell.instance = classmethod(killed)
+memory.warm_ipython(sys.argv[1])
+"""
+    tmp, kernels = tmp_path / "tmp", tmp_path / "kernels"
+    tmp.mkdir()
+    kernels.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(kernels)],
+        cwd=tmp_path,
+        env=dict(os.environ, TMPDIR=str(tmp)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 9, done.stderr
+    assert os.listdir(tmp) == []
+    assert [p.name[:16] for p in kernels.iterdir()] == ["cellmux-ipython-"]
+
+
 def test_filling_the_allocator_holes_leaves_none_and_stderr_where_it_was(tmp_path):
     # In a fresh interpreter, as in the nursery: objects freed in between
     # others leave holes that the next allocations would take (in a kernel:

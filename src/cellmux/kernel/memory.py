@@ -166,9 +166,15 @@ def _jedi_cache_in(directory: str) -> Iterator[None]:
         jedi.settings.cache_directory = saved
 
 
-def warm_ipython() -> None:
+def warm_ipython(directory: str | None = None) -> None:
     """Build a throwaway IPython shell and run one cell in it; put back
-    everything a shell changes in the process. Call in the nursery only."""
+    everything a shell changes in the process. Call in the nursery only.
+
+    Its IPython directory is made in C{directory} (the kernels' root, in
+    the server's runtime directory), else in the temporary directory: a
+    nursery killed while it warms up (its server stopped then) cannot
+    remove it, and the server removes its runtime directory, not /tmp.
+    """
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
 
@@ -181,7 +187,7 @@ def warm_ipython() -> None:
     saved_path = list(sys.path)
     config = Config()
     config.HistoryManager.hist_file = ":memory:"
-    ipython_dir = tempfile.mkdtemp(prefix="cellmux-ipython-")
+    ipython_dir = tempfile.mkdtemp(prefix="cellmux-ipython-", dir=directory)
     try:
         shell = InteractiveShell.instance(config=config, ipython_dir=ipython_dir)
         atexit.unregister(shell.atexit_operations)

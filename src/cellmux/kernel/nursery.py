@@ -681,7 +681,7 @@ def _preload(modules: tuple[str, ...], config: NurseryConfig | None = None) -> N
     sandbox.seccomp.program()
     # What IPython makes once per process, made here once for all kernels.
     try:
-        memory.warm_ipython()
+        memory.warm_ipython(config.workdir_root if config is not None else None)
     except Exception as e:  # a saving, not a need: kernels make it themselves
         print(f"cellmux nursery: IPython warm-up skipped: {e!r}", file=sys.stderr)
     # Move everything imported so far out of the GC's reach, so forked
