@@ -6,6 +6,7 @@ covers kernels and transports).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -278,3 +279,43 @@ def test_reorder_forwards_in_number_order_and_skips_lost_numbers(sockets, lost):
         out.append(stamp_of(msg[1]))
     expected = [n for n in range(len(sockets)) if n not in lost]
     assert out == expected
+
+
+def test_a_send_waiting_for_room_gives_up_when_told_and_keeps_its_number(ctx):
+    """``abandon`` (a Ctrl-C held by a shielded flush, cellmux.kernel.tuning
+    ``direct``): the send raises, nothing was queued, and the number it
+    would have taken is the next message's."""
+    order = EmissionOrder()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    for s in (push, pull):
+        s.setsockopt(zmq.SNDHWM, 1)
+        s.setsockopt(zmq.RCVHWM, 1)
+    pull.bind("inproc://abandon")
+    push.connect("inproc://abandon")
+    give_up = threading.Event()
+    order.stamp(push, bounded=True, abandon=give_up.is_set)
+    sent: list[int] = []
+
+    def fill() -> None:
+        # until the pipe is full (its size is libzmq's business) and told
+        with contextlib.suppress(ordering.SendAbandoned):
+            while True:
+                push.send_multipart(_message(b"fill"))
+                sent.append(1)
+
+    filler = threading.Thread(target=fill, daemon=True)
+    filler.start()
+    count = -1
+    while len(sent) != count:  # stuck waiting for room
+        count = len(sent)
+        time.sleep(0.3)
+    give_up.set()
+    filler.join(5)
+    assert not filler.is_alive(), "the waiting send did not give up"
+    got = [pull.recv_multipart() for _ in range(count)]
+    order.made_room()
+    give_up.clear()
+    push.send_multipart(_message(b"after"))
+    got.append(pull.recv_multipart())
+    assert [stamp_of(m[1]) for m in got] == list(range(1, count + 2))
+    assert got[-1][-1] == b"after"

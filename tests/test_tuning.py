@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -31,9 +32,11 @@ def test_tuning_is_installed_in_kernels(kernel):
         "import ipykernel.iostream as m, zmq\n"
         "k = get_ipython().kernel\n"
         "main_replies = k.shell_channel_thread.manager.get_subshell_to_shell_channel_socket(None)\n"
-        "(k._execute_sleep, m.OutStream.flush.__module__, main_replies.socket_type == zmq.PUSH)"
+        "direct = getattr(k.iopub_thread, 'cellmux_direct', None)\n"
+        "(k._execute_sleep, m.OutStream.flush.__module__, main_replies.socket_type == zmq.PUSH,\n"
+        " direct is not None and direct.socket_type == zmq.PUSH)"
     )
-    assert result.result_text == "(0.0, 'cellmux.kernel.tuning', True)"
+    assert result.result_text == "(0.0, 'cellmux.kernel.tuning', True, True)"
 
 
 def test_warm_up_ran_and_left_no_trace(kernel):
@@ -202,6 +205,41 @@ def test_main_thread_does_not_wait_for_the_iopub_thread_to_reply(kernel):
     waited = float(kernel.execute("_marks['free'] - _marks['end']").result_text)
     # With the reply barrier the main thread sat out the whole second.
     assert waited < 0.5
+
+
+def test_output_does_not_wait_for_the_iopub_thread(kernel):
+    """``direct``: what a cell publishes is sent by its own thread, not
+    handed to ipykernel's IOPub thread: with that thread asleep for 3 s,
+    the cell's output, display, reply and idle all arrive, in order, at
+    once (through the IOPub thread they arrived after its sleep)."""
+    frames = []
+    kernel.add_listener(frames.append)
+    assert kernel.execute("import time\nk = get_ipython().kernel").ok
+    frames.clear()
+    started = time.monotonic()
+    result = kernel.execute(
+        "k.iopub_thread.schedule(lambda: time.sleep(3.0))\n"
+        "print('printed', flush=True)\n"
+        "display('shown')\n"
+        "print('last')\n"
+        "7"
+    )
+    took = time.monotonic() - started
+    assert result.ok
+    assert result.stdout == "printed\nlast\n"
+    types = _message_types(frames, result.msg_id)
+    assert types == [
+        "status",
+        "execute_input",
+        "stream",
+        "display_data",
+        "stream",
+        "execute_result",
+        "execute_reply",
+        "status",
+    ], types
+    assert took < 2.0, took
+    assert kernel.execute("time.sleep(3)").ok  # leave the IOPub thread awake
 
 
 def test_a_cell_is_transformed_once(kernel):

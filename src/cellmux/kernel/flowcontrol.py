@@ -30,7 +30,14 @@ import threading
 
 import zmq
 
-__all__ = ["IOPUB_QUEUE", "IOPUB_QUEUE_BYTES", "OUTPUT_BUDGET", "install", "prepare_iopub_socket"]
+__all__ = [
+    "IOPUB_QUEUE",
+    "IOPUB_QUEUE_BYTES",
+    "OUTPUT_BUDGET",
+    "PUBLISHED_QUEUE",
+    "install",
+    "prepare_iopub_socket",
+]
 
 #: Characters a stream may buffer before a write waits for the flush.
 OUTPUT_BUDGET = 1024 * 1024
@@ -39,6 +46,12 @@ OUTPUT_BUDGET = 1024 * 1024
 #: and the pump costs both a wake-up: 4 made a flood of flushed lines pay
 #: one every few lines.
 IOPUB_QUEUE = 32
+#: Messages the queue of what the kernel's threads publish directly
+#: (cellmux.kernel.tuning, ``direct``) holds on each side: the publishing
+#: thread (the cell's) and the pump take the GIL in turns, and each turn
+#: costs both a wake-up; a longer queue lets each turn move more messages
+#: (its bytes are bounded by IOPUB_QUEUE_BYTES all the same).
+PUBLISHED_QUEUE = 256
 #: Bytes the iopub queue holds in all, however many messages (one message
 #: alone may be larger: it goes when the queue is empty).
 IOPUB_QUEUE_BYTES = 1024 * 1024

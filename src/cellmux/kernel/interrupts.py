@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from types import TracebackType
 from typing import Any
 
-__all__ = ["InterruptGate", "in_cell_code", "install", "shield"]
+__all__ = ["InterruptGate", "held_in_shield", "in_cell_code", "install", "shield"]
 
 #: What a held interrupt runs instead of the cell's next statement: the
 #: traceback then names the interrupt, not an internal frame.
@@ -80,6 +81,19 @@ def in_cell_code() -> bool:
     shielded sections (cellmux.kernel.debugging pauses only there)."""
     gate = _gate
     return gate is not None and gate.depth > 0 and not gate.shielded
+
+
+def held_in_shield() -> bool:
+    """Whether a Ctrl-C meant for the cell's code is held by a L{shield}
+    block of the main thread (one waiting for a slow client gives up)."""
+    gate = _gate
+    return (
+        gate is not None
+        and gate.held
+        and gate.shielded > 0
+        and gate.depth > 0
+        and threading.current_thread() is threading.main_thread()
+    )
 
 
 #: Where a KeyboardInterrupt is raised here: the user's traceback ends at

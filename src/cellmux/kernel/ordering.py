@@ -50,7 +50,15 @@ import zmq
 
 from .flowcontrol import IOPUB_QUEUE_BYTES
 
-__all__ = ["DELIMITER", "STAMP_SIZE", "EmissionOrder", "IOPubBacklog", "install", "stamp_of"]
+__all__ = [
+    "DELIMITER",
+    "STAMP_SIZE",
+    "EmissionOrder",
+    "IOPubBacklog",
+    "SendAbandoned",
+    "install",
+    "stamp_of",
+]
 
 DELIMITER = b"<IDS|MSG>"
 #: Bytes of the number that replaces the (empty) signature.
@@ -64,6 +72,11 @@ RETRY_MAX = 0.01
 #: before it (as tuning's reply barrier: a wedged IOPub thread must not
 #: wedge the shell for ever).
 BARRIER_TIMEOUT = 10.0
+
+
+class SendAbandoned(Exception):
+    """A send waiting for room gave up (its C{abandon} said so): nothing
+    was queued and no number was taken."""
 
 
 def stamp_of(frame: Any) -> int | None:
@@ -151,16 +164,27 @@ class EmissionOrder:
         """Bytes counted as waiting in the IOPub socket (0 before counting)."""
         return self._queued or 0
 
-    def stamp(self, socket: Any, after: IOPubBacklog | None = None, bounded: bool = False) -> None:
+    def stamp(
+        self,
+        socket: Any,
+        after: IOPubBacklog | None = None,
+        bounded: bool = False,
+        abandon: Any = None,
+    ) -> None:
         """Make C{socket}'s C{send_multipart} number each Jupyter message.
 
         Messages without the routing delimiter (none a kernel socket sends
-        to the pump) keep their frames and take no number.
+        to the pump) keep their frames and take no number. The socket is
+        used only under the order's lock, so several threads may send on
+        it (the direct IOPub socket is shared so).
 
         @param after: wait for this backlog to be sent before each message
             (for the sockets of replies and prompts, not for IOPub itself).
         @param bounded: count its bytes against IOPUB_QUEUE_BYTES (for the
-            IOPub socket, the one the pump reports C{taken} bytes of).
+            IOPub sockets, the ones the pump reports C{taken} bytes of).
+        @param abandon: called while a send waits for room; if it returns
+            true the send raises L{SendAbandoned} (for a Ctrl-C held by a
+            shielded flush, which must not wait for a stalled client).
         """
         send = socket.send_multipart
         lock = self._lock
@@ -177,16 +201,16 @@ class EmissionOrder:
             cleared = retry = False
             pause = RETRY_FIRST
             while True:
-                if retry:
-                    # libzmq looks at the reader's "room again" command at
-                    # most once a millisecond in a non-blocking send; asking
-                    # for the socket's events processes it now.
-                    socket.getsockopt(zmq.EVENTS)
-                retry = True
                 # Never block while holding the lock: a full socket (the
                 # pump out of credit) would stop every other thread's sends,
                 # control replies and introspection answers included.
                 with lock:
+                    if retry:
+                        # libzmq looks at the reader's "room again" command
+                        # at most once a millisecond in a non-blocking send;
+                        # asking for the socket's events processes it now.
+                        socket.getsockopt(zmq.EVENTS)
+                    retry = True
                     number = self._next
                     parts[at + 1] = number.to_bytes(STAMP_SIZE, "big")
                     queued = self._queued
@@ -213,6 +237,8 @@ class EmissionOrder:
                     room.clear()
                     cleared = True
                     continue
+                if abandon is not None and abandon():
+                    raise SendAbandoned()
                 room.wait(pause)
                 pause = min(pause * 2, RETRY_MAX)
                 cleared = False
@@ -235,12 +261,19 @@ def _is_delimiter(part: Any) -> bool:
 def install(app: Any) -> tuple[EmissionOrder, IOPubBacklog | None]:
     """Number what the kernel app's sockets send to the pump; call after
     C{app.initialize()}, before the pump starts relaying. Returns the order
-    and the IOPub backlog replies wait for, for sockets made later."""
+    and the IOPub backlog replies wait for, for sockets made later (None
+    when the kernel publishes directly: there is none to wait for)."""
     order = EmissionOrder()
     thread = getattr(app, "iopub_thread", None)
     backlog = IOPubBacklog(thread) if thread is not None else None
     if thread is not None:
         order.stamp(thread.socket, bounded=True)
+    # IOPub straight from the publishing threads (cellmux.kernel.tuning):
+    # then nothing a reply must follow waits in the IOPub thread's queue.
+    from .tuning import publish_directly
+
+    if publish_directly(app, order):
+        backlog = None
     replies = [
         app.shell_socket,
         app.stdin_socket,

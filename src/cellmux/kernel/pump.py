@@ -50,7 +50,7 @@ from cellmux.protocol import (
 )
 from cellmux.protocol.jupyter import jupyter_parts
 
-from .flowcontrol import IOPUB_QUEUE
+from .flowcontrol import IOPUB_QUEUE, PUBLISHED_QUEUE
 from .introspection import INTROSPECTION_TYPES
 from .ordering import stamp_of
 
@@ -70,7 +70,10 @@ DELIMITER = b"<IDS|MSG>"
 #: the pump's own, where the main shell's replies may come straight from
 #: the main thread (cellmux.kernel.tuning, change ``replies``);
 #: "introspection" is the pump's own too, towards the thread that answers
-#: introspection requests while a cell runs (cellmux.kernel.introspection).
+#: introspection requests while a cell runs (cellmux.kernel.introspection);
+#: "published" is the pump's own IOPub, where the kernel's threads send
+#: what they publish themselves instead of through ipykernel's IOPub thread
+#: (cellmux.kernel.tuning, change ``direct``).
 INPROC_PORTS = {
     "shell": 1,
     "stdin": 2,
@@ -78,6 +81,7 @@ INPROC_PORTS = {
     "iopub": 4,
     "replies": 5,
     "introspection": 6,
+    "published": 7,
 }
 
 #: Routing id of the pump's shell, control and stdin sockets.
@@ -253,6 +257,10 @@ class Pump(threading.Thread):
         iopub.setsockopt(zmq.RCVHWM, IOPUB_QUEUE)
         iopub.subscribe(b"")
         iopub.connect(inproc_endpoint(INPROC_PORTS["iopub"]))
+        published = ctx.socket(zmq.PULL)
+        published.linger = 0
+        published.setsockopt(zmq.RCVHWM, PUBLISHED_QUEUE)
+        published.bind(inproc_endpoint(INPROC_PORTS["published"]))
         replies = ctx.socket(zmq.PULL)
         replies.linger = 0
         replies.bind(inproc_endpoint(INPROC_PORTS["replies"]))
@@ -261,9 +269,10 @@ class Pump(threading.Thread):
         introspection.bind(inproc_endpoint(INPROC_PORTS["introspection"]))
 
         self._authenticate(link)
-        self._wait_for_kernel(shell, replies, iopub)
+        self._published = published
+        self._wait_for_kernel(shell, replies, iopub, published)
         link.send_multipart(self._link.ready())
-        self._relay(link, shell, control, stdin, iopub, replies, introspection)
+        self._relay(link, shell, control, stdin, iopub, published, replies, introspection)
 
     def _authenticate(self, link: zmq.Socket) -> None:
         link.send_multipart(self._link.hello())
@@ -272,20 +281,23 @@ class Pump(threading.Thread):
             if answer is not None:
                 link.send_multipart(answer)
 
-    def _wait_for_kernel(self, shell: zmq.Socket, replies: zmq.Socket, iopub: zmq.Socket) -> None:
+    def _wait_for_kernel(
+        self, shell: zmq.Socket, replies: zmq.Socket, iopub: zmq.Socket, published: zmq.Socket
+    ) -> None:
         """Nudge with kernel_info until both a reply and iopub arrive.
 
         A SUB socket misses what is published before its subscription
         reaches the publisher, so a reply alone proves nothing about iopub:
         keep asking until some iopub message (the status of a nudge) shows
-        the subscription is live.
+        the subscription is live. (What the kernel publishes directly, on
+        C{published}, is never lost that way; it counts as iopub too.)
         """
         poller = zmq.Poller()
-        for sock in (shell, replies, iopub):
+        for sock in (shell, replies, iopub, published):
             poller.register(sock, zmq.POLLIN)
-        replied = published = False
+        replied = live = False
         next_nudge = 0.0
-        while not (replied and published):
+        while not (replied and live):
             if time.monotonic() >= next_nudge:
                 parts = jupyter_parts(
                     "kernel_info_request", {}, now=datetime.now(UTC), session=self._session
@@ -300,13 +312,13 @@ class Pump(threading.Thread):
                     self._order.hold(msg, 0)
                     while self._order:
                         self._order.pop()
-                    if sock is iopub:
-                        published = True
+                    if sock is iopub or sock is published:
+                        live = True
                         self._made_room(sum(map(len, msg)))
                     else:
                         replied = True
 
-    def _relay(self, link, shell, control, stdin, iopub, replies, introspection) -> None:
+    def _relay(self, link, shell, control, stdin, iopub, published, replies, introspection) -> None:
         to_kernel = {
             JupyterSocket.SHELL: shell,
             JupyterSocket.CONTROL: control,
@@ -317,6 +329,7 @@ class Pump(threading.Thread):
             control: JupyterSocket.CONTROL,
             stdin: JupyterSocket.STDIN,
             iopub: JupyterSocket.IOPUB,
+            published: JupyterSocket.IOPUB,
             replies: JupyterSocket.SHELL,
             introspection: JupyterSocket.SHELL,
         }
@@ -326,7 +339,7 @@ class Pump(threading.Thread):
         everything = zmq.Poller()
         # The order of registration does not matter: what is read is
         # forwarded in the kernel's emission order (Reorder).
-        for sock in (link, iopub, shell, replies, control, stdin, introspection):
+        for sock in (link, iopub, published, shell, replies, control, stdin, introspection):
             everything.register(sock, zmq.POLLIN)
         link_only = zmq.Poller()
         link_only.register(link, zmq.POLLIN)
@@ -350,7 +363,7 @@ class Pump(threading.Thread):
                     if sock is link:
                         self._from_server(msg, link, to_kernel)
                     else:
-                        if sock is iopub:
+                        if sock is iopub or sock is published:
                             taken += sum(map(len, msg))
                         self._order.hold(msg, from_kernel[sock])
                     self._release(link)
@@ -383,7 +396,8 @@ class Pump(threading.Thread):
                     continue
                 msg = sock.recv_multipart(copy=False)
                 number = order.hold(msg, self._from_kernel[sock])
-                self._made_room(sum(map(len, msg)) if sock is self._iopub else 0)
+                counted = sock is self._iopub or sock is self._published
+                self._made_room(sum(map(len, msg)) if counted else 0)
                 if number is not None and order.next is not None and number > order.next:
                     candidates.remove(sock)
 

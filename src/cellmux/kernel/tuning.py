@@ -48,6 +48,11 @@ The changes, each measured in docs/benchmarks.md:
    run it as a coroutine, then IPython's ``run_cell`` transforms the same
    string again; and ipykernel's check of ``run_cell``'s signature is made
    once, not per cell (``once``; see L{_transform_once}).
+10. What the kernel publishes on IOPub is sent by the thread that publishes
+    it, straight to the pump, instead of through ipykernel's IOPub thread
+    (``direct``, with ``replies``, ``ahead`` and ``flush``; see
+    L{publish_directly}): no thread hand-off per message, and a cell's
+    output, reply and ``idle`` leave in the order the cell made them.
 
 The patches change classes inside the forked kernel process only (never in
 the nursery, which is their parent), and must be installed before
@@ -56,8 +61,8 @@ the nursery, which is their parent), and must be installed before
 The kernel environment variable ``CELLMUX_KERNEL_TUNING`` picks the changes:
 unset or ``all`` for all of them, ``none`` for stock ipykernel, or a comma
 list of ``sleep``, ``flush``, ``wakes``, ``log``, ``warm``, ``ahead``,
-``replies``, ``fifo``, ``once`` (the benchmarks measure each one this way; an operator can turn
-one off through ``kernel_env``).
+``replies``, ``fifo``, ``once``, ``direct`` (the benchmarks measure each one
+this way; an operator can turn one off through ``kernel_env``).
 """
 
 from __future__ import annotations
@@ -77,10 +82,31 @@ from typing import Any
 
 import zmq
 
-__all__ = ["CHANGES", "IN_FLIGHT_WAIT", "STREAM_PAUSE", "install", "selected", "warm_up"]
+__all__ = [
+    "CHANGES",
+    "IN_FLIGHT_WAIT",
+    "STREAM_PAUSE",
+    "install",
+    "publish_directly",
+    "selected",
+    "warm_up",
+]
 
 #: The changes this module can make, by the names CELLMUX_KERNEL_TUNING uses.
-CHANGES = ("sleep", "flush", "wakes", "log", "warm", "ahead", "replies", "fifo", "once")
+CHANGES = (
+    "sleep",
+    "flush",
+    "wakes",
+    "log",
+    "warm",
+    "ahead",
+    "replies",
+    "fifo",
+    "once",
+    "direct",
+)
+#: What ``direct`` needs: it relies on each of these (see L{publish_directly}).
+DIRECT_NEEDS = frozenset({"sleep", "flush", "ahead", "replies"})
 
 #: Longest a flush waits for fd output that the watcher thread is still
 #: moving (stock waits for none; a process writing faster than this is not
@@ -98,6 +124,11 @@ FLUSH_AHEAD = 64
 FLUSH_AHEAD_BYTES = 64 * 1024
 
 _installed: set[str] = set()
+#: Held by a flush from taking a stream's text until it is sent, when the
+#: kernel publishes directly: a flush that found nothing to take then
+#: knows that what an earlier one took is already numbered and sent
+#: (an RLock: a stream hook may print).
+_SENDING = threading.RLock()
 
 
 def selected(value: str | None) -> frozenset[str]:
@@ -319,6 +350,9 @@ def _patch_flush_ahead() -> None:
         if thread is None or not thread.is_alive() or thread.ident == threading.get_ident():
             stock_flush(self)
             return
+        if getattr(self.pub_thread, "cellmux_direct", None) is not None:
+            _flush_directly(self)
+            return
         # Bound what waits in the IOPub queue by its length (a counter of
         # our own could leak a count to a KeyboardInterrupt). A client that
         # reads nothing keeps us here: the kernel slows to its pace.
@@ -339,6 +373,226 @@ def _patch_flush_ahead() -> None:
             _iopub_barrier(self.pub_thread)
 
     OutStream.flush = flush  # type: ignore[method-assign]  # patched on purpose
+
+
+def _flush_directly(stream: Any) -> None:
+    """Take C{stream}'s text and send it, in this thread (change ``direct``).
+
+    Taking and sending are one step for Ctrl-C (L{shield}) and for other
+    flushes (L{_SENDING}). A send that waits for room (a client that reads
+    nothing) gives up on a Ctrl-C held meanwhile: the text goes back to the
+    front of the buffer, and the shield raises the interrupt at its end.
+    """
+    from .interrupts import shield
+    from .ordering import SendAbandoned
+
+    with shield, _SENDING:
+        with stream._buffer_lock:
+            buffers, stream._buffers = stream._buffers, defaultdict(StringIO)
+        items = [(parent, buffer.getvalue()) for parent, buffer in buffers.items()]
+        for buffer in buffers.values():
+            buffer.close()
+        if any(text for _, text in items):
+            thread = stream.pub_thread
+            thread._cellmux_stream_flushes = getattr(thread, "_cellmux_stream_flushes", 0) + 1
+        for at, (frozen_parent, text) in enumerate(items):
+            if not text:
+                continue
+            try:
+                _send_stream(stream, text, dict(frozen_parent))
+            except SendAbandoned:
+                _put_back(stream, items[at:])
+                return
+
+
+def _send_stream(stream: Any, text: str, parent: dict) -> None:
+    """One stream message, through the stream's hooks, as stock's _flush."""
+    frames = getattr(stream.pub_thread, "cellmux_stream_frames", None)
+    if frames is not None and not stream._hooks:
+        stream.pub_thread.send_multipart(*frames(stream.name, text, parent, stream.topic))
+        return
+    stream.session.pid = _pid()
+    msg = stream.session.msg("stream", {"name": stream.name, "text": text}, parent=parent)
+    for hook in stream._hooks:
+        msg = hook(msg)
+        if msg is None:
+            return
+    stream.session.send(stream.pub_thread, msg, ident=stream.topic)
+
+
+class StreamFrames:
+    """The wire frames of a stream message, byte for byte what
+    C{Session.send} makes of it, at less cost.
+
+    A flood of flushed lines is one stream message per line, and
+    C{Session.send}'s general path (a message dict, the parent header
+    copied, the metadata copied, four packs, a dozen traitlets reads) was
+    most of the kernel's work per line. Here the session's constant parts
+    are read once, the packed parent and metadata are kept for the parent
+    in use, and only the header and content are packed per message, with
+    the session's own packer. Usable only for an unsigned session that
+    adapts no version (L{usable}): the kernel's, whose link is
+    authenticated on its own (cellmux.kernel.child).
+    """
+
+    def __init__(self, session: Any) -> None:
+        from jupyter_client.session import DELIM, utcnow
+        from jupyter_client.session import protocol_version as version
+
+        self._session = session
+        self._pack = session.pack
+        self._id = session.session
+        self._username = session.username
+        self._version = version
+        self._now = utcnow
+        self._delimiter = DELIM
+        self._copy_threshold = session.copy_threshold
+        self._metadata = self._pack(dict(session.metadata))
+        self._parent: dict | None = None
+        self._packed_parent = b""
+
+    @staticmethod
+    def usable(session: Any) -> bool:
+        return session.auth is None and not session.adapt_version
+
+    def __call__(
+        self, name: str, text: str, parent: dict, topic: bytes | None
+    ) -> tuple[list[bytes], int, bool]:
+        """(frames, flags, copy) for C{send_multipart}, numbered as stock."""
+        session = self._session
+        number = session.message_count
+        session.message_count = number + 1
+        header = {
+            "msg_id": f"{self._id}_{_pid()}_{number}",
+            "msg_type": "stream",
+            "username": self._username,
+            "session": self._id,
+            "date": self._now(),
+            "version": self._version,
+        }
+        if parent != self._parent:
+            # stock sends extract_header(parent): the header within, or itself
+            inner = parent.get("header", parent) if parent else {}
+            self._packed_parent = self._pack(dict(inner) if inner else {})
+            self._parent = parent
+        content = self._pack({"name": name, "text": text})
+        frames = [] if topic is None else [topic]
+        frames += [
+            self._delimiter,
+            b"",
+            self._pack(header),
+            self._packed_parent,
+            self._metadata,
+            content,
+        ]
+        return frames, 0, len(content) < self._copy_threshold
+
+
+#: This process's id, kept up to date across forks: stock asks the system
+#: for it on every write and every message (a system call each).
+_process_id = [os.getpid()]
+
+
+def _pid() -> int:
+    return _process_id[0]
+
+
+def _forked() -> None:
+    _process_id[0] = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _patch_master_checks() -> None:
+    """OutStream's and IOPubThread's "am I the kernel or a fork of it"
+    check, made from the cached process id (see L{_pid})."""
+    from ipykernel.iostream import IOPubThread, OutStream
+
+    def _is_master_process(self) -> bool:
+        return _pid() == self._master_pid
+
+    OutStream._is_master_process = _is_master_process  # type: ignore[method-assign]  # patched on purpose
+    IOPubThread._is_master_process = _is_master_process  # type: ignore[method-assign]  # patched on purpose
+
+
+def _put_back(stream: Any, items: list[tuple[Any, str]]) -> None:
+    """Text taken but not sent goes back before what was written since."""
+    with stream._buffer_lock:
+        for parent, text in items:
+            if not text:
+                continue
+            since = stream._buffers.pop(parent, None)
+            buffer = StringIO()
+            buffer.write(text)
+            if since is not None:
+                buffer.write(since.getvalue())
+                since.close()
+            stream._buffers[parent] = buffer
+
+
+def _patch_sending_lock() -> None:
+    """Stock's _flush (the 0.2 s timer's, in the IOPub thread) takes and
+    sends under L{_SENDING} too."""
+    from ipykernel.iostream import OutStream
+
+    stock_flush_impl = OutStream._flush
+
+    def _flush(self) -> None:
+        with _SENDING:
+            stock_flush_impl(self)
+
+    OutStream._flush = _flush  # type: ignore[method-assign]  # patched on purpose
+
+
+def publish_directly(app: Any, order: Any) -> bool:
+    """Send what the kernel publishes from the thread that publishes it.
+
+    ipykernel hands every IOPub message to its IOPub thread, which
+    serialises and sends it: a thread hand-off (and the wake-ups and GIL
+    switches that go with it) per message. Here the publishing thread
+    sends it itself, on a socket of the pump's (``published``), shared by
+    all threads under the emission order's lock (which numbers each
+    message as it enters the socket, cellmux.kernel.ordering). The order
+    Jupyter clients rely on is then the order the kernel's threads
+    published in: ``busy`` before the cell's output, the output (flushed
+    by the cell's end, fd output in flight included: change ``flush``)
+    before the reply, the reply (sent from the main thread, ``replies``)
+    before ``idle``. A forked child of the kernel publishes as stock does
+    (through the IOPub thread's pipe from subprocesses); a full socket makes
+    the publisher wait for the pump, as the IOPub thread waited before.
+
+    Call once the emission order is installed, before the pump relays.
+    Returns whether it was done (the kernel asked for it in L{install}).
+    """
+    kernel = getattr(app, "kernel", None)
+    thread = getattr(app, "iopub_thread", None)
+    if not getattr(kernel, "cellmux_direct_iopub", False) or thread is None:
+        return False
+    from .flowcontrol import PUBLISHED_QUEUE
+    from .interrupts import held_in_shield
+    from .pump import INPROC_PORTS, inproc_endpoint
+
+    socket = app.context.socket(zmq.PUSH)
+    socket.linger = 1000
+    socket.setsockopt(zmq.SNDHWM, PUBLISHED_QUEUE)
+    socket.connect(inproc_endpoint(INPROC_PORTS["published"]))
+    order.stamp(socket, bounded=True, abandon=held_in_shield)
+    stock_send = thread.send_multipart
+    send = socket.send_multipart
+    master = _pid()
+
+    def send_multipart(msg: Any, *args: Any, **kwargs: Any) -> Any:
+        if _pid() != master:
+            return stock_send(msg, *args, **kwargs)  # a fork: no socket of ours
+        return send(msg, *args, **kwargs)
+
+    thread.send_multipart = send_multipart
+    thread.cellmux_direct = socket
+    session = getattr(app, "session", None)
+    if session is not None and StreamFrames.usable(session):
+        thread.cellmux_stream_frames = StreamFrames(session)
+    return True
 
 
 def _iopub_barrier(iopub_thread: Any) -> None:
@@ -384,11 +638,18 @@ def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
     if "sleep" not in changes:
         return
     queued = False
+    direct = "direct" in changes and changes >= DIRECT_NEEDS
     if "replies" in changes:
         # Without ``flush``, a flush does not wait for fd output in flight:
-        # the barrier and pause stay (queued replies or not).
-        fifo = "fifo" in changes and "flush" in changes
+        # the barrier and pause stay (queued replies or not). Published
+        # directly, output is sent by the flush itself: the reply is sent
+        # after it by the main thread, not queued behind it.
+        fifo = "fifo" in changes and "flush" in changes and not direct
         queued = _send_main_replies_to_pump(kernel, app.context, queued=fifo)
+        if direct and getattr(kernel, "cellmux_replies_socket", None) is not None:
+            # switched on by cellmux.kernel.ordering.install (publish_directly)
+            kernel.cellmux_direct_iopub = True
+            queued = True
     stock_do_execute = kernel.do_execute
 
     @functools.wraps(stock_do_execute)
@@ -405,9 +666,10 @@ def _tune_kernel(app: Any, changes: frozenset[str]) -> None:
                 stream.flush()
         if queued:
             # The reply will be queued behind all of the cell's output (the
-            # flushes above took what was buffered or in flight on the fd)
-            # and numbered after it (cellmux.kernel.ordering): neither the
-            # barrier nor stock's pause for late stream text is needed.
+            # flushes above took what was buffered or in flight on the fd),
+            # or (``direct``) that output is sent already, and numbered
+            # after it (cellmux.kernel.ordering): neither the barrier nor
+            # stock's pause for late stream text is needed.
             return reply
         _iopub_barrier(iopub_thread)
         if getattr(iopub_thread, "_cellmux_stream_flushes", 0) != before:
@@ -573,6 +835,10 @@ def install(app: Any, changes: frozenset[str] | None = None) -> None:
     if "flush" in changes and "flush" not in _installed:
         _patch_outstream()
         _installed.add("flush")
+    if "direct" in changes and changes >= DIRECT_NEEDS and "direct" not in _installed:
+        _patch_sending_lock()
+        _patch_master_checks()
+        _installed.add("direct")
     if "sleep" in changes:
         if "sleep" not in _installed:
             _patch_flush_counter()
