@@ -27,6 +27,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
+import struct
 import threading
 import time
 import uuid
@@ -44,9 +45,11 @@ from cellmux.protocol import (
     KernelSideLink,
     ProtocolError,
     bundle_bytes,
+    bundle_entry,
     channel_for,
     decode_tag,
     encode_tag,
+    split_bundle,
 )
 from cellmux.protocol.jupyter import jupyter_parts
 
@@ -95,6 +98,11 @@ BUNDLE_MESSAGE_MAX = 16 * 1024
 #: end of the pass over the kernel's sockets, whichever comes first.
 BUNDLE_MAX_BYTES = 256 * 1024
 BUNDLE_MAX_MESSAGES = 256
+
+#: In place of a channel in the bundle being made: a message the kernel
+#: laid out already (L{Pump._laid_out}).
+_LAID_OUT = -1
+_ENTRY_HEAD = struct.Struct(">HBBQI")
 
 _TAGS: dict[tuple[int, int], bytes] = {
     (channel, socket): encode_tag(channel, socket)
@@ -434,6 +442,9 @@ class Pump(threading.Thread):
         if delimiter is None:
             return  # not a Jupyter message
         body = msg[delimiter + 2 :]  # skip delimiter and signature
+        if len(body) == 1 and socket == JupyterSocket.IOPUB:
+            self._laid_out(body[0], link)
+            return
         if len(body) < 4:
             return
         size = sum(map(len, body))
@@ -452,6 +463,26 @@ class Pump(threading.Thread):
         if self._bundle_size >= BUNDLE_MAX_BYTES or len(self._bundle) >= BUNDLE_MAX_MESSAGES:
             self._send_bundle(link)
 
+    def _laid_out(self, entry: Any, link: zmq.Socket) -> None:
+        """A message the kernel laid out as in a bundle (its stream
+        messages, cellmux.kernel.tuning.StreamFrames): into the bundle as
+        it is, or, when it cannot go so, taken apart and sent as any other."""
+        data = entry.buffer if hasattr(entry, "buffer") else memoryview(entry)
+        if len(data) < HEADER_SIZE:
+            return
+        _, _, flags, seq, nparts = _ENTRY_HEAD.unpack_from(data)
+        size = len(data) - HEADER_SIZE - 4 * nparts
+        if flags or seq or nparts != 4 or size < 0 or len(data) > BUNDLE_MESSAGE_MAX + 64:
+            for _, socket, parts in split_bundle(bytes(data)):
+                frames = [zmq.Frame(part) for part in (DELIMITER, b"", *parts)]
+                self._to_server(frames, socket, link)
+            return
+        self._link.credit -= size
+        self._bundle.append((_LAID_OUT, 0, data))
+        self._bundle_size += size
+        if self._bundle_size >= BUNDLE_MAX_BYTES or len(self._bundle) >= BUNDLE_MAX_MESSAGES:
+            self._send_bundle(link)
+
     def _send_bundle(self, link: zmq.Socket) -> None:
         """Send the small messages waiting: one alone as itself, several as
         one bundle (the same messages in the same order to the server)."""
@@ -459,11 +490,18 @@ class Pump(threading.Thread):
         if not bundle:
             return
         self._bundle, self._bundle_size = [], 0
-        if len(bundle) == 1:
+        if len(bundle) == 1 and bundle[0][0] != _LAID_OUT:
             channel, socket, body = bundle[0]
             link.send_multipart([_TAGS[(channel, socket)], *body], copy=False)
             return
-        link.send_multipart([BUNDLE_TAG, bundle_bytes(bundle)], copy=False)
+        if all(channel != _LAID_OUT for channel, _, _ in bundle):
+            link.send_multipart([BUNDLE_TAG, bundle_bytes(bundle)], copy=False)
+            return
+        pieces = [
+            body if channel == _LAID_OUT else bundle_entry(channel, socket, body)
+            for channel, socket, body in bundle
+        ]
+        link.send_multipart([BUNDLE_TAG, b"".join(pieces)], copy=False)
 
     def _too_large(self, body: list, size: int) -> list[bytes]:
         """A stderr note, for the same cell, in place of a message too big to send.

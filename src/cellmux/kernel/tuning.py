@@ -82,6 +82,8 @@ from typing import Any
 
 import zmq
 
+from cellmux.protocol.link import bundle_entry
+
 __all__ = [
     "CHANGES",
     "IN_FLIGHT_WAIT",
@@ -409,7 +411,7 @@ def _send_stream(stream: Any, text: str, parent: dict) -> None:
     """One stream message, through the stream's hooks, as stock's _flush."""
     frames = getattr(stream.pub_thread, "cellmux_stream_frames", None)
     if frames is not None and not stream._hooks:
-        stream.pub_thread.send_multipart(*frames(stream.name, text, parent, stream.topic))
+        stream.pub_thread.send_multipart(*frames.laid_out(stream.name, text, parent))
         return
     stream.session.pid = _pid()
     msg = stream.session.msg("stream", {"name": stream.name, "text": text}, parent=parent)
@@ -435,9 +437,18 @@ class StreamFrames:
     authenticated on its own (cellmux.kernel.child).
     """
 
+    #: Largest message laid out for a bundle (the pump sends larger ones
+    #: alone, uncopied: cellmux.kernel.pump.BUNDLE_MESSAGE_MAX).
+    LAID_OUT_MAX = 16 * 1024
+
     def __init__(self, session: Any) -> None:
         from jupyter_client.session import DELIM, utcnow
         from jupyter_client.session import protocol_version as version
+
+        from cellmux.protocol import Channel, JupyterSocket
+
+        self._channels = (int(Channel.STDOUT), int(Channel.STDERR))
+        self._iopub = int(JupyterSocket.IOPUB)
 
         self._session = session
         self._pack = session.pack
@@ -486,6 +497,19 @@ class StreamFrames:
             content,
         ]
         return frames, 0, len(content) < self._copy_threshold
+
+    def laid_out(self, name: str, text: str, parent: dict) -> tuple[list[Any], int, bool]:
+        """The same message, for the pump's C{published} socket: a small
+        one as three frames, the delimiter, the signature and the message
+        laid out as in a link bundle (C{bundle_entry}: the pump puts it
+        into its bundle as it is, and neither side moves four frames and a
+        topic one by one); a large one as C{__call__}'s frames."""
+        frames, flags, copy = self(name, text, parent, None)
+        size = sum(map(len, frames[2:]))
+        if size > self.LAID_OUT_MAX:
+            return frames, flags, copy
+        channel = self._channels[name == "stderr"]
+        return [self._delimiter, b"", bundle_entry(channel, self._iopub, frames[2:])], 0, True
 
 
 #: This process's id, kept up to date across forks: stock asks the system

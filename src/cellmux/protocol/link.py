@@ -69,6 +69,7 @@ __all__ = [
     "Reply",
     "ServerLink",
     "bundle_bytes",
+    "bundle_entry",
     "link_control",
     "link_mac",
     "split_bundle",
@@ -85,6 +86,19 @@ MAX_LINK_CONTROL = 4096
 #: flags set, so no single message can be mistaken for a bundle).
 BUNDLE_TAG = encode_tag(Channel.CONTROL, JupyterSocket.NONE, 1)
 _FRAME_HEAD = struct.Struct(">HBBQI")
+
+
+def bundle_entry(channel: int, socket: int, parts: Sequence[Any]) -> bytes:
+    """One message as it lies in a bundle (see L{bundle_bytes}): a kernel
+    may lay out a message so ahead, and the pump put it in as it is."""
+    n = len(parts)
+    return b"".join(
+        [
+            _FRAME_HEAD.pack(channel, socket, 0, 0, n),
+            struct.pack(f">{n}I", *map(len, parts)),
+            *parts,
+        ]
+    )
 
 
 def bundle_bytes(messages: Sequence[tuple[int, int, Sequence[Any]]]) -> bytes:
