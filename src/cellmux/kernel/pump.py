@@ -104,6 +104,12 @@ BUNDLE_MAX_MESSAGES = 256
 _LAID_OUT = -1
 _ENTRY_HEAD = struct.Struct(">HBBQI")
 
+#: A flood, for the pump's pacing (L{FloodPace}): this many iopub
+#: messages within FLOOD_WINDOW seconds; then FLOOD_PAUSE after each pass.
+FLOOD_MESSAGES = 64
+FLOOD_WINDOW = 0.01
+FLOOD_PAUSE = 0.0003
+
 _TAGS: dict[tuple[int, int], bytes] = {
     (channel, socket): encode_tag(channel, socket)
     for channel in Channel
@@ -139,6 +145,42 @@ def _msg_type(header: bytes) -> str:
     except (ValueError, AttributeError):
         return ""
     return msg_type if isinstance(msg_type, str) else ""
+
+
+class FloodPace:
+    """Lets a flood of output pile up a little between the pump's passes.
+
+    The cell's thread and the pump share the GIL: woken for every message
+    of a flood, the pump takes the GIL from the cell once or twice a
+    message, and each hand-off costs both threads a wake-up. Once more than
+    FLOOD_MESSAGES iopub messages came within FLOOD_WINDOW seconds, the pump
+    sleeps FLOOD_PAUSE after each pass (the GIL released), and then takes
+    what piled up in one pass and one bundle. A lone message, and the first
+    of a burst, are never held: the pause comes after a pass, and only in a
+    flood; what waits meanwhile is bounded by the queue to the pump.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._clock = clock
+        self._sleep = sleep
+        self._window_start = -FLOOD_WINDOW
+        self._count = 0
+
+    def after_pass(self, read: int) -> None:
+        """Called after each pass with the iopub messages it read."""
+        if not read:
+            return
+        now = self._clock()
+        if now - self._window_start > FLOOD_WINDOW:
+            self._window_start, self._count = now, read
+            return
+        self._count += read
+        if self._count >= FLOOD_MESSAGES:
+            self._sleep(FLOOD_PAUSE)
 
 
 class Reorder:
@@ -352,11 +394,13 @@ class Pump(threading.Thread):
         link_only = zmq.Poller()
         link_only.register(link, zmq.POLLIN)
         noblock = zmq.NOBLOCK
+        flood = FloodPace()
         while True:
             # Out of credit: stop reading the kernel's sockets. Its iopub
             # queue fills, its IOPub thread blocks (XPUB_NODROP), and its
             # print() calls wait: the kernel slows to its clients' pace.
             poller = everything if self._link.credit > 0 else link_only
+            read = 0
             for sock, _ in poller.poll():
                 # Drain what is there (edge-triggered readiness must not
                 # leave messages behind), but only while credit lasts.
@@ -373,12 +417,14 @@ class Pump(threading.Thread):
                     else:
                         if sock is iopub or sock is published:
                             taken += sum(map(len, msg))
+                            read += 1
                         self._order.hold(msg, from_kernel[sock])
                     self._release(link)
                 if sock is not link:
                     self._made_room(taken)
             # What this pass read goes now, before the pump sleeps again.
             self._send_bundle(link)
+            flood.after_pass(read)
 
     def _release(self, link: zmq.Socket) -> None:
         """Forward held messages in emission order, while credit lasts."""
