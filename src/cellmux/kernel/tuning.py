@@ -522,7 +522,11 @@ def _pid() -> int:
 
 
 def _forked() -> None:
+    global _SENDING
     _process_id[0] = os.getpid()
+    # Held by another thread at the fork, it would stay held in the child
+    # for ever (its holder was not copied): the child's prints would hang.
+    _SENDING = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_forked)
