@@ -263,3 +263,29 @@ def test_a_cell_is_transformed_once(kernel):
     # A cell run by the user's own code is transformed, as any other.
     ran = kernel.execute("get_ipython().run_cell('z = 7')\nz")
     assert ran.result_text == "7"
+
+
+def test_a_forked_child_still_prints_through_the_kernel(kernel):
+    """``direct``: a fork of the kernel has no socket to the pump of its
+    own; what it prints goes the stock way (the IOPub thread's pipe), and
+    the lock direct flushes take is not inherited held."""
+    code = (
+        "import os, sys, threading, time\n"
+        "stop = threading.Event()\n"
+        "def spin():\n"
+        "    while not stop.is_set():\n"
+        "        print('.', end='', file=sys.stderr, flush=True)\n"
+        "t = threading.Thread(target=spin); t.start()\n"
+        "time.sleep(0.2)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    print('from the child', flush=True)\n"
+        "    os._exit(0)\n"
+        "stop.set(); t.join()\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "time.sleep(0.5)\n"
+        "print('parent', status)"
+    )
+    result = kernel.execute(code, timeout=30)
+    assert result.ok, result.error
+    assert result.stdout.splitlines() == ["from the child", "parent 0"]
