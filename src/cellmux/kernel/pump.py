@@ -276,7 +276,8 @@ class Pump(threading.Thread):
         self._order = Reorder()
         #: Small messages waiting to go as one bundle, (channel, socket,
         #: parts) each, and their bytes: at most BUNDLE_MAX_* of them.
-        self._bundle: list[tuple[int, int, list]] = []
+        #: (A message laid out by the kernel is (_LAID_OUT, 0, its entry).)
+        self._bundle: list[tuple[int, int, Any]] = []
         self._bundle_size = 0
 
     def _socket(self, kind: int, endpoint: str) -> zmq.Socket:
@@ -543,7 +544,7 @@ class Pump(threading.Thread):
         if all(channel != _LAID_OUT for channel, _, _ in bundle):
             link.send_multipart([BUNDLE_TAG, bundle_bytes(bundle)], copy=False)
             return
-        pieces = [
+        pieces: list[Any] = [
             body if channel == _LAID_OUT else bundle_entry(channel, socket, body)
             for channel, socket, body in bundle
         ]
