@@ -44,6 +44,7 @@ from cellmux.cleanup import remove_tree
 from cellmux.kernel.uidhold import UID_LOCK_DIR, UidHold, hold_uid, lock_dir_problem
 
 __all__ = [
+    "RECORD_DELAY",
     "PendingRemoval",
     "ProcessIdentity",
     "RecordKeeper",
@@ -71,6 +72,15 @@ STALE_TEMP_SECONDS = 60.0
 SWEEP_REMOVAL_SECONDS = 30.0
 #: Seconds before a record write that failed is tried again.
 RETRY_SECONDS = 5.0
+#: Seconds from a change to the record's rewrite (changes meanwhile join
+#: it). A create's rewrite ran 5 ms after it, in the middle of the new
+#: kernel's first cell, and its thread took the GIL and a core from the
+#: reply on its way to the client. The processes a change is about already
+#: run in the nursery's process tree (a kernel is forked into the pool, or
+#: for a client that is still connecting), which ends them if the server
+#: dies; what this delay risks is only a kernel's own subprocess started in
+#: the first 50 ms, if the server is then killed at once.
+RECORD_DELAY = 0.05
 #: Rounds of killing a leftover uid's processes (each round may meet
 #: processes forked meanwhile; RLIMIT_NPROC bounds how many).
 _UID_KILL_ROUNDS = 50
@@ -335,11 +345,22 @@ class ServerRecord:
         self._identities: dict[str, ProcessIdentity] = {}
         #: The writer thread changes _identities; the reactor thread reads it.
         self._lock = threading.Lock()
-        #: link id -> ((identity, kernel id), its entry as JSON text): the
-        #: record is rewritten on every change, and encoding a thousand
-        #: unchanged entries each time held the GIL (52 ms on a loaded
-        #: core) while clients waited. Used by the writer thread only.
-        self._encoded: dict[str, tuple[tuple[ProcessIdentity, str | None], str]] = {}
+        # What the last write wrote, kept so that the next one looks only at
+        # what changed: the record is rewritten on every change, from the
+        # writer thread, and any Python work per process there holds the GIL
+        # while the reactor relays a new kernel's first reply (at 1,000
+        # kernels a rewrite that looked at every entry stalled the reactor
+        # for ~2 ms). Used by the writer thread only.
+        #: link id -> (identity, kernel id) of its entry, and the entry as JSON.
+        self._keys: dict[str, tuple[ProcessIdentity, str | None]] = {}
+        self._texts: dict[str, str] = {}
+        #: The processes (link id -> pid) and kernels (pid -> kernel id) written.
+        self._written: dict[str, int] = {}
+        self._written_kernels: dict[int, str] = {}
+        self._link_of_pid: dict[int, str] = {}
+        #: Links read again at every write: not read yet (or gone from
+        #: /proc), or, as root, not yet switched to their own uid.
+        self._unsettled: set[str] = set()
 
     @property
     def nursery_pid(self) -> int:
@@ -387,23 +408,7 @@ class ServerRecord:
         by_pid = {pid: kernel_id for kernel_id, pid in kernels.items()}
         if processes is None:  # callers that know only bound kernels
             processes = {f"pid-{pid}": pid for pid in kernels.values()}
-        entries = []
-        encoded = self._encoded
-        for link, pid in processes.items():
-            identity = self._identity(link, pid)
-            if identity is None:
-                continue  # ended meanwhile, or not ours to name
-            key = (identity, by_pid.get(pid))
-            known = encoded.get(link)
-            if known is None or known[0] != key:
-                entry = {"link": link, "kernel": key[1], **identity.to_json()}
-                known = encoded[link] = (key, json.dumps(entry))
-            entries.append(known[1])
-        with self._lock:
-            for stale in set(self._identities) - set(processes):
-                del self._identities[stale]
-        for stale in set(encoded) - set(processes):
-            del encoded[stale]
+        self._refresh(processes, by_pid)
         data = {
             "version": RECORD_VERSION,
             "server": self._server.to_json() if self._server else None,
@@ -417,7 +422,7 @@ class ServerRecord:
             "kernels": sorted(kernels),
         }
         # json.dumps, not json.dump: only the one-shot form uses the C encoder.
-        text = json.dumps(data)[:-1] + ', "processes": [' + ", ".join(entries) + "]}"
+        text = json.dumps(data)[:-1] + ', "processes": [' + ", ".join(self._texts.values()) + "]}"
         fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=f".tmp-{self.path.stem}-")
         try:
             with os.fdopen(fd, "w") as f:
@@ -428,6 +433,54 @@ class ServerRecord:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    def _refresh(self, processes: dict[str, int], by_pid: dict[int, str]) -> None:
+        """Re-encode the entries of what changed since the last write.
+
+        The differences are set operations on dict views (C code): with a
+        thousand unchanged processes they cost microseconds of GIL, where a
+        Python loop over all of them cost milliseconds.
+        """
+        written = self._written
+        gone = written.items() - processes.items()
+        new = processes.items() - written.items()
+        for link, pid in gone:  # ended, or (a link's new pid) replaced below
+            self._keys.pop(link, None)
+            self._texts.pop(link, None)
+            self._unsettled.discard(link)
+            if self._link_of_pid.get(pid) == link:
+                del self._link_of_pid[pid]
+        if gone:
+            with self._lock:
+                for link in self._identities.keys() - processes.keys():
+                    del self._identities[link]
+        redo = self._unsettled | {link for link, _ in new}
+        for link, pid in new:
+            self._link_of_pid[pid] = link
+        for pid, _ in by_pid.items() ^ self._written_kernels.items():
+            bound = self._link_of_pid.get(pid)
+            if bound is not None:  # a kernel bound to, or gone from, a process
+                redo.add(bound)
+        for link in redo:
+            self._encode(link, processes[link], by_pid)
+        self._written = dict(processes)
+        self._written_kernels = by_pid
+
+    def _encode(self, link: str, pid: int, by_pid: dict[int, str]) -> None:
+        identity = self._identity(link, pid)
+        if identity is None:  # ended meanwhile, or not ours to name
+            self._keys.pop(link, None)
+            self._texts.pop(link, None)
+            self._unsettled.add(link)
+            return
+        if os.geteuid() == 0 and identity.uid in (None, 0):
+            self._unsettled.add(link)  # _identity reads its uid again
+        else:
+            self._unsettled.discard(link)
+        key = (identity, by_pid.get(pid))
+        if self._keys.get(link) != key:
+            self._keys[link] = key
+            self._texts[link] = json.dumps({"link": link, "kernel": key[1], **identity.to_json()})
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from .files import FileNotices, FilesResource
 from .jupyter.channels import JupyterChannelsFactory
 from .jupyter.kernelspecs import KernelspecFiles
 from .kernelpython import KernelPythonError, check_kernel_python, kernel_library
-from .kernels import AFTER_RESPONSE, KernelManager, credit_window
+from .kernels import KernelManager, credit_window
 from .limits import DescriptorGuard, GuardedFactory, raise_open_files_limit
 from .links import LinkRouter
 from .login import LoginResource
@@ -38,6 +38,7 @@ from .metrics import MetricsResource, ServerCollector
 from .nursery import NurseryProcess, UntrustedSourceTree, nursery_settings
 from .oneshot import OneShotResource
 from .orphans import (
+    RECORD_DELAY,
     RecordKeeper,
     ServerRecord,
     default_state_dir,
@@ -337,7 +338,7 @@ class CellmuxService(service.Service):
             self._listen_for_hosts()
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
         self._record = RecordKeeper(
-            self.reactor, record, self._kernel_pids, AFTER_RESPONSE, self.manager.processes
+            self.reactor, record, self._kernel_pids, RECORD_DELAY, self.manager.processes
         )
         self.manager.change_listeners.append(self._record.changed)
         self._record.changed()
