@@ -41,7 +41,7 @@ from twisted.web import server
 
 from cellmux.protocol import Channel
 
-from .kernels import Kernel, KernelManager, KernelNotRunning
+from .kernels import AFTER_RESPONSE, Kernel, KernelManager, KernelNotRunning
 from .remotefiles import RemoteFiles
 from .webjson import NOT_DONE, HTTPError, JSONEndpoint, Route
 
@@ -372,10 +372,20 @@ class FileNotices:
         if kernel.id in self._scanning:
             self._scanning[kernel.id] = True
             return
-        workdir = _where(kernel)
-        if not workdir:
+        if not _where(kernel):
             return
         self._scanning[kernel.id] = False
+        # Not in this turn: the reply and the idle that came with it are
+        # written to the clients on the reactor's next poll, and a scan
+        # started now took the GIL and a core from them (its thread ran as
+        # the reply of a new kernel's first cell went out).
+        self.manager.clock.callLater(AFTER_RESPONSE, self._scan, kernel)
+
+    def _scan(self, kernel: Kernel) -> None:
+        workdir = _where(kernel)
+        if not workdir or kernel.id not in self.manager.kernels:
+            self._scanning.pop(kernel.id, None)
+            return
         d = _scan_of(self.manager, kernel)
         d.addCallback(self._compare, kernel, workdir)
         d.addErrback(self._scan_failed, workdir)
