@@ -779,6 +779,9 @@ class KernelManager:
         self.idle_listeners: list[Callable[[Kernel], None]] = []
         #: Called with the kernel model whenever kernels come or go.
         self.change_listeners: list[Callable[[], None]] = []
+        #: Grows when a kernel process is forked or runs as its own uid: the
+        #: changes the server record must not put off (server/orphans.py).
+        self.processes_changed = 0
         #: Where the nursery makes each kernel's working directory.
         self.workdir_root: str = ""
         #: Ids of kernels an earlier server process left behind.
@@ -1040,6 +1043,7 @@ class KernelManager:
             if inc.host is None and not self._nursery_running():
                 raise NurseryUnavailable(self.degraded or "the nursery is not running") from None
             raise KernelStartFailed(f"could not fork a kernel: {e}") from None
+        self.processes_changed += 1
         self._changed()  # a new process: the server record names it
         try:
             ready = await inc.ready
@@ -1190,6 +1194,7 @@ class KernelManager:
         if inc.timeout is not None and inc.timeout.active():
             inc.timeout.cancel()
         inc.timeout = None
+        self.processes_changed += 1
         self._changed()  # it runs as its own uid now: recorded with it
         self._link_watch.add(inc)  # pinged on the next tick
         inc.ready.callback(inc)

@@ -45,6 +45,7 @@ from cellmux.kernel.uidhold import UID_LOCK_DIR, UidHold, hold_uid, lock_dir_pro
 
 __all__ = [
     "RECORD_DELAY",
+    "RECORD_DELAY_NEW_PROCESS",
     "PendingRemoval",
     "ProcessIdentity",
     "RecordKeeper",
@@ -75,12 +76,14 @@ RETRY_SECONDS = 5.0
 #: Seconds from a change to the record's rewrite (changes meanwhile join
 #: it). A create's rewrite ran 5 ms after it, in the middle of the new
 #: kernel's first cell, and its thread took the GIL and a core from the
-#: reply on its way to the client. The processes a change is about already
-#: run in the nursery's process tree (a kernel is forked into the pool, or
-#: for a client that is still connecting), which ends them if the server
-#: dies; what this delay risks is only a kernel's own subprocess started in
-#: the first 50 ms, if the server is then killed at once.
+#: reply on its way to the client. A kernel bound to a pooled process, or
+#: one ended, can wait: a crash meanwhile only names it "unknown" rather
+#: than "lost", or leaves an entry the next start checks and skips.
 RECORD_DELAY = 0.05
+#: Seconds to the rewrite after a process was forked or took its own uid:
+#: a crash before it would leave that process's directory and subprocesses
+#: unknown to the next start.
+RECORD_DELAY_NEW_PROCESS = 0.005
 #: Rounds of killing a leftover uid's processes (each round may meet
 #: processes forked meanwhile; RLIMIT_NPROC bounds how many).
 _UID_KILL_ROUNDS = 50
@@ -500,6 +503,9 @@ class RecordKeeper:
         thread just before each write.
     @param processes: the current link id -> pid map of every kernel
         process (pooled ones included), read likewise; None: kernels only.
+    @param new_processes: a count that grows whenever a process was forked
+        or changed its uid; a change that moved it is written after
+        C{new_process_delay} instead of C{delay} (None: always C{delay}).
     """
 
     log = Logger()
@@ -511,8 +517,13 @@ class RecordKeeper:
         kernels: Callable[[], dict[str, int]],
         delay: float,
         processes: Callable[[], dict[str, int]] | None = None,
+        new_processes: Callable[[], int] | None = None,
+        new_process_delay: float = RECORD_DELAY_NEW_PROCESS,
     ) -> None:
         self._reactor = reactor
+        self._new_processes = new_processes
+        self._new_process_delay = new_process_delay
+        self._seen_new = new_processes() if new_processes is not None else 0
         self._record = record
         self._kernels = kernels
         self._processes = processes
@@ -527,10 +538,18 @@ class RecordKeeper:
         """The kernels changed: write the record soon."""
         if self._closed:
             return
+        delay = self._delay
+        if self._new_processes is not None:
+            count = self._new_processes()
+            if count != self._seen_new:
+                self._seen_new = count
+                delay = min(delay, self._new_process_delay)
         if self._writing is not None:
-            self._again = True
+            self._again = True  # written as soon as the write ends
         elif self._call is None or not self._call.active():
-            self._call = self._reactor.callLater(self._delay, self._write)
+            self._call = self._reactor.callLater(delay, self._write)
+        elif self._call.getTime() > self._reactor.seconds() + delay:
+            self._call.reset(delay)  # a new process joins a later write: sooner
 
     def _write(self) -> None:
         self._again = False

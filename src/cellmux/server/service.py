@@ -338,7 +338,12 @@ class CellmuxService(service.Service):
             self._listen_for_hosts()
         self.manager.workdir_root = os.path.join(self._runtime_dir, "kernels")
         self._record = RecordKeeper(
-            self.reactor, record, self._kernel_pids, RECORD_DELAY, self.manager.processes
+            self.reactor,
+            record,
+            self._kernel_pids,
+            RECORD_DELAY,
+            self.manager.processes,
+            new_processes=lambda: self.manager.processes_changed,
         )
         self.manager.change_listeners.append(self._record.changed)
         self._record.changed()
