@@ -23,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -1181,6 +1182,7 @@ def main() -> int:
             except Exception as e:  # one broken stage must not lose the others
                 suite.results.setdefault("errors", {})[stage] = repr(e)
                 print(f"{stage} failed: {e!r}", flush=True)
+                traceback.print_exc()
             print(f"{stage}: {time.monotonic() - t0:.1f} s", flush=True)
     finally:
         suite.stop()

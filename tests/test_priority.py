@@ -11,7 +11,7 @@ import pytest
 
 from cellmux.config import ConfigError, ServerConfig
 from cellmux.server.priority import raise_priority
-from conftest import start_server, wait_for
+from conftest import config_file, start_server, wait_for
 from http_helpers import request, token
 
 
@@ -52,7 +52,8 @@ def test_server_nice_is_a_nice_value():
 
 def test_a_server_leading_its_session_runs_first_and_its_kernels_do_not():
     server = start_server(
-        "--pool-size", "1", command=["setsid", sys.executable, "-m", "cellmux", "serve"]
+        *("--pool-size", "1", "--config", config_file("[cellmux]\nserver_nice = -10")),
+        command=["setsid", sys.executable, "-m", "cellmux", "serve"],
     )
     try:
         if not os.path.exists("/proc/self/autogroup"):  # a kernel without autogroups
@@ -75,7 +76,9 @@ def test_a_server_leading_its_session_runs_first_and_its_kernels_do_not():
 
 def test_a_server_started_from_a_shell_leaves_the_shells_session_alone():
     before = _autogroup_nice("self") if os.path.exists("/proc/self/autogroup") else None
-    server = start_server("--pool-size", "0")
+    server = start_server(
+        "--pool-size", "0", "--config", config_file("[cellmux]\nserver_nice = -10")
+    )
     try:
         wait_for(lambda: "does not lead its session" in server.log(), 30)
         if before is not None:

@@ -142,7 +142,7 @@ class ServerConfig:
     idle_ping_interval: float = attrs.field(default=10.0, validator=_positive)
     #: Nice value of the server's autogroup when it leads its session
     #: (server/priority.py): the reactor gets a core before the kernels.
-    server_nice: int = attrs.field(default=-10, validator=_nice)
+    server_nice: int = attrs.field(default=0, validator=_nice)
     #: Seconds a kernel with no client attached may stay idle before it is
     #: ended (0: never).
     idle_timeout: float = attrs.field(default=3600.0, validator=_not_negative)
