@@ -361,19 +361,39 @@ print(json.dumps(outcome))
     assert not outcome["socket found"]
     assert not outcome["links listed"]
     assert outcome["as victim"] == outcome["unknown"] == "nowhere to connect"
-    # the kernel's own, authenticated link: make its pump tag output as
-    # control (0) and files (9), channels a kernel may never send on
+    # the kernel's own, authenticated link: tag output as control (0) and
+    # files (9), channels a kernel may never send on, both where the pump
+    # classifies a message and where the kernel lays a stream message out
+    # for the pump's bundle itself (tuning's `direct`)
     result = kernel.execute(
         f"""
+import time
 import cellmux.kernel.pump as pump
-real = pump.classify
+import cellmux.kernel.tuning as tuning
+real, laid = pump.classify, tuning.StreamFrames.laid_out
+
+def laid_out_as(channel):
+    def laid_out(self, name, text, parent):
+        if "FORGED" not in text:
+            return laid(self, name, text, parent)
+        if channel is None:  # not laid out: the pump classifies it
+            return self(name, text, parent, None)
+        kept, self._channels = self._channels, (channel, channel)
+        try:
+            return laid(self, name, text, parent)
+        finally:
+            self._channels = kept
+    return laid_out
+
 for channel in (0, 9):
     pump.classify = lambda header, content, c=channel: (
         c if b"FORGED" in bytes(content) else real(header, content)
     )
-    print({marker[:6]!r} + {marker[6:]!r}, flush=True)
-    import time; time.sleep(0.3)
-pump.classify = real
+    for how in (None, channel):
+        tuning.StreamFrames.laid_out = laid_out_as(how)
+        print({marker[:6]!r} + {marker[6:]!r}, flush=True)
+        time.sleep(0.3)
+pump.classify, tuning.StreamFrames.laid_out = real, laid
 """,
         timeout=30,
     )
