@@ -38,7 +38,7 @@ import editor  # noqa: E402
 from drivers import CellmuxConnection, FloorConnection, JupyterConnection  # noqa: E402
 from gate import regressions  # noqa: E402
 from report import write_report  # noqa: E402
-from servers import FloorKernel, Server, start_cellmux, start_jupyter  # noqa: E402
+from servers import FloorKernel, Server, start_cellmux, start_jupyter, wakeups  # noqa: E402
 
 #: Repetitions, chosen so that a full run stays under ~10 minutes on a
 #: shared 2-core machine. --quick divides them (for trying the harness).
@@ -802,31 +802,18 @@ def _cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def _wakeups(pids: list[int]) -> int:
-    """Times the threads of the processes went to sleep so far (voluntary
-    context switches of every thread: /proc/PID/status has the first's)."""
-    total = 0
-    for pid in pids:
-        for status in glob.glob(f"/proc/{pid}/task/*/status"):
-            with contextlib.suppress(OSError), open(status) as f:
-                for line in f:
-                    if line.startswith("voluntary_ctxt_switches"):
-                        total += int(line.split()[1])
-    return total
-
-
 async def _idle_cost(server_pid: int, kernel_pids: list[int], seconds: float) -> dict[str, float]:
     """Percent of one core the server and each idle kernel use over
     C{seconds}, and how often they wake (a load-insensitive figure: psutil's
     CPU times move in 10 ms ticks)."""
     await asyncio.sleep(3)  # let start-up work settle
     server0, kernels0 = _cpu_seconds([server_pid]), _cpu_seconds(kernel_pids)
-    wakes0, kernel_wakes0 = _wakeups([server_pid]), _wakeups(kernel_pids)
+    wakes0, kernel_wakes0 = wakeups([server_pid]), wakeups(kernel_pids)
     t0 = time.perf_counter()
     await asyncio.sleep(seconds)
     elapsed = time.perf_counter() - t0
     server1, kernels1 = _cpu_seconds([server_pid]), _cpu_seconds(kernel_pids)
-    wakes1, kernel_wakes1 = _wakeups([server_pid]), _wakeups(kernel_pids)
+    wakes1, kernel_wakes1 = wakeups([server_pid]), wakeups(kernel_pids)
     per = max(1, len(kernel_pids))
     return {
         "kernels": len(kernel_pids),

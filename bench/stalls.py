@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import glob
 import json
 import os
 import re
@@ -44,7 +43,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from drivers import CellmuxConnection  # noqa: E402
-from servers import Server, start_cellmux  # noqa: E402
+from servers import Server, start_cellmux, wakeups  # noqa: E402
 
 _STALL = re.compile(
     r"reactor stall: busy (?P<wall>[\d.]+) ms, reactor thread CPU (?P<cpu>[\d.]+) ms, "
@@ -56,16 +55,6 @@ _BUSY = re.compile(r'^cellmux_reactor_busy_seconds_bucket\{le="(?P<le>[^"]+)"\} 
 def _cpu(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return t.user + t.system
-
-
-def _wakeups(pid: int) -> int:
-    total = 0
-    for status in glob.glob(f"/proc/{pid}/task/*/status"):
-        with contextlib.suppress(OSError), open(status) as f:
-            for line in f:
-                if line.startswith("voluntary_ctxt_switches"):
-                    total += int(line.split()[1])
-    return total
 
 
 def _busy_histogram(server: Server) -> dict[str, float]:
@@ -125,14 +114,14 @@ async def _window(
     pid = server.process.pid
     busy0 = _busy_histogram(server)
     log0 = os.path.getsize(log_path)
-    cpu0, wake0, t0 = _cpu(pid), _wakeups(pid), time.perf_counter()
+    cpu0, wake0, t0 = _cpu(pid), wakeups([pid]), time.perf_counter()
 
     async def paced(conn: CellmuxConnection, phase: float) -> list[float]:
         await asyncio.sleep(phase)
         return await _paced(conn, seconds)
 
     results = await asyncio.gather(*(paced(c, i / len(conns)) for i, c in enumerate(conns)))
-    cpu1, wake1, t1 = _cpu(pid), _wakeups(pid), time.perf_counter()
+    cpu1, wake1, t1 = _cpu(pid), wakeups([pid]), time.perf_counter()
     busy1 = _busy_histogram(server)
     with open(log_path, errors="replace") as f:
         f.seek(log0)
