@@ -27,7 +27,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import json
-import struct
 import threading
 import time
 import uuid
@@ -52,6 +51,7 @@ from cellmux.protocol import (
     split_bundle,
 )
 from cellmux.protocol.jupyter import jupyter_parts
+from cellmux.protocol.link import ENTRY_HEAD
 
 from .flowcontrol import IOPUB_QUEUE, PUBLISHED_QUEUE
 from .introspection import INTROSPECTION_TYPES
@@ -102,7 +102,6 @@ BUNDLE_MAX_MESSAGES = 256
 #: In place of a channel in the bundle being made: a message the kernel
 #: laid out already (L{Pump._laid_out}).
 _LAID_OUT = -1
-_ENTRY_HEAD = struct.Struct(">HBBQI")
 
 #: A flood, for the pump's pacing (L{FloodPace}): this many iopub
 #: messages within FLOOD_WINDOW seconds; then FLOOD_PAUSE after each pass.
@@ -517,7 +516,7 @@ class Pump(threading.Thread):
         data = entry.buffer if hasattr(entry, "buffer") else memoryview(entry)
         if len(data) < HEADER_SIZE:
             return
-        _, _, flags, seq, nparts = _ENTRY_HEAD.unpack_from(data)
+        _, _, flags, seq, nparts = ENTRY_HEAD.unpack_from(data)
         size = len(data) - HEADER_SIZE - 4 * nparts
         if flags or seq or nparts != 4 or size < 0 or len(data) > BUNDLE_MESSAGE_MAX + 64:
             for _, socket, parts in split_bundle(bytes(data)):

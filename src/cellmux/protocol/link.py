@@ -86,6 +86,9 @@ MAX_LINK_CONTROL = 4096
 #: flags set, so no single message can be mistaken for a bundle).
 BUNDLE_TAG = encode_tag(Channel.CONTROL, JupyterSocket.NONE, 1)
 _FRAME_HEAD = struct.Struct(">HBBQI")
+#: The head of one message in a bundle (as of a websocket frame), for a
+#: reader of one entry (the pump, of what the kernel laid out).
+ENTRY_HEAD = _FRAME_HEAD
 
 
 def bundle_entry(channel: int, socket: int, parts: Sequence[Any]) -> bytes:
