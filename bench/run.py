@@ -908,8 +908,8 @@ async def bench_thousand(suite: Suite) -> None:
         suite.reps["thousand_active"],
         suite.reps["thousand_seconds"],
     )
-    # Its own session, as under systemd: the server's priority (server_nice)
-    # applies only to a server that leads its session.
+    # Its own session, as under systemd (server_nice, off by default, would
+    # apply only to a server that leads its session).
     server = start_cellmux("--pool-size", "4", "--max-kernels", str(n + 20), own_session=True)
     suite.servers["cellmux-1000"] = server
     out: dict[str, Any] = {"kernels": n, "active": active}
