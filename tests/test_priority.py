@@ -15,9 +15,13 @@ from conftest import config_file, start_server, wait_for
 from http_helpers import request, token
 
 
-def _autogroup_nice(pid: int | str) -> int:
+def _autogroup_nice(pid: int | str) -> int | None:
+    """The nice value of C{pid}'s autogroup, or None when it is in none: a
+    process whose session predates autogroups (no setsid since boot, as in
+    some containers) stays in the root group, and the file is empty."""
     with open(f"/proc/{pid}/autogroup") as f:
-        return int(f.read().split("nice")[1])
+        line = f.read()
+    return int(line.split("nice")[1]) if "nice" in line else None
 
 
 # -- the decision ---------------------------------------------------------------
