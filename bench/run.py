@@ -44,7 +44,9 @@ from servers import FloorKernel, Server, start_cellmux, start_jupyter, wakeups  
 #: shared 2-core machine. --quick divides them (for trying the harness).
 REPS = {
     "start_warm": 40,
-    "start_empty": 12,
+    # A fork on demand costs ~60 ms, the median of 12 swung by half that
+    # from one minute to the next on the same code (issue 20, round six).
+    "start_empty": 40,
     "start_jupyter": 10,
     "start_load_seconds": 20,
     "rtt_rounds": 5,
