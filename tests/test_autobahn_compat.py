@@ -12,13 +12,17 @@ from __future__ import annotations
 import pprint
 
 import autobahn
+import autobahn.twisted.websocket
+import autobahn.util
 import autobahn.websocket.protocol
 import pytest
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -31,7 +35,7 @@ from cellmux.server.autobahn_compat import (
     binary_sender,
     close,
     plain_frames,
-    quiet_option_dump,
+    quiet_debug_lines,
     request_target,
     take_over_producer,
 )
@@ -176,7 +180,7 @@ def test_the_web_resource_leaves_the_http_channel_as_producer_and_we_take_over()
 def test_a_new_connection_pretty_prints_nothing_unless_logged(monkeypatch):
     # Autobahn builds a pretty-printed dump of its options for a debug line
     # on every connection; cellmux makes that text only if the line is shown.
-    assert quiet_option_dump()
+    assert quiet_debug_lines()
     printed = []
     real = pprint.PrettyPrinter.pformat
     monkeypatch.setattr(
@@ -190,3 +194,37 @@ def test_a_new_connection_pretty_prints_nothing_unless_logged(monkeypatch):
     options = [("maxFramePayloadSize", 0, "WebSocketServerFactory")]
     event = {"log_format": "\n{attrs}", "attrs": autobahn.websocket.protocol.pformat(options)}
     assert formatEvent(event) == "\n" + real(pprint.PrettyPrinter(), options)
+
+
+def test_debug_lines_highlight_nothing_unless_logged(monkeypatch):
+    # Autobahn highlights names and values (hltype, hlval) for debug lines
+    # on every connection, read and close; cellmux makes that text only if
+    # a line is shown, and it is the same text.
+    assert quiet_debug_lines()
+    made = []
+    real_qn, real_hl = autobahn.util._qn, autobahn.util.hl
+    monkeypatch.setattr(autobahn.util, "_qn", lambda obj: made.append(obj) or real_qn(obj))
+    monkeypatch.setattr(
+        autobahn.util, "hl", lambda text, **kw: made.append(text) or real_hl(text, **kw)
+    )
+    protocol, transport = open_connection()
+    mask = b"abcd"
+    masked = bytes(a ^ b for a, b in zip(b"ping", mask, strict=True))
+    masked_ping = bytes([0x89, 0x84]) + mask + masked
+    protocol.dataReceived(masked_ping)
+    protocol.sendMessage(b"x", isBinary=True)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert made == []
+    assert [f.opcode for f in frames(transport.value())] == [Opcode.PONG, Opcode.BINARY]
+    for module in (autobahn.websocket.protocol, autobahn.twisted.websocket):
+        method = protocol.dataReceived
+        event = {"log_format": "{f} {v}", "f": module.hltype(method), "v": module.hlval(7)}
+        assert formatEvent(event) == f"{autobahn.util.hltype(method)} {autobahn.util.hlval(7)}"
+
+
+def test_timings_are_still_text():
+    # Timings.__str__ is the one pformat that is not a debug line's argument.
+    assert quiet_debug_lines()
+    timings = autobahn.websocket.protocol.Timings()
+    timings.track("onOpen")
+    assert isinstance(str(timings), str) and str(timings).startswith("{'onOpen': ")

@@ -9,8 +9,8 @@ are not in its interfaces):
   (L{request_target}: the query is read by cellmux's own parser, never by
   Autobahn's);
 * speed-ups: relayed frames written straight to the transport while
-  nothing is queued (L{binary_sender}), and the options' dump for a debug
-  line built only if the line is shown (L{quiet_option_dump});
+  nothing is queued (L{binary_sender}), and the text of Autobahn's debug
+  lines made only if a line is shown (L{quiet_debug_lines});
 * a repair: twisted.web's channel stays the transport's producer after
   C{WebSocketResource} takes the transport over (L{take_over_producer}).
 
@@ -24,13 +24,13 @@ without the needs is refused at import with an error naming it.
 
 from __future__ import annotations
 
-import pprint
 import re
 import struct
 from collections.abc import Callable
 from typing import Any
 
 import autobahn
+import autobahn.twisted.websocket
 import autobahn.websocket.protocol
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.logger import Logger
@@ -45,7 +45,7 @@ __all__ = [
     "close",
     "close_reason",
     "plain_frames",
-    "quiet_option_dump",
+    "quiet_debug_lines",
     "request_target",
     "take_over_producer",
 ]
@@ -65,6 +65,14 @@ class AutobahnIncompatible(ImportError):
 def _release(version: str) -> tuple[int, int] | None:
     match = re.match(r"(\d+)\.(\d+)", version)
     return (int(match[1]), int(match[2])) if match else None
+
+
+#: Autobahn's modules and the names in them that build debug-line text
+#: (a pretty-printed dump, highlighted names and values).
+_DEBUG_TEXT = (
+    (autobahn.websocket.protocol, ("pformat", "hltype", "hlval")),
+    (autobahn.twisted.websocket, ("hltype", "hlval")),
+)
 
 
 #: The installed release as (year, month), or None if unreadable.
@@ -97,32 +105,63 @@ if not INTERNALS_KNOWN:
 # -- speed-ups -------------------------------------------------------------------
 
 
-class _PrettyWhenLogged:
-    """An object that is pretty-printed only if a log line shows it."""
+class _TextWhenLogged:
+    """A debug line's argument, made into text only if the line is shown."""
 
-    __slots__ = ("value",)
+    __slots__ = ("args", "kwargs", "make")
 
-    def __init__(self, value: object) -> None:
-        self.value = value
+    def __init__(self, make: Callable[..., str], args: tuple, kwargs: dict) -> None:
+        self.make = make
+        self.args = args
+        self.kwargs = kwargs
 
     def __str__(self) -> str:
-        return pprint.pformat(self.value)
+        return self.make(*self.args, **self.kwargs)
 
     def __format__(self, spec: str) -> str:
         return format(str(self), spec)
 
 
-def quiet_option_dump() -> bool:
-    """Make Autobahn's per-connection dump of its options lazy; whether it is.
+def _when_logged(make: Callable[..., str]) -> Callable[..., _TextWhenLogged]:
+    def lazy(*args: Any, **kwargs: Any) -> _TextWhenLogged:
+        return _TextWhenLogged(make, args, kwargs)
 
-    On every new connection Autobahn pretty-prints its 29 options for a
-    debug log line, whether or not debug lines are kept: 0.2 ms (more on a
-    cold cache) before the connection can do anything. The text is the
-    same when the line is written.
+    lazy.__wrapped__ = make  # type: ignore[attr-defined]
+    return lazy
+
+
+def quiet_debug_lines() -> bool:
+    """Make the text of Autobahn's debug lines lazy; whether it is.
+
+    Autobahn formats the arguments of its debug lines before the logger
+    drops them: on every new connection a pretty-printed dump of its 29
+    options (0.2 ms), and on every connection, read and close, highlighted
+    qualified names and values (``hltype``, ``hlval``: about 20 a
+    connection, 3 a read). Now each becomes text only if its line is
+    written, and the text is the same.
     """
-    if INTERNALS_KNOWN:
-        autobahn.websocket.protocol.pformat = _PrettyWhenLogged  # type: ignore[assignment]
-    return autobahn.websocket.protocol.pformat is _PrettyWhenLogged
+    if not INTERNALS_KNOWN:
+        return False
+    for module, names in _DEBUG_TEXT:
+        for name in names:
+            made = getattr(module, name, None)
+            if callable(made) and getattr(made, "__wrapped__", None) is None:
+                setattr(module, name, _when_logged(made))
+    # The one use of pformat that is not a log argument: text at once.
+    timings = autobahn.websocket.protocol.Timings
+    if getattr(timings.__str__, "__wrapped__", None) is None:
+        lazy_text = timings.__str__
+
+        def timings_text(self: Any) -> str:
+            return str(lazy_text(self))
+
+        timings_text.__wrapped__ = lazy_text  # type: ignore[attr-defined]
+        timings.__str__ = timings_text  # type: ignore[method-assign]
+    return all(
+        getattr(getattr(module, name), "__wrapped__", None) is not None
+        for module, names in _DEBUG_TEXT
+        for name in names
+    )
 
 
 def binary_frame_header(length: int) -> bytes:
