@@ -61,6 +61,14 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 jup,
             )
         add("start, empty pool, p50", "ms", "low", _ms(s["cellmux (empty pool)"]["p50"]), jup)
+        if "kernel_cpu_p50" in s["cellmux (empty pool)"]:
+            add(
+                "start, empty pool: the new kernel's CPU to its first reply, p50",
+                "ms",
+                "low",
+                _ms(s["cellmux (empty pool)"]["kernel_cpu_p50"]),
+                None,
+            )
         if "cellmux (5 creates/s)" in s:
             add(
                 "start at 5 creates/s (pool follows demand), p90",
