@@ -179,7 +179,9 @@ class Suite:
     async def bench_start(self) -> None:
         out: dict[str, Any] = {}
 
-        async def one(server: Server, jupyter_api: bool = False) -> float:
+        async def one(
+            server: Server, jupyter_api: bool = False, kernel_cpu: list[float] | None = None
+        ) -> float:
             t0 = time.perf_counter()
             model = server.create_kernel()
             if jupyter_api:  # the Jupyter websocket, whatever the server
@@ -188,6 +190,8 @@ class Suite:
                 conn = await self.connect(server.kind, model["id"], server)
             result = await conn.execute("1+1")
             elapsed = time.perf_counter() - t0
+            if kernel_cpu is not None:
+                kernel_cpu.append(_thread_cpu_seconds(model["pid"]))
             assert result.status == "ok", result
             await conn.close()
             server.delete_kernel(model["id"])
@@ -220,26 +224,15 @@ class Suite:
         # Each of these forks a kernel; beside the wall time (which the
         # machine's load moves by half a start), the CPU the new kernel
         # used until its first reply, which load does not move.
-        async def one_empty(server: Server) -> tuple[float, float]:
-            t0 = time.perf_counter()
-            model = server.create_kernel()
-            conn = await self.connect(server.kind, model["id"], server)
-            result = await conn.execute("1+1")
-            elapsed = time.perf_counter() - t0
-            cpu = _thread_cpu_seconds(model["pid"])
-            assert result.status == "ok", result
-            await conn.close()
-            server.delete_kernel(model["id"])
-            return elapsed, cpu
-
         empty = start_cellmux("--pool-size", "0")
+        cpus: list[float] = []
         try:
             await asyncio.sleep(1)
-            pairs = [await one_empty(empty) for _ in range(self.reps["start_empty"])]
+            samples = [await one(empty, kernel_cpu=cpus) for _ in range(self.reps["start_empty"])]
         finally:
             empty.stop()
-        out["cellmux (empty pool)"] = summary([wall for wall, _ in pairs])
-        out["cellmux (empty pool)"]["kernel_cpu_p50"] = pct([cpu for _, cpu in pairs], 50)
+        out["cellmux (empty pool)"] = summary(samples)
+        out["cellmux (empty pool)"]["kernel_cpu_p50"] = pct(cpus, 50)
 
         out["cellmux (5 creates/s)"] = await self._start_under_load(cellmux)
 
