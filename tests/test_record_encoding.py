@@ -10,14 +10,21 @@ from cellmux.server import orphans
 from cellmux.server.orphans import ProcessIdentity, ServerRecord
 
 
-def test_a_rewrite_encodes_only_the_changed_entries_and_reads_back_whole(tmp_path, monkeypatch):
+def _written_record(tmp_path) -> tuple[ServerRecord, dict[str, int], dict[str, int]]:
+    """A record of 1,000 processes, half of them kernels (the others
+    pooled), written once: the record, its kernels and its processes."""
     record = ServerRecord(str(tmp_path / "state"), str(tmp_path / "rt"))
     n = 1000
     processes = {f"{i:032x}": 100_000 + i for i in range(n)}
-    kernels = {f"k{i}": 100_000 + i for i in range(0, n, 2)}  # the others are pooled
+    kernels = {f"k{i}": 100_000 + i for i in range(0, n, 2)}
     for link, pid in processes.items():
         record._identities[link] = ProcessIdentity(pid, 12_345, "boot", 2_000 + pid)
     record.write(kernels, processes)
+    return record, kernels, processes
+
+
+def test_a_rewrite_encodes_only_the_changed_entries_and_reads_back_whole(tmp_path, monkeypatch):
+    record, kernels, processes = _written_record(tmp_path)
     encoded: list[int] = []
     real = ProcessIdentity.to_json
     monkeypatch.setattr(
@@ -44,13 +51,7 @@ def test_a_rewrite_encodes_only_the_changed_entries_and_reads_back_whole(tmp_pat
 def test_a_rewrite_reads_only_the_processes_that_changed(tmp_path, monkeypatch):
     """The writer thread holds the GIL for any Python work per process: a
     rewrite after one create looks at that one process, not the thousand."""
-    record = ServerRecord(str(tmp_path / "state"), str(tmp_path / "rt"))
-    n = 1000
-    processes = {f"{i:032x}": 100_000 + i for i in range(n)}
-    kernels = {f"k{i}": 100_000 + i for i in range(0, n, 2)}
-    for link, pid in processes.items():
-        record._identities[link] = ProcessIdentity(pid, 12_345, "boot", 2_000 + pid)
-    record.write(kernels, processes)
+    record, kernels, processes = _written_record(tmp_path)
     looked_at: list[str] = []
     real = ServerRecord._identity
     monkeypatch.setattr(
