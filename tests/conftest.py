@@ -10,6 +10,12 @@ its name: IPython's ``tmpXXXX`` fallback made one per server start) or a
 change to the source tree's ``git status`` fail the run. ``CELLMUX_TEST_KEEP_TMP=1`` keeps the
 directory to look at.
 
+Workers (tox runs the suite on pytest-xdist's workers, a file at a time):
+each worker is a run of its own as above, with a private directory of its
+own beside the main process's; the main process alone checks the system
+temp dir and the tree, after every worker has ended, and its directory
+holds what the workers share (the apt-get lock, tests/apt_packages.py).
+
 Root: tests that need it (their own uids, namespaces, cgroups, apt-get
 installs) are marked ``root`` (``ROOT_ONLY`` and ``ROOT_ONLY_TESTS`` name
 those that need it in modules that do not say so) and fail at once without it; as another user run
@@ -377,13 +383,21 @@ _processes: list[subprocess.Popen] = []
 _run: dict[str, object] = {}
 
 
+#: Set by the main process for its workers: the system's temp dir, and the
+#: main process's private directory (what the workers share).
+SYSTEM_TMP_VARIABLE = "CELLMUX_TEST_SYSTEM_TMP"
+RUN_DIR_VARIABLE = "CELLMUX_TEST_RUN_DIR"
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "root: needs root (kernels' own uids, namespaces, cgroups, apt-get installs); "
         'as another user, deselect with -m "not root"',
     )
-    system_tmp = tempfile.gettempdir()
+    worker = hasattr(config, "workerinput")  # a pytest-xdist worker
+    # A worker inherits the main process's TMPDIR, its private directory.
+    system_tmp = os.environ[SYSTEM_TMP_VARIABLE] if worker else tempfile.gettempdir()
     private = tempfile.mkdtemp(prefix=SUITE_TMP_PREFIX, dir=system_tmp)
     # Others may pass through (kernels' uids, the unprivileged server's
     # nobody), not list it.
@@ -391,15 +405,20 @@ def pytest_configure(config: pytest.Config) -> None:
     _run.update(
         private=private,
         system_tmp=system_tmp,
+        worker=worker,
         before=set(_entries(system_tmp)),
         started_at=time.time(),
-        tree=_tree_status() if os.environ.get("CI") else None,
+        tree=_tree_status() if os.environ.get("CI") and not worker else None,
     )
+    if not worker:
+        os.environ[SYSTEM_TMP_VARIABLE] = system_tmp
+        os.environ[RUN_DIR_VARIABLE] = private
     os.environ["TMPDIR"] = private
     tempfile.tempdir = None  # recomputed from TMPDIR
-    if config.option.basetemp is None:
+    if config.option.basetemp is None or worker:
         # Also keeps pytest from pruning "old" numbered dirs in the shared
-        # /tmp/pytest-of-USER, which may be another run's, still in use.
+        # /tmp/pytest-of-USER, which may be another run's, still in use. A
+        # worker's too (xdist's default is one in the main process's).
         config.option.basetemp = os.path.join(private, "p")
 
 
@@ -504,12 +523,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if children:
         problems.append(f"processes still running: {children}")
     basetemp = session.config.option.basetemp
+    # apt.lock: what the workers lock around apt-get (tests/apt_packages.py).
+    ours = {str(basetemp), os.path.join(private, "apt.lock")}
     leftovers = sorted(
-        name for name in os.listdir(private) if os.path.join(private, name) != str(basetemp)
+        name for name in os.listdir(private) if os.path.join(private, name) not in ours
     )
     if leftovers:
         problems.append(f"left in the temporary directory {private}: {leftovers}")
-    if os.environ.get("CI"):
+    if os.environ.get("CI") and not _run["worker"]:
         # The whole listing, not only cellmux-* names: what a server's
         # libraries make there counts too (CI runs nothing else beside us).
         system_tmp = str(_run["system_tmp"])

@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from cellmux.client import Client
-from conftest import wait_for
+from conftest import URL_LINE, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
@@ -510,11 +510,13 @@ def test_fronts_and_hosts_work_with_exactly_the_manifests_privileges(short_path)
         (base / name).mkdir()
         os.chmod(base / name, 0o777)
     token = secrets.token_hex(16)
-    port, hosts_port = _free_port(), _free_port()
+    # The front's own port is any free one (it says which): a port picked
+    # here could be taken by another process before the front binds it.
+    hosts_port = _free_port()
     endpoint = f"tcp://127.0.0.1:{hosts_port}"
     front = _start(
         [sys.executable, "-c", AS_THE_FRONT, str(front_user["runAsUser"]),
-         str(front_user["runAsGroup"]), "serve", "--host", "127.0.0.1", "--port", str(port),
+         str(front_user["runAsGroup"]), "serve", "--host", "127.0.0.1", "--port", "0",
          "--token", token, "--no-local-kernels", "--pool-size", "0",
          "--hosts-listen", endpoint, "--hosts-secret-key", str(keys / "front.key_secret"),
          "--hosts-authorized-dir", str(authorized),
@@ -535,12 +537,14 @@ def test_fronts_and_hosts_work_with_exactly_the_manifests_privileges(short_path)
     )  # fmt: skip
     try:
 
-        def admitted() -> bool:
+        def serving_with_host() -> re.Match[str] | None:
+            """The front's URL line, once it has admitted the host."""
             for process, name in ((front, "front"), (host, "host")):
                 assert process.poll() is None, (base / f"{name}.log").read_text()
-            return "kernel host capped admitted" in (base / "front.log").read_text()
+            log = (base / "front.log").read_text()
+            return URL_LINE.search(log) if "kernel host capped admitted" in log else None
 
-        wait_for(admitted, timeout=60)
+        url = wait_for(serving_with_host, timeout=60)["url"]
         with open(f"/proc/{front.pid}/status") as f:
             status = dict(line.split(":", 1) for line in f)
         assert status["Uid"].split()[0] == str(front_user["runAsUser"])
@@ -551,7 +555,7 @@ def test_fronts_and_hosts_work_with_exactly_the_manifests_privileges(short_path)
         assert int(status["CapBnd"], 16) == expected
         assert int(status["CapEff"], 16) == expected
 
-        with Client(f"http://127.0.0.1:{port}", token) as client, client.start() as kernel:
+        with Client(url, token) as client, client.start() as kernel:
             probe = kernel.execute(
                 "import os, socket, subprocess\n"
                 "print(os.getuid(), os.getgid(), os.getgroups())\n"
