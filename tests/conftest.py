@@ -508,12 +508,23 @@ def _live_children() -> list[str]:
     return found
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """A worker ended: keep what it found left behind, for the report."""
+    found = getattr(node, "workeroutput", {}).get("left_behind", [])
+    _worker_problems.extend(f"{node.gateway.id}: {problem}" for problem in found)
+
+
+#: What the workers found left behind (the main process reports it).
+_worker_problems: list[str] = []
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     private = _run.get("private")
     if not isinstance(private, str):
         return
-    problems = []
+    problems = list(_worker_problems)
     left = _stop_leftover_servers()
     if left:
         problems.append(f"servers still running (now stopped): {left}")
@@ -545,7 +556,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(f"\nthe run's temporary directory is kept: {private}")
     else:
         shutil.rmtree(private, ignore_errors=True)
-    if problems:
+    if problems and _run["worker"]:
+        # A worker's exit status is not the run's: the main process reports.
+        session.config.workeroutput["left_behind"] = problems  # type: ignore[attr-defined]
+    elif problems:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         for problem in problems:
             message = f"the test run left something behind: {problem}"

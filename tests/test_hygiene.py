@@ -59,17 +59,24 @@ def run_pytest(directory: Path, source: str, *args: str) -> subprocess.Completed
     )
 
 
-def test_a_run_that_leaves_a_file_in_its_temp_dir_fails(tmp_path):
-    result = run_pytest(tmp_path, LEAKY)
+#: One process, and tox's way: two pytest-xdist workers (whose main process
+#: reports what a worker found left behind).
+WORKERS = pytest.mark.parametrize("workers", [[], ["-n", "2"]], ids=["one", "workers"])
+
+
+@WORKERS
+def test_a_run_that_leaves_a_file_in_its_temp_dir_fails(tmp_path, workers):
+    result = run_pytest(tmp_path, LEAKY, *workers)
     assert "2 passed" in result.stdout
     assert result.returncode == 1, result.stdout
     assert "left in the temporary directory" in result.stdout
     assert "forgotten" in result.stdout
 
 
-def test_a_clean_run_passes_and_removes_its_temp_dir(tmp_path):
+@WORKERS
+def test_a_clean_run_passes_and_removes_its_temp_dir(tmp_path, workers):
     before = set(os.listdir(os.environ["TMPDIR"]))
-    result = run_pytest(tmp_path, CLEAN)
+    result = run_pytest(tmp_path, CLEAN, *workers)
     assert result.returncode == 0, result.stdout + result.stderr
     assert set(os.listdir(os.environ["TMPDIR"])) == before
 
