@@ -17,7 +17,6 @@ import inspect
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,6 +25,7 @@ import time
 import attrs
 
 import apt_packages
+from ports import free_port
 
 
 def _pg_bin_dir() -> str | None:
@@ -43,12 +43,6 @@ def _pg_bin_dir() -> str | None:
 def ensure_postgres() -> str:
     """The directory of initdb and pg_ctl, installing PostgreSQL if needed."""
     return apt_packages.ensure("postgresql", _pg_bin_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @attrs.define

@@ -23,7 +23,6 @@ import pathlib
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import yaml
 
 from cellmux.client import Client
 from conftest import URL_LINE, wait_for
+from ports import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
@@ -410,12 +410,6 @@ CAPABILITIES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _processes_of(uid: int) -> list[int]:
     found = []
     for entry in os.listdir("/proc"):
@@ -512,7 +506,7 @@ def test_fronts_and_hosts_work_with_exactly_the_manifests_privileges(short_path)
     token = secrets.token_hex(16)
     # The front's own port is any free one (it says which): a port picked
     # here could be taken by another process before the front binds it.
-    hosts_port = _free_port()
+    hosts_port = free_port()
     endpoint = f"tcp://127.0.0.1:{hosts_port}"
     front = _start(
         [sys.executable, "-c", AS_THE_FRONT, str(front_user["runAsUser"]),

@@ -26,9 +26,10 @@ from cellmux.protocol import Channel, control_frame, encode_frame
 from cellmux.server.auth import COOKIE_NAME
 from cellmux.server.fronts import front_tag, tag_of
 from conftest import RunningServer, config_file, start_server, wait_for
-from db_fixtures import PostgresCluster, free_port
+from db_fixtures import PostgresCluster
 from haproxy_fixtures import HAProxy
 from http_helpers import request, token
+from ports import free_port
 from terminal_helpers import cellmux_env
 from test_jupyter_ws import JupyterClient
 from test_longpoll import Poller, _pack, _request, control, jmsg, replied

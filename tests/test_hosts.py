@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,14 +33,9 @@ from cellmux.protocol.channels import Channel, JupyterSocket
 from cellmux.protocol.framing import encode_tag
 from cellmux.protocol.hostlink import Beat, Hello, encode
 from conftest import RunningServer, start_server, wait_for
+from ports import free_port
 
 HOST_TIMEOUT = "2"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_keys(directory: str, name: str) -> None:

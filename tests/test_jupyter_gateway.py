@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import attrs
 import pytest
 
 from conftest import RunningServer, start_server
+from ports import free_port
 from test_jupyter_ws import LOOP, JupyterClient
 
 START_TIMEOUT = 90
@@ -55,12 +55,6 @@ class JupyterServer:
             return f.read()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cellmux() -> Iterator[RunningServer]:
     running = start_server("--pool-size", "2")
@@ -72,7 +66,7 @@ def cellmux() -> Iterator[RunningServer]:
 def jupyter(cellmux: RunningServer) -> Iterator[JupyterServer]:
     home = tempfile.mkdtemp(prefix="cellmux-jupyter-")
     token = secrets.token_hex(16)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ)
     for name in ("CONFIG", "DATA", "RUNTIME"):
         env[f"JUPYTER_{name}_DIR"] = os.path.join(home, name.lower())

@@ -26,7 +26,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from conftest import RunningServer, start_server
-from test_jupyter_gateway import _free_port
+from ports import free_port
 
 TIMEOUT_MS = 30_000
 START_TIMEOUT = 90
@@ -107,7 +107,7 @@ def lab(tmp_path_factory, notebooks, cellmux) -> Iterator[str]:
     env["JUPYTERLAB_SETTINGS_DIR"] = str(settings)
     env["JUPYTERLAB_WORKSPACES_DIR"] = str(home / "workspaces")
     token = secrets.token_hex(16)
-    port = _free_port()
+    port = free_port()
     argv = [
         sys.executable,
         "-m",

@@ -21,11 +21,26 @@ import pytest
 from cellmux.cleanup import remove_tree
 from cellmux.kernel.sandbox import uids_with_processes
 from cellmux.protocol import nursery as wire
-from conftest import start_server, wait_for
+from conftest import config_file, start_server, wait_for
 
 from .nursery_driver import NurseryDriver, alive
 
-UID_RANGE = (200000, 299999)
+#: A uid range of this module's own. Every nursery sweeps its range when it
+#: starts and stops: with the default one, another server on the machine
+#: (another pytest worker's) would end the leftovers these tests leave before
+#: the server meant to end them (as it should: no live nursery holds them).
+UID_RANGE = (640000, 640999)
+
+
+@pytest.fixture(scope="module")
+def uids() -> str:
+    """A config file giving a server this module's uid range."""
+    return config_file(f"kernel_uid_range = [{UID_RANGE[0]}, {UID_RANGE[1]}]")
+
+
+def _nursery(runtime_dir: str) -> NurseryDriver:
+    return NurseryDriver(runtime_dir, sandbox={"uid_range": list(UID_RANGE)})
+
 
 ESCAPE = """
 import json, os, time
@@ -82,8 +97,8 @@ def escaped():
             os.kill(pid, signal.SIGKILL)
 
 
-def test_after_a_server_crash_the_next_server_kills_what_kernels_left(servers, escaped):
-    first = start_server("--pool-size", "0")
+def test_after_a_server_crash_the_next_server_kills_what_kernels_left(servers, escaped, uids):
+    first = start_server("--pool-size", "0", "--config", uids)
     servers.append(first)
     pid, _workdir, kernel_pid = _escape(first)
     escaped.append(pid)
@@ -92,12 +107,14 @@ def test_after_a_server_crash_the_next_server_kills_what_kernels_left(servers, e
     wait_for(lambda: not alive(kernel_pid), timeout=10)  # it dies with its nursery
     time.sleep(0.5)
     assert alive(pid)  # the leftover: out of the kernel's session, not its child
-    servers.append(start_server("--pool-size", "0"))  # its own state dir: no record helps
+    servers.append(
+        start_server("--pool-size", "0", "--config", uids)
+    )  # its own state dir: no record helps
     wait_for(lambda: not alive(pid), timeout=15)
 
 
-def test_after_a_nursery_crash_the_server_kills_what_kernels_left(servers, escaped):
-    first = start_server("--pool-size", "0")
+def test_after_a_nursery_crash_the_server_kills_what_kernels_left(servers, escaped, uids):
+    first = start_server("--pool-size", "0", "--config", uids)
     servers.append(first)
     runtime = os.path.join(first.runtime_dir, "rt")
     pid, workdir, kernel_pid = _escape(first)
@@ -110,7 +127,7 @@ def test_after_a_nursery_crash_the_server_kills_what_kernels_left(servers, escap
     wait_for(lambda: not os.path.exists(workdir), timeout=15)
     assert first.stop() == 0  # a clean stop, with the nursery lost
     # The same runtime directory serves again.
-    again = start_server("--pool-size", "0", "--runtime-dir", runtime)
+    again = start_server("--pool-size", "0", "--config", uids, "--runtime-dir", runtime)
     servers.append(again)
     with again.client() as client, client.connect(client.create_kernel().id) as kernel:
         assert kernel.execute("6 * 7").result_text == "42"
@@ -119,12 +136,12 @@ def test_after_a_nursery_crash_the_server_kills_what_kernels_left(servers, escap
 def test_the_sweeps_never_touch_kernels_of_a_live_nursery(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    first = NurseryDriver(str(tmp_path / "a"))
+    first = _nursery(str(tmp_path / "a"))
     try:
         link = first.spawn()
         kernel = first.expect(wire.Spawned, link=link).pid
         wait_for(lambda: UID_RANGE[0] <= _uid(kernel) <= UID_RANGE[1], timeout=10)
-        second = NurseryDriver(str(tmp_path / "b"))  # sweeps when it starts...
+        second = _nursery(str(tmp_path / "b"))  # sweeps when it starts...
         assert second.stop() == 0  # ... and when it stops
         assert alive(kernel)
         assert first.events.empty()  # no exited event
@@ -148,7 +165,7 @@ def _free_uid() -> int:
 
 
 def test_a_stopping_nursery_kills_what_runs_as_a_free_uid(tmp_path, escaped):
-    nursery = NurseryDriver(str(tmp_path))
+    nursery = _nursery(str(tmp_path))
     try:
         uid = _free_uid()
         # A leftover that appears after this nursery started (its start sweep

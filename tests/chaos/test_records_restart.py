@@ -59,7 +59,13 @@ def _kernel_entries(base) -> set[str]:
 def test_a_restart_after_a_crash_keeps_the_runtime_dir_and_permalinks_and_ends_leftovers(tmp_path):
     (tmp_path / "rt").mkdir()
     (tmp_path / "rt" / "operator-notes.txt").write_text("mine")
-    first = serve(tmp_path, "--pool-size", "1")
+    # A uid range of the test's own: every nursery ends what runs as a uid
+    # of its range that no live nursery holds, so another server on the
+    # machine (another pytest worker's) would end the crash's leftovers
+    # before the restart could show that it does.
+    uids = tmp_path / "uids.toml"
+    uids.write_text("kernel_uid_range = [650000, 650999]\n")
+    first = serve(tmp_path, "--pool-size", "1", "--config", str(uids))
     left: dict[str, int] = {}
     try:
         status, made = http(first, "POST", "/permalink", {"code": "print('kept')"})
@@ -75,7 +81,8 @@ def test_a_restart_after_a_crash_keeps_the_runtime_dir_and_permalinks_and_ends_l
         assert wait_until(lambda: not alive(left["kernel"]))
         assert alive(left["same"]) and alive(left["escaped"])
 
-        with serving(tmp_path, "--pool-size", "1") as second:  # the first restart serves
+        # The first restart serves.
+        with serving(tmp_path, "--pool-size", "1", "--config", str(uids)) as second:
             assert wait_until(lambda: not alive(left["same"]) and not alive(left["escaped"]))
             assert session_members(left["kernel"]) == []
             status, got = http(second, "GET", f"/permalink/{made['id']}")
