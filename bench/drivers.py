@@ -22,6 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from cellmux.protocol import Channel, JupyterSocket, control_frame, decode_frame, encode_frame
 from cellmux.protocol.framing import frame_bytes
+from cellmux.terminal import quick
 
 __all__ = [
     "CellResult",
@@ -241,16 +242,22 @@ class CellmuxConnection(_WebsocketConnection):
         return frame_bytes(Channel.EXECUTE, JupyterSocket.SHELL, 0, parts)
 
     def _decode(self, raw: bytes) -> tuple[bytes, bytes, bytes] | None:
-        channel, _socket, _flags, _seq, nparts = _CELLMUX_HEADER.unpack_from(raw, 0)
-        if channel == Channel.CONTROL or nparts < 4:
-            return None
-        lengths = struct.unpack_from(">4I", raw, 16)
-        o = 16 + 4 * nparts
-        header = raw[o : o + lengths[0]]
-        o += lengths[0]
-        parent = raw[o : o + lengths[1]]
-        o += lengths[1] + lengths[2]
-        return header, parent, raw[o : o + lengths[3]]
+        return _decode_cellmux(raw)
+
+
+def _decode_cellmux(raw: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(header, parent_header, content) of a cellmux frame holding a kernel
+    message, else None."""
+    channel, _socket, _flags, _seq, nparts = _CELLMUX_HEADER.unpack_from(raw, 0)
+    if channel == Channel.CONTROL or nparts < 4:
+        return None
+    lengths = struct.unpack_from(">4I", raw, 16)
+    o = 16 + 4 * nparts
+    header = raw[o : o + lengths[0]]
+    o += lengths[0]
+    parent = raw[o : o + lengths[1]]
+    o += lengths[1] + lengths[2]
+    return header, parent, raw[o : o + lengths[3]]
 
 
 class JupyterConnection(_WebsocketConnection):
@@ -391,3 +398,40 @@ class FloorConnection:
                 continue
             if result.take(header, content, time.perf_counter() - start, True):
                 return result
+
+
+def lean_start(base_url: str, token: str, code: str) -> tuple[str, CellResult]:
+    """The one-round-trip start with the least a client can do: the blocking
+    standard-library websocket of ``cellmux run``'s quick path
+    (cellmux.terminal.quick) in the calling thread, no event loop. The same
+    frames as L{CellmuxConnection.start}: what it measures beside that is
+    the client's own share. Returns the kernel id and the request's result."""
+    session = uuid.uuid4().hex
+    msg_id = uuid.uuid4().hex
+    start = time.perf_counter()
+    ws = quick.WebSocket(base_url, token)
+    try:
+        hello = control_frame("hello", version=2, create={}, session=session)
+        ws.send(encode_frame(hello))
+        ws.send(
+            frame_bytes(
+                Channel.EXECUTE, JupyterSocket.SHELL, 0, _execute_parts(code, session, msg_id)
+            )
+        )
+        welcome = json.loads(decode_frame(ws.receive()).parts[0])
+        if welcome["op"] != "welcome":
+            raise RuntimeError(f"cellmux refused the hello: {welcome}")
+        result = CellResult()
+        while True:
+            raw = ws.receive()
+            decoded = _decode_cellmux(raw)
+            if decoded is None:
+                continue
+            header, parent, content = decoded
+            if json.loads(parent).get("msg_id") != msg_id:
+                result.stray += 1
+                continue
+            if result.take(header, content, time.perf_counter() - start, True):
+                return welcome["kernel"]["id"], result
+    finally:
+        ws.close()

@@ -52,6 +52,14 @@ def rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
                 _ms(s["cellmux (one round trip)"]["p50"]),
                 jup,
             )
+        if "cellmux (one round trip, lean client)" in s:
+            add(
+                "start, one round trip, lean client (cellmux run's websocket), p50",
+                "ms",
+                "low",
+                _ms(s["cellmux (one round trip, lean client)"]["p50"]),
+                None,
+            )
         if "cellmux (Jupyter API)" in s:
             add(
                 "start through the Jupyter API (POST, websocket, 1+1), p50",

@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import editor  # noqa: E402
-from drivers import CellmuxConnection, FloorConnection, JupyterConnection  # noqa: E402
+from drivers import CellmuxConnection, FloorConnection, JupyterConnection, lean_start  # noqa: E402
 from gate import regressions  # noqa: E402
 from report import write_report  # noqa: E402
 from servers import FloorKernel, Server, start_cellmux, start_jupyter, wakeups  # noqa: E402
@@ -204,7 +204,15 @@ class Suite:
             server.delete_kernel(kernel_id)
             return max(result.reply, result.idle)  # as one() does: both
 
-        # The three ways alternate, each from a full pool: the pool follows
+        async def lean_round_trip(server: Server) -> float:
+            # The same frames from a client that does no more than it must:
+            # the difference to one_round_trip is this client's own cost.
+            kernel_id, result = lean_start(server.url, server.token, "1+1")
+            assert result.status == "ok", result
+            server.delete_kernel(kernel_id)
+            return max(result.reply, result.idle)
+
+        # The four ways alternate, each from a full pool: the pool follows
         # demand, so whichever ran last after a burst of starts would share
         # the machine with the nursery's refilling.
         cellmux = self.servers["cellmux"]
@@ -212,6 +220,7 @@ class Suite:
             "cellmux (warm pool)": one,
             "cellmux (Jupyter API)": functools.partial(one, jupyter_api=True),
             "cellmux (one round trip)": one_round_trip,
+            "cellmux (one round trip, lean client)": lean_round_trip,
         }
         samples_of: dict[str, list[float]] = {way: [] for way in ways}
         for _ in range(self.reps["start_warm"]):
