@@ -71,6 +71,23 @@ class CellResult:
     def lines(self) -> list[str]:
         return "".join(self.stdout).splitlines()
 
+    def take_for(
+        self,
+        msg_id: str,
+        decoded: tuple[bytes, bytes, bytes] | None,
+        elapsed: float,
+        want_reply: bool,
+    ) -> bool:
+        """L{take} a decoded message if it belongs to request C{msg_id}
+        (others are counted as stray; None, not a kernel message, is skipped)."""
+        if decoded is None:
+            return False
+        header, parent, content = decoded
+        if json.loads(parent).get("msg_id") != msg_id:
+            self.stray += 1
+            return False
+        return self.take(header, content, elapsed, want_reply)
+
     def take(self, header: bytes, content: bytes, elapsed: float, want_reply: bool) -> bool:
         """Count one message of the request, C{elapsed} seconds after it
         was sent; True once its reply (if C{want_reply}) and idle are in."""
@@ -161,14 +178,8 @@ class _WebsocketConnection:
                     raise StalledRequest(f"{msg_id}: no reply, idle in {STALL_LIMIT} s") from None
                 result.timed_out = True
                 return result
-            decoded = self._decode(raw)
-            if decoded is None:
-                continue
-            header, parent, content = decoded
-            if json.loads(parent).get("msg_id") != msg_id:
-                result.stray += 1
-                continue
-            if result.take(header, content, time.perf_counter() - start, want_reply):
+            elapsed = time.perf_counter() - start
+            if result.take_for(msg_id, self._decode(raw), elapsed, want_reply):
                 return result
 
     def _encode_execute(self, code: str, msg_id: str) -> bytes:
@@ -392,11 +403,8 @@ class FloorConnection:
                     raise StalledRequest(f"{msg_id}: no reply, idle in {STALL_LIMIT} s") from None
                 result.timed_out = True
                 return result
-            header, parent, content = self._split(msg)
-            if json.loads(parent).get("msg_id") != msg_id:
-                result.stray += 1
-                continue
-            if result.take(header, content, time.perf_counter() - start, True):
+            elapsed = time.perf_counter() - start
+            if result.take_for(msg_id, self._split(msg), elapsed, True):
                 return result
 
 
@@ -423,15 +431,8 @@ def lean_start(base_url: str, token: str, code: str) -> tuple[str, CellResult]:
             raise RuntimeError(f"cellmux refused the hello: {welcome}")
         result = CellResult()
         while True:
-            raw = ws.receive()
-            decoded = _decode_cellmux(raw)
-            if decoded is None:
-                continue
-            header, parent, content = decoded
-            if json.loads(parent).get("msg_id") != msg_id:
-                result.stray += 1
-                continue
-            if result.take(header, content, time.perf_counter() - start, True):
+            decoded = _decode_cellmux(ws.receive())
+            if result.take_for(msg_id, decoded, time.perf_counter() - start, True):
                 return welcome["kernel"]["id"], result
     finally:
         ws.close()
