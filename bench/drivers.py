@@ -249,11 +249,16 @@ class CellmuxConnection(_WebsocketConnection):
         return self, welcome["kernel"]["id"], result
 
     def _encode_execute(self, code: str, msg_id: str) -> bytes:
-        parts = _execute_parts(code, self.session, msg_id)
-        return frame_bytes(Channel.EXECUTE, JupyterSocket.SHELL, 0, parts)
+        return _encode_cellmux_execute(code, self.session, msg_id)
 
     def _decode(self, raw: bytes) -> tuple[bytes, bytes, bytes] | None:
         return _decode_cellmux(raw)
+
+
+def _encode_cellmux_execute(code: str, session: str, msg_id: str) -> bytes:
+    """An execute_request as a cellmux frame on the shell socket."""
+    parts = _execute_parts(code, session, msg_id)
+    return frame_bytes(Channel.EXECUTE, JupyterSocket.SHELL, 0, parts)
 
 
 def _decode_cellmux(raw: bytes) -> tuple[bytes, bytes, bytes] | None:
@@ -421,11 +426,7 @@ def lean_start(base_url: str, token: str, code: str) -> tuple[str, CellResult]:
     try:
         hello = control_frame("hello", version=2, create={}, session=session)
         ws.send(encode_frame(hello))
-        ws.send(
-            frame_bytes(
-                Channel.EXECUTE, JupyterSocket.SHELL, 0, _execute_parts(code, session, msg_id)
-            )
-        )
+        ws.send(_encode_cellmux_execute(code, session, msg_id))
         welcome = json.loads(decode_frame(ws.receive()).parts[0])
         if welcome["op"] != "welcome":
             raise RuntimeError(f"cellmux refused the hello: {welcome}")

@@ -4,7 +4,7 @@ CI starts from a bare machine, so a fixture that needs Chromium, PostgreSQL,
 HAProxy, R or ``ip`` installs it the first time; one lock keeps two fixtures
 from running apt-get at once (dpkg's own lock would fail the second): a
 thread lock within a process, and a file lock in the run's directory
-(``CELLMUX_TEST_RUN_DIR``, set by conftest.py) between the run's workers.
+(conftest.py sets it for its workers) between the run's workers.
 """
 
 from __future__ import annotations
@@ -16,19 +16,19 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 
+from conftest import APT_LOCK_FILE, RUN_DIR_VARIABLE
+
 _LOCK = threading.Lock()
-#: The file, in the run's own directory, that the workers of one run lock.
-LOCK_FILE = "apt.lock"
 
 
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    run_dir = os.environ.get("CELLMUX_TEST_RUN_DIR")
+    run_dir = os.environ.get(RUN_DIR_VARIABLE)
     with _LOCK:
         if run_dir is None:
             yield
             return
-        with open(os.path.join(run_dir, LOCK_FILE), "a") as f:
+        with open(os.path.join(run_dir, APT_LOCK_FILE), "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 

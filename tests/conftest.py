@@ -387,6 +387,9 @@ _run: dict[str, object] = {}
 #: main process's private directory (what the workers share).
 SYSTEM_TMP_VARIABLE = "CELLMUX_TEST_SYSTEM_TMP"
 RUN_DIR_VARIABLE = "CELLMUX_TEST_RUN_DIR"
+#: The file in that directory the workers lock around apt-get
+#: (tests/apt_packages.py).
+APT_LOCK_FILE = "apt.lock"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -534,8 +537,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if children:
         problems.append(f"processes still running: {children}")
     basetemp = session.config.option.basetemp
-    # apt.lock: what the workers lock around apt-get (tests/apt_packages.py).
-    ours = {str(basetemp), os.path.join(private, "apt.lock")}
+    ours = {str(basetemp), os.path.join(private, APT_LOCK_FILE)}
     leftovers = sorted(
         name for name in os.listdir(private) if os.path.join(private, name) not in ours
     )
