@@ -74,8 +74,10 @@ def test_a_restart_after_a_crash_keeps_the_runtime_dir_and_permalinks_and_ends_l
             model = client.create_kernel()
             with client.connect(model.id) as kernel:
                 left = json.loads(kernel.execute(LEAVE_BEHIND).stdout)
+        # The kernel's and the refilled pool kernel's, each with .tmp (the
+        # refill may still be on its way).
+        assert wait_until(lambda: len(_kernel_entries(tmp_path)) >= 4)
         old_dirs = _kernel_entries(tmp_path)
-        assert len(old_dirs) >= 4  # the kernel's and the pool kernel's, each with .tmp
         crash(first)
         # The crash alone ends the kernel (PR_SET_PDEATHSIG), not its subprocesses.
         assert wait_until(lambda: not alive(left["kernel"]))
